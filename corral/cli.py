@@ -1,0 +1,69 @@
+"""The `corral` command: one argparse tree, each area adding its own subcommands.
+
+Every area's CLI module exposes `register(subparsers)`; each subcommand sets
+`func(args) -> int | None`. Errors end as one line on stderr and a non-zero exit,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from corral import __version__
+from corral.errors import CorralError
+
+# Areas that add subcommands, in the order `corral --help` lists them.
+AREAS = [
+    "corral.up",  # up, mcp-config
+    "servers.serve_cli",  # serve sandbox|session|credentials
+    "harness.cli",  # run, wake
+    "servers.session.cli",  # sessions list|show|tail|fork
+    "vault.cli",  # vault set|list|rm|doctor
+    "harness.worker_cli",  # worker
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Managed-agent infrastructure as MCP servers: hands (sandbox), session (log), vault (credentials).",
+    )
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in AREAS:
+        if importlib.util.find_spec(name) is None:  # an area not built yet adds nothing
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("corral: interrupted", file=sys.stderr)
+        return 130
+    except CorralError as err:
+        print(f"corral: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except Exception as err:  # the last line of defence: one line, never a traceback
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"corral: unexpected {type(err).__name__}: {err} (set CORRAL_LOG_LEVEL=DEBUG for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

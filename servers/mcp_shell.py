@@ -1,0 +1,114 @@
+"""The thin MCP shell every Corral server shares.
+
+- `tool(server, ...)` registers a plain function as a tool with honest annotations and
+  translates Corral errors into `ToolError` at the boundary, so the client reads
+  ``"<kind>: <message> (<hint>)"`` instead of the SDK's opaque "Error executing tool".
+- `serve(server, http=...)` runs a server over stdio (what Claude Desktop/Code launch)
+  or streamable HTTP with DNS-rebinding protection configured explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import ToolAnnotations
+
+from corral.errors import CorralError
+
+__all__ = ["tool", "serve", "parse_host_port", "transport_security"]
+
+log = logging.getLogger("corral.servers")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translate(name: str, err: Exception) -> ToolError:
+    if isinstance(err, CorralError):
+        return ToolError(str(err))
+    # An unexpected failure: keep the traceback for the operator, give the client a kind.
+    log.exception("tool %s failed unexpectedly", name)
+    return ToolError(f"unavailable: {name} failed unexpectedly ({type(err).__name__}); the server log has details")
+
+
+def tool(
+    server: MCPServer,
+    *,
+    read_only: bool = False,
+    destructive: bool = False,
+    idempotent: bool = False,
+    open_world: bool = False,
+    name: str | None = None,
+) -> Callable[[F], F]:
+    """Register `fn` as a tool of `server`; Corral errors become `ToolError`s."""
+
+    annotations = ToolAnnotations(
+        readOnlyHint=read_only,
+        destructiveHint=destructive,
+        idempotentHint=idempotent or read_only,
+        openWorldHint=open_world,
+    )
+
+    def register(fn: F) -> F:
+        tool_name = name or fn.__name__
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def wrapped(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await fn(*args, **kwargs)
+                except ToolError:
+                    raise
+                except Exception as err:
+                    raise _translate(tool_name, err) from err
+
+        else:
+
+            @functools.wraps(fn)
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return fn(*args, **kwargs)
+                except ToolError:
+                    raise
+                except Exception as err:
+                    raise _translate(tool_name, err) from err
+
+        server.tool(name=tool_name, annotations=annotations)(wrapped)
+        return fn
+
+    return register
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def transport_security(host: str, port: int, extra_origins: list[str] | None = None) -> TransportSecuritySettings:
+    """DNS-rebinding protection, on and explicit: only our own Host and Origin values pass."""
+    names = {host, "127.0.0.1", "localhost"} if host in ("127.0.0.1", "localhost", "::1") else {host}
+    hosts = [f"{n}:{port}" for n in sorted(names)] + [f"[::1]:{port}"]
+    origins = [f"http://{h}" for h in hosts] + list(extra_origins or [])
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+def serve(server: MCPServer, http: str | None = None) -> None:
+    """Run `server` over stdio, or over streamable HTTP at `http` ("HOST:PORT")."""
+    if http is None:
+        server.run("stdio")
+        return
+    host, port = parse_host_port(http)
+    server.run(
+        "streamable-http",
+        host=host,
+        port=port,
+        transport_security=transport_security(host, port),
+    )

@@ -1,0 +1,25 @@
+"""`corral serve sandbox|session|credentials [--http HOST:PORT]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# server name -> module with `run(http: str | None) -> None`
+SERVERS = {
+    "session": "servers.session.server",
+    "sandbox": "servers.sandbox.server",
+    "credentials": "servers.credentials.server",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one MCP server (stdio by default)", description=__doc__)
+    p.add_argument("server", choices=sorted(SERVERS), help="which server")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT instead of stdio")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    importlib.import_module(SERVERS[args.server]).run(args.http)
+    return 0
