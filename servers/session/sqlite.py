@@ -66,16 +66,16 @@ class SQLiteEventStore(EventStore):
     def __init__(self, path: str | os.PathLike[str], *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, synchronous: str = "NORMAL", busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.max_event_bytes = max_event_bytes
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN ourselves (BEGIN IMMEDIATE for writes).
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, OSError) as err:
             raise Unavailable(f"cannot open the session database {path}: {err}", hint="check the path and its permissions (CORRAL_SESSION_STORE / CORRAL_HOME)") from err
         self._lock = threading.RLock()
 
@@ -213,35 +213,36 @@ class SQLiteEventStore(EventStore):
         with self._lock, self._write() as db:
             info = self._info(session_id)
             segments = self._lineage(info)
-            positions: list[int | None] = []
+            positions: list[int] = [-1] * len(encoded)
+            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
             fresh: list[tuple[int, str, str, str]] = []  # (index, event_id, type, data)
             seen: dict[str, int] = {}
             for i, (event, data) in enumerate(encoded):
                 if event.event_id is not None:
                     if event.event_id in seen:
-                        positions.append(positions[seen[event.event_id]])
+                        alias[i] = seen[event.event_id]
                         continue
                     seen[event.event_id] = i
                     prior = self._find(segments, event.event_id)
                     if prior is not None:
-                        positions.append(prior.position)
+                        positions[i] = prior.position
                         continue
-                positions.append(None)
                 fresh.append((i, event.event_id or new_id("evt_"), event.type, data))
-            if not fresh:
-                return [p for p in positions if p is not None]
-            length = self._length(info)
-            if expected_position is not None and expected_position != length:
-                raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
+            if fresh:
+                length = self._length(info)
+                if expected_position is not None and expected_position != length:
+                    raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
             rows = []
             for offset, (i, eid, typ, data) in enumerate(fresh):
                 positions[i] = length + offset
                 rows.append((session_id, length + offset, eid, typ, data, now))
+            for i, first in alias.items():
+                positions[i] = positions[first]
             try:
                 db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.IntegrityError as err:  # defends against a writer that bypassed the lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            return [p for p in positions if p is not None]
+            return positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
