@@ -20,7 +20,9 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
 
-from corral.errors import CorralError
+from pydantic import ValidationError
+
+from corral.errors import CorralError, InvalidArgument
 
 __all__ = ["tool", "serve", "parse_host_port", "transport_security"]
 
@@ -31,6 +33,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _translate(name: str, err: Exception) -> ToolError:
     if isinstance(err, CorralError):
         return ToolError(str(err))
+    if isinstance(err, ValidationError):  # our own models refusing a value the schema let through
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
+        return ToolError(str(InvalidArgument(problems)))
     # An unexpected failure: keep the traceback for the operator, give the client a kind.
     log.exception("tool %s failed unexpectedly", name)
     return ToolError(f"unavailable: {name} failed unexpectedly ({type(err).__name__}); the server log has details")

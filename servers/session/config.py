@@ -25,3 +25,11 @@ class SessionSettings(CoreSettings):
 
     def store_url(self) -> str:
         return self.session_store or f"sqlite:///{self.data_dir() / 'sessions.db'}"
+
+    def open_store(self):
+        """The configured store (SQLite options apply only to SQLite)."""
+        from servers.session.store import open_store
+
+        url = self.store_url()
+        options = {} if url.startswith(("postgresql://", "postgres://")) else {"synchronous": self.sqlite_synchronous}
+        return open_store(url, max_event_bytes=self.max_event_bytes, **options)

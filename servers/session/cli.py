@@ -1,0 +1,94 @@
+"""`corral sessions list | show ID | tail ID | fork ID --at N`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sessions", help="inspect and branch session logs", description=__doc__)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    ls = verbs.add_parser("list", help="sessions, newest first")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(func=_list)
+    show = verbs.add_parser("show", help="a session's events as a timeline")
+    show.add_argument("session_id")
+    show.add_argument("--json", action="store_true", help="one JSON event per line instead of the timeline")
+    show.set_defaults(func=_show)
+    tail = verbs.add_parser("tail", help="follow a session's new events live (Ctrl-C stops)")
+    tail.add_argument("session_id")
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many past events to show first")
+    tail.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
+    tail.set_defaults(func=_tail)
+    fork = verbs.add_parser("fork", help="branch a session at a position (copy-on-write)")
+    fork.add_argument("session_id")
+    fork.add_argument("--at", type=int, required=True, help="the new session shares the events below this position")
+    fork.set_defaults(func=_fork)
+
+
+def _store():
+    from servers.session.config import SessionSettings
+
+    return SessionSettings().open_store()
+
+
+def _list(args: argparse.Namespace) -> int:
+    sessions = _store().sessions(limit=args.limit)
+    table = Table(box=None, header_style="bold")
+    for column in ("session", "created", "events", "status", "parent", "lease", "title"):
+        table.add_column(column)
+    for s in sessions:
+        lease = s.lease.get("worker", "") if s.lease else ""
+        title = str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
+        parent = (s.parent or "") + (f"@{s.forked_at}" if s.forked_at is not None else "")
+        table.add_row(s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), s.status or "", parent, lease, title)
+    Console(width=200).print(table) if sessions else print("no sessions yet")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from servers.session.timeline import line
+
+    store = _store()
+    info = store.get(args.session_id)
+    console = Console(highlight=False)
+    if not args.json:
+        origin = f", forked from {info.parent} at {info.forked_at}" if info.forked_at is not None else (f", child of {info.parent}" if info.parent else "")
+        console.print(f"[bold]{info.session_id}[/]  {info.length} events, status {info.status or '-'}{origin}")
+    after = 0
+    while True:
+        page = store.select(args.session_id, gte=after, limit=500)
+        for event in page:
+            print(event.model_dump_json()) if args.json else console.print(line(event, console.width - 40))
+        if len(page) < 500:
+            return 0
+        after = page[-1].position + 1
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from servers.session.timeline import line
+
+    store = _store()
+    console = Console(highlight=False)
+    past = list(reversed(store.select(args.session_id, desc=True, limit=max(args.lines, 0))))
+    nxt = past[-1].position + 1 if past else store.length(args.session_id) if args.lines == 0 else 0
+    for event in past:
+        console.print(line(event, console.width - 40))
+    try:
+        while True:
+            for event in store.select(args.session_id, gte=nxt, limit=500):
+                console.print(line(event, console.width - 40))
+                nxt = event.position + 1
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _fork(args: argparse.Namespace) -> int:
+    child = _store().fork(args.session_id, args.at)
+    print(child.session_id)
+    return 0

@@ -1,0 +1,401 @@
+"""The PostgreSQL event store: the scale-out backend (`CORRAL_SESSION_STORE=postgresql://...`).
+
+Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
+
+- `PRIMARY KEY (session_id, position)`: a slice is an index range scan, and a racing
+  append that slipped past the row lock would fail instead of overwrite.
+- An append locks its session's row (`SELECT ... FOR NO KEY UPDATE`) for the whole
+  transaction, so appends from any number of processes queue per session, positions stay
+  dense, and `expected_position` / the lease token are checked against the truth.
+- The row keeps the session's `length` and `status` up to date, so `get`/`sessions`
+  never scan events.
+- The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
+  the worker pool's procrastinate tables); it is created and migrated here, in order,
+  under an advisory lock, and its version is kept in `corral_schema_version`.
+
+Thread-safe: every call borrows a connection from a psycopg_pool ConnectionPool.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from servers.session.store import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    EventStore,
+    Lease,
+    NewEvent,
+    Segment,
+    SessionInfo,
+    check_range,
+    encode_data,
+    new_id,
+)
+
+# Each migration runs once, in order, in one transaction; never edit a released one.
+MIGRATIONS: list[str] = [
+    # 1: sessions with maintained length/status and a lease (fencing token), events.
+    """
+    CREATE TABLE corral_sessions (
+        seq         BIGSERIAL NOT NULL UNIQUE,
+        session_id  TEXT PRIMARY KEY,
+        metadata    TEXT NOT NULL,
+        parent      TEXT,
+        forked_at   BIGINT,
+        created_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+        length      BIGINT NOT NULL DEFAULT 0,
+        status      TEXT,
+        lease_owner TEXT,
+        lease_token BIGINT NOT NULL DEFAULT 0,
+        lease_expires_at TIMESTAMPTZ
+    );
+    CREATE INDEX corral_sessions_parent ON corral_sessions (parent, seq);
+    CREATE TABLE corral_events (
+        session_id TEXT NOT NULL,
+        position   BIGINT NOT NULL,
+        event_id   TEXT NOT NULL,
+        type       TEXT NOT NULL,
+        data       TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (session_id, position)
+    );
+    CREATE UNIQUE INDEX corral_events_event_id ON corral_events (session_id, event_id);
+    CREATE INDEX corral_events_type ON corral_events (session_id, type, position);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
+
+SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
+EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
+
+
+def _status_of(event: NewEvent) -> str | None:
+    """What a session.status event makes the session's status (as the SQLite store reads it)."""
+    if not isinstance(event.data, dict):
+        return None
+    value = event.data.get("status")
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+class PostgresEventStore(EventStore):
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        schema: str | None = None,
+        min_connections: int = 1,
+        max_connections: int = 8,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.max_event_bytes = max_event_bytes
+        self.schema = schema
+        self._lineages: dict[str, list[Segment]] = {}  # lineage never changes once a session exists
+        self._lineage_lock = threading.Lock()
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=min_connections,
+            max_size=max_connections,
+            timeout=connect_timeout_s,
+            configure=self._configure,
+            open=False,
+            name="corral-session",
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+            self._migrate()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+            self._pool.close()
+            raise Unavailable(
+                f"cannot open the PostgreSQL session store: {_one_line(err)}",
+                hint="check CORRAL_SESSION_STORE (postgresql://USER:PASSWORD@HOST:PORT/DB) and that the server is up",
+            ) from err
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        if self.schema:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+        conn.commit()
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection; vendor errors become Corral's."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg_pool.PoolTimeout as err:
+            raise Unavailable(f"no PostgreSQL connection available: {_one_line(err)}") from err
+        except psycopg.OperationalError as err:
+            raise Unavailable(f"PostgreSQL session store unreachable: {_one_line(err)}") from err
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS corral_schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()
+            current = row[0] or 0
+            if current > SCHEMA_VERSION:
+                raise Unavailable(
+                    f"the session database has schema version {current}, newer than this corral ({SCHEMA_VERSION})",
+                    hint="upgrade corral",
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                conn.execute(MIGRATIONS[version - 1])
+                conn.execute("INSERT INTO corral_schema_version (version) VALUES (%s)", (version,))
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def schema_version(self) -> int:
+        with self._tx() as conn:
+            return conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()[0]
+
+    def _row_info(self, row: tuple[Any, ...]) -> SessionInfo:
+        sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
+        lease = None if owner is None else {"owner": owner, "token": token, "expires_at": expires.isoformat()}
+        return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=created_at, length=length, status=status, lease=lease)
+
+    def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
+        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (" FOR NO KEY UPDATE" if lock else "")
+        row = conn.execute(query, (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
+        return self._row_info(row)
+
+    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> list[Segment]:
+        """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
+        with self._lineage_lock:
+            cached = self._lineages.get(info.session_id)
+        if cached is not None:
+            return cached
+        segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
+        node = info
+        while node.forked_at is not None and node.parent is not None:
+            end = node.forked_at
+            node = self._info(conn, node.parent)
+            segments.insert(0, Segment(session_id=node.session_id, start=node.forked_at or 0, end=end))
+        with self._lineage_lock:
+            self._lineages[info.session_id] = segments
+        return segments
+
+    def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
+        out: list[Event] = []
+        owner = segments[-1].session_id
+        for seg in reversed(segments) if desc else segments:
+            lo = max(gte, seg.start)
+            hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
+            if hi is not None and lo >= hi:
+                continue
+            want = None if limit is None else limit - len(out)
+            if want is not None and want <= 0:
+                break
+            query = f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND position >= %s"
+            params: list[Any] = [seg.session_id, lo]
+            if hi is not None:
+                query += " AND position < %s"
+                params.append(hi)
+            if types:
+                query += " AND type = ANY(%s)"
+                params.append(list(types))
+            query += " ORDER BY position DESC" if desc else " ORDER BY position"
+            if want is not None:
+                query += " LIMIT %s"
+                params.append(want)
+            for _, pos, eid, typ, data, created in conn.execute(query, params):
+                out.append(Event(session_id=owner, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created))
+        return out
+
+    def _find_many(self, conn: psycopg.Connection, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[int, tuple[Any, ...]]]:
+        """event_id -> (position, row) for those of `event_ids` stored in the lineage."""
+        found: dict[str, tuple[int, tuple[Any, ...]]] = {}
+        for seg in segments:
+            rows = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND event_id = ANY(%s)",
+                (seg.session_id, event_ids),
+            ).fetchall()
+            for row in rows:
+                pos = row[1]
+                if pos >= seg.start and (seg.end is None or pos < seg.end):
+                    found.setdefault(row[2], (pos, row))
+        return found
+
+    def _prefix_status(self, conn: psycopg.Connection, segments: list[Segment]) -> str | None:
+        last = self._select(conn, segments, 0, None, ["session.status"], True, 1)
+        if not last:
+            return None
+        return _status_of(NewEvent(type="session.status", data=last[0].data))
+
+    # -- the verbs --------------------------------------------------------------------
+
+    def create(self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None) -> SessionInfo:
+        meta = encode_data(metadata or {}, self.max_event_bytes)
+        sid = session_id or new_id("ses_")
+        with self._tx() as conn:
+            if parent is not None:
+                self._info(conn, parent)
+            row = conn.execute(
+                f"INSERT INTO corral_sessions (session_id, metadata, parent) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING {SESSION_COLUMNS}",
+                (sid, meta, parent),
+            ).fetchone()
+            if row is None:
+                raise Conflict(f"session {sid!r} already exists")
+            return self._row_info(row)
+
+    def fork(self, session_id: str, at: int, metadata: dict[str, Any] | None = None) -> SessionInfo:
+        meta = encode_data(metadata or {}, self.max_event_bytes)
+        with self._tx() as conn:
+            source = self._info(conn, session_id)
+            if not 0 <= at <= source.length:
+                raise InvalidArgument(f"fork position {at} is out of range: session {session_id} has {source.length} events (0..{source.length})")
+            prefix = self._lineage(conn, source)
+            shared = [s.model_copy(update={"end": at if s.end is None else min(s.end, at)}) for s in prefix]
+            status = self._prefix_status(conn, shared)
+            row = conn.execute(
+                f"INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status) VALUES (%s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
+                (new_id("ses_"), meta, session_id, at, at, status),
+            ).fetchone()
+            return self._row_info(row)
+
+    def get(self, session_id: str) -> SessionInfo:
+        with self._tx() as conn:
+            return self._info(conn, session_id)
+
+    def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
+        check_range(None, None, limit)
+        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions"
+        params: list[Any] = []
+        if parent is not None:
+            query += " WHERE parent = %s"
+            params.append(parent)
+        query += " ORDER BY seq DESC LIMIT %s"
+        params.append(limit)
+        with self._tx() as conn:
+            return [self._row_info(r) for r in conn.execute(query, params).fetchall()]
+
+    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
+        if expected_position is not None and expected_position < 0:
+            raise InvalidArgument(f"expected_position {expected_position} is negative")
+        encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
+        with self._tx() as conn:
+            info = self._info(conn, session_id, lock=True)  # appends to this session queue here
+            if lease is not None:
+                _check_lease(info, lease)
+            given = [e.event_id for e, _ in encoded if e.event_id is not None]
+            prior = self._find_many(conn, self._lineage(conn, info), given) if given else {}
+            positions: list[int | None] = []
+            fresh: list[tuple[int, NewEvent, str, str]] = []  # (index, event, event_id, data)
+            seen: dict[str, int] = {}
+            for i, (event, data) in enumerate(encoded):
+                eid = event.event_id
+                if eid is not None and eid in prior:
+                    positions.append(prior[eid][0])
+                    continue
+                if eid is not None and eid in seen:
+                    positions.append(positions[seen[eid]])
+                    continue
+                if eid is not None:
+                    seen[eid] = i
+                positions.append(None)
+                fresh.append((i, event, eid or new_id("evt_"), data))
+            if not fresh:
+                return [p for p in positions if p is not None]
+            length = info.length
+            if expected_position is not None and expected_position != length:
+                raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
+            rows = []
+            status = info.status
+            for offset, (i, event, eid, data) in enumerate(fresh):
+                positions[i] = length + offset
+                rows.append((session_id, length + offset, eid, event.type, data))
+                if event.type == "session.status":
+                    status = _status_of(event)
+            try:
+                with conn.cursor() as cur:
+                    cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, %s, %s)", rows)
+            except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
+                raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
+            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (length + len(rows), status, session_id))
+            return [p for p in positions if p is not None]
+
+    def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
+        check_range(gte, lt, limit)
+        with self._tx() as conn:
+            info = self._info(conn, session_id)
+            if limit == 0:
+                return []
+            return self._select(conn, self._lineage(conn, info), gte or 0, lt, types, desc, limit)
+
+    def find_event(self, session_id: str, event_id: str) -> Event:
+        with self._tx() as conn:
+            segments = self._lineage(conn, self._info(conn, session_id))
+            found = self._find_many(conn, segments, [event_id]).get(event_id)
+        if found is None:
+            raise NotFound(f"no event {event_id!r} in session {session_id}")
+        _, pos, eid, typ, data, created = found[1]
+        return Event(session_id=session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created)
+
+    # -- leases (fencing tokens for the worker pool) --------------------------------------
+
+    def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> Lease:
+        with self._tx() as conn:
+            info = self._info(conn, session_id, lock=True)
+            held = info.lease
+            if held is not None and held["owner"] != owner:
+                live = conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone()[0]
+                if live:
+                    raise Conflict(f"session {session_id} is leased to {held['owner']} until {held['expires_at']}", hint="wait for the lease to expire or be released")
+            row = conn.execute(
+                "UPDATE corral_sessions SET lease_owner = %s, lease_token = lease_token + 1, "
+                "lease_expires_at = clock_timestamp() + make_interval(secs => %s) WHERE session_id = %s "
+                "RETURNING lease_token, lease_expires_at",
+                (owner, ttl_s, session_id),
+            ).fetchone()
+            return Lease(session_id=session_id, owner=owner, token=row[0], expires_at=row[1])
+
+    def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        with self._tx() as conn:
+            info = self._info(conn, session_id, lock=True)
+            _check_lease(info, token)
+            row = conn.execute(
+                "UPDATE corral_sessions SET lease_expires_at = clock_timestamp() + make_interval(secs => %s) "
+                "WHERE session_id = %s RETURNING lease_owner, lease_expires_at",
+                (ttl_s, session_id),
+            ).fetchone()
+            return Lease(session_id=session_id, owner=row[0], token=token, expires_at=row[1])
+
+    def release_lease(self, session_id: str, token: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE corral_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE session_id = %s AND lease_token = %s",
+                (session_id, token),
+            )
+
+
+def _check_lease(info: SessionInfo, token: int) -> None:
+    """Refuse a write under a lease that was released or taken over by another holder."""
+    held = info.lease
+    if held is None or held["token"] != token:
+        holder = "nobody" if held is None else f"{held['owner']} (lease {held['token']})"
+        raise Conflict(
+            f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
+            hint="another worker owns this session now; stop working on it",
+        )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

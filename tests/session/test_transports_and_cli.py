@@ -1,0 +1,134 @@
+"""End to end: `corral serve session` over real stdio and streamable HTTP; `corral sessions` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mcp import StdioServerParameters
+from mcp.client import Client
+
+from servers.session.store import open_store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
+    monkeypatch.delenv("CORRAL_SESSION_STORE", raising=False)
+    return tmp_path
+
+
+def corral(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def exercise(client: Client) -> str:
+    sid = json.loads((await client.call_tool("create_session", {"metadata": {"via": "e2e"}})).content[0].text)["session_id"]
+    for i in range(3):
+        r = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": i}})
+        assert not r.is_error
+    page = json.loads((await client.call_tool("get_events", {"session_id": sid})).content[0].text)
+    assert [e["data"]["i"] for e in page["events"]] == [0, 1, 2]
+    bad = await client.call_tool("slice", {"session_id": sid, "start": 2, "end": 1})
+    assert bad.is_error and "invalid_argument" in bad.content[0].text
+    return sid
+
+
+async def test_over_stdio(home):
+    params = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "session"], env={**os.environ})
+    async with Client(params) as client:
+        sid = await exercise(client)
+    store = open_store(str(home / "sessions.db"))
+    assert store.get(sid).length == 3 and store.get(sid).metadata == {"via": "e2e"}
+
+
+async def test_over_streamable_http(home):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            sid = await exercise(client)
+        assert open_store(str(home / "sessions.db")).get(sid).length == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_http_refuses_a_foreign_host_header(home):
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        headers = {"Accept": "application/json, text/event-stream"}
+        rebinding = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Host": "evil.example:80"})
+        assert rebinding.status_code == 421
+        foreign = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Origin": "http://evil.example"})
+        assert foreign.status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cli_list_show_fork_and_errors(home):
+    store = open_store(str(home / "sessions.db"))
+    sid = store.create({"title": "cli demo"}).session_id
+    store.append_one(sid, "user.message", {"text": "write a haiku"})
+    store.append_one(sid, "agent.message", {"text": "ok, here it is"})
+    listed = corral("sessions", "list")
+    assert listed.returncode == 0 and sid in listed.stdout and "cli demo" in listed.stdout
+    shown = corral("sessions", "show", sid)
+    assert shown.returncode == 0
+    assert "user.message" in shown.stdout and "write a haiku" in shown.stdout and "ok, here it is" in shown.stdout
+    as_json = [json.loads(l) for l in corral("sessions", "show", sid, "--json").stdout.splitlines()]
+    assert [e["position"] for e in as_json] == [0, 1]
+    forked = corral("sessions", "fork", sid, "--at", "1")
+    child = forked.stdout.strip()
+    assert forked.returncode == 0 and [e.data["text"] for e in store.select(child)] == ["write a haiku"]
+    for args, words in ((("sessions", "show", "ses_missing"), "not_found"), (("sessions", "fork", sid, "--at", "9"), "invalid_argument")):
+        bad = corral(*args)
+        assert bad.returncode != 0 and words in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_tail_follows_new_events(home):
+    store = open_store(str(home / "sessions.db"))
+    sid = store.create().session_id
+    store.append_one(sid, "user.message", {"text": "before"})
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "sessions", "tail", sid, "--interval", "0.05"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "before" in proc.stdout.readline()
+        store.append_one(sid, "agent.message", {"text": "live one"})
+        started = time.monotonic()
+        assert "live one" in proc.stdout.readline()
+        assert time.monotonic() - started < 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
