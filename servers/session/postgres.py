@@ -297,23 +297,25 @@ class PostgresEventStore(EventStore):
                 _check_lease(info, lease)
             given = [e.event_id for e, _ in encoded if e.event_id is not None]
             prior = self._find_many(conn, self._lineage(conn, info), given) if given else {}
-            positions: list[int | None] = []
+            positions: list[int] = [-1] * len(encoded)
+            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
             fresh: list[tuple[int, NewEvent, str, str]] = []  # (index, event, event_id, data)
             seen: dict[str, int] = {}
             for i, (event, data) in enumerate(encoded):
                 eid = event.event_id
-                if eid is not None and eid in prior:
-                    positions.append(prior[eid][0])
-                    continue
-                if eid is not None and eid in seen:
-                    positions.append(positions[seen[eid]])
-                    continue
                 if eid is not None:
+                    if eid in seen:
+                        alias[i] = seen[eid]
+                        continue
                     seen[eid] = i
-                positions.append(None)
+                    if eid in prior:
+                        positions[i] = prior[eid][0]
+                        continue
                 fresh.append((i, event, eid or new_id("evt_"), data))
+            for i, first in alias.items():
+                positions[i] = positions[first]
             if not fresh:
-                return [p for p in positions if p is not None]
+                return positions
             length = info.length
             if expected_position is not None and expected_position != length:
                 raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
@@ -324,13 +326,15 @@ class PostgresEventStore(EventStore):
                 rows.append((session_id, length + offset, eid, event.type, data))
                 if event.type == "session.status":
                     status = _status_of(event)
+            for i, first in alias.items():
+                positions[i] = positions[first]
             try:
                 with conn.cursor() as cur:
                     cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, %s, %s)", rows)
             except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
             conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (length + len(rows), status, session_id))
-            return [p for p in positions if p is not None]
+            return positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)

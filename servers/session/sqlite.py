@@ -24,6 +24,7 @@ from servers.session.store import (
     DEFAULT_MAX_EVENT_BYTES,
     Event,
     EventStore,
+    Lease,
     NewEvent,
     Segment,
     SessionInfo,
@@ -54,6 +55,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (session_id, event_id);
 CREATE INDEX IF NOT EXISTS events_type ON events (session_id, type, position);
+CREATE TABLE IF NOT EXISTS leases (
+    session_id TEXT PRIMARY KEY,
+    owner      TEXT,
+    token      INTEGER NOT NULL,
+    expires_at REAL
+);
 """
 COLUMNS = "session_id, position, event_id, type, data, created_at"
 
@@ -157,7 +164,24 @@ class SQLiteEventStore(EventStore):
                 return Event(session_id=segments[-1].session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
         return None
 
+    def _lease(self, session_id: str) -> tuple[str | None, int, float | None]:
+        row = self._db.execute("SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
+        return row or (None, 0, None)
+
+    def _check_lease(self, session_id: str, token: int) -> None:
+        """Refuse a write under a lease that was released or taken over by another holder."""
+        owner, current, _ = self._lease(session_id)
+        if owner is None or current != token:
+            holder = "nobody" if owner is None else f"{owner} (lease {current})"
+            raise Conflict(
+                f"lease {token} on session {session_id} is no longer held (now: {holder}); nothing was written",
+                hint="another worker owns this session now; stop working on it",
+            )
+
     def _complete(self, info: SessionInfo) -> SessionInfo:
+        owner, token, expires = self._lease(info.session_id)
+        if owner is not None:
+            info.lease = {"owner": owner, "token": token, "expires_at": _ts(expires).isoformat()}
         info.length = self._length(info)
         last = self._select(self._lineage(info), 0, None, ["session.status"], True, 1)
         if last and isinstance(last[0].data, dict):
@@ -205,13 +229,15 @@ class SQLiteEventStore(EventStore):
             params.append(limit)
             return [self._complete(self._row_info(r)) for r in self._db.execute(sql, params).fetchall()]
 
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None) -> list[int]:
+    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
         if expected_position is not None and expected_position < 0:
             raise InvalidArgument(f"expected_position {expected_position} is negative")
         encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
         now = time.time()
         with self._lock, self._write() as db:
             info = self._info(session_id)
+            if lease is not None:
+                self._check_lease(session_id, lease)
             segments = self._lineage(info)
             positions: list[int] = [-1] * len(encoded)
             alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
@@ -259,3 +285,27 @@ class SQLiteEventStore(EventStore):
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
         return found
+
+    # -- leases (fencing tokens for the worker pool) --------------------------------------
+
+    def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> Lease:
+        with self._lock, self._write() as db:
+            self._info(session_id)
+            held_by, token, expires = self._lease(session_id)
+            now = time.time()
+            if held_by is not None and held_by != owner and expires is not None and expires > now:
+                raise Conflict(f"session {session_id} is leased to {held_by} until {_ts(expires).isoformat()}", hint="wait for the lease to expire or be released")
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", (session_id, owner, token + 1, now + ttl_s))
+            return Lease(session_id=session_id, owner=owner, token=token + 1, expires_at=_ts(now + ttl_s))
+
+    def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        with self._lock, self._write() as db:
+            self._info(session_id)
+            self._check_lease(session_id, token)
+            expires = time.time() + ttl_s
+            db.execute("UPDATE leases SET expires_at = ? WHERE session_id = ?", (expires, session_id))
+            return Lease(session_id=session_id, owner=self._lease(session_id)[0], token=token, expires_at=_ts(expires))
+
+    def release_lease(self, session_id: str, token: int) -> None:
+        with self._lock, self._write() as db:
+            db.execute("UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?", (session_id, token))

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound
 
-__all__ = ["Event", "NewEvent", "SessionInfo", "EventStore", "open_store", "encode_data", "new_id", "Conflict", "NotFound"]
+__all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "EventStore", "open_store", "encode_data", "new_id", "Conflict", "NotFound"]
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$"
@@ -65,6 +65,20 @@ class SessionInfo(BaseModel):
     length: int = 0
     status: str | None = Field(None, description="the data.status of the latest session.status event")
     lease: dict[str, Any] | None = None
+
+
+class Lease(BaseModel):
+    """A worker's hold on a session. `token` grows on every acquisition: it fences writes.
+
+    An append made with `lease=token` is refused (`Conflict`, nothing written) once the
+    lease was released or acquired by anyone else, so a worker that stalled and lost its
+    session can never write into it again, whatever the job queue believes.
+    """
+
+    session_id: str
+    owner: str
+    token: int
+    expires_at: datetime
 
 
 def new_id(prefix: str = "") -> str:
@@ -121,12 +135,14 @@ class EventStore(ABC):
         """Sessions, newest first."""
 
     @abstractmethod
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None) -> list[int]:
+    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
         """Append `events` atomically; return their positions.
 
         `expected_position` is the position the first new event must get (the session's
         length); on a mismatch nothing is written and `Conflict` is raised. An event whose
         `event_id` is already stored is not written again: its original position is returned.
+        `lease` is a `Lease.token`: if it is no longer the session's current lease, nothing is
+        written and `Conflict` is raised.
         """
 
     @abstractmethod
@@ -145,6 +161,18 @@ class EventStore(ABC):
     @abstractmethod
     def find_event(self, session_id: str, event_id: str) -> Event:
         """The event with `event_id` in this session's lineage; `NotFound` if none."""
+
+    @abstractmethod
+    def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> Lease:
+        """Hold `session_id` for `ttl_s` seconds with a new token; `Conflict` if another owner's lease is live."""
+
+    @abstractmethod
+    def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
+        """Extend a held lease; `Conflict` if it was released or taken over."""
+
+    @abstractmethod
+    def release_lease(self, session_id: str, token: int) -> None:
+        """Give the session up (a no-op if `token` is no longer current)."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections."""

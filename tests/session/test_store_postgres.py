@@ -1,0 +1,72 @@
+"""The store contract on a real PostgreSQL, plus what only PostgreSQL has (schema versions, the pool)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from corral.errors import Unavailable
+from servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
+from servers.session.store import NewEvent, open_store
+from tests.session.contract import StoreContract
+from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.postgres
+
+
+class TestPostgresStore(StoreContract):
+    @pytest.fixture
+    def store_url(self, pg_schema_url):  # noqa: F811
+        return pg_schema_url
+
+
+def test_schema_is_created_versioned_and_reopening_migrates_nothing(pg_schema_url):  # noqa: F811
+    store = open_store(pg_schema_url)
+    assert isinstance(store, PostgresEventStore) and store.schema_version() == SCHEMA_VERSION
+    sid = store.create().session_id
+    store.append(sid, [NewEvent(type="user.message", data={"text": "hi"})])
+    store.close()
+    again = open_store(pg_schema_url)
+    try:
+        assert again.schema_version() == SCHEMA_VERSION and again.get(sid).length == 1
+    finally:
+        again.close()
+    with psycopg.connect(pg_schema_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM corral_schema_version ORDER BY version")]
+        pk = conn.execute(
+            "SELECT array_agg(a.attname ORDER BY array_position(i.indkey, a.attnum)) FROM pg_index i "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = 'corral_events'::regclass AND i.indisprimary"
+        ).fetchone()[0]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    assert pk == ["session_id", "position"]
+
+
+def test_a_newer_schema_is_refused_not_downgraded(pg_schema_url):  # noqa: F811
+    open_store(pg_schema_url).close()
+    with psycopg.connect(pg_schema_url) as conn:
+        conn.execute("INSERT INTO corral_schema_version VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(Unavailable, match="newer than this corral"):
+        open_store(pg_schema_url)
+
+
+def test_slices_are_index_seeks(pg_schema_url):  # noqa: F811
+    store = open_store(pg_schema_url)
+    try:
+        sid = store.create().session_id
+        store.append(sid, [NewEvent(type="x.y", data={"i": i}) for i in range(2000)])
+    finally:
+        store.close()
+    with psycopg.connect(pg_schema_url) as conn:
+        conn.execute("ANALYZE corral_events")
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT * FROM corral_events WHERE session_id = %s AND position >= 1500 AND position < 1600 ORDER BY position", (sid,)
+        ))
+    # An index range scan (plain or bitmap) over the primary key, never a table scan.
+    assert "Index Cond" in plan and "corral_events_pkey" in plan and "Seq Scan" not in plan, plan
+
+
+def test_unreachable_server_is_unavailable_with_a_hint():
+    with pytest.raises(Unavailable, match="cannot open the PostgreSQL session store") as err:
+        open_store("postgresql://corral:corral@127.0.0.1:1/none", connect_timeout_s=2)
+    assert "CORRAL_SESSION_STORE" in str(err.value)
