@@ -1,0 +1,36 @@
+"""Vault and credential-proxy settings, read once at the edge (the CLI) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from corral.config import default_home
+
+
+class VaultSettings(BaseSettings):
+    """`CORRAL_*` settings of the vault (`corral vault ...`) and the proxy (`corral serve credentials`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="data dir; the vault lives in $CORRAL_HOME/vault")
+    vault_backend: str = Field(
+        "auto",
+        description="keyring backend: auto (OS keyring, else our encrypted file), os, encrypted-file, "
+        "or an insecure one only by name: plaintext, null, or a keyring backend class path",
+    )
+    keyring_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of every keyring call")
+    proxy_max_request_bytes: int = Field(1 << 20, gt=0, description="largest request body http_request accepts")
+    proxy_max_response_bytes: int = Field(1 << 20, gt=0, description="response body bytes returned; the rest is counted, not returned")
+    proxy_drain_bytes: int = Field(16 << 20, gt=0, description="response bytes read at most (to count totals) before giving up")
+    proxy_timeout_s: float = Field(30.0, gt=0, le=600, description="default upstream timeout of http_request")
+    git_socket: Path | None = Field(None, description="unix socket of the git gateway (default $CORRAL_HOME/vault/run/git-PID.sock)")
+    git_grant_ttl_s: int = Field(900, gt=0, le=86400, description="default lifetime of a git capability")
+
+    def vault_dir(self) -> Path:
+        """$CORRAL_HOME/vault, created mode 0700."""
+        path = self.home / "vault"
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
