@@ -51,6 +51,9 @@ def _check_limit(limit: int) -> int:
 
 def build_server(store: EventStore) -> MCPServer:
     server = MCPServer("corral-session", instructions=INSTRUCTIONS)
+    # Reads are index seeks well under a millisecond: they run on the event loop (no thread
+    # hop). Writes may wait on another process's write lock, so they stay sync and the SDK
+    # runs them in a worker thread.
 
     @tool(server, idempotent=False)
     def create_session(
@@ -73,7 +76,7 @@ def build_server(store: EventStore) -> MCPServer:
         return Emitted(position=store.append(session_id, [event], expected_position)[0])
 
     @tool(server, read_only=True)
-    def get_events(
+    async def get_events(
         session_id: SessionId,
         after: Annotated[int | None, Field(description="cursor: with order=asc, events after this position; with order=desc, events before it")] = None,
         limit: Annotated[int, Field(description=f"at most this many events (0..{MAX_PAGE})")] = 100,
@@ -91,7 +94,7 @@ def build_server(store: EventStore) -> MCPServer:
         return EventsPage(events=events, next_after=events[-1].position if events else after)
 
     @tool(server, read_only=True, name="slice")
-    def slice_(
+    async def slice_(
         session_id: SessionId,
         start: Annotated[int, Field(description="first position (inclusive)")],
         end: Annotated[int, Field(description=f"last position (exclusive); at most {MAX_PAGE} events per call")],
@@ -108,7 +111,7 @@ def build_server(store: EventStore) -> MCPServer:
         return EventsPage(events=events, next_after=events[-1].position if events else None)
 
     @tool(server, read_only=True)
-    def rewind(
+    async def rewind(
         session_id: SessionId,
         before: Annotated[int | str, Field(description="a position, or an event_id, to look back from (exclusive)")],
         count: Annotated[int, Field(description=f"how many events to return (1..{MAX_PAGE})")] = 10,
@@ -135,12 +138,12 @@ def build_server(store: EventStore) -> MCPServer:
         return Created(session_id=store.fork(session_id, at).session_id)
 
     @tool(server, read_only=True)
-    def get_session(session_id: SessionId) -> SessionInfo:
+    async def get_session(session_id: SessionId) -> SessionInfo:
         """One session's metadata, length, status and parent."""
         return store.get(session_id)
 
     @tool(server, read_only=True)
-    def list_sessions(
+    async def list_sessions(
         limit: Annotated[int, Field(description=f"at most this many, newest first (0..{MAX_PAGE})")] = 50,
         parent: Annotated[str | None, Field(description="only the children of this session")] = None,
     ) -> Sessions:
