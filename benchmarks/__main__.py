@@ -1,0 +1,47 @@
+"""Run every benchmark and print one table: `python3 -m benchmarks [AREA ...]`.
+
+Each area's script prints its own figures beside their baselines and writes
+`benchmarks/results/<area>.json`; this collects them into one table and
+`benchmarks/results/all.json`. Benchmarks never gate CI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+AREAS = ["session", "postgres", "sandbox", "credentials", "harness", "workers"]
+
+
+def main(argv: list[str]) -> int:
+    areas = argv or [a for a in AREAS if (HERE / f"{a}.py").exists()]
+    failed = []
+    for area in areas:
+        print(f"\n### {area}", flush=True)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(HERE / f"{area}.py")], cwd=HERE.parent)
+        print(f"### {area}: {time.monotonic() - started:.0f} s, exit {proc.returncode}", flush=True)
+        if proc.returncode:
+            failed.append(area)
+    rows = []
+    for area in areas:
+        path = HERE / "results" / f"{area}.json"
+        if path.exists():
+            for row in json.loads(path.read_text()).get("rows", []):
+                rows.append({"area": area, **{k: str(v) for k, v in row.items()}})
+    print("\n| area | figure | measured | baseline (same run) | target | |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['area']} | {r.get('figure', '')} | {r.get('measured', '')} | {r.get('baseline', '')} | {r.get('target', '')} | {r.get('verdict', '')} |")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "all.json").write_text(json.dumps({"rows": rows, "failed": failed}, indent=2))
+    if failed:
+        print(f"\nbenchmarks that failed to run: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
