@@ -167,7 +167,7 @@ class PostgresEventStore(EventStore):
 
     def _row_info(self, row: tuple[Any, ...]) -> SessionInfo:
         sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
-        lease = None if owner is None else {"owner": owner, "token": token, "expires_at": expires.isoformat()}
+        lease = None if owner is None else {"worker": owner, "token": token, "expires_at": expires.isoformat()}
         return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=created_at, length=length, status=status, lease=lease)
 
     def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
@@ -359,7 +359,7 @@ class PostgresEventStore(EventStore):
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)
             held = info.lease
-            if held is not None and held["owner"] != owner:
+            if held is not None and held["worker"] != owner:
                 live = conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone()[0]
                 if live:
                     raise Conflict(f"session {session_id} is leased to {held['owner']} until {held['expires_at']}", hint="wait for the lease to expire or be released")

@@ -181,7 +181,7 @@ class SQLiteEventStore(EventStore):
     def _complete(self, info: SessionInfo) -> SessionInfo:
         owner, token, expires = self._lease(info.session_id)
         if owner is not None:
-            info.lease = {"owner": owner, "token": token, "expires_at": _ts(expires).isoformat()}
+            info.lease = {"worker": owner, "token": token, "expires_at": _ts(expires).isoformat()}
         info.length = self._length(info)
         last = self._select(self._lineage(info), 0, None, ["session.status"], True, 1)
         if last and isinstance(last[0].data, dict):

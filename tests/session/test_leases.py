@@ -40,7 +40,7 @@ class LeaseContract:
             store.renew_lease(sid, first.token, ttl_s=5)
         assert store.append(sid, [ev(i=1)], lease=second.token) == [1]
         assert [e.data for e in store.select(sid)] == [{"i": 0}, {"i": 1}]
-        assert store.get(sid).lease["owner"] == "worker-b"
+        assert store.get(sid).lease["worker"] == "worker-b"
 
     def test_an_expired_lease_nobody_took_still_writes(self, store):
         # Fencing is by token, not by clock: a slow holder that nobody replaced loses nothing.
@@ -60,7 +60,7 @@ class LeaseContract:
             store.append(sid, [ev(late=True)], lease=lease.token)
         assert store.acquire_lease(sid, "worker-b", ttl_s=30).token == lease.token + 1
         store.release_lease(sid, lease.token)  # a stale release changes nothing
-        assert store.get(sid).lease["owner"] == "worker-b"
+        assert store.get(sid).lease["worker"] == "worker-b"
         assert store.length(sid) == 1
 
     def test_the_same_owner_may_reacquire_with_a_new_token(self, store):
