@@ -362,7 +362,7 @@ class PostgresEventStore(EventStore):
             if held is not None and held["worker"] != owner:
                 live = conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone()[0]
                 if live:
-                    raise Conflict(f"session {session_id} is leased to {held['owner']} until {held['expires_at']}", hint="wait for the lease to expire or be released")
+                    raise Conflict(f"session {session_id} is leased to {held['worker']} until {held['expires_at']}", hint="wait for the lease to expire or be released")
             row = conn.execute(
                 "UPDATE corral_sessions SET lease_owner = %s, lease_token = lease_token + 1, "
                 "lease_expires_at = clock_timestamp() + make_interval(secs => %s) WHERE session_id = %s "
@@ -394,7 +394,7 @@ def _check_lease(info: SessionInfo, token: int) -> None:
     """Refuse a write under a lease that was released or taken over by another holder."""
     held = info.lease
     if held is None or held["token"] != token:
-        holder = "nobody" if held is None else f"{held['owner']} (lease {held['token']})"
+        holder = "nobody" if held is None else f"{held['worker']} (lease {held['token']})"
         raise Conflict(
             f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
             hint="another worker owns this session now; stop working on it",
