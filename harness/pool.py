@@ -1,0 +1,270 @@
+"""The worker pool: sessions that need work are procrastinate jobs; any worker may wake any session.
+
+    enqueue_session(session_id)      a job `corral.wake_session`, lock = queueing_lock = session id
+    corral worker                    a procrastinate worker running those jobs
+
+Who holds a session, and why two never do at once:
+
+1. The queue. A job's `lock` is its session id, so procrastinate runs at most one job per
+   session at a time; `queueing_lock` keeps at most one more waiting (a second
+   `enqueue_session` while one waits is a no-op: the waiting job will see the new message).
+2. The log. A job first takes the session's lease in the store (a fencing token) and the
+   harness writes through `LeasedStore`, so every append carries the token. The store
+   refuses (`Conflict`, nothing written) an append under a lease someone else took.
+
+Death. Each worker heartbeats (procrastinate) and renews its leases every third of
+`lease_s`. A worker silent for `lease_s` is stalled: any live worker's reaper hands its
+jobs back to the queue (`get_stalled_jobs` + `retry_job`), and the next worker to fetch one
+takes the lease once it has expired. A worker that wakes up after being declared dead (it
+was paused, or cut off) finds its lease gone or its heartbeat row pruned and exits at once:
+its jobs belong to others now, and it must not touch them, not even to mark them done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import importlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate import exceptions as pq_exceptions
+from procrastinate.job_context import JobContext
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
+
+from corral.errors import Conflict, Unavailable
+from servers.session.store import EventStore, NewEvent
+
+log = logging.getLogger("corral.worker")
+
+QUEUE = "corral_sessions"
+TASK = "corral.wake_session"
+SCHEMA_LOCK = 0x636F7271  # pg_advisory_xact_lock key: one process installs the queue schema
+FENCED_EXIT = 75  # EX_TEMPFAIL: a supervisor should just start the worker again
+
+Body = Callable[[EventStore, str], Awaitable[None]]
+"""A job's work: wake `session_id`, writing through the (leased) store."""
+
+
+class SessionBusy(Unavailable):
+    """The session's lease is held by a live worker; the job is retried later."""
+
+
+# -- the queue ----------------------------------------------------------------------------
+
+
+def make_app(queue_url: str) -> procrastinate.App:
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=queue_url))
+    app.task(name=TASK, queue=QUEUE, pass_context=True, retry=HandBack())(wake_session)
+    return app
+
+
+def ensure_queue_schema(queue_url: str) -> None:
+    """Install procrastinate's tables once (first worker or first enqueue), race-free."""
+    try:
+        with psycopg.connect(queue_url, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            if conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
+                conn.execute(procrastinate.schema.SchemaManager.get_schema())
+    except psycopg.OperationalError as err:
+        raise Unavailable(f"cannot reach the job queue database: {' '.join(str(err).split())}", hint="check CORRAL_QUEUE_URL / CORRAL_SESSION_STORE") from err
+
+
+def enqueue_session(session_id: str, queue_url: str) -> bool:
+    """Queue `session_id` for the workers; False if a job for it is already waiting."""
+    ensure_queue_schema(queue_url)
+    app = make_app(queue_url)
+    with app.open():
+        try:
+            app.configure_task(TASK, lock=session_id, queueing_lock=session_id).defer(session_id=session_id)
+        except pq_exceptions.AlreadyEnqueued:
+            return False
+    return True
+
+
+class HandBack(BaseRetryStrategy):
+    """Retry a job that could not run yet (lease busy) or was cut short by a worker's shutdown.
+
+    Anything else the harness raised is final: the session log says what happened, and a
+    new user message queues the session again.
+    """
+
+    def get_retry_decision(self, *, exception: BaseException, job: procrastinate.jobs.Job) -> RetryDecision | None:
+        if isinstance(exception, SessionBusy | pq_exceptions.JobAborted | asyncio.CancelledError):
+            return RetryDecision(retry_in={"seconds": 1})
+        return None
+
+
+# -- one job --------------------------------------------------------------------------------
+
+
+class LeasedStore:
+    """The store as one job sees it: appends to its session carry the lease token.
+
+    An append refused for a lost lease means this worker was declared dead: `on_fenced`
+    ends the process before anything else (the harness, procrastinate) can act on it.
+    """
+
+    def __init__(self, store: EventStore, session_id: str, token: int, on_fenced: Callable[[str], None]) -> None:
+        self._store = store
+        self._session_id = session_id
+        self._token = token
+        self._on_fenced = on_fenced
+
+    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None) -> list[int]:
+        if session_id != self._session_id:  # e.g. a subagent's child session: not leased
+            return self._store.append(session_id, events, expected_position)
+        try:
+            return self._store.append(session_id, events, expected_position, lease=self._token)
+        except Conflict as err:
+            if "lease" in err.message:
+                self._on_fenced(err.message)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@dataclass
+class Runtime:
+    """What every job of one worker process shares."""
+
+    store: EventStore
+    body: Body
+    name: str
+    lease_s: float
+    app: procrastinate.App | None = None
+    exit: Callable[[int], None] = os._exit
+    worker_ids: set[int] = field(default_factory=set)
+
+    def fence(self, why: str) -> None:
+        log.error("worker %s was declared dead and must not touch its sessions: %s; exiting", self.name, why)
+        logging.shutdown()
+        self.exit(FENCED_EXIT)
+
+    async def acquire(self, session_id: str) -> int:
+        """The session's lease; waits out a dead holder's lease, gives up on a live one."""
+        deadline = time.monotonic() + self.lease_s + 2
+        while True:
+            try:
+                lease = await asyncio.to_thread(self.store.acquire_lease, session_id, self.name, self.lease_s)
+                return lease.token
+            except Conflict as err:
+                if time.monotonic() > deadline:
+                    raise SessionBusy(f"session {session_id} is still leased: {err.message}") from err
+                await asyncio.sleep(min(0.25, self.lease_s / 10))
+
+    async def keep(self, session_id: str, token: int, worker_id: int | None) -> None:
+        """Renew the lease while the job runs; fence if it was taken, or our worker row pruned."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await asyncio.to_thread(self.store.renew_lease, session_id, token, self.lease_s)
+            except Conflict as err:
+                self.fence(err.message)
+            except Unavailable as err:  # a blip: the lease has two more renewals' worth of slack
+                log.warning("could not renew the lease on %s: %s", session_id, err)
+                continue
+            if worker_id is not None and self.app is not None and not await worker_alive(self.app, worker_id):
+                self.fence(f"its heartbeat row {worker_id} was pruned by another worker")
+
+    async def work(self, session_id: str, worker_id: int | None) -> None:
+        token = await self.acquire(session_id)
+        log.info("claimed session %s (lease %d)", session_id, token)
+        keeper = asyncio.create_task(self.keep(session_id, token, worker_id))
+        try:
+            await self.body(LeasedStore(self.store, session_id, token, self.fence), session_id)  # type: ignore[arg-type]
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await asyncio.to_thread(self.store.release_lease, session_id, token)
+            log.info("released session %s (lease %d)", session_id, token)
+
+
+async def wake_session(context: JobContext, session_id: str) -> None:
+    """The task: work one session under its lease (the runtime comes with the worker)."""
+    runtime: Runtime = context.additional_context["corral"]
+    await runtime.work(session_id, context.job.worker_id)
+
+
+async def worker_alive(app: procrastinate.App, worker_id: int) -> bool:
+    row = await app.connector.execute_query_one_async("SELECT count(*) AS n FROM procrastinate_workers WHERE id = %(id)s", id=worker_id)
+    return bool(row["n"])
+
+
+# -- the reaper -----------------------------------------------------------------------------
+
+
+async def reap_stalled(app: procrastinate.App, lease_s: float, every_s: float) -> None:
+    """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await reap_once(app, lease_s)
+        except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip: the next round retries
+            log.warning("stalled-job check failed: %s", err)
+
+
+async def reap_once(app: procrastinate.App, lease_s: float) -> list[int]:
+    manager = app.job_manager
+    handed: list[int] = []
+    for job in await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=lease_s):
+        try:
+            await manager.retry_job(job, retry_at=datetime.datetime.now(datetime.UTC))
+            handed.append(job.id)
+            log.warning("handed session %s back to the queue: worker %s stopped beating", job.task_kwargs.get("session_id"), job.worker_id)
+        except pq_exceptions.ConnectorException as err:
+            await _settle_unretryable(manager, job, err)
+    await manager.prune_stalled_workers(lease_s)
+    return handed
+
+
+async def _settle_unretryable(manager: Any, job: procrastinate.jobs.Job, err: Exception) -> None:
+    """Another reaper got there first (fine), or a newer job of the session waits (it covers this one)."""
+    if "UniqueViolation" in type(err.__cause__).__name__ or "queueing_lock" in str(err):
+        await manager.finish_job_by_id_async(job.id, status=procrastinate.jobs.Status.FAILED, delete_job=False)
+        log.warning("stalled job %s superseded by a waiting job of session %s", job.id, job.task_kwargs.get("session_id"))
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+def load_body(spec: str) -> Body:
+    """`module:factory` -> the body the factory builds (called once, at the edge)."""
+    module, _, attr = spec.partition(":")
+    factory = getattr(importlib.import_module(module), attr)
+    return factory()
+
+
+async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, stop_grace_s: float = 10.0, poll_s: float = 0.5) -> None:
+    """Run jobs until SIGINT/SIGTERM; a stop hands unfinished sessions back after `stop_grace_s`."""
+    ensure_queue_schema(queue_url)
+    app = make_app(queue_url)
+    runtime.app = app
+    async with app.open_async():
+        reaper = asyncio.create_task(reap_stalled(app, runtime.lease_s, poll_s))
+        try:
+            await app.run_worker_async(
+                queues=[QUEUE],
+                name=runtime.name,
+                concurrency=concurrency,
+                fetch_job_polling_interval=poll_s,
+                abort_job_polling_interval=max(poll_s, 1.0),
+                update_heartbeat_interval=runtime.lease_s / 3,
+                stalled_worker_timeout=runtime.lease_s,
+                shutdown_graceful_timeout=stop_grace_s,
+                additional_context={"corral": runtime},
+                delete_jobs="successful",
+            )
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
