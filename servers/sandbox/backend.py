@@ -1,0 +1,232 @@
+"""The seam between the sandbox server and where code runs.
+
+A backend is a small abstract class of async methods over pydantic models; one file per
+backend (`bubblewrap.py`, `docker.py`, `e2b.py`). The backend is chosen by a tagged config
+(`type: Literal[...]`, `extra="forbid"`) whose factory imports a backend's module, and so
+its heavy SDK, only when that backend is used.
+
+Backends raise Corral errors (`SandboxLost` when the sandbox vanished, `NotFound`,
+`PolicyDenied` for paths outside the workspace, ...), translating vendor errors at their
+own boundary.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
+
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "BubblewrapConfig",
+    "DockerConfig",
+    "E2BConfig",
+    "ExtraBind",
+    "SandboxSpec",
+    "SandboxRef",
+    "ExecRequest",
+    "ExecResult",
+    "FileData",
+    "FileEntry",
+    "Listing",
+    "make_backend",
+    "workspace_path",
+]
+
+WORKDIR = "/workspace"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests and responses ------------------------------------------------------------
+
+
+class SandboxSpec(_Model):
+    """The recipe of a sandbox, fully resolved (defaults applied); a lost one is re-made from it."""
+
+    template: str | None = None
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    disk_mb: int = 1024
+    max_processes: int = 256
+    env: dict[str, str] = Field(default_factory=dict)
+    network: Literal["none", "full"] = "none"
+
+
+class SandboxRef(_Model):
+    """What a backend needs to find a sandbox again, also after a server restart."""
+
+    id: str
+    spec: SandboxSpec
+    data: dict[str, Any] = Field(default_factory=dict, description="backend-specific: container id, e2b sandbox id...")
+
+
+class ExecRequest(_Model):
+    command: str
+    timeout_s: float = 60.0
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    stdin: bytes | None = None
+    output_limit: int = 64 * 1024
+
+
+class ExecResult(_Model):
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_ms: int
+    timed_out: bool
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+
+class FileData(_Model):
+    data: bytes
+    size: int = Field(description="size of the whole file")
+    sha256: str = Field(description="sha256 of the whole file")
+
+
+class FileEntry(_Model):
+    name: str = Field(description="path relative to the listed directory")
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+
+
+class Listing(_Model):
+    entries: list[FileEntry]
+    truncated: bool
+
+
+# -- the abstract backend --------------------------------------------------------------
+
+
+class Backend(ABC):
+    """Where sandboxes live. Paths given to file methods are already `workspace_path`-checked."""
+
+    name: str
+    isolation: str
+    workdir: str = WORKDIR
+
+    @abstractmethod
+    async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef: ...
+
+    @abstractmethod
+    async def execute(self, ref: SandboxRef, request: ExecRequest) -> ExecResult: ...
+
+    @abstractmethod
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData: ...
+
+    @abstractmethod
+    async def write(
+        self, ref: SandboxRef, path: str, data: bytes, mode: int | None, if_sha256: str | None = None
+    ) -> None:
+        """Replace `path`; with `if_sha256`, only if the current content has that hash (else `Conflict`)."""
+
+    @abstractmethod
+    async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing: ...
+
+    @abstractmethod
+    async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
+        """Remove everything the sandbox holds; a sandbox already gone is not an error."""
+
+    @abstractmethod
+    async def status(self, ref: SandboxRef) -> Literal["running", "lost"]: ...
+
+    async def check_sha256(self, ref: SandboxRef, path: str, expected: str) -> None:
+        """Compare-and-swap for backends without an atomic one (the server serialises writes per sandbox)."""
+        try:
+            actual: str | None = (await self.read(ref, path, 0, 0)).sha256
+        except NotFound:
+            actual = None
+        if actual != expected.lower():
+            state = "does not exist" if actual is None else f"has sha256 {actual}"
+            raise Conflict(f"{path} {state}, not {expected}; nothing was written")
+
+    async def close(self) -> None:
+        """Release clients and connections (not sandboxes)."""
+
+
+def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:
+    """A tool's `path` as an absolute, normalised path inside the workspace, or an error.
+
+    Lexical only: `..` and absolute paths outside `workdir` are refused here; symlinks that
+    point out are refused by each backend where it resolves them.
+    """
+    if path is None or path in ("", "."):
+        return workdir
+    if "\0" in path:
+        raise InvalidArgument("path contains a NUL byte")
+    full = posixpath.normpath(path if path.startswith("/") else posixpath.join(workdir, path))
+    if full.startswith("//"):
+        full = "/" + full.lstrip("/")
+    if full != workdir and not full.startswith(workdir + "/"):
+        raise PolicyDenied(
+            f"path {path!r} is outside the sandbox workspace {workdir}",
+            hint=f"use a path relative to {workdir} (or absolute under it)",
+        )
+    return full
+
+
+# -- the tagged backend config ---------------------------------------------------------
+
+
+class ExtraBind(_Model):
+    """A host path (directory, file or unix socket) mounted into every bubblewrap sandbox.
+
+    Server-side only (never a tool parameter): e.g. the credential proxy's socket, so a
+    sandbox can reach the proxy without any secret entering it.
+    """
+
+    source: Path
+    dest: str
+    writable: bool = False
+
+
+class BubblewrapConfig(_Model):
+    type: Literal["bubblewrap"] = "bubblewrap"
+    root: Path = Field(description="where sandbox directories live")
+    run_as_uid: int | None = Field(None, description="host uid for sandboxes when the server is root (never root)")
+    extra_binds: list[ExtraBind] = Field(default_factory=list)
+    bwrap: str = "bwrap"
+
+
+class DockerConfig(_Model):
+    type: Literal["docker"] = "docker"
+    image: str = "python:3.12-slim"
+    docker: str = Field("docker", description="the docker CLI")
+    label: str = "corral.sandbox"
+
+
+class E2BConfig(_Model):
+    type: Literal["e2b"] = "e2b"
+    template: str | None = None
+    api_key: str = ""
+    request_timeout_s: float = 30.0
+
+
+BackendConfig = Annotated[Union[BubblewrapConfig, DockerConfig, E2BConfig], Field(discriminator="type")]
+
+
+def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: Any) -> Backend:
+    """The backend for `config`; its module (and SDK) is imported only now."""
+    if config.type == "bubblewrap":
+        from servers.sandbox.bubblewrap import BubblewrapBackend
+
+        return BubblewrapBackend(config, **kwargs)
+    if config.type == "docker":
+        from servers.sandbox.docker import DockerBackend
+
+        return DockerBackend(config, **kwargs)
+    from servers.sandbox.e2b import E2BBackend
+
+    return E2BBackend(config, **kwargs)

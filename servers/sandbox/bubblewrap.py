@@ -1,0 +1,247 @@
+"""The default backend: a sandbox is a directory on disk; each command is one `bwrap`.
+
+Layout of a sandbox `<root>/<id>/`: `workspace/` (mounted at /workspace, the workdir),
+`home/` (/root), `tmp/` (/tmp), `etc/passwd` and `etc/group` (a synthetic root user).
+Each `execute` starts `bwrap` with new user, pid, ipc, uts, cgroup and (unless
+`network: full`) net namespaces; the host's system dirs are mounted read-only, only a
+safe subset of /etc, no host environment (`--clearenv`). Inside, the command runs as
+uid 0 of its namespace with no capabilities on the host, under `prlimit` (address space,
+processes, file size, CPU time) applied *inside* the namespace so the process count is
+per sandbox, not per host user.
+
+When the server runs as root, sandboxes run as an unprivileged host uid (`run_as_uid`):
+RLIMIT_NPROC does not bind host root, and a sandbox must never be host root anyway.
+bwrap resolves its bind sources as that uid, so the sandbox root must be traversable by
+it: as root the default root is /var/lib/corral/sandboxes (0711, not listable).
+
+Nothing runs between commands (a background process dies with its command: the pid
+namespace goes with it), so a sandbox costs only its directory, and provisioning is a mkdir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from corral.errors import SandboxLost, Unavailable
+
+from . import hostfs
+from .backend import (
+    WORKDIR,
+    Backend,
+    BubblewrapConfig,
+    ExecRequest,
+    ExecResult,
+    FileData,
+    Listing,
+    SandboxRef,
+    SandboxSpec,
+)
+from .process import run_bounded
+
+__all__ = ["BubblewrapBackend", "INSTALL_HINT"]
+
+INSTALL_HINT = "bubblewrap (bwrap) is not installed: run `apt-get install bubblewrap`"
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "LANG": "C.UTF-8",
+    "TERM": "dumb",
+}
+# /etc entries a userland needs (loader, certificates, alternatives); never shadow, ssl/private, ...
+ETC_SAFE = [
+    "/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf", "/etc/ca-certificates", "/etc/ca-certificates.conf", "/etc/localtime",
+    "/etc/nsswitch.conf", "/etc/mime.types", "/etc/profile", "/etc/bash.bashrc", "/etc/inputrc",
+]  # fmt: skip
+ETC_NETWORK = ["/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf", "/etc/protocols", "/etc/services"]
+PASSWD = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+class BubblewrapBackend(Backend):
+    name = "bubblewrap"
+    isolation = "namespaces"
+
+    def __init__(self, config: BubblewrapConfig) -> None:
+        bwrap = shutil.which(config.bwrap)
+        if bwrap is None:
+            raise Unavailable(INSTALL_HINT, hint="then start the server again")
+        self.bwrap = bwrap
+        self.prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
+        self.config = config
+        # As root, never run sandboxes as root; otherwise they run as whoever runs the server.
+        self.uid = (config.run_as_uid or 65534) if os.geteuid() == 0 else None
+        self.root = config.root
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.uid is not None:
+            _make_traversable(self.root, self.uid)
+        self.system_args = _system_args()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
+        base = self._dir(sandbox_id)
+        base.mkdir(mode=0o700)
+        for sub in ("workspace", "home", "tmp", "etc"):
+            (base / sub).mkdir(mode=0o1777 if sub == "tmp" else 0o755)
+        (base / "etc" / "passwd").write_text(PASSWD)
+        (base / "etc" / "group").write_text(GROUP)
+        if self.uid is not None:
+            for path in (base, base / "workspace", base / "home", base / "tmp"):
+                os.chown(path, self.uid, self.uid)
+        return SandboxRef(id=sandbox_id, spec=spec)
+
+    async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
+        base = self._dir(ref.id)
+        if keep_workspace:
+            for sub in ("home", "tmp", "etc"):
+                await asyncio.to_thread(shutil.rmtree, base / sub, ignore_errors=True)
+        else:
+            await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+
+    async def status(self, ref: SandboxRef) -> Literal["running", "lost"]:
+        return "running" if (self._dir(ref.id) / "workspace").is_dir() else "lost"
+
+    # -- execute -------------------------------------------------------------------------
+
+    async def execute(self, ref: SandboxRef, request: ExecRequest) -> ExecResult:
+        workspace = self._dir(ref.id) / "workspace"
+
+        async def vanished() -> bool:
+            return not workspace.is_dir()
+
+        if await vanished():
+            raise SandboxLost(f"sandbox {ref.id} is gone: its workspace no longer exists")
+        done = await run_bounded(
+            self._argv(ref.id, ref.spec, request),
+            stdin=request.stdin,
+            timeout_s=request.timeout_s,
+            output_limit=request.output_limit,
+            watch=vanished,
+            **self._popen_user(),
+        )
+        if done.lost or await vanished():
+            raise SandboxLost(f"sandbox {ref.id} vanished while running the command (its workspace was deleted)")
+        if done.returncode is not None and done.returncode < 0 and not done.timed_out:
+            # bwrap itself died of a signal we did not send: someone killed the sandbox.
+            raise SandboxLost(f"sandbox {ref.id} was killed from outside (signal {-done.returncode}) mid-command")
+        return ExecResult(
+            exit_code=None if done.timed_out else done.returncode,
+            stdout=done.stdout.text(),
+            stderr=done.stderr.text(),
+            duration_ms=done.duration_ms,
+            timed_out=done.timed_out,
+            stdout_bytes=done.stdout.total,
+            stderr_bytes=done.stderr.total,
+            stdout_truncated=done.stdout.truncated,
+            stderr_truncated=done.stderr.truncated,
+        )
+
+    def _popen_user(self) -> dict[str, object]:
+        if self.uid is None:
+            return {}
+        return {"user": self.uid, "group": self.uid, "extra_groups": []}
+
+    def _argv(self, sandbox_id: str, spec: SandboxSpec, request: ExecRequest) -> list[str]:
+        base = str(self._dir(sandbox_id))
+        argv = [self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
+        argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
+        if spec.network == "none":
+            argv.append("--unshare-net")
+        argv += ["--die-with-parent", "--new-session", "--clearenv", *self.system_args]
+        for path in ETC_NETWORK if spec.network == "full" else []:
+            argv += ["--ro-bind-try", path, path]
+        argv += ["--ro-bind", f"{base}/etc/passwd", "/etc/passwd", "--ro-bind", f"{base}/etc/group", "/etc/group"]
+        argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
+        for bind in self.config.extra_binds:
+            argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
+        argv += ["--remount-ro", "/", "--chdir", _cwd(request.cwd)]
+        for key, value in {**BASE_ENV, **spec.env, **request.env}.items():
+            argv += ["--setenv", key, value]
+        argv += ["--", self.prlimit, *_limits(spec, request), "--", SHELL, "-c", request.command]
+        return argv
+
+    # -- files (host side, resolved inside the workspace) ---------------------------------
+
+    @contextmanager
+    def _root_fd(self, sandbox_id: str) -> Iterator[int]:
+        try:
+            fd = os.open(self._dir(sandbox_id) / "workspace", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError as err:
+            raise SandboxLost(f"sandbox {sandbox_id} is gone: its workspace no longer exists") from err
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData:
+        with self._root_fd(ref.id) as fd:
+            return await asyncio.to_thread(hostfs.read_file, fd, path, offset, limit)
+
+    async def write(
+        self, ref: SandboxRef, path: str, data: bytes, mode: int | None, if_sha256: str | None = None
+    ) -> None:
+        with self._root_fd(ref.id) as fd:
+            await asyncio.to_thread(hostfs.write_file, fd, path, data, mode, self.uid, if_sha256)
+
+    async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
+        with self._root_fd(ref.id) as fd:
+            return await asyncio.to_thread(hostfs.list_dir, fd, path, depth, max_entries)
+
+
+def _make_traversable(root: Path, uid: int) -> None:
+    """bwrap runs as `uid` and must reach `<root>/<id>/...`: check every ancestor lets it pass."""
+    root.chmod(0o711)  # traverse, not list: sandbox ids stay unguessable
+    for parent in root.resolve().parents:
+        st = parent.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            raise Unavailable(
+                f"sandbox dir {root} is not reachable by the sandbox uid {uid} ({parent} is not traversable)",
+                hint="set CORRAL_SANDBOX_DIR to a directory whose parents are world-traversable (e.g. /var/lib/corral/sandboxes)",
+            )
+
+
+def _cwd(cwd: str | None) -> str:
+    if not cwd:
+        return WORKDIR
+    return cwd if cwd.startswith("/") else f"{WORKDIR}/{cwd}"
+
+
+def _limits(spec: SandboxSpec, request: ExecRequest) -> list[str]:
+    mib = 1 << 20
+    return [
+        f"--as={spec.memory_mb * mib}",
+        f"--nproc={spec.max_processes}",
+        f"--fsize={spec.disk_mb * mib}",
+        # CPU seconds per process: a backstop behind the wall-clock timeout.
+        f"--cpu={math.ceil(request.timeout_s) + 5}",
+    ]
+
+
+def _system_args() -> list[str]:
+    """Read-only system dirs as the host lays them out (merged /usr or not), /proc, /dev, safe /etc."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    for path in ETC_SAFE + sorted(glob.glob("/etc/python3*")):
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    return args

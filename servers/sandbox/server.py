@@ -1,0 +1,178 @@
+"""`corral serve sandbox`: the sandbox MCP server, a thin shell over `SandboxService`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
+
+from servers.mcp_shell import serve, tool
+
+from .backend import Backend, BubblewrapConfig, DockerConfig, E2BConfig, make_backend
+from .config import SandboxSettings
+from .registry import Registry
+from .service import Resources, SandboxService
+
+__all__ = ["build_server", "backend_config", "run"]
+
+SandboxId = Annotated[
+    str | None,
+    Field(description="the sandbox to use; omit it to use your default sandbox (provisioned on first use)"),
+]
+
+
+def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig | E2BConfig:
+    """The backend config the settings describe (the tagged union `make_backend` takes)."""
+    if settings.sandbox_backend == "docker":
+        return DockerConfig(image=settings.sandbox_image or "python:3.12-slim")
+    if settings.sandbox_backend == "e2b":
+        return E2BConfig(template=settings.sandbox_image or None, api_key=settings.e2b_api_key)
+    return BubblewrapConfig(root=settings.workspaces_dir(), run_as_uid=settings.sandbox_run_as_uid)
+
+
+def _client(ctx: Context) -> str:
+    """Whose default sandbox a call without `sandbox_id` uses.
+
+    MCP 2026-07-28 is stateless: no connection object outlives a request. An HTTP client
+    that keeps an `Mcp-Session-Id` gets its own default; otherwise the server process has
+    one default (stdio serves exactly one client).
+    """
+    headers = {k.lower(): v for k, v in (ctx.headers or {}).items()}
+    session = headers.get("mcp-session-id")
+    return f"http:{session}" if session else "default"
+
+
+def build_server(
+    settings: SandboxSettings, backend: Backend | None = None, *, reap: bool = True
+) -> tuple[MCPServer, SandboxService]:
+    """The server and the service behind it; `backend` overrides the one `settings` names."""
+    backend = backend or make_backend(backend_config(settings))
+    registry = Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db")
+    service = SandboxService(backend, registry, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(service.reap_forever()) if reap else None
+        try:
+            yield None
+        finally:
+            if reaper is not None:
+                reaper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reaper
+
+    server = MCPServer(
+        "corral-sandbox",
+        instructions=(
+            "Disposable sandboxes to run code in. Omit sandbox_id to use your default sandbox; "
+            "a sandbox_lost error means provision a fresh one (or omit sandbox_id)."
+        ),
+        lifespan=lifespan,
+    )
+    _register_tools(server, service)
+    return server, service
+
+
+def _register_tools(server: MCPServer, service: SandboxService) -> None:  # noqa: C901 - one short tool each
+    @tool(server, open_world=True)
+    async def provision(
+        template: Annotated[str | None, Field(description="docker image or e2b template; default from the server")] = None,
+        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="environment variables of every command")] = None,
+        network: Annotated[Literal["none", "full"], Field(description="'none' (default): no network at all")] = "none",
+        label: Annotated[str | None, Field(description="a name for humans", max_length=200)] = None,
+        idempotency_key: Annotated[
+            str | None, Field(description="provisioning twice with one key returns the same sandbox", max_length=200)
+        ] = None,
+    ) -> dict[str, Any]:
+        """Create a fresh sandbox; returns its sandbox_id, isolation, workdir and expiry."""
+        return await service.provision(
+            template=template, resources=resources, env=env, network=network, label=label, idempotency_key=idempotency_key
+        )
+
+    @tool(server, destructive=True, open_world=True)
+    async def execute(
+        ctx: Context,
+        command: Annotated[str, Field(description="a bash command line, run in the workdir", min_length=1)],
+        sandbox_id: SandboxId = None,
+        timeout_s: Annotated[float, Field(description="kill the command (all its processes) after this", gt=0, le=3600)] = 60,
+        cwd: Annotated[str | None, Field(description="working directory; relative to the workdir")] = None,
+        env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
+        stdin: Annotated[str | None, Field(description="text fed to the command's stdin")] = None,
+    ) -> dict[str, Any]:
+        """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out."""
+        record = await service.resolve(sandbox_id, _client(ctx))
+
+        async def progress(elapsed: float, message: str) -> None:
+            await ctx.report_progress(elapsed, timeout_s, message)
+
+        result = await service.execute(
+            record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress
+        )
+        return {"sandbox_id": record.id, **result.model_dump()}
+
+    @tool(server, read_only=True)
+    async def read_file(
+        ctx: Context,
+        path: Annotated[str, Field(description="file path, relative to the workdir (or absolute under it)")],
+        sandbox_id: SandboxId = None,
+        offset: Annotated[int, Field(description="first byte to return", ge=0)] = 0,
+        limit: Annotated[int | None, Field(description="most bytes to return", ge=0)] = None,
+        encoding: Annotated[Literal["text", "base64"], Field(description="'base64' for binary files")] = "text",
+    ) -> dict[str, Any]:
+        """Read a file; returns content, size and sha256 (of the whole file, for if_sha256)."""
+        record = await service.resolve(sandbox_id, _client(ctx))
+        return {"sandbox_id": record.id, **await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)}
+
+    @tool(server, destructive=True)
+    async def write_file(
+        ctx: Context,
+        path: Annotated[str, Field(description="file path, relative to the workdir; parent dirs are created")],
+        content: Annotated[str, Field(description="the new content (text, or base64 with encoding='base64')")],
+        sandbox_id: SandboxId = None,
+        encoding: Annotated[Literal["text", "base64"], Field(description="how content is encoded")] = "text",
+        mode: Annotated[str | None, Field(description="octal permission bits, e.g. '0755'", pattern=r"^0?[0-7]{3,4}$")] = None,
+        if_sha256: Annotated[
+            str | None,
+            Field(description="write only if the file's current sha256 is this (compare-and-swap)", pattern=r"^[0-9a-fA-F]{64}$"),
+        ] = None,
+    ) -> dict[str, Any]:
+        """Create or replace a file atomically; returns its size and sha256."""
+        record = await service.resolve(sandbox_id, _client(ctx))
+        written = await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
+        return {"sandbox_id": record.id, **written}
+
+    @tool(server, read_only=True)
+    async def list_files(
+        ctx: Context,
+        path: Annotated[str | None, Field(description="directory to list; default the workdir")] = None,
+        sandbox_id: SandboxId = None,
+        depth: Annotated[int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)] = 1,
+        max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
+    ) -> dict[str, Any]:
+        """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
+        record = await service.resolve(sandbox_id, _client(ctx))
+        return {"sandbox_id": record.id, **await service.list_files(record, path, depth=depth, max_entries=max_entries)}
+
+    @tool(server, destructive=True, idempotent=True)
+    async def destroy(
+        sandbox_id: Annotated[str, Field(description="the sandbox to destroy")],
+        keep_workspace: Annotated[bool, Field(description="keep the workspace files on the host (bubblewrap)")] = False,
+    ) -> dict[str, Any]:
+        """Destroy a sandbox and everything it runs or holds."""
+        return await service.destroy(sandbox_id, keep_workspace=keep_workspace)
+
+    @tool(server, read_only=True)
+    async def list_sandboxes() -> dict[str, Any]:
+        """List this server's live sandboxes: id, backend, state, created and expiry times."""
+        return {"sandboxes": service.list_sandboxes()}
+
+
+def run(http: str | None = None) -> None:
+    settings = SandboxSettings()
+    server, _ = build_server(settings)
+    serve(server, http)
