@@ -1,0 +1,1 @@
+"""The credential proxy MCP server (`corral serve credentials`)."""

@@ -1,0 +1,179 @@
+"""The git gateway: git smart HTTP for sandboxes, with the secret added outside them.
+
+A sandbox gets only a capability: a random token in a remote URL, scoped to one credential
+and one repository, read or write, expiring. The gateway listens on a unix socket (mode
+0700 directory) that the sandbox has bind-mounted; inside the sandbox, `git_forwarder.py`
+relays 127.0.0.1:8417 to that socket (a `--unshare-net` sandbox has its own loopback).
+For each request the gateway maps the token to the repository URL, allows only the smart
+HTTP endpoints (`info/refs`, `git-upload-pack`, and `git-receive-pack` for write grants),
+and forwards through the proxy's checks (host, method, address, no redirects) with the
+secret injected. Git payloads are streamed unmodified (packfiles are binary: redacting them
+would corrupt them); response headers are redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
+from servers.credentials.netguard import check_policy, parse_target
+from servers.credentials.proxy import Proxy
+from servers.credentials.transport import pinned
+from vault.config import VaultSettings
+
+__all__ = ["GitGateway", "Grant", "SANDBOX_PORT", "SANDBOX_SOCKET", "FORWARDER"]
+
+SANDBOX_PORT = 8417  # where git_forwarder.py listens inside the sandbox
+SANDBOX_SOCKET = "/run/corral/git.sock"  # where the sandbox mounts the gateway socket
+FORWARDER = Path(__file__).with_name("git_forwarder.py")
+ENDPOINTS = {"info/refs", "git-upload-pack", "git-receive-pack"}
+PASS_REQUEST = ("content-type", "content-encoding", "accept", "accept-encoding", "git-protocol", "user-agent")
+PASS_RESPONSE = ("content-type", "content-encoding", "cache-control", "expires", "pragma", "location")
+
+
+@dataclass(frozen=True)
+class Grant:
+    credential: str
+    repo_url: str  # no trailing slash
+    write: bool
+    expires_at: float  # time.time()
+
+
+class GitGateway:
+    def __init__(self, proxy: Proxy, settings: VaultSettings, socket_path: Path | None = None) -> None:
+        self.proxy = proxy
+        self.settings = settings
+        self.socket_path = socket_path or settings.git_socket or (settings.vault_dir() / "run" / f"git-{os.getpid()}.sock")
+        self.grants: dict[str, Grant] = {}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- grants (called from the MCP server's loop) ---------------------------------
+    async def grant(self, credential: str, repo_url: str, access: str, ttl_s: int | None) -> dict[str, Any]:
+        snap = await self.proxy.snapshot()
+        cred = snap.credentials.get(credential)
+        if cred is None:
+            raise NotFound(f"no credential named {credential!r}", hint="list_credentials shows them")
+        if cred.kind != "git":
+            raise InvalidArgument(f"credential {credential!r} is of kind {cred.kind}, not git")
+        target = parse_target(repo_url.rstrip("/"))
+        if target.url.query:
+            raise InvalidArgument("the repository URL may not have a query")
+        for method in ("GET", "POST"):
+            check_policy(cred, target, method)
+        ttl = ttl_s or self.settings.git_grant_ttl_s
+        if not 0 < ttl <= 86400:
+            raise InvalidArgument("ttl_s must be between 1 and 86400")
+        token = secrets.token_urlsafe(32)
+        self._expire()
+        self.grants[token] = Grant(cred.name, str(target.url), access == "write", time.time() + ttl)
+        name = target.path.rstrip("/").rsplit("/", 1)[-1] or "repo"
+        return {
+            "remote_url": f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
+            "expires_at": datetime.fromtimestamp(time.time() + ttl, timezone.utc).isoformat(timespec="seconds"),
+            "access": access,
+            "gateway_socket": str(self.socket_path),
+            "sandbox_setup": f"mount {self.socket_path} at {SANDBOX_SOCKET} and run `python3 git_forwarder.py -- git ...` inside the sandbox",
+        }
+
+    def revoke(self, token: str) -> None:
+        self.grants.pop(token, None)
+
+    def _expire(self) -> None:
+        now = time.time()
+        for token in [t for t, g in self.grants.items() if g.expires_at <= now]:
+            del self.grants[token]
+
+    # -- the HTTP side (runs on the gateway's own loop) -------------------------------
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{token}/{repo}/{rest:path}", self.forward, methods=["GET", "POST"])])
+
+    async def forward(self, request: Request) -> Response:
+        grant = self.grants.get(request.path_params["token"])
+        if grant is None or grant.expires_at <= time.time():
+            return PlainTextResponse("corral: this git capability is unknown or expired; ask for a new one with git_access\n", status_code=403)
+        rest, query = request.path_params["rest"], request.url.query
+        service = request.query_params.get("service")
+        if rest not in ENDPOINTS or (rest == "info/refs" and service not in ("git-upload-pack", "git-receive-pack")):
+            return PlainTextResponse("corral: only git smart HTTP endpoints are forwarded\n", status_code=404)
+        if not grant.write and "git-receive-pack" in (rest, service):
+            return PlainTextResponse("corral: this capability is read-only (clone/fetch); ask git_access for write\n", status_code=403)
+        method = "GET" if rest == "info/refs" else "POST"
+        if request.method != method:
+            return PlainTextResponse("corral: wrong method for this endpoint\n", status_code=405)
+        url = f"{grant.repo_url}/{rest}" + (f"?service={service}" if rest == "info/refs" else "")
+        headers = {k: v for k, v in request.headers.items() if k in PASS_REQUEST and k != "accept-encoding"}
+        return await self._send(grant, method, url, headers, request)
+
+    async def _send(self, grant: Grant, method: str, url: str, headers: dict[str, str], request: Request) -> Response:
+        start = time.monotonic()
+        snap = await self.proxy.snapshot()
+        audit: dict[str, Any] = {"credential": grant.credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0, "via": "git"}
+        try:
+            cred, target, ip, send_url, out_headers = await self.proxy.prepare(snap, audit, grant.credential, method, url, headers)
+            out_headers.pop("Accept-Encoding", None)  # git's own negotiation passes through untouched
+            if "accept-encoding" in request.headers:
+                out_headers["Accept-Encoding"] = request.headers["accept-encoding"]
+            client = self.proxy.client(cred)
+            content = request.stream() if method == "POST" else None
+            upstream = client.build_request(method, send_url, headers=out_headers, content=content, timeout=httpx.Timeout(60.0))
+            with pinned(target.pin_host, target.port, ip):
+                resp = await client.send(upstream, stream=True)
+        except CorralError as err:
+            self.proxy.audit_line(snap, audit, start, "denied" if err.kind != "unavailable" else "error", err.kind)
+            return PlainTextResponse(f"corral: {snap.redactor.text(str(err))}\n", status_code=403 if err.kind == "policy_denied" else 502)
+        except httpx.HTTPError as err:
+            self.proxy.audit_line(snap, audit, start, "error", "unavailable")
+            return PlainTextResponse(f"corral: upstream failed: {snap.redactor.text(type(err).__name__)}\n", status_code=502)
+        audit["status"] = resp.status_code
+
+        async def body():
+            async for chunk in resp.aiter_raw():
+                audit["bytes"] += len(chunk)
+                yield chunk
+
+        async def done() -> None:
+            await resp.aclose()
+            self.proxy.audit_line(snap, audit, start, "ok", None)
+
+        out = {k: snap.redactor.text(v) for k, v in resp.headers.items() if k.lower() in PASS_RESPONSE}
+        return StreamingResponse(body(), status_code=resp.status_code, headers=out, background=BackgroundTask(done))
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Serve on the unix socket from a daemon thread with its own event loop."""
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.socket_path.parent, 0o700)  # uvicorn makes the socket 0666: the directory guards it
+        self.socket_path.unlink(missing_ok=True)
+        config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), name="corral-git-gateway", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise Unavailable(f"the git gateway did not start on {self.socket_path}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.socket_path.unlink(missing_ok=True)

@@ -1,0 +1,260 @@
+"""The credential proxy: a plain object the MCP tools (and the git gateway) call.
+
+`http_request` = check (policy, URL, headers, body) -> resolve and check the address ->
+inject the secret -> send to the pinned address, never following redirects -> read the
+response within caps -> redact -> audit. Every error leaving this module is redacted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json as jsonlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpcore
+import httpx
+
+from corral.errors import CorralError, InvalidArgument, Timeout, Unavailable
+from servers.credentials.audit import AuditLog, monotonic_ms
+from servers.credentials.netguard import Resolver, SystemResolver, Target, check_policy, has_ctl, parse_target, resolve_checked
+from servers.credentials.transport import PinnedTransport, pinned
+from vault.config import VaultSettings
+from vault.policy import TOKEN, Credential
+from vault.redact import Redactor
+from vault.store import Vault
+
+__all__ = ["Proxy", "Snapshot"]
+
+log = logging.getLogger("corral.credentials")
+# Headers a client may not set: they would change where or how the request goes.
+FORBIDDEN = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "proxy-authorization", "proxy-connection", "expect"}
+DECODABLE = {"", "identity", "gzip", "deflate"}  # encodings we decode (and so can redact inside)
+DROPPED_RESPONSE = {"content-encoding", "content-length", "transfer-encoding"}  # the body we return is decoded
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Policies and secrets as of one vault stamp (reloaded when `corral vault set/rm` runs)."""
+
+    stamp: tuple[int, int]
+    credentials: dict[str, Credential]
+    secrets: dict[str, str]
+    redactor: Redactor
+
+
+class Proxy:
+    def __init__(self, vault: Vault, settings: VaultSettings, resolver: Resolver | None = None, connector: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.vault = vault
+        self.settings = settings
+        self.resolver = resolver or SystemResolver()
+        self.connector = connector
+        self.audit = AuditLog(vault.directory / "audit.jsonl")
+        self._snapshot: Snapshot | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    # -- vault snapshot -------------------------------------------------------------
+    def _load(self) -> Snapshot:
+        stamp = self.vault.stamp()
+        creds = {c.name: c for c in self.vault.list()}
+        secrets = self.vault.secrets()
+        return Snapshot(stamp, creds, secrets, Redactor(secrets.values()))
+
+    def snapshot_sync(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is None or snap.stamp != self.vault.stamp():
+            snap = self._snapshot = self._load()
+        return snap
+
+    async def snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is not None and snap.stamp == self.vault.stamp():
+            return snap
+        # keyring calls block (with a deadline): keep them off the event loop
+        return await anyio.to_thread.run_sync(self.snapshot_sync)
+
+    def redactor(self) -> Redactor:
+        """The current redactor, without blocking on the keyring (logging filters use this)."""
+        return self._snapshot.redactor if self._snapshot else Redactor()
+
+    def client(self, cred: Credential) -> httpx.AsyncClient:
+        """One pool per credential and address policy: a pooled connection is reused only under the policy that checked it."""
+        key = f"{cred.name}/{cred.allow_private}"
+        client = self._clients.get(key)
+        if client is None:
+            client = httpx.AsyncClient(transport=PinnedTransport(self.connector), follow_redirects=False, trust_env=False, timeout=self.settings.proxy_timeout_s)
+            self._clients[key] = client
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    # -- tools ------------------------------------------------------------------------
+    async def list_credentials(self) -> list[dict[str, Any]]:
+        snap = await self.snapshot()
+        return [c.public() | {"has_secret": c.name in snap.secrets} for c in sorted(snap.credentials.values(), key=lambda c: c.name)]
+
+    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None) -> dict[str, Any]:
+        start = time.monotonic()
+        snap = await self.snapshot()
+        audit: dict[str, Any] = {"credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
+        try:
+            result = await self._request(snap, audit, credential, method, url, headers, body, json, timeout_s)
+        except CorralError as err:
+            self._audit(snap, audit, start, "denied" if err.kind in ("policy_denied", "invalid_argument", "not_found") else "error", err.kind)
+            raise type(err)(snap.redactor.text(err.message), hint=snap.redactor.text(err.hint)) from None
+        self._audit(snap, audit, start, "ok", None)
+        return result
+
+    def audit_line(self, snap: Snapshot, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
+        self._audit(snap, audit, start, outcome, error)
+
+    def _audit(self, snap: Snapshot, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
+        audit.update(outcome=outcome, duration_ms=monotonic_ms(start))
+        if error:
+            audit["error"] = error
+        self.audit.write(snap.redactor, **audit)
+        log.info("%s %s %s%s -> %s", audit["credential"], audit["method"], audit["host"], audit["path"], audit["status"] or outcome)
+
+    async def prepare(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None) -> tuple[Credential, Target, str, httpx.URL, dict[str, str]]:
+        """Every check, then the secret: (credential, target, checked address, URL to send, headers to send)."""
+        method = method.upper()
+        if not TOKEN.match(method):
+            raise InvalidArgument("the method must be an HTTP token such as GET or POST (no spaces, CR or LF)")
+        target = parse_target(url)
+        audit.update(method=method, host=target.host, path=target.path)
+        cred = snap.credentials.get(credential)
+        if cred is None:
+            raise self._unknown(snap, credential)
+        check_policy(cred, target, method)
+        out_headers = clean_headers(headers or {}, cred)
+        ip = await resolve_checked(target, self.resolver, cred.allow_private)
+        secret = snap.secrets.get(cred.name)
+        if secret is None:
+            raise Unavailable(f"credential {cred.name!r} has no secret in the keyring", hint=f"run `corral vault set {cred.name}` again")
+        return cred, target, ip, inject(cred, secret, target, out_headers), out_headers
+
+    async def _request(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None, body: str | None, json: Any, timeout_s: float | None) -> dict[str, Any]:
+        timeout = check_timeout(timeout_s, self.settings.proxy_timeout_s)
+        headers = dict(headers or {})
+        content = encode_body(body, json, headers, self.settings.proxy_max_request_bytes)
+        cred, target, ip, send_url, out_headers = await self.prepare(snap, audit, credential, method, url, headers)
+        try:
+            with anyio.fail_after(timeout), pinned(target.pin_host, target.port, ip):
+                async with self.client(cred).stream(audit["method"], send_url, headers=out_headers, content=content, timeout=timeout) as resp:
+                    audit["status"] = resp.status_code
+                    result = await read_response(resp, snap.redactor, self.settings)
+        except TimeoutError:
+            raise Timeout(f"{target.host} did not answer within {timeout:g}s", hint="retry, or pass a larger timeout_s") from None
+        except httpx.TimeoutException as err:
+            raise Timeout(f"{target.host} timed out: {err}", hint="retry, or pass a larger timeout_s") from None
+        except httpx.HTTPError as err:
+            raise Unavailable(f"request to {target.host}:{target.port} failed: {type(err).__name__}: {err}") from None
+        audit["bytes"] = result["body_bytes"]
+        return result
+
+    @staticmethod
+    def _unknown(snap: Snapshot, name: str) -> CorralError:
+        from corral.errors import NotFound
+
+        known = ", ".join(sorted(snap.credentials)) or "none"
+        return NotFound(f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them")
+
+
+def check_timeout(timeout_s: float | None, default: float) -> float:
+    if timeout_s is None:
+        return default
+    if not 0 < timeout_s <= 600:
+        raise InvalidArgument("timeout_s must be > 0 and <= 600")
+    return float(timeout_s)
+
+
+def clean_headers(headers: dict[str, str], cred: Credential) -> dict[str, str]:
+    """The client's headers, minus the credential's own header (replaced, never passed through)."""
+    injected = cred.injected_header()
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(value, str) or not TOKEN.match(name):
+            raise InvalidArgument(f"header name {name!r} is not an HTTP token (CR, LF, spaces and ':' are refused)")
+        if has_ctl(value.replace("\t", " ")):
+            raise InvalidArgument(f"header {name!r} has CR, LF or another control character in its value")
+        lower = name.lower()
+        if lower in FORBIDDEN:
+            raise InvalidArgument(f"header {name!r} is set by the proxy, not the client")
+        if lower == injected or lower == "accept-encoding":
+            continue
+        out[name] = value
+    out["Accept-Encoding"] = "gzip, deflate"  # only what we can decode, and so redact inside
+    return out
+
+
+def encode_body(body: str | None, json: Any, headers: dict[str, str], cap: int) -> bytes | None:
+    if body is not None and json is not None:
+        raise InvalidArgument("pass body or json, not both")
+    if json is not None:
+        content = jsonlib.dumps(json).encode()
+        if not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
+    elif body is not None:
+        content = body.encode()
+    else:
+        return None
+    if len(content) > cap:
+        raise InvalidArgument(f"the request body is {len(content)} bytes; the cap is {cap} (CORRAL_PROXY_MAX_REQUEST_BYTES)", hint="send a smaller body")
+    return content
+
+
+def inject(cred: Credential, secret: str, target: Target, headers: dict[str, str]) -> httpx.URL:
+    """Add the secret per the policy's kind; returns the URL to send (query kind changes it)."""
+    if cred.kind == "bearer":
+        headers["Authorization"] = f"Bearer {secret}"
+    elif cred.kind in ("basic", "git"):
+        token = base64.b64encode(f"{cred.username or ''}:{secret}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    elif cred.kind == "header":
+        headers[cred.header or ""] = cred.template.replace("{secret}", secret)
+    elif cred.kind == "query":
+        return target.url.copy_set_param(cred.query_param or "", secret)
+    return target.url
+
+
+async def read_response(resp: httpx.Response, redactor: Redactor, settings: VaultSettings) -> dict[str, Any]:
+    """Status, redacted headers, and the body: decoded, capped, redacted, with totals."""
+    encoding = resp.headers.get("content-encoding", "").strip().lower()
+    encodings = {e.strip() for e in encoding.split(",")}
+    result: dict[str, Any] = {
+        "status": resp.status_code,
+        "headers": [[redactor.text(k), redactor.text(v)] for k, v in resp.headers.multi_items() if k.lower() not in DROPPED_RESPONSE],
+    }
+    if not encodings <= DECODABLE:
+        # Compressed in a way we cannot decode means we cannot redact inside: withhold it.
+        result.update(body="", body_encoding="text", body_bytes=0, truncated=True, body_withheld=f"content-encoding {encoding!r} cannot be decoded for redaction")
+        return result
+    cap, keep = settings.proxy_max_response_bytes, settings.proxy_max_response_bytes + redactor.longest
+    buf, total, exact = bytearray(), 0, True
+    async for chunk in resp.aiter_bytes():  # decoded (gzip/deflate) chunks
+        total += len(chunk)
+        if len(buf) < keep:
+            buf += chunk[: keep - len(buf)]
+        if total >= settings.proxy_drain_bytes:
+            exact = False  # stop reading: a bottomless (or gzip-bomb) body is counted up to here
+            break
+    data = redactor.bytes(bytes(buf))  # whole buffer: a secret split across chunks is still found
+    truncated = total > cap
+    data = data[:cap] if truncated else data
+    result.update(_body(data, truncated), body_bytes=total, body_bytes_exact=exact, truncated=truncated)
+    return result
+
+
+def _body(data: bytes, truncated: bool) -> dict[str, Any]:
+    try:
+        return {"body": data.decode("utf-8"), "body_encoding": "text"}
+    except UnicodeDecodeError as err:
+        if truncated and err.start >= len(data) - 3:  # a character cut by the cap
+            return {"body": data[: err.start].decode("utf-8", "replace"), "body_encoding": "text"}
+    return {"body": base64.b64encode(data).decode(), "body_encoding": "base64"}

@@ -1,0 +1,96 @@
+"""`corral serve credentials`: list_credentials, http_request and git_access over MCP.
+
+The tools are thin shells over `Proxy` (and `GitGateway`); errors are Corral error kinds,
+already redacted, turned into tool errors by `servers.mcp_shell.tool`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from mcp.server.mcpserver import MCPServer
+from pydantic import Field
+
+from corral.config import CoreSettings
+from servers.credentials.gateway import GitGateway
+from servers.credentials.proxy import Proxy
+from servers.mcp_shell import serve, tool
+from vault import open_vault
+from vault.config import VaultSettings
+from vault.redact import RedactingFilter
+
+__all__ = ["build_server", "run", "install_redaction"]
+
+INSTRUCTIONS = (
+    "Make HTTP requests that need a secret without ever seeing it: call list_credentials, then "
+    "http_request with a credential name; the proxy adds the secret for the credential's allowed hosts "
+    "and methods only. Secret values never appear in results (they read [REDACTED]). For git inside a "
+    "sandbox, git_access gives a short-lived, repository-scoped remote URL."
+)
+# Loggers whose records may carry request details: each gets the redacting filter.
+REDACTED_LOGGERS = ("corral.credentials", "corral.servers", "httpx", "httpcore", "uvicorn.error", "uvicorn.access")
+
+
+def install_redaction(proxy: Proxy, handlers: list[logging.Handler] | None = None) -> None:
+    """Redact at the loggers we know (records are rewritten before any handler) and at given handlers."""
+    filt = RedactingFilter(proxy.redactor)
+    for name in REDACTED_LOGGERS:
+        logging.getLogger(name).addFilter(filt)
+    for handler in handlers or []:
+        handler.addFilter(filt)
+
+
+def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
+    server = MCPServer("corral-credentials", instructions=INSTRUCTIONS)
+
+    @tool(server, read_only=True)
+    async def list_credentials() -> dict[str, Any]:
+        """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value)."""
+        return {"credentials": await proxy.list_credentials()}
+
+    @tool(server, open_world=True)
+    async def http_request(
+        credential: str = Field(description="credential name from list_credentials"),
+        method: str = Field(description="HTTP method, e.g. GET or POST; must be allowed by the credential"),
+        url: str = Field(description="absolute http(s) URL on one of the credential's allowed hosts"),
+        headers: dict[str, str] | None = Field(None, description="extra request headers; the credential's own header is set by the proxy"),
+        body: str | None = Field(None, description="request body as text"),
+        json: Any = Field(None, description="request body as JSON (instead of body)"),
+        timeout_s: float | None = Field(None, description="upstream timeout in seconds (default 30)"),
+    ) -> dict[str, Any]:
+        """Send an HTTP request with a stored credential added by the proxy; redirects are returned, not followed."""
+        return await proxy.http_request(credential, method, url, headers, body, json, timeout_s)
+
+    if gateway is not None:
+
+        @tool(server)
+        async def git_access(
+            credential: str = Field(description="a credential of kind git"),
+            repo_url: str = Field(description="the repository's http(s) URL, e.g. https://git.example.com/org/repo.git"),
+            access: Literal["read", "write"] = Field("read", description="read = clone/fetch; write = also push"),
+            ttl_s: int | None = Field(None, description="lifetime of the capability in seconds (default 900)"),
+        ) -> dict[str, Any]:
+            """Get a short-lived git remote URL for a sandbox: it works only through the proxy, for that repository."""
+            return await gateway.grant(credential, repo_url, access, ttl_s)
+
+    return server
+
+
+def run(http: str | None) -> None:
+    core = CoreSettings()
+    settings = VaultSettings()
+    vault, choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
+    proxy = Proxy(vault, settings)
+    handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=core.log_level.upper(), handlers=[handler], force=True)
+    install_redaction(proxy, [handler])
+    logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
+    gateway = GitGateway(Proxy(vault, settings), settings)  # its own Proxy: it runs on its own event loop
+    gateway.start()
+    try:
+        serve(build_server(proxy, gateway), http)
+    finally:
+        gateway.stop()

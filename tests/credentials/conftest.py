@@ -1,0 +1,120 @@
+"""Fixtures: a real vault (encrypted-file keyring in tmp), a real loopback upstream, and the
+credential server reached through a real MCP client (in memory). Every tool output, audit
+line and log record is collected for the final secret sweep (test_zz_sweep.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from pathlib import Path
+
+import pytest
+from mcp.client import Client
+
+from servers.credentials.netguard import StaticResolver
+from servers.credentials.proxy import Proxy
+from servers.credentials.server import build_server, install_redaction
+from servers.credentials.transport import LoopbackOnly
+from tests.credentials.upstream import Upstream
+from vault import open_vault
+from vault.config import VaultSettings
+from vault.policy import Credential
+
+# Collected across the whole session for the sweep.
+SECRETS: list[str] = []
+OUTPUTS: list[str] = []
+AUDIT_FILES: list[Path] = []
+LOG_LINES: list[str] = []
+
+
+class _Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        LOG_LINES.append(self.format(record))
+
+
+_collector = _Collect(level=logging.DEBUG)
+logging.getLogger().addHandler(_collector)
+for _name in ("corral", "httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.DEBUG)
+
+
+def new_secret(prefix: str) -> str:
+    value = f"{prefix}-{secrets.token_urlsafe(18)}"
+    SECRETS.append(value)
+    return value
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as up:
+        yield up
+
+
+class Env:
+    def __init__(self, tmp: Path, upstream: Upstream) -> None:
+        self.settings = VaultSettings(home=tmp / "home", vault_backend="encrypted-file", proxy_max_request_bytes=4096, proxy_max_response_bytes=2048)
+        self.vault, _ = open_vault(self.settings, None)
+        self.upstream = upstream
+        self.connector = LoopbackOnly()
+        self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"]})
+        self.secrets: dict[str, str] = {}
+        AUDIT_FILES.append(self.vault.directory / "audit.jsonl")
+        port = upstream.port
+        base = dict(schemes=["http"], ports=[port], methods=["GET", "POST"])
+        self.add(Credential(name="echo", kind="bearer", hosts=["127.0.0.1", "api.test"], allow_private=True, description="echo upstream", **base))
+        self.add(Credential(name="strict", kind="bearer", hosts=["api.test", "rebind.test", "mixed.test"], allow_private=False, **base))
+        self.add(Credential(name="hdr", kind="header", header="X-Api-Key", template="key={secret}", hosts=["127.0.0.1"], allow_private=True, **base))
+        self.add(Credential(name="basic", kind="basic", username="bob", hosts=["127.0.0.1"], allow_private=True, **base))
+        self.add(Credential(name="query", kind="query", query_param="api_key", hosts=["127.0.0.1"], allow_private=True, **base))
+
+    def add(self, cred: Credential) -> None:
+        self.secrets[cred.name] = new_secret(f"sk-{cred.name}")
+        self.vault.set(cred, self.secrets[cred.name])
+
+    def proxy(self) -> Proxy:
+        proxy = Proxy(self.vault, self.settings, resolver=self.resolver, connector=self.connector)
+        install_redaction(proxy)
+        return proxy
+
+    def audit_lines(self) -> list[dict]:
+        path = self.vault.directory / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def env(tmp_path: Path, upstream: Upstream) -> Env:
+    return Env(tmp_path, upstream)
+
+
+class Recorder:
+    """Wraps an MCP client; keeps every tool output for the sweep."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def call(self, name: str, args: dict | None = None):
+        result = await self.client.call_tool(name, args or {})
+        for block in result.content:
+            OUTPUTS.append(getattr(block, "text", "") or "")
+        if result.structured_content is not None:
+            OUTPUTS.append(json.dumps(result.structured_content))
+        return result
+
+    async def ok(self, name: str, args: dict | None = None) -> dict:
+        result = await self.call(name, args)
+        assert not result.is_error, result.content[0].text
+        return result.structured_content
+
+    async def error(self, name: str, args: dict | None = None) -> str:
+        result = await self.call(name, args)
+        assert result.is_error, f"expected an error, got {result.structured_content}"
+        return result.content[0].text
+
+
+@pytest.fixture
+async def mcp(env: Env):
+    proxy = env.proxy()
+    async with Client(build_server(proxy)) as client:
+        yield Recorder(client)
+    await proxy.aclose()
