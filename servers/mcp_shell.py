@@ -5,26 +5,35 @@
   ``"<kind>: <message> (<hint>)"`` instead of the SDK's opaque "Error executing tool".
 - `serve(server, http=...)` runs a server over stdio (what Claude Desktop/Code launch)
   or streamable HTTP with DNS-rebinding protection configured explicitly.
+- `http_app(mounts, ...)` is the HTTP side `corral up` shares: several servers under one
+  Starlette app (`/NAME/mcp` each), behind a bearer token and Host/Origin checks
+  (`servers/http_guard.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 
 from pydantic import ValidationError
 
 from corral.errors import CorralError, InvalidArgument
+from servers.http_guard import HTTPGuard
 
-__all__ = ["tool", "serve", "parse_host_port", "transport_security"]
+__all__ = ["tool", "serve", "http_app", "parse_host_port", "transport_security"]
 
 log = logging.getLogger("corral.servers")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -105,15 +114,54 @@ def transport_security(host: str, port: int, extra_origins: list[str] | None = N
     return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
 
 
-def serve(server: MCPServer, http: str | None = None) -> None:
-    """Run `server` over stdio, or over streamable HTTP at `http` ("HOST:PORT")."""
+def http_app(
+    mounts: dict[str, MCPServer],
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    routes: Sequence[BaseRoute] = (),
+    open_paths: Sequence[str] = ("/healthz",),
+    cookie_paths: Sequence[str] = (),
+) -> Starlette:
+    """One ASGI app serving each server in `mounts` at `/NAME/mcp` (or `/mcp` for NAME "").
+
+    Every request first passes the Host/Origin check (421/403), then the bearer token
+    (401) unless its path is in `open_paths`; `cookie_paths` (the read-only viewer) also
+    accept the token from the `corral_token` cookie. The servers' session managers run in
+    the app's lifespan, which the SDK would not do for mounted sub-apps.
+    """
+    security = transport_security(host, port)
+    children: list[BaseRoute] = []
+    for name, server in mounts.items():
+        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
+        children.append(Mount(f"/{name}", app=sub) if name else Mount("/", app=sub))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            for server in mounts.values():
+                await stack.enter_async_context(server.session_manager.run())
+            yield
+
+    app = Starlette(routes=[*routes, Route("/healthz", _healthz), *children], lifespan=lifespan)
+    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths)  # type: ignore[return-value]
+
+
+async def _healthz(_: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+def serve(server: MCPServer, http: str | None = None, *, token: str | None = None) -> None:
+    """Run `server` over stdio, or over streamable HTTP at `http` ("HOST:PORT") at `/mcp`.
+
+    Over HTTP, requests must carry `Authorization: Bearer <token>` when `token` is given.
+    """
     if http is None:
         server.run("stdio")
         return
+    import uvicorn
+
     host, port = parse_host_port(http)
-    server.run(
-        "streamable-http",
-        host=host,
-        port=port,
-        transport_security=transport_security(host, port),
-    )
+    app = http_app({"": server}, host=host, port=port, token=token)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

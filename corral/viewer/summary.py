@@ -1,0 +1,100 @@
+"""One event -> one line a person can read, shared by the terminal timeline and the web page.
+
+The harness writes `agent.message` with Anthropic-style content blocks, tool calls as
+`agent.tool_use`, results as `agent.tool_result`, usage in `span.model_request`; the
+summaries read those shapes tolerantly (and unknown types as compact JSON), because a
+viewer that crashes on a log it does not know is worse than none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Line", "summarize", "usage_of", "totals", "USAGE_KEYS"]
+
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+MAX_TEXT = 600
+
+
+@dataclass
+class Line:
+    kind: str  # css-ish class: user, model, tool, result, error, sandbox, status, usage, other
+    title: str  # short label, e.g. "tool execute"
+    text: str  # the readable body (clipped)
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def compact(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+
+
+def text_of(value: Any) -> str:
+    """Text from a string, a content-block list, or a dict holding either."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = [text_of(block) for block in value]
+        return "\n".join(p for p in parts if p)
+    if isinstance(value, dict):
+        if value.get("type") == "tool_use":
+            return f"→ {value.get('name', '?')}({compact(value.get('input', {}))})"
+        for key in ("text", "content", "message", "summary", "output", "stdout"):
+            if key in value:
+                return text_of(value[key])
+        if value.get("type") == "thinking":
+            return "(thinking)"
+        return compact(value)
+    return "" if value is None else compact(value)
+
+
+def usage_of(data: Any) -> dict[str, int]:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return {}
+    return {k: int(usage[k]) for k in USAGE_KEYS if isinstance(usage.get(k), int | float)}
+
+
+def summarize(type_: str, data: Any) -> Line:
+    d = data if isinstance(data, dict) else {"value": data}
+    domain = type_.split(".", 1)[0]
+    usage = usage_of(d)
+    if type_ == "user.message":
+        return Line("user", "user", clip(text_of(d)), usage)
+    if type_ == "agent.message":
+        return Line("model", "model", clip(text_of(d)), usage)
+    if type_ == "agent.tool_use":
+        name = d.get("name") or d.get("tool") or "?"
+        return Line("tool", f"tool {name}", clip(compact(d.get("input", d.get("arguments", {})))), usage)
+    if type_ == "agent.tool_result":
+        failed = bool(d.get("is_error") or d.get("isError"))
+        label = "error" if failed else "result"
+        return Line("error" if failed else "result", f"{label} {d.get('name', '')}".strip(), clip(text_of(d.get("content", d))), usage)
+    if type_ == "span.model_request":
+        figures = ", ".join(f"{k.replace('_input_tokens', '').replace('_tokens', '')} {v}" for k, v in usage.items())
+        return Line("usage", "model request", figures or clip(compact(d)), usage)
+    if type_ == "session.error" or type_.endswith(".error") or type_.endswith(".failed"):
+        return Line("error", type_, clip(text_of(d)), usage)
+    if domain == "sandbox":
+        sid = d.get("sandbox_id", "")
+        rest = {k: v for k, v in d.items() if k != "sandbox_id"}
+        return Line("sandbox", type_, clip(f"{sid} {compact(rest) if rest else ''}".strip()), usage)
+    if type_ == "session.status":
+        return Line("status", "status", clip(str(d.get("status", compact(d)))), usage)
+    if type_ == "context.compacted":
+        return Line("status", "compacted", clip(text_of(d.get("summary", d))), usage)
+    return Line("other", type_, clip(compact(data)), usage)
+
+
+def totals(lines: list[Line]) -> dict[str, int]:
+    out = {k: 0 for k in USAGE_KEYS}
+    for line in lines:
+        for k, v in line.usage.items():
+            out[k] += v
+    return out

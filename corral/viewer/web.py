@@ -1,0 +1,103 @@
+"""The read-only session viewer `corral up` serves at `/sessions`.
+
+    GET /sessions                     the list of sessions (refreshes itself)
+    GET /sessions/{id}                one session's timeline, live (polls for new events)
+    GET /sessions.json                the list as JSON
+    GET /sessions/{id}/events.json    events after `?after=N` with their one-line summaries
+
+Read-only by construction: the routes only call the store's read verbs. The page builds
+its DOM with `textContent` (event data is untrusted: a model wrote it) under a strict
+Content-Security-Policy; authentication is the guard's (`servers/http_guard.py`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from corral.errors import CorralError, NotFound
+from corral.viewer.summary import summarize
+from servers.session.store import EventStore
+
+__all__ = ["viewer_routes", "COOKIE_PATHS"]
+
+COOKIE_PATHS = ("/sessions",)
+PAGE_LIMIT = 500
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _page() -> str:
+    return resources.files("corral.viewer").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def _session_json(info: Any) -> dict[str, Any]:
+    return {
+        "session_id": info.session_id,
+        "created_at": info.created_at.isoformat(),
+        "length": info.length,
+        "status": info.status,
+        "parent": info.parent,
+        "title": _title(info.metadata),
+    }
+
+
+def _title(metadata: dict[str, Any]) -> str:
+    for key in ("title", "task", "name", "label"):
+        if isinstance(metadata.get(key), str):
+            return metadata[key][:120]
+    return ""
+
+
+def _event_json(event: Any) -> dict[str, Any]:
+    line = summarize(event.type, event.data)
+    return {
+        "position": event.position,
+        "type": event.type,
+        "created_at": event.created_at.isoformat(),
+        "kind": line.kind,
+        "title": line.title,
+        "text": line.text,
+        "usage": line.usage,
+    }
+
+
+def viewer_routes(store: EventStore) -> list[Route]:
+    async def page(_: Request) -> Response:
+        return HTMLResponse(_page(), headers=HEADERS)
+
+    async def sessions_json(_: Request) -> Response:
+        infos = await run_in_threadpool(store.sessions, 200)
+        return JSONResponse({"sessions": [_session_json(i) for i in infos]}, headers=HEADERS)
+
+    async def events_json(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        try:
+            after = int(request.query_params.get("after", "-1"))
+        except ValueError:
+            return JSONResponse({"error": "invalid_argument: after must be an integer"}, status_code=400, headers=HEADERS)
+        try:
+            info = await run_in_threadpool(store.get, session_id)
+            events = await run_in_threadpool(lambda: store.select(session_id, gte=after + 1, limit=PAGE_LIMIT))
+        except NotFound as err:
+            return JSONResponse({"error": str(err)}, status_code=404, headers=HEADERS)
+        except CorralError as err:
+            return JSONResponse({"error": str(err)}, status_code=503, headers=HEADERS)
+        return JSONResponse({"session": _session_json(info), "events": [_event_json(e) for e in events]}, headers=HEADERS)
+
+    return [
+        Route("/sessions", page),
+        Route("/sessions.json", sessions_json),
+        Route("/sessions/{session_id}/events.json", events_json),
+        Route("/sessions/{session_id}", page),
+    ]

@@ -1,0 +1,107 @@
+"""The door of every Corral HTTP endpoint: Host/Origin checks, then a bearer token.
+
+    421  Host header not one of ours  (DNS rebinding: a foreign name resolving to 127.0.0.1)
+    403  Origin header not one of ours (a web page in the user's browser calling us)
+    401  no or wrong token (`Authorization: Bearer ...`; the viewer pages also take a cookie)
+
+A browser logs in once with `/sessions?token=...`: the guard answers with an HttpOnly,
+SameSite=Strict cookie and a redirect to the same page without the token, so the
+token leaves the address bar (and the history) at once.
+
+The SDK's own transport check still runs inside each MCP endpoint; this one also
+covers the viewer pages and answers before any MCP machinery is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs, urlencode
+
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from corral.auth import token_matches
+
+__all__ = ["HTTPGuard", "COOKIE"]
+
+COOKIE = "corral_token"
+
+
+class HTTPGuard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        security: TransportSecuritySettings,
+        token: str | None,
+        open_paths: Sequence[str] = (),
+        cookie_paths: Sequence[str] = (),
+    ) -> None:
+        self.app = app
+        self.security = security
+        self.token = token
+        self.open_paths = tuple(open_paths)
+        self.cookie_paths = tuple(cookie_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan
+            await self.app(scope, receive, send)
+            return
+        answer = self._check(scope) or self._login(scope)
+        if answer is not None:
+            await answer(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _login(self, scope: Scope) -> Response | None:
+        """`?token=` on a viewer page: set the cookie and redirect to the page without it."""
+        if self.token is None or not self.cookie_paths or not scope["path"].startswith(self.cookie_paths):
+            return None
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "token" not in query:
+            return None
+        if not token_matches(self.token, query["token"][0]):
+            return PlainTextResponse("wrong token\n", status_code=401)
+        rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
+        response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
+        response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+        return response
+
+    def _check(self, scope: Scope) -> PlainTextResponse | None:
+        headers = Headers(scope=scope)
+        if headers.get("host") not in self.security.allowed_hosts:
+            return PlainTextResponse("Invalid Host header\n", status_code=421)
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.security.allowed_origins:
+            return PlainTextResponse("Invalid Origin header\n", status_code=403)
+        path: str = scope["path"]
+        if self.token is None or path in self.open_paths or self._authorized(headers, path):
+            return None
+        if path.startswith(self.cookie_paths) and self.cookie_paths and "token=" in scope.get("query_string", b"").decode("latin-1"):
+            return None  # a login attempt: `_login` judges the token
+        return PlainTextResponse(
+            "missing or wrong bearer token: send 'Authorization: Bearer <token>' (the token is in $CORRAL_HOME/token)\n",
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="corral"'},
+        )
+
+    def _authorized(self, headers: Headers, path: str) -> bool:
+        assert self.token is not None
+        scheme, _, offered = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token_matches(self.token, offered.strip()):
+            return True
+        if path.startswith(self.cookie_paths) and self.cookie_paths:
+            return token_matches(self.token, _cookie(headers, COOKIE))
+        return False
+
+
+def _cookie(headers: Headers, name: str) -> str | None:
+    try:
+        jar = SimpleCookie(headers.get("cookie", ""))
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel else None
