@@ -1,0 +1,208 @@
+"""The loop: `run()` settles what a crash left open, then `step()`s until the model ends its turn.
+
+    step() = compact if near the budget -> query() the model (one write-ahead append)
+             -> execute() its tool calls (one append per result)
+
+Everything the loop knows comes from the `SessionLog`; killed at any instant, a new
+Agent over the same log carries on (see `settle()`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from corral.errors import CorralError
+from harness import events as E
+from harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
+from harness.events import SessionLog, WriterLost, ev
+from harness.model import ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
+from harness.tools import ToolDef, Toolset
+from harness.view import NullView, View
+
+INTERRUPTED = (
+    "interrupted: the harness stopped while {name} was running, so its outcome is unknown: it may or may not "
+    "have taken effect. Check the current state before retrying it."
+)
+
+
+@dataclass
+class AgentConfig:
+    model: str = "claude-sonnet-4-6"
+    max_tokens: int = 8192
+    context_budget_tokens: int = 150_000
+    max_turns: int = 200
+    retries: int = 5
+    retry_base_s: float = 1.0
+
+
+@dataclass
+class Agent:
+    log: SessionLog
+    model: ModelClient
+    tools: Toolset
+    config: AgentConfig = field(default_factory=AgentConfig)
+    view: View = field(default_factory=NullView)
+    system: str = ""
+    _defs: list[ToolDef] | None = field(default=None, init=False)
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self, task: str | None = None, reason: str = "run") -> str:
+        """Run until the model ends its turn; return its last text."""
+        self.log.claim(reason)
+        if task:
+            self.log.append([ev(E.USER_MESSAGE, text=task)])
+        try:
+            await self.ensure_tools()
+            await self.settle()
+            for _ in range(self.config.max_turns):
+                if not self.needs_model():
+                    break
+                await self.step()
+            else:
+                self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason=f"stopped after {self.config.max_turns} turns; `corral wake` continues")])
+                return self.last_text()
+        except WriterLost:
+            raise
+        except CorralError as err:
+            self.log.append([ev(E.ERROR, kind=err.kind, message=str(err), fatal=True), ev(E.STATUS, status="failed", writer=self.log.writer, reason=str(err))])
+            raise
+        self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason="end_turn")])
+        return self.last_text()
+
+    async def step(self) -> None:
+        await self.maybe_compact()
+        response = await self.query()
+        await self.execute(response.tool_uses())
+
+    # -- the three moves ------------------------------------------------------------
+
+    async def query(self) -> ModelResponse:
+        request = self.request(build_messages(self.log.compaction, self.log.tail))
+        response = await self.retrying().respond(request, self.view.text)
+        self.view.response_done()
+        written: list[Any] = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"]) for b in response.content if b["type"] == "text"]
+        written += [ev(E.TOOL_USE, message_id=response.message_id, id=b["id"], name=b["name"], input=b["input"]) for b in response.tool_uses()]
+        # Write-ahead: the response and its tool calls are durable before any tool runs.
+        self.log.append([*written, self.span(response, "turn")])
+        return response
+
+    async def execute(self, uses: list[dict[str, Any]]) -> None:
+        for batch in _batches(uses):
+            if len(batch) == 1:
+                await self.run_tool(batch[0])
+                continue
+            async with anyio.create_task_group() as tg:  # siblings (subagents) run in parallel
+                for use in batch:
+                    tg.start_soon(self.run_tool, use)
+
+    async def run_tool(self, use: dict[str, Any]) -> None:
+        self.view.tool_start(use["name"], use["input"])
+        started = time.perf_counter()
+        outcome = await self.tools.call(use["name"], use["input"], call_id=use["id"])
+        duration = outcome.data.pop("duration_ms", round((time.perf_counter() - started) * 1000, 1))
+        self.view.tool_end(use["name"], outcome, duration)
+        self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], content=[{"type": "text", "text": outcome.text or "(no output)"}],
+                            is_error=outcome.is_error, duration_ms=duration, **outcome.data)])
+
+    async def maybe_compact(self) -> None:
+        messages = build_messages(self.log.compaction, self.log.tail)
+        if estimate_tokens(self.system, [t.api() for t in self.defs()], messages) < self.config.context_budget_tokens:
+            return
+        cut = compaction_cut(self.log.tail)
+        if cut is None:
+            return
+        before = build_messages(self.log.compaction, [e for e in self.log.tail if e.position < cut])
+        before.append({"role": "user", "content": [{"type": "text", "text": SUMMARY_PROMPT}]})
+        if len(before) > 1 and before[-2]["role"] == "user":  # keep roles alternating
+            before[-2]["content"].extend(before.pop()["content"])
+        self.view.note("compacting the context")
+        response = await self.retrying().respond(self.request(before, tool_choice={"type": "none"}), lambda _: None)
+        start = self.log.compaction.data["start"] if self.log.compaction else 0
+        todo = todo_at(self.log.compaction, self.log.tail, cut)
+        self.log.append([ev(E.COMPACTED, start=start, end=cut, summary=response.text(), todo=todo), self.span(response, "compaction")])
+
+    # -- waking ---------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Give every tool_use the log left without a result exactly one result:
+        re-run it when that is safe (read-only or idempotent), else record it interrupted."""
+        done = {e.data["tool_use_id"] for e in self.log.tail if e.type == E.TOOL_RESULT}
+        pending = [e.data for e in self.log.tail if e.type == E.TOOL_USE and e.data["id"] not in done]
+        defs = {t.name: t for t in self.defs()}
+        for use in pending:
+            tool = defs.get(use["name"])
+            if tool is not None and tool.safe_to_rerun:
+                self.view.note(f"re-running {use['name']} (safe to repeat)")
+                await self.run_tool(use)
+            else:
+                self.view.note(f"{use['name']} was interrupted; the model will be told")
+                self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], is_error=True, interrupted=True,
+                                    content=[{"type": "text", "text": INTERRUPTED.format(name=use["name"])}])])
+
+    def needs_model(self) -> bool:
+        for e in reversed(self.log.tail):
+            if e.type in (E.USER_MESSAGE, E.TOOL_RESULT):
+                return True
+            if e.type in (E.AGENT_MESSAGE, E.TOOL_USE):
+                return False
+        return self.log.compaction is not None
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def ensure_tools(self) -> None:
+        """The tool definitions the model sees: the recorded ones if the log has them (a wake
+        need not wait for the servers), else listed now and recorded."""
+        if self.log.tools is not None:
+            self.system = self.log.tools.data.get("system", self.system)
+            self._defs = [ToolDef.from_record(t) for t in self.log.tools.data["tools"]]
+            return
+        self._defs = await self.tools.tools()
+        self.log.append([ev(E.TOOLS, tools=[t.record() for t in self._defs], system=self.system)])
+
+    def defs(self) -> list[ToolDef]:
+        assert self._defs is not None, "ensure_tools() runs first"
+        return self._defs
+
+    def request(self, messages: list[dict[str, Any]], tool_choice: dict[str, Any] | None = None) -> ModelRequest:
+        return ModelRequest(
+            model=self.config.model,
+            system=system_blocks(self.system),
+            tools=[t.api() for t in self.defs()],
+            messages=with_cache_breakpoints(messages),
+            max_tokens=self.config.max_tokens,
+            tool_choice=tool_choice,
+        )
+
+    def retrying(self) -> RetryingModel:
+        return RetryingModel(self.model, self.config.retries, self.config.retry_base_s, self.record_retry)
+
+    async def record_retry(self, err: ModelUnavailable, attempt: int, delay: float) -> None:
+        self.view.error(f"{err.message} — retry {attempt} in {delay:.1f}s")
+        self.log.append([ev(E.ERROR, kind=err.kind, message=err.message, status=err.status, attempt=attempt, retry_in_s=delay, fatal=False)])
+
+    def span(self, response: ModelResponse, purpose: str) -> Any:
+        return ev(E.SPAN, message_id=response.message_id, purpose=purpose, model=self.config.model, latency_ms=response.latency_ms,
+                  ttft_ms=response.ttft_ms, attempts=response.attempts, stop_reason=response.stop_reason, usage=response.usage,
+                  cache_hit_rate=response.cache_hit_rate())
+
+    def last_text(self) -> str:
+        for e in reversed(self.log.tail):
+            if e.type == E.AGENT_MESSAGE:
+                return e.data["text"]
+        return ""
+
+
+def _batches(uses: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Consecutive subagent spawns form one parallel batch; every other call runs alone, in order."""
+    out: list[list[dict[str, Any]]] = []
+    for use in uses:
+        if use["name"] == "spawn_subagent" and out and out[-1][0]["name"] == "spawn_subagent":
+            out[-1].append(use)
+        else:
+            out.append([use])
+    return out

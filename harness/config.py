@@ -1,0 +1,65 @@
+"""Harness settings (`CORRAL_*`, plus the SDK's `ANTHROPIC_*`), read once by the CLI.
+
+Nothing below `harness/cli.py` reads the environment: the loop, the router and the
+model client get these values passed in.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from servers.session.config import SessionSettings
+
+DEFAULT_SERVERS = ("sandbox", "session", "credentials")
+
+
+class HarnessSettings(SessionSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore", protected_namespaces=())
+
+    model: str = Field("claude-sonnet-4-6", description="the Claude model the harness calls")
+    max_tokens: int = Field(8192, gt=0, description="max output tokens per model response")
+    context_budget_tokens: int = Field(
+        150_000, gt=1000, description="when a request's input nears this many tokens, older events are compacted into a summary"
+    )
+    anthropic_api_key: str = Field("", validation_alias=AliasChoices("ANTHROPIC_API_KEY"), repr=False)
+    anthropic_base_url: str | None = Field(None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL"))
+    model_retries: int = Field(5, ge=0, description="retries of a model request on 429/5xx/overloaded/connection errors")
+    retry_base_s: float = Field(1.0, ge=0, description="first backoff delay; doubles per retry (a retry-after header wins)")
+    model_timeout_s: float = Field(600.0, gt=0, description="timeout of one model request")
+
+    servers: str = Field(",".join(DEFAULT_SERVERS), description="comma-separated MCP servers the harness connects to")
+    sandbox_url: str = Field("", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio")
+    session_url: str = Field("", description="streamable HTTP URL of the session server; empty: stdio")
+    credentials_url: str = Field("", description="streamable HTTP URL of the credential proxy; empty: stdio")
+    extra_servers: dict[str, str] = Field(
+        default_factory=dict, description='JSON object name -> URL or command line of further MCP servers, e.g. {"git": "uvx mcp-server-git"}'
+    )
+    server_token: str = Field("", repr=False, description="bearer token for the HTTP servers (as printed by `corral up`)")
+    tool_timeout_s: float = Field(300.0, gt=0, description="timeout of one tool call; the call becomes a timeout tool error")
+    connect_timeout_s: float = Field(60.0, gt=0, description="how long connecting to one MCP server may take")
+    max_turns: int = Field(200, gt=0, description="model responses per `corral run`/`wake` before the harness stops (resumable)")
+    subagent_summary_chars: int = Field(2000, gt=0, description="longest summary a subagent returns to its parent")
+    eager_sandbox: bool = Field(False, description="provision a sandbox before the first model call (the benchmark's baseline); default lazy")
+    kill_after_appends: int = Field(0, ge=0, description="TEST HOOK: SIGKILL the harness right after its Nth append (crash tests)")
+
+    def server_targets(self) -> dict[str, str | list[str]]:
+        """name -> URL (streamable HTTP) or argv (stdio subprocess), for every configured server."""
+        urls = {"sandbox": self.sandbox_url, "session": self.session_url, "credentials": self.credentials_url}
+        targets: dict[str, str | list[str]] = {}
+        for name in (s.strip() for s in self.servers.split(",")):
+            if not name:
+                continue
+            if urls.get(name):
+                targets[name] = urls[name]
+            elif name in urls:
+                # `python -m corral.cli` rather than `corral`: the same interpreter, whatever PATH says.
+                targets[name] = [sys.executable, "-m", "corral.cli", "serve", name]
+            elif name not in self.extra_servers:
+                raise ValueError(f"unknown MCP server {name!r} in CORRAL_SERVERS; add it to CORRAL_EXTRA_SERVERS")
+        for name, target in self.extra_servers.items():
+            targets[name] = target if target.startswith(("http://", "https://")) else shlex.split(target)
+        return targets

@@ -1,0 +1,132 @@
+"""Wiring: settings -> store, session log, MCP connections, model client, agent.
+
+`corral run` and `corral wake` both come here; the only difference is whether a task
+starts a new turn. Nothing here holds state the log does not have.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+import anyio
+
+from corral.errors import CorralError
+from harness import events as E
+from harness.agent import Agent, AgentConfig
+from harness.config import HarnessSettings
+from harness.events import KillAfterAppends, SessionLog, ev
+from harness.local import Subagents, TodoTools
+from harness.model import AnthropicModel, ModelClient
+from harness.tools import MCPTools, Prefixed, Router, TimeLimited, Toolset, read_only
+from harness.view import View
+from servers.session.store import EventStore, open_store
+
+SYSTEM = """\
+You are an autonomous agent driven by Corral's reference harness. Your session id is {session_id}.
+Tools are named <server>__<tool>:
+- sandbox__*: run code and edit files in a disposable sandbox; one is created on first use. If a call
+  says the sandbox is lost, provision a fresh one and redo what is needed.
+- credentials__*: call external HTTP APIs with stored credentials that you never see; list_credentials
+  shows what exists and where each may be used. A refusal tells you why.
+- session__*: read this session's log (get_events, slice, rewind); use them to reread anything your
+  context no longer shows.
+Keep a plan with the todo tool for multi-step work. Use spawn_subagent for independent subtasks.
+When the task is done, end your turn with a short summary of the result."""
+
+SUBAGENT_SYSTEM = """\
+You are a subagent driven by Corral's reference harness, working on one subtask for a parent agent.
+Your session id is {session_id}. Tools are named <server>__<tool> (sandbox__*, credentials__*, session__*).
+When done, end your turn with a short summary (a few lines) of what you did and found: the parent sees only that."""
+
+
+@dataclass
+class Outcome:
+    session_id: str
+    text: str
+
+
+def open_harness_store(settings: HarnessSettings) -> EventStore:
+    store = open_store(settings.store_url(), max_event_bytes=settings.max_event_bytes, synchronous=settings.sqlite_synchronous)
+    return KillAfterAppends(store, settings.kill_after_appends) if settings.kill_after_appends else store  # type: ignore[return-value]
+
+
+def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None) -> list[Toolset]:
+    out: list[Toolset] = []
+    for name, target in settings.server_targets().items():
+        conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
+        toolset: Toolset = Prefixed(conn, name)
+        if name == "session":
+            toolset = read_only(toolset)  # the model reads its log; only the harness writes it (one writer)
+        out.append(TimeLimited(toolset, settings.tool_timeout_s))
+    return out
+
+
+async def run_session(
+    settings: HarnessSettings,
+    *,
+    task: str | None,
+    session_id: str | None,
+    view: View,
+    env: dict[str, str] | None = None,
+    model: ModelClient | None = None,
+    on_session: Callable[[str], None] | None = None,
+) -> Outcome:
+    store = open_harness_store(settings)
+    log = SessionLog.load(store, session_id) if session_id else SessionLog.create(store, metadata={"task": (task or "")[:200]})
+    view.session(log.session_id, resumed=session_id is not None)
+    if on_session:
+        on_session(log.session_id)
+    model = model or AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s)
+    config = AgentConfig(settings.model, settings.max_tokens, settings.context_budget_tokens, settings.max_turns, settings.model_retries, settings.retry_base_s)
+    logs = settings.data_dir() / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():
+        async with anyio.create_task_group() as tg:
+            servers = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog))
+
+            def make_child(child: SessionLog, label: str) -> Agent:
+                return Agent(child, model, Router([servers, TodoTools()]), config, view.child(label), SUBAGENT_SYSTEM.format(session_id=child.session_id))
+
+            tools = Router([servers, TodoTools(), Subagents(log, make_child, settings.subagent_summary_chars)])
+            agent = Agent(log, model, tools, config, view, SYSTEM.format(session_id=log.session_id))
+            if log.tools is not None:
+                tg.start_soon(servers.tools)  # connect in the background; the first request uses the recorded tools
+            if settings.eager_sandbox:
+                await tools.call("sandbox__provision", {})
+            try:
+                text = await agent.run(task, reason="wake" if session_id and not task else "run")
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    _stopped(log)
+                raise
+            tg.cancel_scope.cancel()  # ends the MCP connections (their subprocesses exit)
+    store.close()
+    return Outcome(log.session_id, text)
+
+
+@contextmanager
+def _first_error() -> Iterator[None]:
+    """The task group wraps a failure in an ExceptionGroup; the CLI wants the error itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        raise next((e for e in leaves if isinstance(e, CorralError | KeyboardInterrupt)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def _stopped(log: SessionLog) -> None:
+    try:
+        log.append([ev(E.STATUS, status="stopped", writer=log.writer, reason="interrupted by the user; `corral wake` resumes")])
+    except E.WriterLost:
+        pass  # another harness owns the session now: nothing of ours to record

@@ -1,0 +1,59 @@
+"""Harness test plumbing: a settings factory pointed at a tmp data dir, the toolbox server
+and the fake Anthropic API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.config import HarnessSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLBOX = f"{sys.executable} -m tests.harness.toolbox"
+
+
+@pytest.fixture
+def toolbox_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "toolbox"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def env(tmp_path: Path, toolbox_dir: Path) -> dict[str, str]:
+    """The environment a `corral` subprocess (and the servers it launches) runs with."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "ANTHROPIC_"))}
+    e.update(
+        CORRAL_HOME=str(tmp_path / "home"),
+        CORRAL_SERVERS="toolbox",
+        CORRAL_EXTRA_SERVERS=f'{{"toolbox": "{TOOLBOX}"}}',
+        CORRAL_RETRY_BASE_S="0.05",
+        CORRAL_CONNECT_TIMEOUT_S="60",
+        TOOLBOX_DIR=str(toolbox_dir),
+        PYTHONPATH=str(ROOT),
+    )
+    return e
+
+
+def settings_from(env: dict[str, str], **over: Any) -> HarnessSettings:
+    """Settings as the CLI would read them from `env` (tests run in-process too)."""
+    old = os.environ.copy()
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        s = HarnessSettings()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+def corral(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "corral.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

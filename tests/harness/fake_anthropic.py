@@ -1,0 +1,293 @@
+"""A fake Anthropic Messages API: a real HTTP server on 127.0.0.1 speaking the real wire format.
+
+    POST /v1/messages   JSON or SSE stream (message_start, content_block_start/delta/stop with
+                        text_delta and input_json_delta, message_delta, message_stop); errors as
+                        the API sends them: {"type": "error", "error": {"type", "message"}}
+                        with 400/401/429/500/529 (and retry-after when scripted)
+
+Scripted per test: a `Script` maps conversations (named by a substring of their first user
+message) to turns; the turn a request asks for is the number of assistant messages it carries,
+so a woken harness that re-asks a recorded turn is counted (`fake.counts[(conv, turn)]`).
+A turn entry may be a list: the Nth request for that turn gets the Nth item (the last repeats),
+which scripts "429, then 529, then the answer".
+
+Prompt caching is simulated honestly: every cache_control breakpoint's prefix (tools, system,
+message blocks) is hashed; a later request whose breakpoint prefix matches reads it from the
+"cache" and is billed as cache_read_input_tokens, so usage tells whether a harness's requests
+are cache-stable. Tokens are counted as JSON characters / 4.
+
+Use it from tests and benchmarks:
+
+    with FakeAnthropic(Script({"TASK": [Turn([tool("x__y", {})]), Turn([text("done")])]})) as fake:
+        env = {"ANTHROPIC_BASE_URL": fake.url, "ANTHROPIC_API_KEY": "test-key"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["FakeAnthropic", "Script", "Turn", "ApiError", "text", "tool", "Request"]
+
+
+def text(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+def tool(name: str, input: dict[str, Any], id: str | None = None) -> dict[str, Any]:
+    return {"type": "tool_use", "name": name, "input": input, **({"id": id} if id else {})}
+
+
+@dataclass
+class Turn:
+    blocks: list[dict[str, Any]]
+    stop_reason: str | None = None  # default: tool_use if any tool block, else end_turn
+    delay_s: float | None = None  # overrides the server's delay for this reply
+
+
+@dataclass
+class ApiError:
+    status: int
+    type: str = ""
+    message: str = ""
+    retry_after: float | None = None
+
+    def body(self) -> dict[str, Any]:
+        kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+        kind = self.type or kinds.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message or kind.replace("_", " ")}}
+
+
+Reply = Turn | ApiError
+Entry = Reply | list[Reply] | Callable[[dict[str, Any]], Reply]
+
+
+def first_user_text(body: dict[str, Any]) -> str:
+    for m in body.get("messages", []):
+        if m["role"] == "user":
+            content = m["content"]
+            if isinstance(content, str):
+                return content
+            return "".join(b.get("text", "") for b in content if b.get("type") == "text")
+    return ""
+
+
+class Script:
+    """Conversations by name (a substring of the first user message) -> their turns."""
+
+    def __init__(self, conversations: dict[str, list[Entry]], summary: str = "SUMMARY: work so far.") -> None:
+        self.conversations = conversations
+        self.summary = summary
+
+    def key(self, body: dict[str, Any]) -> tuple[str, int | str]:
+        first = first_user_text(body)
+        conv = next((name for name in self.conversations if name in first), "?")
+        if (body.get("tool_choice") or {}).get("type") == "none":
+            return conv, "compaction"
+        return conv, sum(1 for m in body.get("messages", []) if m["role"] == "assistant")
+
+    def reply(self, body: dict[str, Any], key: tuple[str, int | str], nth: int) -> Reply:
+        conv, turn = key
+        if turn == "compaction":
+            return Turn([text(self.summary)])
+        turns = self.conversations.get(conv)
+        if turns is None or not isinstance(turn, int) or turn >= len(turns):
+            return ApiError(400, message=f"fake: no scripted turn {turn} for conversation {conv!r}")
+        entry = turns[turn]
+        if callable(entry):
+            return entry(body)
+        if isinstance(entry, list):
+            return entry[min(nth, len(entry) - 1)]
+        return entry
+
+
+@dataclass
+class Request:
+    key: tuple[str, int | str]
+    body: dict[str, Any]
+    received: float  # time.time()
+    usage: dict[str, int] = field(default_factory=dict)
+    status: int = 200
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def usage(self, body: dict[str, Any], output_tokens: int) -> dict[str, int]:
+        blocks: list[tuple[Any, bool]] = []
+        for t in body.get("tools", []):
+            blocks.append((t, "cache_control" in t))
+        system = body.get("system", [])
+        for b in [{"type": "text", "text": system}] if isinstance(system, str) else system:
+            blocks.append((b, "cache_control" in b))
+        for m in body.get("messages", []):
+            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            for b in content:
+                blocks.append(({"role": m["role"], **b}, "cache_control" in b))
+        h = hashlib.sha256()
+        total = 0
+        marks: list[tuple[str, int]] = []
+        for block, mark in blocks:
+            clean = {k: v for k, v in block.items() if k != "cache_control"}
+            data = json.dumps(clean, sort_keys=True)
+            h.update(data.encode())
+            total += max(1, len(data) // 4)
+            if mark:
+                marks.append((h.hexdigest(), total))
+        with self.lock:
+            read = max((tokens for digest, tokens in marks if digest in self.seen), default=0)
+            written = max(0, max((tokens for _, tokens in marks), default=0) - read)
+            self.seen.update(digest for digest, _ in marks)
+        return {"input_tokens": total - read - written, "output_tokens": output_tokens, "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+
+
+class FakeAnthropic:
+    def __init__(self, script: Script, *, delay_s: float = 0.0, on_request: Callable[[Request], None] | None = None) -> None:
+        self.script = script
+        self.delay_s = delay_s
+        self.on_request = on_request
+        self.requests: list[Request] = []
+        self.counts: Counter[tuple[str, int | str]] = Counter()
+        self._lock = threading.Lock()
+        self._cache = _Cache()
+        self._ids = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def env(self) -> dict[str, str]:
+        return {"ANTHROPIC_BASE_URL": self.url, "ANTHROPIC_API_KEY": "test-key-not-real"}
+
+    def __enter__(self) -> FakeAnthropic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _next_id(self, prefix: str) -> str:
+        with self._lock:
+            self._ids += 1
+            return f"{prefix}{self._ids:06d}"
+
+    def _take(self, body: dict[str, Any]) -> tuple[Request, Reply]:
+        key = self.script.key(body)
+        with self._lock:
+            nth = self.counts[key]
+            self.counts[key] += 1
+            req = Request(key=key, body=body, received=time.time())
+            self.requests.append(req)
+        return req, self.script.reply(body, key, nth)
+
+    def _message(self, body: dict[str, Any], turn: Turn, req: Request) -> dict[str, Any]:
+        content = []
+        for i, b in enumerate(turn.blocks):
+            if b["type"] == "tool_use":
+                slug = re.sub(r"[^A-Za-z0-9_-]", "_", f"{req.key[0]}_{req.key[1]}")[:40]
+                content.append({**b, "id": b.get("id") or f"toolu_{slug}_{i}_{self._next_id('')}"})
+            else:
+                content.append(b)
+        stop = turn.stop_reason or ("tool_use" if any(b["type"] == "tool_use" for b in content) else "end_turn")
+        out_tokens = max(1, len(json.dumps(content)) // 4)
+        req.usage = self._cache.usage(body, out_tokens)
+        return {"id": self._next_id("msg_fake"), "type": "message", "role": "assistant", "model": body.get("model", "fake"),
+                "content": content, "stop_reason": stop, "stop_sequence": None, "usage": req.usage}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("request-id", fake._next_id("req_fake"))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("content-length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path.split("?")[0] != "/v1/messages":
+                    self._json(404, ApiError(404, "not_found_error", f"no route {self.path}").body())
+                    return
+                if not (self.headers.get("x-api-key") or self.headers.get("authorization")):
+                    self._json(401, ApiError(401, message="x-api-key header is required").body())
+                    return
+                req, reply = fake._take(body)
+                if fake.on_request:
+                    fake.on_request(req)
+                delay = reply.delay_s if isinstance(reply, Turn) and reply.delay_s is not None else fake.delay_s
+                if delay:
+                    time.sleep(delay)
+                if isinstance(reply, ApiError):
+                    req.status = reply.status
+                    headers = {} if reply.retry_after is None else {"retry-after": str(reply.retry_after)}
+                    headers["x-should-retry"] = "true" if reply.status in (429, 500, 529) else "false"
+                    self._json(reply.status, reply.body(), headers)
+                    return
+                message = fake._message(body, reply, req)
+                if body.get("stream"):
+                    self._stream(message)
+                else:
+                    self._json(200, message)
+
+            def _event(self, name: str, data: dict[str, Any]) -> None:
+                chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+
+            def _stream(self, message: dict[str, Any]) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("cache-control", "no-cache")
+                self.send_header("request-id", fake._next_id("req_fake"))
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                usage = message["usage"]
+                start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+                self._event("message_start", {"type": "message_start", "message": start})
+                self._event("ping", {"type": "ping"})
+                for i, block in enumerate(message["content"]):
+                    if block["type"] == "text":
+                        self._event("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}})
+                        words = re.findall(r"\S+\s*|\s+", block["text"]) or [""]
+                        for piece in words:
+                            self._event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}})
+                    else:
+                        empty = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+                        self._event("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty})
+                        raw = json.dumps(block["input"])
+                        for j in range(0, len(raw), 40):
+                            self._event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": raw[j:j + 40]}})
+                    self._event("content_block_stop", {"type": "content_block_stop", "index": i})
+                self._event("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                                              "usage": {"output_tokens": usage["output_tokens"]}})
+                self._event("message_stop", {"type": "message_stop"})
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+        return Handler
