@@ -74,8 +74,11 @@ async def run_session(
     env: dict[str, str] | None = None,
     model: ModelClient | None = None,
     on_session: Callable[[str], None] | None = None,
+    store: EventStore | None = None,
 ) -> Outcome:
-    store = open_harness_store(settings)
+    # `store`: a caller-owned store (the worker pool passes its leased one); else opened and closed here.
+    owned = store is None
+    store = open_harness_store(settings) if store is None else store
     log = SessionLog.load(store, session_id) if session_id else SessionLog.create(store, metadata={"task": (task or "")[:200]})
     view.session(log.session_id, resumed=session_id is not None)
     if on_session:
@@ -104,7 +107,8 @@ async def run_session(
                     _stopped(log)
                 raise
             tg.cancel_scope.cancel()  # ends the MCP connections (their subprocesses exit)
-    store.close()
+    if owned:
+        store.close()
     return Outcome(log.session_id, text)
 
 
