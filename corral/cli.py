@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # psycopg's pool logs every failed connect attempt; the store reports the outcome as one line.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
