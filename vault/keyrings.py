@@ -28,7 +28,7 @@ import keyring.backend
 import keyring.errors
 from cryptography.fernet import Fernet, InvalidToken
 
-from corral.errors import InvalidArgument, Timeout, Unavailable
+from corral.errors import CorralError, InvalidArgument, Timeout, Unavailable
 
 __all__ = ["EncryptedFileKeyring", "TimedKeyring", "Choice", "choose_backend", "INSECURE_NAMES"]
 
@@ -76,7 +76,8 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.directory / "keyring.lock", "a") as lock:
+        fd = os.open(self.directory / "keyring.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -155,7 +156,11 @@ class TimedKeyring:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return call_with_deadline(fn, self.timeout_s, what)
-        except keyring.errors.KeyringError as err:
+        except CorralError:
+            raise
+        except TimeoutError:  # the backend's own deadline (jeepney has one) fired before ours
+            raise Timeout(f"the keyring {backend_name(self.backend)} did not answer {what} in time", hint="check the OS keyring (D-Bus Secret Service)") from None
+        except Exception as err:  # vendor boundary: D-Bus, keyring and OS errors become one kind
             raise Unavailable(f"keyring {backend_name(self.backend)} failed on {what}: {type(err).__name__}") from None
 
     def get(self, name: str) -> str | None:
@@ -165,11 +170,16 @@ class TimedKeyring:
         self._call("set", lambda: self.backend.set_password(SERVICE, name, secret))
 
     def delete(self, name: str) -> bool:
-        try:
-            self._call("delete", lambda: self.backend.delete_password(SERVICE, name))
-        except Unavailable:
-            return False  # nothing stored under that name (PasswordDeleteError)
-        return True
+        """False when nothing was stored under that name."""
+
+        def delete() -> bool:
+            try:
+                self.backend.delete_password(SERVICE, name)
+            except keyring.errors.PasswordDeleteError:
+                return False
+            return True
+
+        return self._call("delete", delete)
 
 
 @dataclass(frozen=True)

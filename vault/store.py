@@ -44,7 +44,8 @@ class Vault:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.directory / "credentials.lock", "a") as lock:
+        fd = os.open(self.directory / "credentials.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 

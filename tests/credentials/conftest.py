@@ -109,7 +109,7 @@ class Recorder:
     async def error(self, name: str, args: dict | None = None) -> str:
         result = await self.call(name, args)
         assert result.is_error, f"expected an error, got {result.structured_content}"
-        return result.content[0].text
+        return result.content[0].text.removeprefix(f"Error executing tool {name}: ")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import base64
 import gzip
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -49,6 +50,9 @@ class Handler(BaseHTTPRequestHandler):
             self._chunked(echo, int(q.get("size", "3")))
         elif url.path == "/redirect":
             self._send(int(q.get("code", "302")), b"moved", {"Location": q["to"]})
+        elif url.path == "/slow":
+            time.sleep(float(q.get("s", "2")))
+            self._send(200, b"late")
         elif url.path == "/big":
             self._send(200, b"x" * int(q["n"]))
         else:
