@@ -21,3 +21,21 @@ start_postgres() {
     || su postgres -c "createdb -O corral corral_test"
   export CORRAL_TEST_POSTGRES_URL="postgresql://corral:corral@127.0.0.1:5432/corral_test"
 }
+
+# The sandbox tests' docker image (nothing can be pulled): busybox-static from the host,
+# imported as a one-layer image. Safe to run twice.
+build_test_image() {
+  local image=corral-sandbox-test:latest root
+  if docker image inspect "$image" >/dev/null 2>&1; then return; fi
+  root=$(mktemp -d)
+  mkdir -p "$root"/{bin,tmp,etc,root,workspace,proc,sys,dev}
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $("$root/bin/busybox" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+  printf 'root:x:0:\n' >"$root/etc/group"
+  chmod 1777 "$root/tmp"
+  tar -C "$root" -c . | docker import -c 'ENV PATH=/bin' - "$image" >/dev/null
+  rm -rf "$root"
+}
