@@ -35,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in AREAS:
-        if importlib.util.find_spec(name) is None:  # an area not built yet adds nothing
-            continue
-        importlib.import_module(name).register(sub)
+        try:
+            found = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # its package is not there at all
+            found = None
+        if found is not None:  # an area not built yet adds nothing
+            importlib.import_module(name).register(sub)
     return parser
 
 
