@@ -13,6 +13,8 @@ import importlib.util
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from corral import __version__
 from corral.errors import CorralError
 
@@ -63,11 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    except ValidationError as err:
+        if not err.title.endswith("Settings"):
+            raise
+        print(f"corral: {_setting_error(err)}", file=sys.stderr)
+        return 1
     except Exception as err:  # the last line of defence: one line, never a traceback
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
         print(f"corral: unexpected {type(err).__name__}: {err} (set CORRAL_LOG_LEVEL=DEBUG for details)", file=sys.stderr)
         return 1
+
+
+def _setting_error(err: ValidationError) -> str:
+    """A bad CORRAL_* variable as one line naming the variable (settings are read from the environment)."""
+    first = err.errors()[0]
+    name = str(first["loc"][0]) if first["loc"] else "?"
+    var = name if name.isupper() else f"CORRAL_{name.upper()}"
+    return f"invalid_argument: invalid setting {var}={first.get('input')!r}: {first['msg']} (fix or unset {var})"
 
 
 if __name__ == "__main__":
