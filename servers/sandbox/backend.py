@@ -59,6 +59,7 @@ class SandboxSpec(_Model):
     max_processes: int = 256
     env: dict[str, str] = Field(default_factory=dict)
     network: Literal["none", "full"] = "none"
+    ttl_s: int = 24 * 3600
 
 
 class SandboxRef(_Model):

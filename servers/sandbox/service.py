@@ -77,6 +77,7 @@ class SandboxService:
             max_processes=s.sandbox_max_processes,
             env=env,
             network=network,  # type: ignore[arg-type]
+            ttl_s=resources.ttl_s or s.sandbox_ttl_s,
         )
 
     async def provision(
