@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Literal
 
 from mcp.server.mcpserver import MCPServer
@@ -29,14 +30,44 @@ INSTRUCTIONS = (
     "and methods only. Secret values never appear in results (they read [REDACTED]). For git inside a "
     "sandbox, git_access gives a short-lived, repository-scoped remote URL."
 )
-# Loggers whose records may carry request details: each gets the redacting filter.
-REDACTED_LOGGERS = ("corral.credentials", "corral.servers", "httpx", "httpcore", "uvicorn.error", "uvicorn.access")
+# Loggers whose records may carry request details (httpcore traces request headers at DEBUG).
+# A logger's filter does not see its children's records, so children are named too.
+REDACTED_LOGGERS = (
+    "corral.credentials", "corral.servers", "httpx", "httpcore", "httpcore.connection", "httpcore.connection_pool",
+    "httpcore.http11", "httpcore.http2", "httpcore.proxy", "uvicorn", "uvicorn.error", "uvicorn.access", "mcp",
+)
+
+
+class _Redactors:
+    """Every live proxy's redactor, applied in turn (one filter per logger however many proxies run)."""
+
+    def __init__(self) -> None:
+        self.proxies: weakref.WeakSet[Proxy] = weakref.WeakSet()
+
+    def __call__(self) -> Chain:
+        return Chain([p.redactor() for p in list(self.proxies)])
+
+
+class Chain:
+    def __init__(self, redactors: list) -> None:
+        self.redactors = redactors
+
+    def text(self, text: str) -> str:
+        for redactor in self.redactors:
+            text = redactor.text(text)
+        return text
+
+
+_SOURCES = _Redactors()
+_FILTER = RedactingFilter(_SOURCES)
 
 
 def install_redaction(proxy: Proxy, handlers: list[logging.Handler] | None = None) -> None:
-    """Redact at the loggers we know (records are rewritten before any handler) and at given handlers."""
-    filt = RedactingFilter(proxy.redactor)
-    for name in REDACTED_LOGGERS:
+    """Redact at every logger under the names we know (records are rewritten before any handler) and at given handlers."""
+    _SOURCES.proxies.add(proxy)
+    filt = _FILTER
+    existing = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}]
+    for name in {*REDACTED_LOGGERS, *existing}:
         logging.getLogger(name).addFilter(filt)
     for handler in handlers or []:
         handler.addFilter(filt)

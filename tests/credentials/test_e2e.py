@@ -1,0 +1,86 @@
+"""End to end over real stdio: `corral serve credentials` as a subprocess, as Claude Desktop runs it.
+
+One run against a loopback upstream; one run inside `unshare --net` (only `lo`, no route
+out) firing off-machine addresses and DNS names at it, so even a bug could send no packet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from mcp import StdioServerParameters
+from mcp.client import Client
+from mcp.client.stdio import stdio_client
+
+from tests.conftest import require
+from tests.credentials.conftest import LOG_LINES, OUTPUTS
+
+pytestmark = pytest.mark.anyio
+
+
+def server_env(env) -> dict[str, str]:
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "CORRAL_HOME": str(env.settings.home),
+        "CORRAL_VAULT_BACKEND": "encrypted-file",
+        "CORRAL_LOG_LEVEL": "DEBUG",
+        "CORRAL_PROXY_MAX_RESPONSE_BYTES": "2048",
+    }
+
+
+async def call(client: Client, name: str, args: dict) -> tuple[bool, str, dict | None]:
+    result = await client.call_tool(name, args)
+    text = result.content[0].text if result.content else ""
+    OUTPUTS.append(text)
+    OUTPUTS.append(json.dumps(result.structured_content))
+    return result.is_error, text, result.structured_content
+
+
+async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
+    errlog = tmp_path / "server-stderr.log"
+    params = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env=server_env(env))
+    with errlog.open("w") as err:
+        async with Client(stdio_client(params, errlog=err)) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert {"list_credentials", "http_request", "git_access"} <= names
+            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-gzip")})
+            assert not is_error and out["status"] == 200
+            assert json.loads(out["body"])["headers"]["Authorization"] == "Bearer [REDACTED]"
+            is_error, text, _ = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo") + "\r\nX: 1"})
+            assert is_error and "invalid_argument" in text
+    assert env.upstream.seen[-1]["headers"]["Authorization"] == f"Bearer {env.secrets['echo']}"
+    LOG_LINES.append(errlog.read_text())
+    assert "vault backend encrypted-file" in errlog.read_text()  # DEBUG log reached stderr, redacted
+
+
+def can_unshare() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10).returncode == 0
+
+
+TARGETS = ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "10.0.0.1", "metadata.google.internal", "example.com"]
+
+
+async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
+    require("unshare --net", can_unshare(), "needs root or unprivileged user namespaces")
+    from vault.policy import Credential
+
+    for i, host in enumerate(TARGETS):
+        env.add(Credential(name=f"wide{i}", hosts=[host], schemes=["http"], ports=[80]))
+    params = StdioServerParameters(command="unshare", args=["--net", sys.executable, "-m", "corral.cli", "serve", "credentials"], env=server_env(env))
+    with (tmp_path / "stderr.log").open("w") as err:
+        async with Client(stdio_client(params, errlog=err)) as client:
+            for i, host in enumerate(TARGETS):
+                is_error, text, _ = await call(client, "http_request", {"credential": f"wide{i}", "method": "GET", "url": f"http://{host}/latest/meta-data/"})
+                assert is_error
+                # private/metadata addresses are refused by policy; public names cannot even resolve in the empty namespace
+                expected = "unavailable" if host in ("metadata.google.internal", "example.com") else "policy_denied"
+                assert expected in text, text
+    LOG_LINES.append((tmp_path / "stderr.log").read_text())
