@@ -1,0 +1,220 @@
+"""The machinery behind `corral up`: build the servers, bind the port, serve, report health.
+
+Kept apart from `corral/up.py` so that `corral --help` does not pay for importing the
+MCP SDK and uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shlex
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import uvicorn
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.server.mcpserver import MCPServer
+
+from corral import mcp_config
+from corral.auth import token_path
+from corral.errors import InvalidArgument, Unavailable
+from corral.frontdoor import SERVER_MODULES, available
+
+__all__ = ["Built", "build_servers", "bind", "serve_until_stopped"]
+
+HEALTH_TIMEOUT_S = 20
+GRACEFUL_S = 5
+
+
+# -- the servers ---------------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    servers: dict[str, MCPServer] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
+    store: Any = None  # the session store, shared with the viewer
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            close()
+
+
+def _build_session(built: Built) -> MCPServer:
+    from servers.session.config import SessionSettings
+    from servers.session.server import build_server
+
+    built.store = SessionSettings().open_store()
+    built.closers.append(built.store.close)
+    return build_server(built.store)
+
+
+def _build_sandbox(built: Built) -> MCPServer:
+    from servers.sandbox.config import SandboxSettings
+    from servers.sandbox.server import build_server
+
+    server, _service = build_server(SandboxSettings())
+    return server
+
+
+def _build_credentials(built: Built) -> MCPServer:
+    # The same assembly as `corral serve credentials` (servers/credentials/server.py:run).
+    import logging
+
+    from servers.credentials.gateway import GitGateway
+    from servers.credentials.proxy import Proxy
+    from servers.credentials.server import build_server, install_redaction
+    from vault import open_vault
+    from vault.config import VaultSettings
+
+    settings = VaultSettings()
+    vault, _choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
+    proxy = Proxy(vault, settings)
+    install_redaction(proxy, logging.getLogger().handlers)
+    gateway = GitGateway(Proxy(vault, settings), settings)
+    gateway.start()
+    built.closers.append(gateway.stop)
+    return build_server(proxy, gateway)
+
+
+BUILDERS: dict[str, Callable[[Built], MCPServer]] = {
+    "session": _build_session,
+    "sandbox": _build_sandbox,
+    "credentials": _build_credentials,
+}
+
+
+def build_servers() -> Built:
+    """Every installed server with its embedded defaults; a failure is one actionable error."""
+    built = Built()
+    installed = set(available())
+    for name in SERVER_MODULES:
+        if name not in installed:
+            built.skipped[name] = f"not in this build yet ({SERVER_MODULES[name]} is missing)"
+            continue
+        try:
+            built.servers[name] = BUILDERS[name](built)
+        except ImportError as err:  # a server half-built in this checkout: say so, serve the others
+            built.skipped[name] = f"cannot load it ({type(err).__name__}: {err})"
+        except BaseException:
+            built.close()
+            raise
+    return built
+
+
+# -- the socket -----------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before anything starts, so a busy port is one clear line, not a uvicorn log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise Unavailable(
+                f"port {port} on {host} is already in use (another `corral up`?)",
+                hint=f"stop whatever holds it (ss -ltnp 'sport = :{port}'), or pick another port: corral up --port {port + 1}",
+            ) from err
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise InvalidArgument(f"{host} is not an address of this machine", hint="use --host 127.0.0.1") from err
+        if err.errno == errno.EACCES:
+            raise InvalidArgument(f"not allowed to listen on port {port}", hint="use a port above 1023, e.g. --port 8750") from err
+        raise
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+# -- serving --------------------------------------------------------------------------
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, but a signal ends it with exit 0 instead of being re-raised afterwards."""
+
+    stopped_by: str | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        def stop(sig: int, _frame: Any) -> None:
+            self.stopped_by = signal.Signals(sig).name
+            if self.should_exit:  # a second Ctrl-C: stop waiting for connections
+                self.force_exit = True
+            self.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def _health(base: str, name: str, token: str) -> str:
+    """One line: does the server answer `tools/list` over HTTP with the token?"""
+    url = f"{base}/{name}/mcp"
+    started = time.monotonic()
+    try:
+        with anyio_fail_after(HEALTH_TIMEOUT_S):
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=HEALTH_TIMEOUT_S) as http:
+                async with Client(streamable_http_client(url, http_client=http)) as client:
+                    tools = await client.list_tools()
+    except Exception as err:  # a health line reports any failure; the server keeps running for the others
+        return f"  ✗ {name:<12} {url:<40} not answering: {type(err).__name__}: {err}"
+    ms = (time.monotonic() - started) * 1000
+    return f"  ✓ {name:<12} {url:<40} ok, {len(tools.tools)} tools ({ms:.0f} ms)"
+
+
+def anyio_fail_after(seconds: float):  # noqa: ANN201 - tiny indirection so the import stays local
+    import anyio
+
+    return anyio.fail_after(seconds)
+
+
+def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) -> str:
+    lines = [f"Corral is up on {base}  (data dir {home})", *health]
+    lines += [f"  - {name:<12} skipped: {why}" for name, why in built.skipped.items()]
+    lines.append(f"  ✓ {'viewer':<12} {base}/sessions?token={token}")
+    lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
+    entries = {
+        f"{mcp_config.PREFIX}{n}": {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}}
+        for n in built.servers
+    }
+    lines.append("\nClaude Code:")
+    lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user")]
+    lines.append("Any MCP client (streamable HTTP):")
+    lines.append(json.dumps({"mcpServers": entries}, indent=2))
+    lines.append("Press Ctrl-C to stop.")
+    return "\n".join(lines)
+
+
+async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path) -> str | None:
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on")
+    server = _Uvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if task.done():  # startup failed: uvicorn logged why; surface it as our one line
+        await task
+        raise Unavailable("the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details")
+    health = [await _health(base, name, token) for name in built.servers]
+    print(_banner(built, base, token, home, health), flush=True)
+    await task
+    return server.stopped_by
+
+

@@ -1,0 +1,162 @@
+"""Plumbing for the front-door tests: a real `corral up` process, a private network namespace.
+
+- `corral_env`: an environment with its own HOME and CORRAL_HOME (nothing touches the
+  user's files) and none of the caller's CORRAL_* settings.
+- `start_up(env, port, prefix)`: `corral up` as a subprocess; waits for its banner.
+- `netns`: a network namespace with only `lo` up. Clients that may phone home (Claude
+  Code) run inside it, so no packet of theirs can leave the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+
+READY = "Press Ctrl-C to stop."
+CORRAL = shutil.which("corral") or ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def corral_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "DBUS_", "ANTHROPIC_"))}
+    home = tmp_path / "home"
+    home.mkdir()
+    env.update(HOME=str(home), CORRAL_HOME=str(home / "corral"), PYTHONUNBUFFERED="1")
+    # Claude Code: no auto-update, telemetry or other traffic of its own.
+    env.update(DISABLE_AUTOUPDATER="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1")
+    return env
+
+
+@dataclass
+class UpProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith(READY):
+                self.ready.set()
+        self.ready.set()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"corral up did not stop within {timeout}s of {signal.Signals(sig).name}") from None
+
+
+def start_up(env: dict[str, str], port: int, prefix: list[str] | None = None, timeout: float = 60) -> UpProcess:
+    proc = subprocess.Popen(
+        [*(prefix or []), CORRAL, "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    up = UpProcess(proc, port)
+    threading.Thread(target=up._pump, daemon=True).start()
+    if not up.ready.wait(timeout) or proc.poll() is not None:
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError(f"corral up did not come up:\n{up.output}")
+    return up
+
+
+@pytest.fixture
+def up(corral_env: dict[str, str]) -> Iterator[UpProcess]:
+    process = start_up(corral_env, free_port())
+    yield process
+    process.stop()
+
+
+def token_of(env: dict[str, str]) -> str:
+    return (Path(env["CORRAL_HOME"]) / "token").read_text().strip()
+
+
+class Netns:
+    """A process holding a fresh network namespace; `prefix` runs a command inside it."""
+
+    def __init__(self) -> None:
+        self.root = os.geteuid() == 0
+        flags = ["--net"] if self.root else ["--net", "--map-root-user"]
+        self.holder = subprocess.Popen(["unshare", *flags, "sleep", "3600"], stdin=subprocess.DEVNULL)
+        time.sleep(0.2)
+        subprocess.run([*self.prefix, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
+
+    @property
+    def prefix(self) -> list[str]:
+        user = [] if self.root else ["--user", "--preserve-credentials"]
+        return ["nsenter", "-t", str(self.holder.pid), *user, "--net"]
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait(5)
+
+
+def _netns_works() -> bool:
+    if not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
+        return False
+    flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
+    return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    require("a network namespace", _netns_works(), "needs unshare/nsenter/ip and (unprivileged) user namespaces")
+    ns = Netns()
+    yield ns
+    ns.close()
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 90, **kw) -> subprocess.CompletedProcess[str]:
+    """A command with a hard timeout; its output goes in the assertion message when it fails."""
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+
+def corral(*args: str, env: dict[str, str], timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return run([*(prefix or []), CORRAL, *args], env, timeout)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """Assert the command failed with exactly one line on stderr and no traceback; return it."""
+    assert done.returncode != 0, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{done.stderr}"
+    return lines[0]
+

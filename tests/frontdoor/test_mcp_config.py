@@ -1,0 +1,98 @@
+"""`corral mcp-config`: the printed config is exact, and `--apply` merges without clobbering."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mcp import StdioServerParameters
+from mcp.client import Client
+
+from tests.frontdoor.conftest import CORRAL, corral, one_line_error, token_of
+
+pytestmark = pytest.mark.anyio
+NAMES = ["corral-session", "corral-sandbox", "corral-credentials"]
+
+
+def test_json_stdio_config_names_this_install_and_passes_settings_not_secrets(corral_env: dict[str, str]) -> None:
+    env = {**corral_env, "CORRAL_LOG_LEVEL": "INFO", "CORRAL_WEBHOOK_TOKEN": "s3cret", "CORRAL_DB_PASSWORD": "pw"}
+    done = corral("mcp-config", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    servers = json.loads(done.stdout)["mcpServers"]
+    assert list(servers) == NAMES
+    for name, entry in servers.items():
+        command = Path(entry["command"])
+        assert command.is_absolute() and os.access(command, os.X_OK)
+        assert entry["args"][-2:] == ["serve", name.removeprefix("corral-")]
+        assert entry["env"] == {"CORRAL_HOME": corral_env["CORRAL_HOME"], "CORRAL_LOG_LEVEL": "INFO"}
+    assert "s3cret" not in done.stdout and "pw" not in json.dumps(servers)
+
+
+def test_json_http_config_points_at_corral_up_with_the_token(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "json", "--http", env={**corral_env, "CORRAL_UP_PORT": "9123"})
+    assert done.returncode == 0, done.stderr
+    token = token_of(corral_env)  # made on first use, the one `corral up` will check
+    entry = json.loads(done.stdout)["mcpServers"]["corral-session"]
+    assert entry == {"type": "http", "url": "http://127.0.0.1:9123/session/mcp", "headers": {"Authorization": f"Bearer {token}"}}
+
+
+async def test_claude_desktop_apply_merges_keeps_others_and_the_result_launches(corral_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "Claude" / "claude_desktop_config.json"
+    path.parent.mkdir()
+    other = {"command": "/usr/bin/other-server", "args": ["--x"]}
+    path.write_text(json.dumps({"globalShortcut": "Ctrl+Space", "mcpServers": {"other": other, "corral-session": {"command": "stale"}}}))
+    for _ in range(2):  # twice: idempotent
+        done = corral("mcp-config", "claude-desktop", "--apply", "--config-file", str(path), env=corral_env)
+        assert done.returncode == 0, done.stderr
+    config = json.loads(path.read_text())
+    assert config["globalShortcut"] == "Ctrl+Space"
+    assert config["mcpServers"]["other"] == other
+    assert sorted(config["mcpServers"]) == sorted(["other", *NAMES])
+    assert config["mcpServers"]["corral-session"]["command"] != "stale"
+    assert json.loads(path.with_name(path.name + ".bak").read_text())["mcpServers"]["other"] == other
+    # Launch the session server exactly as Claude Desktop would, from the file.
+    entry = config["mcpServers"]["corral-session"]
+    params = StdioServerParameters(command=entry["command"], args=entry["args"], env={**entry["env"], "PATH": corral_env["PATH"]})
+    async with Client(params) as client:
+        tools = {t.name for t in (await client.list_tools()).tools}
+    assert {"create_session", "emit_event", "get_events"} <= tools
+
+
+def test_claude_desktop_default_path_is_under_home(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "claude-desktop", "--apply", env=corral_env)
+    assert done.returncode == 0, done.stderr
+    path = Path(corral_env["HOME"]) / ".config" / "Claude" / "claude_desktop_config.json"
+    assert sorted(json.loads(path.read_text())["mcpServers"]) == sorted(NAMES)
+
+
+def test_broken_desktop_config_is_left_untouched_with_one_line(corral_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "claude_desktop_config.json"
+    path.write_text('{"mcpServers": {"other": {}},')
+    done = corral("mcp-config", "claude-desktop", "--apply", "--config-file", str(path), env=corral_env)
+    line = one_line_error(done)
+    assert "not valid JSON" in line and str(path) in line
+    assert path.read_text() == '{"mcpServers": {"other": {}},'
+
+
+def test_claude_desktop_http_is_refused_with_what_to_do(corral_env: dict[str, str]) -> None:
+    line = one_line_error(corral("mcp-config", "claude-desktop", "--http", env=corral_env))
+    assert "stdio" in line and "drop --http" in line
+
+
+def test_claude_code_prints_the_add_commands(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "claude-code", env=corral_env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("claude mcp add --scope user corral-") for line in lines)
+    assert f"-e CORRAL_HOME={corral_env['CORRAL_HOME']} -- " in lines[0]
+
+
+def test_claude_code_apply_without_claude_says_how_to_install(corral_env: dict[str, str], tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"  # a PATH with corral (and a shell) but no `claude`
+    bin_dir.mkdir()
+    (bin_dir / "corral").symlink_to(CORRAL)
+    done = corral("mcp-config", "claude-code", "--apply", env={**corral_env, "PATH": str(bin_dir)})
+    line = one_line_error(done)
+    assert "npm install -g @anthropic-ai/claude-code" in line
