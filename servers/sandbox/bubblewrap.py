@@ -152,9 +152,11 @@ class BubblewrapBackend(Backend):
         )
 
     def _popen_user(self) -> dict[str, object]:
+        # An empty environment for bwrap itself too: it is PID 1 inside, and the sandbox can
+        # read /proc/1/environ; --clearenv only cleans the command's.
         if self.uid is None:
-            return {}
-        return {"user": self.uid, "group": self.uid, "extra_groups": []}
+            return {"env": {}}
+        return {"env": {}, "user": self.uid, "group": self.uid, "extra_groups": []}
 
     def _argv(self, sandbox_id: str, spec: SandboxSpec, request: ExecRequest) -> list[str]:
         base = str(self._dir(sandbox_id))
