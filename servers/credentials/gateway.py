@@ -158,8 +158,9 @@ class GitGateway:
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Serve on the unix socket from a daemon thread with its own event loop."""
+        # uvicorn makes the socket 0666: a new directory is 0700 (an existing one is the operator's
+        # choice, e.g. 0711 so a root server's unprivileged sandbox uid can reach it); tokens guard the rest.
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.socket_path.parent, 0o700)  # uvicorn makes the socket 0666: the directory guards it
         self.socket_path.unlink(missing_ok=True)
         config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
