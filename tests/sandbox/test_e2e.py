@@ -1,0 +1,125 @@
+"""`corral serve sandbox` end to end: a real MCP client over real stdio and streamable HTTP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mcp import StdioServerParameters
+from mcp.client import Client
+
+from tests.conftest import require
+
+from .conftest import bwrap_works, call, fail
+
+pytestmark = pytest.mark.anyio
+CORRAL = shutil.which("corral") or str(Path(sys.executable).parent / "corral")
+
+
+def _env(settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CORRAL_HOME": str(settings.home),
+        "CORRAL_SANDBOX_DIR": str(settings.sandbox_dir),
+        **extra,
+    }
+
+
+async def _drive_every_tool(c: Client) -> None:
+    assert {t.name for t in (await c.list_tools()).tools} >= {
+        "provision", "execute", "read_file", "write_file", "list_files", "destroy", "list_sandboxes"
+    }  # fmt: skip
+    assert (await call(c, "list_sandboxes"))["sandboxes"] == []
+    box = await call(c, "provision", label="e2e")
+    sid = box["sandbox_id"]
+    r = await call(c, "execute", sandbox_id=sid, command="echo hi; echo oops >&2; exit 4")
+    assert (r["exit_code"], r["stdout"], r["stderr"]) == (4, "hi\n", "oops\n")
+    w = await call(c, "write_file", sandbox_id=sid, path="d/f.bin", content=base64.b64encode(b"\x00\xff").decode(), encoding="base64")
+    assert (await call(c, "read_file", sandbox_id=sid, path="d/f.bin", encoding="base64"))["sha256"] == w["sha256"]
+    assert [e["name"] for e in (await call(c, "list_files", sandbox_id=sid, depth=2))["entries"]] == ["d", "d/f.bin"]
+    await fail(c, "read_file", "policy_denied", sandbox_id=sid, path="../../etc/passwd")
+    assert (await call(c, "execute", command="echo lazy"))["stdout"] == "lazy\n"  # the default sandbox
+    assert len((await call(c, "list_sandboxes"))["sandboxes"]) == 2
+    await call(c, "destroy", sandbox_id=sid)
+    await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="true")
+
+
+async def test_stdio_bubblewrap(settings) -> None:  # noqa: ANN001
+    require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
+    params = StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=_env(settings))
+    async with Client(params) as c:
+        await _drive_every_tool(c)
+
+
+async def test_stdio_docker(settings, docker_image: str) -> None:  # noqa: ANN001
+    env = _env(settings, CORRAL_SANDBOX_BACKEND="docker", CORRAL_SANDBOX_IMAGE=docker_image)
+    async with Client(StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=env)) as c:
+        await _drive_every_tool(c)
+        for s in (await call(c, "list_sandboxes"))["sandboxes"]:
+            await call(c, "destroy", sandbox_id=s["sandbox_id"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:  # noqa: ANN001
+    kind = getattr(request, "param", "bubblewrap")
+    extra = {}
+    if kind == "docker":
+        extra = {"CORRAL_SANDBOX_BACKEND": "docker", "CORRAL_SANDBOX_IMAGE": request.getfixturevalue("docker_image")}
+    else:
+        require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [CORRAL, "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
+        env=_env(settings, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("http_server", ["bubblewrap", "docker"], indirect=True)
+async def test_streamable_http(http_server: str) -> None:
+    async with Client(http_server) as c:
+        await _drive_every_tool(c)
+        for s in (await call(c, "list_sandboxes"))["sandboxes"]:
+            await call(c, "destroy", sandbox_id=s["sandbox_id"])
+
+
+def test_missing_bwrap_says_what_to_install(settings, tmp_path: Path) -> None:  # noqa: ANN001
+    bin_dir = tmp_path / "bin"  # a PATH without bwrap
+    bin_dir.mkdir()
+    env = {**_env(settings), "PATH": str(bin_dir)}
+    done = subprocess.run([CORRAL, "serve", "sandbox"], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "apt-get install bubblewrap" in lines[0] and "Traceback" not in done.stderr
+
+
