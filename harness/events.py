@@ -124,7 +124,8 @@ class SessionLog:
 
 
 class KillAfterAppends:
-    """Test hook (CORRAL_KILL_AFTER_APPENDS): SIGKILL this process right after the Nth append.
+    """Test hook (CORRAL_KILL_AFTER_APPENDS): SIGKILL this process right after its Nth append
+    of progress (a claim, `session.status`, does not count: a woken harness must get past it).
 
     Crash tests use it to die at every event boundary; it wraps the store so the loop
     carries no test code.
@@ -136,6 +137,8 @@ class KillAfterAppends:
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None) -> list[int]:
         positions = self._store.append(session_id, events, expected_position)
+        if all(e.type == STATUS for e in events):
+            return positions
         self._left -= 1
         if self._left == 0:
             os.kill(os.getpid(), signal.SIGKILL)
