@@ -28,12 +28,14 @@ import datetime
 import importlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import procrastinate
+import procrastinate.worker
 import psycopg
 from procrastinate import exceptions as pq_exceptions
 from procrastinate.job_context import JobContext
@@ -87,6 +89,14 @@ def enqueue_session(session_id: str, queue_url: str) -> bool:
         except pq_exceptions.AlreadyEnqueued:
             return False
     return True
+
+
+def submit(store: EventStore, queue_url: str, task: str, *, session_id: str | None = None) -> str:
+    """What `corral run --detach` does: write the user's message, queue the session, return its id."""
+    sid = session_id or store.create({"task": task[:200]}).session_id
+    store.append(sid, [NewEvent(type="user.message", data={"text": task})])
+    enqueue_session(sid, queue_url)
+    return sid
 
 
 class HandBack(BaseRetryStrategy):
@@ -179,14 +189,45 @@ class Runtime:
         token = await self.acquire(session_id)
         log.info("claimed session %s (lease %d)", session_id, token)
         keeper = asyncio.create_task(self.keep(session_id, token, worker_id))
+        leased = LeasedStore(self.store, session_id, token, self.fence)
         try:
-            await self.body(LeasedStore(self.store, session_id, token, self.fence), session_id)  # type: ignore[arg-type]
+            await in_own_loop(lambda: self.body(leased, session_id))  # type: ignore[arg-type]
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             await asyncio.to_thread(self.store.release_lease, session_id, token)
             log.info("released session %s (lease %d)", session_id, token)
+
+
+async def in_own_loop(make: Callable[[], Awaitable[None]]) -> None:
+    """Run a job body on its own event loop in a thread.
+
+    The harness may block its loop (first imports, sync store calls, subprocess start-up);
+    on the worker's loop that would delay heartbeats and lease renewals until the pool
+    declares a busy worker dead. Cancelling this coroutine cancels the body in its loop and
+    waits for it to wind down (the harness records that it was stopped).
+    """
+    ready = threading.Event()
+    inner: dict[str, Any] = {}
+
+    def thread_main() -> None:
+        async def runner() -> None:
+            inner["loop"], inner["task"] = asyncio.get_running_loop(), asyncio.current_task()
+            ready.set()
+            await make()
+
+        asyncio.run(runner())
+
+    done = asyncio.ensure_future(asyncio.to_thread(thread_main))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        if await asyncio.to_thread(ready.wait, 5):
+            inner["loop"].call_soon_threadsafe(inner["task"].cancel)
+        with contextlib.suppress(BaseException):
+            await done
+        raise
 
 
 async def wake_session(context: JobContext, session_id: str) -> None:
@@ -203,20 +244,24 @@ async def worker_alive(app: procrastinate.App, worker_id: int) -> bool:
 # -- the reaper -----------------------------------------------------------------------------
 
 
-async def reap_stalled(app: procrastinate.App, lease_s: float, every_s: float) -> None:
+async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float) -> None:
     """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker)."""
     while True:
         await asyncio.sleep(every_s)
+        if worker.worker_id is None:  # not registered yet, or stopping
+            continue
         try:
-            await reap_once(app, lease_s)
+            await reap_once(app, lease_s, worker.worker_id)
         except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip: the next round retries
             log.warning("stalled-job check failed: %s", err)
 
 
-async def reap_once(app: procrastinate.App, lease_s: float) -> list[int]:
+async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None = None) -> list[int]:
     manager = app.job_manager
     handed: list[int] = []
     for job in await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=lease_s):
+        if own_id is not None and job.worker_id == own_id:  # we are running it: alive, if late to beat
+            continue
         try:
             await manager.retry_job(job, retry_at=datetime.datetime.now(datetime.UTC))
             handed.append(job.id)
@@ -250,20 +295,22 @@ async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, 
     app = make_app(queue_url)
     runtime.app = app
     async with app.open_async():
-        reaper = asyncio.create_task(reap_stalled(app, runtime.lease_s, poll_s))
+        worker = procrastinate.worker.Worker(
+            app,
+            queues=[QUEUE],
+            name=runtime.name,
+            concurrency=concurrency,
+            fetch_job_polling_interval=poll_s,
+            abort_job_polling_interval=max(poll_s, 1.0),
+            update_heartbeat_interval=runtime.lease_s / 3,
+            stalled_worker_timeout=runtime.lease_s,
+            shutdown_graceful_timeout=stop_grace_s,
+            additional_context={"corral": runtime},
+            delete_jobs="successful",
+        )
+        reaper = asyncio.create_task(reap_stalled(app, worker, runtime.lease_s, poll_s))
         try:
-            await app.run_worker_async(
-                queues=[QUEUE],
-                name=runtime.name,
-                concurrency=concurrency,
-                fetch_job_polling_interval=poll_s,
-                abort_job_polling_interval=max(poll_s, 1.0),
-                update_heartbeat_interval=runtime.lease_s / 3,
-                stalled_worker_timeout=runtime.lease_s,
-                shutdown_graceful_timeout=stop_grace_s,
-                additional_context={"corral": runtime},
-                delete_jobs="successful",
-            )
+            await worker.run()
         finally:
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -22,6 +22,7 @@ def harness_body() -> Body:
     if not settings.anthropic_api_key:
         raise InvalidArgument("ANTHROPIC_API_KEY is not set", hint="the workers call Claude: export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a gateway)")
     env = dict(os.environ)
+    import anthropic  # noqa: F401 - a slow first import belongs at start-up, not inside the first job
 
     async def body(store: EventStore, session_id: str) -> None:
         await run_session(settings, task=None, session_id=session_id, view=NullView(), env=env, store=store)

@@ -1,0 +1,143 @@
+"""The fault test: three `corral worker` processes running the reference harness on one
+PostgreSQL, twenty scripted sessions (fake Anthropic API on loopback), one worker SIGKILLed
+mid-run and another stopped (SIGTERM) and restarted.
+
+Every session completes, none is worked by two workers at once, no recorded model call is
+requested again, and every history is valid.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+from harness.pool import submit
+from servers.session.store import Event, EventStore, open_store
+from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
+from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
+from tests.workers.helpers import Worker, wait_until
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+SESSIONS = 20
+LEASE = 5.0
+CLAIM = re.compile(r"^(\d+\.\d+) INFO corral\.worker: (claimed|released) session (\S+) \(lease (\d+)\)$", re.M)
+
+
+def script() -> Script:
+    def turns(i: int) -> list:
+        return [
+            Turn([text(f"working on {i}"), tool("toolbox__slow", {"seconds": 0.2})]),
+            Turn([tool("toolbox__put", {"key": f"k{i}", "value": str(i)})]),
+            Turn([tool("toolbox__slow", {"seconds": 0.2})]),
+            Turn([text(f"done {i}")]),
+        ]
+
+    return Script({f"FAULT-{i:02d}:": turns(i) for i in range(SESSIONS)})
+
+
+def harness_env(tmp: Path, fake: FakeAnthropic, name: str) -> dict[str, str]:
+    (tmp / "toolbox").mkdir(exist_ok=True)
+    return {
+        **fake.env(),
+        "CORRAL_HOME": str(tmp / f"home-{name}"),
+        "CORRAL_SERVERS": "toolbox",
+        "CORRAL_EXTRA_SERVERS": f'{{"toolbox": "{sys.executable} -m tests.harness.toolbox"}}',
+        "CORRAL_RETRY_BASE_S": "0.05",
+        "TOOLBOX_DIR": str(tmp / "toolbox"),
+    }
+
+
+def mid_session(store: EventStore, worker: Worker) -> bool:
+    """True once `worker` holds a lease; fails at once if the worker died instead."""
+    assert worker.proc.poll() is None, f"worker {worker.name} exited: {worker.log()[-3000:]}"
+    return any((s.lease or {}).get("worker") == worker.name for s in store.sessions(limit=SESSIONS))
+
+
+def assert_valid_history(log: list[Event]) -> None:
+    assert [e.position for e in log] == list(range(len(log)))
+    uses = [e.data["id"] for e in log if e.type == "agent.tool_use"]
+    results = Counter(e.data["tool_use_id"] for e in log if e.type == "agent.tool_result")
+    assert len(uses) == len(set(uses)) and set(results) <= set(uses)
+    assert all(results[u] == 1 for u in uses), f"a tool_use without exactly one result: {results}"
+    spans = [e.data["message_id"] for e in log if e.type == "span.model_request"]
+    assert len(spans) == len(set(spans)) == 4
+
+
+def assert_never_two_at_once(workers: list[Worker], deaths: dict[str, float]) -> None:
+    """From the workers' own journals: per session, each claim ends before the next begins."""
+    spans: dict[str, list[tuple[float, float, int, str]]] = defaultdict(list)
+    for w in workers:
+        open_claims: dict[str, tuple[float, int]] = {}
+        for ts, what, sid, token in CLAIM.findall(w.log()):
+            if what == "claimed":
+                open_claims[sid] = (float(ts), int(token))
+            else:
+                start, tok = open_claims.pop(sid)
+                spans[sid].append((start, float(ts), tok, w.name))
+        for sid, (start, tok) in open_claims.items():  # a killed worker's claims end with it
+            assert w.name in deaths, f"{w.name} never released {sid}"
+            spans[sid].append((start, deaths[w.name], tok, w.name))
+    for sid, claims in spans.items():
+        claims.sort()
+        for (s1, e1, t1, w1), (s2, _, t2, w2) in zip(claims, claims[1:], strict=False):
+            assert e1 <= s2, f"{sid} worked by {w1} and {w2} at once"
+            assert t2 > t1, f"{sid}: lease tokens must grow ({t1} then {t2})"
+
+
+def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, tmp_path):  # noqa: F811
+    store = open_store(pg_schema_url)
+    pool: list[Worker] = []
+    deaths: dict[str, float] = {}
+    with FakeAnthropic(script(), delay_s=0.15) as fake:
+        def start(name: str) -> Worker:
+            w = Worker(pg_schema_url, name, tmp_path, lease=LEASE, body="harness.pool_body:harness_body", env=harness_env(tmp_path, fake, name))
+            pool.append(w)
+            return w
+
+        try:
+            sids = [submit(store, pg_schema_url, f"FAULT-{i:02d}: do the thing") for i in range(SESSIONS)]
+            a, b, _c = start("a"), start("b"), start("c")
+
+            def idle() -> int:
+                return sum(store.get(s).status == "idle" for s in sids)
+
+            wait_until("some sessions done", lambda: idle() >= 3, timeout=120)
+            wait_until("worker a mid-session", lambda: mid_session(store, a), timeout=60, every=0.02)
+            deaths["a"] = a.signal(signal.SIGKILL)
+            a.wait()
+            wait_until("more sessions done", lambda: idle() >= 8, timeout=120)
+            wait_until("worker b mid-session", lambda: mid_session(store, b), timeout=60, every=0.02)
+            b.signal(signal.SIGTERM)  # stopped: its session goes back to the queue; its journal has every release
+            assert b.wait(timeout=60) == 0, b.log()[-3000:]
+            again = start("b-again")
+            wait_until("every session done", lambda: idle() == SESSIONS, timeout=240)
+        finally:
+            for w in pool:  # a claim still open at the end ends with its worker
+                if w.proc.poll() is None:
+                    deaths[w.name] = time.time()
+                w.stop()
+        requests = list(fake.requests)
+
+    logs = {sid: store.select(sid) for sid in sids}
+    store.close()
+    for i, sid in enumerate(sids):
+        log = logs[sid]
+        assert_valid_history(log)
+        assert [e.data["text"] for e in log if e.type == "agent.message"][-1] == f"done {i}"
+        # No recorded model call requested again: nothing asked for turn t after its response was logged.
+        spans = [e for e in log if e.type == "span.model_request"]
+        for turn, span in enumerate(spans):
+            late = [r for r in requests if r.key == (f"FAULT-{i:02d}:", turn) and r.received > span.created_at.timestamp()]
+            assert not late, f"session {i} turn {turn} was requested again after it was recorded"
+        # The harness's own claims in the log never interleave either.
+        writers = [e.data["writer"] for e in log if e.type == "session.status" and e.data.get("status") == "running"]
+        assert len(writers) == len(set(writers))
+    assert_never_two_at_once(pool, deaths)
+    assert "claimed session" in again.log(), "the restarted worker took work"
+    assert "handed session" in "".join(w.log() for w in pool), "the killed worker's session was handed back by the reaper"
