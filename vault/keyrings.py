@@ -196,15 +196,27 @@ def backend_name(backend: Any) -> str:
 
 
 def is_insecure(backend: Any) -> bool:
+    """By name only: asking a backend its priority may talk to D-Bus (and hang)."""
     name = backend_name(backend).lower()
-    return any(word in name for word in INSECURE_NAMES) or float(getattr(backend, "priority", 0) or 0) <= 0
+    return any(word in name for word in INSECURE_NAMES)
+
+
+def _priority(backend: Any) -> float:
+    try:
+        return float(backend.priority)
+    except Exception:  # keyring's own convention: a backend whose priority raises is not viable
+        return 0.0
 
 
 def os_keyrings(timeout_s: float) -> list[keyring.backend.KeyringBackend]:
     """Viable OS keyrings, best first. Probing a dead D-Bus must not hang: it has a deadline."""
-    found = call_with_deadline(keyring.backend.get_all_keyring, timeout_s, "backend detection")
-    viable = [b for b in found if not is_insecure(b) and not isinstance(b, EncryptedFileKeyring)]
-    return sorted(viable, key=lambda b: float(b.priority), reverse=True)
+
+    def probe() -> list[tuple[float, keyring.backend.KeyringBackend]]:
+        found = keyring.backend.get_all_keyring()
+        ranked = [(_priority(b), b) for b in found if not is_insecure(b) and not isinstance(b, EncryptedFileKeyring)]
+        return sorted((r for r in ranked if r[0] > 0), key=lambda r: r[0], reverse=True)
+
+    return [b for _, b in call_with_deadline(probe, timeout_s, "backend detection")]
 
 
 def load_class(path: str, vault_dir: Path) -> keyring.backend.KeyringBackend:
@@ -235,14 +247,14 @@ def choose_backend(setting: str, vault_dir: Path, timeout_s: float, bus_address:
 def _choose_auto(setting: str, vault_dir: Path, timeout_s: float, bus_address: str | None) -> Choice:
     try:
         candidates = os_keyrings(timeout_s)
-    except Timeout:
+    except TimeoutError:  # ours (Timeout) or the D-Bus library's own
         raise Unavailable(
             f"the OS keyring did not answer within {timeout_s:g}s (D-Bus at {bus_address or 'default address'})",
             hint="fix the Secret Service, or set CORRAL_VAULT_BACKEND=encrypted-file to use the file vault instead",
         ) from None
     if candidates:
         best = candidates[0]
-        return Choice(best, backend_name(best), f"an OS keyring is available (priority {float(best.priority):g})")
+        return Choice(best, backend_name(best), "an OS keyring is available (the best viable one keyring reports)")
     if setting == "os":
         raise Unavailable("no OS keyring is available", hint="start a Secret Service (e.g. gnome-keyring) or use CORRAL_VAULT_BACKEND=encrypted-file")
     reason = "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS unset)" if not bus_address else "no Secret Service or KWallet answers on D-Bus"

@@ -1,0 +1,122 @@
+"""The vault's pure parts: host normalisation and matching, redaction forms, deadlines, the file keyring."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import threading
+import time
+from urllib.parse import quote, quote_plus
+
+import keyring.errors
+import pytest
+
+from corral.errors import Timeout
+from vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
+from vault.policy import Credential, host_matches, normalize_host
+from vault.redact import Redactor
+
+
+@pytest.mark.parametrize(
+    ("raw", "norm"),
+    [
+        ("API.Example.COM.", "api.example.com"),
+        ("bücher.de", "xn--bcher-kva.de"),
+        ("2852039166", "169.254.169.254"),
+        ("0xa9fea9fe", "169.254.169.254"),
+        ("0251.0376.0251.0376", "169.254.169.254"),
+        ("169.254.43518", "169.254.169.254"),
+        ("127.1", "127.0.0.1"),
+        ("[::ffff:169.254.169.254]", "::ffff:a9fe:a9fe"),
+        ("[::1]", "::1"),
+    ],
+)
+def test_normalize_host(raw, norm):
+    assert normalize_host(raw) == norm
+
+
+@pytest.mark.parametrize("bad", ["", "a..b", "%61pi.com", "a_b.com", "fe80::1%eth0", "a.com/x", "user@a.com", "1.2.3.256", "-a.com"])
+def test_normalize_host_refuses(bad):
+    with pytest.raises(ValueError):
+        normalize_host(bad)
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [("api.example.com", True), ("a.b.example.com", True), ("example.com", False), ("evilexample.com", False), ("example.com.evil", False), ("api.example.com.evil.net", False)],
+)
+def test_wildcard_matching(host, ok):
+    cred = Credential(name="w", hosts=["*.example.com", "exact.org"])
+    assert host_matches(host, cred.hosts) is ok
+    assert host_matches("exact.org", cred.hosts) and not host_matches("sub.exact.org", cred.hosts)
+
+
+SECRET = "s3cr3t-Value_with/odd+chars=="
+
+
+@pytest.mark.parametrize("prefix", ["", "a", "ab", "abc", "user:", "Bearer "])
+def test_redactor_finds_base64_at_every_alignment(prefix):
+    r = Redactor([SECRET])
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        text = encode((prefix + SECRET + "tail").encode()).decode()
+        out = r.text(f"x {text} y")
+        assert "[REDACTED]" in out
+        # what is left around the mark encodes the prefix and suffix, plus at most 2 bytes of the secret each side
+        left = len(out) - len("x  y") - len("[REDACTED]")
+        assert left <= len(encode((prefix + "tail").encode())) + 6
+
+
+@pytest.mark.parametrize(
+    "form",
+    [SECRET, quote(SECRET, safe=""), quote_plus(SECRET), quote(SECRET, safe="").lower(), SECRET.encode().hex(), SECRET.encode().hex().upper(), '"' + SECRET.replace("/", "\\/") + '"'],
+)
+def test_redactor_forms(form):
+    assert SECRET not in Redactor([SECRET]).text(f"<{form}>")
+    assert "[REDACTED]" in Redactor([SECRET]).text(f"<{form}>") or "\\/" in form
+
+
+def test_redactor_leaves_ordinary_text_alone_and_handles_bytes():
+    r = Redactor([SECRET])
+    assert r.text("nothing to see here, 12345678") == "nothing to see here, 12345678"
+    assert r.bytes(b"\x00\xff" + SECRET.encode() + b"\x00") == b"\x00\xff[REDACTED]\x00"
+    assert r.bytes(SECRET.encode("utf-16-le")) == b"[REDACTED]"
+    assert not Redactor() and Redactor().text(SECRET) == SECRET
+
+
+def test_call_with_deadline_times_out_without_hanging():
+    start = time.monotonic()
+    with pytest.raises(Timeout):
+        call_with_deadline(lambda: time.sleep(30), 0.2, "get")
+    assert time.monotonic() - start < 2
+    assert call_with_deadline(lambda: 42, 1, "get") == 42
+    with pytest.raises(KeyError):
+        call_with_deadline(lambda: {}["x"], 1, "get")
+
+
+def test_encrypted_file_keyring_through_keyrings_interface(tmp_path):
+    ring = EncryptedFileKeyring(tmp_path)
+    assert ring.get_password("corral", "a") is None
+    ring.set_password("corral", "a", "secret-one-1234")
+    assert EncryptedFileKeyring(tmp_path).get_password("corral", "a") == "secret-one-1234"
+    with pytest.raises(keyring.errors.PasswordDeleteError):
+        ring.delete_password("corral", "missing")
+    ring.delete_password("corral", "a")
+    assert ring.get_password("corral", "a") is None
+    assert (tmp_path / "keyring.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_encrypted_file_keyring_concurrent_writers_lose_nothing(tmp_path):
+    ring = EncryptedFileKeyring(tmp_path)
+    threads = [threading.Thread(target=ring.set_password, args=("corral", f"k{i}", f"value-{i:08d}")) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(ring.get_password("corral", f"k{i}") == f"value-{i:08d}" for i in range(16))
+
+
+def test_auto_choice_without_dbus_is_the_encrypted_file(tmp_path):
+    choice = choose_backend("auto", tmp_path, 2, None)
+    assert choice.name == "encrypted-file" and not choice.insecure and "DBUS_SESSION_BUS_ADDRESS unset" in choice.why
+    null = choose_backend("null", tmp_path, 2, None)
+    assert null.insecure and "names it" in null.why
