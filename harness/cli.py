@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("task", help="what the agent should do")
     run.add_argument("--session", metavar="ID", help="continue this session instead of starting a new one")
     run.add_argument("--model", metavar="M", help="Claude model (default: $CORRAL_MODEL)")
+    run.add_argument("--detach", action="store_true", help="queue the session for `corral worker`s instead of running it here (PostgreSQL store)")
     run.set_defaults(func=_run)
     wake = sub.add_parser("wake", help="resume a session from its log (after a crash, or to continue)",
                           description="Rebuild the agent from the session log alone and carry on where it stopped.")
@@ -24,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.detach:  # the worker pool's side: harness/worker_cli.py
+        from harness.worker_cli import run_detached
+
+        return run_detached(args.task, args.session, args.model)
     return _go(args, task=args.task, session_id=args.session)
 
 

@@ -70,3 +70,24 @@ def _log_to_stderr(level: int) -> None:
         logger.setLevel(level if name == "corral.worker" else logging.WARNING)
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def run_detached(task: str, session_id: str | None, model: str | None) -> int:
+    """`corral run --detach`: write the task as a user message and queue the session."""
+    from corral.errors import InvalidArgument
+    from harness.pool import submit
+    from harness.worker_config import WorkerSettings
+    from servers.session.store import open_store
+
+    if model:
+        raise InvalidArgument("--model does not apply to --detach", hint="the workers' CORRAL_MODEL chooses the model")
+    settings = WorkerSettings()
+    queue_url = settings.queue_dsn()
+    store = open_store(settings.store_dsn(), max_event_bytes=settings.max_event_bytes)
+    try:
+        sid = submit(store, queue_url, task, session_id=session_id)
+    finally:
+        store.close()
+    print(sid)
+    print(f"queued for the workers; follow it with `corral sessions tail {sid}`", file=sys.stderr)
+    return 0

@@ -139,3 +139,22 @@ def test_a_worker_without_postgres_is_one_clear_error(tmp_path):
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == ["corral: invalid_argument: the worker pool needs PostgreSQL (set CORRAL_SESSION_STORE (or CORRAL_QUEUE_URL) to postgresql://USER:PASSWORD@HOST/DB)"]
+
+
+def test_run_detach_queues_the_session_for_the_workers(store, workers, pg_schema_url):  # noqa: F811
+    env = {**os.environ, "CORRAL_SESSION_STORE": pg_schema_url, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "say hi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    sid = out.stdout.strip()
+    assert [(e.type, e.data) for e in store.select(sid)] == [("user.message", {"text": "say hi"})]
+    assert jobs(pg_schema_url) == [(sid, sid, "todo")]
+    workers("solo", env={"CORRAL_TEST_STEPS": "2", "CORRAL_TEST_STEP_S": "0.01"})
+    wait_until("the detached session done", lambda: store.get(sid).status == "idle", timeout=60)
+    assert [e.type for e in store.select(sid)] == ["user.message", "work.step", "work.step", "session.status"]
+
+
+def test_run_detach_without_postgres_is_one_clear_error(tmp_path):
+    env = {**os.environ, "CORRAL_SESSION_STORE": f"sqlite:///{tmp_path / 's.db'}", "CORRAL_QUEUE_URL": ""}
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "needs PostgreSQL" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "s.db").exists(), "nothing was written"
