@@ -25,6 +25,7 @@ import glob
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,7 +87,8 @@ class BubblewrapBackend(Backend):
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.uid is not None:
             _make_traversable(self.root, self.uid)
-        self.system_args = _system_args()
+        self.etc = _snapshot_etc(self.root)
+        self.system_args = _system_args(self.etc)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -96,10 +98,8 @@ class BubblewrapBackend(Backend):
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
         base = self._dir(sandbox_id)
         base.mkdir(mode=0o700)
-        for sub in ("workspace", "home", "tmp", "etc"):
+        for sub in ("workspace", "home", "tmp"):
             (base / sub).mkdir(mode=0o1777 if sub == "tmp" else 0o755)
-        (base / "etc" / "passwd").write_text(PASSWD)
-        (base / "etc" / "group").write_text(GROUP)
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
@@ -108,7 +108,7 @@ class BubblewrapBackend(Backend):
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         base = self._dir(ref.id)
         if keep_workspace:
-            for sub in ("home", "tmp", "etc"):
+            for sub in ("home", "tmp"):
                 await asyncio.to_thread(shutil.rmtree, base / sub, ignore_errors=True)
         else:
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
@@ -165,9 +165,6 @@ class BubblewrapBackend(Backend):
         if spec.network == "none":
             argv.append("--unshare-net")
         argv += ["--die-with-parent", "--new-session", "--clearenv", *self.system_args]
-        for path in ETC_NETWORK if spec.network == "full" else []:
-            argv += ["--ro-bind-try", path, path]
-        argv += ["--ro-bind", f"{base}/etc/passwd", "/etc/passwd", "--ro-bind", f"{base}/etc/group", "/etc/group"]
         argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
         for bind in self.config.extra_binds:
             argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
@@ -234,7 +231,7 @@ def _limits(spec: SandboxSpec, request: ExecRequest) -> list[str]:
     ]
 
 
-def _system_args() -> list[str]:
+def _system_args(etc: Path) -> list[str]:
     """Read-only system dirs as the host lays them out (merged /usr or not), /proc, /dev, safe /etc."""
     args = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -242,8 +239,33 @@ def _system_args() -> list[str]:
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             args += ["--ro-bind", top, top]
-    args += ["--proc", "/proc", "--dev", "/dev"]
-    for path in ETC_SAFE + sorted(glob.glob("/etc/python3*")):
-        if os.path.exists(path):
-            args += ["--ro-bind", path, path]
-    return args
+    return args + ["--proc", "/proc", "--dev", "/dev", "--ro-bind", str(etc), "/etc"]
+
+
+def _snapshot_etc(root: Path) -> Path:
+    """A copy of the safe part of the host's /etc plus a synthetic passwd/group, made once per
+    server start: one bind mount per command instead of one per file (bwrap start-up time)."""
+    staging = Path(tempfile.mkdtemp(prefix=".etc-", dir=root))
+    for path in ETC_SAFE + ETC_NETWORK + sorted(glob.glob("/etc/python3*")):
+        dest = staging / os.path.relpath(path, "/etc")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.copytree(path, dest, symlinks=True, ignore_dangling_symlinks=True)
+        elif os.path.lexists(path):
+            shutil.copy2(path, dest, follow_symlinks=False)
+    (staging / "passwd").write_text(PASSWD)
+    (staging / "group").write_text(GROUP)
+    (staging / "hostname").write_text("sandbox\n")
+    staging.chmod(0o755)
+    final = root / ".etc"
+    old = root / f".etc-old-{os.getpid()}"
+    try:  # commands already started keep their mount of the old copy
+        final.rename(old)
+    except FileNotFoundError:
+        pass
+    try:
+        staging.rename(final)
+    except OSError:  # another server on this root won the race: its copy is as good
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
