@@ -51,22 +51,25 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from servers.session.timeline import line
-
     store = _store()
     info = store.get(args.session_id)
     console = Console(highlight=False)
     if not args.json:
         origin = f", forked from {info.parent} at {info.forked_at}" if info.forked_at is not None else (f", child of {info.parent}" if info.parent else "")
         console.print(f"[bold]{info.session_id}[/]  {info.length} events, status {info.status or '-'}{origin}")
-    after = 0
+    after, events = 0, []
     while True:
         page = store.select(args.session_id, gte=after, limit=500)
         for event in page:
-            print(event.model_dump_json()) if args.json else console.print(line(event, console.width - 40))
+            print(event.model_dump_json()) if args.json else events.append(event)
         if len(page) < 500:
-            return 0
+            break
         after = page[-1].position + 1
+    if not args.json:  # the rich timeline (corral/viewer/timeline.py): icons, tool calls, errors, token figures
+        from corral.viewer.timeline import render_timeline
+
+        console.print(render_timeline(events))
+    return 0
 
 
 def _tail(args: argparse.Namespace) -> int:

@@ -1,0 +1,101 @@
+"""The session viewer: the web page in real headless Chromium, the timeline in a terminal."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+from tests.frontdoor.conftest import UpProcess, corral, token_of
+from tests.frontdoor.test_up import mcp_client
+
+pytestmark = pytest.mark.anyio
+CHROMIUM = "/usr/bin/chromium"
+# Headless, and nothing but loopback: every other host fails to resolve and goes to a dead proxy.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run", "--disable-sync", "--disable-quic", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]
+XSS = '<img src=x onerror="document.title=\'pwned\'">'
+
+
+async def emit(client, session_id: str, type_: str, data: dict) -> int:
+    result = await client.call_tool("emit_event", {"session_id": session_id, "type": type_, "data": data})
+    assert not result.is_error, result
+    return result.structured_content["position"]
+
+
+async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess, corral_env: dict[str, str]) -> None:
+    require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium (.ci/run does)")
+    try:
+        from playwright.async_api import async_playwright, expect
+    except ImportError:
+        require("playwright", False, "pip install playwright (a test dependency)")
+    token = token_of(corral_env)
+    async with mcp_client(f"{up.base}/session/mcp", token) as client:
+        created = await client.call_tool("create_session", {"metadata": {"title": "seen in a browser"}})
+        sid = created.structured_content["session_id"]
+        await emit(client, sid, "user.message", {"text": "count the files"})
+
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = await browser.new_page()
+                await page.goto(f"{up.base}/sessions?token={token}")
+                assert page.url == f"{up.base}/sessions"  # the token left the address bar
+                row = page.locator(f"tr.session[data-id='{sid}']")
+                await expect(row).to_contain_text("seen in a browser", timeout=10_000)
+                await row.locator("a").click()
+                await expect(page).to_have_url(f"{up.base}/sessions/{sid}")
+                await expect(page.locator("tr.event[data-position='0']")).to_contain_text("count the files", timeout=10_000)
+
+                # Appended while the page is open: it shows up without a reload.
+                await emit(client, sid, "span.model_request", {"usage": {"input_tokens": 1200, "output_tokens": 80, "cache_read_input_tokens": 900, "cache_creation_input_tokens": 300}})
+                await emit(client, sid, "agent.message", {"content": [{"type": "text", "text": "Let me look."}, {"type": "tool_use", "id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}}]})
+                await emit(client, sid, "agent.tool_use", {"id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}})
+                await emit(client, sid, "sandbox.provisioned", {"sandbox_id": "sbx_1", "backend": "bubblewrap"})
+                await emit(client, sid, "agent.tool_result", {"tool_use_id": "tu1", "content": "sandbox_lost: gone", "is_error": True})
+                await emit(client, sid, "agent.message", {"text": XSS})
+                await expect(page.locator("tr.event")).to_have_count(7, timeout=10_000)
+                await expect(page.locator("tr.event.usage")).to_contain_text("input 1200")
+                await expect(page.locator("tr.event.tool")).to_contain_text("ls | wc -l")
+                await expect(page.locator("tr.event.sandbox")).to_contain_text("sbx_1")
+                await expect(page.locator("tr.event.error")).to_contain_text("sandbox_lost: gone")
+                await expect(page.locator("#figures")).to_contain_text("in 1200 · out 80 · cache read 900 · cache write 300")
+                # Event data is shown as text, never run as markup.
+                await expect(page.locator("tr.event[data-position='6']")).to_contain_text(XSS)
+                assert await page.locator("#rows img").count() == 0
+                assert await page.title() != "pwned"
+
+                # A browser without the cookie is turned away.
+                stranger = await browser.new_page()
+                response = await stranger.goto(f"{up.base}/sessions/{sid}")
+                assert response is not None and response.status == 401
+                wrong = await stranger.goto(f"{up.base}/sessions?token=not-the-token")
+                assert wrong is not None and wrong.status == 401
+            finally:
+                await browser.close()
+
+
+async def test_terminal_timeline_of_a_session(up: UpProcess, corral_env: dict[str, str]) -> None:
+    token = token_of(corral_env)
+    async with mcp_client(f"{up.base}/session/mcp", token) as client:
+        sid = (await client.call_tool("create_session", {})).structured_content["session_id"]
+        await emit(client, sid, "user.message", {"text": "hello"})
+        await emit(client, sid, "agent.tool_use", {"id": "t", "name": "execute", "input": {"command": "make test"}})
+        await emit(client, sid, "agent.tool_result", {"tool_use_id": "t", "content": "exit 2", "is_error": True})
+        await emit(client, sid, "span.model_request", {"usage": {"input_tokens": 50, "output_tokens": 7}})
+    env = {**corral_env, "COLUMNS": "120"}
+    done = corral("sessions", "show", sid, env=env)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert re.search(r"⚙\s+agent.tool_use\s+execute \{\"command\": \"make test\"\}", out), out
+    assert re.search(r"✗\s+agent.tool_result\s+exit 2", out), out
+    assert "tokens: in 50  out 7" in out
+    assert os.environ.get("CORRAL_HOME") != corral_env["CORRAL_HOME"]
+    assert shutil.which("corral")
