@@ -39,6 +39,11 @@ class SandboxSettings(CoreSettings):
         description="where bubblewrap sandbox directories live; default $CORRAL_HOME/sandboxes, "
         "or /var/lib/corral/sandboxes when the server runs as root (the sandbox uid must traverse it)",
     )
+    sandbox_extra_binds: str = Field(
+        "",
+        description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
+        "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
+    )
     e2b_api_key: str = Field("", validation_alias="E2B_API_KEY", description="E2B API key (e2b backend)")
 
     def sandboxes_dir(self) -> Path:

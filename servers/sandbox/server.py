@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -12,7 +13,9 @@ from pydantic import Field
 
 from servers.mcp_shell import serve, tool
 
-from .backend import Backend, BubblewrapConfig, DockerConfig, E2BConfig, make_backend
+from corral.errors import InvalidArgument
+
+from .backend import Backend, BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, make_backend
 from .config import SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
@@ -31,7 +34,23 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         return DockerConfig(image=settings.sandbox_image or "python:3.12-slim")
     if settings.sandbox_backend == "e2b":
         return E2BConfig(template=settings.sandbox_image or None, api_key=settings.e2b_api_key)
-    return BubblewrapConfig(root=settings.workspaces_dir(), run_as_uid=settings.sandbox_run_as_uid)
+    return BubblewrapConfig(
+        root=settings.workspaces_dir(),
+        run_as_uid=settings.sandbox_run_as_uid,
+        extra_binds=parse_binds(settings.sandbox_extra_binds),
+    )
+
+
+def parse_binds(spec: str) -> list[ExtraBind]:
+    """`HOST:SANDBOX[:rw],...` -> binds (a server-side option, never a tool parameter)."""
+    binds = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        source, _, rest = item.partition(":")
+        dest, _, flag = rest.partition(":")
+        if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
+            raise InvalidArgument(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
+        binds.append(ExtraBind(source=Path(source), dest=dest, writable=flag == "rw"))
+    return binds
 
 
 def _client(ctx: Context) -> str:
