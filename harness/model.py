@@ -86,6 +86,11 @@ class AnthropicModel:
             self._client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s)
         return self._client
 
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
     async def respond(self, request: ModelRequest, on_text: TextSink) -> ModelResponse:
         import anthropic
 

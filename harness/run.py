@@ -83,7 +83,19 @@ async def run_session(
     view.session(log.session_id, resumed=session_id is not None)
     if on_session:
         on_session(log.session_id)
-    model = model or AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s)
+    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s) if model is None else None
+    try:
+        return await _run(settings, store, log, own_model or model, task=task, resumed=session_id is not None, view=view, env=env)
+    finally:
+        if own_model is not None:
+            with anyio.CancelScope(shield=True):
+                await own_model.aclose()
+        if owned:
+            store.close()
+
+
+async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, model: ModelClient, *, task: str | None, resumed: bool,
+               view: View, env: dict[str, str] | None) -> Outcome:
     config = AgentConfig(settings.model, settings.max_tokens, settings.context_budget_tokens, settings.max_turns, settings.model_retries, settings.retry_base_s)
     logs = settings.data_dir() / "logs"
     logs.mkdir(exist_ok=True)
@@ -101,14 +113,12 @@ async def run_session(
             if settings.eager_sandbox:
                 await tools.call("sandbox__provision", {})
             try:
-                text = await agent.run(task, reason="wake" if session_id and not task else "run")
+                text = await agent.run(task, reason="wake" if resumed and not task else "run")
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
                     _stopped(log)
                 raise
             tg.cancel_scope.cancel()  # ends the MCP connections (their subprocesses exit)
-    if owned:
-        store.close()
     return Outcome(log.session_id, text)
 
 

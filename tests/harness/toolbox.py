@@ -67,4 +67,7 @@ def crash() -> str:
 
 
 if __name__ == "__main__":
+    # TOOLBOX_START_DELAY: a server slow to come up (a wake must not wait for it to ask the model)
+    time.sleep(float(os.environ.get("TOOLBOX_START_DELAY", "0")))
+    (DIR / "started.txt").write_text(str(time.time()))
     serve(server)
