@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ import pytest
 from tests.conftest import require
 
 READY = "Press Ctrl-C to stop."
-CORRAL = shutil.which("corral") or ""
+# The console script beside this Python (a venv's, or pyenv's real one rather than its shim).
+_BESIDE = Path(sys.executable).parent / "corral"
+CORRAL = str(_BESIDE) if _BESIDE.exists() else shutil.which("corral") or "corral"
 
 
 def free_port() -> int:
