@@ -92,12 +92,18 @@ class Script:
         conv = next((name for name in self.conversations if name in first), "?")
         if (body.get("tool_choice") or {}).get("type") == "none":
             return conv, "compaction"
-        return conv, sum(1 for m in body.get("messages", []) if m["role"] == "assistant")
+        return conv, self.turns_so_far(body)
+
+    @staticmethod
+    def turns_so_far(body: dict[str, Any]) -> int:
+        """Assistant turns before this request, counting those a compaction summary stands for."""
+        found = re.search(r"\[fake-turns:(\d+)\]", first_user_text(body))
+        return (int(found.group(1)) if found else 0) + sum(1 for m in body.get("messages", []) if m["role"] == "assistant")
 
     def reply(self, body: dict[str, Any], key: tuple[str, int | str], nth: int) -> Reply:
         conv, turn = key
-        if turn == "compaction":
-            return Turn([text(self.summary)])
+        if turn == "compaction":  # the summary names the conversation and how many turns it covers
+            return Turn([text(f"{conv} {self.summary} [fake-turns:{self.turns_so_far(body)}]")])
         turns = self.conversations.get(conv)
         if turns is None or not isinstance(turn, int) or turn >= len(turns):
             return ApiError(400, message=f"fake: no scripted turn {turn} for conversation {conv!r}")
