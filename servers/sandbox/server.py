@@ -91,6 +91,7 @@ def build_server(
             "a sandbox_lost error means provision a fresh one (or omit sandbox_id)."
         ),
         lifespan=lifespan,
+        log_level=settings.log_level.upper(),  # type: ignore[arg-type]
     )
     _register_tools(server, service)
     return server, service
