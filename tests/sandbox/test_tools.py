@@ -184,3 +184,37 @@ async def test_long_execute_sends_progress(harness: Harness) -> None:
         result = await c.call_tool("execute", {"command": "sleep 1.5; echo done"}, progress_callback=on_progress)
         assert not result.is_error and result.structured_content["stdout"] == "done\n"
         assert len(seen) >= 2 and seen == sorted(seen)
+
+
+async def test_background_reaper_runs_in_the_server(settings) -> None:  # noqa: ANN001
+    from servers.sandbox.server import build_server
+
+    from .conftest import make_backend
+
+    settings.sandbox_reap_interval_s = 0.2
+    server, _ = build_server(settings, make_backend("bubblewrap", settings), reap=True)
+    from mcp.client import Client
+
+    async with Client(server) as c:
+        sid = (await call(c, "provision", resources={"idle_timeout_s": 1}))["sandbox_id"]
+        deadline = time.monotonic() + 10
+        while (await call(c, "list_sandboxes"))["sandboxes"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert (await call(c, "list_sandboxes"))["sandboxes"] == []
+        await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="true")
+    assert not (settings.sandbox_dir / sid).exists()
+
+
+async def test_destroy_leaves_nothing_unless_asked(harness: Harness) -> None:
+    async with harness.client() as c:
+        gone = (await call(c, "provision"))["sandbox_id"]
+        kept = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "write_file", sandbox_id=kept, path="notes.txt", content="keep me")
+        await call(c, "destroy", sandbox_id=gone)
+        await call(c, "destroy", sandbox_id=kept, keep_workspace=True)
+    record = harness.service.registry.get(gone)
+    assert record is not None and await harness.backend.status(record.ref) == "lost"
+    if harness.kind == "bubblewrap":
+        assert not (harness.settings.sandbox_dir / gone).exists()
+        assert (harness.settings.sandbox_dir / kept / "workspace" / "notes.txt").read_text() == "keep me"
+        assert not (harness.settings.sandbox_dir / kept / "home").exists()
