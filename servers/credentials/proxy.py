@@ -18,7 +18,7 @@ import anyio
 import httpcore
 import httpx
 
-from corral.errors import CorralError, InvalidArgument, Timeout, Unavailable
+from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 from servers.credentials.audit import AuditLog, monotonic_ms
 from servers.credentials.netguard import Resolver, SystemResolver, Target, check_policy, has_ctl, parse_target, resolve_checked
 from servers.credentials.transport import PinnedTransport, pinned
@@ -160,8 +160,6 @@ class Proxy:
 
     @staticmethod
     def _unknown(snap: Snapshot, name: str) -> CorralError:
-        from corral.errors import NotFound
-
         known = ", ".join(sorted(snap.credentials)) or "none"
         return NotFound(f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them")
 
@@ -183,6 +181,8 @@ def clean_headers(headers: dict[str, str], cred: Credential) -> dict[str, str]:
             raise InvalidArgument(f"header name {name!r} is not an HTTP token (CR, LF, spaces and ':' are refused)")
         if has_ctl(value.replace("\t", " ")):
             raise InvalidArgument(f"header {name!r} has CR, LF or another control character in its value")
+        if not value.isascii():
+            raise InvalidArgument(f"header {name!r} has non-ASCII characters; percent-encode or base64 them")
         lower = name.lower()
         if lower in FORBIDDEN:
             raise InvalidArgument(f"header {name!r} is set by the proxy, not the client")

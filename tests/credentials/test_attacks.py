@@ -214,6 +214,7 @@ async def test_real_system_resolver_localhost_refused(env):
         {"headers": {"X-A": "ok\rX-Injected: 1"}},
         {"headers": {"X-A": "nul\0"}},
         {"headers": {"X A": "space in name"}},
+        {"headers": {"X-A": "caf\u00e9"}},
         {"headers": {"Host": "evil.test"}},
         {"headers": {"Transfer-Encoding": "chunked"}},
         {"url_suffix": "\r\nX-Injected: 1"},
