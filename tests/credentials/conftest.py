@@ -57,7 +57,7 @@ class Env:
         self.vault, _ = open_vault(self.settings, None)
         self.upstream = upstream
         self.connector = LoopbackOnly()
-        self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"]})
+        self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"], "xn--bcher-kva.test": ["127.0.0.1"], "bucher.test": ["127.0.0.1"]})
         self.secrets: dict[str, str] = {}
         AUDIT_FILES.append(self.vault.directory / "audit.jsonl")
         port = upstream.port

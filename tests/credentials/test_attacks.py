@@ -203,6 +203,29 @@ async def test_real_system_resolver_localhost_refused(env):
     assert env.upstream.seen == [] and env.connector.attempts == []
 
 
+@pytest.mark.parametrize(
+    ("url_host", "allowed"),
+    [("bücher.test", True), ("BÜCHER.test.", True), ("xn--bcher-kva.test", True), ("bucher.test", False), ("b\u00fc\u0441her.test", False)],
+)
+async def test_idna_hosts_match_by_punycode_only(mcp, env, url_host, allowed):
+    from vault.policy import Credential
+
+    env.add(Credential(name="idn", hosts=["bücher.test"], schemes=["http"], ports=[env.upstream.port], allow_private=True))
+    call = req("idn", f"http://{url_host}:{env.upstream.port}/echo")
+    if allowed:
+        out = await mcp.ok("http_request", call)
+        assert json.loads(out["body"])["headers"]["Host"].replace(".:", ":") == f"xn--bcher-kva.test:{env.upstream.port}"
+    else:  # a look-alike (ASCII u, Cyrillic es) is another host
+        text = await mcp.error("http_request", call)
+        assert text.startswith("policy_denied") and env.upstream.seen == []
+
+
+async def test_client_copy_of_a_custom_credential_header_is_replaced(mcp, env):
+    await mcp.ok("http_request", req("hdr", env.upstream.url("/echo"), headers={"x-api-key": "attacker"}))
+    seen = env.upstream.seen[-1]["headers"]
+    assert [v for k, v in seen.items() if k.lower() == "x-api-key"] == [f"key={env.secrets['hdr']}"]
+
+
 # -- CR/LF and other header injection -------------------------------------------------------
 
 @pytest.mark.parametrize(
