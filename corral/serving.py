@@ -212,7 +212,7 @@ async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base:
     if task.done():  # startup failed: uvicorn logged why; surface it as our one line
         await task
         raise Unavailable("the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details")
-    health = [await _health(base, name, token) for name in built.servers]
+    health = await asyncio.gather(*(_health(base, name, token) for name in built.servers))  # in parallel: start-up time
     print(_banner(built, base, token, home, health), flush=True)
     await task
     return server.stopped_by
