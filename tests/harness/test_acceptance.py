@@ -1,0 +1,201 @@
+"""The issue's "done when": `corral run` completes a scripted multi-step task that provisions a
+sandbox (real bubblewrap, lazily), writes and runs code, uses a credential through the proxy
+(a real vault, a real loopback upstream) and spawns a subagent — all against the fake API.
+Also: a refused credential is told to the model; a sandbox killed mid-task is replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require
+from tests.credentials.upstream import Upstream
+from tests.harness.conftest import corral
+from tests.harness.fake_anthropic import FakeAnthropic, Request, Script, Turn, text, tool
+from tests.harness.scripts import PLAN
+from tests.harness.test_cli import session_id
+from tests.harness.test_crash import assert_valid_history, read_log
+
+pytestmark = pytest.mark.bwrap
+SECRET = "sk-acceptance-" + uuid.uuid4().hex
+
+
+def bwrap_works() -> bool:
+    if shutil.which("bwrap") is None:
+        return False
+    probe = ["bwrap", "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.fixture
+def real_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The default servers (sandbox on bubblewrap, session, credentials) over stdio."""
+    require("bwrap", bwrap_works(), "bubblewrap with user namespaces is needed for the sandbox server")
+    base = Path(tempfile.gettempdir()) / "corral-test-sandboxes"  # the sandbox uid must traverse it (tmp_path is 0700)
+    base.mkdir(mode=0o711, exist_ok=True)
+    root = base / uuid.uuid4().hex[:12]
+    e = {k: v for k, v in env.items() if k not in ("CORRAL_SERVERS", "CORRAL_EXTRA_SERVERS")}
+    e.update(CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(root), CORRAL_SANDBOX_REAP_INTERVAL_S="3600")
+    yield e
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def add_credential(env: dict[str, str], port: int, *, allow_private: bool) -> None:
+    args = ["vault", "set", "api", "--host", "127.0.0.1", "--scheme", "http", "--port", str(port), "--method", "GET",
+            "--description", "the test API"] + (["--allow-private"] if allow_private else [])
+    p = subprocess.run([*corral_cmd(), *args], env=env, input=SECRET, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+
+
+def corral_cmd() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "corral.cli"]
+
+
+def sandboxes(env: dict[str, str]) -> int:
+    db = Path(env["CORRAL_HOME"]) / "sandboxes" / "registry-bubblewrap.db"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute("SELECT COUNT(*) FROM sandboxes").fetchone()[0]
+        except sqlite3.OperationalError:  # the server has not created its table yet
+            return 0
+
+
+def last_result(body: dict[str, Any]) -> dict[str, Any]:
+    return [b for b in body["messages"][-1]["content"] if b["type"] == "tool_result"][-1]
+
+
+def result_json(body: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(last_result(body)["content"][0]["text"])
+
+
+def test_run_provisions_writes_runs_uses_a_credential_and_spawns_a_subagent(real_env: dict[str, str]) -> None:
+    with Upstream() as upstream:
+        add_credential(real_env, int(upstream.url("/").split(":")[2].split("/")[0]), allow_private=True)
+        script = Script({
+            "ACCEPT-TASK": [
+                Turn([text("Let me plan."), tool("todo", PLAN)]),
+                Turn([tool("sandbox__write_file", {"path": "answer.sh", "content": "echo $((6 * 7))\n"})]),
+                Turn([tool("sandbox__execute", {"command": "sh answer.sh"})]),
+                Turn([tool("credentials__list_credentials", {}),
+                      tool("credentials__http_request", {"credential": "api", "method": "GET", "url": upstream.url("/echo")})]),
+                Turn([tool("spawn_subagent", {"task": "ACCEPT-SUB: look at the sandbox files"})]),
+                Turn([text("Finished: the script printed 42, the API answered, the subagent saw the file.")]),
+            ],
+            "ACCEPT-SUB": [Turn([tool("sandbox__list_files", {})]), Turn([text("the sandbox has answer.sh")])],
+        })
+        at_first_request: list[int] = []
+
+        def observe(req: Request) -> None:
+            if not at_first_request:
+                at_first_request.append(sandboxes(real_env))
+
+        with FakeAnthropic(script, on_request=observe) as fake:
+            p = corral(["run", "ACCEPT-TASK: compute and report"], {**real_env, **fake.env()}, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "Finished: the script printed 42" in p.stdout
+        sid = session_id(p.stdout)
+        assert upstream.seen[-1]["headers"]["Authorization"] == f"Bearer {SECRET}"  # the proxy added it upstream
+    assert at_first_request == [0]  # lazy: no sandbox when the first model request went out
+    assert sandboxes(real_env) == 1
+    log = read_log(real_env, sid)
+    assert_valid_history(log)
+    assert SECRET not in json.dumps([e.data for e in log])  # the model never saw the secret
+    by_name = {e.data["name"]: e.data for e in log if e.type == "agent.tool_result"}
+    assert all(not r["is_error"] for r in by_name.values()), by_name
+    assert json.loads(by_name["sandbox__execute"]["content"][0]["text"])["stdout"].strip() == "42"
+    assert json.loads(by_name["credentials__http_request"]["content"][0]["text"])["status"] == 200
+    assert by_name["spawn_subagent"]["content"][0]["text"] == "the sandbox has answer.sh"
+    child = by_name["spawn_subagent"]["subagent"]
+    listed = next(e.data for e in read_log(real_env, child) if e.type == "agent.tool_result")
+    assert "answer.sh" in listed["content"][0]["text"]
+    assert max(fake.counts.values()) == 1
+
+
+def test_a_refused_credential_is_told_to_the_model(real_env: dict[str, str]) -> None:
+    with Upstream() as upstream:
+        add_credential(real_env, int(upstream.url("/").split(":")[2].split("/")[0]), allow_private=False)
+        seen: list[dict[str, Any]] = []
+
+        def react(body: dict[str, Any]) -> Turn:
+            seen.append(last_result(body))
+            return Turn([text("The credential was refused; I will not retry.")])
+
+        script = Script({"REFUSE-TASK": [
+            Turn([tool("credentials__http_request", {"credential": "api", "method": "GET", "url": upstream.url("/echo")})]),
+            react,
+        ]})
+        with FakeAnthropic(script) as fake:
+            p = corral(["run", "REFUSE-TASK"], {**real_env, **fake.env()}, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert upstream.seen == []  # nothing reached the upstream
+    assert seen[0]["is_error"] and "policy_denied: address 127.0.0.1" in seen[0]["content"][0]["text"]
+    assert "policy_denied" in p.stdout  # the terminal view shows the error too
+
+
+def bwrap_pids(sandbox_id: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_when_running(sandbox_id: str) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        pids = bwrap_pids(sandbox_id)
+        if pids:
+            time.sleep(0.3)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, str]) -> None:
+    def run_long(body: dict[str, Any]) -> Turn:
+        sid = result_json(body)["sandbox_id"]
+        threading.Thread(target=kill_when_running, args=(sid,), daemon=True).start()
+        return Turn([tool("sandbox__execute", {"sandbox_id": sid, "command": "sleep 30; echo never"})])
+
+    def reprovision(body: dict[str, Any]) -> Turn:
+        lost = last_result(body)
+        assert lost["is_error"] and "sandbox_lost" in lost["content"][0]["text"], lost
+        return Turn([tool("sandbox__provision", {})])
+
+    def rerun(body: dict[str, Any]) -> Turn:
+        return Turn([tool("sandbox__execute", {"sandbox_id": result_json(body)["sandbox_id"], "command": "echo recovered"})])
+
+    script = Script({"LOST-TASK": [Turn([tool("sandbox__provision", {})]), run_long, reprovision, rerun, Turn([text("re-provisioned and finished")])]})
+    with FakeAnthropic(script) as fake:
+        p = corral(["run", "LOST-TASK"], {**real_env, **fake.env()}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = read_log(real_env, session_id(p.stdout))
+    assert_valid_history(log)
+    execs = [e.data for e in log if e.type == "agent.tool_result" and e.data["name"] == "sandbox__execute"]
+    assert execs[0]["is_error"] and "sandbox_lost" in execs[0]["content"][0]["text"] and execs[0]["duration_ms"] < 25_000
+    assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
+    assert max(fake.counts.values()) == 1
