@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -37,10 +38,10 @@ from servers.credentials.proxy import Proxy
 from servers.credentials.transport import pinned
 from vault.config import VaultSettings
 
-__all__ = ["GitGateway", "Grant", "SANDBOX_PORT", "SANDBOX_SOCKET", "FORWARDER"]
+__all__ = ["GitGateway", "Grant", "SANDBOX_PORT", "SANDBOX_DIR", "FORWARDER"]
 
 SANDBOX_PORT = 8417  # where git_forwarder.py listens inside the sandbox
-SANDBOX_SOCKET = "/run/corral/git.sock"  # where the sandbox mounts the gateway socket
+SANDBOX_DIR = "/run/corral"  # where the sandbox mounts the gateway's directory (socket + forwarder)
 FORWARDER = Path(__file__).with_name("git_forwarder.py")
 ENDPOINTS = {"info/refs", "git-upload-pack", "git-receive-pack"}
 PASS_REQUEST = ("content-type", "content-encoding", "accept", "accept-encoding", "git-protocol", "user-agent")
@@ -59,7 +60,7 @@ class GitGateway:
     def __init__(self, proxy: Proxy, settings: VaultSettings, socket_path: Path | None = None) -> None:
         self.proxy = proxy
         self.settings = settings
-        self.socket_path = socket_path or settings.git_socket or (settings.vault_dir() / "run" / f"git-{os.getpid()}.sock")
+        self.socket_path = socket_path or settings.git_socket or (settings.vault_dir() / "run" / "git.sock")
         self.grants: dict[str, Grant] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -88,9 +89,14 @@ class GitGateway:
             "remote_url": f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
             "expires_at": datetime.fromtimestamp(time.time() + ttl, timezone.utc).isoformat(timespec="seconds"),
             "access": access,
-            "gateway_socket": str(self.socket_path),
-            "sandbox_setup": f"mount {self.socket_path} at {SANDBOX_SOCKET} and run `python3 git_forwarder.py -- git ...` inside the sandbox",
+            "gateway_dir": str(self.socket_path.parent),
+            "run_git_with": self.forwarder_command(),
+            "how": f"inside a sandbox that mounts {self.socket_path.parent} at {SANDBOX_DIR}, run e.g. "
+            f"`{self.forwarder_command()} git clone <remote_url>`; the forwarder relays 127.0.0.1:{SANDBOX_PORT} to the proxy",
         }
+
+    def forwarder_command(self) -> str:
+        return f"python3 {SANDBOX_DIR}/git_forwarder.py --socket {SANDBOX_DIR}/{self.socket_path.name} --"
 
     def revoke(self, token: str) -> None:
         self.grants.pop(token, None)
@@ -156,12 +162,28 @@ class GitGateway:
         return StreamingResponse(body(), status_code=resp.status_code, headers=out, background=BackgroundTask(done))
 
     # -- lifecycle -------------------------------------------------------------------
+    def _claim_socket(self) -> None:
+        """Take the socket path unless a live gateway (another proxy process) holds it; then use our own."""
+        if self.socket_path.exists():
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(self.socket_path))
+                self.socket_path = self.socket_path.with_name(f"git-{os.getpid()}.sock")
+            except OSError:
+                pass  # stale: its process is gone
+            finally:
+                probe.close()
+        self.socket_path.unlink(missing_ok=True)
+
     def start(self) -> None:
         """Serve on the unix socket from a daemon thread with its own event loop."""
         # uvicorn makes the socket 0666: a new directory is 0700 (an existing one is the operator's
         # choice, e.g. 0711 so a root server's unprivileged sandbox uid can reach it); tokens guard the rest.
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.socket_path.unlink(missing_ok=True)
+        self._claim_socket()
+        forwarder = self.socket_path.parent / "git_forwarder.py"  # the sandbox gets it with the socket
+        forwarder.write_bytes(FORWARDER.read_bytes())
+        forwarder.chmod(0o644)
         config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), name="corral-git-gateway", daemon=True)

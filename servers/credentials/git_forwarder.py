@@ -3,7 +3,7 @@
 
 It holds no secret and no token; it moves bytes. Stdlib only (the sandbox has python3).
 
-    python3 git_forwarder.py [--socket /run/corral/git.sock] [--port 8417] [-- COMMAND ...]
+    python3 /run/corral/git_forwarder.py [--socket /run/corral/git.sock] [--port 8417] [-- COMMAND ...]
 
 With a COMMAND, it listens, runs the command, and exits with the command's status.
 """

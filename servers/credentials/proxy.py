@@ -101,24 +101,28 @@ class Proxy:
 
     async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None) -> dict[str, Any]:
         start = time.monotonic()
-        snap = await self.snapshot()
         audit: dict[str, Any] = {"credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
+        try:
+            snap = await self.snapshot()
+        except CorralError as err:  # the keyring failed: nothing was sent, and there is no secret to redact
+            self.audit_line(None, audit, start, "error", err.kind)
+            raise
         try:
             result = await self._request(snap, audit, credential, method, url, headers, body, json, timeout_s)
         except CorralError as err:
-            self._audit(snap, audit, start, "denied" if err.kind in ("policy_denied", "invalid_argument", "not_found") else "error", err.kind)
+            self.audit_line(snap, audit, start, "denied" if err.kind in ("policy_denied", "invalid_argument", "not_found") else "error", err.kind)
             raise type(err)(snap.redactor.text(err.message), hint=snap.redactor.text(err.hint)) from None
-        self._audit(snap, audit, start, "ok", None)
+        except Exception:  # a bug: still one audit line; the MCP shell logs it (redacted) and reports `unavailable`
+            self.audit_line(snap, audit, start, "error", "unexpected")
+            raise
+        self.audit_line(snap, audit, start, "ok", None)
         return result
 
-    def audit_line(self, snap: Snapshot, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
-        self._audit(snap, audit, start, outcome, error)
-
-    def _audit(self, snap: Snapshot, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
+    def audit_line(self, snap: Snapshot | None, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
         audit.update(outcome=outcome, duration_ms=monotonic_ms(start))
         if error:
             audit["error"] = error
-        self.audit.write(snap.redactor, **audit)
+        self.audit.write(snap.redactor if snap else self.redactor(), **audit)
         log.info("%s %s %s%s -> %s", audit["credential"], audit["method"], audit["host"] or "-", audit["path"] or "", audit["status"] or outcome)
 
     async def prepare(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None) -> tuple[Credential, Target, str, httpx.URL, dict[str, str]]:

@@ -86,7 +86,7 @@ def scan_for_secret(root: Path, secret: str) -> list[str]:
 
 
 async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandbox_backend):
-    from servers.credentials.gateway import FORWARDER, GitGateway
+    from servers.credentials.gateway import GitGateway
     from servers.credentials.proxy import Proxy
     from servers.credentials.server import build_server, install_redaction
     from servers.sandbox.backend import SandboxSpec
@@ -112,8 +112,8 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
                 assert denied.is_error and "not git" in denied.content[0].text
 
             ref = await backend.provision("sbxgit", SandboxSpec())
-            await backend.write(ref, "/workspace/git_forwarder.py", FORWARDER.read_bytes(), 0o644, None)
-            fwd = "python3 /workspace/git_forwarder.py --"
+            fwd = gateway.forwarder_command()  # the forwarder comes with the socket, in the mounted directory
+            assert fwd == "python3 /run/corral/git_forwarder.py --socket /run/corral/git.sock --"
 
             # The sandbox cannot reach the upstream itself (own network namespace)...
             direct = await run(backend, ref, f"git ls-remote {repo_url}", 30)
@@ -172,6 +172,14 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
         seen = env.upstream.seen
         assert len(seen) == 1 and seen[0]["path"] == "/repo.git/info/refs?service=git-upload-pack"
         assert gateway.socket_path.parent.stat().st_mode & 0o777 == 0o700
+        # a second proxy process does not steal a live gateway's socket
+        other = GitGateway(Proxy(env.vault, env.settings), env.settings, socket_path=gateway.socket_path)
+        other.start()
+        try:
+            assert other.socket_path.name == f"git-{os.getpid()}.sock" and gateway.socket_path.exists()
+            assert other.forwarder_command().endswith(f"--socket /run/corral/git-{os.getpid()}.sock --")
+        finally:
+            other.stop()
         with pytest.raises(Exception, match="not allowed for host"):
             await gateway.grant("repo", "http://evil.test/repo.git", "read", 60)
     finally:
