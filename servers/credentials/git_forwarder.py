@@ -10,6 +10,7 @@ With a COMMAND, it listens, runs the command, and exits with the command's statu
 
 import argparse
 import asyncio
+import errno
 import sys
 
 
@@ -34,12 +35,21 @@ async def main(args: argparse.Namespace) -> int:
             return
         await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
 
-    server = await asyncio.start_server(relay, "127.0.0.1", args.port)
+    try:
+        server = await asyncio.start_server(relay, "127.0.0.1", args.port)
+    except OSError as err:
+        if not args.command or err.errno != errno.EADDRINUSE:
+            raise
+        return await run(args.command)  # another forwarder in this sandbox already relays the port
     async with server:
         if not args.command:
             await server.serve_forever()
-        proc = await asyncio.create_subprocess_exec(*args.command)
-        return await proc.wait()
+        return await run(args.command)
+
+
+async def run(command: list[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(*command)
+    return await proc.wait()
 
 
 if __name__ == "__main__":
