@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,23 +46,36 @@ def new_secret(prefix: str) -> str:
     return value
 
 
-@pytest.fixture
-def upstream():
+@pytest.fixture(scope="session")
+def shared_upstream():
     with Upstream() as up:
         yield up
 
 
+@pytest.fixture
+def upstream(shared_upstream):
+    """One loopback server for the session (cheap tests); each test starts with an empty record."""
+    shared_upstream.seen.clear()
+    yield shared_upstream
+    shared_upstream.seen.clear()
+
+
 class Env:
-    def __init__(self, tmp: Path, upstream: Upstream) -> None:
+    def __init__(self, tmp: Path, upstream: Upstream, template: Path | None = None) -> None:
         self.settings = VaultSettings(home=tmp / "home", vault_backend="encrypted-file", proxy_max_request_bytes=4096, proxy_max_response_bytes=2048)
+        if template is not None:  # a copy of the session's seeded vault: same secrets, no re-encryption per test
+            shutil.copytree(template / "home", tmp / "home")
         self.vault, _ = open_vault(self.settings, None)
         self.upstream = upstream
         self.connector = LoopbackOnly()
         self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"], "xn--bcher-kva.test": ["127.0.0.1"], "bucher.test": ["127.0.0.1"]})
-        self.secrets: dict[str, str] = {}
+        self.secrets: dict[str, str] = dict(_SEEDED)
         AUDIT_FILES.append(self.vault.directory / "audit.jsonl")
-        port = upstream.port
-        base = dict(schemes=["http"], ports=[port], methods=["GET", "POST"])
+        if template is None:
+            self.seed()
+
+    def seed(self) -> None:
+        base = dict(schemes=["http"], ports=[self.upstream.port], methods=["GET", "POST"])
         self.add(Credential(name="echo", kind="bearer", hosts=["127.0.0.1", "api.test"], allow_private=True, description="echo upstream", **base))
         self.add(Credential(name="strict", kind="bearer", hosts=["api.test", "rebind.test", "mixed.test"], allow_private=False, **base))
         self.add(Credential(name="hdr", kind="header", header="X-Api-Key", template="key={secret}", hosts=["127.0.0.1"], allow_private=True, **base))
@@ -82,9 +96,20 @@ class Env:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+_SEEDED: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def seeded_vault(tmp_path_factory, shared_upstream) -> Path:
+    root = tmp_path_factory.mktemp("seeded")
+    env = Env(root, shared_upstream)
+    _SEEDED.update(env.secrets)
+    return root
+
+
 @pytest.fixture
-def env(tmp_path: Path, upstream: Upstream) -> Env:
-    return Env(tmp_path, upstream)
+def env(tmp_path: Path, upstream: Upstream, seeded_vault: Path) -> Env:
+    return Env(tmp_path, upstream, template=seeded_vault)
 
 
 class Recorder:
