@@ -130,7 +130,7 @@ class GitGateway:
     async def _send(self, grant: Grant, method: str, url: str, headers: dict[str, str], request: Request) -> Response:
         start = time.monotonic()
         snap = await self.proxy.snapshot()
-        audit: dict[str, Any] = {"credential": grant.credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0, "via": "git"}
+        audit: dict[str, Any] = {"who": "git-gateway", "credential": grant.credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0, "via": "git"}
         try:
             cred, target, ip, send_url, out_headers = await self.proxy.prepare(snap, audit, grant.credential, method, url, headers)
             out_headers.pop("Accept-Encoding", None)  # git's own negotiation passes through untouched

@@ -99,9 +99,9 @@ class Proxy:
         snap = await self.snapshot()
         return [c.public() | {"has_secret": c.name in snap.secrets} for c in sorted(snap.credentials.values(), key=lambda c: c.name)]
 
-    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None) -> dict[str, Any]:
+    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> dict[str, Any]:
         start = time.monotonic()
-        audit: dict[str, Any] = {"credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
+        audit: dict[str, Any] = {"who": who, "credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
         try:
             snap = await self.snapshot()
         except CorralError as err:  # the keyring failed: nothing was sent, and there is no secret to redact

@@ -11,7 +11,7 @@ import os
 import weakref
 from typing import Any, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from corral.config import CoreSettings
@@ -73,6 +73,15 @@ def install_redaction(proxy: Proxy, handlers: list[logging.Handler] | None = Non
         handler.addFilter(filt)
 
 
+def client_name(ctx: Context | None) -> str:
+    """Who is asking, for the audit line: the MCP client's self-declared name/version."""
+    try:
+        info = ctx.session.client_params.client_info  # type: ignore[union-attr]
+        return f"{info.name}/{info.version}"
+    except (AttributeError, LookupError, ValueError):  # no context, no session, or no client info sent
+        return "unknown"
+
+
 def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
     server = MCPServer("corral-credentials", instructions=INSTRUCTIONS)
 
@@ -90,9 +99,10 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
         body: str | None = Field(None, description="request body as text"),
         json: Any = Field(None, description="request body as JSON (instead of body)"),
         timeout_s: float | None = Field(None, description="upstream timeout in seconds (default 30)"),
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
         """Send an HTTP request with a stored credential added by the proxy; redirects are returned, not followed."""
-        return await proxy.http_request(credential, method, url, headers, body, json, timeout_s)
+        return await proxy.http_request(credential, method, url, headers, body, json, timeout_s, who=client_name(ctx))
 
     if gateway is not None:
 

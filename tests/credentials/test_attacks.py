@@ -324,6 +324,7 @@ async def test_every_use_is_audited_without_the_secret(mcp, env):
     ok, denied, unknown = lines
     assert ok["credential"] == "echo" and ok["method"] == "GET" and ok["host"] == "127.0.0.1" and ok["path"] == "/echo"
     assert ok["status"] == 200 and ok["bytes"] > 0 and ok["outcome"] == "ok" and ok["time"].endswith("+00:00")
+    assert ok["who"].startswith("mcp")  # the MCP client's declared name/version
     assert denied["outcome"] == "denied" and denied["error"] == "policy_denied" and denied["status"] is None
     assert unknown["credential"] == "nope" and unknown["error"] == "not_found"
     assert_clean(env, (env.vault.directory / "audit.jsonl").read_text())
