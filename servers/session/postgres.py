@@ -73,6 +73,10 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX corral_events_event_id ON corral_events (session_id, event_id);
     CREATE INDEX corral_events_type ON corral_events (session_id, type, position);
     """,
+    # 2: the lease an event was written under (an audit trail of who held the session).
+    """
+    ALTER TABLE corral_events ADD COLUMN lease_token BIGINT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
@@ -323,14 +327,14 @@ class PostgresEventStore(EventStore):
             status = info.status
             for offset, (i, event, eid, data) in enumerate(fresh):
                 positions[i] = length + offset
-                rows.append((session_id, length + offset, eid, event.type, data))
+                rows.append((session_id, length + offset, eid, event.type, data, lease))
                 if event.type == "session.status":
                     status = _status_of(event)
             for i, first in alias.items():
                 positions[i] = positions[first]
             try:
                 with conn.cursor() as cur:
-                    cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, %s, %s)", rows)
+                    cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data, lease_token) VALUES (%s, %s, %s, %s, %s, %s)", rows)
             except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
             conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (length + len(rows), status, session_id))

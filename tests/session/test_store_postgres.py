@@ -42,6 +42,28 @@ def test_schema_is_created_versioned_and_reopening_migrates_nothing(pg_schema_ur
     assert pk == ["session_id", "position"]
 
 
+def test_an_old_schema_is_migrated_in_place_keeping_its_data(pg_schema_url):  # noqa: F811
+    from servers.session.postgres import MIGRATIONS
+
+    with psycopg.connect(pg_schema_url) as conn:  # a database a version-1 corral made
+        conn.execute("CREATE TABLE corral_schema_version (version INTEGER NOT NULL)")
+        conn.execute(MIGRATIONS[0])
+        conn.execute("INSERT INTO corral_schema_version VALUES (1)")
+        conn.execute("INSERT INTO corral_sessions (session_id, metadata, length) VALUES ('old', '{}', 1)")
+        conn.execute("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES ('old', 0, 'e0', 'user.message', '{\"text\": \"hi\"}')")
+    store = open_store(pg_schema_url)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION > 1
+        assert [e.data for e in store.select("old")] == [{"text": "hi"}]
+        lease = store.acquire_lease("old", "w", ttl_s=30)
+        store.append("old", [NewEvent(type="agent.message", data={})], lease=lease.token)
+    finally:
+        store.close()
+    with psycopg.connect(pg_schema_url) as conn:
+        tokens = [r[0] for r in conn.execute("SELECT lease_token FROM corral_events WHERE session_id = 'old' ORDER BY position")]
+    assert tokens == [None, lease.token]
+
+
 def test_a_newer_schema_is_refused_not_downgraded(pg_schema_url):  # noqa: F811
     open_store(pg_schema_url).close()
     with psycopg.connect(pg_schema_url) as conn:

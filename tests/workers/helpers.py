@@ -30,6 +30,7 @@ class Worker:
                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.pid = self.proc.pid
+        self.restarted = False  # set by a test acting as the supervisor
 
     def signal(self, sig: int) -> float:
         os.kill(self.pid, sig)

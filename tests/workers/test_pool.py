@@ -21,7 +21,7 @@ from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 from tests.workers.helpers import ROOT, Worker, assert_worked_in_turns, steps, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-LEASE = 3.0
+LEASE = 4.0
 
 
 @pytest.fixture
