@@ -123,7 +123,7 @@ class Proxy:
         if error:
             audit["error"] = error
         self.audit.write(snap.redactor if snap else self.redactor(), **audit)
-        log.info("%s %s %s%s -> %s", audit["credential"], audit["method"], audit["host"] or "-", audit["path"] or "", audit["status"] or outcome)
+        log.info("%r %r %s%s -> %s", audit["credential"], audit["method"], audit["host"] or "-", audit["path"] or "", audit["status"] or outcome)
 
     async def prepare(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None) -> tuple[Credential, Target, str, httpx.URL, dict[str, str]]:
         """Every check, then the secret: (credential, target, checked address, URL to send, headers to send)."""
