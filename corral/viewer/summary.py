@@ -14,6 +14,8 @@ from typing import Any
 
 __all__ = ["Line", "summarize", "usage_of", "totals", "USAGE_KEYS"]
 
+# Tool calls that are the sandbox lifecycle (the harness records them as tool calls).
+SANDBOX_TOOLS = {"provision", "destroy", "list_sandboxes"}
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 MAX_TEXT = 600
 
@@ -71,14 +73,22 @@ def summarize(type_: str, data: Any) -> Line:
         return Line("model", "model", clip(text_of(d)), usage)
     if type_ == "agent.tool_use":
         name = d.get("name") or d.get("tool") or "?"
-        return Line("tool", f"tool {name}", clip(compact(d.get("input", d.get("arguments", {})))), usage)
+        kind = "sandbox" if name in SANDBOX_TOOLS else "tool"
+        return Line(kind, f"tool {name}", clip(compact(d.get("input", d.get("arguments", {})))), usage)
     if type_ == "agent.tool_result":
         failed = bool(d.get("is_error") or d.get("isError"))
         label = "error" if failed else "result"
-        return Line("error" if failed else "result", f"{label} {d.get('name', '')}".strip(), clip(text_of(d.get("content", d))), usage)
+        kind = "error" if failed else ("sandbox" if d.get("name") in SANDBOX_TOOLS else "result")
+        return Line(kind, f"{label} {d.get('name', '')}".strip(), clip(text_of(d.get("content", d))), usage)
     if type_ == "span.model_request":
         figures = ", ".join(f"{k.replace('_input_tokens', '').replace('_tokens', '')} {v}" for k, v in usage.items())
-        return Line("usage", "model request", figures or clip(compact(d)), usage)
+        head = " ".join(str(x) for x in (d.get("model"), f"{d['latency_ms']:.0f} ms" if isinstance(d.get("latency_ms"), int | float) else None) if x)
+        return Line("usage", "model request", " · ".join(x for x in (head, figures) if x) or clip(compact(d)), usage)
+    if type_ == "session.tools" and isinstance(d.get("tools"), list):
+        names = [t.get("name", "?") for t in d["tools"] if isinstance(t, dict)]
+        return Line("status", "tools", clip(f"{len(names)} tools: {', '.join(names)}"), usage)
+    if type_ == "agent.subagent":
+        return Line("tool", "subagent", clip(f"{d.get('task', '')} → {d.get('session_id', '?')}"), usage)
     if type_ == "session.error" or type_.endswith(".error") or type_.endswith(".failed"):
         return Line("error", type_, clip(text_of(d)), usage)
     if domain == "sandbox":
@@ -86,7 +96,8 @@ def summarize(type_: str, data: Any) -> Line:
         rest = {k: v for k, v in d.items() if k != "sandbox_id"}
         return Line("sandbox", type_, clip(f"{sid} {compact(rest) if rest else ''}".strip()), usage)
     if type_ == "session.status":
-        return Line("status", "status", clip(str(d.get("status", compact(d)))), usage)
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return Line("status", "status", clip(str(d.get("status", compact(d))) + reason), usage)
     if type_ == "context.compacted":
         return Line("status", "compacted", clip(text_of(d.get("summary", d))), usage)
     return Line("other", type_, clip(compact(data)), usage)

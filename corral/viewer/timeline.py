@@ -61,7 +61,7 @@ def render_timeline(events: Iterable[Any], session: Any = None) -> RenderableTyp
         line = summarize(_field(event, "type"), _field(event, "data"))
         lines.append(line)
         style = STYLES.get(line.kind, "")
-        what = f"{line.title.split(' ', 1)[1]} {line.text}" if line.kind == "tool" else line.text  # the tool's name first
+        what = f"{line.title.split(' ', 1)[1]} {line.text}" if line.title.startswith("tool ") else line.text  # the tool's name first
         table.add_row(str(_field(event, "position")), _elapsed(start, created), Text(ICONS.get(line.kind, "·"), style=style), Text(_field(event, "type"), style=style), Text(what))
     parts: list[RenderableType] = []
     if session is not None:
