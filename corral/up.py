@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from corral import mcp_config
 from corral.auth import load_or_create_token
+from corral.errors import InvalidArgument
 from corral.frontdoor import UpSettings
 
 __all__ = ["register"]
@@ -33,6 +35,7 @@ def _up(args: argparse.Namespace) -> int:
     settings = UpSettings()
     host = args.host or settings.up_host
     port = settings.up_port if args.port is None else args.port
+    _log_level(settings.log_level)
     home = settings.data_dir()
     token = load_or_create_token(home)
     from corral.serving import bind, build_servers, serve_until_stopped  # the SDK and uvicorn: only when serving
@@ -56,3 +59,11 @@ def _up(args: argparse.Namespace) -> int:
         sock.close()
     print(f"corral up: stopped{f' ({stopped_by})' if stopped_by else ''}", file=sys.stderr, flush=True)
     return 0
+
+
+def _log_level(name: str) -> None:
+    """CORRAL_LOG_LEVEL for all three servers (the CLI's default is WARNING)."""
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        raise InvalidArgument(f"CORRAL_LOG_LEVEL={name!r} is not a log level", hint="use DEBUG, INFO, WARNING or ERROR")
+    logging.getLogger().setLevel(level)

@@ -82,8 +82,10 @@ class HTTPGuard:
             return None
         if path.startswith(self.cookie_paths) and self.cookie_paths and "token=" in scope.get("query_string", b"").decode("latin-1"):
             return None  # a login attempt: `_login` judges the token
+        viewer = bool(self.cookie_paths) and path.startswith(self.cookie_paths)
+        how = "open the /sessions?token=... link `corral up` printed" if viewer else "send 'Authorization: Bearer <token>'"
         return PlainTextResponse(
-            "missing or wrong bearer token: send 'Authorization: Bearer <token>' (the token is in $CORRAL_HOME/token)\n",
+            f"missing or wrong bearer token: {how} (the token is in $CORRAL_HOME/token)\n",
             status_code=401,
             headers={"WWW-Authenticate": 'Bearer realm="corral"'},
         )

@@ -149,10 +149,11 @@ def test_unreachable_postgres_is_one_line_with_what_to_do(corral_env: dict[str, 
     assert "pw@" not in line  # the password in the URL is not echoed
 
 
-def test_bad_port_setting_is_one_line(corral_env: dict[str, str]) -> None:
-    done = corral("up", env={**corral_env, "CORRAL_UP_PORT": "eighty"}, timeout=30)
-    line = one_line_error(done)
-    assert "CORRAL_UP_PORT" in line or "up_port" in line
+def test_bad_settings_are_one_line_naming_the_variable(corral_env: dict[str, str]) -> None:
+    line = one_line_error(corral("up", env={**corral_env, "CORRAL_UP_PORT": "eighty"}, timeout=30))
+    assert "CORRAL_UP_PORT='eighty'" in line
+    line = one_line_error(corral("up", "--port", str(free_port()), env={**corral_env, "CORRAL_LOG_LEVEL": "loud"}, timeout=30))
+    assert "CORRAL_LOG_LEVEL='loud'" in line and "DEBUG, INFO" in line
 
 
 def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
