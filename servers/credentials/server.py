@@ -15,6 +15,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from corral.config import CoreSettings
+from corral.errors import CorralError
 from servers.credentials.gateway import GitGateway
 from servers.credentials.proxy import Proxy
 from servers.mcp_shell import serve, tool
@@ -65,6 +66,10 @@ _FILTER = RedactingFilter(_SOURCES)
 def install_redaction(proxy: Proxy, handlers: list[logging.Handler] | None = None) -> None:
     """Redact at every logger under the names we know (records are rewritten before any handler) and at given handlers."""
     _SOURCES.proxies.add(proxy)
+    try:
+        proxy.snapshot_sync()  # load the secrets now, so even the first log line is redacted
+    except CorralError as err:  # the keyring is unusable: every request will say so; the server still starts
+        logging.getLogger("corral.credentials").warning("vault not readable at start: %s", err)
     filt = _FILTER
     existing = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}]
     for name in {*REDACTED_LOGGERS, *existing}:
@@ -129,7 +134,9 @@ def run(http: str | None) -> None:
     logging.basicConfig(level=core.log_level.upper(), handlers=[handler], force=True)
     install_redaction(proxy, [handler])
     logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
-    gateway = GitGateway(Proxy(vault, settings), settings)  # its own Proxy: it runs on its own event loop
+    gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
+    install_redaction(gateway_proxy)
+    gateway = GitGateway(gateway_proxy, settings)
     gateway.start()
     try:
         serve(build_server(proxy, gateway), http)
