@@ -42,7 +42,7 @@ from procrastinate.job_context import JobContext
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
 from corral.errors import Conflict, Unavailable
-from servers.session.store import EventStore, NewEvent
+from servers.session.store import EventStore, LeaseLost, NewEvent
 
 log = logging.getLogger("corral.worker")
 
@@ -133,9 +133,8 @@ class LeasedStore:
             return self._store.append(session_id, events, expected_position)
         try:
             return self._store.append(session_id, events, expected_position, lease=self._token)
-        except Conflict as err:
-            if "lease" in err.message:
-                self._on_fenced(err.message)
+        except LeaseLost as err:
+            self._on_fenced(err.message)
             raise
 
     def __getattr__(self, name: str) -> Any:

@@ -35,6 +35,7 @@ from servers.session.store import (
     Event,
     EventStore,
     Lease,
+    LeaseLost,
     NewEvent,
     Segment,
     SessionInfo,
@@ -399,9 +400,8 @@ def _check_lease(info: SessionInfo, token: int) -> None:
     held = info.lease
     if held is None or held["token"] != token:
         holder = "nobody" if held is None else f"{held['worker']} (lease {held['token']})"
-        raise Conflict(
+        raise LeaseLost(
             f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
-            hint="another worker owns this session now; stop working on it",
         )
 
 

@@ -25,6 +25,7 @@ from servers.session.store import (
     Event,
     EventStore,
     Lease,
+    LeaseLost,
     NewEvent,
     Segment,
     SessionInfo,
@@ -173,9 +174,8 @@ class SQLiteEventStore(EventStore):
         owner, current, _ = self._lease(session_id)
         if owner is None or current != token:
             holder = "nobody" if owner is None else f"{owner} (lease {current})"
-            raise Conflict(
+            raise LeaseLost(
                 f"lease {token} on session {session_id} is no longer held (now: {holder}); nothing was written",
-                hint="another worker owns this session now; stop working on it",
             )
 
     def _complete(self, info: SessionInfo) -> SessionInfo:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound
 
-__all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "EventStore", "open_store", "encode_data", "new_id", "Conflict", "NotFound"]
+__all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "LeaseLost", "EventStore", "open_store", "encode_data", "new_id", "Conflict", "NotFound"]
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$"
@@ -79,6 +79,12 @@ class Lease(BaseModel):
     owner: str
     token: int
     expires_at: datetime
+
+
+class LeaseLost(Conflict):
+    """An append (or renewal) under a lease that was released or taken over: nothing was written."""
+
+    default_hint = "another worker owns this session now; stop working on it"
 
 
 def new_id(prefix: str = "") -> str:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from corral.errors import Conflict
-from servers.session.store import NewEvent, open_store
+from servers.session.store import LeaseLost, NewEvent, open_store
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 
 
@@ -34,7 +34,7 @@ class LeaseContract:
         time.sleep(0.3)  # worker-a stalls past its lease
         second = store.acquire_lease(sid, "worker-b", ttl_s=5)
         assert second.token > first.token
-        with pytest.raises(Conflict, match="no longer held"):
+        with pytest.raises(LeaseLost, match="no longer held"):
             store.append(sid, [ev(i=1, stale=True)], lease=first.token)
         with pytest.raises(Conflict):
             store.renew_lease(sid, first.token, ttl_s=5)
