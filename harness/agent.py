@@ -75,14 +75,16 @@ class Agent:
         return self.last_text()
 
     async def step(self) -> None:
-        await self.maybe_compact()
-        response = await self.query()
+        messages = build_messages(self.log.compaction, self.log.tail)
+        if self.over_budget(messages) and await self.compact():
+            messages = build_messages(self.log.compaction, self.log.tail)
+        response = await self.query(messages)
         await self.execute(response.tool_uses())
 
-    # -- the three moves ------------------------------------------------------------
+    # -- the moves ------------------------------------------------------------------
 
-    async def query(self) -> ModelResponse:
-        request = self.request(build_messages(self.log.compaction, self.log.tail))
+    async def query(self, messages: list[dict[str, Any]]) -> ModelResponse:
+        request = self.request(messages)
         response = await self.retrying().respond(request, self.view.text)
         self.view.response_done()
         written: list[Any] = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"]) for b in response.content if b["type"] == "text"]
@@ -109,13 +111,14 @@ class Agent:
         self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], content=[{"type": "text", "text": outcome.text or "(no output)"}],
                             is_error=outcome.is_error, duration_ms=duration, **outcome.data)])
 
-    async def maybe_compact(self) -> None:
-        messages = build_messages(self.log.compaction, self.log.tail)
-        if estimate_tokens(self.system, [t.api() for t in self.defs()], messages) < self.config.context_budget_tokens:
-            return
+    def over_budget(self, messages: list[dict[str, Any]]) -> bool:
+        return estimate_tokens(self.system, [t.api() for t in self.defs()], messages) >= self.config.context_budget_tokens
+
+    async def compact(self) -> bool:
+        """Summarise everything before the latest exchange into a `context.compacted` event."""
         cut = compaction_cut(self.log.tail)
         if cut is None:
-            return
+            return False
         before = build_messages(self.log.compaction, [e for e in self.log.tail if e.position < cut])
         before.append({"role": "user", "content": [{"type": "text", "text": SUMMARY_PROMPT}]})
         if len(before) > 1 and before[-2]["role"] == "user":  # keep roles alternating
@@ -125,6 +128,7 @@ class Agent:
         start = self.log.compaction.data["start"] if self.log.compaction else 0
         todo = todo_at(self.log.compaction, self.log.tail, cut)
         self.log.append([ev(E.COMPACTED, start=start, end=cut, summary=response.text(), todo=todo), self.span(response, "compaction")])
+        return True
 
     # -- waking ---------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ After a `context.compacted` event the context is its summary plus the events aft
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -98,13 +97,18 @@ def build_messages(compaction: Event | None, tail: list[Event]) -> list[dict[str
 
 
 def with_cache_breakpoints(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A copy of `messages` with cache_control on the last message and the user turn before it."""
-    out = copy.deepcopy(messages)
+    """`messages` with cache_control on the last message and the user turn before it.
+
+    Only the marked messages are copied (shallowly, down to the marked block): the
+    input is never changed, and a long context is not deep-copied on every turn."""
+    out = list(messages)
     user_turns = [i for i, m in enumerate(out) if m["role"] == "user"]
     marks = {len(out) - 1} | ({user_turns[-2]} if len(user_turns) >= 2 else set())
     for i in marks:
         if 0 <= i < len(out) and out[i]["content"]:
-            out[i]["content"][-1]["cache_control"] = CACHE
+            content = list(out[i]["content"])
+            content[-1] = {**content[-1], "cache_control": CACHE}
+            out[i] = {**out[i], "content": content}
     return out
 
 

@@ -11,6 +11,7 @@ failures -> `Unavailable` (retryable); 401/403 -> `PolicyDenied`; other 4xx -> `
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -78,13 +79,25 @@ class AnthropicModel:
     base_url: str | None = None
     timeout_s: float = 600.0
     _client: Any = field(default=None, init=False, repr=False)
+    _warming: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def client(self) -> Any:
+        warming = self._warming
+        if warming is not None and warming is not threading.current_thread():
+            warming.join()
+            self._warming = None
         if self._client is None:
             import anthropic  # imported on first use: the CLI's --help stays fast
 
             self._client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s)
         return self._client
+
+    def warm_up(self) -> None:
+        """Start building the SDK client in a thread: loading the CA bundle for TLS is ~0.1 s
+        of GIL-free work that would otherwise sit in front of the first request."""
+        if self._client is None and self._warming is None:
+            self._warming = threading.Thread(target=self.client, name="anthropic-client", daemon=True)
+            self._warming.start()
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -77,14 +77,16 @@ async def run_session(
     store: EventStore | None = None,
 ) -> Outcome:
     # `store`: a caller-owned store (the worker pool passes its leased one); else opened and closed here.
+    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s) if model is None else None
+    if own_model is not None:
+        own_model.warm_up()  # overlaps reading the log
     owned = store is None
     store = open_harness_store(settings) if store is None else store
-    log = SessionLog.load(store, session_id) if session_id else SessionLog.create(store, metadata={"task": (task or "")[:200]})
-    view.session(log.session_id, resumed=session_id is not None)
-    if on_session:
-        on_session(log.session_id)
-    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s) if model is None else None
     try:
+        log = SessionLog.load(store, session_id) if session_id else SessionLog.create(store, metadata={"task": (task or "")[:200]})
+        view.session(log.session_id, resumed=session_id is not None)
+        if on_session:
+            on_session(log.session_id)
         return await _run(settings, store, log, own_model or model, task=task, resumed=session_id is not None, view=view, env=env)
     finally:
         if own_model is not None:
