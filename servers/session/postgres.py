@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -80,6 +81,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+LINEAGE_CACHE = 10_000  # sessions whose lineage a process keeps in memory
 MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
 
 SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
@@ -104,11 +106,12 @@ class PostgresEventStore(EventStore):
         min_connections: int = 1,
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
+        synchronous: str | None = None,  # SQLite's durability knob; a PostgreSQL commit is durable as the server's synchronous_commit says
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
         self.schema = schema
-        self._lineages: dict[str, list[Segment]] = {}  # lineage never changes once a session exists
+        self._lineages: OrderedDict[str, list[Segment]] = OrderedDict()  # lineage never changes once a session exists: an LRU
         self._lineage_lock = threading.Lock()
         self._pool = psycopg_pool.ConnectionPool(
             url,
@@ -186,8 +189,9 @@ class PostgresEventStore(EventStore):
         """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
         with self._lineage_lock:
             cached = self._lineages.get(info.session_id)
-        if cached is not None:
-            return cached
+            if cached is not None:
+                self._lineages.move_to_end(info.session_id)
+                return cached
         segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
         node = info
         while node.forked_at is not None and node.parent is not None:
@@ -196,6 +200,8 @@ class PostgresEventStore(EventStore):
             segments.insert(0, Segment(session_id=node.session_id, start=node.forked_at or 0, end=end))
         with self._lineage_lock:
             self._lineages[info.session_id] = segments
+            if len(self._lineages) > LINEAGE_CACHE:
+                self._lineages.popitem(last=False)
         return segments
 
     def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:

@@ -88,6 +88,15 @@ def test_slices_are_index_seeks(pg_schema_url):  # noqa: F811
     assert "Index Cond" in plan and "corral_events_pkey" in plan and "Seq Scan" not in plan, plan
 
 
+def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F811
+    # `corral run` passes CORRAL_SQLITE_SYNCHRONOUS whatever the store is.
+    store = open_store(pg_schema_url, synchronous="FULL")
+    try:
+        assert store.append(store.create().session_id, [NewEvent(type="user.message", data={})]) == [0]
+    finally:
+        store.close()
+
+
 def test_unreachable_server_is_unavailable_with_a_hint():
     with pytest.raises(Unavailable, match="cannot open the PostgreSQL session store") as err:
         open_store("postgresql://corral:corral@127.0.0.1:1/none", connect_timeout_s=2)
