@@ -24,15 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-from mcp import StdioServerParameters  # noqa: E402
-from mcp.client import Client  # noqa: E402
+import httpx
+from mcp import StdioServerParameters
+from mcp.client import Client
 
-from servers.credentials.proxy import Proxy  # noqa: E402
-from servers.credentials.server import build_server  # noqa: E402
-from vault import open_vault  # noqa: E402
-from vault.config import VaultSettings  # noqa: E402
-from vault.policy import Credential  # noqa: E402
+from servers.credentials.proxy import Proxy
+from servers.credentials.server import build_server
+from vault import open_vault
+from vault.config import VaultSettings
+from vault.policy import Credential
 
 SECRET = "sk-bench-0123456789abcdefghij"
 BODY = json.dumps({"ok": True, "items": list(range(50))}).encode()

@@ -7,7 +7,7 @@ from vault.keyrings import Choice, TimedKeyring, choose_backend
 from vault.policy import Credential
 from vault.store import Vault
 
-__all__ = ["Vault", "VaultSettings", "Credential", "Choice", "open_vault"]
+__all__ = ["Choice", "Credential", "Vault", "VaultSettings", "open_vault"]
 
 
 def open_vault(settings: VaultSettings, bus_address: str | None) -> tuple[Vault, Choice]:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["Credential", "Kind", "normalize_host", "normalize_host_pattern", "host_matches", "KINDS"]
+__all__ = ["KINDS", "Credential", "Kind", "host_matches", "normalize_host", "normalize_host_pattern"]
 
 Kind = Literal["bearer", "header", "basic", "query", "git"]
 KINDS: tuple[str, ...] = ("bearer", "header", "basic", "query", "git")
@@ -40,8 +40,7 @@ def normalize_host(host: str) -> str:
     except UnicodeError as err:
         raise ValueError(f"invalid host name {host!r}") from err
     ascii_host = ascii_host.lower()
-    if ascii_host.endswith("."):
-        ascii_host = ascii_host[:-1]
+    ascii_host = ascii_host.removesuffix(".")
     ipv4 = legacy_ipv4(ascii_host)
     if ipv4 is not None:
         return ipv4

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
-__all__ = ["Redactor", "MARK", "secret_forms", "RedactingFilter"]
+__all__ = ["MARK", "RedactingFilter", "Redactor", "secret_forms"]
 
 MARK = b"[REDACTED]"
 

@@ -19,7 +19,7 @@ from corral.errors import InvalidArgument, NotFound, Unavailable
 from vault.keyrings import TimedKeyring
 from vault.policy import Credential
 
-__all__ = ["Vault", "MIN_SECRET_CHARS", "check_secret"]
+__all__ = ["MIN_SECRET_CHARS", "Vault", "check_secret"]
 
 MIN_SECRET_CHARS = 8  # shorter secrets would make redaction mangle ordinary output
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from vault.redact import Redactor
@@ -19,7 +19,7 @@ class AuditLog:
 
     def write(self, redactor: Redactor, **fields) -> None:
         """Append one line; the line goes through the redactor like everything else that leaves."""
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
+        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **fields}
         line = redactor.text(json.dumps(record, default=str, ensure_ascii=False)) + "\n"
         # O_APPEND: concurrent writers (several proxy processes) never overwrite each other's lines.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

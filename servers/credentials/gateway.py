@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from servers.credentials.proxy import Proxy
 from servers.credentials.transport import pinned
 from vault.config import VaultSettings
 
-__all__ = ["GitGateway", "Grant", "SANDBOX_PORT", "SANDBOX_DIR", "FORWARDER"]
+__all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 
 SANDBOX_PORT = 8417  # where git_forwarder.py listens inside the sandbox
 SANDBOX_DIR = "/run/corral"  # where the sandbox mounts the gateway's directory (socket + forwarder)
@@ -83,11 +83,12 @@ class GitGateway:
             raise InvalidArgument("ttl_s must be between 1 and 86400")
         token = secrets.token_urlsafe(32)
         self._expire()
-        self.grants[token] = Grant(cred.name, str(target.url), access == "write", time.time() + ttl)
+        expires_at = time.time() + ttl
+        self.grants[token] = Grant(cred.name, str(target.url), access == "write", expires_at)
         name = target.path.rstrip("/").rsplit("/", 1)[-1] or "repo"
         return {
             "remote_url": f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
-            "expires_at": datetime.fromtimestamp(time.time() + ttl, timezone.utc).isoformat(timespec="seconds"),
+            "expires_at": datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
             "access": access,
             "gateway_dir": str(self.socket_path.parent),
             "run_git_with": self.forwarder_command(),
@@ -114,7 +115,7 @@ class GitGateway:
         grant = self.grants.get(request.path_params["token"])
         if grant is None or grant.expires_at <= time.time():
             return PlainTextResponse("corral: this git capability is unknown or expired; ask for a new one with git_access\n", status_code=403)
-        rest, query = request.path_params["rest"], request.url.query
+        rest = request.path_params["rest"]
         service = request.query_params.get("service")
         if rest not in ENDPOINTS or (rest == "info/refs" and service not in ("git-upload-pack", "git-receive-pack")):
             return PlainTextResponse("corral: only git smart HTTP endpoints are forwarded\n", status_code=404)

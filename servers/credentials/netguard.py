@@ -18,7 +18,7 @@ import httpx
 from corral.errors import InvalidArgument, PolicyDenied, Timeout, Unavailable
 from vault.policy import Credential, host_matches, normalize_host
 
-__all__ = ["Target", "Resolver", "SystemResolver", "StaticResolver", "parse_target", "check_address", "resolve_checked", "has_ctl"]
+__all__ = ["Resolver", "StaticResolver", "SystemResolver", "Target", "check_address", "has_ctl", "parse_target", "resolve_checked"]
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Cloud metadata endpoints: refused even when a policy allows private addresses.

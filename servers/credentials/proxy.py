@@ -20,7 +20,15 @@ import httpx
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 from servers.credentials.audit import AuditLog, monotonic_ms
-from servers.credentials.netguard import Resolver, SystemResolver, Target, check_policy, has_ctl, parse_target, resolve_checked
+from servers.credentials.netguard import (
+    Resolver,
+    SystemResolver,
+    Target,
+    check_policy,
+    has_ctl,
+    parse_target,
+    resolve_checked,
+)
 from servers.credentials.transport import PinnedTransport, pinned
 from vault.config import VaultSettings
 from vault.policy import TOKEN, Credential

@@ -23,7 +23,7 @@ from vault import open_vault
 from vault.config import VaultSettings
 from vault.redact import RedactingFilter
 
-__all__ = ["build_server", "run", "install_redaction"]
+__all__ = ["build_server", "install_redaction", "run"]
 
 INSTRUCTIONS = (
     "Make HTTP requests that need a secret without ever seeing it: call list_credentials, then "

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 import httpcore
 import httpx
 
-__all__ = ["PinnedTransport", "pinned", "LoopbackOnly"]
+__all__ = ["LoopbackOnly", "PinnedTransport", "pinned"]
 
 _PINS: contextvars.ContextVar[dict[tuple[str, int], str] | None] = contextvars.ContextVar("corral_pins", default=None)
 

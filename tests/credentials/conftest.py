@@ -75,7 +75,7 @@ class Env:
             self.seed()
 
     def seed(self) -> None:
-        base = dict(schemes=["http"], ports=[self.upstream.port], methods=["GET", "POST"])
+        base = {"schemes": ["http"], "ports": [self.upstream.port], "methods": ["GET", "POST"]}
         self.add(Credential(name="echo", kind="bearer", hosts=["127.0.0.1", "api.test"], allow_private=True, description="echo upstream", **base))
         self.add(Credential(name="strict", kind="bearer", hosts=["api.test", "rebind.test", "mixed.test"], allow_private=False, **base))
         self.add(Credential(name="hdr", kind="header", header="X-Api-Key", template="key={secret}", hosts=["127.0.0.1"], allow_private=True, **base))

@@ -62,7 +62,7 @@ class GitHandler(BaseHTTPRequestHandler):
             "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
             "HTTP_GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
         }
-        done = subprocess.run([BACKEND], input=body, env=env, capture_output=True, timeout=60)
+        done = subprocess.run([BACKEND], input=body, env=env, capture_output=True, timeout=60, check=False)
         head, _, payload = done.stdout.partition(b"\r\n\r\n")
         status, headers = 200, {}
         for line in head.decode().split("\r\n"):

@@ -7,7 +7,6 @@ addresses, that the test's connector saw no connection attempt at all).
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 
 import pytest

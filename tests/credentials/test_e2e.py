@@ -62,7 +62,7 @@ async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
 def can_unshare() -> bool:
     if not shutil.which("unshare"):
         return False
-    return subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10).returncode == 0
+    return subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False).returncode == 0
 
 
 TARGETS = ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "10.0.0.1", "metadata.google.internal", "example.com"]

@@ -11,9 +11,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from mcp.client import Client
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.bwrap]
 
 def git(*args: str, cwd: Path | None = None) -> str:
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd or "/tmp"), "GIT_CONFIG_NOSYSTEM": "1"}
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -133,7 +133,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
             # A read capability clones but cannot push; an expired one does nothing.
             done = await run(backend, ref, f"set -e; {fwd} git clone -q {grants['read']} ro; cd ro; git -c user.name=s -c user.email=s@s commit -q --allow-empty -m nope; {fwd} git push -q origin HEAD:main")
             assert done.exit_code != 0 and "read-only" in done.stderr
-            time.sleep(1.2)
+            await anyio.sleep(1.2)
             done = await run(backend, ref, f"{fwd} git clone -q {grants['short']} expired")
             assert done.exit_code != 0 and "expired" in done.stderr
 

@@ -50,7 +50,7 @@ class Cli:
     def sub(self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "corral.cli", "vault", *args],
-            input=stdin, capture_output=True, text=True, timeout=timeout, env={**self.env, **(extra_env or {})},
+            input=stdin, capture_output=True, text=True, timeout=timeout, env={**self.env, **(extra_env or {})}, check=False,
         )
 
     @property

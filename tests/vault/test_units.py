@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import gzip
 import threading
 import time
 from urllib.parse import quote, quote_plus
