@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import hashlib
 import math
 import os
 import shutil
@@ -242,11 +243,31 @@ def _system_args(etc: Path) -> list[str]:
     return args + ["--proc", "/proc", "--dev", "/dev", "--ro-bind", str(etc), "/etc"]
 
 
+def _etc_fingerprint(paths: list[str]) -> str:
+    """Changes when a copied /etc entry does (files are replaced by rename, so dir mtimes move too)."""
+    parts = [PASSWD, GROUP]
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        parts.append(f"{path}:{st.st_mtime_ns}:{st.st_size}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def _snapshot_etc(root: Path) -> Path:
-    """A copy of the safe part of the host's /etc plus a synthetic passwd/group, made once per
-    server start: one bind mount per command instead of one per file (bwrap start-up time)."""
+    """A copy of the safe part of the host's /etc plus a synthetic passwd/group: one bind mount
+    per command instead of one per file (bwrap start-up time). Re-made when the host's changed."""
+    paths = ETC_SAFE + ETC_NETWORK + sorted(glob.glob("/etc/python3*"))
+    fingerprint = _etc_fingerprint(paths)
+    final = root / ".etc"
+    try:
+        if (final / ".corral-fingerprint").read_text() == fingerprint:
+            return final
+    except FileNotFoundError:
+        pass
     staging = Path(tempfile.mkdtemp(prefix=".etc-", dir=root))
-    for path in ETC_SAFE + ETC_NETWORK + sorted(glob.glob("/etc/python3*")):
+    for path in paths:
         dest = staging / os.path.relpath(path, "/etc")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -256,8 +277,8 @@ def _snapshot_etc(root: Path) -> Path:
     (staging / "passwd").write_text(PASSWD)
     (staging / "group").write_text(GROUP)
     (staging / "hostname").write_text("sandbox\n")
+    (staging / ".corral-fingerprint").write_text(fingerprint)
     staging.chmod(0o755)
-    final = root / ".etc"
     old = root / f".etc-old-{os.getpid()}"
     try:  # commands already started keep their mount of the old copy
         final.rename(old)

@@ -8,6 +8,7 @@ busybox (nothing can be pulled), real MCP clients.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -30,6 +31,7 @@ TEST_IMAGE = "corral-sandbox-test:latest"
 REPO = Path(__file__).resolve().parents[2]
 
 
+@functools.lru_cache(maxsize=1)
 def bwrap_works() -> bool:
     if shutil.which("bwrap") is None:
         return False
@@ -37,6 +39,7 @@ def bwrap_works() -> bool:
     return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
 
 
+@functools.lru_cache(maxsize=1)
 def docker_works() -> bool:
     if shutil.which("docker") is None:
         return False
@@ -54,9 +57,11 @@ def docker_image() -> str:
     return TEST_IMAGE
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sandbox_root() -> Iterator[Path]:
-    """A sandbox dir the unprivileged sandbox uid can traverse (pytest's tmp_path is 0700)."""
+    """A sandbox dir the unprivileged sandbox uid can traverse (pytest's tmp_path is 0700).
+
+    One per test session: sandbox ids are random, and the /etc snapshot is made once."""
     base = Path(tempfile.gettempdir()) / "corral-test-sandboxes"
     base.mkdir(mode=0o711, exist_ok=True)
     base.chmod(0o711)

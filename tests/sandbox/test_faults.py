@@ -52,6 +52,8 @@ async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) 
     fresh = await call(c, "provision")  # the cure: a fresh one from the same recipe
     assert (await call(c, "execute", sandbox_id=fresh["sandbox_id"], command="echo new"))["stdout"] == "new\n"
     assert lost in await h.service.sweep()  # the reaper clears what is left of it
+    for sid in (other, fresh["sandbox_id"]):
+        await call(c, "destroy", sandbox_id=sid)
     return lost
 
 
