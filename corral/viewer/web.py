@@ -12,6 +12,9 @@ Content-Security-Policy; authentication is the guard's (`servers/http_guard.py`)
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from importlib import resources
 from typing import Any
 
@@ -29,7 +32,6 @@ __all__ = ["viewer_routes", "COOKIE_PATHS"]
 COOKIE_PATHS = ("/sessions",)
 PAGE_LIMIT = 500
 HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -39,6 +41,16 @@ HEADERS = {
 
 def _page() -> str:
     return resources.files("corral.viewer").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def _csp(page: str) -> str:
+    """Only the page's own inline script may run (pinned by its hash), and it may only fetch from us."""
+    script = re.search(r"<script>(.*?)</script>", page, re.S)
+    digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode() if script else ""
+    return (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 def _session_json(info: Any) -> dict[str, Any]:
@@ -73,8 +85,11 @@ def _event_json(event: Any) -> dict[str, Any]:
 
 
 def viewer_routes(store: EventStore) -> list[Route]:
+    html = _page()
+    page_headers = {**HEADERS, "Content-Security-Policy": _csp(html)}
+
     async def page(_: Request) -> Response:
-        return HTMLResponse(_page(), headers=HEADERS)
+        return HTMLResponse(html, headers=page_headers)
 
     async def sessions_json(_: Request) -> Response:
         infos = await run_in_threadpool(store.sessions, 200)
