@@ -55,3 +55,17 @@ async def test_extra_bind_socket_reachable_without_network(settings, sandbox_roo
         srv.close()
         path.unlink()
         sock_dir.rmdir()
+
+
+def test_heavy_sdks_are_imported_only_when_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from servers.sandbox.server import build_server, backend_config; "
+        "from servers.sandbox.config import SandboxSettings; "
+        "backend_config(SandboxSettings()); "
+        "print('e2b' in sys.modules, 'servers.sandbox.docker' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
