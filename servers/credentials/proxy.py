@@ -11,6 +11,8 @@ import base64
 import json as jsonlib
 import logging
 import time
+import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,8 @@ __all__ = ["Proxy", "Snapshot"]
 log = logging.getLogger("corral.credentials")
 # Headers a client may not set: they would change where or how the request goes.
 FORBIDDEN = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "proxy-authorization", "proxy-connection", "expect"}
-DECODABLE = {"", "identity", "gzip", "deflate"}  # encodings we decode (and so can redact inside)
+DECODABLE = {"", "identity", "gzip", "x-gzip", "deflate"}  # encodings we decode (and so can redact inside)
+PIECE = 64 * 1024  # most decoded bytes produced per step: a gzip bomb inflates no faster than we count
 DROPPED_RESPONSE = {"content-encoding", "content-length", "transfer-encoding"}  # the body we return is decoded
 
 
@@ -238,18 +241,18 @@ def inject(cred: Credential, secret: str, target: Target, headers: dict[str, str
 async def read_response(resp: httpx.Response, redactor: Redactor, settings: VaultSettings) -> dict[str, Any]:
     """Status, redacted headers, and the body: decoded, capped, redacted, with totals."""
     encoding = resp.headers.get("content-encoding", "").strip().lower()
-    encodings = {e.strip() for e in encoding.split(",")}
+    encodings = [e.strip() for e in encoding.split(",") if e.strip() not in ("", "identity")]
     result: dict[str, Any] = {
         "status": resp.status_code,
         "headers": [[redactor.text(k), redactor.text(v)] for k, v in resp.headers.multi_items() if k.lower() not in DROPPED_RESPONSE],
     }
-    if not encodings <= DECODABLE:
+    if len(encodings) > 1 or not set(encodings) <= DECODABLE:
         # Compressed in a way we cannot decode means we cannot redact inside: withhold it.
         result.update(body="", body_encoding="text", body_bytes=0, truncated=True, body_withheld=f"content-encoding {encoding!r} cannot be decoded for redaction")
         return result
     cap, keep = settings.proxy_max_response_bytes, settings.proxy_max_response_bytes + redactor.longest
     buf, total, exact = bytearray(), 0, True
-    async for chunk in resp.aiter_bytes():  # decoded (gzip/deflate) chunks
+    async for chunk in decoded(resp, encodings[0] if encodings else ""):
         total += len(chunk)
         if len(buf) < keep:
             buf += chunk[: keep - len(buf)]
@@ -261,6 +264,28 @@ async def read_response(resp: httpx.Response, redactor: Redactor, settings: Vaul
     data = data[:cap] if truncated else data
     result.update(_body(data, truncated), body_bytes=total, body_bytes_exact=exact, truncated=truncated)
     return result
+
+
+async def decoded(resp: httpx.Response, encoding: str) -> AsyncIterator[bytes]:
+    """The body decoded in pieces of at most PIECE bytes (httpx would inflate a whole raw chunk at once)."""
+    if not encoding:
+        async for raw in resp.aiter_raw():
+            yield raw
+        return
+    inflater: zlib._Decompress | None = None
+    async for raw in resp.aiter_raw():
+        if inflater is None:  # deflate is zlib-wrapped by the RFC, raw in practice (0x78 starts a zlib header)
+            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS if raw[:1] == b"\x78" else -zlib.MAX_WBITS
+            inflater = zlib.decompressobj(wbits)
+        data = raw
+        try:
+            while data:
+                yield inflater.decompress(data, PIECE)
+                data = inflater.unconsumed_tail
+        except zlib.error as err:
+            raise Unavailable(f"the upstream's {encoding} body does not decode: {err}") from None
+    if inflater is not None:
+        yield inflater.flush()
 
 
 def _body(data: bytes, truncated: bool) -> dict[str, Any]:

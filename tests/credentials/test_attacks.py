@@ -99,6 +99,28 @@ async def test_response_over_cap_is_truncated_with_totals(mcp, env):
     assert out["truncated"] is True and out["body_bytes"] == 10000 and len(out["body"]) == 2048
 
 
+async def test_gzip_bomb_is_read_only_up_to_the_drain_cap(env):
+    from mcp.client import Client
+
+    from servers.credentials.proxy import Proxy
+    from servers.credentials.server import build_server
+
+    settings = env.settings.model_copy(update={"proxy_drain_bytes": 1 << 20})
+    proxy = Proxy(env.vault, settings, connector=env.connector)
+    async with Client(build_server(proxy)) as client:
+        result = await client.call_tool("http_request", req("echo", env.upstream.url("/bomb")))
+    await proxy.aclose()
+    out = result.structured_content
+    assert out["truncated"] and out["body_bytes_exact"] is False
+    assert (1 << 20) <= out["body_bytes"] < (2 << 20) and len(out["body"]) == 2048
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, 601])
+async def test_bad_timeout_refused(mcp, env, timeout_s):
+    text = await mcp.error("http_request", req("echo", env.upstream.url("/echo"), timeout_s=timeout_s))
+    assert text.startswith("invalid_argument") and env.upstream.seen == []
+
+
 # -- redirects ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+
+@functools.cache
+def _bomb() -> bytes:
+    return gzip.compress(b"\0" * (20 << 20), compresslevel=9)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -54,6 +60,8 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/slow":
             time.sleep(float(q.get("s", "2")))
             self._send(200, b"late")
+        elif url.path == "/bomb":  # ~20 KB on the wire, 20 MB decoded
+            self._send(200, _bomb(), {"Content-Encoding": "gzip"})
         elif url.path == "/big":
             self._send(200, b"x" * int(q["n"]))
         else:
