@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import shlex
 import signal
@@ -71,8 +72,6 @@ def _build_sandbox(built: Built) -> MCPServer:
 
 def _build_credentials(built: Built) -> MCPServer:
     # The same assembly as `corral serve credentials` (servers/credentials/server.py:run).
-    import logging
-
     from servers.credentials.gateway import GitGateway
     from servers.credentials.proxy import Proxy
     from servers.credentials.server import build_server, install_redaction
@@ -83,7 +82,9 @@ def _build_credentials(built: Built) -> MCPServer:
     vault, _choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
     proxy = Proxy(vault, settings)
     install_redaction(proxy, logging.getLogger().handlers)
-    gateway = GitGateway(Proxy(vault, settings), settings)
+    gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
+    install_redaction(gateway_proxy)
+    gateway = GitGateway(gateway_proxy, settings)
     gateway.start()
     built.closers.append(gateway.stop)
     return build_server(proxy, gateway)
