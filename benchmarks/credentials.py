@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,11 +73,7 @@ async def interleaved(n: int, calls: dict) -> dict[str, list[float]]:
     return out
 
 
-async def main(n: int) -> dict:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+async def main(n: int, port: int) -> dict:
     url = f"http://127.0.0.1:{port}/data"
     home = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     settings = VaultSettings(home=home, vault_backend="encrypted-file")
@@ -112,7 +108,6 @@ async def main(n: int) -> dict:
             "MCP stdio list_credentials": lambda: floor(stdio),
         })
     await proxy.aclose()
-    server.shutdown()
 
     base = statistics.median(results["direct httpx (baseline)"])
     table = {
@@ -122,11 +117,29 @@ async def main(n: int) -> dict:
     return table
 
 
+def serve_upstream() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300)
-    table = asyncio.run(main(parser.parse_args().n))
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.serve:
+        serve_upstream()
+        sys.exit(0)
+    # The upstream runs in its own process: in this one it would fight the proxy for the GIL.
+    upstream = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        table = asyncio.run(main(cli.n, int(upstream.stdout.readline())))
+    finally:
+        upstream.kill()
+        upstream.wait()
     print(f"{'path':34} {'p50 ms':>8} {'p95 ms':>8} {'overhead p50':>13}")
     for name, row in table.items():
         print(f"{name:34} {row['p50_ms']:8.3f} {row['p95_ms']:8.3f} {row['overhead_p50_ms']:13.3f}")
