@@ -52,11 +52,16 @@ async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
             is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-gzip")})
             assert not is_error and out["status"] == 200
             assert json.loads(out["body"])["headers"]["Authorization"] == "Bearer [REDACTED]"
+            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo")})
+            assert not is_error and ["x-echo-auth", "Bearer [REDACTED]"] in out["headers"]
             is_error, text, _ = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo") + "\r\nX: 1"})
             assert is_error and "invalid_argument" in text
-    assert env.upstream.seen[-1]["headers"]["Authorization"] == f"Bearer {env.secrets['echo']}"
+    assert env.upstream.seen[0]["headers"]["Authorization"] == f"Bearer {env.secrets['echo']}"
     LOG_LINES.append(errlog.read_text())
-    assert "vault backend encrypted-file" in errlog.read_text()  # DEBUG log reached stderr, redacted
+    log = errlog.read_text()
+    assert "vault backend encrypted-file" in log
+    # httpcore's DEBUG trace of the echoed response headers reached stderr, with the secret redacted
+    assert "Bearer [REDACTED]" in log and env.secrets["echo"] not in log
 
 
 def can_unshare() -> bool:
