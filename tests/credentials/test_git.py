@@ -122,7 +122,10 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
             script = (
                 f"set -e; {fwd} git clone -q {grants['write']} work; cd work; "
                 "git -c user.name=s -c user.email=s@s commit -q --allow-empty -m from-sandbox; "
-                f"{fwd} git push -q origin HEAD:main; {fwd} git fetch -q origin; git log --format=%s origin/main"
+                f"{fwd} git push -q origin HEAD:main; "
+                # while the forwarder and git run: snapshot every process's arguments and environment
+                f"{fwd} sh -c 'git fetch -q origin & cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ > /tmp/procdump 2>/dev/null; wait'; "
+                "git log --format=%s origin/main"
             )
             done = await run(backend, ref, script)
             assert done.exit_code == 0, done.stderr
@@ -142,6 +145,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
             assert grants["write"].split("/")[3] in probe.stdout  # the capability is there: it is what the sandbox holds
             for text in (probe.stdout, probe.stderr, done.stdout, done.stderr):
                 assert secret not in text
+            assert (sandbox_root / "sbxgit" / "tmp" / "procdump").stat().st_size > 0
             assert scan_for_secret(sandbox_root, secret) == []
         finally:
             gateway.stop()
