@@ -29,12 +29,13 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Table, summary  # noqa: E402
-from mcp.client import Client  # noqa: E402
-from mcp.client.streamable_http import streamable_http_client  # noqa: E402
-from servers.mcp_shell import http_app, transport_security  # noqa: E402
-from servers.session.server import build_server  # noqa: E402
-from servers.session.store import open_store  # noqa: E402
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from benchmarks.common import Table, summary
+from servers.mcp_shell import http_app, transport_security
+from servers.session.server import build_server
+from servers.session.store import open_store
 
 CORRAL = str(Path(sys.executable).parent / "corral")
 

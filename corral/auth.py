@@ -14,7 +14,7 @@ from pathlib import Path
 
 from corral.errors import InvalidArgument
 
-__all__ = ["token_path", "load_or_create_token", "token_matches"]
+__all__ = ["load_or_create_token", "token_matches", "token_path"]
 
 TOKEN_FILE = "token"
 

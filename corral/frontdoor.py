@@ -13,7 +13,7 @@ from pydantic_settings import SettingsConfigDict
 
 from corral.config import CoreSettings
 
-__all__ = ["UpSettings", "SERVER_MODULES", "available", "missing"]
+__all__ = ["SERVER_MODULES", "UpSettings", "available", "missing"]
 
 # The three servers, in the order they are listed and started.
 SERVER_MODULES = {

@@ -23,7 +23,7 @@ from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import UpSettings, available, missing
 
-__all__ = ["register", "server_entries", "merge_desktop_config", "claude_code_commands", "desktop_config_path"]
+__all__ = ["claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
 
 PREFIX = "corral-"
 # Settings that a launched server must see to use the same data dir and backends as
@@ -110,7 +110,8 @@ def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str) -> list
             commands.append(["claude", "mcp", "add", "--scope", scope, "--transport", "http", name, entry["url"], "--header", f"{header[0]}: {header[1]}"])
         else:
             envs = [arg for k, v in entry.get("env", {}).items() for arg in ("-e", f"{k}={v}")]
-            commands.append(["claude", "mcp", "add", "--scope", scope, *envs, name, "--", entry["command"], *entry["args"]])
+            # NAME before `-e`: `-e` takes several values and would swallow it.
+            commands.append(["claude", "mcp", "add", "--scope", scope, name, *envs, "--", entry["command"], *entry["args"]])
     return commands
 
 
@@ -119,7 +120,7 @@ def apply_claude_code(commands: list[list[str]], scope: str) -> None:
     if claude is None:
         raise Unavailable("the Claude Code CLI (`claude`) is not on PATH", hint="install it (npm install -g @anthropic-ai/claude-code) or run the printed commands yourself")
     for cmd in commands:
-        name = cmd[cmd.index("--transport") + 2] if "--transport" in cmd else cmd[cmd.index("--") - 1]
+        name = cmd[cmd.index("--transport") + 2] if "--transport" in cmd else cmd[cmd.index("--scope") + 2]
         # Replace, not duplicate: `claude mcp add` refuses a name that exists.
         _claude([claude, "mcp", "remove", "--scope", scope, name], check=False)
         _claude([claude, *cmd[1:]], check=True)
@@ -128,7 +129,7 @@ def apply_claude_code(commands: list[list[str]], scope: str) -> None:
 
 def _claude(cmd: list[str], *, check: bool) -> None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CLAUDE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CLAUDE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired as err:
         raise Unavailable(f"`{shlex.join(cmd[:4])} ...` did not answer in {CLAUDE_TIMEOUT_S}s", hint="run the printed commands yourself") from err
     if check and done.returncode != 0:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import uvicorn
 from mcp.client import Client
@@ -32,7 +33,7 @@ from corral.auth import token_path
 from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import SERVER_MODULES, available
 
-__all__ = ["Built", "build_servers", "bind", "serve_until_stopped"]
+__all__ = ["Built", "bind", "build_servers", "serve_until_stopped"]
 
 HEALTH_TIMEOUT_S = 20
 GRACEFUL_S = 5
@@ -171,20 +172,14 @@ async def _health(base: str, name: str, token: str) -> str:
     url = f"{base}/{name}/mcp"
     started = time.monotonic()
     try:
-        with anyio_fail_after(HEALTH_TIMEOUT_S):
-            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=HEALTH_TIMEOUT_S) as http:
-                async with Client(streamable_http_client(url, http_client=http)) as client:
-                    tools = await client.list_tools()
-    except Exception as err:  # a health line reports any failure; the server keeps running for the others
+        with anyio.fail_after(HEALTH_TIMEOUT_S):
+            auth = {"Authorization": f"Bearer {token}"}
+            async with httpx2.AsyncClient(headers=auth, timeout=HEALTH_TIMEOUT_S) as http, Client(streamable_http_client(url, http_client=http)) as client:
+                tools = await client.list_tools()
+    except Exception as err:  # noqa: BLE001 - a health line reports any failure; the other servers keep running
         return f"  ✗ {name:<12} {url:<40} not answering: {type(err).__name__}: {err}"
     ms = (time.monotonic() - started) * 1000
     return f"  ✓ {name:<12} {url:<40} ok, {len(tools.tools)} tools ({ms:.0f} ms)"
-
-
-def anyio_fail_after(seconds: float):  # noqa: ANN201 - tiny indirection so the import stays local
-    import anyio
-
-    return anyio.fail_after(seconds)
 
 
 def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) -> str:

@@ -38,7 +38,11 @@ def _up(args: argparse.Namespace) -> int:
     _log_level(settings.log_level)
     home = settings.data_dir()
     token = load_or_create_token(home)
-    from corral.serving import bind, build_servers, serve_until_stopped  # the SDK and uvicorn: only when serving
+    from corral.serving import (  # the SDK and uvicorn: only when serving
+        bind,
+        build_servers,
+        serve_until_stopped,
+    )
     from corral.viewer.web import COOKIE_PATHS, viewer_routes
     from servers.mcp_shell import http_app
 

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.auth import token_matches
 
-__all__ = ["HTTPGuard", "COOKIE"]
+__all__ = ["COOKIE", "HTTPGuard"]
 
 COOKIE = "corral_token"
 

@@ -23,17 +23,16 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from pydantic import ValidationError
-
 from corral.errors import CorralError, InvalidArgument
 from servers.http_guard import HTTPGuard
 
-__all__ = ["tool", "serve", "http_app", "parse_host_port", "transport_security"]
+__all__ = ["http_app", "parse_host_port", "serve", "tool", "transport_security"]
 
 log = logging.getLogger("corral.servers")
 F = TypeVar("F", bound=Callable[..., Any])

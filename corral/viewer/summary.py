@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Line", "summarize", "usage_of", "totals", "USAGE_KEYS"]
+__all__ = ["USAGE_KEYS", "Line", "summarize", "totals", "usage_of"]
 
 # Tool calls that are the sandbox lifecycle (the harness records them as tool calls).
 SANDBOX_TOOLS = {"provision", "destroy", "list_sandboxes"}
@@ -89,7 +89,7 @@ def summarize(type_: str, data: Any) -> Line:
         return Line("status", "tools", clip(f"{len(names)} tools: {', '.join(names)}"), usage)
     if type_ == "agent.subagent":
         return Line("tool", "subagent", clip(f"{d.get('task', '')} → {d.get('session_id', '?')}"), usage)
-    if type_ == "session.error" or type_.endswith(".error") or type_.endswith(".failed"):
+    if type_.endswith((".error", ".failed")):
         return Line("error", type_, clip(text_of(d)), usage)
     if domain == "sandbox":
         sid = d.get("sandbox_id", "")

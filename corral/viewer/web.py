@@ -27,7 +27,7 @@ from corral.errors import CorralError, NotFound
 from corral.viewer.summary import summarize
 from servers.session.store import EventStore
 
-__all__ = ["viewer_routes", "COOKIE_PATHS"]
+__all__ = ["COOKIE_PATHS", "viewer_routes"]
 
 COOKIE_PATHS = ("/sessions",)
 PAGE_LIMIT = 500
@@ -45,7 +45,7 @@ def _page() -> str:
 
 def _csp(page: str) -> str:
     """Only the page's own inline script may run (pinned by its hash), and it may only fetch from us."""
-    script = re.search(r"<script>(.*?)</script>", page, re.S)
+    script = re.search(r"<script>(.*?)</script>", page, re.DOTALL)
     digest = base64.b64encode(hashlib.sha256(script.group(1).encode()).digest()).decode() if script else ""
     return (
         f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "

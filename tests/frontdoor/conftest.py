@@ -135,7 +135,7 @@ def _netns_works() -> bool:
     if not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
         return False
     flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
-    return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10).returncode == 0
+    return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10, check=False).returncode == 0
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def netns() -> Iterator[Netns]:
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 90, **kw) -> subprocess.CompletedProcess[str]:
     """A command with a hard timeout; its output goes in the assertion message when it fails."""
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, **kw)
 
 
 def corral(*args: str, env: dict[str, str], timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:

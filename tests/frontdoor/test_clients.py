@@ -39,7 +39,7 @@ def inspector() -> str:
 
 def connected(listing: str) -> dict[str, bool]:
     """`claude mcp list` lines: 'corral-session: <command or url> - ✔ Connected'."""
-    return {m.group(1): "Connected" in m.group(2) and "Failed" not in m.group(2) for m in re.finditer(r"^(corral-\w+): (.*)$", listing, re.M)}
+    return {m.group(1): "Connected" in m.group(2) and "Failed" not in m.group(2) for m in re.finditer(r"^(corral-\w+): (.*)$", listing, re.MULTILINE)}
 
 
 def test_claude_code_stdio_servers_connect(corral_env: dict[str, str], netns: Netns) -> None:

@@ -18,7 +18,14 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import require
-from tests.frontdoor.conftest import UpProcess, corral, free_port, one_line_error, start_up, token_of
+from tests.frontdoor.conftest import (
+    UpProcess,
+    corral,
+    free_port,
+    one_line_error,
+    start_up,
+    token_of,
+)
 
 pytestmark = pytest.mark.anyio
 SERVERS = ("session", "sandbox", "credentials")
