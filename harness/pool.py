@@ -261,21 +261,19 @@ async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None =
     for job in await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=lease_s):
         if own_id is not None and job.worker_id == own_id:  # we are running it: alive, if late to beat
             continue
+        session_id = job.task_kwargs.get("session_id")
         try:
             await manager.retry_job(job, retry_at=datetime.datetime.now(datetime.UTC))
+        except pq_exceptions.UniqueViolation:  # a newer job of the session already waits: it covers this one
+            await manager.finish_job_by_id_async(job.id, status=procrastinate.jobs.Status.FAILED, delete_job=False)
+            log.warning("stalled job %s of session %s superseded by the one waiting", job.id, session_id)
+        except pq_exceptions.ConnectorException as err:  # another worker's reaper handed it back first
+            log.info("stalled job %s already handled: %s", job.id, err)
+        else:
             handed.append(job.id)
-            log.warning("handed session %s back to the queue: worker %s stopped beating", job.task_kwargs.get("session_id"), job.worker_id)
-        except pq_exceptions.ConnectorException as err:
-            await _settle_unretryable(manager, job, err)
+            log.warning("handed session %s back to the queue: worker %s stopped beating", session_id, job.worker_id)
     await manager.prune_stalled_workers(lease_s)
     return handed
-
-
-async def _settle_unretryable(manager: Any, job: procrastinate.jobs.Job, err: Exception) -> None:
-    """Another reaper got there first (fine), or a newer job of the session waits (it covers this one)."""
-    if "UniqueViolation" in type(err.__cause__).__name__ or "queueing_lock" in str(err):
-        await manager.finish_job_by_id_async(job.id, status=procrastinate.jobs.Status.FAILED, delete_job=False)
-        log.warning("stalled job %s superseded by a waiting job of session %s", job.id, job.task_kwargs.get("session_id"))
 
 
 # -- the worker -------------------------------------------------------------------------------

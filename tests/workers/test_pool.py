@@ -160,3 +160,19 @@ def test_run_detach_without_postgres_is_one_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "needs PostgreSQL" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "s.db").exists(), "nothing was written"
+
+
+def test_a_dead_workers_job_gives_way_to_a_newer_job_of_its_session(store, workers, pg_schema_url):  # noqa: F811
+    env = {"CORRAL_TEST_STEPS": "150", "CORRAL_TEST_STEP_S": "0.05"}
+    sid = store.create().session_id
+    enqueue_session(sid, pg_schema_url)
+    first = workers("first", env=env)
+    wait_until("a few steps", lambda: len(steps(store, sid)) >= 3, timeout=30)
+    assert enqueue_session(sid, pg_schema_url) is True  # a new message while it runs: one job waits behind it
+    first.signal(signal.SIGKILL)
+    first.wait()
+    heir = workers("heir", env=env)
+    wait_until("the session done", lambda: store.get(sid).status == "idle", timeout=LEASE + 60)
+    assert len(assert_worked_in_turns(store, sid, 150)) == 2
+    assert "superseded by the one waiting" in heir.log()
+    wait_until("no job left to run", lambda: [s for *_, s in jobs(pg_schema_url)] == ["failed"], timeout=30)
