@@ -106,7 +106,7 @@ def _doctor(args: argparse.Namespace) -> int:
     vault, choice = _open()
     print(f"backend: {choice.name}")
     print(f"why: {choice.why}")
-    print(f"vault dir: {vault.directory}")
+    print(f"vault dir: {vault.directory} (policies: credentials.json, audit log: audit.jsonl)")
     key = vault.directory / "keyring.key"
     if choice.name == "encrypted-file" and key.exists():
         print(f"key file: {key} (mode {key.stat().st_mode & 0o777:o})")

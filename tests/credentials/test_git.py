@@ -50,10 +50,15 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
+def bwrap_works() -> bool:
+    if shutil.which("bwrap") is None:
+        return False
+    probe = ["bwrap", "--unshare-user", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
+    return subprocess.run(probe, capture_output=True, timeout=20, check=False).returncode == 0
+
+
 @pytest.fixture
 def sandbox_backend():
-    from tests.sandbox.conftest import bwrap_works
-
     require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
     from servers.sandbox.backend import BubblewrapConfig, ExtraBind
     from servers.sandbox.bubblewrap import BubblewrapBackend

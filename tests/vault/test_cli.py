@@ -124,6 +124,13 @@ def test_key_file_readable_by_others_fails_closed(cli):
     assert "gh2" not in cli("list").stdout
 
 
+def test_corrupt_policy_file_is_one_clear_error(cli):
+    cli("set", "gh", "--host", "api.github.com", stdin=SECRET)
+    (cli.vault_dir / "credentials.json").write_text("{not json")
+    done = cli("list")
+    assert done.returncode == 1 and done.stderr.startswith("corral: unavailable: cannot read") and "Traceback" not in done.stderr
+
+
 def test_replaced_key_fails_closed(cli):
     cli("set", "gh", "--host", "api.github.com", stdin=SECRET)
     key = cli.vault_dir / "keyring.key"
