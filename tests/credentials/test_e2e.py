@@ -89,3 +89,45 @@ async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
                 expected = "unavailable" if host in ("metadata.google.internal", "example.com") else "policy_denied"
                 assert expected in text, text
     LOG_LINES.append((tmp_path / "stderr.log").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the server exited before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError("the HTTP server never listened")
+
+
+async def test_streamable_http_end_to_end(env, tmp_path):
+    """`corral serve credentials --http`: the same tools over streamable HTTP on loopback."""
+    port = free_port()
+    errlog = (tmp_path / "http-stderr.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env(env), stdout=subprocess.DEVNULL, stderr=errlog)
+    try:
+        wait_listening(port, proc)
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-b64")})
+            assert not is_error and out["status"] == 200 and "[REDACTED]" in out["body"]
+            is_error, text, _ = await call(client, "http_request", {"credential": "strict", "method": "GET", "url": f"http://127.0.0.1:{env.upstream.port}/"})
+            assert is_error and "policy_denied" in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        errlog.close()
+    LOG_LINES.append((tmp_path / "http-stderr.log").read_text())
