@@ -118,7 +118,9 @@ async def test_streamable_http_end_to_end(env, tmp_path):
     """`corral serve credentials --http`: the same tools over streamable HTTP on loopback."""
     port = free_port()
     errlog = (tmp_path / "http-stderr.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env(env), stdout=subprocess.DEVNULL, stderr=errlog)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server outlives this statement
+        [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env(env), stdout=subprocess.DEVNULL, stderr=errlog
+    )
     try:
         wait_listening(port, proc)
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
