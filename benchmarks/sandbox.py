@@ -89,7 +89,8 @@ async def raw_bwrap(service: SandboxService, sandbox_id: str, n: int) -> list[fl
 
 
 def stdio_params(env: dict[str, str]) -> StdioServerParameters:
-    corral = shutil.which("corral") or str(Path(sys.executable).parent / "corral")
+    venv = Path(sys.executable).parent / "corral"
+    corral = str(venv) if venv.exists() else (shutil.which("corral") or "corral")
     return StdioServerParameters(command=corral, args=["serve", "sandbox"], env=env)
 
 

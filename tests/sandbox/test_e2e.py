@@ -21,7 +21,9 @@ from tests.conftest import require
 from .conftest import bwrap_works, call, fail
 
 pytestmark = pytest.mark.anyio
-CORRAL = shutil.which("corral") or str(Path(sys.executable).parent / "corral")
+# The `corral` of the Python running the tests (CI's venv), else the one on PATH.
+_VENV_CORRAL = Path(sys.executable).parent / "corral"
+CORRAL = str(_VENV_CORRAL) if _VENV_CORRAL.exists() else (shutil.which("corral") or "corral")
 
 
 def _env(settings, **extra: str) -> dict[str, str]:  # noqa: ANN001

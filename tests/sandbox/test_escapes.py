@@ -179,3 +179,20 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+async def test_docker_sandbox_has_no_host_mounts_and_its_limits(settings, docker_image: str) -> None:  # noqa: ANN001
+    import json
+    import subprocess
+
+    h = Harness("docker", settings)
+    async with h.client() as c:
+        sid = (await call(c, "provision", resources={"cpus": 0.5, "memory_mb": 96}))["sandbox_id"]
+        inspect = subprocess.run(["docker", "inspect", f"corral-{sid}"], capture_output=True, text=True, timeout=30)
+        info = json.loads(inspect.stdout)[0]
+        assert info["Mounts"] == [] and info["HostConfig"]["NetworkMode"] == "none"
+        assert info["HostConfig"]["Memory"] == 96 << 20 and info["HostConfig"]["NanoCpus"] == 500_000_000
+        assert info["HostConfig"]["PidsLimit"] == settings.sandbox_max_processes
+        await call(c, "destroy", sandbox_id=sid)
+    gone = subprocess.run(["docker", "inspect", f"corral-{sid}"], capture_output=True, timeout=30)
+    assert gone.returncode != 0  # destroy leaves no container
