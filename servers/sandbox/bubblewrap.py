@@ -141,6 +141,10 @@ class BubblewrapBackend(Backend):
         if done.returncode is not None and done.returncode < 0 and not done.timed_out:
             # bwrap itself died of a signal we did not send: someone killed the sandbox.
             raise SandboxLost(f"sandbox {ref.id} was killed from outside (signal {-done.returncode}) mid-command")
+        setup_error = done.stderr.text()
+        if done.returncode == 1 and not done.stdout.total and setup_error.startswith("bwrap: "):
+            # bwrap could not build the sandbox (a bind source gone, namespaces refused): not the command's doing
+            raise Unavailable(f"could not start sandbox {ref.id}: {setup_error.strip()}", hint="check the server log and settings")
         return ExecResult(
             exit_code=None if done.timed_out else done.returncode,
             stdout=done.stdout.text(),

@@ -69,3 +69,13 @@ def test_heavy_sdks_are_imported_only_when_used() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+async def test_bwrap_setup_failure_is_unavailable_not_a_command_result(settings, sandbox_root: Path) -> None:  # noqa: ANN001
+    settings.sandbox_extra_binds = f"{sandbox_root.parent}/does-not-exist:/run/x"
+    h = Harness("bubblewrap", settings)
+    from .conftest import fail
+
+    async with h.client() as c:
+        text = await fail(c, "execute", "unavailable", command="echo hi")
+        assert "does-not-exist" in text
