@@ -28,11 +28,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Table  # noqa: E402
-from harness.pool import submit  # noqa: E402
-from servers.session.store import EventStore, open_store  # noqa: E402
-from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
-from tests.workers.helpers import Worker, steps, wait_until  # noqa: E402
+from benchmarks.common import Table
+from harness.pool import submit
+from servers.session.store import EventStore, open_store
+from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
+from tests.workers.helpers import Worker, steps, wait_until
 
 DEFAULT_URL = "postgresql://corral:corral@127.0.0.1:5432/corral_test"
 

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import procrastinate
@@ -150,13 +150,12 @@ class Runtime:
     name: str
     lease_s: float
     app: procrastinate.App | None = None
-    exit: Callable[[int], None] = os._exit
-    worker_ids: set[int] = field(default_factory=set)
+    exit_process: Callable[[int], None] = os._exit
 
     def fence(self, why: str) -> None:
         log.error("worker %s was declared dead and must not touch its sessions: %s; exiting", self.name, why)
         logging.shutdown()
-        self.exit(FENCED_EXIT)
+        self.exit_process(FENCED_EXIT)
 
     async def acquire(self, session_id: str) -> int:
         """The session's lease; waits out a dead holder's lease, gives up on a live one."""
@@ -176,12 +175,13 @@ class Runtime:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await asyncio.to_thread(self.store.renew_lease, session_id, token, self.lease_s)
+                pruned = worker_id is not None and self.app is not None and not await worker_alive(self.app, worker_id)
             except Conflict as err:
                 self.fence(err.message)
-            except Unavailable as err:  # a blip: the lease has two more renewals' worth of slack
+            except (Unavailable, pq_exceptions.ConnectorException) as err:  # a blip: the lease has two more renewals' worth of slack
                 log.warning("could not renew the lease on %s: %s", session_id, err)
                 continue
-            if worker_id is not None and self.app is not None and not await worker_alive(self.app, worker_id):
+            if pruned:
                 self.fence(f"its heartbeat row {worker_id} was pruned by another worker")
 
     async def work(self, session_id: str, worker_id: int | None) -> None:
@@ -195,7 +195,10 @@ class Runtime:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            await asyncio.to_thread(self.store.release_lease, session_id, token)
+            try:
+                await asyncio.to_thread(self.store.release_lease, session_id, token)
+            except Unavailable as err:  # it expires on its own; the next worker waits that out
+                log.warning("could not release the lease on %s: %s", session_id, err)
             log.info("released session %s (lease %d)", session_id, token)
 
 

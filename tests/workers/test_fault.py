@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import psycopg
@@ -27,7 +28,7 @@ from tests.workers.helpers import Worker, wait_until
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 SESSIONS = 20
 LEASE = 6.0
-CLAIM = re.compile(r"^(\d+\.\d+) INFO corral\.worker: (claimed|released) session (\S+) \(lease (\d+)\)$", re.M)
+CLAIM = re.compile(r"^(\d+\.\d+) INFO corral\.worker: (claimed|released) session (\S+) \(lease (\d+)\)$", re.MULTILINE)
 
 
 def script() -> Script:
@@ -101,7 +102,7 @@ def assert_never_two_at_once(workers: list[Worker], deaths: dict[str, float]) ->
             spans[sid].append((start, deaths[w.name], tok, w.name))
     for sid, claims in spans.items():
         claims.sort()
-        for (s1, e1, t1, w1), (s2, _, t2, w2) in zip(claims, claims[1:], strict=False):
+        for (s1, e1, t1, w1), (s2, _, t2, w2) in pairwise(claims):
             assert e1 <= s2, f"{sid} worked by {w1} and {w2} at once"
             assert t2 > t1, f"{sid}: lease tokens must grow ({t1} then {t2})"
 
@@ -118,7 +119,7 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
 
         def supervise() -> None:
             """Like systemd's Restart=: a worker that fenced itself (exit 75) is started again."""
-            for w in list(pool):
+            for w in pool:
                 if w.proc.poll() == FENCED_EXIT and not w.restarted:
                     w.restarted = True
                     start(w.name + "+")

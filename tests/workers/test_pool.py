@@ -18,7 +18,13 @@ import pytest
 from harness.pool import FENCED_EXIT, enqueue_session
 from servers.session.store import open_store
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
-from tests.workers.helpers import ROOT, Worker, assert_worked_in_turns, steps, wait_until
+from tests.workers.helpers import (
+    ROOT,
+    Worker,
+    assert_worked_in_turns,
+    steps,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 LEASE = 4.0
@@ -66,7 +72,7 @@ def test_workers_complete_every_session_and_show_their_lease(store, workers, pg_
     held = wait_until("a lease", lambda: next((s.lease for s in store.sessions() if s.lease), None), timeout=30)
     assert held["worker"] in ("alpha", "beta")
     listing = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "corral.cli", "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "CORRAL_SESSION_STORE": pg_schema_url},
     )
     assert listing.returncode == 0 and ("alpha" in listing.stdout or "beta" in listing.stdout), listing.stdout + listing.stderr
@@ -136,7 +142,7 @@ def test_sigterm_hands_an_unfinished_session_to_another_worker(store, workers, p
 
 def test_a_worker_without_postgres_is_one_clear_error(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "corral.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         env={**os.environ, "CORRAL_SESSION_STORE": f"sqlite:///{tmp_path / 's.db'}", "CORRAL_QUEUE_URL": ""},
     )
     assert out.returncode == 1
@@ -145,7 +151,7 @@ def test_a_worker_without_postgres_is_one_clear_error(tmp_path):
 
 def test_run_detach_queues_the_session_for_the_workers(store, workers, pg_schema_url):  # noqa: F811
     env = {**os.environ, "CORRAL_SESSION_STORE": pg_schema_url, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "say hi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "say hi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     sid = out.stdout.strip()
     assert [(e.type, e.data) for e in store.select(sid)] == [("user.message", {"text": "say hi"})]
@@ -157,7 +163,7 @@ def test_run_detach_queues_the_session_for_the_workers(store, workers, pg_schema
 
 def test_run_detach_without_postgres_is_one_clear_error(tmp_path):
     env = {**os.environ, "CORRAL_SESSION_STORE": f"sqlite:///{tmp_path / 's.db'}", "CORRAL_QUEUE_URL": ""}
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and "needs PostgreSQL" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "s.db").exists(), "nothing was written"
 
