@@ -208,6 +208,35 @@ async def test_name_resolving_to_loopback_allowed_when_policy_allows(mcp, env):
     assert env.connector.attempts == [("127.0.0.1", env.upstream.port)]
 
 
+class RebindingResolver:
+    """Answers a public address first and loopback ever after: the DNS-rebinding trick."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return ["93.184.216.34"] if self.calls == 1 else ["127.0.0.1"]
+
+
+async def test_dns_rebinding_connects_to_the_checked_address_only(env):
+    """One resolution per request, and the connection goes to that checked address (here refused by
+    the test's loopback-only connector, so nothing leaves the machine) - never to a second answer."""
+    from mcp.client import Client
+
+    from servers.credentials.proxy import Proxy
+    from servers.credentials.server import build_server
+
+    resolver = RebindingResolver()
+    proxy = Proxy(env.vault, env.settings, resolver=resolver, connector=env.connector)
+    async with Client(build_server(proxy)) as client:
+        result = await client.call_tool("http_request", req("strict", env.upstream.url("/echo", host="rebind.test")))
+    await proxy.aclose()
+    assert result.is_error and "unavailable" in result.content[0].text
+    assert resolver.calls == 1
+    assert env.connector.attempts == [("93.184.216.34", env.upstream.port)] and env.upstream.seen == []
+
+
 async def test_real_system_resolver_localhost_refused(env):
     """The real resolver (/etc/hosts, no DNS packet) turning `localhost` into loopback."""
     from mcp.client import Client
