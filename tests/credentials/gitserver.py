@@ -9,6 +9,7 @@ import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 BACKEND = "/usr/lib/git-core/git-http-backend"
@@ -90,7 +91,7 @@ class GitServer:
     def seen(self) -> list[dict]:
         return self.server.seen
 
-    def __enter__(self) -> GitServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
