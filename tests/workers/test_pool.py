@@ -182,3 +182,14 @@ def test_a_dead_workers_job_gives_way_to_a_newer_job_of_its_session(store, worke
     assert len(assert_worked_in_turns(store, sid, 150)) == 2
     assert "superseded by the one waiting" in heir.log()
     wait_until("no job left to run", lambda: [s for *_, s in jobs(pg_schema_url)] == ["failed"], timeout=30)
+
+
+def test_a_live_worker_keeps_a_session_longer_than_its_lease(store, workers, pg_schema_url):  # noqa: F811
+    env = {"CORRAL_TEST_STEPS": "50", "CORRAL_TEST_STEP_S": "0.2"}  # 10 s: two and a half leases
+    sid = store.create().session_id
+    enqueue_session(sid, pg_schema_url)
+    workers("holder", env=env)
+    wait_until("the first step", lambda: steps(store, sid), timeout=30)
+    workers("idle", env=env)  # reaps every poll: would take the session if the holder stopped beating
+    wait_until("the session done", lambda: store.get(sid).status == "idle", timeout=60)
+    assert len(assert_worked_in_turns(store, sid, 50)) == 1
