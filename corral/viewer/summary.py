@@ -63,6 +63,21 @@ def usage_of(data: Any) -> dict[str, int]:
     return {k: int(usage[k]) for k in USAGE_KEYS if isinstance(usage.get(k), int | float)}
 
 
+def _tidy(text: str) -> str:
+    """A tool's JSON result on one line (MCP servers pretty-print it)."""
+    if text[:1] in "{[":
+        try:
+            return compact(json.loads(text))
+        except ValueError:
+            pass
+    return text
+
+
+def _bare(name: Any) -> str:
+    """`sandbox__provision` (the harness prefixes a tool with its server) -> `provision`."""
+    return str(name or "").rsplit("__", 1)[-1]
+
+
 def summarize(type_: str, data: Any) -> Line:
     d = data if isinstance(data, dict) else {"value": data}
     domain = type_.split(".", 1)[0]
@@ -73,13 +88,13 @@ def summarize(type_: str, data: Any) -> Line:
         return Line("model", "model", clip(text_of(d)), usage)
     if type_ == "agent.tool_use":
         name = d.get("name") or d.get("tool") or "?"
-        kind = "sandbox" if name in SANDBOX_TOOLS else "tool"
+        kind = "sandbox" if _bare(name) in SANDBOX_TOOLS else "tool"
         return Line(kind, f"tool {name}", clip(compact(d.get("input", d.get("arguments", {})))), usage)
     if type_ == "agent.tool_result":
         failed = bool(d.get("is_error") or d.get("isError"))
         label = "error" if failed else "result"
-        kind = "error" if failed else ("sandbox" if d.get("name") in SANDBOX_TOOLS else "result")
-        return Line(kind, f"{label} {d.get('name', '')}".strip(), clip(text_of(d.get("content", d))), usage)
+        kind = "error" if failed else ("sandbox" if _bare(d.get("name")) in SANDBOX_TOOLS else "result")
+        return Line(kind, f"{label} {d.get('name', '')}".strip(), clip(_tidy(text_of(d.get("content", d)))), usage)
     if type_ == "span.model_request":
         figures = ", ".join(f"{k.replace('_input_tokens', '').replace('_tokens', '')} {v}" for k, v in usage.items())
         head = " ".join(str(x) for x in (d.get("model"), f"{d['latency_ms']:.0f} ms" if isinstance(d.get("latency_ms"), int | float) else None) if x)
