@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           description="Rebuild the agent from the session log alone and carry on where it stopped.")
     wake.add_argument("session_id", metavar="SESSION_ID")
     wake.add_argument("--model", metavar="M", help="Claude model (default: $CORRAL_MODEL)")
+    wake.add_argument("--detach", action="store_true", help="queue the session for `corral worker`s instead of waking it here (PostgreSQL store)")
     wake.set_defaults(func=_wake)
 
 
@@ -33,6 +34,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _wake(args: argparse.Namespace) -> int:
+    if args.detach:  # the worker pool's side: harness/worker_cli.py
+        from harness.worker_cli import run_detached
+
+        return run_detached(None, args.session_id, args.model)
     return _go(args, task=None, session_id=args.session_id)
 
 

@@ -72,10 +72,10 @@ def _log_to_stderr(level: int) -> None:
         logger.propagate = False
 
 
-def run_detached(task: str, session_id: str | None, model: str | None) -> int:
-    """`corral run --detach`: write the task as a user message and queue the session."""
+def run_detached(task: str | None, session_id: str | None, model: str | None) -> int:
+    """`corral run --detach` (write the task as a user message) / `corral wake --detach`: queue the session."""
     from corral.errors import InvalidArgument
-    from harness.pool import submit
+    from harness.pool import enqueue_session, submit
     from harness.worker_config import WorkerSettings
     from servers.session.store import open_store
 
@@ -85,7 +85,11 @@ def run_detached(task: str, session_id: str | None, model: str | None) -> int:
     queue_url = settings.queue_dsn()
     store = open_store(settings.store_dsn(), max_event_bytes=settings.max_event_bytes)
     try:
-        sid = submit(store, queue_url, task, session_id=session_id)
+        if task is None:
+            sid = store.get(session_id or "").session_id  # NotFound for an unknown session
+            enqueue_session(sid, queue_url)
+        else:
+            sid = submit(store, queue_url, task, session_id=session_id)
     finally:
         store.close()
     print(sid)

@@ -193,3 +193,14 @@ def test_a_live_worker_keeps_a_session_longer_than_its_lease(store, workers, pg_
     workers("idle", env=env)  # reaps every poll: would take the session if the holder stopped beating
     wait_until("the session done", lambda: store.get(sid).status == "idle", timeout=60)
     assert len(assert_worked_in_turns(store, sid, 50)) == 1
+
+
+def test_wake_detach_queues_an_existing_session_and_refuses_an_unknown_one(store, pg_schema_url):  # noqa: F811
+    env = {**os.environ, "CORRAL_SESSION_STORE": pg_schema_url, "PYTHONPATH": str(ROOT)}
+    sid = store.create().session_id
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "wake", "--detach", sid], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == sid, out.stderr
+    assert jobs(pg_schema_url) == [(sid, sid, "todo")]
+    out = subprocess.run([sys.executable, "-m", "corral.cli", "wake", "--detach", "ses_nope"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1 and out.stderr.startswith("corral: not_found: session 'ses_nope' not found"), out.stderr
+    assert len(jobs(pg_schema_url)) == 1
