@@ -80,7 +80,7 @@ def desktop_config_path() -> Path:
         return Path.home() / "Library" / "Application Support" / "Claude" / "claude_desktop_config.json"
     if sys.platform == "win32":
         return Path(os.environ.get("APPDATA", Path.home())) / "Claude" / "claude_desktop_config.json"
-    return Path.home() / ".config" / "Claude" / "claude_desktop_config.json"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "Claude" / "claude_desktop_config.json"
 
 
 def merge_desktop_config(path: Path, entries: dict[str, dict[str, Any]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     settings = UpSettings()
-    host = args.host or settings.up_host
+    host = _loopback(args.host or settings.up_host)
     port = settings.up_port if args.port is None else args.port
     _log_level(settings.log_level)
     home = settings.data_dir()
@@ -71,3 +72,17 @@ def _log_level(name: str) -> None:
     if not isinstance(level, int):
         raise InvalidArgument(f"CORRAL_LOG_LEVEL={name!r} is not a log level", hint="use DEBUG, INFO, WARNING or ERROR")
     logging.getLogger().setLevel(level)
+
+
+def _loopback(host: str) -> str:
+    """Loopback only: the token travels in plain HTTP, fine on lo, not on a network."""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidArgument(
+            f"corral up listens on loopback only, not {host!r}",
+            hint="use 127.0.0.1 (the default); to reach it from elsewhere, put a TLS-terminating proxy in front",
+        )
+    return host

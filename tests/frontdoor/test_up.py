@@ -163,6 +163,11 @@ def test_bad_settings_are_one_line_naming_the_variable(corral_env: dict[str, str
     assert "CORRAL_LOG_LEVEL='loud'" in line and "DEBUG, INFO" in line
 
 
+def test_a_non_loopback_address_is_refused(corral_env: dict[str, str]) -> None:
+    line = one_line_error(corral("up", "--host", "0.0.0.0", "--port", str(free_port()), env=corral_env, timeout=30))
+    assert "loopback only" in line and "127.0.0.1" in line
+
+
 def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
     done = corral("--help", env=corral_env)
     assert "up " in done.stdout and "mcp-config" in done.stdout
