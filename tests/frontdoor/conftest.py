@@ -39,7 +39,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def corral_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "DBUS_", "ANTHROPIC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "DBUS_", "ANTHROPIC_", "XDG_"))}
     home = tmp_path / "home"
     home.mkdir()
     env.update(HOME=str(home), CORRAL_HOME=str(home / "corral"), PYTHONUNBUFFERED="1")
