@@ -109,7 +109,7 @@ class Agent:
         duration = outcome.data.pop("duration_ms", round((time.perf_counter() - started) * 1000, 1))
         self.view.tool_end(use["name"], outcome, duration)
         self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], content=[{"type": "text", "text": outcome.text or "(no output)"}],
-                            is_error=outcome.is_error, duration_ms=duration, **outcome.data)])
+                            is_error=outcome.is_error, duration_ms=duration, **outcome.data), *outcome.events])
 
     def over_budget(self, messages: list[dict[str, Any]]) -> bool:
         return estimate_tokens(self.system, [t.api() for t in self.defs()], messages) >= self.config.context_budget_tokens

@@ -15,6 +15,9 @@ log is its only memory.
                            duration_ms?, interrupted?, todo?}   exactly one per tool_use
     agent.subagent        {tool_use_id, session_id, task}       a child session, written before it runs
     context.compacted     {start, end, summary, todo}           summary of positions [start, end)
+    sandbox.provisioned   {sandbox_id, tool_use_id, via, backend?, isolation?, expires_at?}
+                          the first result naming a sandbox (explicit or lazy); same append as it
+    sandbox.lost          {sandbox_id, tool_use_id, message}    a call answered sandbox_lost
     span.model_request    {message_id?, purpose: turn|compaction, model, latency_ms, ttft_ms, attempts,
                            stop_reason, usage: {input_tokens, output_tokens, cache_read_input_tokens,
                            cache_creation_input_tokens}, cache_hit_rate}

@@ -78,6 +78,7 @@ class AnthropicModel:
     api_key: str
     base_url: str | None = None
     timeout_s: float = 600.0
+    on_send: Callable[[], None] | None = None  # called as each request is handed to the HTTP client
     _client: Any = field(default=None, init=False, repr=False)
     _warming: threading.Thread | None = field(default=None, init=False, repr=False)
 
@@ -89,8 +90,14 @@ class AnthropicModel:
         if self._client is None:
             import anthropic  # imported on first use: the CLI's --help stays fast
 
-            self._client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s)
+            hooks = {"request": [self._sending]} if self.on_send else {}
+            http = anthropic.DefaultAsyncHttpxClient(timeout=self.timeout_s, event_hooks=hooks)
+            self._client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=self.timeout_s, http_client=http)
         return self._client
+
+    async def _sending(self, _request: Any) -> None:
+        if self.on_send:
+            self.on_send()
 
     def warm_up(self) -> None:
         """Start building the SDK client in a thread: loading the CA bundle for TLS is ~0.1 s

@@ -21,7 +21,7 @@ from harness.config import HarnessSettings
 from harness.events import KillAfterAppends, SessionLog, ev
 from harness.local import Subagents, TodoTools
 from harness.model import AnthropicModel, ModelClient
-from harness.tools import MCPTools, Prefixed, Router, TimeLimited, Toolset, read_only
+from harness.tools import MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from harness.view import View
 from servers.session.store import EventStore, open_store
 
@@ -54,11 +54,14 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
     return KillAfterAppends(store, settings.kill_after_appends) if settings.kill_after_appends else store  # type: ignore[return-value]
 
 
-def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None) -> list[Toolset]:
+def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None, log: SessionLog) -> list[Toolset]:
     out: list[Toolset] = []
+    known = {e.data.get("sandbox_id") for e in log.tail if e.type == "sandbox.provisioned"}
     for name, target in settings.server_targets().items():
         conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
         toolset: Toolset = Prefixed(conn, name)
+        if name == "sandbox":
+            toolset = SandboxLifecycle(toolset, known)
         if name == "session":
             toolset = read_only(toolset)  # the model reads its log; only the harness writes it (one writer)
         out.append(TimeLimited(toolset, settings.tool_timeout_s))
@@ -77,7 +80,10 @@ async def run_session(
     store: EventStore | None = None,
 ) -> Outcome:
     # `store`: a caller-owned store (the worker pool passes its leased one); else opened and closed here.
-    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s) if model is None else None
+    first_send = anyio.Event()
+    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set) if model is None else None
+    if own_model is None:
+        first_send.set()
     if own_model is not None:
         own_model.warm_up()  # overlaps reading the log
     owned = store is None
@@ -87,7 +93,7 @@ async def run_session(
         view.session(log.session_id, resumed=session_id is not None)
         if on_session:
             on_session(log.session_id)
-        return await _run(settings, store, log, own_model or model, task=task, resumed=session_id is not None, view=view, env=env)
+        return await _run(settings, store, log, own_model or model, task=task, resumed=session_id is not None, view=view, env=env, first_send=first_send)
     finally:
         if own_model is not None:
             with anyio.CancelScope(shield=True):
@@ -97,21 +103,21 @@ async def run_session(
 
 
 async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, model: ModelClient, *, task: str | None, resumed: bool,
-               view: View, env: dict[str, str] | None) -> Outcome:
+               view: View, env: dict[str, str] | None, first_send: anyio.Event) -> Outcome:
     config = AgentConfig(settings.model, settings.max_tokens, settings.context_budget_tokens, settings.max_turns, settings.model_retries, settings.retry_base_s)
     logs = settings.data_dir() / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():
         async with anyio.create_task_group() as tg:
-            servers = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog))
+            servers = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog, log))
 
             def make_child(child: SessionLog, label: str) -> Agent:
                 return Agent(child, model, Router([servers, TodoTools()]), config, view.child(label), SUBAGENT_SYSTEM.format(session_id=child.session_id))
 
             tools = Router([servers, TodoTools(), Subagents(log, make_child, settings.subagent_summary_chars)])
             agent = Agent(log, model, tools, config, view, SYSTEM.format(session_id=log.session_id))
-            if log.tools is not None:
-                tg.start_soon(servers.tools)  # connect in the background; the first request uses the recorded tools
+            if log.tools is not None:  # the first request uses the recorded tools; the servers connect behind it
+                tg.start_soon(_connect_after, first_send, servers)
             if settings.eager_sandbox:
                 await tools.call("sandbox__provision", {})
             try:
@@ -122,6 +128,15 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
                 raise
             tg.cancel_scope.cancel()  # ends the MCP connections (their subprocesses exit)
     return Outcome(log.session_id, text)
+
+
+async def _connect_after(first_send: anyio.Event, servers: Router) -> None:
+    """Connect the MCP servers once the first request is on its way: starting their processes
+    earlier would compete with it for the CPU; later would make the first tool call wait."""
+    with anyio.move_on_after(5):
+        await first_send.wait()
+        await anyio.sleep(0.05)  # the hook fires as the request is handed over; let it reach the wire
+    await servers.tools()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ Failures the model can act on (a dead server, a timeout, an unknown tool) come b
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -61,6 +62,7 @@ class ToolOutcome:
     text: str
     is_error: bool = False
     data: dict[str, Any] = field(default_factory=dict)  # extra fields recorded with the result
+    events: list[Any] = field(default_factory=list)  # further NewEvents appended with the result (same append)
 
     @classmethod
     def error(cls, err: CorralError) -> ToolOutcome:
@@ -87,8 +89,6 @@ def _outcome(result: Any) -> ToolOutcome:
     for block in result.content or []:
         parts.append(block.text if getattr(block, "type", "") == "text" else f"[{getattr(block, 'type', 'content')} omitted]")
     if not parts and result.structured_content is not None:
-        import json
-
         parts.append(json.dumps(result.structured_content))
     return ToolOutcome(cap("\n".join(parts)), is_error=bool(result.is_error))
 
@@ -129,16 +129,18 @@ class MCPTools:
     async def _own(self, ready: anyio.Event, done: anyio.Event) -> None:
         from mcp.client import Client
 
+        client = None
         try:
             async with AsyncExitStack() as stack:
-                self._client = await stack.enter_async_context(Client(self._transport(), cache=None))
+                client = self._client = await stack.enter_async_context(Client(self._transport(), cache=None))
                 ready.set()
                 await done.wait()
         except Exception as err:  # boundary: any transport failure means "unavailable; reconnect on next use"
             log.info("MCP server %s connection ended: %r", self.name, err)
             self._failure = err
         finally:
-            self._client = None
+            if self._client is client:  # a newer connection may have replaced this one already
+                self._client = None
             ready.set()
 
     async def client(self) -> Any:
@@ -251,6 +253,37 @@ class TimeLimited:
             return await self.inner.call(name, args, call_id)
         assert scope.cancelled_caught
         return ToolOutcome.error(Timeout(f"{name} did not finish within {self.seconds:g}s; its outcome is unknown", hint="check the state, then retry with a smaller step or a longer timeout"))
+
+
+@dataclass
+class SandboxLifecycle:
+    """Records `sandbox.provisioned` the first time a sandbox id shows up in a result (an
+    explicit provision or a lazy one behind execute) and `sandbox.lost` when a call says so."""
+
+    inner: Toolset
+    known: set[str] = field(default_factory=set)
+
+    async def tools(self) -> list[ToolDef]:
+        return await self.inner.tools()
+
+    async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
+        from harness.events import ev
+
+        outcome = await self.inner.call(name, args, call_id)
+        if outcome.is_error:
+            if "sandbox_lost" in outcome.text:
+                outcome.events.append(ev("sandbox.lost", sandbox_id=args.get("sandbox_id"), tool_use_id=call_id, message=outcome.text[:500]))
+            return outcome
+        try:
+            result = json.loads(outcome.text)
+        except ValueError:
+            return outcome
+        sid = result.get("sandbox_id") if isinstance(result, dict) else None
+        if isinstance(sid, str) and sid not in self.known:
+            self.known.add(sid)
+            outcome.events.append(ev("sandbox.provisioned", sandbox_id=sid, tool_use_id=call_id, via=name,
+                                     **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result}))
+        return outcome
 
 
 class Router:

@@ -126,6 +126,8 @@ def test_run_provisions_writes_runs_uses_a_credential_and_spawns_a_subagent(real
     listed = next(e.data for e in read_log(real_env, child) if e.type == "agent.tool_result")
     assert "answer.sh" in listed["content"][0]["text"]
     assert max(fake.counts.values()) == 1
+    provisioned = [e.data for e in log if e.type == "sandbox.provisioned"]
+    assert len(provisioned) == 1 and provisioned[0]["via"] == "sandbox__write_file"  # lazily, by the first call that needed it
 
 
 def test_a_refused_credential_is_told_to_the_model(real_env: dict[str, str]) -> None:
@@ -198,4 +200,5 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
     execs = [e.data for e in log if e.type == "agent.tool_result" and e.data["name"] == "sandbox__execute"]
     assert execs[0]["is_error"] and "sandbox_lost" in execs[0]["content"][0]["text"] and execs[0]["duration_ms"] < 25_000
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
+    assert [e.type for e in log if e.type.startswith("sandbox.")] == ["sandbox.provisioned", "sandbox.lost", "sandbox.provisioned"]
     assert max(fake.counts.values()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -34,3 +35,35 @@ def test_missing_api_key_is_one_clear_line(env: dict[str, str]) -> None:
     assert p.returncode != 0
     assert p.stderr.strip().count("\n") == 0 and "ANTHROPIC_API_KEY is not set" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_the_session_resumes(env: dict[str, str], toolbox_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness.conftest import ROOT
+    from tests.harness.fake_anthropic import Script, Turn, text, tool
+    from tests.harness.test_crash import assert_valid_history, read_log
+
+    script = Script({"SIGINT-TASK": [Turn([tool("toolbox__slow", {"seconds": 30})]), Turn([text("finished after the wake")])]})
+    with FakeAnthropic(script) as fake:
+        e = {**env, **fake.env()}
+        p = subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "SIGINT-TASK"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (toolbox_dir / "started.txt").exists():
+            time.sleep(0.2)
+        while time.time() < deadline and fake.counts[("SIGINT-TASK", 0)] == 0:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the slow tool is running now
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, out + err
+        assert "Traceback" not in err and "corral wake ses_" in err
+        sid = session_id(out)
+        assert read_log(e, sid)[-1].data["status"] == "stopped"
+        p2 = corral(["wake", sid], {**e, "CORRAL_TOOL_TIMEOUT_S": "2"})
+    assert p2.returncode == 0, p2.stdout + p2.stderr
+    assert "finished after the wake" in p2.stdout
+    assert_valid_history(read_log(e, sid))
