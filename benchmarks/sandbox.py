@@ -33,11 +33,11 @@ from mcp.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from servers.sandbox.backend import DockerConfig, ExecRequest, make_backend  # noqa: E402
-from servers.sandbox.config import SandboxSettings  # noqa: E402
-from servers.sandbox.registry import Registry  # noqa: E402
-from servers.sandbox.server import backend_config  # noqa: E402
-from servers.sandbox.service import SandboxService  # noqa: E402
+from servers.sandbox.backend import DockerConfig, ExecRequest, make_backend
+from servers.sandbox.config import SandboxSettings
+from servers.sandbox.registry import Registry
+from servers.sandbox.server import backend_config
+from servers.sandbox.service import SandboxService
 
 E2B_PUBLISHED_P50_MS = 440.0
 DOCKER_TEST_IMAGE = "corral-sandbox-test:latest"
@@ -48,7 +48,7 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def service_for(settings: SandboxSettings, backend=None) -> SandboxService:  # noqa: ANN001
+def service_for(settings: SandboxSettings, backend=None) -> SandboxService:
     backend = backend or make_backend(backend_config(settings))
     return SandboxService(backend, Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db"), settings)
 

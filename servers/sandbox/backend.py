@@ -15,7 +15,7 @@ from __future__ import annotations
 import posixpath
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,14 +27,14 @@ __all__ = [
     "BubblewrapConfig",
     "DockerConfig",
     "E2BConfig",
-    "ExtraBind",
-    "SandboxSpec",
-    "SandboxRef",
     "ExecRequest",
     "ExecResult",
+    "ExtraBind",
     "FileData",
     "FileEntry",
     "Listing",
+    "SandboxRef",
+    "SandboxSpec",
     "make_backend",
     "workspace_path",
 ]
@@ -215,7 +215,7 @@ class E2BConfig(_Model):
     request_timeout_s: float = 30.0
 
 
-BackendConfig = Annotated[Union[BubblewrapConfig, DockerConfig, E2BConfig], Field(discriminator="type")]
+BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(discriminator="type")]
 
 
 def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: Any) -> Backend:

@@ -48,7 +48,7 @@ from .backend import (
 )
 from .process import run_bounded
 
-__all__ = ["BubblewrapBackend", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "BubblewrapBackend"]
 
 INSTALL_HINT = "bubblewrap (bwrap) is not installed: run `apt-get install bubblewrap`"
 BASE_ENV = {

@@ -17,9 +17,26 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from corral.errors import InvalidArgument, NotFound, PolicyDenied, SandboxLost, Unavailable
+from corral.errors import (
+    InvalidArgument,
+    NotFound,
+    PolicyDenied,
+    SandboxLost,
+    Unavailable,
+)
 
-from .backend import WORKDIR, Backend, DockerConfig, ExecRequest, ExecResult, FileData, FileEntry, Listing, SandboxRef, SandboxSpec
+from .backend import (
+    WORKDIR,
+    Backend,
+    DockerConfig,
+    ExecRequest,
+    ExecResult,
+    FileData,
+    FileEntry,
+    Listing,
+    SandboxRef,
+    SandboxSpec,
+)
 from .process import run_bounded
 
 __all__ = ["DockerBackend"]

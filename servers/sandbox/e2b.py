@@ -14,11 +14,28 @@ import shlex
 import time
 from typing import Any, Literal
 
-from e2b import AsyncSandbox, CommandExitException, FileType, NotFoundException, SandboxException, TimeoutException
+from e2b import (
+    AsyncSandbox,
+    CommandExitException,
+    FileType,
+    NotFoundException,
+    SandboxException,
+    TimeoutException,
+)
 
 from corral.errors import NotFound, SandboxLost, Unavailable
 
-from .backend import Backend, E2BConfig, ExecRequest, ExecResult, FileData, FileEntry, Listing, SandboxRef, SandboxSpec
+from .backend import (
+    Backend,
+    E2BConfig,
+    ExecRequest,
+    ExecResult,
+    FileData,
+    FileEntry,
+    Listing,
+    SandboxRef,
+    SandboxSpec,
+)
 from .process import OutputCap
 
 __all__ = ["E2BBackend"]

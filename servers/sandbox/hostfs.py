@@ -22,7 +22,7 @@ from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
 from .backend import WORKDIR, FileData, FileEntry, Listing
 
-__all__ = ["read_file", "write_file", "list_dir"]
+__all__ = ["list_dir", "read_file", "write_file"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINK_HOPS = 40

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["OutputCap", "Completed", "run_bounded"]
+__all__ = ["Completed", "OutputCap", "run_bounded"]
 
 
 class OutputCap:
@@ -129,7 +129,7 @@ async def run_bounded(
         await asyncio.wait_for(asyncio.shield(waiter), 10)
         # Output pipes can be held open by a process that escaped the group; don't wait forever.
         await asyncio.wait_for(asyncio.shield(io), 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         io.cancel()
     finally:
         if not waiter.done():  # cancelled from above (client went away): leave nothing running

@@ -11,16 +11,22 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
+from corral.errors import InvalidArgument
 from servers.mcp_shell import serve, tool
 
-from corral.errors import InvalidArgument
-
-from .backend import Backend, BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, make_backend
+from .backend import (
+    Backend,
+    BubblewrapConfig,
+    DockerConfig,
+    E2BConfig,
+    ExtraBind,
+    make_backend,
+)
 from .config import SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
 
-__all__ = ["build_server", "backend_config", "run"]
+__all__ = ["backend_config", "build_server", "run"]
 
 SandboxId = Annotated[
     str | None,
@@ -97,7 +103,7 @@ def build_server(
     return server, service
 
 
-def _register_tools(server: MCPServer, service: SandboxService) -> None:  # noqa: C901 - one short tool each
+def _register_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, open_world=True)
     async def provision(
         template: Annotated[str | None, Field(description="docker image or e2b template; default from the server")] = None,

@@ -17,14 +17,14 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import InvalidArgument, NotFound, SandboxLost
 
-from .backend import Backend, ExecRequest, ExecResult, SandboxRef, SandboxSpec, workspace_path
+from .backend import Backend, ExecRequest, ExecResult, SandboxSpec, workspace_path
 from .config import SandboxSettings
 from .registry import Record, Registry
 
@@ -45,7 +45,7 @@ class Resources(BaseModel):
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check_env(env: dict[str, str] | None) -> dict[str, str]:

@@ -16,9 +16,10 @@ import secrets
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from e2b import (
     CommandExitException,
@@ -99,7 +100,7 @@ class _Commands:
         vm.procs.add(proc)
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise TimeoutException("context deadline exceeded: the command timed out") from None

@@ -14,7 +14,7 @@ from .conftest import call, fail
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(not os.environ.get("E2B_API_KEY"), reason="E2B_API_KEY not set")]
 
 
-async def test_live_e2b_round_trip(settings) -> None:  # noqa: ANN001
+async def test_live_e2b_round_trip(settings) -> None:
     from mcp.client import Client
 
     backend = make_backend(E2BConfig(api_key=os.environ["E2B_API_KEY"]))

@@ -26,7 +26,7 @@ _VENV_CORRAL = Path(sys.executable).parent / "corral"
 CORRAL = str(_VENV_CORRAL) if _VENV_CORRAL.exists() else (shutil.which("corral") or "corral")
 
 
-def _env(settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
+def _env(settings, **extra: str) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "CORRAL_HOME": str(settings.home),
@@ -54,14 +54,14 @@ async def _drive_every_tool(c: Client) -> None:
     await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="true")
 
 
-async def test_stdio_bubblewrap(settings) -> None:  # noqa: ANN001
+async def test_stdio_bubblewrap(settings) -> None:
     require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
     params = StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=_env(settings))
     async with Client(params) as c:
         await _drive_every_tool(c)
 
 
-async def test_stdio_docker(settings, docker_image: str) -> None:  # noqa: ANN001
+async def test_stdio_docker(settings, docker_image: str) -> None:
     env = _env(settings, CORRAL_SANDBOX_BACKEND="docker", CORRAL_SANDBOX_IMAGE=docker_image)
     async with Client(StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=env)) as c:
         await _drive_every_tool(c)
@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:  # noqa: ANN001
+def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
     kind = getattr(request, "param", "bubblewrap")
     extra = {}
     if kind == "docker":
@@ -115,7 +115,7 @@ async def test_streamable_http(http_server: str) -> None:
             await call(c, "destroy", sandbox_id=s["sandbox_id"])
 
 
-def test_missing_bwrap_says_what_to_install(settings, tmp_path: Path) -> None:  # noqa: ANN001
+def test_missing_bwrap_says_what_to_install(settings, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"  # a PATH without bwrap
     bin_dir.mkdir()
     env = {**_env(settings), "PATH": str(bin_dir)}

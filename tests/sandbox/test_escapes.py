@@ -181,7 +181,7 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-async def test_docker_sandbox_has_no_host_mounts_and_its_limits(settings, docker_image: str) -> None:  # noqa: ANN001
+async def test_docker_sandbox_has_no_host_mounts_and_its_limits(settings, docker_image: str) -> None:
     import json
     import subprocess
 

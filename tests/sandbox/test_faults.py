@@ -57,7 +57,7 @@ async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) 
     return lost
 
 
-async def test_bwrap_process_killed(settings) -> None:  # noqa: ANN001
+async def test_bwrap_process_killed(settings) -> None:
     h = Harness("bubblewrap", settings)
 
     def kill(sandbox_id: str) -> None:
@@ -70,13 +70,13 @@ async def test_bwrap_process_killed(settings) -> None:  # noqa: ANN001
         await _kill_mid_command(h, c, kill)
 
 
-async def test_bwrap_workspace_deleted(settings) -> None:  # noqa: ANN001
+async def test_bwrap_workspace_deleted(settings) -> None:
     h = Harness("bubblewrap", settings)
     async with h.client() as c:
         await _kill_mid_command(h, c, lambda sid: shutil.rmtree(settings.sandbox_dir / sid))
 
 
-async def test_docker_container_killed(settings, docker_image: str) -> None:  # noqa: ANN001
+async def test_docker_container_killed(settings, docker_image: str) -> None:
     h = Harness("docker", settings)
 
     def kill(sandbox_id: str) -> None:
@@ -88,7 +88,7 @@ async def test_docker_container_killed(settings, docker_image: str) -> None:  # 
     assert left.stdout.strip() == ""  # reaped: no container left behind
 
 
-async def test_e2b_vm_killed(settings) -> None:  # noqa: ANN001
+async def test_e2b_vm_killed(settings) -> None:
     h = Harness("e2b", settings)
 
     def kill(sandbox_id: str) -> None:

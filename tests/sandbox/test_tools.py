@@ -186,7 +186,7 @@ async def test_long_execute_sends_progress(harness: Harness) -> None:
         assert len(seen) >= 2 and seen == sorted(seen)
 
 
-async def test_background_reaper_runs_in_the_server(settings) -> None:  # noqa: ANN001
+async def test_background_reaper_runs_in_the_server(settings) -> None:
     from servers.sandbox.server import build_server
 
     from .conftest import make_backend
