@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import anyio
@@ -96,7 +97,10 @@ class Proxy:
         key = f"{cred.name}/{cred.allow_private}"
         client = self._clients.get(key)
         if client is None:
-            client = httpx.AsyncClient(transport=PinnedTransport(self.connector), follow_redirects=False, trust_env=False, timeout=self.settings.proxy_timeout_s)
+            client = httpx.AsyncClient(
+                transport=PinnedTransport(self.connector), follow_redirects=False, trust_env=False, timeout=self.settings.proxy_timeout_s,
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # no state carried between callers
+            )
             self._clients[key] = client
         return client
 

@@ -121,6 +121,13 @@ async def test_bad_timeout_refused(mcp, env, timeout_s):
     assert text.startswith("invalid_argument") and env.upstream.seen == []
 
 
+async def test_no_cookies_carried_between_requests(mcp, env):
+    out = await mcp.ok("http_request", req("echo", env.upstream.url("/set-cookie")))
+    assert ["set-cookie", "session=abc123; Path=/"] in out["headers"]  # shown to the caller...
+    await mcp.ok("http_request", req("echo", env.upstream.url("/echo")))
+    assert "Cookie" not in env.upstream.seen[-1]["headers"]  # ...but never replayed by the proxy
+
+
 # -- redirects ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

@@ -56,6 +56,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, echo, {"Content-Encoding": "br"})  # claims an encoding the proxy cannot decode
         elif url.path == "/echo-chunked":
             self._chunked(echo, int(q.get("size", "3")))
+        elif url.path == "/set-cookie":
+            self._send(200, b"ok", {"Set-Cookie": "session=abc123; Path=/"})
         elif url.path == "/redirect":
             self._send(int(q.get("code", "302")), b"moved", {"Location": q["to"]})
         elif url.path == "/slow":
