@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -63,7 +64,7 @@ class SandboxService:
         self._defaults: dict[str, str] = {}  # client key -> its lazy default sandbox
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._provision_lock = asyncio.Lock()
+        self._key_locks: dict[str, asyncio.Lock] = {}  # one per idempotency key / client default
 
     # -- provision / resolve -------------------------------------------------------------
 
@@ -92,7 +93,8 @@ class SandboxService:
     ) -> dict[str, Any]:
         resources = resources or Resources()
         spec = self._spec(template, resources, _check_env(env), network)
-        async with self._provision_lock:  # an idempotency key must not race itself
+        # Only calls sharing an idempotency key wait for each other (docker provisioning takes ~1 s).
+        async with self._lock_for(f"key:{idempotency_key}") if idempotency_key else contextlib.nullcontext():
             if idempotency_key and (old := self.registry.by_idempotency_key(self.backend.name, idempotency_key)):
                 return self.describe(old)
             sandbox_id = f"sbx_{secrets.token_hex(8)}"
@@ -141,14 +143,18 @@ class SandboxService:
             raise SandboxLost(f"sandbox {sandbox_id} expired")
         return record
 
+    def _lock_for(self, key: str) -> asyncio.Lock:
+        return self._key_locks.setdefault(key, asyncio.Lock())
+
     async def _default_for(self, client: str) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
-        known = self._defaults.get(client)
-        if known and (record := self.registry.get(known)) and record.state == "running":
-            return known
-        created = (await self.provision(label="default"))["sandbox_id"]
-        self._defaults[client] = created
-        return created
+        async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
+            known = self._defaults.get(client)
+            if known and (record := self.registry.get(known)) and record.state == "running":
+                return known
+            created = (await self.provision(label="default"))["sandbox_id"]
+            self._defaults[client] = created
+            return created
 
     async def _guard(self, record: Record, work: Awaitable[Any]) -> Any:
         """Run one backend call on `record`: busy while running; lost means lost for good."""

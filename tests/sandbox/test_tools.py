@@ -218,3 +218,10 @@ async def test_destroy_leaves_nothing_unless_asked(harness: Harness) -> None:
         assert not (harness.settings.sandbox_dir / gone).exists()
         assert (harness.settings.sandbox_dir / kept / "workspace" / "notes.txt").read_text() == "keep me"
         assert not (harness.settings.sandbox_dir / kept / "home").exists()
+
+
+async def test_concurrent_first_calls_share_one_default_sandbox(harness: Harness) -> None:
+    async with harness.client() as c:
+        results = await asyncio.gather(*(call(c, "execute", command=f"echo {i}") for i in range(4)))
+        assert len({r["sandbox_id"] for r in results}) == 1
+        assert len((await call(c, "list_sandboxes"))["sandboxes"]) == 1
