@@ -213,7 +213,8 @@ def os_keyrings(timeout_s: float) -> list[keyring.backend.KeyringBackend]:
 
     def probe() -> list[tuple[float, keyring.backend.KeyringBackend]]:
         found = keyring.backend.get_all_keyring()
-        ranked = [(_priority(b), b) for b in found if not is_insecure(b) and not isinstance(b, EncryptedFileKeyring)]
+        # OS keyrings only (keyring's own backends); third-party plugins are used only when named
+        ranked = [(_priority(b), b) for b in found if backend_name(b).startswith("keyring.backends.") and not is_insecure(b)]
         return sorted((r for r in ranked if r[0] > 0), key=lambda r: r[0], reverse=True)
 
     return [b for _, b in call_with_deadline(probe, timeout_s, "backend detection")]
