@@ -75,7 +75,11 @@ async def interleaved(n: int, calls: dict) -> dict[str, list[float]]:
 
 async def main(n: int, port: int) -> dict:
     url = f"http://127.0.0.1:{port}/data"
-    home = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        return await measure(n, port, url, Path(tmp))
+
+
+async def measure(n: int, port: int, url: str, home: Path) -> dict:
     settings = VaultSettings(home=home, vault_backend="encrypted-file")
     vault, _ = open_vault(settings, None)
     vault.set(Credential(name="bench", hosts=["127.0.0.1"], schemes=["http"], ports=[port], allow_private=True), SECRET)
