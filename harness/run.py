@@ -6,10 +6,13 @@ starts a new turn. Nothing here holds state the log does not have.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import anyio
@@ -21,7 +24,7 @@ from harness.config import HarnessSettings
 from harness.events import KillAfterAppends, SessionLog, ev
 from harness.local import Subagents, TodoTools
 from harness.model import AnthropicModel, ModelClient
-from harness.tools import MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
+from harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from harness.view import View
 from servers.session.store import EventStore, open_store
 
@@ -109,7 +112,8 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
     logs.mkdir(exist_ok=True)
     with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():
         async with anyio.create_task_group() as tg:
-            servers = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog, log))
+            connected = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog, log))
+            servers = CachedListing(connected, tools_cache(settings), tg, first_send)
 
             def make_child(child: SessionLog, label: str) -> Agent:
                 return Agent(child, model, Router([servers, TodoTools()]), config, view.child(label), SUBAGENT_SYSTEM.format(session_id=child.session_id))
@@ -130,7 +134,15 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
     return Outcome(log.session_id, text)
 
 
-async def _connect_after(first_send: anyio.Event, servers: Router) -> None:
+def tools_cache(settings: HarnessSettings) -> Path:
+    """Where the last tool listing of this exact server set is kept (see `CachedListing`)."""
+    key = hashlib.sha256(json.dumps(settings.server_targets(), sort_keys=True).encode()).hexdigest()[:16]
+    folder = settings.data_dir() / "harness"
+    folder.mkdir(exist_ok=True)
+    return folder / f"tools-{key}.json"
+
+
+async def _connect_after(first_send: anyio.Event, servers: Toolset) -> None:
     """Connect the MCP servers once the first request is on its way: starting their processes
     earlier would compete with it for the CPU; later would make the first tool call wait."""
     with anyio.move_on_after(5):

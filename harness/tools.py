@@ -286,6 +286,49 @@ class SandboxLifecycle:
         return outcome
 
 
+class CachedListing:
+    """Answers `tools()` from the listing saved at `path` by an earlier run, so a new session's
+    first request need not wait for the MCP servers to start; the real listing is fetched once
+    `ready` is set (after that request went out) and saved for the next run. A definition that
+    went stale meanwhile costs one tool error: the router re-lists on an unknown name."""
+
+    def __init__(self, inner: Toolset, path: Any, task_group: TaskGroup, ready: anyio.Event) -> None:
+        self.inner, self.path, self._tg, self._ready = inner, path, task_group, ready
+        self._refreshing = False
+
+    async def tools(self) -> list[ToolDef]:
+        cached = self._read()
+        if cached is None:
+            listed = await self.inner.tools()
+            self._write(listed)
+            return listed
+        if not self._refreshing:
+            self._refreshing = True
+            self._tg.start_soon(self._refresh)
+        return cached
+
+    async def _refresh(self) -> None:
+        with anyio.move_on_after(5):
+            await self._ready.wait()
+        self._write(await self.inner.tools())
+
+    def _read(self) -> list[ToolDef] | None:
+        try:
+            return [ToolDef.from_record(t) for t in json.loads(self.path.read_text())]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no cache yet, or one we cannot read: list for real
+
+    def _write(self, listed: list[ToolDef]) -> None:
+        if not listed:
+            return  # every server was down: keep the last good listing
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([t.record() for t in listed]))
+        tmp.replace(self.path)
+
+    async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
+        return await self.inner.call(name, args, call_id)
+
+
 class Router:
     """The union of toolsets; a toolset that cannot list its tools is left out (and said so)."""
 

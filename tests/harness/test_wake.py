@@ -126,3 +126,20 @@ def test_two_harnesses_waking_one_session_one_loses_clearly(env: dict[str, str])
     log = read_log(env, sid)
     assert_valid_history(log)
     assert [x.data["text"] for x in log if x.type == "agent.message"] == ["only one of us"]
+
+
+async def test_a_new_session_asks_the_model_before_the_servers_are_up_once_their_tools_are_known(env: dict[str, str], toolbox_dir: Path) -> None:
+    script = Script({"FIRST": [Turn([text("one")])], "SECOND": [Turn([tool("toolbox__count_lines", {})]), Turn([text("two")])]})
+    with FakeAnthropic(script) as fake:
+        e = {**env, **fake.env()}
+        await run_session(settings_from(e), task="FIRST", session_id=None, view=NullView(), env=e)  # lists, and saves the listing
+        (toolbox_dir / "started.txt").unlink()
+        e["TOOLBOX_START_DELAY"] = "3"
+        out = await run_session(settings_from(e), task="SECOND", session_id=None, view=NullView(), env=e)
+    assert out.text == "two"
+    second = next(r for r in fake.requests if r.key == ("SECOND", 0))
+    assert second.received < float((toolbox_dir / "started.txt").read_text())  # the server was still starting
+    assert {t["name"] for t in second.body["tools"]} >= {"toolbox__count_lines", "toolbox__append_line", "todo", "spawn_subagent"}
+    assert_valid_history(read_log(env, out.session_id))
+    count = next(x.data for x in read_log(env, out.session_id) if x.type == "agent.tool_result")
+    assert not count["is_error"] and count["content"][0]["text"] == "0"
