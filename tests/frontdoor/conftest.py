@@ -37,10 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def corral_env(tmp_path: Path) -> dict[str, str]:
+def make_env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "DBUS_", "ANTHROPIC_", "XDG_"))}
-    home = tmp_path / "home"
+    home = root / "home"
     home.mkdir()
     env.update(HOME=str(home), CORRAL_HOME=str(home / "corral"), PYTHONUNBUFFERED="1")
     # Claude Code: no auto-update, telemetry or other traffic of its own.
@@ -48,10 +47,16 @@ def corral_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def corral_env(tmp_path: Path) -> dict[str, str]:
+    return make_env(tmp_path)
+
+
 @dataclass
 class UpProcess:
     proc: subprocess.Popen[str]
     port: int
+    env: dict[str, str]
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -91,7 +96,7 @@ def start_up(env: dict[str, str], port: int, prefix: list[str] | None = None, ti
         stdin=subprocess.DEVNULL,
         text=True,
     )
-    up = UpProcess(proc, port)
+    up = UpProcess(proc, port, env)
     threading.Thread(target=up._pump, daemon=True).start()
     if not up.ready.wait(timeout) or proc.poll() is not None:
         proc.kill()
@@ -100,11 +105,13 @@ def start_up(env: dict[str, str], port: int, prefix: list[str] | None = None, ti
     return up
 
 
-@pytest.fixture
-def up(corral_env: dict[str, str]) -> Iterator[UpProcess]:
-    process = start_up(corral_env, free_port())
+@pytest.fixture(scope="session")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    """One `corral up` shared by the tests that only talk to it (each start costs seconds)."""
+    env = {**make_env(tmp_path_factory.mktemp("up")), "CORRAL_SANDBOX_PROGRESS_INTERVAL_S": "0.3"}  # progress test
+    process = start_up(env, free_port())
     yield process
-    process.stop()
+    assert process.stop() == 0
 
 
 def token_of(env: dict[str, str]) -> str:

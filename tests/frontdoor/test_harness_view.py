@@ -16,13 +16,13 @@ from tests.frontdoor.conftest import UpProcess, corral, token_of
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 
 
-def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProcess, corral_env: dict[str, str]) -> None:
+def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProcess) -> None:
     require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
     script = Script({"VIEWER-TASK": [Turn([text("Counting."), tool("sandbox__execute", {"command": "echo 42"})]), Turn([text("The answer is 42.")])]})
-    token = token_of(corral_env)
+    token = token_of(up.env)
     with FakeAnthropic(script) as fake:
         env = {
-            **corral_env,
+            **up.env,
             **fake.env(),
             "CORRAL_SANDBOX_URL": f"{up.base}/sandbox/mcp",
             "CORRAL_SESSION_URL": f"{up.base}/session/mcp",
@@ -43,7 +43,7 @@ def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProces
     assert any("42" in e["text"] for e in by_kind["result"])
     assert sum(sum(e["usage"].values()) for e in by_kind["usage"]) > 0, by_kind["usage"]
 
-    shown = corral("sessions", "show", sid, env={**corral_env, "COLUMNS": "160"})
+    shown = corral("sessions", "show", sid, env={**up.env, "COLUMNS": "160"})
     assert shown.returncode == 0, shown.stderr
     assert "The answer is 42." in shown.stdout and "sandbox__execute" in shown.stdout
     assert re.search(r"tokens: in \d+  out [1-9]\d*  cache read [1-9]\d*", shown.stdout), shown.stdout  # the 2nd request read the cache

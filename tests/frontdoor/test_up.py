@@ -36,8 +36,8 @@ def mcp_client(url: str, token: str | None) -> Client:
     return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers, timeout=30)))
 
 
-async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess, corral_env: dict[str, str]) -> None:
-    token = token_of(corral_env)
+async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess) -> None:
+    token = token_of(up.env)
     for name in SERVERS:
         assert f"✓ {name:<12} {up.base}/{name}/mcp" in up.output, up.output
     # The printed client config is exact: the URLs and the token of this run.
@@ -55,29 +55,24 @@ async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess, co
         assert not listed.is_error and listed.structured_content == {"credentials": []}
 
 
-async def test_long_execute_sends_progress_over_http(corral_env: dict[str, str]) -> None:
+async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:
     require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
-    env = {**corral_env, "CORRAL_SANDBOX_PROGRESS_INTERVAL_S": "0.3"}
-    up = start_up(env, free_port())
-    try:
-        seen: list[tuple[float, float | None, str | None]] = []
+    seen: list[tuple[float, float | None, str | None]] = []
 
-        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            seen.append((progress, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
 
-        async with mcp_client(f"{up.base}/sandbox/mcp", token_of(env)) as client:
-            result = await client.call_tool("execute", {"command": "sleep 1.5; echo done", "timeout_s": 30}, progress_callback=on_progress)
-        assert not result.is_error, result
-        assert result.structured_content["stdout"] == "done\n"
-        assert len(seen) >= 2, seen
-        assert all(total == 30 for _, total, _ in seen), seen
-        assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
-    finally:
-        assert up.stop() == 0
+    async with mcp_client(f"{up.base}/sandbox/mcp", token_of(up.env)) as client:
+        result = await client.call_tool("execute", {"command": "sleep 1.5; echo done", "timeout_s": 30}, progress_callback=on_progress)
+    assert not result.is_error, result
+    assert result.structured_content["stdout"] == "done\n"
+    assert len(seen) >= 2, seen  # every 0.3 s (CORRAL_SANDBOX_PROGRESS_INTERVAL_S) of a 1.5 s command
+    assert all(total == 30 for _, total, _ in seen), seen
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
 
 
-def test_no_token_wrong_token_foreign_origin_and_host_are_refused(up: UpProcess, corral_env: dict[str, str]) -> None:
-    token = token_of(corral_env)
+def test_no_token_wrong_token_foreign_origin_and_host_are_refused(up: UpProcess) -> None:
+    token = token_of(up.env)
     good = {"Authorization": f"Bearer {token}"}
     init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
     mcp_headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}

@@ -30,13 +30,13 @@ async def emit(client, session_id: str, type_: str, data: dict) -> int:
     return result.structured_content["position"]
 
 
-async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess, corral_env: dict[str, str]) -> None:
+async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess) -> None:
     require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium (.ci/run does)")
     try:
         from playwright.async_api import async_playwright, expect
     except ImportError:
         require("playwright", False, "pip install playwright (a test dependency)")
-    token = token_of(corral_env)
+    token = token_of(up.env)
     async with mcp_client(f"{up.base}/session/mcp", token) as client:
         created = await client.call_tool("create_session", {"metadata": {"title": "seen in a browser"}})
         sid = created.structured_content["session_id"]
@@ -85,20 +85,20 @@ async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess, cor
                 await browser.close()
 
 
-async def test_terminal_timeline_of_a_session(up: UpProcess, corral_env: dict[str, str]) -> None:
-    token = token_of(corral_env)
+async def test_terminal_timeline_of_a_session(up: UpProcess) -> None:
+    token = token_of(up.env)
     async with mcp_client(f"{up.base}/session/mcp", token) as client:
         sid = (await client.call_tool("create_session", {})).structured_content["session_id"]
         await emit(client, sid, "user.message", {"text": "hello"})
         await emit(client, sid, "agent.tool_use", {"id": "t", "name": "execute", "input": {"command": "make test"}})
         await emit(client, sid, "agent.tool_result", {"tool_use_id": "t", "content": "exit 2", "is_error": True})
         await emit(client, sid, "span.model_request", {"usage": {"input_tokens": 50, "output_tokens": 7}})
-    env = {**corral_env, "COLUMNS": "120"}
+    env = {**up.env, "COLUMNS": "120"}
     done = corral("sessions", "show", sid, env=env)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert re.search(r"⚙\s+agent.tool_use\s+execute \{\"command\": \"make test\"\}", out), out
     assert re.search(r"✗\s+agent.tool_result\s+exit 2", out), out
     assert "tokens: in 50  out 7" in out
-    assert os.environ.get("CORRAL_HOME") != corral_env["CORRAL_HOME"]
+    assert os.environ.get("CORRAL_HOME") != up.env["CORRAL_HOME"]
     assert shutil.which("corral")
