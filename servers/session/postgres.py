@@ -122,6 +122,7 @@ class PostgresEventStore(EventStore):
             name="corral-session",
         )
         try:
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout_s))).close()  # fails fast, saying why
             self._pool.open(wait=True, timeout=connect_timeout_s)
             self._migrate()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
