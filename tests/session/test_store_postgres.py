@@ -101,3 +101,31 @@ def test_unreachable_server_is_unavailable_with_a_hint():
     with pytest.raises(Unavailable, match="cannot open the PostgreSQL session store") as err:
         open_store("postgresql://corral:corral@127.0.0.1:1/none", connect_timeout_s=2)
     assert "CORRAL_SESSION_STORE" in str(err.value)
+
+
+@pytest.mark.anyio
+async def test_the_session_tools_over_postgres(pg_schema_url):  # noqa: F811
+    """`corral serve session` with CORRAL_SESSION_STORE=postgresql://...: the tools a client sees."""
+    import json
+
+    from mcp.client import Client
+
+    from servers.session.server import build_server
+
+    store = open_store(pg_schema_url)
+    try:
+        async with Client(build_server(store)) as client:
+            async def call(name, **args):
+                result = await client.call_tool(name, args)
+                return result.is_error, (json.loads(result.content[0].text) if not result.is_error else result.content[0].text)
+
+            _, created = await call("create_session", metadata={"title": "pg"})
+            sid = created["session_id"]
+            assert (await call("emit_event", session_id=sid, type="user.message", data={"text": "hi"}, expected_position=0))[1]["position"] == 0
+            is_error, text = await call("emit_event", session_id=sid, type="user.message", data={"text": "again"}, expected_position=0)
+            assert is_error and "conflict" in text
+            lease = store.acquire_lease(sid, "worker-x", ttl_s=30)
+            _, info = await call("get_session", session_id=sid)
+            assert info["length"] == 1 and info["lease"]["worker"] == "worker-x" and info["lease"]["token"] == lease.token
+    finally:
+        store.close()
