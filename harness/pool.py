@@ -137,7 +137,11 @@ class LeasedStore:
             self._on_fenced(err.message)
             raise
 
-    def __getattr__(self, name: str) -> Any:
+    def append_one(self, session_id: str, type: str, data: Any = None, *, expected_position: int | None = None, event_id: str | None = None) -> int:
+        event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
+        return self.append(session_id, [event], expected_position)[0]
+
+    def __getattr__(self, name: str) -> Any:  # reads, create, fork: as the store does them
         return getattr(self._store, name)
 
 
