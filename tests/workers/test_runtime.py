@@ -1,0 +1,87 @@
+"""The pieces of a worker's job in-process (SQLite store, no queue): lease-carrying appends,
+self-fencing, and a job body on its own loop that a stop can cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
+from servers.session.store import LeaseLost, NewEvent, open_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    yield s
+    s.close()
+
+
+def ev(**data) -> NewEvent:
+    return NewEvent(type="agent.message", data=data)
+
+
+def test_leased_appends_carry_the_token_and_a_lost_lease_fences(store):
+    sid, other = store.create().session_id, store.create().session_id
+    lease = store.acquire_lease(sid, "me", ttl_s=0.01)
+    fenced: list[str] = []
+    leased = LeasedStore(store, sid, lease.token, fenced.append)
+    assert leased.append(sid, [ev(i=0)], 0) == [0]
+    assert leased.append_one(sid, "agent.message", {"i": 1}) == 1
+    time.sleep(0.05)
+    store.acquire_lease(sid, "someone-else", ttl_s=30)  # mine expired: taken over
+    with pytest.raises(LeaseLost):
+        leased.append(sid, [ev(i=2)], 2)
+    assert len(fenced) == 1 and "no longer held" in fenced[0]
+    assert leased.append(other, [ev()]) == [0]  # another session (a subagent's): not leased
+    assert store.length(sid) == 2 and leased.get(sid).lease["worker"] == "someone-else"
+
+
+def test_a_worker_whose_lease_is_taken_mid_job_exits_with_75(store):
+    sid = store.create().session_id
+    exits: list[int] = []
+    runtime = Runtime(store=store, body=None, name="me", lease_s=0.3, exit_process=exits.append)  # type: ignore[arg-type]
+    token = store.acquire_lease(sid, "me", ttl_s=0.3).token
+
+    async def main():
+        keeper = asyncio.create_task(runtime.keep(sid, token, None))
+        await asyncio.sleep(0.15)
+        # As if this worker had stalled past its lease: the lease lapses and another worker takes it.
+        store.release_lease(sid, token)
+        store.acquire_lease(sid, "heir", ttl_s=30)
+        await asyncio.sleep(0.3)  # the next renewal finds out
+        keeper.cancel()
+
+    asyncio.run(main())
+    assert exits and set(exits) == {FENCED_EXIT}
+
+
+def test_a_body_on_its_own_loop_is_cancelled_and_winds_down():
+    seen: list[str] = []
+
+    async def body():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled in its own loop")
+            raise
+
+    async def main():
+        task = asyncio.create_task(in_own_loop(body))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert seen == ["cancelled in its own loop"]
+
+
+def test_a_body_error_comes_back_to_the_worker():
+    async def body():
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        asyncio.run(in_own_loop(body))
