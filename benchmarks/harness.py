@@ -3,8 +3,8 @@
     python3 benchmarks/harness.py [--trials N] [--delay-ms D]
 
 1. Wake on a 10,000-event session -> first model request (target <= 150 ms), beside:
-   - the same wake when the log has no recorded tool definitions (must wait for the MCP
-     servers — sandbox, session, credentials over stdio — before the first request);
+   - the same wake when neither the log nor an earlier run has the tool definitions (it must
+     wait for the MCP servers — sandbox, session, credentials over stdio — to list them);
    - the CLI: `corral wake` as a process (Python start-up and imports included).
 2. Time to first token of a new session, lazy vs eager provisioning (eager = a sandbox is
    provisioned before the first model call), on the Docker backend, with the sandbox server
@@ -42,7 +42,7 @@ from harness.events import ev  # noqa: E402
 from harness.run import run_session  # noqa: E402
 from harness.tools import ToolOutcome  # noqa: E402
 from harness.view import NullView  # noqa: E402
-from servers.session.store import NewEvent, open_store  # noqa: E402
+from servers.session.store import open_store  # noqa: E402
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
 
 TOOLS = [{"name": f"sandbox__tool{i}", "description": "a tool " * 20, "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
@@ -128,6 +128,8 @@ def bench_wake(env: dict[str, str], trials: int) -> dict[str, Any]:
         sid = build_long_session(db, 10_000, compact_every=1000, with_tools=True)
         rows["recorded tools (in-process)"].append(anyio.run(wake_to_first_request, env, sid))
         sid = build_long_session(db, 10_000, compact_every=1000, with_tools=False)
+        for cached in (Path(env["CORRAL_HOME"]) / "harness").glob("tools-*.json"):
+            cached.unlink()  # nor a listing saved by an earlier run: the servers must answer first
         rows["no recorded tools: waits for servers"].append(anyio.run(wake_to_first_request, env, sid))
     rows["python -c 'import anthropic' (part of the process figure)"] = []
     for _ in range(max(1, trials // 3)):

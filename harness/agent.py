@@ -59,6 +59,8 @@ class Agent:
         try:
             await self.ensure_tools()
             await self.settle()
+            if not self.needs_model():
+                self.view.note(f"the model has ended its turn; nothing to resume (`corral run \"...\" --session {self.log.session_id}` adds a message)")
             for _ in range(self.config.max_turns):
                 if not self.needs_model():
                     break

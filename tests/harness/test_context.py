@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ async def test_requests_are_append_only_cache_stable_and_show_the_plan(env: dict
         e = {**env, **fake.env()}
         out = await run_session(settings_from(e), task="CACHE-TASK", session_id=None, view=NullView(), env=e)
     bodies = [r.body for r in fake.requests]
-    for before, after in zip(bodies, bodies[1:]):
+    for before, after in zip(bodies, bodies[1:], strict=False):
         assert strip(after["messages"])[: len(before["messages"])] == strip(before["messages"])  # only appends
         assert after["tools"] == before["tools"] and after["system"] == before["system"]
     marks = [sum("cache_control" in b for m in body["messages"] for b in m["content"]) for body in bodies]

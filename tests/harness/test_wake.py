@@ -121,7 +121,7 @@ def test_two_harnesses_waking_one_session_one_loses_clearly(env: dict[str, str])
         outs = [p.communicate(timeout=120) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outs
-    loser = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 1)
+    loser = next(err for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 1)
     assert "conflict:" in loser and "another harness" in loser and "Traceback" not in loser
     log = read_log(env, sid)
     assert_valid_history(log)
