@@ -11,7 +11,8 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
   never scan events.
 - The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
   the worker pool's procrastinate tables); it is created and migrated here, in order,
-  under an advisory lock, and its version is kept in `corral_schema_version`.
+  under an advisory lock, and its version is kept in `corral_schema_version`. Another
+  PostgreSQL schema than `public`: `?options=-csearch_path%3DNAME` in the URL.
 
 Thread-safe: every call borrows a connection from a psycopg_pool ConnectionPool.
 """
@@ -27,7 +28,6 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg import sql
 
 from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from servers.session.store import (
@@ -101,7 +101,6 @@ class PostgresEventStore(EventStore):
         url: str,
         *,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        schema: str | None = None,
         min_connections: int = 1,
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
@@ -109,7 +108,6 @@ class PostgresEventStore(EventStore):
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
-        self.schema = schema
         self._lineages: OrderedDict[str, list[Segment]] = OrderedDict()  # lineage never changes once a session exists: an LRU
         self._lineage_lock = threading.Lock()
         self._pool = psycopg_pool.ConnectionPool(
@@ -117,7 +115,6 @@ class PostgresEventStore(EventStore):
             min_size=min_connections,
             max_size=max_connections,
             timeout=connect_timeout_s,
-            configure=self._configure,
             open=False,
             name="corral-session",
         )
@@ -131,14 +128,11 @@ class PostgresEventStore(EventStore):
                 f"cannot open the PostgreSQL session store: {_one_line(err)}",
                 hint="check CORRAL_SESSION_STORE (postgresql://USER:PASSWORD@HOST:PORT/DB) and that the server is up",
             ) from err
+        except BaseException:  # e.g. a schema newer than this code: no pool threads left behind
+            self._pool.close()
+            raise
 
     # -- plumbing ---------------------------------------------------------------------
-
-    def _configure(self, conn: psycopg.Connection) -> None:
-        if self.schema:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
-        conn.commit()
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Connection]:
