@@ -20,6 +20,9 @@ from e2b import (
     FileType,
     NotFoundException,
     SandboxException,
+    SandboxNotFoundException,
+    SandboxNotRunningException,
+    SandboxUnreachableException,
     TimeoutException,
 )
 
@@ -40,6 +43,8 @@ from .process import OutputCap
 
 __all__ = ["E2BBackend"]
 
+# The VM itself is gone or unreachable: the sandbox is lost, whatever the call was.
+_VM_GONE = (SandboxNotFoundException, SandboxNotRunningException, SandboxUnreachableException)
 _KINDS = {FileType.FILE: "file", FileType.DIR: "dir", getattr(FileType, "SYMLINK", None): "symlink"}
 
 
@@ -66,7 +71,7 @@ class E2BBackend(Backend):
             return sbx
         try:
             sbx = await self.cls.connect(ref.data["e2b_id"], **self._opts())
-        except NotFoundException as err:
+        except (NotFoundException, *_VM_GONE) as err:
             raise SandboxLost(f"sandbox {ref.id} is gone: e2b no longer has VM {ref.data['e2b_id']}") from err
         except SandboxException as err:
             raise Unavailable(f"e2b: {err}") from err
@@ -133,12 +138,10 @@ class E2BBackend(Backend):
             exit_code = result.exit_code
         except CommandExitException as exc:  # non-zero exit is data, not an error
             exit_code = exc.exit_code
-        except TimeoutException as exc:
-            if "sandbox" in str(exc).lower() and "not" in str(exc).lower():
-                raise self._lost(ref, exc) from exc
-            exit_code, timed_out = None, True
-        except NotFoundException as exc:
+        except _VM_GONE as exc:  # (some of these are TimeoutExceptions: caught first)
             raise self._lost(ref, exc) from exc
+        except TimeoutException:
+            exit_code, timed_out = None, True
         except SandboxException as exc:
             raise Unavailable(f"e2b: {exc}") from exc
         return ExecResult(
@@ -157,9 +160,9 @@ class E2BBackend(Backend):
         """One SDK file call, its errors translated."""
         try:
             return await work
+        except _VM_GONE as exc:
+            raise self._lost(ref, exc) from exc
         except NotFoundException as exc:
-            if "sandbox" in str(exc).lower():
-                raise self._lost(ref, exc) from exc
             raise NotFound(f"no such file or directory: {path}") from exc
         except SandboxException as exc:
             raise Unavailable(f"e2b: {exc}") from exc
