@@ -55,10 +55,10 @@ def harness_env(tmp: Path, fake: FakeAnthropic, name: str) -> dict[str, str]:
     }
 
 
-def mid_session(store: EventStore, worker: Worker) -> bool:
-    """True once `worker` holds a lease; fails at once if the worker died instead."""
-    assert worker.proc.poll() is None, f"worker {worker.name} exited: {worker.log()[-3000:]}"
-    return any((s.lease or {}).get("worker") == worker.name for s in store.sessions(limit=SESSIONS))
+def mid_session(store: EventStore, pool: list[Worker], spare: Worker | None = None) -> Worker | None:
+    """A live worker (other than `spare`) that holds a session's lease right now."""
+    held = {(s.lease or {}).get("worker") for s in store.sessions(limit=SESSIONS)}
+    return next((w for w in pool if w.name in held and w.proc.poll() is None and w is not spare), None)
 
 
 def assert_valid_history(log: list[Event]) -> None:
@@ -119,30 +119,31 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
 
         def supervise() -> None:
             """Like systemd's Restart=: a worker that fenced itself (exit 75) is started again."""
-            for w in pool:
-                if w.proc.poll() == FENCED_EXIT and not w.restarted:
+            for w in [w for w in pool if w.proc.poll() == FENCED_EXIT]:
+                if not w.restarted:
                     w.restarted = True
                     start(w.name + "+")
 
         try:
             sids = [submit(store, pg_schema_url, f"FAULT-{i:02d}: do the thing") for i in range(SESSIONS)]
-            a, b, _c = start("a"), start("b"), start("c")
+            for name in ("a", "b", "c"):
+                start(name)
 
             def idle() -> int:
                 supervise()
                 return sum(store.get(s).status == "idle" for s in sids)
 
             wait_until("some sessions done", lambda: idle() >= 3, timeout=120)
-            wait_until("worker a mid-session", lambda: mid_session(store, a), timeout=60, every=0.02)
-            deaths["a"] = a.signal(signal.SIGKILL)
-            a.wait()
+            killed: Worker = wait_until("a worker mid-session", lambda: mid_session(store, pool), timeout=60, every=0.02)  # type: ignore[assignment]
+            deaths[killed.name] = killed.signal(signal.SIGKILL)
+            killed.wait()
             wait_until("more sessions done", lambda: idle() >= 8, timeout=120)
-            wait_until("worker b mid-session", lambda: mid_session(store, b), timeout=60, every=0.02)
-            b.signal(signal.SIGTERM)  # stopped: its session goes back to the queue; its journal has every release
+            stopped: Worker = wait_until("another worker mid-session", lambda: mid_session(store, pool, killed), timeout=60, every=0.02)  # type: ignore[assignment]
+            stopped.signal(signal.SIGTERM)  # its session goes back to the queue; its journal has every release
             # 0; or 75 if a loaded machine delayed its heartbeat past the lease first.
-            assert b.wait(timeout=60) in (0, FENCED_EXIT), b.log()[-3000:]
-            b.restarted = True
-            again = start("b-again")
+            assert stopped.wait(timeout=60) in (0, FENCED_EXIT), stopped.log()[-3000:]
+            stopped.restarted = True
+            again = start(stopped.name + "-again")
             wait_until("every session done", lambda: idle() == SESSIONS, timeout=240)
         finally:
             for w in pool:  # a claim still open at the end ends with its worker
