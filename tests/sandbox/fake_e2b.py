@@ -88,6 +88,8 @@ class _Commands:
         stdin: bool | None = None,
         timeout: float | None = 60,
         request_timeout: float | None = None,
+        *,
+        retain_output: bool = True,
     ) -> CommandResult:
         vm = _vm(self._id)
         # The fake's "/home/user" and "/tmp" are its temp dir: rewrite them so commands can use them.
@@ -125,7 +127,7 @@ class _Files:
 
     async def read(
         self, path: str, format: Literal["text", "bytes", "stream"] = "text", user: str | None = None,
-        request_timeout: float | None = None, gzip: bool = False,
+        request_timeout: float | None = None, gzip: bool = False, stream_idle_timeout: float | None = None,
     ) -> Any:  # fmt: skip
         target = _vm(self._id).host(path)
         if not target.is_file():
