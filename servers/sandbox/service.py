@@ -218,7 +218,7 @@ class SandboxService:
         self, record: Record, path: str, *, offset: int = 0, limit: int | None = None, encoding: str = "text"
     ) -> dict[str, Any]:
         full = workspace_path(path, self.backend.workdir)
-        limit = min(limit if limit is not None else self.settings.sandbox_max_file_bytes, self.settings.sandbox_max_file_bytes)
+        limit = min(self.settings.sandbox_read_limit if limit is None else limit, self.settings.sandbox_max_file_bytes)
         got = await self._guard(record, self.backend.read(record.ref, full, offset, limit))
         if encoding == "base64":
             content = base64.b64encode(got.data).decode()

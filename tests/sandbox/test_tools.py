@@ -225,3 +225,13 @@ async def test_concurrent_first_calls_share_one_default_sandbox(harness: Harness
         results = await asyncio.gather(*(call(c, "execute", command=f"echo {i}") for i in range(4)))
         assert len({r["sandbox_id"] for r in results}) == 1
         assert len((await call(c, "list_sandboxes"))["sandboxes"]) == 1
+
+
+async def test_read_without_limit_is_bounded(harness: Harness) -> None:
+    harness.settings.sandbox_read_limit = 1000
+    async with harness.client() as c:
+        await call(c, "execute", command="head -c 5000 /dev/zero | tr '\\0' y > big.txt")
+        r = await call(c, "read_file", path="big.txt")
+        assert (r["length"], r["size"], r["truncated"]) == (1000, 5000, True)
+        rest = await call(c, "read_file", path="big.txt", offset=1000, limit=10000)
+        assert (rest["length"], rest["truncated"]) == (4000, False)
