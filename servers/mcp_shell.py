@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -163,4 +164,11 @@ def serve(server: MCPServer, http: str | None = None, *, token: str | None = Non
 
     host, port = parse_host_port(http)
     app = http_app({"": server}, host=host, port=port, token=token)
+    if token is None:  # say it where the operator looks: stdout is free over HTTP, stderr is the log
+        print(
+            f"{server.name}: serving http://{host}:{port}/mcp WITHOUT a token: any local process can call it "
+            "(`corral up` serves all three behind a bearer token)",
+            file=sys.stderr,
+            flush=True,
+        )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
