@@ -59,16 +59,25 @@ def parse_binds(spec: str) -> list[ExtraBind]:
     return binds
 
 
+CLIENT_META_KEY = "corral/client"
+
+
 def _client(ctx: Context) -> str:
     """Whose default sandbox a call without `sandbox_id` uses.
 
-    MCP 2026-07-28 is stateless: no connection object outlives a request. An HTTP client
-    that keeps an `Mcp-Session-Id` gets its own default; otherwise the server process has
-    one default (stdio serves exactly one client).
+    MCP 2026-07-28 is stateless: no connection object outlives a request. A client that
+    wants its own default sends `_meta: {"corral/client": ID}` (or the `X-Corral-Client`
+    header, or keeps an `Mcp-Session-Id`); everyone else shares the server's default
+    (stdio serves exactly one client anyway).
     """
+    meta = ctx.request_context.meta or {}
+    if isinstance(meta.get(CLIENT_META_KEY), str) and meta[CLIENT_META_KEY]:
+        return f"meta:{meta[CLIENT_META_KEY]}"
     headers = {k.lower(): v for k, v in (ctx.headers or {}).items()}
-    session = headers.get("mcp-session-id")
-    return f"http:{session}" if session else "default"
+    for header in ("x-corral-client", "mcp-session-id"):
+        if headers.get(header):
+            return f"{header}:{headers[header]}"
+    return "default"
 
 
 def build_server(

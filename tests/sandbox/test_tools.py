@@ -235,3 +235,13 @@ async def test_read_without_limit_is_bounded(harness: Harness) -> None:
         assert (r["length"], r["size"], r["truncated"]) == (1000, 5000, True)
         rest = await call(c, "read_file", path="big.txt", offset=1000, limit=10000)
         assert (rest["length"], rest["truncated"]) == (4000, False)
+
+
+async def test_each_client_id_gets_its_own_default_sandbox(harness: Harness) -> None:
+    async with harness.client() as c:
+        mine = await c.call_tool("execute", {"command": "echo a > who"}, meta={"corral/client": "agent-a"})
+        theirs = await c.call_tool("execute", {"command": "cat who 2>&1; true"}, meta={"corral/client": "agent-b"})
+        again = await c.call_tool("read_file", {"path": "who"}, meta={"corral/client": "agent-a"})
+        assert mine.structured_content["sandbox_id"] == again.structured_content["sandbox_id"]
+        assert theirs.structured_content["sandbox_id"] != mine.structured_content["sandbox_id"]
+        assert "a" not in theirs.structured_content["stdout"].split()  # b cannot see a's file
