@@ -38,6 +38,7 @@ from servers.session.store import (
     LeaseLost,
     NewEvent,
     Segment,
+    clip_segments,
     SessionInfo,
     check_range,
     encode_data,
@@ -201,16 +202,12 @@ class PostgresEventStore(EventStore):
     def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
         out: list[Event] = []
         owner = segments[-1].session_id
-        for seg in reversed(segments) if desc else segments:
-            lo = max(gte, seg.start)
-            hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
-            if hi is not None and lo >= hi:
-                continue
+        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
             want = None if limit is None else limit - len(out)
             if want is not None and want <= 0:
                 break
             query = f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND position >= %s"
-            params: list[Any] = [seg.session_id, lo]
+            params: list[Any] = [seg_id, lo]
             if hi is not None:
                 query += " AND position < %s"
                 params.append(hi)

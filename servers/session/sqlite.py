@@ -28,6 +28,7 @@ from servers.session.store import (
     LeaseLost,
     NewEvent,
     Segment,
+    clip_segments,
     SessionInfo,
     check_range,
     encode_data,
@@ -133,16 +134,12 @@ class SQLiteEventStore(EventStore):
 
     def _select(self, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
         out: list[Event] = []
-        for seg in reversed(segments) if desc else segments:
-            lo = max(gte, seg.start)
-            hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
-            if hi is not None and lo >= hi:
-                continue
+        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
             want = None if limit is None else limit - len(out)
             if want is not None and want <= 0:
                 break
             sql = f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND position >= ?"
-            params: list[Any] = [seg.session_id, lo]
+            params: list[Any] = [seg_id, lo]
             if hi is not None:
                 sql += " AND position < ?"
                 params.append(hi)

@@ -17,7 +17,7 @@ import json
 import math
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -54,6 +54,15 @@ class Segment(BaseModel):
     session_id: str
     start: int
     end: int | None  # None: open-ended (the session's own tail)
+
+
+def clip_segments(segments: Sequence[Segment], gte: int, lt: int | None, desc: bool) -> Iterator[tuple[str, int, int | None]]:
+    """The part of each segment inside [gte, lt), in read order: (session_id, lo, hi)."""
+    for seg in reversed(segments) if desc else segments:
+        lo = max(gte, seg.start)
+        hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
+        if hi is None or lo < hi:
+            yield seg.session_id, lo, hi
 
 
 class SessionInfo(BaseModel):
