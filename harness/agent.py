@@ -91,6 +91,8 @@ class Agent:
         self.view.response_done()
         written: list[Any] = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"]) for b in response.content if b["type"] == "text"]
         written += [ev(E.TOOL_USE, message_id=response.message_id, id=b["id"], name=b["name"], input=b["input"]) for b in response.tool_uses()]
+        if not written:  # an empty answer still ends the turn (else the loop would ask again and again)
+            written = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text="")]
         # Write-ahead: the response and its tool calls are durable before any tool runs.
         self.log.append([*written, self.span(response, "turn")])
         return response

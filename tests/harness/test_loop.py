@@ -45,3 +45,11 @@ async def test_write_ahead_run_records_response_before_tool_results(env: dict[st
     assert set(span.data["usage"]) == {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"}
     assert log[-1].data["status"] == "idle"
     assert dict(fake.counts) == {("TASK-A", 0): 1, ("TASK-A", 1): 1, ("TASK-A", 2): 1}
+
+
+async def test_an_empty_answer_ends_the_turn(env: dict[str, str]) -> None:
+    with FakeAnthropic(Script({"EMPTY-TASK": [Turn([]), Turn([text("asked twice")])]})) as fake:
+        s = settings_from({**env, **fake.env()})
+        out = await run_session(s, task="EMPTY-TASK", session_id=None, view=NullView(), env={**env, **fake.env()})
+    assert out.text == "" and sum(fake.counts.values()) == 1
+    assert events(env, out.session_id)[-1].data["status"] == "idle"
