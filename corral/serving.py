@@ -72,23 +72,11 @@ def _build_sandbox(built: Built) -> MCPServer:
 
 
 def _build_credentials(built: Built) -> MCPServer:
-    # The same assembly as `corral serve credentials` (servers/credentials/server.py:run).
-    from servers.credentials.gateway import GitGateway
-    from servers.credentials.proxy import Proxy
-    from servers.credentials.server import build_server, install_redaction
-    from vault import open_vault
-    from vault.config import VaultSettings
+    from servers.credentials.server import assemble
 
-    settings = VaultSettings()
-    vault, _choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
-    proxy = Proxy(vault, settings)
-    install_redaction(proxy, logging.getLogger().handlers)
-    gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
-    install_redaction(gateway_proxy)
-    gateway = GitGateway(gateway_proxy, settings)
-    gateway.start()
-    built.closers.append(gateway.stop)
-    return build_server(proxy, gateway)
+    server, stop = assemble(logging.getLogger().handlers)
+    built.closers.append(stop)
+    return server
 
 
 BUILDERS: dict[str, Callable[[Built], MCPServer]] = {

@@ -8,6 +8,7 @@ skips with a clear reason on a user's machine, but fails in CI (CI=true), where
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +27,15 @@ def require(what: str, available: bool, why: str) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def bearer_client(url: str, home) -> "Client":
+    """An MCP client for `corral serve X --http` at `url`, sending the install's token from `home`."""
+    import httpx2
+    from mcp.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from corral.auth import load_or_create_token
+
+    headers = {"Authorization": f"Bearer {load_or_create_token(Path(home))}"}
+    return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers, timeout=60)))

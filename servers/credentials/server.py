@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -124,21 +125,30 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
     return server
 
 
-def run(http: str | None) -> None:
-    core = CoreSettings()
+def assemble(handlers: list[logging.Handler] | None = None) -> tuple[MCPServer, Callable[[], None]]:
+    """The credentials server as `corral serve credentials` and `corral up` run it.
+
+    Opens the vault, installs redaction (on the loggers and on `handlers`) and starts the
+    git gateway; returns the server and the function that stops the gateway.
+    """
     settings = VaultSettings()
     vault, choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
     proxy = Proxy(vault, settings)
-    handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=core.log_level.upper(), handlers=[handler], force=True)
-    install_redaction(proxy, [handler])
+    install_redaction(proxy, handlers)
     logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
     gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
     install_redaction(gateway_proxy)
     gateway = GitGateway(gateway_proxy, settings)
     gateway.start()
+    return build_server(proxy, gateway), gateway.stop
+
+
+def run(http: str | None = None, token: str | None = None) -> None:
+    handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=CoreSettings().log_level.upper(), handlers=[handler], force=True)
+    server, stop = assemble([handler])
     try:
-        serve(build_server(proxy, gateway), http)
+        serve(server, http, token=token)
     finally:
-        gateway.stop()
+        stop()

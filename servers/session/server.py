@@ -153,7 +153,7 @@ def build_server(store: EventStore) -> MCPServer:
     return server
 
 
-def run(http: str | None = None) -> None:
+def run(http: str | None = None, token: str | None = None) -> None:
     from servers.session.config import SessionSettings
 
-    serve(build_server(SessionSettings().open_store()), http)
+    serve(build_server(SessionSettings().open_store()), http, token=token)

@@ -17,7 +17,7 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 from mcp.client.stdio import stdio_client
 
-from tests.conftest import require
+from tests.conftest import bearer_client, require
 from tests.credentials.conftest import LOG_LINES, OUTPUTS
 
 pytestmark = pytest.mark.anyio
@@ -123,7 +123,7 @@ async def test_streamable_http_end_to_end(env, tmp_path):
     )
     try:
         wait_listening(port, proc)
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+        async with bearer_client(f"http://127.0.0.1:{port}/mcp", env.settings.home) as client:
             is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-b64")})
             assert not is_error and out["status"] == 200 and "[REDACTED]" in out["body"]
             is_error, text, _ = await call(client, "http_request", {"credential": "strict", "method": "GET", "url": f"http://127.0.0.1:{env.upstream.port}/"})

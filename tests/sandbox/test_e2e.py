@@ -16,7 +16,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.conftest import require
+from tests.conftest import bearer_client, require
 
 from .conftest import bwrap_works, call, fail
 
@@ -97,7 +97,7 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
+        yield f"http://127.0.0.1:{port}/mcp", settings.home
     finally:
         proc.terminate()
         try:
@@ -108,8 +108,8 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("http_server", ["bubblewrap", "docker"], indirect=True)
-async def test_streamable_http(http_server: str) -> None:
-    async with Client(http_server) as c:
+async def test_streamable_http(http_server: tuple[str, Path]) -> None:
+    async with bearer_client(*http_server) as c:
         await _drive_every_tool(c)
         for s in (await call(c, "list_sandboxes"))["sandboxes"]:
             await call(c, "destroy", sandbox_id=s["sandbox_id"])

@@ -14,6 +14,7 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from servers.session.store import open_store
+from tests.conftest import bearer_client
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +67,7 @@ async def test_over_streamable_http(home):
                 break
             except OSError:
                 time.sleep(0.1)
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+        async with bearer_client(f"http://127.0.0.1:{port}/mcp", home) as client:
             sid = await exercise(client)
         assert open_store(str(home / "sessions.db")).get(sid).length == 3
     finally:
@@ -74,7 +75,7 @@ async def test_over_streamable_http(home):
         proc.wait(timeout=10)
 
 
-def test_http_refuses_a_foreign_host_header(home):
+def test_http_refuses_no_token_and_a_foreign_host_or_origin(home):
     import httpx
 
     port = free_port()
@@ -88,6 +89,10 @@ def test_http_refuses_a_foreign_host_header(home):
                 time.sleep(0.1)
         body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
         headers = {"Accept": "application/json, text/event-stream"}
+        anonymous = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=headers)
+        assert anonymous.status_code == 401
+        headers["Authorization"] = f"Bearer {(home / 'token').read_text().strip()}"
+        assert httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=headers).status_code == 200
         rebinding = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Host": "evil.example:80"})
         assert rebinding.status_code == 421
         foreign = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Origin": "http://evil.example"})
