@@ -200,20 +200,28 @@ def start_sandbox_server(env: dict[str, str], backend: str) -> tuple[subprocess.
     raise RuntimeError("the sandbox server did not start")
 
 
-async def destroy_all(url: str) -> None:
+async def destroy_all(url: str, token: str) -> None:
+    import httpx2
     from mcp.client import Client
+    from mcp.client.streamable_http import streamable_http_client
 
-    async with Client(url) as c:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"})
+    async with Client(streamable_http_client(url, http_client=http)) as c:
         listed = (await c.call_tool("list_sandboxes", {})).structured_content or {}
         for sb in listed.get("sandboxes", []):
             if sb.get("state") == "running":
                 await c.call_tool("destroy", {"sandbox_id": sb["sandbox_id"]})
 
 
+def token(env: dict[str, str]) -> str:
+    """The install's bearer token (`corral serve X --http` requires it)."""
+    return (Path(env["CORRAL_HOME"]) / "token").read_text().strip()
+
+
 async def ttft(env: dict[str, str], url: str, eager: bool, delay_s: float) -> float:
     view = FirstToken()
     with FakeAnthropic(Script({"TTFT-BENCH": [Turn([text("hello from the model")])]}), delay_s=delay_s) as fake:
-        e = {**env, **fake.env(), "CORRAL_SERVERS": "sandbox", "CORRAL_SANDBOX_URL": url}
+        e = {**env, **fake.env(), "CORRAL_SERVERS": "sandbox", "CORRAL_SANDBOX_URL": url, "CORRAL_SERVER_TOKEN": token(env)}
         started = time.time()
         await run_session(settings_for(e, eager_sandbox=eager), task="TTFT-BENCH", session_id=None, view=view, env=e)
     assert view.at is not None
@@ -230,7 +238,7 @@ def bench_ttft(env: dict[str, str], trials: int, delay_s: float) -> dict[str, An
         for _ in range(trials):
             lazy.append(anyio.run(ttft, env, url, False, delay_s))
             eager.append(anyio.run(ttft, env, url, True, delay_s))
-            anyio.run(destroy_all, url)
+            anyio.run(destroy_all, url, token(env))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

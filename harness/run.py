@@ -17,7 +17,7 @@ from typing import IO
 
 import anyio
 
-from corral.errors import CorralError
+from corral.errors import CorralError, Unavailable
 from harness import events as E
 from harness.agent import Agent, AgentConfig
 from harness.config import HarnessSettings
@@ -123,7 +123,9 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
             if log.tools is not None:  # the first request uses the recorded tools; the servers connect behind it
                 tg.start_soon(_connect_after, first_send, servers)
             if settings.eager_sandbox:
-                await tools.call("sandbox__provision", {})
+                provisioned = await tools.call("sandbox__provision", {})
+                if provisioned.is_error:
+                    raise Unavailable(f"eager provisioning failed: {provisioned.text}", hint="unset CORRAL_EAGER_SANDBOX to provision lazily")
             try:
                 text = await agent.run(task, reason="wake" if resumed and not task else "run")
             except anyio.get_cancelled_exc_class():

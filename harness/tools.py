@@ -292,7 +292,7 @@ class CachedListing:
     `ready` is set (after that request went out) and saved for the next run. A definition that
     went stale meanwhile costs one tool error: the router re-lists on an unknown name."""
 
-    def __init__(self, inner: Toolset, path: Any, task_group: TaskGroup, ready: anyio.Event) -> None:
+    def __init__(self, inner: Router, path: Any, task_group: TaskGroup, ready: anyio.Event) -> None:
         self.inner, self.path, self._tg, self._ready = inner, path, task_group, ready
         self._refreshing = False
 
@@ -319,8 +319,8 @@ class CachedListing:
             return None  # no cache yet, or one we cannot read: list for real
 
     def _write(self, listed: list[ToolDef]) -> None:
-        if not listed:
-            return  # every server was down: keep the last good listing
+        if self.inner.problems:
+            return  # a server was down: keep the last complete listing
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps([t.record() for t in listed]))
         tmp.replace(self.path)
