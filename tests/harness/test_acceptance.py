@@ -202,3 +202,61 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
     assert [e.type for e in log if e.type.startswith("sandbox.")] == ["sandbox.provisioned", "sandbox.lost", "sandbox.provisioned"]
     assert max(fake.counts.values()) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dict[str, str]) -> None:
+    """The servers as `corral up` serves them (one port, bearer token), the harness as an HTTP client."""
+    import socket
+    import sys
+
+    from tests.harness.conftest import ROOT
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "corral.cli", "up", "--port", str(port)], env=real_env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        token_file = Path(real_env["CORRAL_HOME"]) / "token"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                if token_file.exists():
+                    break
+            except OSError:
+                time.sleep(0.3)
+        base = f"http://127.0.0.1:{port}"
+        e = {**real_env, "CORRAL_SANDBOX_URL": f"{base}/sandbox/mcp", "CORRAL_SESSION_URL": f"{base}/session/mcp",
+             "CORRAL_CREDENTIALS_URL": f"{base}/credentials/mcp", "CORRAL_SERVER_TOKEN": token_file.read_text().strip()}
+        script = Script({"HTTP-TASK": [
+            Turn([tool("sandbox__execute", {"command": "echo over-http"})]),
+            Turn([tool("credentials__list_credentials", {}), tool("session__list_sessions", {})]),
+            Turn([text("all three answered over HTTP")]),
+        ]})
+        with FakeAnthropic(script) as fake:
+            p = corral(["run", "HTTP-TASK"], {**e, **fake.env()}, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        log = read_log(real_env, session_id(p.stdout))
+        results = {x.data["name"]: x.data for x in log if x.type == "agent.tool_result"}
+        assert all(not r["is_error"] for r in results.values()), results
+        assert json.loads(results["sandbox__execute"]["content"][0]["text"])["stdout"].strip() == "over-http"
+        assert_valid_history(log)
+        # a wrong token is refused: the model is told the server is unavailable, the run still ends cleanly
+        with FakeAnthropic(Script({"BADTOKEN": [Turn([tool("sandbox__execute", {"command": "true"})]), Turn([text("could not reach it")])]})) as fake:
+            p = corral(["run", "BADTOKEN"], {**e, **fake.env(), "CORRAL_SERVER_TOKEN": "wrong"}, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        failed = next(x.data for x in read_log(real_env, session_id(p.stdout)) if x.type == "agent.tool_result")
+        assert failed["is_error"] and failed["content"][0]["text"].startswith(("unavailable:", "not_found:")), failed
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
