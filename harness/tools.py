@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -321,9 +322,13 @@ class CachedListing:
     def _write(self, listed: list[ToolDef]) -> None:
         if self.inner.problems:
             return  # a server was down: keep the last complete listing
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([t.record() for t in listed]))
-        tmp.replace(self.path)
+        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")  # several harnesses may save at once
+        try:
+            tmp.write_text(json.dumps([t.record() for t in listed]))
+            tmp.replace(self.path)
+        except OSError as err:  # only a cache: the next run lists the servers itself
+            log.warning("cannot save the tool listing to %s: %s", self.path, err)
+            tmp.unlink(missing_ok=True)
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         return await self.inner.call(name, args, call_id)
