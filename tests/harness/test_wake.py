@@ -143,3 +143,26 @@ async def test_a_new_session_asks_the_model_before_the_servers_are_up_once_their
     assert_valid_history(read_log(env, out.session_id))
     count = next(x.data for x in read_log(env, out.session_id) if x.type == "agent.tool_result")
     assert not count["is_error"] and count["content"][0]["text"] == "0"
+
+
+async def test_wake_after_compaction_starts_from_the_summary(env: dict[str, str]) -> None:
+    sid = crashed_session(env, [
+        ev("agent.message", message_id="msg_0", text="OLD-DETAIL only in the compacted part"),
+        ev("agent.tool_use", message_id="msg_0", id="toolu_0", name="toolbox__count_lines", input={}),
+        ev("agent.tool_result", tool_use_id="toolu_0", name="toolbox__count_lines", content=[{"type": "text", "text": "0"}], is_error=False),
+        ev("agent.tool_use", message_id="msg_1", id="toolu_1", name="toolbox__count_lines", input={}),
+        ev("agent.tool_result", tool_use_id="toolu_1", name="toolbox__count_lines", content=[{"type": "text", "text": "0"}], is_error=False,
+           todo=[{"text": "finish", "status": "pending"}]),
+    ])
+    store = open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
+    try:
+        cut = store.select(sid, types=["agent.tool_use"])[-1].position
+        store.append(sid, [ev("context.compacted", start=0, end=cut, summary="WAKE-TASK SUMMARY [fake-turns:1]", todo=None)])
+    finally:
+        store.close()
+    with FakeAnthropic(Script({"WAKE-TASK": [Turn([text("x")]), Turn([text("x")]), Turn([text("resumed from the summary")])]})) as fake:
+        assert await wake(env, fake, sid) == "resumed from the summary"
+    messages = fake.requests[0].body["messages"]
+    assert "WAKE-TASK SUMMARY" in messages[0]["content"][0]["text"] and "OLD-DETAIL" not in str(messages)
+    assert [b["type"] for b in messages[1]["content"]] == ["tool_use"] and messages[1]["content"][0]["id"] == "toolu_1"
+    assert messages[2]["content"][-1]["text"].startswith("Your plan") and "[ ] finish" in messages[2]["content"][-1]["text"]
