@@ -33,6 +33,7 @@ from mcp.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import Table  # noqa: E402
 from servers.sandbox.backend import DockerConfig, ExecRequest, make_backend
 from servers.sandbox.config import SandboxSettings
 from servers.sandbox.registry import Registry
@@ -223,9 +224,16 @@ async def main() -> None:
     if docker:
         print(row("docker provision + first execute, p50", f"{statistics.median(docker):.0f} ms", "bwrap above; E2B 440 ms"))
     print(f"\nload average during the run: {results['load_average']} (2 cores shared; numbers are noisy)")
-    out = ROOT / "benchmarks" / "results" / "sandbox.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    table = Table("sandbox")
+    table.add("bwrap provision + first execute `true`: p50", f"{b['p50']:.1f} ms", f"E2B published {E2B_PUBLISHED_P50_MS:.0f} ms", "<= 25 ms", b["p50"] <= 25)
+    table.add("bwrap provision + first execute `true`: p99", f"{b['p99']:.1f} ms", "", "<= 60 ms", b["p99"] <= 60)
+    table.add("execute `true` via MCP stdio vs raw bwrap: overhead p50", f"{results['mcp_overhead_p50_ms']:.1f} ms",
+              f"raw {results['execute_raw_bwrap_ms']['p50']:.1f} ms, MCP {results['execute_mcp_stdio_ms']['p50']:.1f} ms", "<= 5 ms", results["mcp_overhead_p50_ms"] <= 5)
+    table.add("  stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", "the MCP floor")
+    table.add("50 sandboxes at once: ok, throughput, p95", f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms", "", "all succeed", conc["ok"] == 50)
+    if docker:
+        table.add("docker provision + first execute: p50", f"{statistics.median(docker):.0f} ms", f"bwrap {b['p50']:.1f} ms")
+    table.save(results)
 
 
 if __name__ == "__main__":
