@@ -58,8 +58,14 @@ def tool(
     idempotent: bool = False,
     open_world: bool = False,
     name: str | None = None,
+    structured: bool | None = None,
 ) -> Callable[[F], F]:
-    """Register `fn` as a tool of `server`; Corral errors become `ToolError`s."""
+    """Register `fn` as a tool of `server`; Corral errors become `ToolError`s.
+
+    `structured=False` leaves out the output schema: the result is its JSON text only. Worth
+    it for results whose payload is free-form JSON anyway (session events), because a
+    client validates structured results against the schema on every call (several ms).
+    """
 
     annotations = ToolAnnotations(
         readOnlyHint=read_only,
@@ -92,7 +98,7 @@ def tool(
                 except Exception as err:
                     raise _translate(tool_name, err) from err
 
-        server.tool(name=tool_name, annotations=annotations)(wrapped)
+        server.tool(name=tool_name, annotations=annotations, structured_output=structured)(wrapped)
         return fn
 
     return register

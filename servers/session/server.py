@@ -75,7 +75,7 @@ def build_server(store: EventStore) -> MCPServer:
         event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
         return Emitted(position=store.append(session_id, [event], expected_position)[0])
 
-    @tool(server, read_only=True)
+    @tool(server, read_only=True, structured=False)
     async def get_events(
         session_id: SessionId,
         after: Annotated[int | None, Field(description="cursor: with order=asc, events after this position; with order=desc, events before it")] = None,
@@ -93,7 +93,7 @@ def build_server(store: EventStore) -> MCPServer:
             events = store.select(session_id, lt=after, types=types, desc=True, limit=limit)
         return EventsPage(events=events, next_after=events[-1].position if events else after)
 
-    @tool(server, read_only=True, name="slice")
+    @tool(server, read_only=True, name="slice", structured=False)
     async def slice_(
         session_id: SessionId,
         start: Annotated[int, Field(description="first position (inclusive)")],
@@ -110,7 +110,7 @@ def build_server(store: EventStore) -> MCPServer:
         events = store.select(session_id, gte=start, lt=end)
         return EventsPage(events=events, next_after=events[-1].position if events else None)
 
-    @tool(server, read_only=True)
+    @tool(server, read_only=True, structured=False)
     async def rewind(
         session_id: SessionId,
         before: Annotated[int | str, Field(description="a position, or an event_id, to look back from (exclusive)")],
