@@ -1,5 +1,7 @@
 """Run every benchmark and print one table: `python3 -m benchmarks [AREA ...]`.
 
+`python3 -m benchmarks --collect` prints the table from the last results without running.
+
 Each area's script prints its own figures beside their baselines and writes
 `benchmarks/results/<area>.json`; this collects them into one table and
 `benchmarks/results/all.json`. Benchmarks never gate CI.
@@ -18,9 +20,11 @@ AREAS = ["session", "postgres", "sandbox", "credentials", "harness", "workers", 
 
 
 def main(argv: list[str]) -> int:
+    collect_only = "--collect" in argv
+    argv = [a for a in argv if a != "--collect"]
     areas = argv or [a for a in AREAS if (HERE / f"{a}.py").exists()]
     failed = []
-    for area in areas:
+    for area in [] if collect_only else areas:
         print(f"\n### {area}", flush=True)
         started = time.monotonic()
         proc = subprocess.run([sys.executable, str(HERE / f"{area}.py")], cwd=HERE.parent)
