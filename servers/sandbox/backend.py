@@ -90,6 +90,21 @@ class ExecResult(_Model):
     stdout_truncated: bool
     stderr_truncated: bool
 
+    @classmethod
+    def of(cls, done: Any) -> ExecResult:
+        """The result of a finished `process.run_bounded` call (a `Completed`)."""
+        return cls(
+            exit_code=None if done.timed_out else done.returncode,
+            stdout=done.stdout.text(),
+            stderr=done.stderr.text(),
+            duration_ms=done.duration_ms,
+            timed_out=done.timed_out,
+            stdout_bytes=done.stdout.total,
+            stderr_bytes=done.stderr.total,
+            stdout_truncated=done.stdout.truncated,
+            stderr_truncated=done.stderr.truncated,
+        )
+
 
 class FileData(_Model):
     data: bytes

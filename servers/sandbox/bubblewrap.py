@@ -145,17 +145,7 @@ class BubblewrapBackend(Backend):
         if done.returncode == 1 and not done.stdout.total and setup_error.startswith("bwrap: "):
             # bwrap could not build the sandbox (a bind source gone, namespaces refused): not the command's doing
             raise Unavailable(f"could not start sandbox {ref.id}: {setup_error.strip()}", hint="check the server log and settings")
-        return ExecResult(
-            exit_code=None if done.timed_out else done.returncode,
-            stdout=done.stdout.text(),
-            stderr=done.stderr.text(),
-            duration_ms=done.duration_ms,
-            timed_out=done.timed_out,
-            stdout_bytes=done.stdout.total,
-            stderr_bytes=done.stderr.total,
-            stdout_truncated=done.stdout.truncated,
-            stderr_truncated=done.stderr.truncated,
-        )
+        return ExecResult.of(done)
 
     def _popen_user(self) -> dict[str, object]:
         # An empty environment for bwrap itself too: it is PID 1 inside, and the sandbox can

@@ -139,17 +139,7 @@ class DockerBackend(Backend):
         )
         if done.returncode != 0 and not done.timed_out:
             await self._lost_unless_running(ref)
-        return ExecResult(
-            exit_code=None if done.timed_out else done.returncode,
-            stdout=done.stdout.text(),
-            stderr=done.stderr.text(),
-            duration_ms=done.duration_ms,
-            timed_out=done.timed_out,
-            stdout_bytes=done.stdout.total,
-            stderr_bytes=done.stderr.total,
-            stdout_truncated=done.stdout.truncated,
-            stderr_truncated=done.stderr.truncated,
-        )
+        return ExecResult.of(done)
 
     # -- files (scripts run inside the container) ------------------------------------------
 
