@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Table  # noqa: E402
-from harness.config import HarnessSettings  # noqa: E402
 from harness.events import ev  # noqa: E402
 from harness.run import run_session  # noqa: E402
 from harness.tools import ToolOutcome  # noqa: E402
 from harness.view import NullView  # noqa: E402
 from servers.session.store import open_store  # noqa: E402
+from tests.harness.conftest import settings_from  # noqa: E402
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
 
 TOOLS = [{"name": f"sandbox__tool{i}", "description": "a tool " * 20, "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
@@ -55,18 +55,6 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
-def settings_for(env: dict[str, str], **over: Any) -> HarnessSettings:
-    old = os.environ.copy()
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        s = HarnessSettings()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    for k, v in over.items():
-        setattr(s, k, v)
-    return s
 
 
 # -- 1. wake on 10,000 events -----------------------------------------------------------
@@ -108,7 +96,7 @@ def build_long_session(store_path: Path, n_events: int, *, compact_every: int | 
 async def wake_to_first_request(env: dict[str, str], sid: str) -> float:
     with FakeAnthropic(Script({"WAKE-BENCH": [lambda body: Turn([text("ok")])] * 100000})) as fake:
         e = {**env, **fake.env()}
-        settings = settings_for(e)
+        settings = settings_from(e)
         started = time.time()
         await run_session(settings, task=None, session_id=sid, view=NullView(), env=e)
         return (fake.requests[0].received - started) * 1000
@@ -224,7 +212,7 @@ async def ttft(env: dict[str, str], url: str, eager: bool, delay_s: float) -> fl
     with FakeAnthropic(Script({"TTFT-BENCH": [Turn([text("hello from the model")])]}), delay_s=delay_s) as fake:
         e = {**env, **fake.env(), "CORRAL_SERVERS": "sandbox", "CORRAL_SANDBOX_URL": url, "CORRAL_SERVER_TOKEN": token(env)}
         started = time.time()
-        await run_session(settings_for(e, eager_sandbox=eager), task="TTFT-BENCH", session_id=None, view=view, env=e)
+        await run_session(settings_from(e, eager_sandbox=eager), task="TTFT-BENCH", session_id=None, view=view, env=e)
     assert view.at is not None
     return (view.at - started) * 1000
 
@@ -259,7 +247,7 @@ def bench_cache(env: dict[str, str]) -> dict[str, Any]:
     turns.append(Turn([text("done")]))
     with FakeAnthropic(Script({"CACHE-BENCH": turns})) as fake:
         e = {**env, **fake.env(), "CORRAL_SERVERS": ""}
-        out = anyio.run(lambda: run_session(settings_for(e), task="CACHE-BENCH", session_id=None, view=NullView(), env=e))
+        out = anyio.run(lambda: run_session(settings_from(e), task="CACHE-BENCH", session_id=None, view=NullView(), env=e))
     store = open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
     try:
         spans = [x.data for x in store.select(out.session_id, types=["span.model_request"])]

@@ -32,7 +32,7 @@ from benchmarks.common import Table
 from harness.pool import submit
 from servers.session.store import EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
-from tests.workers.helpers import Worker, steps, wait_until
+from tests.workers.helpers import Worker, harness_env, steps, wait_until
 
 DEFAULT_URL = "postgresql://corral:corral@127.0.0.1:5432/corral_test"
 
@@ -77,15 +77,6 @@ def script(n: int) -> Script:
     return Script({f"BENCH-{i:03d}:": [Turn([text("go"), tool("toolbox__slow", {"seconds": 0.1})]), Turn([tool("toolbox__count_lines", {})]), Turn([text(f"done {i}")])] for i in range(n)})
 
 
-def harness_env(tmp: Path, fake: FakeAnthropic, name: str) -> dict[str, str]:
-    (tmp / "toolbox").mkdir(exist_ok=True)
-    return {
-        **fake.env(),
-        "CORRAL_HOME": str(tmp / f"home-{name}"),
-        "CORRAL_SERVERS": "toolbox",
-        "CORRAL_EXTRA_SERVERS": f'{{"toolbox": "{sys.executable} -m tests.harness.toolbox"}}',
-        "TOOLBOX_DIR": str(tmp / "toolbox"),
-    }
 
 
 def all_idle(store: EventStore, sids: list[str]) -> bool:

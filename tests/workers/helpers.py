@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from servers.session.store import EventStore
+from tests.harness.fake_anthropic import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,3 +84,16 @@ def assert_worked_in_turns(store: EventStore, sid: str, n_steps: int) -> list[st
     assert len(turns) == len(set(turns)), f"session {sid} was worked by two workers at once: {turns}"
     assert store.get(sid).status == "idle"
     return turns
+
+
+def harness_env(tmp: Path, fake: FakeAnthropic, name: str) -> dict[str, str]:
+    """What a worker running the real harness needs: the fake API and the counting toolbox server."""
+    (tmp / "toolbox").mkdir(exist_ok=True)
+    return {
+        **fake.env(),
+        "CORRAL_HOME": str(tmp / f"home-{name}"),
+        "CORRAL_SERVERS": "toolbox",
+        "CORRAL_EXTRA_SERVERS": f'{{"toolbox": "{sys.executable} -m tests.harness.toolbox"}}',
+        "CORRAL_RETRY_BASE_S": "0.05",
+        "TOOLBOX_DIR": str(tmp / "toolbox"),
+    }

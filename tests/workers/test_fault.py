@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import time
 from collections import Counter, defaultdict
 from itertools import pairwise
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -23,7 +21,7 @@ from harness.pool import FENCED_EXIT, submit
 from servers.session.store import Event, EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
-from tests.workers.helpers import Worker, wait_until
+from tests.workers.helpers import Worker, harness_env, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 SESSIONS = 20
@@ -43,16 +41,6 @@ def script() -> Script:
     return Script({f"FAULT-{i:02d}:": turns(i) for i in range(SESSIONS)})
 
 
-def harness_env(tmp: Path, fake: FakeAnthropic, name: str) -> dict[str, str]:
-    (tmp / "toolbox").mkdir(exist_ok=True)
-    return {
-        **fake.env(),
-        "CORRAL_HOME": str(tmp / f"home-{name}"),
-        "CORRAL_SERVERS": "toolbox",
-        "CORRAL_EXTRA_SERVERS": f'{{"toolbox": "{sys.executable} -m tests.harness.toolbox"}}',
-        "CORRAL_RETRY_BASE_S": "0.05",
-        "TOOLBOX_DIR": str(tmp / "toolbox"),
-    }
 
 
 def mid_session(store: EventStore, pool: list[Worker], spare: Worker | None = None) -> Worker | None:
