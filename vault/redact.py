@@ -37,7 +37,9 @@ def _b64_cores(raw: bytes) -> set[bytes]:
 def secret_forms(secret: str) -> tuple[set[bytes], set[bytes]]:
     """(case-sensitive forms, case-insensitive forms) of one secret."""
     raw = secret.encode()
-    exact = {raw, secret.encode("utf-16-le"), secret.encode("utf-16-be"), json.dumps(secret)[1:-1].encode()}
+    as_json = json.dumps(secret)[1:-1]
+    # JSON may also escape "/" as "\/" (PHP, some Java encoders); json.dumps never does.
+    exact = {raw, secret.encode("utf-16-le"), secret.encode("utf-16-be"), as_json.encode(), as_json.replace("/", "\\/").encode()}
     exact |= _b64_cores(raw)
     folded = {quote(secret, safe="").encode(), quote_plus(secret).encode(), quote(secret).encode(), raw.hex().encode()}
     return exact, folded

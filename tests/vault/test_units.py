@@ -71,7 +71,7 @@ def test_redactor_finds_base64_at_every_alignment(prefix):
 )
 def test_redactor_forms(form):
     assert SECRET not in Redactor([SECRET]).text(f"<{form}>")
-    assert "[REDACTED]" in Redactor([SECRET]).text(f"<{form}>") or "\\/" in form
+    assert "[REDACTED]" in Redactor([SECRET]).text(f"<{form}>")
 
 
 def test_redactor_leaves_ordinary_text_alone_and_handles_bytes():
