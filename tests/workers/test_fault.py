@@ -88,6 +88,8 @@ def assert_never_two_at_once(workers: list[Worker], deaths: dict[str, float]) ->
         for sid, (start, tok) in open_claims.items():  # a killed worker's claims end with it
             assert w.name in deaths, f"{w.name} never released {sid}"
             spans[sid].append((start, deaths[w.name], tok, w.name))
+    # Defends against a log format change making this check vacuous.
+    assert len(spans) >= SESSIONS - 2, f"claims of only {len(spans)} sessions parsed from the worker logs"
     for sid, claims in spans.items():
         claims.sort()
         for (s1, e1, t1, w1), (s2, _, t2, w2) in pairwise(claims):
