@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from corral.errors import InvalidArgument
 from servers.mcp_shell import serve, tool
-from servers.session.store import Event, EventStore, NewEvent, SessionInfo
+from servers.session.store import Event, EventStore, SessionInfo
 
 MAX_PAGE = 1000
 INSTRUCTIONS = """\
@@ -51,9 +51,9 @@ def _check_limit(limit: int) -> int:
 
 def build_server(store: EventStore) -> MCPServer:
     server = MCPServer("corral-session", instructions=INSTRUCTIONS)
-    # Reads are index seeks well under a millisecond: they run on the event loop (no thread
-    # hop). Writes may wait on another process's write lock, so they stay sync and the SDK
-    # runs them in a worker thread.
+    # Every tool is a plain function: the SDK runs it in a worker thread, so a read that waits
+    # (on the store lock behind a write, or on a PostgreSQL round trip) never stalls the event
+    # loop that `corral up` shares with the other servers.
 
     @tool(server, idempotent=False)
     def create_session(
@@ -72,11 +72,10 @@ def build_server(store: EventStore) -> MCPServer:
         event_id: Annotated[str | None, Field(description="idempotency key: re-sending an event_id already stored returns its original position")] = None,
     ) -> Emitted:
         """Append one event to a session."""
-        event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
-        return Emitted(position=store.append(session_id, [event], expected_position)[0])
+        return Emitted(position=store.append_one(session_id, type, data, expected_position=expected_position, event_id=event_id))
 
     @tool(server, read_only=True, structured=False)
-    async def get_events(
+    def get_events(
         session_id: SessionId,
         after: Annotated[int | None, Field(description="cursor: with order=asc, events after this position; with order=desc, events before it")] = None,
         limit: Annotated[int, Field(description=f"at most this many events (0..{MAX_PAGE})")] = 100,
@@ -94,7 +93,7 @@ def build_server(store: EventStore) -> MCPServer:
         return EventsPage(events=events, next_after=events[-1].position if events else after)
 
     @tool(server, read_only=True, name="slice", structured=False)
-    async def slice_(
+    def slice_(
         session_id: SessionId,
         start: Annotated[int, Field(description="first position (inclusive)")],
         end: Annotated[int, Field(description=f"last position (exclusive); at most {MAX_PAGE} events per call")],
@@ -111,7 +110,7 @@ def build_server(store: EventStore) -> MCPServer:
         return EventsPage(events=events, next_after=events[-1].position if events else None)
 
     @tool(server, read_only=True, structured=False)
-    async def rewind(
+    def rewind(
         session_id: SessionId,
         before: Annotated[int | str, Field(description="a position, or an event_id, to look back from (exclusive)")],
         count: Annotated[int, Field(description=f"how many events to return (1..{MAX_PAGE})")] = 10,
@@ -138,12 +137,12 @@ def build_server(store: EventStore) -> MCPServer:
         return Created(session_id=store.fork(session_id, at).session_id)
 
     @tool(server, read_only=True)
-    async def get_session(session_id: SessionId) -> SessionInfo:
+    def get_session(session_id: SessionId) -> SessionInfo:
         """One session's metadata, length, status and parent."""
         return store.get(session_id)
 
     @tool(server, read_only=True)
-    async def list_sessions(
+    def list_sessions(
         limit: Annotated[int, Field(description=f"at most this many, newest first (0..{MAX_PAGE})")] = 50,
         parent: Annotated[str | None, Field(description="only the children of this session")] = None,
     ) -> Sessions:
