@@ -204,9 +204,6 @@ class MCPTools:
             ))
         return _outcome(result)
 
-    async def close(self) -> None:
-        self._done.set()
-
 
 @dataclass
 class Prefixed:

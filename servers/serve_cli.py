@@ -5,12 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# server name -> module with `run(http: str | None) -> None`
-SERVERS = {
-    "session": "servers.session.server",
-    "sandbox": "servers.sandbox.server",
-    "credentials": "servers.credentials.server",
-}
+from corral.frontdoor import (
+    SERVER_MODULES as SERVERS,  # name -> module with `run(http, token)`
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["KINDS", "Credential", "Kind", "host_matches", "normalize_host", "normalize_host_pattern"]
 
 Kind = Literal["bearer", "header", "basic", "query", "git"]
-KINDS: tuple[str, ...] = ("bearer", "header", "basic", "query", "git")
+KINDS: tuple[str, ...] = get_args(Kind)
 TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods
 LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -113,10 +113,13 @@ class Vault:
             creds.pop(name, None)
             self._write(creds)
 
-    def secrets(self) -> dict[str, str]:
-        """Every stored secret by name (for redaction); policies without a secret are skipped."""
+    def secrets(self, creds: Iterable[Credential] | None = None) -> dict[str, str]:
+        """Every stored secret by name (for redaction); policies without a secret are skipped.
+
+        `creds`: the policies the caller already read (saves reading the policy file again).
+        """
         out: dict[str, str] = {}
-        for cred in self.list():
+        for cred in self.list() if creds is None else creds:
             value = self.keyring.get(cred.name)
             if value is not None:
                 out[cred.name] = value

@@ -72,7 +72,7 @@ class Proxy:
     def _load(self) -> Snapshot:
         stamp = self.vault.stamp()
         creds = {c.name: c for c in self.vault.list()}
-        secrets = self.vault.secrets()
+        secrets = self.vault.secrets(creds.values())
         return Snapshot(stamp, creds, secrets, Redactor(secrets.values()))
 
     def snapshot_sync(self) -> Snapshot:

@@ -148,14 +148,6 @@ def read_file(root_fd: int, path: str, offset: int, limit: int) -> FileData:
     return FileData(data=data, size=size, sha256=sha)
 
 
-def current_sha256(root_fd: int, path: str) -> str | None:
-    """sha256 of the file at `path`, None when it does not exist."""
-    try:
-        return read_file(root_fd, path, 0, 0).sha256
-    except NotFound:
-        return None
-
-
 def write_file(
     root_fd: int, path: str, data: bytes, mode: int | None, uid: int | None, if_sha256: str | None = None
 ) -> None:
