@@ -17,7 +17,7 @@ from rich.text import Text
 
 from corral.viewer.summary import Line, summarize, totals
 
-__all__ = ["render_timeline"]
+__all__ = ["event_line", "render_timeline"]
 
 STYLES = {
     "user": "bold cyan",
@@ -44,6 +44,19 @@ def _elapsed(start: datetime | None, at: datetime) -> str:
     return f"+{seconds:.1f}s" if seconds < 600 else f"+{seconds / 60:.0f}m"
 
 
+def _what(line: Line) -> str:
+    return f"{line.title.split(' ', 1)[1]} {line.text}" if line.title.startswith("tool ") else line.text  # the tool's name first
+
+
+def event_line(event: Any) -> Text:
+    """One event on one line, as `corral sessions tail` prints it as it arrives."""
+    line = summarize(_field(event, "type"), _field(event, "data"))
+    style = STYLES.get(line.kind, "")
+    created = _field(event, "created_at")
+    when = created.strftime("%H:%M:%S") if isinstance(created, datetime) else str(created)[11:19]
+    return Text.assemble((f"{_field(event, 'position'):>6} {when} ", "dim"), (ICONS.get(line.kind, "·") + " ", style), (f"{_field(event, 'type')}  ", style), _what(line))
+
+
 def render_timeline(events: Iterable[Any], session: Any = None) -> RenderableType:
     table = Table(box=None, show_header=True, header_style="bold", pad_edge=False, expand=False)
     table.add_column("#", justify="right", style="dim")
@@ -61,8 +74,7 @@ def render_timeline(events: Iterable[Any], session: Any = None) -> RenderableTyp
         line = summarize(_field(event, "type"), _field(event, "data"))
         lines.append(line)
         style = STYLES.get(line.kind, "")
-        what = f"{line.title.split(' ', 1)[1]} {line.text}" if line.title.startswith("tool ") else line.text  # the tool's name first
-        table.add_row(str(_field(event, "position")), _elapsed(start, created), Text(ICONS.get(line.kind, "·"), style=style), Text(_field(event, "type"), style=style), Text(what))
+        table.add_row(str(_field(event, "position")), _elapsed(start, created), Text(ICONS.get(line.kind, "·"), style=style), Text(_field(event, "type"), style=style), Text(_what(line)))
     parts: list[RenderableType] = []
     if session is not None:
         sid = _field(session, "session_id")

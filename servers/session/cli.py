@@ -73,18 +73,18 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from servers.session.timeline import line
+    from corral.viewer.timeline import event_line
 
     store = _store()
     console = Console(highlight=False)
     past = list(reversed(store.select(args.session_id, desc=True, limit=max(args.lines, 0))))
     nxt = past[-1].position + 1 if past else store.length(args.session_id) if args.lines == 0 else 0
     for event in past:
-        console.print(line(event, console.width - 40))
+        console.print(event_line(event))
     try:
         while True:
             for event in store.select(args.session_id, gte=nxt, limit=500):
-                console.print(line(event, console.width - 40))
+                console.print(event_line(event))
                 nxt = event.position + 1
             time.sleep(args.interval)
     except KeyboardInterrupt:

@@ -38,9 +38,9 @@ from servers.session.store import (
     LeaseLost,
     NewEvent,
     Segment,
-    clip_segments,
     SessionInfo,
     check_range,
+    clip_segments,
     encode_data,
     new_id,
 )
