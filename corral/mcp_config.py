@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,16 @@ def passed_env(environ: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in sorted(environ.items()) if k.startswith("CORRAL_") and not any(w in k for w in SECRET_WORDS)}
 
 
+def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The servers at `base` (`corral up`) as HTTP entries carrying the bearer token."""
+    return {PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}} for n in names}
+
+
 def server_entries(*, http: bool, settings: UpSettings, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
     if http:
-        token = load_or_create_token(settings.data_dir())
-        for name in available():
-            entries[PREFIX + name] = {"type": "http", "url": f"{settings.base_url()}/{name}/mcp", "headers": {"Authorization": f"Bearer {token}"}}
-        return entries
+        return http_entries(settings.base_url(), load_or_create_token(settings.data_dir()), available())
     command = corral_command()
     for name in available():
         entry: dict[str, Any] = {"command": command[0], "args": [*command[1:], "serve", name]}

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import shlex
 import signal
 import socket
@@ -175,10 +174,7 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
     lines += [f"  - {name:<12} skipped: {why}" for name, why in built.skipped.items()]
     lines.append(f"  ✓ {'viewer':<12} {base}/sessions?token={token}")
     lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
-    entries = {
-        f"{mcp_config.PREFIX}{n}": {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}}
-        for n in built.servers
-    }
+    entries = mcp_config.http_entries(base, token, built.servers)
     lines.append("\nClaude Code:")
     lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user")]
     lines.append("Any MCP client (streamable HTTP):")
