@@ -17,7 +17,7 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 from mcp.client.stdio import stdio_client
 
-from tests.conftest import bearer_client, require
+from tests.conftest import bearer_client, free_port, require, wait_listening
 from tests.credentials.conftest import LOG_LINES, OUTPUTS
 
 pytestmark = pytest.mark.anyio
@@ -91,27 +91,6 @@ async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
     LOG_LINES.append((tmp_path / "stderr.log").read_text())
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("the server exited before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError("the HTTP server never listened")
 
 
 async def test_streamable_http_end_to_end(env, tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,18 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import free_port, require
 
 READY = "Press Ctrl-C to stop."
 # The console script beside this Python (a venv's, or pyenv's real one rather than its shim).
 _BESIDE = Path(sys.executable).parent / "corral"
 CORRAL = str(_BESIDE) if _BESIDE.exists() else shutil.which("corral") or "corral"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_env(root: Path) -> dict[str, str]:

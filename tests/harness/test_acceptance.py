@@ -21,10 +21,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import free_port, require
 from tests.credentials.upstream import Upstream
 from tests.harness.conftest import corral
-from tests.harness.fake_anthropic import FakeAnthropic, Request, Script, Turn, text, tool
+from tests.harness.fake_anthropic import (
+    FakeAnthropic,
+    Request,
+    Script,
+    Turn,
+    text,
+    tool,
+)
 from tests.harness.scripts import PLAN
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
@@ -202,14 +209,6 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
     assert [e.type for e in log if e.type.startswith("sandbox.")] == ["sandbox.provisioned", "sandbox.lost", "sandbox.provisioned"]
     assert max(fake.counts.values()) == 1
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dict[str, str]) -> None:

@@ -11,7 +11,14 @@ from harness.run import run_session
 from harness.view import NullView
 from servers.session.store import open_store
 from tests.harness.conftest import settings_from
-from tests.harness.fake_anthropic import ApiError, FakeAnthropic, Script, Turn, text, tool
+from tests.harness.fake_anthropic import (
+    ApiError,
+    FakeAnthropic,
+    Script,
+    Turn,
+    text,
+    tool,
+)
 from tests.harness.test_crash import assert_valid_history, read_log
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,14 @@ from harness.run import run_session
 from harness.view import NullView
 from servers.session.store import NewEvent, open_store
 from tests.harness.conftest import ROOT, settings_from
-from tests.harness.fake_anthropic import ApiError, FakeAnthropic, Script, Turn, text, tool
+from tests.harness.fake_anthropic import (
+    ApiError,
+    FakeAnthropic,
+    Script,
+    Turn,
+    text,
+    tool,
+)
 from tests.harness.test_crash import assert_valid_history, read_log
 
 pytestmark = pytest.mark.anyio

@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.conftest import bearer_client, require
+from tests.conftest import bearer_client, free_port, require, wait_listening
 
 from .conftest import bwrap_works, call, fail
 
@@ -69,12 +67,6 @@ async def test_stdio_docker(settings, docker_image: str) -> None:
             await call(c, "destroy", sandbox_id=s["sandbox_id"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
     kind = getattr(request, "param", "bubblewrap")
@@ -83,20 +75,13 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
         extra = {"CORRAL_SANDBOX_BACKEND": "docker", "CORRAL_SANDBOX_IMAGE": request.getfixturevalue("docker_image")}
     else:
         require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [CORRAL, "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
         env=_env(settings, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port, proc)
         yield f"http://127.0.0.1:{port}/mcp", settings.home
     finally:
         proc.terminate()

@@ -7,7 +7,6 @@ other processes, so the suite checks what a user of the URL gets.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from servers.session.store import open_store
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, free_port, wait_listening
 
 pytestmark = pytest.mark.anyio
 
@@ -28,12 +27,6 @@ def home(tmp_path, monkeypatch):
 
 def corral(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "corral.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def exercise(client: Client) -> str:
@@ -60,13 +53,7 @@ async def test_over_streamable_http(home):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port, proc)
         async with bearer_client(f"http://127.0.0.1:{port}/mcp", home) as client:
             sid = await exercise(client)
         assert open_store(str(home / "sessions.db")).get(sid).length == 3
@@ -81,12 +68,7 @@ def test_http_refuses_no_token_and_a_foreign_host_or_origin(home):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port, proc)
         body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
         headers = {"Accept": "application/json, text/event-stream"}
         anonymous = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=headers)
