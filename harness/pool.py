@@ -18,6 +18,9 @@ jobs back to the queue (`get_stalled_jobs` + `retry_job`), and the next worker t
 takes the lease once it has expired. A worker that wakes up after being declared dead (it
 was paused, or cut off) finds its lease gone or its heartbeat row pruned and exits at once:
 its jobs belong to others now, and it must not touch them, not even to mark them done.
+It finds out on its next append, its next renewal, or at the latest when it releases the
+lease at the end of the job (whatever ended the job, e.g. its connection cut by the
+server's idle-transaction timeout), before procrastinate could mark the job finished.
 """
 
 from __future__ import annotations
@@ -200,10 +203,13 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             try:
-                await asyncio.to_thread(self.store.release_lease, session_id, token)
+                released = await asyncio.to_thread(self.store.release_lease, session_id, token)
             except Unavailable as err:  # it expires on its own; the next worker waits that out
                 log.warning("could not release the lease on %s: %s", session_id, err)
-            log.info("released session %s (lease %d)", session_id, token)
+            else:
+                if not released:  # taken over while we ran: the job is another worker's now
+                    self.fence(f"lease {token} on session {session_id} was taken over while this job ran")
+                log.info("released session %s (lease %d)", session_id, token)
 
 
 async def in_own_loop(make: Callable[[], Awaitable[None]]) -> None:

@@ -7,6 +7,9 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
 - An append locks its session's row (`SELECT ... FOR NO KEY UPDATE`) for the whole
   transaction, so appends from any number of processes queue per session, positions stay
   dense, and `expected_position` / the lease token are checked against the truth.
+- A process that stops inside a transaction (paused, swapped out, cut off) would hold
+  that row lock forever; every connection sets `idle_in_transaction_session_timeout`,
+  so the server ends such a transaction after `idle_tx_timeout_s` and the others go on.
 - The row keeps the session's `length` and `status` up to date, so `get`/`sessions`
   never scan events.
 - The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
@@ -24,6 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -105,6 +109,7 @@ class PostgresEventStore(EventStore):
         min_connections: int = 1,
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
+        idle_tx_timeout_s: float = 5.0,
         synchronous: str | None = None,  # SQLite's durability knob; a PostgreSQL commit is durable as the server's synchronous_commit says
     ) -> None:
         self.url = url
@@ -116,6 +121,7 @@ class PostgresEventStore(EventStore):
             min_size=min_connections,
             max_size=max_connections,
             timeout=connect_timeout_s,
+            configure=partial(_configure, idle_tx_timeout_ms=max(1, int(idle_tx_timeout_s * 1000))),
             open=False,
             name="corral-session",
         )
@@ -384,12 +390,13 @@ class PostgresEventStore(EventStore):
             ).fetchone()
             return Lease(session_id=session_id, owner=row[0], token=token, expires_at=row[1])
 
-    def release_lease(self, session_id: str, token: int) -> None:
+    def release_lease(self, session_id: str, token: int) -> bool:
         with self._tx() as conn:
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE corral_sessions SET lease_owner = NULL, lease_expires_at = NULL WHERE session_id = %s AND lease_token = %s",
                 (session_id, token),
             )
+            return cur.rowcount == 1
 
 
 def _check_lease(info: SessionInfo, token: int) -> None:
@@ -400,6 +407,11 @@ def _check_lease(info: SessionInfo, token: int) -> None:
         raise LeaseLost(
             f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
         )
+
+
+def _configure(conn: psycopg.Connection, *, idle_tx_timeout_ms: int) -> None:
+    conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_tx_timeout_ms),))
+    conn.commit()
 
 
 def _one_line(err: BaseException) -> str:

@@ -303,6 +303,6 @@ class SQLiteEventStore(EventStore):
             db.execute("UPDATE leases SET expires_at = ? WHERE session_id = ?", (expires, session_id))
             return Lease(session_id=session_id, owner=self._lease(session_id)[0], token=token, expires_at=_ts(expires))
 
-    def release_lease(self, session_id: str, token: int) -> None:
+    def release_lease(self, session_id: str, token: int) -> bool:
         with self._lock, self._write() as db:
-            db.execute("UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?", (session_id, token))
+            return db.execute("UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?", (session_id, token)).rowcount == 1

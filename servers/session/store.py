@@ -186,8 +186,8 @@ class EventStore(ABC):
         """Extend a held lease; `Conflict` if it was released or taken over."""
 
     @abstractmethod
-    def release_lease(self, session_id: str, token: int) -> None:
-        """Give the session up (a no-op if `token` is no longer current)."""
+    def release_lease(self, session_id: str, token: int) -> bool:
+        """Give the session up; False (and nothing changed) if `token` is no longer current."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections."""

@@ -54,12 +54,12 @@ class LeaseContract:
         sid = store.create().session_id
         lease = store.acquire_lease(sid, "worker-a", ttl_s=30)
         store.append(sid, [ev(by="user")])  # a user message needs no lease
-        store.release_lease(sid, lease.token)
+        assert store.release_lease(sid, lease.token) is True
         assert store.get(sid).lease is None
         with pytest.raises(Conflict):
             store.append(sid, [ev(late=True)], lease=lease.token)
         assert store.acquire_lease(sid, "worker-b", ttl_s=30).token == lease.token + 1
-        store.release_lease(sid, lease.token)  # a stale release changes nothing
+        assert store.release_lease(sid, lease.token) is False  # a stale release changes nothing, and says so
         assert store.get(sid).lease["worker"] == "worker-b"
         assert store.length(sid) == 1
 

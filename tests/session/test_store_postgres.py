@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -10,6 +18,8 @@ from servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
 from servers.session.store import NewEvent, open_store
 from tests.session.contract import StoreContract
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.postgres
 
@@ -94,6 +104,45 @@ def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F
     try:
         assert store.append(store.create().session_id, [NewEvent(type="user.message", data={})]) == [0]
     finally:
+        store.close()
+
+
+PAUSE_IN_A_TRANSACTION = """
+import os, signal, sys
+from servers.session.store import open_store
+store = open_store(sys.argv[1], idle_tx_timeout_s=1)
+with store._tx() as conn:  # what an append does first: lock the session's row
+    conn.execute("SELECT 1 FROM corral_sessions WHERE session_id = %s FOR NO KEY UPDATE", (sys.argv[2],))
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # paused (or swapped out, or cut off) holding it
+    conn.execute("SELECT 1")
+"""
+
+
+def test_a_process_paused_inside_a_transaction_does_not_block_the_session(pg_schema_url):  # noqa: F811
+    # A worker SIGSTOPped mid-append held the session's row lock, and every other writer
+    # waited on it forever (a CI run saw the next worker never take the lease over).
+    store = open_store(pg_schema_url)
+    sid = store.create().session_id
+    child = subprocess.Popen([sys.executable, "-c", PAUSE_IN_A_TRANSACTION, pg_schema_url, sid], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        written: list[int] = []
+        started = time.monotonic()
+        writer = threading.Thread(target=lambda: written.extend(store.append(sid, [NewEvent(type="user.message", data={})])), daemon=True)
+        writer.start()
+        writer.join(timeout=10)
+        waited = time.monotonic() - started
+        assert written == [0], f"the append was still blocked after {waited:.1f}s"
+        assert 0.5 < waited < 5, f"{waited:.1f}s: the lock was not held, or held past the 1 s idle-transaction timeout"
+        os.kill(child.pid, signal.SIGCONT)
+        _, err = child.communicate(timeout=30)
+        assert child.returncode != 0 and "terminat" in err, err  # its transaction was ended for it: it wrote nothing
+        assert store.length(sid) == 1
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
         store.close()
 
 

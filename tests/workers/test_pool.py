@@ -49,6 +49,7 @@ def workers(pg_schema_url, tmp_path):  # noqa: F811
     yield start
     for w in started:
         w.stop()
+        print(f"--- worker {w.name} (pid {w.pid}, exit {w.proc.returncode}) ---\n{w.log()[-4000:]}")  # shown when the test failed
 
 
 def jobs(url: str) -> list[tuple]:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from corral.errors import Unavailable
 from harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
 from servers.session.store import LeaseLost, NewEvent, open_store
 
@@ -56,6 +57,37 @@ def test_a_worker_whose_lease_is_taken_mid_job_exits_with_75(store):
 
     asyncio.run(main())
     assert exits and set(exits) == {FENCED_EXIT}
+
+
+def test_a_job_that_ends_after_its_lease_was_taken_fences_before_the_queue_hears_of_it(store):
+    # E.g. a worker paused mid-append: the server cut its connection, the append failed
+    # with `unavailable` rather than a lost lease, and the job ended. Marking that job
+    # failed would finish another worker's run of it; the worker must exit instead.
+    sid = store.create().session_id
+    exits: list[int] = []
+
+    async def body(leased, session_id):
+        await asyncio.sleep(0.1)  # stalled past its lease...
+        store.acquire_lease(session_id, "heir", ttl_s=30)  # ...and taken over behind this job's back
+        raise Unavailable("PostgreSQL session store unreachable: terminating connection due to idle-in-transaction timeout")
+
+    runtime = Runtime(store=store, body=body, name="me", lease_s=0.05, exit_process=exits.append)
+    runtime.keep = lambda *_: asyncio.sleep(30)  # type: ignore[method-assign] # renewals would fence first: this is about the end
+    with pytest.raises(Unavailable):
+        asyncio.run(runtime.work(sid, None))
+    assert exits == [FENCED_EXIT]
+    assert store.get(sid).lease["worker"] == "heir"
+
+
+def test_a_job_that_ends_holding_its_lease_releases_it_and_does_not_fence(store):
+    sid = store.create().session_id
+    exits: list[int] = []
+
+    async def body(leased, session_id):
+        leased.append_one(session_id, "agent.message", {"done": True})
+
+    asyncio.run(Runtime(store=store, body=body, name="me", lease_s=5, exit_process=exits.append).work(sid, None))
+    assert exits == [] and store.get(sid).lease is None and store.length(sid) == 1
 
 
 def test_a_body_on_its_own_loop_is_cancelled_and_winds_down():
