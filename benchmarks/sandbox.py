@@ -41,6 +41,7 @@ from servers.sandbox.service import SandboxService
 
 E2B_PUBLISHED_P50_MS = 440.0
 CPU: dict[str, float] = {}
+SDK: dict[str, float] = {}  # the same server on the SDK's own stdio transport (CORRAL_STDIO=sdk)
 DOCKER_TEST_IMAGE = "corral-sandbox-test:latest"
 
 
@@ -117,19 +118,26 @@ def stdio_params(env: dict[str, str]) -> StdioServerParameters:
 
 
 async def mcp_vs_raw(settings: SandboxSettings, env: dict[str, str], n: int) -> tuple[list[float], list[float], list[float]]:
-    async with Client(stdio_params(env)) as c:
+    """execute via MCP stdio vs raw bwrap; also the same server on the SDK's stdio transport (SDK dict)."""
+    async with Client(stdio_params(env)) as c, Client(stdio_params({**env, "CORRAL_STDIO": "sdk"})) as c_sdk:
         sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
         service = service_for(settings)  # reads the same registry: to build the very same bwrap argv
         mcp_times, raw_times, floor = [], [], []
-        for _ in range(n):  # interleaved, so load from others hits both alike
+        sdk_times, sdk_floor = [], []
+
+        async def timed(client: Client, tool: str, args: dict, into: list[float]) -> None:
             start = time.perf_counter()
-            await c.call_tool("list_sandboxes", {})
-            floor.append((time.perf_counter() - start) * 1000)
-            start = time.perf_counter()
-            result = await c.call_tool("execute", {"sandbox_id": sid, "command": "true"})
-            mcp_times.append((time.perf_counter() - start) * 1000)
-            assert not result.is_error and result.structured_content["exit_code"] == 0
+            result = await client.call_tool(tool, args)
+            into.append((time.perf_counter() - start) * 1000)
+            assert not result.is_error, result
+
+        for _ in range(n):  # interleaved, so load from others hits all alike
+            await timed(c, "list_sandboxes", {}, floor)
+            await timed(c, "execute", {"sandbox_id": sid, "command": "true"}, mcp_times)
             raw_times += await raw_bwrap(service, sid, 1)
+            await timed(c_sdk, "list_sandboxes", {}, sdk_floor)
+            await timed(c_sdk, "execute", {"sandbox_id": sid, "command": "true"}, sdk_times)  # one registry: the same sandbox
+        SDK["execute_ms"], SDK["floor_ms"] = statistics.median(sdk_times), statistics.median(sdk_floor)
         # CPU per call (load-independent): MCP = the server process (+ bwrap); raw = us + bwrap.
         start_server, start_client = server_cpu_ms(), self_cpu_ms()
         for _ in range(n):
@@ -202,6 +210,7 @@ async def main() -> None:
         "execute_raw_bwrap_ms": {"p50": statistics.median(raw_t)},
         "mcp_overhead_p50_ms": statistics.median(mcp_t) - statistics.median(raw_t),
         "mcp_round_trip_floor_p50_ms": statistics.median(floor_t),
+        "sdk_stdio_transport_ms": {"execute_p50": SDK["execute_ms"], "overhead_p50": SDK["execute_ms"] - statistics.median(raw_t), "floor_p50": SDK["floor_ms"]},
         "execute_cpu_ms": {
             "server_mcp_stdio": CPU["mcp"], "raw_bwrap": CPU["raw"], "overhead": CPU["mcp"] - CPU["raw"], "client": CPU["client"]
         },
@@ -219,6 +228,8 @@ async def main() -> None:
     print(row("server overhead in CPU time per execute", f"{cpu['overhead']:.1f} ms", f"server {cpu['server_mcp_stdio']:.1f} ms vs raw {cpu['raw_bwrap']:.1f} ms"))
     print(row("  (the MCP client's own CPU per call)", f"{cpu['client']:.1f} ms", "not the server's"))
     print(row("  of which: a stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", "list_sandboxes round trip"))
+    sdk = results["sdk_stdio_transport_ms"]
+    print(row("  the same on the SDK's stdio transport: overhead / floor", f"{sdk['overhead_p50']:.1f} / {sdk['floor_p50']:.1f} ms", "CORRAL_STDIO=sdk"))
     print(row("50 sandboxes executing at once: ok / throughput / p95", f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms", "all 50 must succeed"))
     if docker:
         print(row("docker provision + first execute, p50", f"{statistics.median(docker):.0f} ms", "bwrap above; E2B 440 ms"))
@@ -227,8 +238,8 @@ async def main() -> None:
     table.add("bwrap provision + first execute `true`: p50", f"{b['p50']:.1f} ms", f"E2B published {E2B_PUBLISHED_P50_MS:.0f} ms", "<= 25 ms", b["p50"] <= 25)
     table.add("bwrap provision + first execute `true`: p99", f"{b['p99']:.1f} ms", "", "<= 60 ms", b["p99"] <= 60)
     table.add("execute `true` via MCP stdio vs raw bwrap: overhead p50", f"{results['mcp_overhead_p50_ms']:.1f} ms",
-              f"raw {results['execute_raw_bwrap_ms']['p50']:.1f} ms, MCP {results['execute_mcp_stdio_ms']['p50']:.1f} ms", "<= 5 ms", results["mcp_overhead_p50_ms"] <= 5)
-    table.add("  stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", "the MCP floor")
+              f"raw {results['execute_raw_bwrap_ms']['p50']:.1f} ms, MCP {results['execute_mcp_stdio_ms']['p50']:.1f} ms; SDK's stdio transport +{sdk['overhead_p50']:.1f} ms", "<= 5 ms", results["mcp_overhead_p50_ms"] <= 5)
+    table.add("  stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", f"SDK's stdio transport {sdk['floor_p50']:.1f} ms")
     table.add("50 sandboxes at once: ok, throughput, p95", f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms", "", "all succeed", conc["ok"] == 50)
     if docker:
         table.add("docker provision + first execute: p50", f"{statistics.median(docker):.0f} ms", f"bwrap {b['p50']:.1f} ms")

@@ -8,6 +8,7 @@ CLI reads `os.environ`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,7 @@ class CoreSettings(BaseSettings):
 
     home: Path = Field(default_factory=default_home, description="data dir: session DB, sandboxes, vault files, audit log, token")
     log_level: str = Field("WARNING", description="log level of the servers (DEBUG, INFO, WARNING, ERROR)")
+    stdio: Literal["pipes", "sdk"] = Field("pipes", description="stdio transport of `corral serve`: ours over non-blocking pipes, or the SDK's (a thread hop per message)")
 
     def data_dir(self) -> Path:
         """The data dir, created (mode 0700) on first use."""

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from corral.errors import CorralError, InvalidArgument
 from servers.http_guard import HTTPGuard
+from servers.stdio_pipes import serve_stdio
 
 __all__ = ["http_app", "parse_host_port", "serve", "tool", "transport_security"]
 
@@ -158,13 +159,17 @@ async def _healthz(_: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
-def serve(server: MCPServer, http: str | None = None, *, token: str | None = None) -> None:
+def serve(server: MCPServer, http: str | None = None, *, token: str | None = None, stdio: str = "pipes") -> None:
     """Run `server` over stdio, or over streamable HTTP at `http` ("HOST:PORT") at `/mcp`.
 
     Over HTTP, requests must carry `Authorization: Bearer <token>` when `token` is given.
+    Over stdio, `stdio="sdk"` uses the SDK's own transport instead of `stdio_pipes`.
     """
     if http is None:
-        server.run("stdio")
+        if stdio == "pipes":
+            serve_stdio(server)
+        else:
+            server.run("stdio")
         return
     import uvicorn
 

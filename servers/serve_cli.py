@@ -19,11 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from corral.config import CoreSettings
+
+    settings = CoreSettings()
     token = None
     if args.http and not args.no_token:
         from corral.auth import load_or_create_token
-        from corral.config import CoreSettings
 
-        token = load_or_create_token(CoreSettings().data_dir())
-    importlib.import_module(SERVERS[args.server]).run(args.http, token=token)
+        token = load_or_create_token(settings.data_dir())
+    importlib.import_module(SERVERS[args.server]).run(args.http, token=token, stdio=settings.stdio)
     return 0

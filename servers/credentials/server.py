@@ -143,12 +143,12 @@ def assemble(handlers: list[logging.Handler] | None = None) -> tuple[MCPServer, 
     return build_server(proxy, gateway), gateway.stop
 
 
-def run(http: str | None = None, token: str | None = None) -> None:
+def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=CoreSettings().log_level.upper(), handlers=[handler], force=True)
     server, stop = assemble([handler])
     try:
-        serve(server, http, token=token)
+        serve(server, http, token=token, stdio=stdio)
     finally:
         stop()

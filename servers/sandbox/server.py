@@ -207,7 +207,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         return {"sandboxes": service.list_sandboxes()}
 
 
-def run(http: str | None = None, token: str | None = None) -> None:
+def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     settings = SandboxSettings()
     server, _ = build_server(settings)
-    serve(server, http, token=token)
+    serve(server, http, token=token, stdio=stdio)

@@ -152,7 +152,7 @@ def build_server(store: EventStore) -> MCPServer:
     return server
 
 
-def run(http: str | None = None, token: str | None = None) -> None:
+def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     from servers.session.config import SessionSettings
 
-    serve(build_server(SessionSettings().open_store()), http, token=token)
+    serve(build_server(SessionSettings().open_store()), http, token=token, stdio=stdio)
