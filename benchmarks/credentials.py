@@ -160,5 +160,5 @@ if __name__ == "__main__":
         over = table[name]["overhead_p50_ms"]
         mcp = name.startswith("MCP")
         baseline = f"direct httpx {base:.2f} ms" + (f"; SDK's stdio transport +{sdk:.2f} ms" if "stdio" in name else "")
-        rows.add(f"http_request overhead p50: {name}", f"+{over:.2f} ms", baseline, "<= 3 ms" if mcp else "", over <= 3 if mcp else None)
+        rows.add(f"http_request overhead p50: {name}", f"{over:+.2f} ms", baseline, "<= 3 ms" if mcp else "", over <= 3 if mcp else None)
     rows.save({"target_overhead_p50_ms": 3.0, "results": table})
