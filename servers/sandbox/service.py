@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -64,7 +64,7 @@ class SandboxService:
         self._defaults: dict[str, str] = {}  # client key -> its lazy default sandbox
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._key_locks: dict[str, asyncio.Lock] = {}  # one per idempotency key / client default
+        self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # idempotency key / client default -> (lock, [users])
 
     # -- provision / resolve -------------------------------------------------------------
 
@@ -143,8 +143,18 @@ class SandboxService:
             raise SandboxLost(f"sandbox {sandbox_id} expired")
         return record
 
-    def _lock_for(self, key: str) -> asyncio.Lock:
-        return self._key_locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock_for(self, key: str) -> AsyncIterator[None]:
+        """Serialise the calls that share `key`; the lock lives only while someone holds or awaits it."""
+        lock, users = self._key_locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._key_locks[key]
 
     async def _default_for(self, client: str) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""

@@ -135,6 +135,9 @@ async def test_idempotency_key_returns_same_sandbox(harness: Harness) -> None:
         b = await call(c, "provision", idempotency_key="job-1")
         other = await call(c, "provision", idempotency_key="job-2")
         assert a["sandbox_id"] == b["sandbox_id"] != other["sandbox_id"]
+        same = await asyncio.gather(*(call(c, "provision", idempotency_key="job-3") for _ in range(3)))
+        assert len({r["sandbox_id"] for r in same}) == 1  # racing first calls make one sandbox
+        assert harness.service._key_locks == {}  # a long-lived server keeps no lock per key ever used
 
 
 async def test_bad_arguments_are_invalid(harness: Harness) -> None:
