@@ -66,8 +66,24 @@ def _build_sandbox(built: Built) -> MCPServer:
     from servers.sandbox.config import SandboxSettings
     from servers.sandbox.server import build_server
 
-    server, _service = build_server(SandboxSettings())
+    settings = SandboxSettings()
+    if "credentials" in built.servers:  # the git gateway runs in this process: sandboxes get its socket
+        settings = with_git_gateway(settings)
+    server, _service = build_server(settings)
     return server
+
+
+def with_git_gateway(settings: Any) -> Any:
+    """Sandbox settings that also mount the git gateway's directory at /run/corral (bubblewrap only;
+    a Docker or E2B sandbox has no host mounts), unless the operator already mounts something there."""
+    from servers.credentials.gateway import SANDBOX_DIR
+    from vault.config import VaultSettings
+
+    binds = [b for b in settings.sandbox_extra_binds.split(",") if b.strip()]
+    if settings.sandbox_backend != "bubblewrap" or any(b.split(":")[1:2] == [SANDBOX_DIR] for b in binds):
+        return settings
+    gateway_dir = VaultSettings().git_socket_path().parent
+    return settings.model_copy(update={"sandbox_extra_binds": ",".join([*binds, f"{gateway_dir}:{SANDBOX_DIR}"])})
 
 
 def _build_credentials(built: Built) -> MCPServer:
@@ -80,8 +96,8 @@ def _build_credentials(built: Built) -> MCPServer:
 
 BUILDERS: dict[str, Callable[[Built], MCPServer]] = {
     "session": _build_session,
-    "sandbox": _build_sandbox,
     "credentials": _build_credentials,
+    "sandbox": _build_sandbox,
 }
 
 
@@ -89,7 +105,7 @@ def build_servers() -> Built:
     """Every installed server with its embedded defaults; a failure is one actionable error."""
     built = Built()
     installed = set(available())
-    for name in SERVER_MODULES:
+    for name in BUILDERS:  # credentials before sandbox: the sandboxes mount its git gateway
         if name not in installed:
             built.skipped[name] = f"not in this build yet ({SERVER_MODULES[name]} is missing)"
             continue
@@ -100,6 +116,7 @@ def build_servers() -> Built:
         except BaseException:
             built.close()
             raise
+    built.servers = {name: built.servers[name] for name in SERVER_MODULES if name in built.servers}  # listed in the usual order
     return built
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.config import default_home
+
+ROOT_GIT_SOCKET = Path("/run/corral-git/git.sock")
 
 
 class VaultSettings(BaseSettings):
@@ -26,8 +29,20 @@ class VaultSettings(BaseSettings):
     proxy_max_response_bytes: int = Field(1 << 20, gt=0, description="response body bytes returned; the rest is counted, not returned")
     proxy_drain_bytes: int = Field(16 << 20, gt=0, description="response bytes read at most (to count totals) before giving up")
     proxy_timeout_s: float = Field(30.0, gt=0, le=600, description="default upstream timeout of http_request")
-    git_socket: Path | None = Field(None, description="unix socket of the git gateway (default $CORRAL_HOME/vault/run/git-PID.sock)")
+    git_socket: Path | None = Field(None, description="unix socket of the git gateway (default: see git_socket_path)")
     git_grant_ttl_s: int = Field(900, gt=0, le=86400, description="default lifetime of a git capability")
+
+    def git_socket_path(self) -> Path:
+        """The git gateway's socket; sandboxes mount its directory at /run/corral.
+
+        As root the sandboxes run as an unprivileged uid that cannot traverse $CORRAL_HOME,
+        so the default is then /run/corral-git/git.sock (the gateway makes that dir 0711).
+        """
+        if self.git_socket is not None:
+            return self.git_socket
+        if os.geteuid() == 0:
+            return ROOT_GIT_SOCKET
+        return self.vault_dir() / "run" / "git.sock"
 
     def vault_dir(self) -> Path:
         """$CORRAL_HOME/vault, created mode 0700."""

@@ -60,7 +60,7 @@ class GitGateway:
     def __init__(self, proxy: Proxy, settings: VaultSettings, socket_path: Path | None = None) -> None:
         self.proxy = proxy
         self.settings = settings
-        self.socket_path = socket_path or settings.git_socket or (settings.vault_dir() / "run" / "git.sock")
+        self.socket_path = socket_path or settings.git_socket_path()
         self.grants: dict[str, Grant] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -178,9 +178,13 @@ class GitGateway:
 
     def start(self) -> None:
         """Serve on the unix socket from a daemon thread with its own event loop."""
-        # uvicorn makes the socket 0666: a new directory is 0700 (an existing one is the operator's
-        # choice, e.g. 0711 so a root server's unprivileged sandbox uid can reach it); tokens guard the rest.
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # uvicorn makes the socket 0666: a new directory is 0700, or 0711 as root so the sandboxes'
+        # unprivileged uid can reach the socket (an existing one is the operator's choice); the
+        # capability tokens guard the rest.
+        mode = 0o711 if os.geteuid() == 0 else 0o700
+        if not self.socket_path.parent.exists():
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+            self.socket_path.parent.chmod(mode)  # mkdir's mode is cut by the umask
         self._claim_socket()
         forwarder = self.socket_path.parent / "git_forwarder.py"  # the sandbox gets it with the socket
         forwarder.write_bytes(FORWARDER.read_bytes())

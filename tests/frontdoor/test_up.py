@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.conftest import require
 from tests.frontdoor.conftest import (
+    CORRAL,
     UpProcess,
     corral,
     free_port,
@@ -69,6 +72,37 @@ async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:
     assert len(seen) >= 2, seen  # every 0.3 s (CORRAL_SANDBOX_PROGRESS_INTERVAL_S) of a 1.5 s command
     assert all(total == 30 for _, total, _ in seen), seen
     assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+
+
+async def test_sandboxes_of_up_reach_its_git_gateway_through_the_forwarder(up: UpProcess) -> None:
+    # `corral up` runs the proxy's git gateway and the sandboxes in one process, so it mounts
+    # the gateway's directory at /run/corral itself; `run_git_with` must work as returned.
+    require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
+    closed = free_port()  # the "upstream": a loopback port nothing listens on
+    added = subprocess.run(
+        [CORRAL, "vault", "set", "gitrepo", "--kind", "git", "--host", "127.0.0.1", "--scheme", "http", "--port", str(closed), "--allow-private"],
+        input="not-a-real-token-0123456789", env=up.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    token = token_of(up.env)
+    async with mcp_client(f"{up.base}/credentials/mcp", token) as client:
+        grant = await client.call_tool("git_access", {"credential": "gitrepo", "repo_url": f"http://127.0.0.1:{closed}/org/repo.git"})
+    assert not grant.is_error, grant.content[0].text
+    remote, prefix = grant.structured_content["remote_url"], grant.structured_content["run_git_with"]
+    probe = (
+        "import sys, urllib.request, urllib.error\n"
+        "try: urllib.request.urlopen(sys.argv[1] + '/info/refs?service=git-upload-pack', timeout=20)\n"
+        "except urllib.error.HTTPError as e: print(e.code, e.read().decode().strip())"
+    )
+    forged = remote.replace(remote.split("/")[3], "f" * 43)
+    command = f"{prefix} python3 -c {shlex.quote(probe)} {remote}; {prefix} python3 -c {shlex.quote(probe)} {forged}"
+    async with mcp_client(f"{up.base}/sandbox/mcp", token) as client:
+        result = await client.call_tool("execute", {"command": command, "timeout_s": 60})
+    assert not result.is_error, result.content[0].text
+    out = result.structured_content["stdout"].splitlines()
+    assert len(out) == 2, result.structured_content  # nothing at /run/corral: the gateway is not mounted
+    assert out[0].startswith("502 corral: upstream failed"), result.structured_content  # capability good, forwarded, nothing listening
+    assert out[1].startswith("403 corral: this git capability is unknown"), result.structured_content
 
 
 def test_no_token_wrong_token_foreign_origin_and_host_are_refused(up: UpProcess) -> None:
