@@ -180,7 +180,8 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
             assert ok.status_code == 404  # forwarded to the echo upstream, which has no such path
         seen = env.upstream.seen
         assert len(seen) == 1 and seen[0]["path"] == "/repo.git/info/refs?service=git-upload-pack"
-        assert gateway.socket_path.parent.stat().st_mode & 0o777 == 0o700
+        # not listable by others; as root, traversable by the sandboxes' unprivileged uid
+        assert gateway.socket_path.parent.stat().st_mode & 0o777 == (0o711 if os.geteuid() == 0 else 0o700)
         # a second proxy process does not steal a live gateway's socket
         other = GitGateway(Proxy(env.vault, env.settings), env.settings, socket_path=gateway.socket_path)
         other.start()
