@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx2
@@ -31,6 +31,9 @@ from corral import mcp_config
 from corral.auth import token_path
 from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import SERVER_MODULES, available
+
+if TYPE_CHECKING:
+    from servers.sandbox.config import SandboxSettings
 
 __all__ = ["Built", "bind", "build_servers", "serve_until_stopped"]
 
@@ -73,17 +76,17 @@ def _build_sandbox(built: Built) -> MCPServer:
     return server
 
 
-def with_git_gateway(settings: Any) -> Any:
+def with_git_gateway(settings: SandboxSettings) -> SandboxSettings:
     """Sandbox settings that also mount the git gateway's directory at /run/corral (bubblewrap only;
     a Docker or E2B sandbox has no host mounts), unless the operator already mounts something there."""
     from servers.credentials.gateway import SANDBOX_DIR
+    from servers.sandbox.server import parse_binds
     from vault.config import VaultSettings
 
-    binds = [b for b in settings.sandbox_extra_binds.split(",") if b.strip()]
-    if settings.sandbox_backend != "bubblewrap" or any(b.split(":")[1:2] == [SANDBOX_DIR] for b in binds):
+    if settings.sandbox_backend != "bubblewrap" or any(b.dest == SANDBOX_DIR for b in parse_binds(settings.sandbox_extra_binds)):
         return settings
-    gateway_dir = VaultSettings().git_socket_path().parent
-    return settings.model_copy(update={"sandbox_extra_binds": ",".join([*binds, f"{gateway_dir}:{SANDBOX_DIR}"])})
+    gateway = f"{VaultSettings().git_socket_path().parent}:{SANDBOX_DIR}"
+    return settings.model_copy(update={"sandbox_extra_binds": ",".join(filter(None, [settings.sandbox_extra_binds, gateway]))})
 
 
 def _build_credentials(built: Built) -> MCPServer:
