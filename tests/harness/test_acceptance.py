@@ -35,6 +35,7 @@ from tests.harness.fake_anthropic import (
 from tests.harness.scripts import PLAN
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
+from tests.sandbox.procs import bwrap_pids
 
 pytestmark = pytest.mark.bwrap
 SECRET = "sk-acceptance-" + uuid.uuid4().hex
@@ -156,20 +157,6 @@ def test_a_refused_credential_is_told_to_the_model(real_env: dict[str, str]) -> 
         assert upstream.seen == []  # nothing reached the upstream
     assert seen[0]["is_error"] and "policy_denied: address 127.0.0.1" in seen[0]["content"][0]["text"]
     assert "policy_denied" in p.stdout  # the terminal view shows the error too
-
-
-def bwrap_pids(sandbox_id: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
 
 
 def kill_when_running(sandbox_id: str) -> None:

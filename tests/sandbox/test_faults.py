@@ -10,31 +10,15 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from mcp.client import Client
 
 from .conftest import Harness, call, fail
 from .fake_e2b import FakeCloud
+from .procs import bwrap_pids
 
 pytestmark = pytest.mark.anyio
-
-
-def _bwrap_pids(sandbox_id: str) -> list[int]:
-    """Host pids of the outer bwrap processes running commands of `sandbox_id`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv) and ppid == os.getpid():
-            pids.append(int(entry))
-    return pids
 
 
 async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) -> str:
@@ -61,7 +45,7 @@ async def test_bwrap_process_killed(settings) -> None:
     h = Harness("bubblewrap", settings)
 
     def kill(sandbox_id: str) -> None:
-        pids = _bwrap_pids(sandbox_id)
+        pids = bwrap_pids(sandbox_id, parent=os.getpid())
         assert pids, "no bwrap process found for the sandbox"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

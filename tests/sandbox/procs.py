@@ -1,0 +1,22 @@
+"""Finding a bubblewrap sandbox's processes on the host, for the tests that kill them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def bwrap_pids(sandbox_id: str, parent: int | None = None) -> list[int]:
+    """Host pids of the outer bwrap processes running commands of `sandbox_id` (children of `parent` only, if given)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv) and parent in (None, ppid):
+            pids.append(int(entry))
+    return pids
