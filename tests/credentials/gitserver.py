@@ -6,11 +6,11 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Self
 from urllib.parse import urlsplit
+
+from tests.credentials.upstream import Upstream
 
 BACKEND = "/usr/lib/git-core/git-http-backend"
 
@@ -77,24 +77,8 @@ class GitHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = _handle
 
 
-class GitServer:
+class GitServer(Upstream):
     def __init__(self, root: Path, token: str) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), GitHandler)
-        self.server.daemon_threads = True
+        super().__init__(GitHandler)
         self.server.root = root
-        self.server.seen = []
         self.server.expected = "Basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def seen(self) -> list[dict]:
-        return self.server.seen
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()

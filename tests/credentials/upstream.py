@@ -84,8 +84,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Upstream:
-    def __init__(self) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    """A threaded HTTP server on 127.0.0.1 for the length of a `with` block; `seen` is what it got."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler] = Handler) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.server.seen = []
         self.port = self.server.server_address[1]
