@@ -29,11 +29,11 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from benchmarks.common import Table  # noqa: E402
-from servers.credentials.proxy import Proxy
-from servers.credentials.server import build_server
-from vault import open_vault
-from vault.config import VaultSettings
-from vault.policy import Credential
+from corral.servers.credentials.proxy import Proxy
+from corral.servers.credentials.server import build_server
+from corral.vault import open_vault
+from corral.vault.config import VaultSettings
+from corral.vault.policy import Credential
 
 SECRET = "sk-bench-0123456789abcdefghij"
 BODY = json.dumps({"ok": True, "items": list(range(50))}).encode()

@@ -33,9 +33,9 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from benchmarks.common import Table, summary
-from servers.mcp_shell import http_app, transport_security
-from servers.session.server import build_server
-from servers.session.store import open_store
+from corral.servers.mcp_shell import http_app, transport_security
+from corral.servers.session.server import build_server
+from corral.servers.session.store import open_store
 
 CORRAL = str(Path(sys.executable).parent / "corral")
 

@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Table  # noqa: E402
-from harness.events import ev  # noqa: E402
-from harness.run import run_session  # noqa: E402
-from harness.tools import ToolOutcome  # noqa: E402
-from harness.view import NullView  # noqa: E402
-from servers.session.store import open_store  # noqa: E402
+from corral.harness.events import ev  # noqa: E402
+from corral.harness.run import run_session  # noqa: E402
+from corral.harness.tools import ToolOutcome  # noqa: E402
+from corral.harness.view import NullView  # noqa: E402
+from corral.servers.session.store import open_store  # noqa: E402
 from tests.harness.conftest import settings_from  # noqa: E402
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
 
@@ -104,9 +104,9 @@ async def wake_to_first_request(env: dict[str, str], sid: str) -> float:
 
 def harness_work(db: Path, sid: str) -> float:
     """The harness's own part of a wake: read what the context needs, build the request."""
-    from harness.context import build_messages, estimate_tokens, system_blocks, with_cache_breakpoints
-    from harness.events import SessionLog
-    from harness.tools import ToolDef
+    from corral.harness.context import build_messages, estimate_tokens, system_blocks, with_cache_breakpoints
+    from corral.harness.events import SessionLog
+    from corral.harness.tools import ToolDef
 
     started = time.perf_counter()
     store = open_store(str(db))

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Table  # noqa: E402
-from servers.sandbox.backend import DockerConfig, ExecRequest, make_backend
-from servers.sandbox.config import SandboxSettings
-from servers.sandbox.registry import Registry
-from servers.sandbox.server import backend_config
-from servers.sandbox.service import SandboxService
+from corral.servers.sandbox.backend import DockerConfig, ExecRequest, make_backend
+from corral.servers.sandbox.config import SandboxSettings
+from corral.servers.sandbox.registry import Registry
+from corral.servers.sandbox.server import backend_config
+from corral.servers.sandbox.service import SandboxService
 
 E2B_PUBLISHED_P50_MS = 440.0
 CPU: dict[str, float] = {}

@@ -22,7 +22,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Table, summary, time_ms  # noqa: E402
-from servers.session.store import NewEvent, open_store  # noqa: E402
+from corral.servers.session.store import NewEvent, open_store  # noqa: E402
 
 PAYLOAD = {"text": "x" * 200, "n": 1}
 
@@ -98,7 +98,7 @@ def slices(table: Table, tmp: Path, big: int) -> None:
 def mcp_overhead(table: Table, tmp: Path) -> None:
     from mcp.client import Client
 
-    from servers.session.server import build_server
+    from corral.servers.session.server import build_server
 
     store = open_store(str(tmp / "mcp.db"))
     sid = store.create().session_id

@@ -29,8 +29,8 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Table
-from harness.pool import submit
-from servers.session.store import EventStore, open_store
+from corral.harness.pool import submit
+from corral.servers.session.store import EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.workers.helpers import Worker, harness_env, steps, wait_until
 
@@ -87,7 +87,7 @@ def throughput(url: str, tmp: Path, workers: int, sessions: int, lease: float) -
     """Sessions per minute, from submitting them to the last one idle (workers already up)."""
     with fresh_schema(url) as schema_url, FakeAnthropic(script(sessions), delay_s=0.3) as fake:
         store = open_store(schema_url)
-        pool = [Worker(schema_url, f"w{k}", tmp, lease=lease, body="harness.pool_body:harness_body", env=harness_env(tmp, fake, f"{workers}-{k}")) for k in range(workers)]
+        pool = [Worker(schema_url, f"w{k}", tmp, lease=lease, body="corral.harness.pool_body:harness_body", env=harness_env(tmp, fake, f"{workers}-{k}")) for k in range(workers)]
         try:
             for w in pool:
                 wait_until(f"{w.name} up", lambda w=w: f"corral worker {w.name}" in w.log(), timeout=60)

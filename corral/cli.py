@@ -21,11 +21,11 @@ from corral.errors import CorralError
 # Areas that add subcommands, in the order `corral --help` lists them.
 AREAS = [
     "corral.up",  # up, mcp-config
-    "servers.serve_cli",  # serve sandbox|session|credentials
-    "harness.cli",  # run, wake
-    "servers.session.cli",  # sessions list|show|tail|fork
-    "vault.cli",  # vault set|list|rm|doctor
-    "harness.worker_cli",  # worker
+    "corral.servers.serve_cli",  # serve sandbox|session|credentials
+    "corral.harness.cli",  # run, wake
+    "corral.servers.session.cli",  # sessions list|show|tail|fork
+    "corral.vault.cli",  # vault set|list|rm|doctor
+    "corral.harness.worker_cli",  # worker
 ]
 
 

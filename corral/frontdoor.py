@@ -17,9 +17,9 @@ __all__ = ["SERVER_MODULES", "UpSettings", "available", "missing"]
 
 # The three servers, in the order they are listed and started.
 SERVER_MODULES = {
-    "session": "servers.session.server",
-    "sandbox": "servers.sandbox.server",
-    "credentials": "servers.credentials.server",
+    "session": "corral.servers.session.server",
+    "sandbox": "corral.servers.sandbox.server",
+    "credentials": "corral.servers.credentials.server",
 }
 
 

@@ -33,7 +33,7 @@ from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import SERVER_MODULES, available
 
 if TYPE_CHECKING:
-    from servers.sandbox.config import SandboxSettings
+    from corral.servers.sandbox.config import SandboxSettings
 
 __all__ = ["Built", "bind", "build_servers", "serve_until_stopped"]
 
@@ -57,8 +57,8 @@ class Built:
 
 
 def _build_session(built: Built) -> MCPServer:
-    from servers.session.config import SessionSettings
-    from servers.session.server import build_server
+    from corral.servers.session.config import SessionSettings
+    from corral.servers.session.server import build_server
 
     built.store = SessionSettings().open_store()
     built.closers.append(built.store.close)
@@ -66,8 +66,8 @@ def _build_session(built: Built) -> MCPServer:
 
 
 def _build_sandbox(built: Built) -> MCPServer:
-    from servers.sandbox.config import SandboxSettings
-    from servers.sandbox.server import build_server
+    from corral.servers.sandbox.config import SandboxSettings
+    from corral.servers.sandbox.server import build_server
 
     settings = SandboxSettings()
     if "credentials" in built.servers:  # the git gateway runs in this process: sandboxes get its socket
@@ -79,9 +79,9 @@ def _build_sandbox(built: Built) -> MCPServer:
 def with_git_gateway(settings: SandboxSettings) -> SandboxSettings:
     """Sandbox settings that also mount the git gateway's directory at /run/corral (bubblewrap only;
     a Docker or E2B sandbox has no host mounts), unless the operator already mounts something there."""
-    from servers.credentials.gateway import SANDBOX_DIR
-    from servers.sandbox.server import parse_binds
-    from vault.config import VaultSettings
+    from corral.servers.credentials.gateway import SANDBOX_DIR
+    from corral.servers.sandbox.server import parse_binds
+    from corral.vault.config import VaultSettings
 
     if settings.sandbox_backend != "bubblewrap" or any(b.dest == SANDBOX_DIR for b in parse_binds(settings.sandbox_extra_binds)):
         return settings
@@ -90,7 +90,7 @@ def with_git_gateway(settings: SandboxSettings) -> SandboxSettings:
 
 
 def _build_credentials(built: Built) -> MCPServer:
-    from servers.credentials.server import assemble
+    from corral.servers.credentials.server import assemble
 
     server, stop = assemble(logging.getLogger().handlers)
     built.closers.append(stop)

@@ -45,7 +45,7 @@ def _up(args: argparse.Namespace) -> int:
         serve_until_stopped,
     )
     from corral.viewer.web import COOKIE_PATHS, viewer_routes
-    from servers.mcp_shell import http_app
+    from corral.servers.mcp_shell import http_app
 
     sock = bind(host, port)
     port = sock.getsockname()[1]  # --port 0: the kernel picked one

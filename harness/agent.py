@@ -16,12 +16,12 @@ from typing import Any
 import anyio
 
 from corral.errors import CorralError
-from harness import events as E
-from harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
-from harness.events import SessionLog, WriterLost, ev
-from harness.model import ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
-from harness.tools import ToolDef, Toolset
-from harness.view import NullView, View
+from corral.harness import events as E
+from corral.harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
+from corral.harness.events import SessionLog, WriterLost, ev
+from corral.harness.model import ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
+from corral.harness.tools import ToolDef, Toolset
+from corral.harness.view import NullView, View
 
 INTERRUPTED = (
     "interrupted: the harness stopped while {name} was running, so its outcome is unknown: it may or may not "

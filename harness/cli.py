@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.detach:  # the worker pool's side: harness/worker_cli.py
-        from harness.worker_cli import run_detached
+        from corral.harness.worker_cli import run_detached
 
         return run_detached(args.task, args.session, args.model)
     return _go(args, task=args.task, session_id=args.session)
@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _wake(args: argparse.Namespace) -> int:
     if args.detach:  # the worker pool's side: harness/worker_cli.py
-        from harness.worker_cli import run_detached
+        from corral.harness.worker_cli import run_detached
 
         return run_detached(None, args.session_id, args.model)
     return _go(args, task=None, session_id=args.session_id)
@@ -44,9 +44,9 @@ def _wake(args: argparse.Namespace) -> int:
 def _go(args: argparse.Namespace, *, task: str | None, session_id: str | None) -> int:
     import anyio
 
-    from harness.config import HarnessSettings
-    from harness.run import run_session
-    from harness.view import RichView
+    from corral.harness.config import HarnessSettings
+    from corral.harness.run import run_session
+    from corral.harness.view import RichView
 
     settings = HarnessSettings()
     if args.model:

@@ -12,7 +12,7 @@ import sys
 from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
-from servers.session.config import SessionSettings
+from corral.servers.session.config import SessionSettings
 
 DEFAULT_SERVERS = ("sandbox", "session", "credentials")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from harness.events import AGENT_MESSAGE, TOOL_RESULT, TOOL_USE, USER_MESSAGE
-from servers.session.store import Event
+from corral.harness.events import AGENT_MESSAGE, TOOL_RESULT, TOOL_USE, USER_MESSAGE
+from corral.servers.session.store import Event
 
 CACHE = {"type": "ephemeral"}
 

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.errors import Conflict
-from servers.session.store import Event, EventStore, NewEvent, new_id
+from corral.servers.session.store import Event, EventStore, NewEvent, new_id
 
 __all__ = ["SessionLog", "WriterLost", "KillAfterAppends", "ev"]
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, InvalidArgument
-from harness import events as E
-from harness.events import SessionLog, ev
-from harness.tools import ToolDef, ToolOutcome, cap
+from corral.harness import events as E
+from corral.harness.events import SessionLog, ev
+from corral.harness.tools import ToolDef, ToolOutcome, cap
 
 if TYPE_CHECKING:
-    from harness.agent import Agent
+    from corral.harness.agent import Agent
 
 TODO = ToolDef(
     "todo",

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 
 from corral.errors import InvalidArgument
-from harness.config import HarnessSettings
-from harness.pool import Body
-from harness.run import run_session
-from harness.view import NullView
-from servers.session.store import EventStore
+from corral.harness.config import HarnessSettings
+from corral.harness.pool import Body
+from corral.harness.run import run_session
+from corral.harness.view import NullView
+from corral.servers.session.store import EventStore
 
 
 def harness_body() -> Body:

@@ -18,15 +18,15 @@ from typing import IO
 import anyio
 
 from corral.errors import CorralError, Unavailable
-from harness import events as E
-from harness.agent import Agent, AgentConfig
-from harness.config import HarnessSettings
-from harness.events import KillAfterAppends, SessionLog, ev
-from harness.local import Subagents, TodoTools
-from harness.model import AnthropicModel, ModelClient
-from harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
-from harness.view import View
-from servers.session.store import EventStore, open_store
+from corral.harness import events as E
+from corral.harness.agent import Agent, AgentConfig
+from corral.harness.config import HarnessSettings
+from corral.harness.events import KillAfterAppends, SessionLog, ev
+from corral.harness.local import Subagents, TodoTools
+from corral.harness.model import AnthropicModel, ModelClient
+from corral.harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
+from corral.harness.view import View
+from corral.servers.session.store import EventStore, open_store
 
 SYSTEM = """\
 You are an autonomous agent driven by Corral's reference harness. Your session id is {session_id}.

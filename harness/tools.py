@@ -265,7 +265,7 @@ class SandboxLifecycle:
         return await self.inner.tools()
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
-        from harness.events import ev
+        from corral.harness.events import ev
 
         outcome = await self.inner.call(name, args, call_id)
         if outcome.is_error:

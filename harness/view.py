@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from harness.tools import ToolOutcome
+from corral.harness.tools import ToolOutcome
 
 
 class View(Protocol):

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-DEFAULT_BODY = "harness.pool_body:harness_body"
+DEFAULT_BODY = "corral.harness.pool_body:harness_body"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from harness.pool import Runtime, load_body, run_worker
-    from harness.worker_config import WorkerSettings
-    from servers.session.store import open_store
+    from corral.harness.pool import Runtime, load_body, run_worker
+    from corral.harness.worker_config import WorkerSettings
+    from corral.servers.session.store import open_store
 
     overrides = {
         key: value
@@ -75,9 +75,9 @@ def _log_to_stderr(level: int) -> None:
 def run_detached(task: str | None, session_id: str | None, model: str | None) -> int:
     """`corral run --detach` (write the task as a user message) / `corral wake --detach`: queue the session."""
     from corral.errors import InvalidArgument
-    from harness.pool import enqueue_session, submit
-    from harness.worker_config import WorkerSettings
-    from servers.session.store import open_store
+    from corral.harness.pool import enqueue_session, submit
+    from corral.harness.worker_config import WorkerSettings
+    from corral.servers.session.store import open_store
 
     if model:
         raise InvalidArgument("--model does not apply to --detach", hint="the workers' CORRAL_MODEL chooses the model")

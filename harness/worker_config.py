@@ -9,7 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from corral.errors import InvalidArgument
-from servers.session.config import SessionSettings
+from corral.servers.session.config import SessionSettings
 
 
 def default_worker_name() -> str:

@@ -31,8 +31,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from corral.errors import CorralError, InvalidArgument
-from servers.http_guard import HTTPGuard
-from servers.stdio_pipes import serve_stdio
+from corral.servers.http_guard import HTTPGuard
+from corral.servers.stdio_pipes import serve_stdio
 
 __all__ = ["http_app", "parse_host_port", "serve", "tool", "transport_security"]
 

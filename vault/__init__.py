@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from vault.config import VaultSettings
-from vault.keyrings import Choice, TimedKeyring, choose_backend
-from vault.policy import Credential
-from vault.store import Vault
+from corral.vault.config import VaultSettings
+from corral.vault.keyrings import Choice, TimedKeyring, choose_backend
+from corral.vault.policy import Credential
+from corral.vault.store import Vault
 
 __all__ = ["Choice", "Credential", "Vault", "VaultSettings", "open_vault"]
 

@@ -11,9 +11,9 @@ import sys
 from pydantic import ValidationError
 
 from corral.errors import CorralError, InvalidArgument
-from vault import open_vault
-from vault.config import VaultSettings
-from vault.policy import KINDS, Credential
+from corral.vault import open_vault
+from corral.vault.config import VaultSettings
+from corral.vault.policy import KINDS, Credential
 
 
 def register(sub: argparse._SubParsersAction) -> None:

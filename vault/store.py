@@ -16,8 +16,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from corral.errors import InvalidArgument, NotFound, Unavailable
-from vault.keyrings import TimedKeyring
-from vault.policy import Credential
+from corral.vault.keyrings import TimedKeyring
+from corral.vault.policy import Credential
 
 __all__ = ["MIN_SECRET_CHARS", "Vault", "check_secret"]
 

@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vault.redact import Redactor
+from corral.vault.redact import Redactor
 
 __all__ = ["AuditLog"]
 

@@ -33,10 +33,10 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
-from servers.credentials.netguard import check_policy, parse_target
-from servers.credentials.proxy import Proxy
-from servers.credentials.transport import pinned
-from vault.config import VaultSettings
+from corral.servers.credentials.netguard import check_policy, parse_target
+from corral.servers.credentials.proxy import Proxy
+from corral.servers.credentials.transport import pinned
+from corral.vault.config import VaultSettings
 
 __all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 

@@ -16,7 +16,7 @@ import anyio
 import httpx
 
 from corral.errors import InvalidArgument, PolicyDenied, Timeout, Unavailable
-from vault.policy import Credential, host_matches, normalize_host
+from corral.vault.policy import Credential, host_matches, normalize_host
 
 __all__ = ["Resolver", "StaticResolver", "SystemResolver", "Target", "check_address", "has_ctl", "parse_target", "resolve_checked"]
 

@@ -22,8 +22,8 @@ import httpcore
 import httpx
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
-from servers.credentials.audit import AuditLog, monotonic_ms
-from servers.credentials.netguard import (
+from corral.servers.credentials.audit import AuditLog, monotonic_ms
+from corral.servers.credentials.netguard import (
     Resolver,
     SystemResolver,
     Target,
@@ -32,11 +32,11 @@ from servers.credentials.netguard import (
     parse_target,
     resolve_checked,
 )
-from servers.credentials.transport import PinnedTransport, pinned
-from vault.config import VaultSettings
-from vault.policy import TOKEN, Credential
-from vault.redact import Redactor
-from vault.store import Vault
+from corral.servers.credentials.transport import PinnedTransport, pinned
+from corral.vault.config import VaultSettings
+from corral.vault.policy import TOKEN, Credential
+from corral.vault.redact import Redactor
+from corral.vault.store import Vault
 
 __all__ = ["Proxy", "Snapshot"]
 

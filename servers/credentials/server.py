@@ -17,12 +17,12 @@ from pydantic import Field
 
 from corral.config import CoreSettings
 from corral.errors import CorralError
-from servers.credentials.gateway import GitGateway
-from servers.credentials.proxy import Proxy
-from servers.mcp_shell import serve, tool
-from vault import open_vault
-from vault.config import VaultSettings
-from vault.redact import RedactingFilter
+from corral.servers.credentials.gateway import GitGateway
+from corral.servers.credentials.proxy import Proxy
+from corral.servers.mcp_shell import serve, tool
+from corral.vault import open_vault
+from corral.vault.config import VaultSettings
+from corral.vault.redact import RedactingFilter
 
 __all__ = ["build_server", "install_redaction", "run"]
 

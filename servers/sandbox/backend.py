@@ -236,13 +236,13 @@ BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(dis
 def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: Any) -> Backend:
     """The backend for `config`; its module (and SDK) is imported only now."""
     if config.type == "bubblewrap":
-        from servers.sandbox.bubblewrap import BubblewrapBackend
+        from corral.servers.sandbox.bubblewrap import BubblewrapBackend
 
         return BubblewrapBackend(config, **kwargs)
     if config.type == "docker":
-        from servers.sandbox.docker import DockerBackend
+        from corral.servers.sandbox.docker import DockerBackend
 
         return DockerBackend(config, **kwargs)
-    from servers.sandbox.e2b import E2BBackend
+    from corral.servers.sandbox.e2b import E2BBackend
 
     return E2BBackend(config, **kwargs)

@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from corral.errors import InvalidArgument
-from servers.mcp_shell import serve, tool
+from corral.servers.mcp_shell import serve, tool
 
 from .backend import (
     Backend,

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _store():
-    from servers.session.config import SessionSettings
+    from corral.servers.session.config import SessionSettings
 
     return SessionSettings().open_store()
 

@@ -28,7 +28,7 @@ class SessionSettings(CoreSettings):
 
     def open_store(self):
         """The configured store (SQLite options apply only to SQLite)."""
-        from servers.session.store import open_store
+        from corral.servers.session.store import open_store
 
         url = self.store_url()
         options = {} if url.startswith(("postgresql://", "postgres://")) else {"synchronous": self.sqlite_synchronous}

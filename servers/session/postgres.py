@@ -34,7 +34,7 @@ import psycopg
 import psycopg_pool
 
 from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from servers.session.store import (
+from corral.servers.session.store import (
     DEFAULT_MAX_EVENT_BYTES,
     Event,
     EventStore,

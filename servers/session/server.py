@@ -12,8 +12,8 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, Field
 
 from corral.errors import InvalidArgument
-from servers.mcp_shell import serve, tool
-from servers.session.store import Event, EventStore, SessionInfo
+from corral.servers.mcp_shell import serve, tool
+from corral.servers.session.store import Event, EventStore, SessionInfo
 
 MAX_PAGE = 1000
 INSTRUCTIONS = """\
@@ -153,6 +153,6 @@ def build_server(store: EventStore) -> MCPServer:
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
-    from servers.session.config import SessionSettings
+    from corral.servers.session.config import SessionSettings
 
     serve(build_server(SessionSettings().open_store()), http, token=token, stdio=stdio)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from servers.session.store import (
+from corral.servers.session.store import (
     DEFAULT_MAX_EVENT_BYTES,
     Event,
     EventStore,

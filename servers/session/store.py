@@ -205,10 +205,10 @@ class EventStore(ABC):
 def open_store(url: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, **options: Any) -> EventStore:
     """The store at `url`: `sqlite:///PATH`, a plain path, or `postgresql://...`."""
     if url.startswith(("postgresql://", "postgres://")):
-        from servers.session.postgres import PostgresEventStore
+        from corral.servers.session.postgres import PostgresEventStore
 
         return PostgresEventStore(url, max_event_bytes=max_event_bytes, **options)
-    from servers.session.sqlite import SQLiteEventStore
+    from corral.servers.session.sqlite import SQLiteEventStore
 
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("sqlite://")
     return SQLiteEventStore(path, max_event_bytes=max_event_bytes, **options)

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from mcp.client import Client
 
-from servers.credentials.netguard import StaticResolver
-from servers.credentials.proxy import Proxy
-from servers.credentials.server import build_server, install_redaction
-from servers.credentials.transport import LoopbackOnly
+from corral.servers.credentials.netguard import StaticResolver
+from corral.servers.credentials.proxy import Proxy
+from corral.servers.credentials.server import build_server, install_redaction
+from corral.servers.credentials.transport import LoopbackOnly
 from tests.credentials.upstream import Upstream
-from vault import open_vault
-from vault.config import VaultSettings
-from vault.policy import Credential
+from corral.vault import open_vault
+from corral.vault.config import VaultSettings
+from corral.vault.policy import Credential
 
 # Collected across the whole session for the sweep.
 SECRETS: list[str] = []

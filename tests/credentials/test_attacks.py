@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from vault.redact import secret_forms
+from corral.vault.redact import secret_forms
 
 pytestmark = pytest.mark.anyio
 
@@ -105,8 +105,8 @@ async def test_response_over_cap_is_truncated_with_totals(mcp, env):
 async def test_gzip_bomb_is_read_only_up_to_the_drain_cap(env):
     from mcp.client import Client
 
-    from servers.credentials.proxy import Proxy
-    from servers.credentials.server import build_server
+    from corral.servers.credentials.proxy import Proxy
+    from corral.servers.credentials.server import build_server
 
     settings = env.settings.model_copy(update={"proxy_drain_bytes": 1 << 20})
     proxy = Proxy(env.vault, settings, connector=env.connector)
@@ -195,7 +195,7 @@ async def test_tricky_urls(mcp, env, url, kind):
     ],
 )
 async def test_metadata_and_unspecified_addresses_refused_even_when_private_allowed(mcp, env, url):
-    from vault.policy import Credential
+    from corral.vault.policy import Credential
 
     host = url.split("//")[1].split("/")[0]
     env.add(Credential(name="meta", hosts=[host], schemes=["http"], ports=[80], allow_private=True))
@@ -234,8 +234,8 @@ async def test_dns_rebinding_connects_to_the_checked_address_only(env):
     the test's loopback-only connector, so nothing leaves the machine) - never to a second answer."""
     from mcp.client import Client
 
-    from servers.credentials.proxy import Proxy
-    from servers.credentials.server import build_server
+    from corral.servers.credentials.proxy import Proxy
+    from corral.servers.credentials.server import build_server
 
     resolver = RebindingResolver()
     proxy = Proxy(env.vault, env.settings, resolver=resolver, connector=env.connector)
@@ -251,9 +251,9 @@ async def test_real_system_resolver_localhost_refused(env):
     """The real resolver (/etc/hosts, no DNS packet) turning `localhost` into loopback."""
     from mcp.client import Client
 
-    from servers.credentials.proxy import Proxy
-    from servers.credentials.server import build_server
-    from vault.policy import Credential
+    from corral.servers.credentials.proxy import Proxy
+    from corral.servers.credentials.server import build_server
+    from corral.vault.policy import Credential
 
     env.add(Credential(name="local", hosts=["localhost"], schemes=["http"], ports=[env.upstream.port]))
     proxy = Proxy(env.vault, env.settings, connector=env.connector)
@@ -268,7 +268,7 @@ async def test_real_system_resolver_localhost_refused(env):
     [("bücher.test", True), ("BÜCHER.test.", True), ("xn--bcher-kva.test", True), ("bucher.test", False), ("b\u00fc\u0441her.test", False)],
 )
 async def test_idna_hosts_match_by_punycode_only(mcp, env, url_host, allowed):
-    from vault.policy import Credential
+    from corral.vault.policy import Credential
 
     env.add(Credential(name="idn", hosts=["bücher.test"], schemes=["http"], ports=[env.upstream.port], allow_private=True))
     call = req("idn", f"http://{url_host}:{env.upstream.port}/echo")
@@ -356,7 +356,7 @@ async def test_upstream_timeout_is_a_timeout_error(mcp, env):
 
 
 async def test_upstream_down_is_unavailable_and_redacted(mcp, env):
-    from vault.policy import Credential
+    from corral.vault.policy import Credential
 
     env.add(Credential(name="down", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[9], allow_private=True))
     text = await mcp.error("http_request", req("down", "http://127.0.0.1:9/x"))
@@ -391,7 +391,7 @@ async def test_every_use_is_audited_without_the_secret(mcp, env):
 
 
 async def test_vault_changes_are_picked_up_without_restart(mcp, env):
-    from vault.policy import Credential
+    from corral.vault.policy import Credential
 
     text = await mcp.error("http_request", req("late", env.upstream.url("/echo")))
     assert text.startswith("not_found")

@@ -75,7 +75,7 @@ TARGETS = ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "10.0.0.
 
 async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
     require("unshare --net", can_unshare(), "needs root or unprivileged user namespaces")
-    from vault.policy import Credential
+    from corral.vault.policy import Credential
 
     for i, host in enumerate(TARGETS):
         env.add(Credential(name=f"wide{i}", hosts=[host], schemes=["http"], ports=[80]))

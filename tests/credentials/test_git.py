@@ -21,8 +21,8 @@ from mcp.client import Client
 from tests.conftest import require
 from tests.credentials.conftest import LOG_LINES, OUTPUTS, new_secret
 from tests.credentials.gitserver import BACKEND, GitServer
-from vault.policy import Credential
-from vault.redact import secret_forms
+from corral.vault.policy import Credential
+from corral.vault.redact import secret_forms
 
 pytestmark = [pytest.mark.anyio, pytest.mark.bwrap]
 
@@ -60,8 +60,8 @@ def bwrap_works() -> bool:
 @pytest.fixture
 def sandbox_backend():
     require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
-    from servers.sandbox.backend import BubblewrapConfig, ExtraBind
-    from servers.sandbox.bubblewrap import BubblewrapBackend
+    from corral.servers.sandbox.backend import BubblewrapConfig, ExtraBind
+    from corral.servers.sandbox.bubblewrap import BubblewrapBackend
 
     # Outside pytest's 0700 tmp: a root server runs sandboxes as an unprivileged uid, which must reach these.
     sockdir = Path(tempfile.mkdtemp(prefix="corral-git-"))
@@ -74,7 +74,7 @@ def sandbox_backend():
 
 
 async def run(backend, ref, command: str, timeout_s: float = 90):
-    from servers.sandbox.backend import ExecRequest
+    from corral.servers.sandbox.backend import ExecRequest
 
     return await backend.execute(ref, ExecRequest(command=command, timeout_s=timeout_s, env={"GIT_TERMINAL_PROMPT": "0"}))
 
@@ -91,10 +91,10 @@ def scan_for_secret(root: Path, secret: str) -> list[str]:
 
 
 async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandbox_backend):
-    from servers.credentials.gateway import GitGateway
-    from servers.credentials.proxy import Proxy
-    from servers.credentials.server import build_server, install_redaction
-    from servers.sandbox.backend import SandboxSpec
+    from corral.servers.credentials.gateway import GitGateway
+    from corral.servers.credentials.proxy import Proxy
+    from corral.servers.credentials.server import build_server, install_redaction
+    from corral.servers.sandbox.backend import SandboxSpec
 
     backend, sockdir, sandbox_root = sandbox_backend
     secret = new_secret("ghp")
@@ -161,8 +161,8 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
 
 
 async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
-    from servers.credentials.gateway import GitGateway
-    from servers.credentials.proxy import Proxy
+    from corral.servers.credentials.gateway import GitGateway
+    from corral.servers.credentials.proxy import Proxy
 
     secret = new_secret("ghp")
     env.vault.set(Credential(name="repo", kind="git", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), secret)

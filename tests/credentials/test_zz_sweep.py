@@ -12,7 +12,7 @@ import re
 import pytest
 
 from tests.credentials.conftest import AUDIT_FILES, LOG_LINES, OUTPUTS, SECRETS
-from vault.redact import secret_forms
+from corral.vault.redact import secret_forms
 
 pytestmark = pytest.mark.anyio
 

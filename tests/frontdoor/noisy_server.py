@@ -8,7 +8,7 @@ import sys
 
 from mcp.server.mcpserver import MCPServer
 
-from servers.mcp_shell import serve
+from corral.servers.mcp_shell import serve
 
 server = MCPServer("noisy")
 

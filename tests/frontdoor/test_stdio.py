@@ -17,7 +17,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from servers.stdio_pipes import PipeLines, PipeWriter
+from corral.servers.stdio_pipes import PipeLines, PipeWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.anyio
@@ -105,7 +105,7 @@ def test_a_full_pipe_waits_instead_of_blocking_or_dropping():
 
 
 def test_a_terminal_or_file_is_not_made_non_blocking(tmp_path):
-    probe = "from servers.stdio_pipes import wire_is_pipes; import sys; sys.stderr.write(str(wire_is_pipes()))"
+    probe = "from corral.servers.stdio_pipes import wire_is_pipes; import sys; sys.stderr.write(str(wire_is_pipes()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     piped = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, timeout=60, check=False)
     assert piped.stderr == "True"

@@ -209,7 +209,7 @@ def test_a_server_missing_from_the_build_is_skipped_with_a_line(corral_env: dict
     from corral.frontdoor import SERVER_MODULES
 
     monkeypatch.setenv("CORRAL_HOME", corral_env["CORRAL_HOME"])
-    monkeypatch.setitem(SERVER_MODULES, "credentials", "servers.credentials.not_built_yet")
+    monkeypatch.setitem(SERVER_MODULES, "credentials", "corral.servers.credentials.not_built_yet")
     built = serving.build_servers()
     try:
         assert list(built.servers) == ["session", "sandbox"]

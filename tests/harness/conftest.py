@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from harness.config import HarnessSettings
+from corral.harness.config import HarnessSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLBOX = f"{sys.executable} -m tests.harness.toolbox"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from harness.run import run_session
-from harness.view import NullView
+from corral.harness.run import run_session
+from corral.harness.view import NullView
 from tests.harness.conftest import settings_from
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.harness.scripts import PLAN

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.run import run_session
-from harness.view import NullView
-from servers.session.store import open_store
+from corral.harness.run import run_session
+from corral.harness.view import NullView
+from corral.servers.session.store import open_store
 from tests.harness.conftest import settings_from
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 

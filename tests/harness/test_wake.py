@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from corral.errors import Unavailable
-from harness.events import ev
-from harness.run import run_session
-from harness.view import NullView
-from servers.session.store import NewEvent, open_store
+from corral.harness.events import ev
+from corral.harness.run import run_session
+from corral.harness.view import NullView
+from corral.servers.session.store import NewEvent, open_store
 from tests.harness.conftest import ROOT, settings_from
 from tests.harness.fake_anthropic import (
     ApiError,

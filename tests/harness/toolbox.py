@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mcp.server.mcpserver import MCPServer
 
-from servers.mcp_shell import serve, tool
+from corral.servers.mcp_shell import serve, tool
 
 DIR = Path(os.environ.get("TOOLBOX_DIR", "."))
 server = MCPServer("toolbox")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import InvalidArgument
-from servers.sandbox.server import parse_binds
+from corral.servers.sandbox.server import parse_binds
 
 from .conftest import Harness, call
 
@@ -62,10 +62,10 @@ def test_heavy_sdks_are_imported_only_when_used() -> None:
     import sys
 
     code = (
-        "import sys; from servers.sandbox.server import build_server, backend_config; "
-        "from servers.sandbox.config import SandboxSettings; "
+        "import sys; from corral.servers.sandbox.server import build_server, backend_config; "
+        "from corral.servers.sandbox.config import SandboxSettings; "
         "backend_config(SandboxSettings()); "
-        "print('e2b' in sys.modules, 'servers.sandbox.docker' in sys.modules)"
+        "print('e2b' in sys.modules, 'corral.servers.sandbox.docker' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr

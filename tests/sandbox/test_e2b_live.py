@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from servers.sandbox.backend import E2BConfig, make_backend
-from servers.sandbox.server import build_server
+from corral.servers.sandbox.backend import E2BConfig, make_backend
+from corral.servers.sandbox.server import build_server
 
 from .conftest import call, fail
 

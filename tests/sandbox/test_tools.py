@@ -190,7 +190,7 @@ async def test_long_execute_sends_progress(harness: Harness) -> None:
 
 
 async def test_background_reaper_runs_in_the_server(settings) -> None:
-    from servers.sandbox.server import build_server
+    from corral.servers.sandbox.server import build_server
 
     from .conftest import make_backend
 

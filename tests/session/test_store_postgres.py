@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from corral.errors import Unavailable
-from servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
-from servers.session.store import NewEvent, open_store
+from corral.servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
+from corral.servers.session.store import NewEvent, open_store
 from tests.session.contract import StoreContract
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 
@@ -53,7 +53,7 @@ def test_schema_is_created_versioned_and_reopening_migrates_nothing(pg_schema_ur
 
 
 def test_an_old_schema_is_migrated_in_place_keeping_its_data(pg_schema_url):  # noqa: F811
-    from servers.session.postgres import MIGRATIONS
+    from corral.servers.session.postgres import MIGRATIONS
 
     with psycopg.connect(pg_schema_url) as conn:  # a database a version-1 corral made
         conn.execute("CREATE TABLE corral_schema_version (version INTEGER NOT NULL)")
@@ -109,7 +109,7 @@ def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F
 
 PAUSE_IN_A_TRANSACTION = """
 import os, signal, sys
-from servers.session.store import open_store
+from corral.servers.session.store import open_store
 store = open_store(sys.argv[1], idle_tx_timeout_s=1)
 with store._tx() as conn:  # what an append does first: lock the session's row
     conn.execute("SELECT 1 FROM corral_sessions WHERE session_id = %s FOR NO KEY UPDATE", (sys.argv[2],))
@@ -159,7 +159,7 @@ async def test_the_session_tools_over_postgres(pg_schema_url):  # noqa: F811
 
     from mcp.client import Client
 
-    from servers.session.server import build_server
+    from corral.servers.session.server import build_server
 
     store = open_store(pg_schema_url)
     try:

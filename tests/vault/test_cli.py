@@ -146,7 +146,7 @@ def test_replaced_key_fails_closed(cli):
         ("keyring.backends.fail.Keyring", "insecure", 0),
         ("plaintext", "cannot load that keyring backend", 1),
         ("bogus", "is not a backend", 1),
-        ("vault.keyrings.EncryptedFileKeyring", "backend: vault.keyrings.EncryptedFileKeyring", 0),
+        ("corral.vault.keyrings.EncryptedFileKeyring", "backend: corral.vault.keyrings.EncryptedFileKeyring", 0),
     ],
 )
 def test_insecure_backends_only_by_name(cli, backend, expect, code):

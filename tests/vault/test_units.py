@@ -11,9 +11,9 @@ import keyring.errors
 import pytest
 
 from corral.errors import Timeout
-from vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
-from vault.policy import Credential, host_matches, normalize_host
-from vault.redact import Redactor
+from corral.vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
+from corral.vault.policy import Credential, host_matches, normalize_host
+from corral.vault.redact import Redactor
 
 
 @pytest.mark.parametrize(

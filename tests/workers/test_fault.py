@@ -17,8 +17,8 @@ from itertools import pairwise
 import psycopg
 import pytest
 
-from harness.pool import FENCED_EXIT, submit
-from servers.session.store import Event, EventStore, open_store
+from corral.harness.pool import FENCED_EXIT, submit
+from corral.servers.session.store import Event, EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 from tests.workers.helpers import Worker, harness_env, wait_until
@@ -103,7 +103,7 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
     deaths: dict[str, float] = {}
     with FakeAnthropic(script(), delay_s=0.15) as fake:
         def start(name: str) -> Worker:
-            w = Worker(pg_schema_url, name, tmp_path, lease=LEASE, body="harness.pool_body:harness_body", env=harness_env(tmp_path, fake, name))
+            w = Worker(pg_schema_url, name, tmp_path, lease=LEASE, body="corral.harness.pool_body:harness_body", env=harness_env(tmp_path, fake, name))
             pool.append(w)
             return w
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from corral.errors import Unavailable
-from harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
-from servers.session.store import LeaseLost, NewEvent, open_store
+from corral.harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
+from corral.servers.session.store import LeaseLost, NewEvent, open_store
 
 
 @pytest.fixture
