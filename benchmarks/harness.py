@@ -42,7 +42,7 @@ from corral.harness.events import ev  # noqa: E402
 from corral.harness.run import run_session  # noqa: E402
 from corral.harness.tools import ToolOutcome  # noqa: E402
 from corral.harness.view import NullView  # noqa: E402
-from corral.servers.session.store import open_store  # noqa: E402
+from corral.servers.session import open_store  # noqa: E402
 from tests.harness.conftest import settings_from  # noqa: E402
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
 

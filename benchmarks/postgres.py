@@ -26,7 +26,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Table, summary, time_ms
-from corral.servers.session.store import NewEvent, open_store
+from corral.servers.session import NewEvent, open_store
 
 DEFAULT_URL = "postgresql://corral:corral@127.0.0.1:5432/corral_test"
 PAYLOAD = {"text": "x" * 200, "n": 1}

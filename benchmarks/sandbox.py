@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Table  # noqa: E402
-from corral.servers.sandbox.backend import DockerConfig, ExecRequest, make_backend
+from corral.servers.sandbox.backend import ExecRequest
+from corral.servers.sandbox.config import DockerConfig
+from corral.servers.sandbox.server import make_backend
 from corral.servers.sandbox.config import SandboxSettings
 from corral.servers.sandbox.registry import Registry
 from corral.servers.sandbox.server import backend_config

@@ -22,7 +22,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Table, summary, time_ms  # noqa: E402
-from corral.servers.session.store import NewEvent, open_store  # noqa: E402
+from corral.servers.session import NewEvent, open_store  # noqa: E402
 
 PAYLOAD = {"text": "x" * 200, "n": 1}
 

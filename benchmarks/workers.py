@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Table
 from corral.harness.pool import submit
-from corral.servers.session.store import EventStore, open_store
+from corral.servers.session import EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.workers.helpers import Worker, harness_env, steps, wait_until
 

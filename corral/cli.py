@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -23,7 +22,7 @@ AREAS = [
     "corral.up",  # up, mcp-config
     "corral.servers.serve_cli",  # serve sandbox|session|credentials
     "corral.harness.cli",  # run, wake
-    "corral.servers.session.cli",  # sessions list|show|tail|fork
+    "corral.sessions",  # sessions list|show|tail|fork
     "corral.vault.cli",  # vault set|list|rm|doctor
     "corral.harness.worker_cli",  # worker
 ]
@@ -37,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in AREAS:
-        try:
-            found = importlib.util.find_spec(name)
-        except ModuleNotFoundError:  # its package is not there at all
-            found = None
-        if found is not None:  # an area not built yet adds nothing
-            importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

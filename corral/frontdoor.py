@@ -1,4 +1,4 @@
-"""What `corral up` and `corral mcp-config` share: where the servers listen, which exist.
+"""What `corral up` and `corral mcp-config` share: where the servers listen.
 
 `CORRAL_UP_HOST` / `CORRAL_UP_PORT` say where `corral up` listens, so that
 `corral mcp-config --http` prints the URLs it will answer on.
@@ -6,21 +6,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from corral.config import CoreSettings
+from corral.servers import SERVER_MODULES
 
-__all__ = ["SERVER_MODULES", "UpSettings", "available", "missing"]
+__all__ = ["SERVER_MODULES", "UpSettings"]
 
-# The three servers, in the order they are listed and started.
-SERVER_MODULES = {
-    "session": "corral.servers.session.server",
-    "sandbox": "corral.servers.sandbox.server",
-    "credentials": "corral.servers.credentials.server",
-}
 
 
 class UpSettings(CoreSettings):
@@ -33,12 +26,3 @@ class UpSettings(CoreSettings):
         h = host or self.up_host
         return f"http://{'[' + h + ']' if ':' in h else h}:{port or self.up_port}"
 
-
-def available() -> list[str]:
-    """Servers whose module is installed (the others are still being built)."""
-    return [name for name, module in SERVER_MODULES.items() if importlib.util.find_spec(module) is not None]
-
-
-def missing() -> list[str]:
-    have = set(available())
-    return [name for name in SERVER_MODULES if name not in have]

@@ -22,7 +22,7 @@ from typing import Any
 
 from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument, Unavailable
-from corral.frontdoor import UpSettings, available, missing
+from corral.frontdoor import SERVER_MODULES, UpSettings
 
 __all__ = ["claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
 
@@ -68,9 +68,9 @@ def server_entries(*, http: bool, settings: UpSettings, env: dict[str, str]) -> 
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
     if http:
-        return http_entries(settings.base_url(), load_or_create_token(settings.data_dir()), available())
+        return http_entries(settings.base_url(), load_or_create_token(settings.data_dir()), list(SERVER_MODULES))
     command = corral_command()
-    for name in available():
+    for name in SERVER_MODULES:
         entry: dict[str, Any] = {"command": command[0], "args": [*command[1:], "serve", name]}
         if env:
             entry["env"] = env
@@ -147,8 +147,6 @@ def _main(args: argparse.Namespace) -> int:
             "Claude Desktop's config file launches local (stdio) servers; it does not take a URL and header",
             hint="drop --http (Claude Desktop will start `corral serve ...` itself), or add the URL in Claude Desktop's connector settings",
         )
-    for name in missing():
-        print(f"note: the {name} server is not installed in this build; left out", file=sys.stderr)
     entries = server_entries(http=args.http, settings=settings, env=passed_env(dict(os.environ)))
     if args.client == "claude-code":
         commands = claude_code_commands(entries, args.scope)

@@ -30,7 +30,7 @@ from mcp.server.mcpserver import MCPServer
 from corral import mcp_config
 from corral.auth import token_path
 from corral.errors import InvalidArgument, Unavailable
-from corral.frontdoor import SERVER_MODULES, available
+from corral.servers import SERVER_MODULES
 
 if TYPE_CHECKING:
     from corral.servers.sandbox.config import SandboxSettings
@@ -47,7 +47,6 @@ GRACEFUL_S = 5
 @dataclass
 class Built:
     servers: dict[str, MCPServer] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # name -> why
     store: Any = None  # the session store, shared with the viewer
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -105,17 +104,11 @@ BUILDERS: dict[str, Callable[[Built], MCPServer]] = {
 
 
 def build_servers() -> Built:
-    """Every installed server with its embedded defaults; a failure is one actionable error."""
+    """Every server with its embedded defaults; a failure is one actionable error."""
     built = Built()
-    installed = set(available())
     for name in BUILDERS:  # credentials before sandbox: the sandboxes mount its git gateway
-        if name not in installed:
-            built.skipped[name] = f"not in this build yet ({SERVER_MODULES[name]} is missing)"
-            continue
         try:
             built.servers[name] = BUILDERS[name](built)
-        except ImportError as err:  # a server half-built in this checkout: say so, serve the others
-            built.skipped[name] = f"cannot load it ({type(err).__name__}: {err})"
         except BaseException:
             built.close()
             raise
@@ -191,7 +184,6 @@ async def _health(base: str, name: str, token: str) -> str:
 
 def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) -> str:
     lines = [f"Corral is up on {base}  (data dir {home})", *health]
-    lines += [f"  - {name:<12} skipped: {why}" for name, why in built.skipped.items()]
     lines.append(f"  ✓ {'viewer':<12} {base}/sessions?token={token}")
     lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
     entries = mcp_config.http_entries(base, token, built.servers)

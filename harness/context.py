@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from corral.harness.events import AGENT_MESSAGE, TOOL_RESULT, TOOL_USE, USER_MESSAGE
-from corral.servers.session.store import Event
+from corral.servers.session import Event
 
 CACHE = {"type": "ephemeral"}
 

@@ -45,7 +45,7 @@ from procrastinate.job_context import JobContext
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
 from corral.errors import Conflict, Unavailable
-from corral.servers.session.store import EventStore, LeaseLost, NewEvent
+from corral.servers.session import EventStore, LeaseLost, NewEvent
 
 log = logging.getLogger("corral.worker")
 

@@ -14,7 +14,7 @@ from corral.harness.config import HarnessSettings
 from corral.harness.pool import Body
 from corral.harness.run import run_session
 from corral.harness.view import NullView
-from corral.servers.session.store import EventStore
+from corral.servers.session import EventStore
 
 
 def harness_body() -> Body:

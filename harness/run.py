@@ -26,7 +26,7 @@ from corral.harness.local import Subagents, TodoTools
 from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from corral.harness.view import View
-from corral.servers.session.store import EventStore, open_store
+from corral.servers.session import EventStore, open_store
 
 SYSTEM = """\
 You are an autonomous agent driven by Corral's reference harness. Your session id is {session_id}.

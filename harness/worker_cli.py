@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from corral.harness.pool import Runtime, load_body, run_worker
     from corral.harness.worker_config import WorkerSettings
-    from corral.servers.session.store import open_store
+    from corral.servers.session import open_store
 
     overrides = {
         key: value
@@ -77,7 +77,7 @@ def run_detached(task: str | None, session_id: str | None, model: str | None) ->
     from corral.errors import InvalidArgument
     from corral.harness.pool import enqueue_session, submit
     from corral.harness.worker_config import WorkerSettings
-    from corral.servers.session.store import open_store
+    from corral.servers.session import open_store
 
     if model:
         raise InvalidArgument("--model does not apply to --detach", hint="the workers' CORRAL_MODEL chooses the model")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from corral.frontdoor import (
-    SERVER_MODULES as SERVERS,  # name -> module with `run(http, token)`
-)
+from corral.servers import SERVER_MODULES as SERVERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

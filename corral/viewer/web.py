@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from corral.errors import CorralError, NotFound
 from corral.viewer.summary import summarize
-from corral.servers.session.store import EventStore
+from corral.servers.session import EventStore
 
 __all__ = ["COOKIE_PATHS", "viewer_routes"]
 

@@ -2,8 +2,8 @@
 
 A backend is a small abstract class of async methods over pydantic models; one file per
 backend (`bubblewrap.py`, `docker.py`, `e2b.py`). The backend is chosen by a tagged config
-(`type: Literal[...]`, `extra="forbid"`) whose factory imports a backend's module, and so
-its heavy SDK, only when that backend is used.
+(`config.py`); `server.make_backend` imports a backend's module, and so its heavy SDK,
+only when that backend is used. This module knows no implementation.
 
 Backends raise Corral errors (`SandboxLost` when the sandbox vanished, `NotFound`,
 `PolicyDenied` for paths outside the workspace, ...), translating vendor errors at their
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import posixpath
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,19 +22,13 @@ from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
 __all__ = [
     "Backend",
-    "BackendConfig",
-    "BubblewrapConfig",
-    "DockerConfig",
-    "E2BConfig",
     "ExecRequest",
     "ExecResult",
-    "ExtraBind",
     "FileData",
     "FileEntry",
     "Listing",
     "SandboxRef",
     "SandboxSpec",
-    "make_backend",
     "workspace_path",
 ]
 
@@ -191,58 +184,3 @@ def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:
             hint=f"use a path relative to {workdir} (or absolute under it)",
         )
     return full
-
-
-# -- the tagged backend config ---------------------------------------------------------
-
-
-class ExtraBind(_Model):
-    """A host path (directory, file or unix socket) mounted into every bubblewrap sandbox.
-
-    Server-side only (never a tool parameter): e.g. the credential proxy's socket, so a
-    sandbox can reach the proxy without any secret entering it.
-    """
-
-    source: Path
-    dest: str
-    writable: bool = False
-
-
-class BubblewrapConfig(_Model):
-    type: Literal["bubblewrap"] = "bubblewrap"
-    root: Path = Field(description="where sandbox directories live")
-    run_as_uid: int | None = Field(None, description="host uid for sandboxes when the server is root (never root)")
-    extra_binds: list[ExtraBind] = Field(default_factory=list)
-    bwrap: str = "bwrap"
-
-
-class DockerConfig(_Model):
-    type: Literal["docker"] = "docker"
-    image: str = "python:3.12-slim"
-    docker: str = Field("docker", description="the docker CLI")
-    label: str = "corral.sandbox"
-
-
-class E2BConfig(_Model):
-    type: Literal["e2b"] = "e2b"
-    template: str | None = None
-    api_key: str = ""
-    request_timeout_s: float = 30.0
-
-
-BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(discriminator="type")]
-
-
-def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: Any) -> Backend:
-    """The backend for `config`; its module (and SDK) is imported only now."""
-    if config.type == "bubblewrap":
-        from corral.servers.sandbox.bubblewrap import BubblewrapBackend
-
-        return BubblewrapBackend(config, **kwargs)
-    if config.type == "docker":
-        from corral.servers.sandbox.docker import DockerBackend
-
-        return DockerBackend(config, **kwargs)
-    from corral.servers.sandbox.e2b import E2BBackend
-
-    return E2BBackend(config, **kwargs)

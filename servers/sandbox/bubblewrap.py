@@ -38,7 +38,6 @@ from . import hostfs
 from .backend import (
     WORKDIR,
     Backend,
-    BubblewrapConfig,
     ExecRequest,
     ExecResult,
     FileData,
@@ -46,6 +45,7 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .config import BubblewrapConfig
 from .process import run_bounded
 
 __all__ = ["INSTALL_HINT", "BubblewrapBackend"]

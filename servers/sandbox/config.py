@@ -4,12 +4,61 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from corral.config import CoreSettings
+
+__all__ = ["BackendConfig", "BubblewrapConfig", "DockerConfig", "E2BConfig", "ExtraBind", "SandboxSettings"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- the tagged backend config ---------------------------------------------------------
+
+
+class ExtraBind(_Model):
+    """A host path (directory, file or unix socket) mounted into every bubblewrap sandbox.
+
+    Server-side only (never a tool parameter): e.g. the credential proxy's socket, so a
+    sandbox can reach the proxy without any secret entering it.
+    """
+
+    source: Path
+    dest: str
+    writable: bool = False
+
+
+class BubblewrapConfig(_Model):
+    type: Literal["bubblewrap"] = "bubblewrap"
+    root: Path = Field(description="where sandbox directories live")
+    run_as_uid: int | None = Field(None, description="host uid for sandboxes when the server is root (never root)")
+    extra_binds: list[ExtraBind] = Field(default_factory=list)
+    bwrap: str = "bwrap"
+
+
+class DockerConfig(_Model):
+    type: Literal["docker"] = "docker"
+    image: str = "python:3.12-slim"
+    docker: str = Field("docker", description="the docker CLI")
+    label: str = "corral.sandbox"
+
+
+class E2BConfig(_Model):
+    type: Literal["e2b"] = "e2b"
+    template: str | None = None
+    api_key: str = ""
+    request_timeout_s: float = 30.0
+
+
+BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(discriminator="type")]
+
+
+# -- settings ------------------------------------------------------------------------
 
 
 class SandboxSettings(CoreSettings):

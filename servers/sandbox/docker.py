@@ -28,7 +28,6 @@ from corral.errors import (
 from .backend import (
     WORKDIR,
     Backend,
-    DockerConfig,
     ExecRequest,
     ExecResult,
     FileData,
@@ -37,6 +36,7 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .config import DockerConfig
 from .process import run_bounded
 
 __all__ = ["DockerBackend"]

@@ -30,7 +30,6 @@ from corral.errors import NotFound, SandboxLost, Unavailable
 
 from .backend import (
     Backend,
-    E2BConfig,
     ExecRequest,
     ExecResult,
     FileData,
@@ -39,6 +38,7 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .config import E2BConfig
 from .process import OutputCap
 
 __all__ = ["E2BBackend"]

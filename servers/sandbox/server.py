@@ -11,22 +11,16 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from corral.errors import InvalidArgument
+from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-from .backend import (
-    Backend,
-    BubblewrapConfig,
-    DockerConfig,
-    E2BConfig,
-    ExtraBind,
-    make_backend,
-)
-from .config import SandboxSettings
+
+from .backend import Backend
+from .config import BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
 
-__all__ = ["backend_config", "build_server", "run"]
+__all__ = ["backend_config", "build_server", "make_backend", "run"]
 
 SandboxId = Annotated[
     str | None,
@@ -45,6 +39,23 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         run_as_uid=settings.sandbox_run_as_uid,
         extra_binds=parse_binds(settings.sandbox_extra_binds),
     )
+
+
+def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: Any) -> Backend:
+    """The backend for `config`; its module (and SDK) is imported only now."""
+    if config.type == "bubblewrap":
+        from .bubblewrap import BubblewrapBackend
+
+        return BubblewrapBackend(config, **kwargs)
+    if config.type == "docker":
+        from .docker import DockerBackend
+
+        return DockerBackend(config, **kwargs)
+    try:
+        from .e2b import E2BBackend
+    except ModuleNotFoundError as err:
+        raise Unavailable(f"the e2b backend needs {err.name}, which is not installed", hint="pip install 'corral[e2b]'") from err
+    return E2BBackend(config, **kwargs)
 
 
 def parse_binds(spec: str) -> list[ExtraBind]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound
 
-__all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "LeaseLost", "EventStore", "open_store", "encode_data", "new_id", "Conflict", "NotFound"]
+__all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "LeaseLost", "EventStore", "encode_data", "new_id"]
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 TYPE_PATTERN = r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)+$"
@@ -200,15 +200,3 @@ class EventStore(ABC):
 
     def length(self, session_id: str) -> int:
         return self.get(session_id).length
-
-
-def open_store(url: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, **options: Any) -> EventStore:
-    """The store at `url`: `sqlite:///PATH`, a plain path, or `postgresql://...`."""
-    if url.startswith(("postgresql://", "postgres://")):
-        from corral.servers.session.postgres import PostgresEventStore
-
-        return PostgresEventStore(url, max_event_bytes=max_event_bytes, **options)
-    from corral.servers.session.sqlite import SQLiteEventStore
-
-    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url.removeprefix("sqlite://")
-    return SQLiteEventStore(path, max_event_bytes=max_event_bytes, **options)

@@ -60,7 +60,7 @@ def bwrap_works() -> bool:
 @pytest.fixture
 def sandbox_backend():
     require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
-    from corral.servers.sandbox.backend import BubblewrapConfig, ExtraBind
+    from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
 
     # Outside pytest's 0700 tmp: a root server runs sandboxes as an unprivileged uid, which must reach these.

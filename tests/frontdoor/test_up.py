@@ -202,20 +202,3 @@ def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
     assert "up " in done.stdout and "mcp-config" in done.stdout
     assert corral("up", "--help", env=corral_env).returncode == 0
     assert os.access(shutil.which("corral") or "", os.X_OK)
-
-
-def test_a_server_missing_from_the_build_is_skipped_with_a_line(corral_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from corral import serving
-    from corral.frontdoor import SERVER_MODULES
-
-    monkeypatch.setenv("CORRAL_HOME", corral_env["CORRAL_HOME"])
-    monkeypatch.setitem(SERVER_MODULES, "credentials", "corral.servers.credentials.not_built_yet")
-    built = serving.build_servers()
-    try:
-        assert list(built.servers) == ["session", "sandbox"]
-        assert "servers.credentials.not_built_yet is missing" in built.skipped["credentials"]
-        banner = serving._banner(built, "http://127.0.0.1:1", "t" * 43, Path(corral_env["CORRAL_HOME"]), [])
-        assert "- credentials  skipped: not in this build yet" in banner
-        assert "corral-credentials" not in banner  # no config for a server that is not there
-    finally:
-        built.close()

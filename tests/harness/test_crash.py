@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.servers.session.store import Event, open_store
+from corral.servers.session import Event, open_store
 from tests.harness.conftest import ROOT, corral
 from tests.harness.fake_anthropic import FakeAnthropic, Request
 from tests.harness.scripts import multi_tool_task

@@ -9,7 +9,7 @@ import pytest
 
 from corral.harness.run import run_session
 from corral.harness.view import NullView
-from corral.servers.session.store import open_store
+from corral.servers.session import open_store
 from tests.harness.conftest import settings_from
 from tests.harness.fake_anthropic import (
     ApiError,

@@ -14,7 +14,7 @@ from corral.errors import Unavailable
 from corral.harness.events import ev
 from corral.harness.run import run_session
 from corral.harness.view import NullView
-from corral.servers.session.store import NewEvent, open_store
+from corral.servers.session import NewEvent, open_store
 from tests.harness.conftest import ROOT, settings_from
 from tests.harness.fake_anthropic import (
     ApiError,

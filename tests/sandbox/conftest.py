@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from mcp.client import Client
 
-from corral.servers.sandbox.backend import Backend, DockerConfig, E2BConfig
+from corral.servers.sandbox.backend import Backend
+from corral.servers.sandbox.config import DockerConfig, E2BConfig
 from corral.servers.sandbox.config import SandboxSettings
 from corral.servers.sandbox.server import backend_config, build_server
 from tests.conftest import require
@@ -83,7 +84,7 @@ def settings(tmp_path: Path, sandbox_root: Path) -> SandboxSettings:
 
 
 def make_backend(kind: str, settings: SandboxSettings, image: str | None = None) -> Backend:
-    from corral.servers.sandbox.backend import make_backend as factory
+    from corral.servers.sandbox.server import make_backend as factory
 
     if kind == "bubblewrap":
         require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")

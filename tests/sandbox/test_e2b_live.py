@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from corral.servers.sandbox.backend import E2BConfig, make_backend
+from corral.servers.sandbox.config import E2BConfig
+from corral.servers.sandbox.server import make_backend
 from corral.servers.sandbox.server import build_server
 
 from .conftest import call, fail

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import Conflict, InvalidArgument, NotFound
-from corral.servers.session.store import EventStore, NewEvent, open_store
+from corral.servers.session import EventStore, NewEvent, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -222,7 +222,7 @@ class StoreContract:
         sid = store.create().session_id
         code = """
             import sys
-            from corral.servers.session.store import open_store, NewEvent
+            from corral.servers.session import NewEvent, open_store
             from corral.errors import Conflict
             store = open_store(sys.argv[1])
             conflicts = 0
@@ -252,7 +252,7 @@ class StoreContract:
         sid = store.create().session_id
         code = """
             import sys, time
-            from corral.servers.session.store import open_store, NewEvent
+            from corral.servers.session import NewEvent, open_store
             store = open_store(sys.argv[1])
             for i in range(1000):
                 pos = store.append(sys.argv[2], [NewEvent(type="w.append", data={"i": i})])[0]

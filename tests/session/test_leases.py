@@ -10,7 +10,7 @@ import time
 import pytest
 
 from corral.errors import Conflict
-from corral.servers.session.store import LeaseLost, NewEvent, open_store
+from corral.servers.session import LeaseLost, NewEvent, open_store
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from corral.errors import Unavailable
 from corral.servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
-from corral.servers.session.store import NewEvent, open_store
+from corral.servers.session import NewEvent, open_store
 from tests.session.contract import StoreContract
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 
@@ -109,7 +109,7 @@ def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F
 
 PAUSE_IN_A_TRANSACTION = """
 import os, signal, sys
-from corral.servers.session.store import open_store
+from corral.servers.session import open_store
 store = open_store(sys.argv[1], idle_tx_timeout_s=1)
 with store._tx() as conn:  # what an append does first: lock the session's row
     conn.execute("SELECT 1 FROM corral_sessions WHERE session_id = %s FOR NO KEY UPDATE", (sys.argv[2],))

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from corral.errors import Unavailable
-from corral.servers.session.store import open_store
+from corral.servers.session import open_store
 from tests.session.contract import StoreContract
 
 

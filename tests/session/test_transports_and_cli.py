@@ -12,7 +12,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from corral.servers.session.store import open_store
+from corral.servers.session import open_store
 from tests.conftest import bearer_client, free_port, wait_listening
 
 pytestmark = pytest.mark.anyio

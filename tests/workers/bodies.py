@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from corral.servers.session.store import EventStore, NewEvent
+from corral.servers.session import EventStore, NewEvent
 
 
 def scripted():

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from corral.servers.session.store import EventStore
+from corral.servers.session import EventStore
 from tests.harness.fake_anthropic import FakeAnthropic
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from corral.harness.pool import FENCED_EXIT, submit
-from corral.servers.session.store import Event, EventStore, open_store
+from corral.servers.session import Event, EventStore, open_store
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 from tests.workers.helpers import Worker, harness_env, wait_until

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from corral.harness.pool import FENCED_EXIT, enqueue_session
-from corral.servers.session.store import open_store
+from corral.servers.session import open_store
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 from tests.workers.helpers import (
     ROOT,

@@ -10,7 +10,7 @@ import pytest
 
 from corral.errors import Unavailable
 from corral.harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
-from corral.servers.session.store import LeaseLost, NewEvent, open_store
+from corral.servers.session import LeaseLost, NewEvent, open_store
 
 
 @pytest.fixture
