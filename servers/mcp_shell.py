@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from corral.errors import CorralError, InvalidArgument
 from corral.servers.http_guard import HTTPGuard
+from corral.servers.schema import lean
 from corral.servers.stdio_pipes import serve_stdio
 
 __all__ = ["http_app", "parse_host_port", "serve", "tool", "transport_security"]
@@ -100,6 +101,11 @@ def tool(
                     raise _translate(tool_name, err) from err
 
         server.tool(name=tool_name, annotations=annotations, structured_output=structured)(wrapped)
+        # The advertised schema only (arguments are validated against the pydantic model):
+        # the SDK offers no hook between building a tool and listing it.
+        registered = server._tool_manager.get_tool(tool_name)
+        assert registered is not None
+        registered.parameters = lean(registered.parameters)
         return fn
 
     return register
