@@ -84,7 +84,10 @@ async def run_session(
 ) -> Outcome:
     # `store`: a caller-owned store (the worker pool passes its leased one); else opened and closed here.
     first_send = anyio.Event()
-    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set) if model is None else None
+    own_model = None
+    if model is None:
+        own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set,
+                                   idle_timeout_s=settings.model_idle_timeout_s)
     if own_model is None:
         first_send.set()
     if own_model is not None:
