@@ -90,9 +90,9 @@ class RichView:
 
     def attempt_failed(self, attempt: int, message: str, retry_in_s: float) -> None:
         """A response that broke: whatever streamed above it is discarded, not the answer."""
-        discarded = " — the text above is discarded" if self._streaming else ""
+        discarded = ", the text above is discarded" if self._streaming else ""
         self.response_done()
-        self.console.print(f"{self._prefix()}[red]✗ attempt {attempt} failed: {short(message, 300)}{discarded}; retrying in {retry_in_s:.1f}s[/]")
+        self.console.print(f"{self._prefix()}[red]✗ attempt {attempt} failed{discarded}; retrying in {retry_in_s:.1f}s: {short(message, 300)}[/]")
 
     def child(self, label: str) -> View:
         return RichView(self.console, label=label)

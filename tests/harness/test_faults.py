@@ -183,3 +183,17 @@ async def test_retries_exhausted_then_wake_retries_the_failed_attempt(env: dict[
     assert (toolbox_dir / "lines.txt").read_text() == "once\n"
     assert_valid_history(read_log(env, sid))
     assert fake.invalid == []
+
+
+def test_the_terminal_shows_a_failed_attempt_as_failed(env: dict[str, str]) -> None:
+    from tests.harness.conftest import corral
+
+    script = Script({"VIEW-TASK": [[Turn([text("PARTIAL " * 300)], fault=Fault("drop")), Turn([text("THE REAL ANSWER")])]]})
+    with FakeAnthropic(script) as fake:
+        p = corral(["run", "VIEW-TASK"], {**env, **fake.env()})
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "PARTIAL" in out  # it streamed...
+    failed = out.index("✗ attempt 1 failed")
+    assert out.index("PARTIAL") < failed < out.index("THE REAL ANSWER")  # ...and is then marked failed, before the answer
+    assert "✗ attempt 1 failed, the text above is discarded; retrying in" in out
