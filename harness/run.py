@@ -59,7 +59,7 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
 
 def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None, log: SessionLog) -> list[Toolset]:
     out: list[Toolset] = []
-    known = {e.data.get("sandbox_id") for e in log.tail if e.type == "sandbox.provisioned"}
+    known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
         conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
         toolset: Toolset = Prefixed(conn, name)

@@ -10,6 +10,7 @@ attempt number) as a non-fatal `session.error`, never as a response.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -197,3 +198,47 @@ def test_the_terminal_shows_a_failed_attempt_as_failed(env: dict[str, str]) -> N
     failed = out.index("✗ attempt 1 failed")
     assert out.index("PARTIAL") < failed < out.index("THE REAL ANSWER")  # ...and is then marked failed, before the answer
     assert "✗ attempt 1 failed, the text above is discarded; retrying in" in out
+
+
+def test_both_viewers_show_a_failed_attempt_as_failed(env: dict[str, str]) -> None:
+    """The timeline (`corral sessions show`) and the web viewer's events (a real loopback server)."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from corral.servers.session import open_store
+    from corral.viewer.web import viewer_routes
+    from tests.conftest import free_port
+    from tests.harness.conftest import corral
+    from tests.harness.test_cli import session_id
+
+    script = Script({"SEEN-TASK": [[Turn([text("HALF AN ANSWER " * 100)], fault=Fault("drop")), Turn([text("whole answer")])]]})
+    with FakeAnthropic(script) as fake:
+        p = corral(["run", "SEEN-TASK"], {**env, **fake.env()})
+    assert p.returncode == 0, p.stderr
+    sid = session_id(p.stdout)
+    shown = corral(["sessions", "show", sid], {**env, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    flat = " ".join(shown.stdout.split())
+    assert re.search(r"✗ session\.error dropped: incomplete response.* — discarded, not the answer: \d+ chars of text — retry in", flat), flat
+
+    store = open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = httpx.get(f"http://127.0.0.1:{port}/sessions/{sid}/events.json", timeout=10).json()["events"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        store.close()
+    [failed] = [e for e in events if e["type"] == "session.error"]
+    assert failed["kind"] == "error" and failed["title"] == "attempt 1 failed"  # the page's red "error" row
+    assert "discarded, not the answer" in failed["text"]
+    assert [e["text"] for e in events if e["kind"] == "model"] == ["whole answer"]
