@@ -3,6 +3,19 @@
     step() = compact if near the budget -> query() the model (one write-ahead append)
              -> execute() its tool calls (one append per result)
 
+Only a whole response is ever written or acted on (`model.py` judges that); each failed
+attempt is one non-fatal `session.error` and the same request is sent again. What each
+stop_reason does:
+    end_turn, stop_sequence   the turn ends (session idle)
+    tool_use                  the tool calls run, then the model is asked again
+    max_tokens                a cut tool call never arrives here (model.py retries it with a larger
+                              max_tokens); a cut text answer is recorded and REPORTED: the session
+                              goes idle with the reason and how to continue
+    refusal                   the text is recorded, no tool call runs, the session goes idle saying so
+    pause_turn                recorded, then the model is asked again to continue its own turn
+    model_context_window_exceeded   a failed attempt: compact, then ask again
+    anything else             a fatal `session.error` (what arrived) and status failed; nothing acted on
+
 Everything the loop knows comes from the `SessionLog`; killed at any instant, a new
 Agent over the same log carries on (see `settle()`).
 """
@@ -19,7 +32,7 @@ from corral.errors import CorralError
 from corral.harness import events as E
 from corral.harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
 from corral.harness.events import SessionLog, WriterLost, ev
-from corral.harness.model import ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
+from corral.harness.model import ContextWindowExceeded, ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
 from corral.harness.tools import ToolDef, Toolset
 from corral.harness.view import NullView, View
 
@@ -71,16 +84,23 @@ class Agent:
         except WriterLost:
             raise
         except CorralError as err:
-            self.log.append([ev(E.ERROR, kind=err.kind, message=str(err), fatal=True), ev(E.STATUS, status="failed", writer=self.log.writer, reason=str(err))])
+            self.log.append([ev(E.ERROR, kind=err.kind, message=str(err), fatal=True, **_fault(err)),
+                             ev(E.STATUS, status="failed", writer=self.log.writer, reason=str(err))])
             raise
-        self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason="end_turn")])
+        self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason=self.end_reason())])
         return self.last_text()
 
     async def step(self) -> None:
         messages = build_messages(self.log.compaction, self.log.tail)
         if self.over_budget(messages) and await self.compact():
             messages = build_messages(self.log.compaction, self.log.tail)
-        response = await self.query(messages)
+        try:
+            response = await self.query(messages)
+        except ContextWindowExceeded as err:
+            await self.record_retry(err, 1, 0.0)
+            if not await self.compact():
+                raise
+            return  # the next step asks again, with the compacted context
         await self.execute(response.tool_uses())
 
     # -- the moves ------------------------------------------------------------------
@@ -89,12 +109,16 @@ class Agent:
         request = self.request(messages)
         response = await self.retrying().respond(request, self.view.text)
         self.view.response_done()
+        if response.stop_reason == "refusal":  # nothing it started is acted on
+            response.content = [b for b in response.content if b["type"] != "tool_use"]
         written: list[Any] = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"]) for b in response.content if b["type"] == "text"]
         written += [ev(E.TOOL_USE, message_id=response.message_id, id=b["id"], name=b["name"], input=b["input"]) for b in response.tool_uses()]
         if not written:  # an empty answer still ends the turn (else the loop would ask again and again)
             written = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text="")]
         # Write-ahead: the response and its tool calls are durable before any tool runs.
         self.log.append([*written, self.span(response, "turn")])
+        if response.stop_reason in ("max_tokens", "refusal"):
+            self.view.error(self.end_reason())
         return response
 
     async def execute(self, uses: list[dict[str, Any]]) -> None:
@@ -154,6 +178,8 @@ class Agent:
 
     def needs_model(self) -> bool:
         for e in reversed(self.log.tail):
+            if e.type == E.SPAN and e.data.get("purpose") == "turn" and e.data.get("stop_reason") == "pause_turn":
+                return True  # the API paused a long turn: sending it back lets the model continue it
             if e.type in (E.USER_MESSAGE, E.TOOL_RESULT):
                 return True
             if e.type in (E.AGENT_MESSAGE, E.TOOL_USE):
@@ -189,9 +215,21 @@ class Agent:
     def retrying(self) -> RetryingModel:
         return RetryingModel(self.model, self.config.retries, self.config.retry_base_s, self.record_retry)
 
-    async def record_retry(self, err: ModelUnavailable, attempt: int, delay: float) -> None:
-        self.view.error(f"{err.message} — retry {attempt} in {delay:.1f}s")
-        self.log.append([ev(E.ERROR, kind=err.kind, message=err.message, status=err.status, attempt=attempt, retry_in_s=delay, fatal=False)])
+    async def record_retry(self, err: ModelUnavailable | ContextWindowExceeded, attempt: int, delay: float) -> None:
+        """One failed attempt: shown as failed, recorded (never as a response), then retried."""
+        self.view.attempt_failed(attempt, err.message, delay)
+        self.log.append([ev(E.ERROR, kind=err.kind, message=err.message, status=getattr(err, "status", None), attempt=attempt,
+                            retry_in_s=delay, fatal=False, **_fault(err))])
+
+    def end_reason(self) -> str:
+        """Why the turn ended, as the idle status says it: what the last response's stop_reason means."""
+        stop = next((e.data.get("stop_reason") for e in reversed(self.log.tail) if e.type == E.SPAN and e.data.get("purpose") == "turn"), None)
+        again = f'`corral run "continue" --session {self.log.session_id}`'
+        if stop == "max_tokens":
+            return f"max_tokens: the answer was cut at {self.config.max_tokens} tokens; raise CORRAL_MAX_TOKENS, then {again}"
+        if stop == "refusal":
+            return f"refusal: the model declined to go on; its tool calls were not run; {again} with a different request"
+        return stop or "end_turn"
 
     def span(self, response: ModelResponse, purpose: str) -> Any:
         return ev(E.SPAN, message_id=response.message_id, purpose=purpose, model=self.config.model, latency_ms=response.latency_ms,
@@ -203,6 +241,15 @@ class Agent:
             if e.type == E.AGENT_MESSAGE:
                 return e.data["text"]
         return ""
+
+
+def _fault(err: BaseException) -> dict[str, Any]:
+    """What a failed attempt's error event says beyond kind and message: which fault, what arrived."""
+    out: dict[str, Any] = {}
+    for key in ("fault", "arrived"):
+        if getattr(err, key, None) is not None:
+            out[key] = getattr(err, key)
+    return out
 
 
 def _batches(uses: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -30,6 +30,11 @@ class HarnessSettings(SessionSettings):
     model_retries: int = Field(5, ge=0, description="retries of a model request on 429/5xx/overloaded/connection errors")
     retry_base_s: float = Field(1.0, ge=0, description="first backoff delay; doubles per retry (a retry-after header wins)")
     model_timeout_s: float = Field(600.0, gt=0, description="timeout of one model request")
+    model_idle_timeout_s: float = Field(
+        90.0, gt=0,
+        description="a model stream that delivers no bytes for this long is abandoned and retried; above the slowest first "
+        "token of a full context window (tens of seconds), far below the SDK's 10 minutes",
+    )
 
     servers: str = Field(",".join(DEFAULT_SERVERS), description="comma-separated MCP servers the harness connects to")
     sandbox_url: str = Field("", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio")

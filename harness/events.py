@@ -21,7 +21,12 @@ log is its only memory.
     span.model_request    {message_id?, purpose: turn|compaction, model, latency_ms, ttft_ms, attempts,
                            stop_reason, usage: {input_tokens, output_tokens, cache_read_input_tokens,
                            cache_creation_input_tokens}, cache_hit_rate}
-    session.error         {kind, message, status?, attempt?, retry_in_s?, fatal}
+    session.error         {kind, message, fatal, status?, attempt?, retry_in_s?, fault?, arrived?}
+                          fatal: false is one failed attempt, retried (never an agent.* event); fault:
+                          status|connection|stream_error|dropped|stalled|no_message_stop|unclosed_block|
+                          no_stop_reason|invalid_tool_input|max_tokens_in_tool_use|context_window_exceeded|
+                          unknown_stop_reason; arrived: {events, message_id, text, text_chars, tool_uses,
+                          open_blocks, stop_reason, message_stop} of the response before it broke
 
 Write-ahead: a model response is ONE append (its agent.message/agent.tool_use events and
 its span.model_request) before any tool runs; each tool result is its own append after.
@@ -45,17 +50,23 @@ from corral.servers.session import new_id
 
 __all__ = ["SessionLog", "WriterLost", "KillAfterAppends", "ev"]
 
-# Event types that carry the conversation (everything else is bookkeeping).
+# The event types, in one place: the table above and README's are tested against EVENT_TYPES.
+# The conversation:
 USER_MESSAGE = "user.message"
 AGENT_MESSAGE = "agent.message"
 TOOL_USE = "agent.tool_use"
 TOOL_RESULT = "agent.tool_result"
 SUBAGENT = "agent.subagent"
 COMPACTED = "context.compacted"
+# Bookkeeping:
 TOOLS = "session.tools"
 STATUS = "session.status"
 ERROR = "session.error"
 SPAN = "span.model_request"
+SANDBOX_PROVISIONED = "sandbox.provisioned"
+SANDBOX_LOST = "sandbox.lost"
+EVENT_TYPES = (STATUS, TOOLS, USER_MESSAGE, AGENT_MESSAGE, TOOL_USE, TOOL_RESULT, SUBAGENT, COMPACTED,
+               SANDBOX_PROVISIONED, SANDBOX_LOST, SPAN, ERROR)
 
 
 class WriterLost(Conflict):

@@ -59,7 +59,7 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
 
 def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None, log: SessionLog) -> list[Toolset]:
     out: list[Toolset] = []
-    known = {e.data.get("sandbox_id") for e in log.tail if e.type == "sandbox.provisioned"}
+    known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
         conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
         toolset: Toolset = Prefixed(conn, name)
@@ -84,7 +84,10 @@ async def run_session(
 ) -> Outcome:
     # `store`: a caller-owned store (the worker pool passes its leased one); else opened and closed here.
     first_send = anyio.Event()
-    own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set) if model is None else None
+    own_model = None
+    if model is None:
+        own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set,
+                                   idle_timeout_s=settings.model_idle_timeout_s)
     if own_model is None:
         first_send.set()
     if own_model is not None:

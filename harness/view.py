@@ -17,6 +17,7 @@ class View(Protocol):
     def tool_end(self, name: str, outcome: ToolOutcome, duration_ms: float) -> None: ...
     def note(self, message: str) -> None: ...
     def error(self, message: str) -> None: ...
+    def attempt_failed(self, attempt: int, message: str, retry_in_s: float) -> None: ...
     def child(self, label: str) -> View: ...
 
 
@@ -86,6 +87,12 @@ class RichView:
 
     def error(self, message: str) -> None:
         self.console.print(f"{self._prefix()}[red]! {short(message, 400)}[/]")
+
+    def attempt_failed(self, attempt: int, message: str, retry_in_s: float) -> None:
+        """A response that broke: whatever streamed above it is discarded, not the answer."""
+        discarded = ", the text above is discarded" if self._streaming else ""
+        self.response_done()
+        self.console.print(f"{self._prefix()}[red]✗ attempt {attempt} failed{discarded}; retrying in {retry_in_s:.1f}s: {short(message, 300)}[/]")
 
     def child(self, label: str) -> View:
         return RichView(self.console, label=label)

@@ -104,6 +104,8 @@ def summarize(type_: str, data: Any) -> Line:
         return Line("status", "tools", clip(f"{len(names)} tools: {', '.join(names)}"), usage)
     if type_ == "agent.subagent":
         return Line("tool", "subagent", clip(f"{d.get('task', '')} → {d.get('session_id', '?')}"), usage)
+    if type_ == "session.error" and d.get("fatal") is False:
+        return Line("error", f"attempt {d.get('attempt', '?')} failed", clip(_failed_attempt(d)), usage)
     if type_.endswith((".error", ".failed")):
         return Line("error", type_, clip(text_of(d)), usage)
     if domain == "sandbox":
@@ -116,6 +118,18 @@ def summarize(type_: str, data: Any) -> Line:
     if type_ == "context.compacted":
         return Line("status", "compacted", clip(text_of(d.get("summary", d))), usage)
     return Line("other", type_, clip(compact(data)), usage)
+
+
+def _failed_attempt(d: dict[str, Any]) -> str:
+    """A failed model attempt: how it failed, what of the response arrived (and was discarded), when it is retried."""
+    parts = [f"{d['fault']}: " if d.get("fault") else "", str(d.get("message", ""))]
+    arrived = d.get("arrived") if isinstance(d.get("arrived"), dict) else None
+    if arrived:
+        got = [f"{arrived.get('text_chars', 0)} chars of text"] + [f"call {n}" for n in arrived.get("tool_uses") or []]
+        parts.append(f" — discarded, not the answer: {', '.join(got)}")
+    if isinstance(d.get("retry_in_s"), int | float):
+        parts.append(f" — retry in {d['retry_in_s']:g}s")
+    return "".join(parts)
 
 
 def totals(lines: list[Line]) -> dict[str, int]:

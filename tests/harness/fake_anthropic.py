@@ -11,6 +11,13 @@ so a woken harness that re-asks a recorded turn is counted (`fake.counts[(conv, 
 A turn entry may be a list: the Nth request for that turn gets the Nth item (the last repeats),
 which scripts "429, then 529, then the answer".
 
+Faults (a `Turn`'s `fault`, see `Fault`): the stream drops after N bytes, carries an `error`
+event mid-stream, stalls after `message_start`, sends a tool input that is not valid JSON, or
+ends without `message_stop`; a `Turn` with `needs_tokens` is cut by max_tokens inside its tool
+call when the request's max_tokens is smaller. `req.whole` says whether a reply arrived whole.
+Every request's history is checked as the real API would (`invalid_history`): a bad one is
+answered 400 and kept in `fake.invalid`.
+
 Prompt caching is simulated honestly: every cache_control breakpoint's prefix (tools, system,
 message blocks) is hashed; a later request whose breakpoint prefix matches reads it from the
 "cache" and is billed as cache_read_input_tokens, so usage tells whether a harness's requests
@@ -27,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -35,7 +43,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeAnthropic", "Script", "Turn", "ApiError", "text", "tool", "Request"]
+__all__ = ["FakeAnthropic", "Script", "Turn", "ApiError", "Fault", "text", "tool", "Request", "invalid_history"]
 
 
 def text(t: str) -> dict[str, Any]:
@@ -47,10 +55,30 @@ def tool(name: str, input: dict[str, Any], id: str | None = None) -> dict[str, A
 
 
 @dataclass
+class Fault:
+    """How a streamed reply breaks.
+
+    drop             the connection closes after `after_bytes` of the body (None: half of it)
+    error_event      an `error` event of `error_type` after half of the events, then the stream ends
+    stall            headers and message_start, then silence for `stall_s`, then the connection closes
+    bad_json         every tool input's input_json_delta is cut in half (the stream ends normally)
+    no_message_stop  everything but message_stop
+    """
+
+    kind: str
+    after_bytes: int | None = None
+    error_type: str = "overloaded_error"
+    message: str = "Overloaded"
+    stall_s: float = 30.0
+
+
+@dataclass
 class Turn:
     blocks: list[dict[str, Any]]
     stop_reason: str | None = None  # default: tool_use if any tool block, else end_turn
     delay_s: float | None = None  # overrides the server's delay for this reply
+    fault: Fault | None = None
+    needs_tokens: int | None = None  # a request with less max_tokens gets its tool call cut by max_tokens
 
 
 @dataclass
@@ -68,6 +96,30 @@ class ApiError:
 
 Reply = Turn | ApiError
 Entry = Reply | list[Reply] | Callable[[dict[str, Any]], Reply]
+
+
+def invalid_history(body: dict[str, Any]) -> str | None:
+    """What the real API would refuse in a request's messages (None: nothing)."""
+    messages = body.get("messages", [])
+    pending: set[str] = set()
+    for i, m in enumerate(messages):
+        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
+            return f"message {i}: roles must alternate, starting with user"
+        content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        if not content:
+            return f"message {i}: empty content"
+        results = {b["tool_use_id"] for b in content if b.get("type") == "tool_result"}
+        if m["role"] == "user" and results != pending:
+            return f"message {i}: tool_result ids {sorted(results)} do not answer the tool_use ids {sorted(pending)}"
+        pending = set()
+        for b in content:
+            if b.get("type") == "tool_use":
+                if not isinstance(b.get("input"), dict):
+                    return f"message {i}: tool_use input must be an object"
+                pending.add(b["id"])
+            if b.get("type") == "text" and not b.get("text"):
+                return f"message {i}: text content blocks must be non-empty"
+    return None
 
 
 def first_user_text(body: dict[str, Any]) -> str:
@@ -122,6 +174,7 @@ class Request:
     received: float  # time.time()
     usage: dict[str, int] = field(default_factory=dict)
     status: int = 200
+    whole: bool = False  # the reply was delivered complete (a whole response or a whole error)
 
 
 class _Cache:
@@ -163,6 +216,7 @@ class FakeAnthropic:
         self.delay_s = delay_s
         self.on_request = on_request
         self.requests: list[Request] = []
+        self.invalid: list[str] = []  # histories the real API would have refused
         self.counts: Counter[tuple[str, int | str]] = Counter()
         self._lock = threading.Lock()
         self._cache = _Cache()
@@ -243,6 +297,11 @@ class FakeAnthropic:
                 if not (self.headers.get("x-api-key") or self.headers.get("authorization")):
                     self._json(401, ApiError(401, message="x-api-key header is required").body())
                     return
+                problem = invalid_history(body)
+                if problem:
+                    fake.invalid.append(problem)
+                    self._json(400, ApiError(400, message=f"messages: {problem}").body())
+                    return
                 req, reply = fake._take(body)
                 if fake.on_request:
                     fake.on_request(req)
@@ -254,46 +313,89 @@ class FakeAnthropic:
                     headers = {} if reply.retry_after is None else {"retry-after": str(reply.retry_after)}
                     headers["x-should-retry"] = "true" if reply.status in (429, 500, 529) else "false"
                     self._json(reply.status, reply.body(), headers)
+                    req.whole = True
                     return
                 message = fake._message(body, reply, req)
+                cut = reply.needs_tokens is not None and body.get("max_tokens", 0) < reply.needs_tokens
+                if cut:
+                    message["stop_reason"] = "max_tokens"
+                fault = Fault("bad_json") if cut else reply.fault
+                if fault is not None and fault.kind == "bad_json" and not any(b["type"] == "tool_use" for b in message["content"]):
+                    fault = None  # no tool input to break: the reply goes out whole
                 if body.get("stream"):
-                    self._stream(message)
+                    req.whole = self._stream(message, fault) and fault is None
                 else:
                     self._json(200, message)
+                    req.whole = True
 
-            def _event(self, name: str, data: dict[str, Any]) -> None:
+            @staticmethod
+            def _chunk(name: str, data: dict[str, Any]) -> bytes:
                 chunk = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
-                self.wfile.flush()
+                return f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
 
-            def _stream(self, message: dict[str, Any]) -> None:
+            def _stream(self, message: dict[str, Any], fault: Fault | None) -> bool:
+                """Send the reply as SSE, broken as `fault` says; False if the connection was cut."""
                 self.send_response(200)
                 self.send_header("content-type", "text/event-stream")
                 self.send_header("cache-control", "no-cache")
                 self.send_header("request-id", fake._next_id("req_fake"))
                 self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                usage = message["usage"]
-                start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
-                self._event("message_start", {"type": "message_start", "message": start})
-                self._event("ping", {"type": "ping"})
-                for i, block in enumerate(message["content"]):
-                    if block["type"] == "text":
-                        self._event("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}})
-                        words = re.findall(r"\S+\s*|\s+", block["text"]) or [""]
-                        for piece in words:
-                            self._event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}})
-                    else:
-                        empty = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
-                        self._event("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty})
-                        raw = json.dumps(block["input"])
-                        for j in range(0, len(raw), 40):
-                            self._event("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": raw[j:j + 40]}})
-                    self._event("content_block_stop", {"type": "content_block_stop", "index": i})
-                self._event("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                                              "usage": {"output_tokens": usage["output_tokens"]}})
-                self._event("message_stop", {"type": "message_stop"})
+                events = _events(message, fault)
+                body = b"".join(self._chunk(n, d) for n, d in events) + b"0\r\n\r\n"
+                if fault is not None and fault.kind == "drop":
+                    cut = len(body) // 2 if fault.after_bytes is None else fault.after_bytes
+                    self.wfile.write(body[:cut])
+                    return self._cut()
+                for name, data in events:
+                    self.wfile.write(self._chunk(name, data))
+                    self.wfile.flush()
+                    if fault is not None and fault.kind == "stall" and name == "message_start":
+                        time.sleep(fault.stall_s)
+                        return self._cut()
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+                return True
+
+            def _cut(self) -> bool:
+                """Close the connection mid-body, as a network failure would."""
+                self.close_connection = True
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # the client already gave up on it
+                return False
 
         return Handler
+
+
+def _events(message: dict[str, Any], fault: Fault | None) -> list[tuple[str, dict[str, Any]]]:
+    """The SSE events of a streamed reply (as the API sends them), with `fault` applied."""
+    kind = fault.kind if fault else None
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    out: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": start}), ("ping", {"type": "ping"})]
+    for i, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            out.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}))
+            for piece in re.findall(r"\S+\s*|\s+", block["text"]) or [""]:
+                out.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}}))
+        else:
+            empty = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            out.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty}))
+            raw = json.dumps(block["input"])
+            if kind == "bad_json":
+                raw = raw[: len(raw) // 2]
+            for j in range(0, len(raw), 40):
+                out.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": raw[j:j + 40]}}))
+        out.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    out.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                                  "usage": {"output_tokens": usage["output_tokens"]}}))
+    out.append(("message_stop", {"type": "message_stop"}))
+    if kind == "error_event":
+        assert fault is not None
+        out = out[: max(2, len(out) // 2)] + [("error", {"type": "error", "error": {"type": fault.error_type, "message": fault.message}})]
+    elif kind == "no_message_stop":
+        out = out[:-1]
+    return out

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.credentials.upstream import Upstream
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import (
     FakeAnthropic,
+    Fault,
     Request,
     Script,
     Turn,
@@ -246,3 +248,31 @@ def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dic
             up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_every_response_first_breaks_yet_each_command_runs_once(real_env: dict[str, str]) -> None:
+    """Issue 17 on a real sandbox: every response of a multi-step task first arrives broken (a
+    different fault each), the task still completes and each step's command runs exactly once."""
+    step = "echo ran >> runs.txt; wc -l < runs.txt"
+    steps = [
+        (Turn([text("Writing the step."), tool("sandbox__write_file", {"path": "step.sh", "content": step + "\n"})]), Fault("drop")),
+        (Turn([tool("sandbox__execute", {"command": "sh step.sh"})]), Fault("error_event")),
+        (Turn([tool("sandbox__execute", {"command": "sh step.sh"})], needs_tokens=10_000), None),  # cut by max_tokens
+        (Turn([tool("sandbox__execute", {"command": "sh step.sh"})]), Fault("bad_json")),
+        (Turn([tool("sandbox__read_file", {"path": "runs.txt"})]), Fault("stall", stall_s=20.0)),
+        (Turn([text("Three steps ran, once each.")]), Fault("no_message_stop")),
+    ]
+    script = Script({"FLAKY-TASK": [[replace(t, fault=f), t] if f else t for t, f in steps]})
+    with FakeAnthropic(script) as fake:
+        p = corral(["run", "FLAKY-TASK: run the step three times"], {**real_env, **fake.env(), "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("✗ attempt 1 failed") == 6
+    log = read_log(real_env, session_id(p.stdout))
+    assert_valid_history(log)
+    results = [e.data for e in log if e.type == "agent.tool_result"]
+    assert not [r for r in results if r["is_error"]], results
+    assert [json.loads(r["content"][0]["text"])["stdout"].strip() for r in results if r["name"] == "sandbox__execute"] == ["1", "2", "3"]
+    assert "ran\nran\nran" in results[-1]["content"][0]["text"].replace("\\n", "\n")
+    failed = [e.data["fault"] for e in log if e.type == "session.error"]
+    assert failed == ["dropped", "stream_error", "max_tokens_in_tool_use", "invalid_tool_input", "stalled", "no_message_stop"]
+    assert fake.invalid == [] and len([r for r in fake.requests if r.whole]) == len(steps)

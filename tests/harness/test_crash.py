@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from corral.servers.session import Event, open_store
 from tests.harness.conftest import ROOT, corral
-from tests.harness.fake_anthropic import FakeAnthropic, Request
+from tests.harness.fake_anthropic import FakeAnthropic, Fault, Request, Script, Turn
 from tests.harness.scripts import multi_tool_task
 from tests.harness.test_cli import session_id
 
@@ -100,4 +102,75 @@ def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(env
         assert p.returncode == 0, p.stdout + p.stderr
         assert fake.counts[("CRASH-TASK", 2)] == 2  # asked again: its answer was never recorded
         assert_done(env, sid, toolbox_dir, fake, repeats_allowed=1)
+        assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
+
+
+def faults_in_turn(script: Script) -> Script:
+    """Each scripted turn first answers broken, a different fault per turn (see test_faults), then whole."""
+    faults = [Fault("drop"), Fault("error_event"), Fault("bad_json"), Fault("no_message_stop"), Fault("stall", stall_s=20.0)]
+    convs: dict[str, list[Any]] = {}
+    n = 0
+    for name, turns in script.conversations.items():
+        convs[name] = []
+        for t in turns:
+            assert isinstance(t, Turn)
+            fault = faults[n % len(faults)] if any(b["type"] == "tool_use" for b in t.blocks) else Fault("drop")
+            convs[name].append([replace(t, fault=fault), t])
+            n += 1
+    return Script(convs, script.summary)
+
+
+def assert_faults_recorded(env: dict[str, str], sid: str, fake: FakeAnthropic, killed_in_flight: int = 0) -> None:
+    every = read_log(env, sid) + [e for c in children(env, sid) for e in read_log(env, c)]
+    failed = [e.data for e in every if e.type == "session.error" and not e.data["fatal"]]
+    assert len(failed) == len([r for r in fake.requests if not r.whole])  # every failed attempt, once
+    whole = [r.key for r in fake.requests if r.whole]
+    assert len(whole) - len(set(whole)) == killed_in_flight, "a recorded response was asked for again"
+    assert fake.invalid == []
+    results = [e.data for e in every if e.type == "agent.tool_result"]
+    assert not [r for r in results if r["is_error"] and not r.get("interrupted")], results  # no partial input ever ran
+
+
+def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(env: dict[str, str], toolbox_dir: Path) -> None:
+    """The crash matrix with faults: each failed attempt is an append, so the harness is also killed
+    right after recording one; the wake retries it, and nothing is duplicated or lost."""
+    with FakeAnthropic(faults_in_turn(multi_tool_task())) as fake:
+        e = {**env, **fake.env(), "CORRAL_KILL_AFTER_APPENDS": "1", "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
+        p = corral(["run", "CRASH-TASK go"], e)
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        sid = session_id(p.stdout)
+        for _ in range(80):
+            p = corral(["wake", sid], e)
+            if p.returncode == 0:
+                break
+            assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
+        assert_faults_recorded(env, sid, fake)
+        log = read_log(env, sid)
+        errors = [e for e in log if e.type == "session.error"]
+        assert len(errors) >= 4 and all(not e.data["fatal"] for e in errors)
+        for err in errors:  # a wake followed each recorded failure (the kill came right after it)
+            assert log[err.position + 1].type == "session.status" and log[err.position + 1].data["reason"] == "wake"
+
+
+def test_killed_during_a_retried_attempt_then_woken(env: dict[str, str], toolbox_dir: Path) -> None:
+    """SIGKILL while the retry of a broken response is in flight: the wake asks again, once."""
+    proc: list[subprocess.Popen[str]] = []
+
+    def kill_on_retry(req: Request) -> None:
+        if req.key == ("CRASH-TASK", 1) and fake.counts[req.key] == 2:  # the retry after the broken first answer
+            proc[0].send_signal(signal.SIGKILL)
+
+    with FakeAnthropic(faults_in_turn(multi_tool_task()), on_request=kill_on_retry) as fake:
+        e = {**env, **fake.env(), "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
+        proc.append(subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "CRASH-TASK go"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        out, err = proc[0].communicate(timeout=120)
+        assert proc[0].returncode == -signal.SIGKILL, err
+        sid = session_id(out)
+        p = corral(["wake", sid], e)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert fake.counts[("CRASH-TASK", 1)] == 3  # broken, killed in flight, whole
+        assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
+        assert_faults_recorded(env, sid, fake, killed_in_flight=1)  # the answer the killed harness never read
         assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
