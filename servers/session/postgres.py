@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -34,20 +34,9 @@ import psycopg
 import psycopg_pool
 
 from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from corral.servers.session.store import (
-    DEFAULT_MAX_EVENT_BYTES,
-    Event,
-    EventStore,
-    Lease,
-    LeaseLost,
-    NewEvent,
-    Segment,
-    SessionInfo,
-    check_range,
-    clip_segments,
-    encode_data,
-    new_id,
-)
+from corral.servers.session import rules
+from corral.servers.session.rules import Segment
+from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -92,14 +81,6 @@ SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, 
 EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
 
 
-def _status_of(event: NewEvent) -> str | None:
-    """What a session.status event makes the session's status (as the SQLite store reads it)."""
-    if not isinstance(event.data, dict):
-        return None
-    value = event.data.get("status")
-    return value if value is None or isinstance(value, str) else json.dumps(value)
-
-
 class PostgresEventStore(EventStore):
     def __init__(
         self,
@@ -110,7 +91,6 @@ class PostgresEventStore(EventStore):
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
         idle_tx_timeout_s: float = 5.0,
-        synchronous: str | None = None,  # SQLite's durability knob; a PostgreSQL commit is durable as the server's synchronous_commit says
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
@@ -187,66 +167,41 @@ class PostgresEventStore(EventStore):
         return self._row_info(row)
 
     def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> list[Segment]:
-        """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
         with self._lineage_lock:
             cached = self._lineages.get(info.session_id)
             if cached is not None:
                 self._lineages.move_to_end(info.session_id)
                 return cached
-        segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
-        node = info
-        while node.forked_at is not None and node.parent is not None:
-            end = node.forked_at
-            node = self._info(conn, node.parent)
-            segments.insert(0, Segment(session_id=node.session_id, start=node.forked_at or 0, end=end))
+        segments = rules.lineage(info, partial(self._info, conn))
         with self._lineage_lock:
             self._lineages[info.session_id] = segments
             if len(self._lineages) > LINEAGE_CACHE:
                 self._lineages.popitem(last=False)
         return segments
 
-    def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
-        out: list[Event] = []
-        owner = segments[-1].session_id
-        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
-            want = None if limit is None else limit - len(out)
-            if want is not None and want <= 0:
-                break
-            query = f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND position >= %s"
-            params: list[Any] = [seg_id, lo]
-            if hi is not None:
-                query += " AND position < %s"
-                params.append(hi)
-            if types:
-                query += " AND type = ANY(%s)"
-                params.append(list(types))
-            query += " ORDER BY position DESC" if desc else " ORDER BY position"
-            if want is not None:
-                query += " LIMIT %s"
-                params.append(want)
-            for _, pos, eid, typ, data, created in conn.execute(query, params):
-                out.append(Event(session_id=owner, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created))
-        return out
+    def _range(self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+        """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
-    def _find_many(self, conn: psycopg.Connection, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[int, tuple[Any, ...]]]:
-        """event_id -> (position, row) for those of `event_ids` stored in the lineage."""
-        found: dict[str, tuple[int, tuple[Any, ...]]] = {}
-        for seg in segments:
-            rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND event_id = ANY(%s)",
-                (seg.session_id, event_ids),
-            ).fetchall()
-            for row in rows:
-                pos = row[1]
-                if pos >= seg.start and (seg.end is None or pos < seg.end):
-                    found.setdefault(row[2], (pos, row))
-        return found
+        def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
+            query, params = rules.range_query(f"SELECT {EVENT_COLUMNS} FROM corral_events", "%s", owner, lo, hi, want, types, desc)
+            return [_event(reader, row) for row in conn.execute(query, params)]
+
+        return select_range
+
+    def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
+        return rules.read_segments(segments, gte, lt, desc, limit, self._range(conn, segments[-1].session_id, types, desc))
+
+    def _stored_ids(self, conn: psycopg.Connection, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this lineage shows."""
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = ANY(%s) AND event_id = ANY(%s)",
+            (list({s.session_id for s in segments}), event_ids),
+        ).fetchall()
+        return rules.first_visible(segments, rows)
 
     def _prefix_status(self, conn: psycopg.Connection, segments: list[Segment]) -> str | None:
-        last = self._select(conn, segments, 0, None, ["session.status"], True, 1)
-        if not last:
-            return None
-        return _status_of(NewEvent(type="session.status", data=last[0].data))
+        last = rules.read_segments(segments, 0, None, True, 1, self._range(conn, "", [rules.STATUS_EVENT], True))
+        return rules.status_of(last[0].data) if last else None
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -271,8 +226,7 @@ class PostgresEventStore(EventStore):
             if not 0 <= at <= source.length:
                 raise InvalidArgument(f"fork position {at} is out of range: session {session_id} has {source.length} events (0..{source.length})")
             prefix = self._lineage(conn, source)
-            shared = [s.model_copy(update={"end": at if s.end is None else min(s.end, at)}) for s in prefix]
-            status = self._prefix_status(conn, shared)
+            status = self._prefix_status(conn, rules.shared_prefix(prefix, at))
             row = conn.execute(
                 f"INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status) VALUES (%s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
                 (new_id("ses_"), meta, session_id, at, at, status),
@@ -296,53 +250,26 @@ class PostgresEventStore(EventStore):
             return [self._row_info(r) for r in conn.execute(query, params).fetchall()]
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
-        if expected_position is not None and expected_position < 0:
-            raise InvalidArgument(f"expected_position {expected_position} is negative")
-        encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
+        encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)  # appends to this session queue here
             if lease is not None:
                 _check_lease(info, lease)
-            given = [e.event_id for e, _ in encoded if e.event_id is not None]
-            prior = self._find_many(conn, self._lineage(conn, info), given) if given else {}
-            positions: list[int] = [-1] * len(encoded)
-            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
-            fresh: list[tuple[int, NewEvent, str, str]] = []  # (index, event, event_id, data)
-            seen: dict[str, int] = {}
-            for i, (event, data) in enumerate(encoded):
-                eid = event.event_id
-                if eid is not None:
-                    if eid in seen:
-                        alias[i] = seen[eid]
-                        continue
-                    seen[eid] = i
-                    if eid in prior:
-                        positions[i] = prior[eid][0]
-                        continue
-                fresh.append((i, event, eid or new_id("evt_"), data))
-            for i, first in alias.items():
-                positions[i] = positions[first]
-            if not fresh:
-                return positions
-            length = info.length
-            if expected_position is not None and expected_position != length:
-                raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
-            rows = []
-            status = info.status
-            for offset, (i, event, eid, data) in enumerate(fresh):
-                positions[i] = length + offset
-                rows.append((session_id, length + offset, eid, event.type, data, lease))
-                if event.type == "session.status":
-                    status = _status_of(event)
-            for i, first in alias.items():
-                positions[i] = positions[first]
+            given = rules.given_ids(events)
+            prior = {eid: row[1] for eid, row in self._stored_ids(conn, self._lineage(conn, info), given).items()} if given else {}
+            plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
+            if not plan.rows:
+                return plan.positions
             try:
                 with conn.cursor() as cur:
-                    cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data, lease_token) VALUES (%s, %s, %s, %s, %s, %s)", rows)
+                    cur.executemany(
+                        "INSERT INTO corral_events (session_id, position, event_id, type, data, lease_token) VALUES (%s, %s, %s, %s, %s, %s)",
+                        [(session_id, *row, lease) for row in plan.rows],
+                    )
             except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (length + len(rows), status, session_id))
-            return positions
+            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (plan.length, plan.status, session_id))
+            return plan.positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
@@ -354,12 +281,10 @@ class PostgresEventStore(EventStore):
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._tx() as conn:
-            segments = self._lineage(conn, self._info(conn, session_id))
-            found = self._find_many(conn, segments, [event_id]).get(event_id)
+            found = self._stored_ids(conn, self._lineage(conn, self._info(conn, session_id)), [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
-        _, pos, eid, typ, data, created = found[1]
-        return Event(session_id=session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created)
+        return _event(session_id, found)
 
     # -- leases (fencing tokens for the worker pool) --------------------------------------
 
@@ -400,13 +325,13 @@ class PostgresEventStore(EventStore):
 
 
 def _check_lease(info: SessionInfo, token: int) -> None:
-    """Refuse a write under a lease that was released or taken over by another holder."""
     held = info.lease
-    if held is None or held["token"] != token:
-        holder = "nobody" if held is None else f"{held['worker']} (lease {held['token']})"
-        raise LeaseLost(
-            f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
-        )
+    rules.check_lease(info.session_id, token, None if held is None else held["worker"], 0 if held is None else held["token"])
+
+
+def _event(reader: str, row: tuple[Any, ...]) -> Event:
+    _, pos, eid, typ, data, created = row
+    return Event(session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created)
 
 
 def _configure(conn: psycopg.Connection, *, idle_tx_timeout_ms: int) -> None:

@@ -13,27 +13,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from corral.servers.session.store import (
-    DEFAULT_MAX_EVENT_BYTES,
-    Event,
-    EventStore,
-    Lease,
-    LeaseLost,
-    NewEvent,
-    Segment,
-    SessionInfo,
-    check_range,
-    clip_segments,
-    encode_data,
-    new_id,
-)
+from corral.servers.session import rules
+from corral.servers.session.rules import Segment
+from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -69,6 +58,11 @@ COLUMNS = "session_id, position, event_id, type, data, created_at"
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
+
+
+def _event(reader: str, row: tuple[Any, ...]) -> Event:
+    _, pos, eid, typ, data, created = row
+    return Event(session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
 
 
 class SQLiteEventStore(EventStore):
@@ -118,13 +112,7 @@ class SQLiteEventStore(EventStore):
         return self._row_info(row)
 
     def _lineage(self, info: SessionInfo) -> list[Segment]:
-        """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
-        segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
-        while info.forked_at is not None and info.parent is not None:
-            end = info.forked_at
-            info = self._info(info.parent)
-            segments.insert(0, Segment(session_id=info.session_id, start=info.forked_at or 0, end=end))
-        return segments
+        return rules.lineage(info, self._info)
 
     def _length(self, info: SessionInfo) -> int:
         row = self._db.execute("SELECT MAX(position) FROM events WHERE session_id = ?", (info.session_id,)).fetchone()
@@ -132,57 +120,41 @@ class SQLiteEventStore(EventStore):
             return row[0] + 1
         return info.forked_at or 0
 
-    def _select(self, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
-        out: list[Event] = []
-        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
-            want = None if limit is None else limit - len(out)
-            if want is not None and want <= 0:
-                break
-            sql = f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND position >= ?"
-            params: list[Any] = [seg_id, lo]
-            if hi is not None:
-                sql += " AND position < ?"
-                params.append(hi)
-            if types:
-                sql += f" AND type IN ({','.join('?' * len(types))})"
-                params.extend(types)
-            sql += " ORDER BY position DESC" if desc else " ORDER BY position"
-            if want is not None:
-                sql += " LIMIT ?"
-                params.append(want)
-            for sid, pos, eid, typ, data, created in self._db.execute(sql, params):
-                out.append(Event(session_id=segments[-1].session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created)))
-        return out
+    def _range(self, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+        """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
-    def _find(self, segments: list[Segment], event_id: str) -> Event | None:
-        for seg in segments:
-            row = self._db.execute(f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND event_id = ?", (seg.session_id, event_id)).fetchone()
-            if row and row[1] >= seg.start and (seg.end is None or row[1] < seg.end):
-                _, pos, eid, typ, data, created = row
-                return Event(session_id=segments[-1].session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
-        return None
+        def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
+            query, params = rules.range_query(f"SELECT {COLUMNS} FROM events", "?", owner, lo, hi, want, types, desc)
+            return [_event(reader, row) for row in self._db.execute(query, params)]
+
+        return select_range
+
+    def _select(self, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
+        return rules.read_segments(segments, gte, lt, desc, limit, self._range(segments[-1].session_id, types, desc))
+
+    def _stored_ids(self, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this lineage shows."""
+        marks = ",".join("?" * len(event_ids))
+        rows = []
+        for owner in {s.session_id for s in segments}:
+            rows += self._db.execute(f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND event_id IN ({marks})", (owner, *event_ids)).fetchall()
+        return rules.first_visible(segments, rows)
 
     def _lease(self, session_id: str) -> tuple[str | None, int, float | None]:
         row = self._db.execute("SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
         return row or (None, 0, None)
 
     def _check_lease(self, session_id: str, token: int) -> None:
-        """Refuse a write under a lease that was released or taken over by another holder."""
         owner, current, _ = self._lease(session_id)
-        if owner is None or current != token:
-            holder = "nobody" if owner is None else f"{owner} (lease {current})"
-            raise LeaseLost(
-                f"lease {token} on session {session_id} is no longer held (now: {holder}); nothing was written",
-            )
+        rules.check_lease(session_id, token, owner, current)
 
     def _complete(self, info: SessionInfo) -> SessionInfo:
         owner, token, expires = self._lease(info.session_id)
         if owner is not None:
             info.lease = {"worker": owner, "token": token, "expires_at": _ts(expires).isoformat()}
         info.length = self._length(info)
-        last = self._select(self._lineage(info), 0, None, ["session.status"], True, 1)
-        if last and isinstance(last[0].data, dict):
-            info.status = last[0].data.get("status")
+        last = self._select(self._lineage(info), 0, None, [rules.STATUS_EVENT], True, 1)
+        info.status = rules.status_of(last[0].data) if last else None
         return info
 
     # -- the verbs --------------------------------------------------------------------
@@ -227,45 +199,20 @@ class SQLiteEventStore(EventStore):
             return [self._complete(self._row_info(r)) for r in self._db.execute(sql, params).fetchall()]
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
-        if expected_position is not None and expected_position < 0:
-            raise InvalidArgument(f"expected_position {expected_position} is negative")
-        encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
+        encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         now = time.time()
         with self._lock, self._write() as db:
             info = self._info(session_id)
             if lease is not None:
                 self._check_lease(session_id, lease)
-            segments = self._lineage(info)
-            positions: list[int] = [-1] * len(encoded)
-            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
-            fresh: list[tuple[int, str, str, str]] = []  # (index, event_id, type, data)
-            seen: dict[str, int] = {}
-            for i, (event, data) in enumerate(encoded):
-                if event.event_id is not None:
-                    if event.event_id in seen:
-                        alias[i] = seen[event.event_id]
-                        continue
-                    seen[event.event_id] = i
-                    prior = self._find(segments, event.event_id)
-                    if prior is not None:
-                        positions[i] = prior.position
-                        continue
-                fresh.append((i, event.event_id or new_id("evt_"), event.type, data))
-            if fresh:
-                length = self._length(info)
-                if expected_position is not None and expected_position != length:
-                    raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
-            rows = []
-            for offset, (i, eid, typ, data) in enumerate(fresh):
-                positions[i] = length + offset
-                rows.append((session_id, length + offset, eid, typ, data, now))
-            for i, first in alias.items():
-                positions[i] = positions[first]
+            given = rules.given_ids(events)
+            prior = {eid: row[1] for eid, row in self._stored_ids(self._lineage(info), given).items()} if given else {}
+            plan = rules.plan_append(session_id, encoded, prior, length=self._length(info), status=None, expected_position=expected_position)
             try:
-                db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", [(session_id, *row, now) for row in plan.rows])
             except sqlite3.IntegrityError as err:  # defends against a writer that bypassed the lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            return positions
+            return plan.positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
@@ -278,10 +225,10 @@ class SQLiteEventStore(EventStore):
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._lock:
-            found = self._find(self._lineage(self._info(session_id)), event_id)
+            found = self._stored_ids(self._lineage(self._info(session_id)), [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
-        return found
+        return _event(session_id, found)
 
     # -- leases (fencing tokens for the worker pool) --------------------------------------
 

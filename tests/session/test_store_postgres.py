@@ -98,13 +98,11 @@ def test_slices_are_index_seeks(pg_schema_url):  # noqa: F811
     assert "Index Cond" in plan and "corral_events_pkey" in plan and "Seq Scan" not in plan, plan
 
 
-def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F811
-    # `corral run` passes CORRAL_SQLITE_SYNCHRONOUS whatever the store is.
-    store = open_store(pg_schema_url, synchronous="FULL")
-    try:
-        assert store.append(store.create().session_id, [NewEvent(type="user.message", data={})]) == [0]
-    finally:
-        store.close()
+def test_sqlite_only_options_are_refused_not_ignored(pg_schema_url):  # noqa: F811
+    # SessionSettings.open_store passes CORRAL_SQLITE_SYNCHRONOUS to SQLite only; a
+    # durability knob the store would ignore must not look accepted.
+    with pytest.raises(TypeError, match="synchronous"):
+        open_store(pg_schema_url, synchronous="FULL")
 
 
 PAUSE_IN_A_TRANSACTION = """
