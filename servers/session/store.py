@@ -56,7 +56,7 @@ class SessionInfo(BaseModel):
     forked_at: int | None = Field(None, description="for a fork: it shares the parent's events below this position")
     created_at: datetime
     length: int = 0
-    status: str | None = Field(None, description="the data.status of the latest session.status event")
+    status: str | None = Field(None, description="the data.status of the latest session.status event (a non-string one as its JSON text)")
     lease: dict[str, Any] | None = None
 
 
