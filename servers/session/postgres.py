@@ -10,8 +10,8 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
 - A process that stops inside a transaction (paused, swapped out, cut off) would hold
   that row lock forever; every connection sets `idle_in_transaction_session_timeout`,
   so the server ends such a transaction after `idle_tx_timeout_s` and the others go on.
-- The row keeps the session's `length` and `status` up to date, so `get`/`sessions`
-  never scan events.
+- The row keeps the session's `length`, `status` and (for a fork) shared `lineage`, so
+  `get`/`sessions` never scan events and no call walks a fork's ancestry.
 - The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
   the worker pool's procrastinate tables); it is created and migrated here, in order,
   under an advisory lock, and its version is kept in `corral_schema_version`. Another
@@ -23,8 +23,6 @@ Thread-safe: every call borrows a connection from a psycopg_pool ConnectionPool.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -33,9 +31,8 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import rules
-from corral.servers.session.rules import Segment
 from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
@@ -72,9 +69,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE corral_events ADD COLUMN lease_token BIGINT;
     """,
+    # 3: a fork's shared segments on its row (filled in for existing forks by `_fill_lineages`),
+    # so no call walks its ancestry.
+    """
+    ALTER TABLE corral_sessions ADD COLUMN lineage TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-LINEAGE_CACHE = 10_000  # sessions whose lineage a process keeps in memory
 MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
 
 SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
@@ -94,8 +95,6 @@ class PostgresEventStore(EventStore):
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
-        self._lineages: OrderedDict[str, list[Segment]] = OrderedDict()  # lineage never changes once a session exists: an LRU
-        self._lineage_lock = threading.Lock()
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=min_connections,
@@ -145,6 +144,8 @@ class PostgresEventStore(EventStore):
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[version - 1])
+                if version == 3:
+                    _fill_lineages(conn)
                 conn.execute("INSERT INTO corral_schema_version (version) VALUES (%s)", (version,))
 
     def close(self) -> None:
@@ -154,30 +155,18 @@ class PostgresEventStore(EventStore):
         with self._tx() as conn:
             return conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()[0]
 
-    def _row_info(self, row: tuple[Any, ...]) -> SessionInfo:
-        sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
-        lease = None if owner is None else {"worker": owner, "token": token, "expires_at": expires.isoformat()}
-        return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=created_at, length=length, status=status, lease=lease)
-
     def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
         query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (" FOR NO KEY UPDATE" if lock else "")
         row = conn.execute(query, (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
-        return self._row_info(row)
+        return _row_info(row)
 
-    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> list[Segment]:
-        with self._lineage_lock:
-            cached = self._lineages.get(info.session_id)
-            if cached is not None:
-                self._lineages.move_to_end(info.session_id)
-                return cached
-        segments = rules.lineage(info, partial(self._info, conn))
-        with self._lineage_lock:
-            self._lineages[info.session_id] = segments
-            if len(self._lineages) > LINEAGE_CACHE:
-                self._lineages.popitem(last=False)
-        return segments
+    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> rules.Lineage:
+        def shared() -> list[rules.Segment]:
+            return rules.decode_shared(conn.execute("SELECT lineage FROM corral_sessions WHERE session_id = %s", (info.session_id,)).fetchone()[0])
+
+        return rules.Lineage(rules.own_segment(info), shared)
 
     def _range(self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
         """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
@@ -188,20 +177,14 @@ class PostgresEventStore(EventStore):
 
         return select_range
 
-    def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
-        return rules.read_segments(segments, gte, lt, desc, limit, self._range(conn, segments[-1].session_id, types, desc))
-
-    def _stored_ids(self, conn: psycopg.Connection, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    def _stored_ids(self, conn: psycopg.Connection, lineage: rules.Lineage, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
         """event_id -> row, for those of `event_ids` this lineage shows."""
+        segments = lineage.all()
         rows = conn.execute(
             f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = ANY(%s) AND event_id = ANY(%s)",
             (list({s.session_id for s in segments}), event_ids),
         ).fetchall()
         return rules.first_visible(segments, rows)
-
-    def _prefix_status(self, conn: psycopg.Connection, segments: list[Segment]) -> str | None:
-        last = rules.read_segments(segments, 0, None, True, 1, self._range(conn, "", [rules.STATUS_EVENT], True))
-        return rules.status_of(last[0].data) if last else None
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -217,21 +200,19 @@ class PostgresEventStore(EventStore):
             ).fetchone()
             if row is None:
                 raise Conflict(f"session {sid!r} already exists")
-            return self._row_info(row)
+            return _row_info(row)
 
     def fork(self, session_id: str, at: int, metadata: dict[str, Any] | None = None) -> SessionInfo:
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._tx() as conn:
             source = self._info(conn, session_id)
-            if not 0 <= at <= source.length:
-                raise InvalidArgument(f"fork position {at} is out of range: session {session_id} has {source.length} events (0..{source.length})")
-            prefix = self._lineage(conn, source)
-            status = self._prefix_status(conn, rules.shared_prefix(prefix, at))
+            shared, status = rules.plan_fork(source, self._lineage(conn, source), at, self._range(conn, session_id, [rules.STATUS_EVENT], True))
             row = conn.execute(
-                f"INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status) VALUES (%s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
-                (new_id("ses_"), meta, session_id, at, at, status),
+                "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status, lineage) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
+                (new_id("ses_"), meta, session_id, at, at, status, shared),
             ).fetchone()
-            return self._row_info(row)
+            return _row_info(row)
 
     def get(self, session_id: str) -> SessionInfo:
         with self._tx() as conn:
@@ -239,22 +220,16 @@ class PostgresEventStore(EventStore):
 
     def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
         check_range(None, None, limit)
-        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions"
-        params: list[Any] = []
-        if parent is not None:
-            query += " WHERE parent = %s"
-            params.append(parent)
-        query += " ORDER BY seq DESC LIMIT %s"
-        params.append(limit)
+        query, params = rules.sessions_query(f"SELECT {SESSION_COLUMNS} FROM corral_sessions", "%s", parent, "seq", limit)
         with self._tx() as conn:
-            return [self._row_info(r) for r in conn.execute(query, params).fetchall()]
+            return [_row_info(r) for r in conn.execute(query, params).fetchall()]
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
         encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)  # appends to this session queue here
             if lease is not None:
-                _check_lease(info, lease)
+                rules.check_lease(session_id, lease, *rules.lease_holder(info))
             given = rules.given_ids(events)
             prior = {eid: row[1] for eid, row in self._stored_ids(conn, self._lineage(conn, info), given).items()} if given else {}
             plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
@@ -277,7 +252,7 @@ class PostgresEventStore(EventStore):
             info = self._info(conn, session_id)
             if limit == 0:
                 return []
-            return self._select(conn, self._lineage(conn, info), gte or 0, lt, types, desc, limit)
+            return rules.read_segments(self._lineage(conn, info), gte or 0, lt, desc, limit, self._range(conn, session_id, types, desc))
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._tx() as conn:
@@ -307,7 +282,7 @@ class PostgresEventStore(EventStore):
     def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)
-            _check_lease(info, token)
+            rules.check_lease(session_id, token, *rules.lease_holder(info))
             row = conn.execute(
                 "UPDATE corral_sessions SET lease_expires_at = clock_timestamp() + make_interval(secs => %s) "
                 "WHERE session_id = %s RETURNING lease_owner, lease_expires_at",
@@ -324,9 +299,16 @@ class PostgresEventStore(EventStore):
             return cur.rowcount == 1
 
 
-def _check_lease(info: SessionInfo, token: int) -> None:
-    held = info.lease
-    rules.check_lease(info.session_id, token, None if held is None else held["worker"], 0 if held is None else held["token"])
+def _row_info(row: tuple[Any, ...]) -> SessionInfo:
+    return rules.info_from_row(row, lambda when: when)
+
+
+def _fill_lineages(conn: psycopg.Connection) -> None:
+    """Version 2 kept no lineage on the row: compute it once for every fork, oldest session first."""
+    rows = conn.execute("SELECT session_id, parent, forked_at FROM corral_sessions ORDER BY seq").fetchall()
+    updates = [(shared, sid) for sid, shared in rules.backfill_lineages(rows) if shared is not None]
+    with conn.cursor() as cur:
+        cur.executemany("UPDATE corral_sessions SET lineage = %s WHERE session_id = %s", updates)
 
 
 def _event(reader: str, row: tuple[Any, ...]) -> Event:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from corral.errors import Conflict, InvalidArgument
@@ -33,30 +34,76 @@ class Segment(NamedTuple):
 
 
 # -- lineage ----------------------------------------------------------------------------
+#
+# A fork shares its parent's events below `forked_at` without copying them. Where each of a
+# session's positions lives is its lineage: the segments it shares (ancestors' rows, cut at
+# each fork point; kept on the session's row, written once when it is forked) and its own
+# tail. A read loads the shared segments only when it reaches below the session's own rows,
+# so the cost of a call never depends on how deep the fork is.
 
 
 def own_segment(info: SessionInfo) -> Segment:
     return Segment(info.session_id, info.forked_at or 0, None)
 
 
-def lineage(info: SessionInfo, get_info: Callable[[str], SessionInfo]) -> list[Segment]:
-    """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
-    segments = [own_segment(info)]
-    while info.forked_at is not None and info.parent is not None:
-        end = info.forked_at
-        info = get_info(info.parent)
-        segments.insert(0, Segment(info.session_id, info.forked_at or 0, end))
-    return segments
-
-
-def shared_prefix(segments: Sequence[Segment], at: int) -> list[Segment]:
+def shared_prefix(segments: Iterable[Segment], at: int) -> list[Segment]:
     """The segments a fork at `at` shares: those below `at`, the last cut there (empty ones dropped)."""
     return [Segment(s.session_id, s.start, at if s.end is None else min(s.end, at)) for s in segments if s.start < at]
 
 
-def clip_segments(segments: Sequence[Segment], gte: int, lt: int | None, desc: bool) -> Iterator[tuple[str, int, int | None]]:
-    """The part of each segment inside [gte, lt), in read order: (session_id, lo, hi)."""
-    for seg in reversed(segments) if desc else segments:
+def encode_shared(segments: Sequence[Segment]) -> str | None:
+    return json.dumps([list(s) for s in segments], separators=(",", ":")) if segments else None
+
+
+def decode_shared(text: str | None) -> list[Segment]:
+    return [Segment(*s) for s in json.loads(text)] if text else []
+
+
+def backfill_lineages(rows: Iterable[tuple[str, str | None, int | None]]) -> Iterator[tuple[str, str | None]]:
+    """(session_id, encoded shared segments) for rows (session_id, parent, forked_at) in creation order.
+
+    For a database written before lineages were kept on the row: a parent is always
+    created before its forks, so one pass in creation order sees every parent first.
+    """
+    full: dict[str, list[Segment]] = {}
+    for sid, parent, forked_at in rows:
+        shared = shared_prefix(full[parent], forked_at) if forked_at is not None and parent in full else []
+        full[sid] = [*shared, Segment(sid, forked_at or 0, None)]
+        yield sid, encode_shared(shared)
+
+
+@dataclass
+class Lineage:
+    """A session's segments: its own tail, and the shared ones, loaded on first need."""
+
+    own: Segment
+    load_shared: Callable[[], list[Segment]]
+    _shared: list[Segment] | None = None
+
+    def shared(self) -> list[Segment]:
+        if self._shared is None:
+            self._shared = self.load_shared() if self.own.start > 0 else []
+        return self._shared
+
+    def all(self) -> list[Segment]:
+        return [*self.shared(), self.own]
+
+    def ordered(self, gte: int, desc: bool) -> Iterator[Segment]:
+        """The segments a read from `gte` may touch, in read order (the shared ones only if it reaches them)."""
+        below = gte < self.own.start
+        if desc:
+            yield self.own
+            if below:
+                yield from reversed(self.shared())
+        else:
+            if below:
+                yield from self.shared()
+            yield self.own
+
+
+def clip_segments(segments: Iterable[Segment], gte: int, lt: int | None) -> Iterator[tuple[str, int, int | None]]:
+    """The part of each segment inside [gte, lt): (session_id, lo, hi)."""
+    for seg in segments:
         lo = max(gte, seg.start)
         hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
         if hi is None or lo < hi:
@@ -64,7 +111,7 @@ def clip_segments(segments: Sequence[Segment], gte: int, lt: int | None, desc: b
 
 
 def read_segments(
-    segments: Sequence[Segment],
+    lineage: Lineage,
     gte: int,
     lt: int | None,
     desc: bool,
@@ -73,7 +120,7 @@ def read_segments(
 ) -> list[T]:
     """Up to `limit` items of [gte, lt) in read order, one `select_range(owner, lo, hi, want)` per segment."""
     out: list[T] = []
-    for owner, lo, hi in clip_segments(segments, gte, lt, desc):
+    for owner, lo, hi in clip_segments(lineage.ordered(gte, desc), gte, lt):
         want = None if limit is None else limit - len(out)
         if want is not None and want <= 0:
             break
@@ -96,6 +143,34 @@ def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, wan
         sql += f" LIMIT {mark}"
         params.append(want)
     return sql, params
+
+
+def plan_fork(source: SessionInfo, lineage: Lineage, at: int, select_status: Callable[[str, int, int | None, int | None], Iterable[Any]]) -> tuple[str | None, str | None]:
+    """A fork of `source` at `at`: its shared segments (encoded) and the status it starts with."""
+    if not 0 <= at <= source.length:
+        raise InvalidArgument(f"fork position {at} is out of range: session {source.session_id} has {source.length} events (0..{source.length})")
+    if at == source.length:
+        status = source.status
+    else:
+        last = read_segments(lineage, 0, at, True, 1, select_status)
+        status = status_of(last[0].data) if last else None
+    return encode_shared(shared_prefix(lineage.all(), at) if at else []), status
+
+
+def sessions_query(select: str, mark: str, parent: str | None, order: str, limit: int, *, parent_column: str = "parent") -> tuple[str, list[Any]]:
+    """The SQL and parameters listing sessions (a parent's only, if given), newest first."""
+    sql, params = select, []
+    if parent is not None:
+        sql += f" WHERE {parent_column} = {mark}"
+        params.append(parent)
+    return f"{sql} ORDER BY {order} DESC LIMIT {mark}", [*params, limit]
+
+
+def info_from_row(row: Sequence[Any], when: Callable[[Any], datetime]) -> SessionInfo:
+    """A session row (id, metadata, parent, forked_at, created_at, length, status, lease owner, token, expiry)."""
+    sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
+    lease = None if owner is None else {"worker": owner, "token": token, "expires_at": when(expires).isoformat()}
+    return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=when(created_at), length=length, status=status, lease=lease)
 
 
 def visible(segments: Sequence[Segment], owner: str, position: int) -> bool:
@@ -141,6 +216,12 @@ def encode_batch(events: Sequence[NewEvent], expected_position: int | None, limi
     if expected_position is not None and expected_position < 0:
         raise InvalidArgument(f"expected_position {expected_position} is negative")
     return [(e, encode_data(e.data, limit)) for e in events]
+
+
+def lease_holder(info: SessionInfo) -> tuple[str | None, int]:
+    """The session's lease as `check_lease` takes it: (owner, token); (None, 0) when nobody holds it."""
+    held = info.lease
+    return (None, 0) if held is None else (held["worker"], held["token"])
 
 
 def check_lease(session_id: str, token: int, holder: str | None, current: int) -> None:
