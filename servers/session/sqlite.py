@@ -104,16 +104,23 @@ class SQLiteEventStore(EventStore):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding the database's write lock from the start."""
+        """One write transaction holding the database's write lock from the start.
+
+        Nothing of a transaction that failed is kept (SQLite may already have rolled it
+        back; a failed COMMIT leaves it open). A full disk is named, with where to free
+        space: the store goes on working once there is room again, without reopening.
+        """
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
             db.execute("COMMIT")
+        except BaseException as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise Unavailable("no space left on device", hint=f"free space under {self.path.resolve().parent}") from err
+            raise
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         """Create the schema, or bring one an older corral made up to date (under the write lock)."""

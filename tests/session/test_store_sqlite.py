@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import subprocess
 
 import pytest
 
 from corral.errors import Unavailable
 from corral.servers.session import NewEvent, open_store
+from tests.conftest import require
 from tests.session.contract import StoreContract
 
 
@@ -81,3 +84,51 @@ def test_a_newer_database_is_refused_not_downgraded(tmp_path):
     sqlite3.connect(path).execute("PRAGMA user_version = 99").connection.close()
     with pytest.raises(Unavailable, match="newer than this corral"):
         open_store(str(path))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs of our own, to fill up."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
+    require("a tmpfs mount (needs root)", mounted.returncode == 0, mounted.stderr.strip() or f"mount exited {mounted.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.anyio
+async def test_a_full_disk_is_named_and_appends_resume_once_space_is_freed(small_disk):
+    from mcp.client import Client
+
+    from corral.servers.session.server import build_server
+
+    store = open_store(str(small_disk / "sessions.db"))
+    sid = store.create().session_id
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - (256 << 10)))  # leave a little room
+    acknowledged: list[int] = []
+    try:
+        async with Client(build_server(store)) as client:
+            for i in range(2000):
+                result = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": i, "pad": "x" * 900}})
+                if result.is_error:
+                    break
+                acknowledged.append(result.structured_content["position"])
+            assert result.is_error, "the disk never filled up"
+            assert result.content[0].text.endswith(f"unavailable: no space left on device (free space under {small_disk})")
+            assert len(acknowledged) > 10 and acknowledged == list(range(len(acknowledged)))
+            again = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": -1}})
+            assert again.is_error and "no space left on device" in again.content[0].text
+            filler.unlink()  # space is freed: the same store, not reopened, takes appends again
+            resumed = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": "after"}})
+            assert not resumed.is_error, resumed.content
+            assert resumed.structured_content["position"] == len(acknowledged)
+    finally:
+        store.close()
+    reopened = open_store(str(small_disk / "sessions.db"))
+    try:
+        events = reopened.select(sid)
+    finally:
+        reopened.close()
+    assert [e.data["i"] for e in events] == [*range(len(acknowledged)), "after"]
