@@ -10,8 +10,8 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
 - A process that stops inside a transaction (paused, swapped out, cut off) would hold
   that row lock forever; every connection sets `idle_in_transaction_session_timeout`,
   so the server ends such a transaction after `idle_tx_timeout_s` and the others go on.
-- The row keeps the session's `length` and `status` up to date, so `get`/`sessions`
-  never scan events.
+- The row keeps the session's `length`, `status` and (for a fork) shared `lineage`, so
+  `get`/`sessions` never scan events and no call walks a fork's ancestry.
 - The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
   the worker pool's procrastinate tables); it is created and migrated here, in order,
   under an advisory lock, and its version is kept in `corral_schema_version`. Another
@@ -23,9 +23,7 @@ Thread-safe: every call borrows a connection from a psycopg_pool ConnectionPool.
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -33,21 +31,9 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from corral.servers.session.store import (
-    DEFAULT_MAX_EVENT_BYTES,
-    Event,
-    EventStore,
-    Lease,
-    LeaseLost,
-    NewEvent,
-    Segment,
-    SessionInfo,
-    check_range,
-    clip_segments,
-    encode_data,
-    new_id,
-)
+from corral.errors import Conflict, NotFound, Unavailable
+from corral.servers.session import rules
+from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -83,21 +69,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE corral_events ADD COLUMN lease_token BIGINT;
     """,
+    # 3: a fork's shared segments on its row (filled in for existing forks by `_fill_lineages`),
+    # so no call walks its ancestry.
+    """
+    ALTER TABLE corral_sessions ADD COLUMN lineage TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-LINEAGE_CACHE = 10_000  # sessions whose lineage a process keeps in memory
 MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
 
 SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
 EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
-
-
-def _status_of(event: NewEvent) -> str | None:
-    """What a session.status event makes the session's status (as the SQLite store reads it)."""
-    if not isinstance(event.data, dict):
-        return None
-    value = event.data.get("status")
-    return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
 class PostgresEventStore(EventStore):
@@ -110,12 +92,9 @@ class PostgresEventStore(EventStore):
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
         idle_tx_timeout_s: float = 5.0,
-        synchronous: str | None = None,  # SQLite's durability knob; a PostgreSQL commit is durable as the server's synchronous_commit says
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
-        self._lineages: OrderedDict[str, list[Segment]] = OrderedDict()  # lineage never changes once a session exists: an LRU
-        self._lineage_lock = threading.Lock()
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=min_connections,
@@ -165,6 +144,8 @@ class PostgresEventStore(EventStore):
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[version - 1])
+                if version == 3:
+                    _fill_lineages(conn)
                 conn.execute("INSERT INTO corral_schema_version (version) VALUES (%s)", (version,))
 
     def close(self) -> None:
@@ -174,79 +155,36 @@ class PostgresEventStore(EventStore):
         with self._tx() as conn:
             return conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()[0]
 
-    def _row_info(self, row: tuple[Any, ...]) -> SessionInfo:
-        sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
-        lease = None if owner is None else {"worker": owner, "token": token, "expires_at": expires.isoformat()}
-        return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=created_at, length=length, status=status, lease=lease)
-
     def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
         query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (" FOR NO KEY UPDATE" if lock else "")
         row = conn.execute(query, (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
-        return self._row_info(row)
+        return _row_info(row)
 
-    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> list[Segment]:
-        """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
-        with self._lineage_lock:
-            cached = self._lineages.get(info.session_id)
-            if cached is not None:
-                self._lineages.move_to_end(info.session_id)
-                return cached
-        segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
-        node = info
-        while node.forked_at is not None and node.parent is not None:
-            end = node.forked_at
-            node = self._info(conn, node.parent)
-            segments.insert(0, Segment(session_id=node.session_id, start=node.forked_at or 0, end=end))
-        with self._lineage_lock:
-            self._lineages[info.session_id] = segments
-            if len(self._lineages) > LINEAGE_CACHE:
-                self._lineages.popitem(last=False)
-        return segments
+    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> rules.Lineage:
+        def shared() -> list[rules.Segment]:
+            return rules.decode_shared(conn.execute("SELECT lineage FROM corral_sessions WHERE session_id = %s", (info.session_id,)).fetchone()[0])
 
-    def _select(self, conn: psycopg.Connection, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
-        out: list[Event] = []
-        owner = segments[-1].session_id
-        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
-            want = None if limit is None else limit - len(out)
-            if want is not None and want <= 0:
-                break
-            query = f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND position >= %s"
-            params: list[Any] = [seg_id, lo]
-            if hi is not None:
-                query += " AND position < %s"
-                params.append(hi)
-            if types:
-                query += " AND type = ANY(%s)"
-                params.append(list(types))
-            query += " ORDER BY position DESC" if desc else " ORDER BY position"
-            if want is not None:
-                query += " LIMIT %s"
-                params.append(want)
-            for _, pos, eid, typ, data, created in conn.execute(query, params):
-                out.append(Event(session_id=owner, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created))
-        return out
+        return rules.Lineage(rules.own_segment(info), shared)
 
-    def _find_many(self, conn: psycopg.Connection, segments: list[Segment], event_ids: list[str]) -> dict[str, tuple[int, tuple[Any, ...]]]:
-        """event_id -> (position, row) for those of `event_ids` stored in the lineage."""
-        found: dict[str, tuple[int, tuple[Any, ...]]] = {}
-        for seg in segments:
-            rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = %s AND event_id = ANY(%s)",
-                (seg.session_id, event_ids),
-            ).fetchall()
-            for row in rows:
-                pos = row[1]
-                if pos >= seg.start and (seg.end is None or pos < seg.end):
-                    found.setdefault(row[2], (pos, row))
-        return found
+    def _range(self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+        """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
-    def _prefix_status(self, conn: psycopg.Connection, segments: list[Segment]) -> str | None:
-        last = self._select(conn, segments, 0, None, ["session.status"], True, 1)
-        if not last:
-            return None
-        return _status_of(NewEvent(type="session.status", data=last[0].data))
+        def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
+            query, params = rules.range_query(f"SELECT {EVENT_COLUMNS} FROM corral_events", "%s", owner, lo, hi, want, types, desc)
+            return [_event(reader, row) for row in conn.execute(query, params)]
+
+        return select_range
+
+    def _stored_ids(self, conn: psycopg.Connection, lineage: rules.Lineage, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this lineage shows."""
+        segments = lineage.all()
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = ANY(%s) AND event_id = ANY(%s)",
+            (list({s.session_id for s in segments}), event_ids),
+        ).fetchall()
+        return rules.first_visible(segments, rows)
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -262,22 +200,19 @@ class PostgresEventStore(EventStore):
             ).fetchone()
             if row is None:
                 raise Conflict(f"session {sid!r} already exists")
-            return self._row_info(row)
+            return _row_info(row)
 
     def fork(self, session_id: str, at: int, metadata: dict[str, Any] | None = None) -> SessionInfo:
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._tx() as conn:
             source = self._info(conn, session_id)
-            if not 0 <= at <= source.length:
-                raise InvalidArgument(f"fork position {at} is out of range: session {session_id} has {source.length} events (0..{source.length})")
-            prefix = self._lineage(conn, source)
-            shared = [s.model_copy(update={"end": at if s.end is None else min(s.end, at)}) for s in prefix]
-            status = self._prefix_status(conn, shared)
+            shared, status = rules.plan_fork(source, self._lineage(conn, source), at, self._range(conn, session_id, [rules.STATUS_EVENT], True))
             row = conn.execute(
-                f"INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status) VALUES (%s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
-                (new_id("ses_"), meta, session_id, at, at, status),
+                "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status, lineage) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
+                (new_id("ses_"), meta, session_id, at, at, status, shared),
             ).fetchone()
-            return self._row_info(row)
+            return _row_info(row)
 
     def get(self, session_id: str) -> SessionInfo:
         with self._tx() as conn:
@@ -285,64 +220,31 @@ class PostgresEventStore(EventStore):
 
     def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
         check_range(None, None, limit)
-        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions"
-        params: list[Any] = []
-        if parent is not None:
-            query += " WHERE parent = %s"
-            params.append(parent)
-        query += " ORDER BY seq DESC LIMIT %s"
-        params.append(limit)
+        query, params = rules.sessions_query(f"SELECT {SESSION_COLUMNS} FROM corral_sessions", "%s", parent, "seq", limit)
         with self._tx() as conn:
-            return [self._row_info(r) for r in conn.execute(query, params).fetchall()]
+            return [_row_info(r) for r in conn.execute(query, params).fetchall()]
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
-        if expected_position is not None and expected_position < 0:
-            raise InvalidArgument(f"expected_position {expected_position} is negative")
-        encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
+        encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)  # appends to this session queue here
             if lease is not None:
-                _check_lease(info, lease)
-            given = [e.event_id for e, _ in encoded if e.event_id is not None]
-            prior = self._find_many(conn, self._lineage(conn, info), given) if given else {}
-            positions: list[int] = [-1] * len(encoded)
-            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
-            fresh: list[tuple[int, NewEvent, str, str]] = []  # (index, event, event_id, data)
-            seen: dict[str, int] = {}
-            for i, (event, data) in enumerate(encoded):
-                eid = event.event_id
-                if eid is not None:
-                    if eid in seen:
-                        alias[i] = seen[eid]
-                        continue
-                    seen[eid] = i
-                    if eid in prior:
-                        positions[i] = prior[eid][0]
-                        continue
-                fresh.append((i, event, eid or new_id("evt_"), data))
-            for i, first in alias.items():
-                positions[i] = positions[first]
-            if not fresh:
-                return positions
-            length = info.length
-            if expected_position is not None and expected_position != length:
-                raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
-            rows = []
-            status = info.status
-            for offset, (i, event, eid, data) in enumerate(fresh):
-                positions[i] = length + offset
-                rows.append((session_id, length + offset, eid, event.type, data, lease))
-                if event.type == "session.status":
-                    status = _status_of(event)
-            for i, first in alias.items():
-                positions[i] = positions[first]
+                rules.check_lease(session_id, lease, *rules.lease_holder(info))
+            given = rules.given_ids(events)
+            prior = {eid: row[1] for eid, row in self._stored_ids(conn, self._lineage(conn, info), given).items()} if given else {}
+            plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
+            if not plan.rows:
+                return plan.positions
             try:
                 with conn.cursor() as cur:
-                    cur.executemany("INSERT INTO corral_events (session_id, position, event_id, type, data, lease_token) VALUES (%s, %s, %s, %s, %s, %s)", rows)
+                    cur.executemany(
+                        "INSERT INTO corral_events (session_id, position, event_id, type, data, lease_token) VALUES (%s, %s, %s, %s, %s, %s)",
+                        [(session_id, *row, lease) for row in plan.rows],
+                    )
             except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (length + len(rows), status, session_id))
-            return positions
+            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (plan.length, plan.status, session_id))
+            return plan.positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
@@ -350,16 +252,14 @@ class PostgresEventStore(EventStore):
             info = self._info(conn, session_id)
             if limit == 0:
                 return []
-            return self._select(conn, self._lineage(conn, info), gte or 0, lt, types, desc, limit)
+            return rules.read_segments(self._lineage(conn, info), gte or 0, lt, desc, limit, self._range(conn, session_id, types, desc))
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._tx() as conn:
-            segments = self._lineage(conn, self._info(conn, session_id))
-            found = self._find_many(conn, segments, [event_id]).get(event_id)
+            found = self._stored_ids(conn, self._lineage(conn, self._info(conn, session_id)), [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
-        _, pos, eid, typ, data, created = found[1]
-        return Event(session_id=session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created)
+        return _event(session_id, found)
 
     # -- leases (fencing tokens for the worker pool) --------------------------------------
 
@@ -382,7 +282,7 @@ class PostgresEventStore(EventStore):
     def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)
-            _check_lease(info, token)
+            rules.check_lease(session_id, token, *rules.lease_holder(info))
             row = conn.execute(
                 "UPDATE corral_sessions SET lease_expires_at = clock_timestamp() + make_interval(secs => %s) "
                 "WHERE session_id = %s RETURNING lease_owner, lease_expires_at",
@@ -399,14 +299,21 @@ class PostgresEventStore(EventStore):
             return cur.rowcount == 1
 
 
-def _check_lease(info: SessionInfo, token: int) -> None:
-    """Refuse a write under a lease that was released or taken over by another holder."""
-    held = info.lease
-    if held is None or held["token"] != token:
-        holder = "nobody" if held is None else f"{held['worker']} (lease {held['token']})"
-        raise LeaseLost(
-            f"lease {token} on session {info.session_id} is no longer held (now: {holder}); nothing was written",
-        )
+def _row_info(row: tuple[Any, ...]) -> SessionInfo:
+    return rules.info_from_row(row, lambda when: when)
+
+
+def _fill_lineages(conn: psycopg.Connection) -> None:
+    """Version 2 kept no lineage on the row: compute it once for every fork, oldest session first."""
+    rows = conn.execute("SELECT session_id, parent, forked_at FROM corral_sessions ORDER BY seq").fetchall()
+    updates = [(shared, sid) for sid, shared in rules.backfill_lineages(rows) if shared is not None]
+    with conn.cursor() as cur:
+        cur.executemany("UPDATE corral_sessions SET lineage = %s WHERE session_id = %s", updates)
+
+
+def _event(reader: str, row: tuple[Any, ...]) -> Event:
+    _, pos, eid, typ, data, created = row
+    return Event(session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=created)
 
 
 def _configure(conn: psycopg.Connection, *, idle_tx_timeout_ms: int) -> None:

@@ -4,6 +4,10 @@ WAL mode, `PRIMARY KEY (session_id, position)` so a racing append fails instead 
 overwriting, `BEGIN IMMEDIATE` so concurrent writers (threads or processes) queue on
 the database lock. With `synchronous=NORMAL` a committed append survives a process
 crash (it is in the WAL before `append` returns); `FULL` also survives power loss.
+
+The session row keeps the session's `length`, `status` and shared `lineage` (as the
+PostgreSQL store does), so no call walks a fork's ancestry or scans its events.
+A database an older corral made is migrated in place when it is opened.
 """
 
 from __future__ import annotations
@@ -13,40 +17,32 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from corral.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from corral.servers.session.store import (
-    DEFAULT_MAX_EVENT_BYTES,
-    Event,
-    EventStore,
-    Lease,
-    LeaseLost,
-    NewEvent,
-    Segment,
-    SessionInfo,
-    check_range,
-    clip_segments,
-    encode_data,
-    new_id,
-)
+from corral.errors import Conflict, NotFound, Unavailable
+from corral.servers.session import rules
+from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
+CREATE TABLE sessions (
     session_id TEXT PRIMARY KEY,
     metadata   TEXT NOT NULL,
     parent     TEXT,
     forked_at  INTEGER,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    length     INTEGER NOT NULL DEFAULT 0,
+    status     TEXT,
+    lineage    TEXT
 );
-CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created_at);
-CREATE INDEX IF NOT EXISTS sessions_parent ON sessions (parent);
-CREATE TABLE IF NOT EXISTS events (
+CREATE INDEX sessions_created ON sessions (created_at);
+CREATE INDEX sessions_parent ON sessions (parent);
+CREATE TABLE events (
     session_id TEXT NOT NULL,
     position   INTEGER NOT NULL,
     event_id   TEXT NOT NULL,
@@ -55,20 +51,35 @@ CREATE TABLE IF NOT EXISTS events (
     created_at REAL NOT NULL,
     PRIMARY KEY (session_id, position)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_event_id ON events (session_id, event_id);
-CREATE INDEX IF NOT EXISTS events_type ON events (session_id, type, position);
-CREATE TABLE IF NOT EXISTS leases (
+CREATE UNIQUE INDEX events_event_id ON events (session_id, event_id);
+CREATE INDEX events_type ON events (session_id, type, position);
+CREATE TABLE leases (
     session_id TEXT PRIMARY KEY,
     owner      TEXT,
     token      INTEGER NOT NULL,
     expires_at REAL
 );
 """
+# 1 -> 2: length, status and lineage move onto the session row (filled in by `_migrate`).
+MIGRATE_1 = """
+ALTER TABLE sessions ADD COLUMN length INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN status TEXT;
+ALTER TABLE sessions ADD COLUMN lineage TEXT;
+"""
 COLUMNS = "session_id, position, event_id, type, data, created_at"
+SESSION_SELECT = (
+    "SELECT s.session_id, s.metadata, s.parent, s.forked_at, s.created_at, s.length, s.status, l.owner, l.token, l.expires_at "
+    "FROM sessions s LEFT JOIN leases l ON l.session_id = s.session_id"
+)
 
 
 def _ts(value: float) -> datetime:
     return datetime.fromtimestamp(value, tz=UTC)
+
+
+def _event(reader: str, row: tuple[Any, ...]) -> Event:
+    _, pos, eid, typ, data, created = row
+    return Event(session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
 
 
 class SQLiteEventStore(EventStore):
@@ -83,7 +94,8 @@ class SQLiteEventStore(EventStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            self._db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            with self._write() as db:
+                self._migrate(db)
         except (sqlite3.Error, OSError) as err:
             raise Unavailable(f"cannot open the session database {path}: {err}", hint="check the path and its permissions (CORRAL_SESSION_STORE / CORRAL_HOME)") from err
         self._lock = threading.RLock()
@@ -92,98 +104,85 @@ class SQLiteEventStore(EventStore):
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding the database's write lock from the start."""
+        """One write transaction holding the database's write lock from the start.
+
+        Nothing of a transaction that failed is kept (SQLite may already have rolled it
+        back; a failed COMMIT leaves it open). A full disk is named, with where to free
+        space: the store goes on working once there is room again, without reopening.
+        """
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
             db.execute("COMMIT")
+        except BaseException as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise Unavailable("no space left on device", hint=f"free space under {self.path.resolve().parent}") from err
+            raise
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Create the schema, or bring one an older corral made up to date (under the write lock)."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise Unavailable(f"the session database {self.path} has schema version {version}, newer than this corral ({SCHEMA_VERSION})", hint="upgrade corral")
+        fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sessions'").fetchone()[0] == 0
+        if fresh:
+            for statement in SCHEMA.split(";"):
+                db.execute(statement)
+        elif version < 2:
+            for statement in MIGRATE_1.split(";"):
+                db.execute(statement)
+            self._fill_rows(db)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _fill_rows(self, db: sqlite3.Connection) -> None:
+        """Version 1 kept no length, status or lineage on the row: compute them once, oldest session first."""
+        rows = db.execute("SELECT session_id, parent, forked_at FROM sessions ORDER BY rowid").fetchall()
+        forked = dict((sid, at) for sid, _, at in rows)
+        for sid, shared in rules.backfill_lineages(rows):
+            db.execute("UPDATE sessions SET lineage = ? WHERE session_id = ?", (shared, sid))
+            top = db.execute("SELECT MAX(position) FROM events WHERE session_id = ?", (sid,)).fetchone()[0]
+            lineage = rules.Lineage(rules.Segment(sid, forked[sid] or 0, None), partial(rules.decode_shared, shared))
+            last = rules.read_segments(lineage, 0, None, True, 1, self._range(sid, [rules.STATUS_EVENT], True))
+            status = rules.status_of(last[0].data) if last else None
+            db.execute("UPDATE sessions SET length = ?, status = ? WHERE session_id = ?", ((forked[sid] or 0) if top is None else top + 1, status, sid))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _row_info(self, row: tuple[Any, ...]) -> SessionInfo:
-        sid, metadata, parent, forked_at, created_at = row
-        return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=_ts(created_at))
-
     def _info(self, session_id: str) -> SessionInfo:
-        row = self._db.execute("SELECT session_id, metadata, parent, forked_at, created_at FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        row = self._db.execute(f"{SESSION_SELECT} WHERE s.session_id = ?", (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
-        return self._row_info(row)
+        return rules.info_from_row(row, _ts)
 
-    def _lineage(self, info: SessionInfo) -> list[Segment]:
-        """Segments in position order: ancestors' shared prefixes, then the session's own rows."""
-        segments = [Segment(session_id=info.session_id, start=info.forked_at or 0, end=None)]
-        while info.forked_at is not None and info.parent is not None:
-            end = info.forked_at
-            info = self._info(info.parent)
-            segments.insert(0, Segment(session_id=info.session_id, start=info.forked_at or 0, end=end))
-        return segments
+    def _lineage(self, info: SessionInfo) -> rules.Lineage:
+        def shared() -> list[rules.Segment]:
+            return rules.decode_shared(self._db.execute("SELECT lineage FROM sessions WHERE session_id = ?", (info.session_id,)).fetchone()[0])
 
-    def _length(self, info: SessionInfo) -> int:
-        row = self._db.execute("SELECT MAX(position) FROM events WHERE session_id = ?", (info.session_id,)).fetchone()
-        if row[0] is not None:
-            return row[0] + 1
-        return info.forked_at or 0
+        return rules.Lineage(rules.own_segment(info), shared)
 
-    def _select(self, segments: list[Segment], gte: int, lt: int | None, types: Sequence[str] | None, desc: bool, limit: int | None) -> list[Event]:
-        out: list[Event] = []
-        for seg_id, lo, hi in clip_segments(segments, gte, lt, desc):
-            want = None if limit is None else limit - len(out)
-            if want is not None and want <= 0:
-                break
-            sql = f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND position >= ?"
-            params: list[Any] = [seg_id, lo]
-            if hi is not None:
-                sql += " AND position < ?"
-                params.append(hi)
-            if types:
-                sql += f" AND type IN ({','.join('?' * len(types))})"
-                params.extend(types)
-            sql += " ORDER BY position DESC" if desc else " ORDER BY position"
-            if want is not None:
-                sql += " LIMIT ?"
-                params.append(want)
-            for sid, pos, eid, typ, data, created in self._db.execute(sql, params):
-                out.append(Event(session_id=segments[-1].session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created)))
-        return out
+    def _range(self, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+        """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
-    def _find(self, segments: list[Segment], event_id: str) -> Event | None:
-        for seg in segments:
-            row = self._db.execute(f"SELECT {COLUMNS} FROM events WHERE session_id = ? AND event_id = ?", (seg.session_id, event_id)).fetchone()
-            if row and row[1] >= seg.start and (seg.end is None or row[1] < seg.end):
-                _, pos, eid, typ, data, created = row
-                return Event(session_id=segments[-1].session_id, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
-        return None
+        def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
+            query, params = rules.range_query(f"SELECT {COLUMNS} FROM events", "?", owner, lo, hi, want, types, desc)
+            return [_event(reader, row) for row in self._db.execute(query, params)]
 
-    def _lease(self, session_id: str) -> tuple[str | None, int, float | None]:
-        row = self._db.execute("SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
-        return row or (None, 0, None)
+        return select_range
 
-    def _check_lease(self, session_id: str, token: int) -> None:
-        """Refuse a write under a lease that was released or taken over by another holder."""
-        owner, current, _ = self._lease(session_id)
-        if owner is None or current != token:
-            holder = "nobody" if owner is None else f"{owner} (lease {current})"
-            raise LeaseLost(
-                f"lease {token} on session {session_id} is no longer held (now: {holder}); nothing was written",
-            )
-
-    def _complete(self, info: SessionInfo) -> SessionInfo:
-        owner, token, expires = self._lease(info.session_id)
-        if owner is not None:
-            info.lease = {"worker": owner, "token": token, "expires_at": _ts(expires).isoformat()}
-        info.length = self._length(info)
-        last = self._select(self._lineage(info), 0, None, ["session.status"], True, 1)
-        if last and isinstance(last[0].data, dict):
-            info.status = last[0].data.get("status")
-        return info
+    def _stored_ids(self, lineage: rules.Lineage, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this lineage shows."""
+        segments = lineage.all()
+        owners = json.dumps(sorted({s.session_id for s in segments}))
+        rows = self._db.execute(
+            f"SELECT {COLUMNS} FROM events WHERE session_id IN (SELECT value FROM json_each(?)) AND event_id IN (SELECT value FROM json_each(?))",
+            (owners, json.dumps(event_ids)),
+        ).fetchall()
+        return rules.first_visible(segments, rows)
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ class SQLiteEventStore(EventStore):
             if parent is not None:
                 self._info(parent)
             try:
-                db.execute("INSERT INTO sessions VALUES (?, ?, ?, NULL, ?)", (sid, meta, parent, time.time()))
+                db.execute("INSERT INTO sessions (session_id, metadata, parent, created_at) VALUES (?, ?, ?, ?)", (sid, meta, parent, time.time()))
             except sqlite3.IntegrityError as err:
                 raise Conflict(f"session {sid!r} already exists") from err
             return self._info(sid)
@@ -203,87 +202,63 @@ class SQLiteEventStore(EventStore):
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._lock, self._write() as db:
             source = self._info(session_id)
-            length = self._length(source)
-            if not 0 <= at <= length:
-                raise InvalidArgument(f"fork position {at} is out of range: session {session_id} has {length} events (0..{length})")
+            shared, status = rules.plan_fork(source, self._lineage(source), at, self._range(session_id, [rules.STATUS_EVENT], True))
             sid = new_id("ses_")
-            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?)", (sid, meta, session_id, at, time.time()))
-            return self._complete(self._info(sid))
+            db.execute(
+                "INSERT INTO sessions (session_id, metadata, parent, forked_at, created_at, length, status, lineage) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, meta, session_id, at, time.time(), at, status, shared),
+            )
+            return self._info(sid)
 
     def get(self, session_id: str) -> SessionInfo:
         with self._lock:
-            return self._complete(self._info(session_id))
+            return self._info(session_id)
 
     def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
         check_range(None, None, limit)
+        query, params = rules.sessions_query(SESSION_SELECT, "?", parent, "s.created_at", limit, parent_column="s.parent")
         with self._lock:
-            sql = "SELECT session_id, metadata, parent, forked_at, created_at FROM sessions"
-            params: list[Any] = []
-            if parent is not None:
-                sql += " WHERE parent = ?"
-                params.append(parent)
-            sql += " ORDER BY created_at DESC LIMIT ?"
-            params.append(limit)
-            return [self._complete(self._row_info(r)) for r in self._db.execute(sql, params).fetchall()]
+            return [rules.info_from_row(r, _ts) for r in self._db.execute(query, params).fetchall()]
 
     def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
-        if expected_position is not None and expected_position < 0:
-            raise InvalidArgument(f"expected_position {expected_position} is negative")
-        encoded = [(e, encode_data(e.data, self.max_event_bytes)) for e in events]
+        encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         now = time.time()
         with self._lock, self._write() as db:
             info = self._info(session_id)
             if lease is not None:
-                self._check_lease(session_id, lease)
-            segments = self._lineage(info)
-            positions: list[int] = [-1] * len(encoded)
-            alias: dict[int, int] = {}  # a repeated event_id within the batch -> its first index
-            fresh: list[tuple[int, str, str, str]] = []  # (index, event_id, type, data)
-            seen: dict[str, int] = {}
-            for i, (event, data) in enumerate(encoded):
-                if event.event_id is not None:
-                    if event.event_id in seen:
-                        alias[i] = seen[event.event_id]
-                        continue
-                    seen[event.event_id] = i
-                    prior = self._find(segments, event.event_id)
-                    if prior is not None:
-                        positions[i] = prior.position
-                        continue
-                fresh.append((i, event.event_id or new_id("evt_"), event.type, data))
-            if fresh:
-                length = self._length(info)
-                if expected_position is not None and expected_position != length:
-                    raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
-            rows = []
-            for offset, (i, eid, typ, data) in enumerate(fresh):
-                positions[i] = length + offset
-                rows.append((session_id, length + offset, eid, typ, data, now))
-            for i, first in alias.items():
-                positions[i] = positions[first]
+                rules.check_lease(session_id, lease, *rules.lease_holder(info))
+            given = rules.given_ids(events)
+            prior = {eid: row[1] for eid, row in self._stored_ids(self._lineage(info), given).items()} if given else {}
+            plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
+            if not plan.rows:
+                return plan.positions
             try:
-                db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", [(session_id, *row, now) for row in plan.rows])
             except sqlite3.IntegrityError as err:  # defends against a writer that bypassed the lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            return positions
+            db.execute("UPDATE sessions SET length = ?, status = ? WHERE session_id = ?", (plan.length, plan.status, session_id))
+            return plan.positions
 
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
-        if limit == 0:
-            with self._lock:
-                self._info(session_id)
-            return []
         with self._lock:
-            return self._select(self._lineage(self._info(session_id)), gte or 0, lt, types, desc, limit)
+            info = self._info(session_id)
+            if limit == 0:
+                return []
+            return rules.read_segments(self._lineage(info), gte or 0, lt, desc, limit, self._range(session_id, types, desc))
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._lock:
-            found = self._find(self._lineage(self._info(session_id)), event_id)
+            found = self._stored_ids(self._lineage(self._info(session_id)), [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
-        return found
+        return _event(session_id, found)
 
     # -- leases (fencing tokens for the worker pool) --------------------------------------
+
+    def _lease(self, session_id: str) -> tuple[str | None, int, float | None]:
+        row = self._db.execute("SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
+        return row or (None, 0, None)
 
     def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> Lease:
         with self._lock, self._write() as db:
@@ -297,12 +272,13 @@ class SQLiteEventStore(EventStore):
 
     def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
         with self._lock, self._write() as db:
-            self._info(session_id)
-            self._check_lease(session_id, token)
+            held_by, current = rules.lease_holder(self._info(session_id))
+            rules.check_lease(session_id, token, held_by, current)
             expires = time.time() + ttl_s
             db.execute("UPDATE leases SET expires_at = ? WHERE session_id = ?", (expires, session_id))
-            return Lease(session_id=session_id, owner=self._lease(session_id)[0], token=token, expires_at=_ts(expires))
+            return Lease(session_id=session_id, owner=held_by, token=token, expires_at=_ts(expires))
 
     def release_lease(self, session_id: str, token: int) -> bool:
         with self._lock, self._write() as db:
             return db.execute("UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?", (session_id, token)).rowcount == 1
+

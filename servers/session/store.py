@@ -9,6 +9,7 @@ A fork shares its parent's events below `at` without copying them: reads of the
 child walk its lineage (own rows at positions >= at, the parent's below).
 
 Backends: `sqlite.py` (default), `postgres.py`. Both pass `tests/session/contract.py`.
+They keep only their SQL; the rules (append plan, lineage, status) are `rules.py`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import math
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -48,23 +49,6 @@ class Event(BaseModel):
     created_at: datetime
 
 
-class Segment(BaseModel):
-    """Part of a session's lineage: positions [start, end) of its events live under `session_id`."""
-
-    session_id: str
-    start: int
-    end: int | None  # None: open-ended (the session's own tail)
-
-
-def clip_segments(segments: Sequence[Segment], gte: int, lt: int | None, desc: bool) -> Iterator[tuple[str, int, int | None]]:
-    """The part of each segment inside [gte, lt), in read order: (session_id, lo, hi)."""
-    for seg in reversed(segments) if desc else segments:
-        lo = max(gte, seg.start)
-        hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
-        if hi is None or lo < hi:
-            yield seg.session_id, lo, hi
-
-
 class SessionInfo(BaseModel):
     session_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -72,7 +56,7 @@ class SessionInfo(BaseModel):
     forked_at: int | None = Field(None, description="for a fork: it shares the parent's events below this position")
     created_at: datetime
     length: int = 0
-    status: str | None = Field(None, description="the data.status of the latest session.status event")
+    status: str | None = Field(None, description="the data.status of the latest session.status event (a non-string one as its JSON text)")
     lease: dict[str, Any] | None = None
 
 
@@ -194,9 +178,11 @@ class EventStore(ABC):
 
     # Conveniences built on the verbs ------------------------------------------------
 
-    def append_one(self, session_id: str, type: str, data: Any = None, *, expected_position: int | None = None, event_id: str | None = None) -> int:
+    def append_one(
+        self, session_id: str, type: str, data: Any = None, *, expected_position: int | None = None, event_id: str | None = None, lease: int | None = None
+    ) -> int:
         event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
-        return self.append(session_id, [event], expected_position)[0]
+        return self.append(session_id, [event], expected_position, lease=lease)[0]
 
     def length(self, session_id: str) -> int:
         return self.get(session_id).length

@@ -81,6 +81,19 @@ class StoreContract:
         store.append_one(sid, "session.status", {"status": "idle"})
         assert store.get(sid).status == "idle"
 
+    def test_a_status_that_is_not_a_string_is_shown_as_text(self, store):
+        # A session.status event is any JSON; the status a session shows is always text or
+        # null (it is a string field of list_sessions/get_session output), the same on every store.
+        sid = store.create().session_id
+        for raw, shown in ((7, "7"), ({"a": [1]}, '{"a": [1]}'), (None, None), ([True], "[true]"), ("idle", "idle")):
+            store.append_one(sid, "session.status", {"status": raw})
+            listed = next(s for s in store.sessions() if s.session_id == sid)
+            assert (store.get(sid).status, listed.status) == (shown, shown), raw
+        store.append_one(sid, "session.status", {"status": 1.5})
+        assert store.fork(sid, store.get(sid).length).status == "1.5"
+        store.append_one(sid, "session.status", "not an object")
+        assert store.get(sid).status is None
+
     # -- append and select ------------------------------------------------------------
 
     def test_positions_are_dense_from_zero(self, store):

@@ -38,6 +38,17 @@ async def error(client, name, **args) -> str:
     return result.content[0].text
 
 
+async def test_a_non_string_status_does_not_break_the_session_listing(client):
+    sid = (await call(client, "create_session"))["session_id"]
+    for raw in (3, {"state": "odd"}, None):
+        await call(client, "emit_event", session_id=sid, type="session.status", data={"status": raw})
+        listed = await client.call_tool("list_sessions", {})
+        got = await client.call_tool("get_session", {"session_id": sid})
+        assert not listed.is_error and not got.is_error, (listed.content, got.content)
+        status = listed.structured_content["sessions"][0]["status"]
+        assert status == got.structured_content["status"] == (None if raw is None else json.dumps(raw))
+
+
 async def test_tools_and_annotations_are_honest(client):
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == {"create_session", "emit_event", "get_events", "slice", "rewind", "fork", "get_session", "list_sessions"}

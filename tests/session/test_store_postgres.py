@@ -74,6 +74,26 @@ def test_an_old_schema_is_migrated_in_place_keeping_its_data(pg_schema_url):  # 
     assert tokens == [None, lease.token]
 
 
+def test_forks_a_version_2_store_made_read_through_their_lineage(pg_schema_url):  # noqa: F811
+    from corral.servers.session.postgres import MIGRATIONS
+
+    with psycopg.connect(pg_schema_url) as conn:  # version 2 kept no lineage on the row
+        conn.execute("CREATE TABLE corral_schema_version (version INTEGER NOT NULL)")
+        for version in (1, 2):
+            conn.execute(MIGRATIONS[version - 1])
+            conn.execute("INSERT INTO corral_schema_version VALUES (%s)", (version,))
+        for sid, parent, at, length in (("root", None, None, 3), ("fork", "root", 2, 3), ("deeper", "fork", 3, 3)):
+            conn.execute("INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length) VALUES (%s, '{}', %s, %s, %s)", (sid, parent, at, length))
+        for sid, pos in (("root", 0), ("root", 1), ("root", 2), ("fork", 2)):
+            conn.execute("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, 'x.y', %s)", (sid, pos, f"{sid}{pos}", f'{{"i": "{sid}{pos}"}}'))
+    store = open_store(pg_schema_url)
+    try:
+        assert [e.data["i"] for e in store.select("deeper")] == ["root0", "root1", "fork2"]
+        assert store.find_event("deeper", "root1").position == 1 and store.append("deeper", [NewEvent(type="x.y", data={}, event_id="fork2")]) == [2]
+    finally:
+        store.close()
+
+
 def test_a_newer_schema_is_refused_not_downgraded(pg_schema_url):  # noqa: F811
     open_store(pg_schema_url).close()
     with psycopg.connect(pg_schema_url) as conn:
@@ -98,13 +118,11 @@ def test_slices_are_index_seeks(pg_schema_url):  # noqa: F811
     assert "Index Cond" in plan and "corral_events_pkey" in plan and "Seq Scan" not in plan, plan
 
 
-def test_sqlite_only_options_are_accepted_and_ignored(pg_schema_url):  # noqa: F811
-    # `corral run` passes CORRAL_SQLITE_SYNCHRONOUS whatever the store is.
-    store = open_store(pg_schema_url, synchronous="FULL")
-    try:
-        assert store.append(store.create().session_id, [NewEvent(type="user.message", data={})]) == [0]
-    finally:
-        store.close()
+def test_sqlite_only_options_are_refused_not_ignored(pg_schema_url):  # noqa: F811
+    # SessionSettings.open_store passes CORRAL_SQLITE_SYNCHRONOUS to SQLite only; a
+    # durability knob the store would ignore must not look accepted.
+    with pytest.raises(TypeError, match="synchronous"):
+        open_store(pg_schema_url, synchronous="FULL")
 
 
 PAUSE_IN_A_TRANSACTION = """

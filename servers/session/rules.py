@@ -1,0 +1,275 @@
+"""What every store backend decides the same way: pure functions over plain values.
+
+A backend keeps only its SQL (lock the session, look up stored event ids, insert rows,
+select a position range of one session's rows); the rules that make the log an
+append-only, idempotent, forkable log live here, once:
+
+- `plan_append`: positions for a batch, idempotent event ids (also repeated within the
+  batch, and stored in a fork's shared prefix), the `expected_position` check, the status;
+- `fork_lineage` / `clip_segments` / `read_segments`: where a fork's events live;
+- `status_of`: what a `session.status` event makes a session's status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple, TypeVar
+
+from corral.errors import Conflict, InvalidArgument
+from corral.servers.session.store import LeaseLost, NewEvent, SessionInfo, encode_data, new_id
+
+STATUS_EVENT = "session.status"
+T = TypeVar("T")
+
+
+class Segment(NamedTuple):
+    """Part of a session's lineage: positions [start, end) of its events live under `session_id`."""
+
+    session_id: str
+    start: int
+    end: int | None  # None: open-ended (the session's own tail)
+
+
+# -- lineage ----------------------------------------------------------------------------
+#
+# A fork shares its parent's events below `forked_at` without copying them. Where each of a
+# session's positions lives is its lineage: the segments it shares (ancestors' rows, cut at
+# each fork point; kept on the session's row, written once when it is forked) and its own
+# tail. A read loads the shared segments only when it reaches below the session's own rows,
+# so the cost of a call never depends on how deep the fork is.
+
+
+def own_segment(info: SessionInfo) -> Segment:
+    return Segment(info.session_id, info.forked_at or 0, None)
+
+
+def shared_prefix(segments: Iterable[Segment], at: int) -> list[Segment]:
+    """The segments a fork at `at` shares: those below `at`, the last cut there (empty ones dropped)."""
+    return [Segment(s.session_id, s.start, at if s.end is None else min(s.end, at)) for s in segments if s.start < at]
+
+
+def encode_shared(segments: Sequence[Segment]) -> str | None:
+    return json.dumps([list(s) for s in segments], separators=(",", ":")) if segments else None
+
+
+def decode_shared(text: str | None) -> list[Segment]:
+    return [Segment(*s) for s in json.loads(text)] if text else []
+
+
+def backfill_lineages(rows: Iterable[tuple[str, str | None, int | None]]) -> Iterator[tuple[str, str | None]]:
+    """(session_id, encoded shared segments) for rows (session_id, parent, forked_at) in creation order.
+
+    For a database written before lineages were kept on the row: a parent is always
+    created before its forks, so one pass in creation order sees every parent first.
+    """
+    full: dict[str, list[Segment]] = {}
+    for sid, parent, forked_at in rows:
+        shared = shared_prefix(full[parent], forked_at) if forked_at is not None and parent in full else []
+        full[sid] = [*shared, Segment(sid, forked_at or 0, None)]
+        yield sid, encode_shared(shared)
+
+
+@dataclass
+class Lineage:
+    """A session's segments: its own tail, and the shared ones, loaded on first need."""
+
+    own: Segment
+    load_shared: Callable[[], list[Segment]]
+    _shared: list[Segment] | None = None
+
+    def shared(self) -> list[Segment]:
+        if self._shared is None:
+            self._shared = self.load_shared() if self.own.start > 0 else []
+        return self._shared
+
+    def all(self) -> list[Segment]:
+        return [*self.shared(), self.own]
+
+    def ordered(self, gte: int, desc: bool) -> Iterator[Segment]:
+        """The segments a read from `gte` may touch, in read order (the shared ones only if it reaches them)."""
+        below = gte < self.own.start
+        if desc:
+            yield self.own
+            if below:
+                yield from reversed(self.shared())
+        else:
+            if below:
+                yield from self.shared()
+            yield self.own
+
+
+def clip_segments(segments: Iterable[Segment], gte: int, lt: int | None) -> Iterator[tuple[str, int, int | None]]:
+    """The part of each segment inside [gte, lt): (session_id, lo, hi)."""
+    for seg in segments:
+        lo = max(gte, seg.start)
+        hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
+        if hi is None or lo < hi:
+            yield seg.session_id, lo, hi
+
+
+def read_segments(
+    lineage: Lineage,
+    gte: int,
+    lt: int | None,
+    desc: bool,
+    limit: int | None,
+    select_range: Callable[[str, int, int | None, int | None], Iterable[T]],
+) -> list[T]:
+    """Up to `limit` items of [gte, lt) in read order, one `select_range(owner, lo, hi, want)` per segment."""
+    out: list[T] = []
+    for owner, lo, hi in clip_segments(lineage.ordered(gte, desc), gte, lt):
+        want = None if limit is None else limit - len(out)
+        if want is not None and want <= 0:
+            break
+        out.extend(select_range(owner, lo, hi, want))
+    return out
+
+
+def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, want: int | None, types: Sequence[str] | None, desc: bool) -> tuple[str, list[Any]]:
+    """The SQL (with `mark` placeholders) and parameters for one owner's rows in [lo, hi): an index range scan."""
+    sql = f"{select} WHERE session_id = {mark} AND position >= {mark}"
+    params: list[Any] = [owner, lo]
+    if hi is not None:
+        sql += f" AND position < {mark}"
+        params.append(hi)
+    if types:
+        sql += f" AND type IN ({', '.join([mark] * len(types))})"
+        params.extend(types)
+    sql += " ORDER BY position DESC" if desc else " ORDER BY position"
+    if want is not None:
+        sql += f" LIMIT {mark}"
+        params.append(want)
+    return sql, params
+
+
+def plan_fork(source: SessionInfo, lineage: Lineage, at: int, select_status: Callable[[str, int, int | None, int | None], Iterable[Any]]) -> tuple[str | None, str | None]:
+    """A fork of `source` at `at`: its shared segments (encoded) and the status it starts with."""
+    if not 0 <= at <= source.length:
+        raise InvalidArgument(f"fork position {at} is out of range: session {source.session_id} has {source.length} events (0..{source.length})")
+    if at == source.length:
+        status = source.status
+    else:
+        last = read_segments(lineage, 0, at, True, 1, select_status)
+        status = status_of(last[0].data) if last else None
+    return encode_shared(shared_prefix(lineage.all(), at) if at else []), status
+
+
+def sessions_query(select: str, mark: str, parent: str | None, order: str, limit: int, *, parent_column: str = "parent") -> tuple[str, list[Any]]:
+    """The SQL and parameters listing sessions (a parent's only, if given), newest first."""
+    sql, params = select, []
+    if parent is not None:
+        sql += f" WHERE {parent_column} = {mark}"
+        params.append(parent)
+    return f"{sql} ORDER BY {order} DESC LIMIT {mark}", [*params, limit]
+
+
+def info_from_row(row: Sequence[Any], when: Callable[[Any], datetime]) -> SessionInfo:
+    """A session row (id, metadata, parent, forked_at, created_at, length, status, lease owner, token, expiry)."""
+    sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
+    lease = None if owner is None else {"worker": owner, "token": token, "expires_at": when(expires).isoformat()}
+    return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=when(created_at), length=length, status=status, lease=lease)
+
+
+def visible(segments: Sequence[Segment], owner: str, position: int) -> bool:
+    """Whether `owner`'s row at `position` is part of this lineage (a fork hides what its parent wrote later)."""
+    return any(s.session_id == owner and s.start <= position and (s.end is None or position < s.end) for s in segments)
+
+
+def first_visible(segments: Sequence[Segment], rows: Iterable[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """event_id -> row, for rows `(owner, position, event_id, ...)` that this lineage shows."""
+    found: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        if visible(segments, row[0], row[1]):
+            found.setdefault(row[2], row)
+    return found
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def status_of(data: Any) -> str | None:
+    """What a session.status event with `data` makes the session's status."""
+    if not isinstance(data, dict):
+        return None
+    value = data.get("status")
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+# -- append ------------------------------------------------------------------------------
+
+
+@dataclass
+class AppendPlan:
+    """What an append writes: `rows` (position, event_id, type, data) at the end; `positions` for the caller."""
+
+    positions: list[int]
+    rows: list[tuple[int, str, str, str]] = field(default_factory=list)
+    status: str | None = None  # the session's status once the rows are in
+    length: int = 0  # the session's length once the rows are in
+
+
+def encode_batch(events: Sequence[NewEvent], expected_position: int | None, limit: int) -> list[tuple[NewEvent, str]]:
+    """Each event with its JSON, refusing the whole batch if any event or the position is bad."""
+    if expected_position is not None and expected_position < 0:
+        raise InvalidArgument(f"expected_position {expected_position} is negative")
+    return [(e, encode_data(e.data, limit)) for e in events]
+
+
+def lease_holder(info: SessionInfo) -> tuple[str | None, int]:
+    """The session's lease as `check_lease` takes it: (owner, token); (None, 0) when nobody holds it."""
+    held = info.lease
+    return (None, 0) if held is None else (held["worker"], held["token"])
+
+
+def check_lease(session_id: str, token: int, holder: str | None, current: int) -> None:
+    """Refuse a write under lease `token` when the session's lease (`holder`, `current`) is another."""
+    if holder is None or current != token:
+        now = "nobody" if holder is None else f"{holder} (lease {current})"
+        raise LeaseLost(f"lease {token} on session {session_id} is no longer held (now: {now}); nothing was written")
+
+
+def given_ids(events: Sequence[NewEvent]) -> list[str]:
+    """The idempotency keys a batch carries: the backend looks these up before planning."""
+    return [e.event_id for e in events if e.event_id is not None]
+
+
+def plan_append(
+    session_id: str,
+    encoded: Sequence[tuple[NewEvent, str]],
+    prior: Mapping[str, int],
+    *,
+    length: int,
+    status: str | None,
+    expected_position: int | None,
+) -> AppendPlan:
+    """Plan an append of `encoded` (event, its JSON) to a session of `length` events.
+
+    `prior` maps the batch's event ids already stored in the session's lineage to their
+    positions: those are not written again. A repeat within the batch gets its first
+    occurrence's position. If anything is new and `expected_position` is not the length,
+    `Conflict` (the caller writes nothing).
+    """
+    positions = [-1] * len(encoded)
+    first: dict[str, int] = {}  # event_id -> index of its first occurrence in the batch
+    plan = AppendPlan(positions, status=status, length=length)
+    for i, (event, data) in enumerate(encoded):
+        eid = event.event_id
+        if eid is not None and eid in first:
+            positions[i] = positions[first[eid]]
+            continue
+        if eid is not None:
+            first[eid] = i
+            if eid in prior:
+                positions[i] = prior[eid]
+                continue
+        positions[i] = plan.length
+        plan.rows.append((plan.length, eid or new_id("evt_"), event.type, data))
+        plan.length += 1
+        if event.type == STATUS_EVENT:
+            plan.status = status_of(event.data)
+    if plan.rows and expected_position is not None and expected_position != length:
+        raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
+    return plan
