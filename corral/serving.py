@@ -34,6 +34,7 @@ from corral.servers import SERVER_MODULES
 
 if TYPE_CHECKING:
     from corral.servers.sandbox.config import SandboxSettings
+    from corral.servers.session import EventStore
 
 __all__ = ["Built", "bind", "build_servers", "serve_until_stopped"]
 
@@ -47,8 +48,8 @@ GRACEFUL_S = 5
 @dataclass
 class Built:
     servers: dict[str, MCPServer] = field(default_factory=dict)
-    store: Any = None  # the session store, shared with the viewer
-    closers: list[Callable[[], Any]] = field(default_factory=list)
+    store: EventStore | None = None  # the session store, shared with the viewer; the session server's lifespan closes it
+    closers: list[Callable[[], Any]] = field(default_factory=list)  # what has no lifespan yet: the git gateway
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -60,8 +61,7 @@ def _build_session(built: Built) -> MCPServer:
     from corral.servers.session.server import build_server
 
     built.store = SessionSettings().open_store()
-    built.closers.append(built.store.close)
-    return build_server(built.store)
+    return build_server(built.store, owns_store=True)  # its lifespan closes it, after the viewer's last request
 
 
 def _build_sandbox(built: Built) -> MCPServer:

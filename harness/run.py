@@ -26,7 +26,7 @@ from corral.harness.local import Subagents, TodoTools
 from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from corral.harness.view import View
-from corral.servers.session import EventStore, open_store
+from corral.servers.session import EventStore
 
 SYSTEM = """\
 You are an autonomous agent driven by Corral's reference harness. Your session id is {session_id}.
@@ -53,7 +53,7 @@ class Outcome:
 
 
 def open_harness_store(settings: HarnessSettings) -> EventStore:
-    store = open_store(settings.store_url(), max_event_bytes=settings.max_event_bytes, synchronous=settings.sqlite_synchronous)
+    store = settings.open_store()
     return KillAfterAppends(store, settings.kill_after_appends) if settings.kill_after_appends else store  # type: ignore[return-value]
 
 
@@ -107,7 +107,7 @@ async def run_session(
 
 async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, model: ModelClient, *, task: str | None, resumed: bool,
                view: View, env: dict[str, str] | None, first_send: anyio.Event) -> Outcome:
-    config = AgentConfig(settings.model, settings.max_tokens, settings.context_budget_tokens, settings.max_turns, settings.model_retries, settings.retry_base_s)
+    config = AgentConfig.of(settings)
     logs = settings.data_dir() / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():
