@@ -31,7 +31,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from corral.errors import CorralError, InvalidArgument
-from corral.servers.http_guard import HTTPGuard
+from corral.servers.http_guard import HTTPGuard, viewer_cookie
 from corral.servers.stdio_pipes import serve_stdio
 
 __all__ = ["http_app", "parse_host_port", "serve", "tool", "transport_security"]
@@ -135,7 +135,7 @@ def http_app(
 
     Every request first passes the Host/Origin check (421/403), then the bearer token
     (401) unless its path is in `open_paths`; `cookie_paths` (the read-only viewer) also
-    accept the token from the `corral_token` cookie. The servers' session managers run in
+    accept a viewer session cookie (`corral_viewer_PORT`, set by `?token=`; see http_guard). The servers' session managers run in
     the app's lifespan, which the SDK would not do for mounted sub-apps.
     """
     security = transport_security(host, port)
@@ -152,7 +152,7 @@ def http_app(
             yield
 
     app = Starlette(routes=[*routes, Route("/healthz", _healthz), *children], lifespan=lifespan)
-    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths)  # type: ignore[return-value]
+    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths, cookie_name=viewer_cookie(port))  # type: ignore[return-value]
 
 
 async def _healthz(_: Request) -> Response:
