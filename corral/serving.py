@@ -31,6 +31,7 @@ from corral import mcp_config
 from corral.auth import token_path
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers import SERVER_MODULES
+from corral.servers.http_limits import uvicorn_limits
 
 if TYPE_CHECKING:
     from corral.servers.sandbox.config import SandboxSettings
@@ -196,7 +197,7 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
 
 
 async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path) -> str | None:
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on", **uvicorn_limits())
     server = _Uvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():

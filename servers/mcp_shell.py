@@ -173,6 +173,8 @@ def serve(server: MCPServer, http: str | None = None, *, token: str | None = Non
         return
     import uvicorn
 
+    from corral.servers.http_limits import uvicorn_limits
+
     host, port = parse_host_port(http)
     app = http_app({"": server}, host=host, port=port, token=token)
     if token is None:  # say it where the operator looks: stdout is free over HTTP, stderr is the log
@@ -182,4 +184,4 @@ def serve(server: MCPServer, http: str | None = None, *, token: str | None = Non
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, **uvicorn_limits())
