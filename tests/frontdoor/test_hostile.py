@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import time
+from pathlib import Path
 
 import httpx
 
+from corral.servers.session import SessionSettings
 from tests.conftest import free_port
-from tests.frontdoor.conftest import start_up, token_of
+from tests.frontdoor.conftest import UpProcess, corral, start_up, token_of
 
 FLOOD = 1100  # more than the 1024 descriptors a process usually may open
 HALF_HEAD = b"GET /sessions.json HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # and then nothing, ever
@@ -61,3 +64,63 @@ def test_slow_half_heads_neither_lock_out_token_holders_nor_flood_the_log(corral
     assert 1 <= len(notices) <= 2, up.output  # said once, not once per connection
     assert "Traceback" not in up.output and "out of system resource" not in up.output, up.output
 
+
+def deep(levels: int) -> object:
+    value: object = "bottom"
+    for _ in range(levels):
+        value = {"content": [value]}
+    return value
+
+
+# Each of these once made the viewer's events.json answer 500 from that event on, or
+# `corral sessions show`/`list` exit 1 (rich markup, a JSON parser's stack, a join of names).
+HOSTILE = [
+    ("agent.tool_result", {"tool_use_id": "t1", "content": "[" * 2000}),  # a subagent summary the model wrote
+    ("agent.message", {"text": "[" * 2000}),
+    ("agent.tool_use", {"id": "t2", "name": 7, "input": {"n": 1}}),
+    ("agent.tool_result", {"tool_use_id": "t2", "name": 7, "content": [{"type": "text", "text": "{" * 2000}]}),
+    ("session.tools", {"tools": [{"name": 7}, {"name": None}]}),
+    ("agent.message", deep(400)),  # 800 levels of JSON
+    ("custom.thing", deep(400)),
+    ("span.model_request", {"usage": {"input_tokens": "many"}, "latency_ms": "slow"}),
+    ("session.status", {"status": "[/bold] idle", "reason": "[red]x[/blue]"}),
+    ("agent.message", {"text": "still readable after all that"}),
+]
+
+
+def hostile_session(home: Path) -> str:
+    store = SessionSettings(home=home).open_store()
+    try:
+        sid = store.create({"title": "[/bold] hostile [link=x]"}).session_id
+        for type_, data in HOSTILE:
+            store.append_one(sid, type_, data)
+        return sid
+    finally:
+        store.close()
+
+
+def test_hostile_events_do_not_break_sessions_show_or_list(corral_env: dict[str, str]) -> None:
+    sid = hostile_session(Path(corral_env["CORRAL_HOME"]))
+    shown = corral("sessions", "show", sid, env={**corral_env, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "still readable after all that" in shown.stdout and "[/bold] idle" in shown.stdout
+    as_json = corral("sessions", "show", sid, "--json", env=corral_env)
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [e["type"] for e in lines] == [t for t, _ in HOSTILE]
+    assert lines[0]["data"]["content"] == "[" * 2000  # data is printed, not summarised
+    listed = corral("sessions", "list", env={**corral_env, "COLUMNS": "200"})
+    assert listed.returncode == 0 and "[/bold] hostile" in listed.stdout, listed.stderr
+
+
+def test_hostile_events_do_not_break_the_viewer(up: UpProcess) -> None:
+    sid = hostile_session(Path(up.env["CORRAL_HOME"]))
+    with httpx.Client(base_url=up.base, timeout=10, headers={"Authorization": f"Bearer {token_of(up.env)}"}) as http:
+        answer = http.get(f"/sessions/{sid}/events.json")
+        assert answer.status_code == 200, answer.text
+        events = answer.json()["events"]
+        assert [e["type"] for e in events] == [t for t, _ in HOSTILE]
+        assert events[-1]["text"] == "still readable after all that"
+        assert all(len(e["text"]) <= 600 for e in events)  # clipped, whatever the data
+        listing = http.get("/sessions.json")
+        assert listing.status_code == 200 and any(s["session_id"] == sid for s in listing.json()["sessions"])
