@@ -189,7 +189,7 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
     lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
     entries = mcp_config.http_entries(base, token, built.servers)
     lines.append("\nClaude Code:")
-    lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user")]
+    lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user", home)]
     lines.append("Any MCP client (streamable HTTP):")
     lines.append(json.dumps({"mcpServers": entries}, indent=2))
     lines.append("Press Ctrl-C to stop.")
