@@ -49,6 +49,7 @@ GRACEFUL_S = 5
 @dataclass
 class Built:
     servers: dict[str, MCPServer] = field(default_factory=dict)
+    max_file_bytes: int | None = None  # the sandbox's largest write_file: the HTTP body cap follows it
     store: EventStore | None = None  # the session store, shared with the viewer; the session server's lifespan closes it
     closers: list[Callable[[], Any]] = field(default_factory=list)  # what has no lifespan yet: the git gateway
 
@@ -73,6 +74,7 @@ def _build_sandbox(built: Built) -> MCPServer:
     if "credentials" in built.servers:  # the git gateway runs in this process: sandboxes get its socket
         settings = with_git_gateway(settings)
     server, _service = build_server(settings)
+    built.max_file_bytes = settings.sandbox_max_file_bytes
     return server
 
 

@@ -56,7 +56,7 @@ def _up(args: argparse.Namespace) -> int:
         raise
     try:
         routes = viewer_routes(built.store) if built.store is not None else []
-        app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS)
+        app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS, max_file_bytes=built.max_file_bytes)
         stopped_by = asyncio.run(serve_until_stopped(app, sock, built, base, token, home))
     finally:
         built.close()

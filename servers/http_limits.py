@@ -21,6 +21,11 @@ BACKLOG            connections the kernel queues before we accept them (uvicorn'
                    before any of them runs, so it bounds what the cap can overshoot:
                    512 + 128 stays under 1024 descriptors.
 
+The request BODY cap (the MCP SDK's is 4 MiB) is `request_bytes_for(max_file_bytes)`: what
+a `write_file` of the sandbox's largest file needs in base64, so that every transport
+refuses an oversized file the same way (invalid_argument), not HTTP with a bare 413. The
+guard checks the token before any body is read, so only token holders can send one.
+
 h11's own cap on a request head (16 KiB, uvicorn's default) bounds the memory each holds.
 Kept apart from `http_guard.py` so that a stdio server never imports uvicorn.
 """
@@ -35,13 +40,19 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["GuardedH11", "uvicorn_limits"]
+__all__ = ["GuardedH11", "request_bytes_for", "uvicorn_limits"]
 
 HEADER_TIMEOUT_S = 10.0
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 512
 BACKLOG = 128
 NOTICE_EVERY_S = 60.0
+ENVELOPE_BYTES = 1 << 20  # JSON-RPC envelope and the other arguments around the file's content
+
+
+def request_bytes_for(max_file_bytes: int) -> int:
+    """The largest HTTP body to accept: a base64 `write_file` of `max_file_bytes` (4 bytes per 3) plus its envelope."""
+    return 4 * -(-max_file_bytes // 3) + ENVELOPE_BYTES
 
 _log = logging.getLogger("corral.http")
 

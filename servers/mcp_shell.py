@@ -130,6 +130,7 @@ def http_app(
     routes: Sequence[BaseRoute] = (),
     open_paths: Sequence[str] = ("/healthz",),
     cookie_paths: Sequence[str] = (),
+    max_file_bytes: int | None = None,
 ) -> Starlette:
     """One ASGI app serving each server in `mounts` at `/NAME/mcp` (or `/mcp` for NAME "").
 
@@ -138,10 +139,15 @@ def http_app(
     accept a viewer session cookie (`corral_viewer_PORT`, set by `?token=`; see http_guard). The servers' session managers run in
     the app's lifespan, which the SDK would not do for mounted sub-apps.
     """
+    from corral.servers.http_limits import request_bytes_for  # uvicorn: only when serving HTTP
+    from corral.servers.sandbox.config import SandboxSettings
+
+    # Bodies as large as the sandbox's largest write_file (`max_file_bytes`, default the setting's default).
+    body = request_bytes_for(max_file_bytes or SandboxSettings.model_fields["sandbox_max_file_bytes"].default)
     security = transport_security(host, port)
     children: list[BaseRoute] = []
     for name, server in mounts.items():
-        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
+        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host, max_request_body_size=body)
         children.append(Mount(f"/{name}", app=sub) if name else Mount("/", app=sub))
 
     @contextlib.asynccontextmanager
