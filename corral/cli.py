@@ -15,6 +15,7 @@ import sys
 from pydantic import ValidationError
 
 from corral import __version__
+from corral.config import CoreSettings
 from corral.errors import CorralError
 
 # Areas that add subcommands, in the order `corral --help` lists them.
@@ -46,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # psycopg's pool logs every failed connect attempt; the store reports the outcome as one line.
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     try:
+        _logging()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("corral: interrupted", file=sys.stderr)
@@ -71,12 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _logging() -> None:
+    """CORRAL_LOG_LEVEL, applied here once for every command (a bad value is one invalid_argument line)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(CoreSettings().log_level)
+    # psycopg's pool logs every failed connect attempt; the store reports the outcome as one line.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
 def _setting_error(err: ValidationError) -> str:
     """A bad CORRAL_* variable as one line naming the variable (settings are read from the environment)."""
     first = err.errors()[0]
     name = str(first["loc"][0]) if first["loc"] else "?"
     var = name if name.isupper() else f"CORRAL_{name.upper()}"
-    return f"invalid_argument: invalid setting {var}={first.get('input')!r}: {first['msg']} (fix or unset {var})"
+    return f"invalid_argument: invalid setting {var}={first.get('input')!r}: {first['msg'].removeprefix('Value error, ')} (fix or unset {var})"
 
 
 if __name__ == "__main__":

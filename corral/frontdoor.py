@@ -20,7 +20,7 @@ class UpSettings(CoreSettings):
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
 
     up_host: str = Field("127.0.0.1", description="address `corral up` listens on (loopback unless you mean it)")
-    up_port: int = Field(8750, ge=1, le=65535, description="port `corral up` listens on")
+    up_port: int = Field(8750, ge=0, le=65535, description="port `corral up` listens on (0: any free port)")
 
     def base_url(self, host: str | None = None, port: int | None = None) -> str:
         h = host or self.up_host

@@ -3,8 +3,14 @@
 Prints the exact client configuration for this install: the absolute path of the
 `corral` that runs this command, `corral serve NAME` over stdio by default, or the
 `corral up` URLs with the bearer token (`--http`). `--apply` writes it: Claude Desktop's
-config file is merged (other servers kept, a backup of the old file beside it); Claude
-Code gets `claude mcp add` per server.
+config file is merged (other servers kept, a backup of the old file beside it, both
+0600); Claude Code gets `claude mcp add` per server.
+
+No secret goes into a file or onto a command line. Claude Code reads the bearer token at
+connect time through a `headersHelper` (`corral mcp-config auth-header`, which reads
+$CORRAL_HOME/token), and a database password in CORRAL_SESSION_STORE/CORRAL_QUEUE_URL
+becomes a `${VAR}` reference that Claude Code expands from its own environment; Claude
+Desktop expands nothing, so there the password is left out (libpq reads ~/.pgpass).
 """
 
 from __future__ import annotations
@@ -16,15 +22,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import SERVER_MODULES, UpSettings
 
-__all__ = ["claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
+__all__ = ["auth_header_command", "claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
 
 PREFIX = "corral-"
 # Settings that a launched server must see to use the same data dir and backends as
@@ -36,7 +43,8 @@ CLAUDE_TIMEOUT_S = 60
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mcp-config", help="print (or apply) the MCP client configuration for this install", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("client", choices=["claude-desktop", "claude-code", "json"], help="which client's format")
+    p.add_argument("client", choices=["claude-desktop", "claude-code", "json", "auth-header"],
+                   help="which client's format (auth-header: print the bearer header as JSON, for a client's headersHelper)")
     p.add_argument("--http", action="store_true", help="point at `corral up` (URL + bearer token) instead of launching stdio servers")
     p.add_argument("--apply", action="store_true", help="write it: merge into Claude Desktop's config file, or run `claude mcp add`")
     p.add_argument("--config-file", type=Path, help="Claude Desktop config file (default: the platform's usual place)")
@@ -55,8 +63,45 @@ def corral_command() -> list[str]:
     return [sys.executable, "-m", "corral.cli"]
 
 
-def passed_env(environ: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in sorted(environ.items()) if k.startswith("CORRAL_") and not any(w in k for w in SECRET_WORDS)}
+def passed_env(environ: dict[str, str], *, expands: bool, warn: Callable[[str], None]) -> dict[str, str]:
+    """The CORRAL_* settings a launched server needs, without secrets: names that look secret
+    stay out; a URL carrying a password becomes `${NAME}` (`expands`: the client expands it
+    from its own environment) or loses the password."""
+    env: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith("CORRAL_") or any(w in name for w in SECRET_WORDS):
+            continue
+        if _password_of(value) is None:
+            env[name] = value
+        elif expands:
+            env[name] = f"${{{name}}}"
+            warn(f"{name} holds a password: the config refers to it as ${{{name}}}; set {name} where the client runs (or use ~/.pgpass)")
+        else:
+            env[name] = _without_password(value)
+            warn(f"{name} holds a password, which this client's config file would keep in plain text: left it out; put it in ~/.pgpass (chmod 600)")
+    return env
+
+
+def _password_of(value: str) -> str | None:
+    try:
+        return urlsplit(value).password if "://" in value else None
+    except ValueError:
+        return None
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
+
+
+def auth_header_command(home: Path) -> str:
+    """A shell command printing `{"Authorization": "Bearer <token>"}` from the token file:
+    Claude Code's `headersHelper`, run at connect time, so the token is never written down."""
+    return shlex.join(["env", f"CORRAL_HOME={home}", *corral_command(), "mcp-config", "auth-header"])
 
 
 def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -97,20 +142,28 @@ def merge_desktop_config(path: Path, entries: dict[str, dict[str, Any]]) -> None
             raise InvalidArgument(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); left it untouched", hint="fix or move that file, then run this again") from err
         if not isinstance(config, dict) or not isinstance(config.get("mcpServers", {}), dict):
             raise InvalidArgument(f"{path} does not hold a JSON object with an mcpServers object; left it untouched", hint="fix or move that file, then run this again")
-        path.with_name(path.name + ".bak").write_text(text, encoding="utf-8")
+        _write_private(path.with_name(path.name + ".bak"), text)
     config.setdefault("mcpServers", {}).update(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_private(tmp, json.dumps(config, indent=2) + "\n")
     tmp.replace(path)  # atomic: Claude Desktop never reads half a file
 
 
-def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str) -> list[list[str]]:
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` readable by its owner only (0600), whatever the umask or the old file's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str, home: Path) -> list[list[str]]:
     commands = []
     for name, entry in entries.items():
-        if entry.get("type") == "http":
-            header = next(iter(entry["headers"].items()))
-            commands.append(["claude", "mcp", "add", "--scope", scope, "--transport", "http", name, entry["url"], "--header", f"{header[0]}: {header[1]}"])
+        if entry.get("type") == "http":  # the token comes from the helper, never from argv or the config file
+            config = {"type": "http", "url": entry["url"], "headersHelper": auth_header_command(home)}
+            commands.append(["claude", "mcp", "add-json", "--scope", scope, name, json.dumps(config)])
         else:
             envs = [arg for k, v in entry.get("env", {}).items() for arg in ("-e", f"{k}={v}")]
             # NAME before `-e`: `-e` takes several values and would swallow it.
@@ -123,7 +176,7 @@ def apply_claude_code(commands: list[list[str]], scope: str) -> None:
     if claude is None:
         raise Unavailable("the Claude Code CLI (`claude`) is not on PATH", hint="install it (npm install -g @anthropic-ai/claude-code) or run the printed commands yourself")
     for cmd in commands:
-        name = cmd[cmd.index("--transport") + 2] if "--transport" in cmd else cmd[cmd.index("--scope") + 2]
+        name = cmd[cmd.index("--scope") + 2]
         # Replace, not duplicate: `claude mcp add` refuses a name that exists.
         _claude([claude, "mcp", "remove", "--scope", scope, name], check=False)
         _claude([claude, *cmd[1:]], check=True)
@@ -140,16 +193,26 @@ def _claude(cmd: list[str], *, check: bool) -> None:
         raise Unavailable(f"`{shlex.join(cmd[:5])} ...` failed: {why[-1] if why else 'exit ' + str(done.returncode)}", hint="run the printed commands yourself")
 
 
+def _warn(message: str) -> None:
+    print(f"corral: note: {message}", file=sys.stderr)
+
+
 def _main(args: argparse.Namespace) -> int:
     settings = UpSettings()
+    if args.client == "auth-header":
+        print(json.dumps({"Authorization": f"Bearer {load_or_create_token(settings.data_dir())}"}))
+        return 0
     if args.http and args.client == "claude-desktop":
         raise InvalidArgument(
             "Claude Desktop's config file launches local (stdio) servers; it does not take a URL and header",
             hint="drop --http (Claude Desktop will start `corral serve ...` itself), or add the URL in Claude Desktop's connector settings",
         )
-    entries = server_entries(http=args.http, settings=settings, env=passed_env(dict(os.environ)))
+    env = passed_env(dict(os.environ), expands=args.client != "claude-desktop", warn=_warn)
+    entries = server_entries(http=args.http, settings=settings, env=env)
     if args.client == "claude-code":
-        commands = claude_code_commands(entries, args.scope)
+        if args.scope == "project":
+            _warn("project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's")
+        commands = claude_code_commands(entries, args.scope, settings.data_dir())
         if args.apply:
             apply_claude_code(commands, args.scope)
         else:
@@ -162,5 +225,7 @@ def _main(args: argparse.Namespace) -> int:
         merge_desktop_config(path, entries)
         print(f"wrote {', '.join(entries)} to {path}; restart Claude Desktop to load them")
         return 0
+    if args.http:
+        _warn("this output carries the bearer token: keep it out of shared files (for Claude Code, `corral mcp-config claude-code --http` keeps it out of its config)")
     print(json.dumps({"mcpServers": entries}, indent=2))
     return 0

@@ -31,9 +31,11 @@ from corral import mcp_config
 from corral.auth import token_path
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers import SERVER_MODULES
+from corral.servers.http_limits import uvicorn_limits
 
 if TYPE_CHECKING:
     from corral.servers.sandbox.config import SandboxSettings
+    from corral.servers.session import EventStore
 
 __all__ = ["Built", "bind", "build_servers", "serve_until_stopped"]
 
@@ -47,8 +49,9 @@ GRACEFUL_S = 5
 @dataclass
 class Built:
     servers: dict[str, MCPServer] = field(default_factory=dict)
-    store: Any = None  # the session store, shared with the viewer
-    closers: list[Callable[[], Any]] = field(default_factory=list)
+    max_file_bytes: int | None = None  # the sandbox's largest write_file: the HTTP body cap follows it
+    store: EventStore | None = None  # the session store, shared with the viewer; the session server's lifespan closes it
+    closers: list[Callable[[], Any]] = field(default_factory=list)  # what has no lifespan yet: the git gateway
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -60,8 +63,7 @@ def _build_session(built: Built) -> MCPServer:
     from corral.servers.session.server import build_server
 
     built.store = SessionSettings().open_store()
-    built.closers.append(built.store.close)
-    return build_server(built.store)
+    return build_server(built.store, owns_store=True)  # its lifespan closes it, after the viewer's last request
 
 
 def _build_sandbox(built: Built) -> MCPServer:
@@ -72,6 +74,7 @@ def _build_sandbox(built: Built) -> MCPServer:
     if "credentials" in built.servers:  # the git gateway runs in this process: sandboxes get its socket
         settings = with_git_gateway(settings)
     server, _service = build_server(settings)
+    built.max_file_bytes = settings.sandbox_max_file_bytes
     return server
 
 
@@ -188,7 +191,7 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
     lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
     entries = mcp_config.http_entries(base, token, built.servers)
     lines.append("\nClaude Code:")
-    lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user")]
+    lines += ["  " + shlex.join(c) for c in mcp_config.claude_code_commands(entries, "user", home)]
     lines.append("Any MCP client (streamable HTTP):")
     lines.append(json.dumps({"mcpServers": entries}, indent=2))
     lines.append("Press Ctrl-C to stop.")
@@ -196,7 +199,7 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
 
 
 async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path) -> str | None:
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on", **uvicorn_limits())
     server = _Uvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():

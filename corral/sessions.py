@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from corral.servers.session import Event
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +49,8 @@ def _list(args: argparse.Namespace) -> int:
         lease = s.lease.get("worker", "") if s.lease else ""
         title = str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
         parent = (s.parent or "") + (f"@{s.forked_at}" if s.forked_at is not None else "")
-        table.add_row(s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), s.status or "", parent, lease, title)
+        cells = (s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), str(s.status or ""), parent, str(lease), title)
+        table.add_row(*map(Text, cells))  # Text, not str: stored values are data, never rich markup
     Console(width=200).print(table) if sessions else print("no sessions yet")
     return 0
 
@@ -56,12 +61,12 @@ def _show(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     if not args.json:
         origin = f", forked from {info.parent} at {info.forked_at}" if info.forked_at is not None else (f", child of {info.parent}" if info.parent else "")
-        console.print(f"[bold]{info.session_id}[/]  {info.length} events, status {info.status or '-'}{origin}")
+        console.print(Text.assemble((info.session_id, "bold"), f"  {info.length} events, status {info.status or '-'}{origin}"))
     after, events = 0, []
     while True:
         page = store.select(args.session_id, gte=after, limit=500)
         for event in page:
-            print(event.model_dump_json()) if args.json else events.append(event)
+            print(event_json(event)) if args.json else events.append(event)
         if len(page) < 500:
             break
         after = page[-1].position + 1
@@ -70,6 +75,18 @@ def _show(args: argparse.Namespace) -> int:
 
         console.print(render_timeline(events))
     return 0
+
+
+def event_json(event: Event) -> str:
+    """One event as a JSON line; data nested too deep for an encoder's stack is printed as bounded text."""
+    from corral.viewer.summary import compact
+
+    fields = event.model_dump(mode="json", exclude={"data"})
+    try:
+        data = json.dumps(event.data, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        data = json.dumps(compact(event.data))
+    return json.dumps(fields, ensure_ascii=False)[:-1] + f', "data": {data}}}'
 
 
 def _tail(args: argparse.Namespace) -> int:

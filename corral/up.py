@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
 import sys
 
 from corral import mcp_config
@@ -33,10 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    settings = UpSettings()
-    host = _loopback(args.host or settings.up_host)
-    port = settings.up_port if args.port is None else args.port
-    _log_level(settings.log_level)
+    overrides = {"up_host": args.host, "up_port": args.port}
+    settings = UpSettings(**{k: v for k, v in overrides.items() if v is not None})  # flags win over CORRAL_UP_*
+    host = _loopback(settings.up_host)
+    port = settings.up_port
     home = settings.data_dir()
     token = load_or_create_token(home)
     from corral.serving import (  # the SDK and uvicorn: only when serving
@@ -57,21 +56,13 @@ def _up(args: argparse.Namespace) -> int:
         raise
     try:
         routes = viewer_routes(built.store) if built.store is not None else []
-        app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS)
+        app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS, max_file_bytes=built.max_file_bytes)
         stopped_by = asyncio.run(serve_until_stopped(app, sock, built, base, token, home))
     finally:
         built.close()
         sock.close()
     print(f"corral up: stopped{f' ({stopped_by})' if stopped_by else ''}", file=sys.stderr, flush=True)
     return 0
-
-
-def _log_level(name: str) -> None:
-    """CORRAL_LOG_LEVEL for all three servers (the CLI's default is WARNING)."""
-    level = logging.getLevelName(name.upper())
-    if not isinstance(level, int):
-        raise InvalidArgument(f"CORRAL_LOG_LEVEL={name!r} is not a log level", hint="use DEBUG, INFO, WARNING or ERROR")
-    logging.getLogger().setLevel(level)
 
 
 def _loopback(host: str) -> str:

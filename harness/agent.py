@@ -30,6 +30,7 @@ import anyio
 
 from corral.errors import CorralError
 from corral.harness import events as E
+from corral.harness.config import HarnessSettings
 from corral.harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
 from corral.harness.events import SessionLog, WriterLost, ev
 from corral.harness.model import ContextWindowExceeded, ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
@@ -42,14 +43,31 @@ INTERRUPTED = (
 )
 
 
+def _default(name: str) -> Any:
+    return HarnessSettings.model_fields[name].default
+
+
 @dataclass
 class AgentConfig:
-    model: str = "claude-sonnet-4-6"
-    max_tokens: int = 8192
-    context_budget_tokens: int = 150_000
-    max_turns: int = 200
-    retries: int = 5
-    retry_base_s: float = 1.0
+    """The loop's knobs. Their defaults are `HarnessSettings`' (one copy); `of()` takes them from settings."""
+
+    model: str = _default("model")
+    max_tokens: int = _default("max_tokens")
+    context_budget_tokens: int = _default("context_budget_tokens")
+    max_turns: int = _default("max_turns")
+    retries: int = _default("model_retries")
+    retry_base_s: float = _default("retry_base_s")
+
+    @classmethod
+    def of(cls, settings: HarnessSettings) -> AgentConfig:
+        return cls(
+            model=settings.model,
+            max_tokens=settings.max_tokens,
+            context_budget_tokens=settings.context_budget_tokens,
+            max_turns=settings.max_turns,
+            retries=settings.model_retries,
+            retry_base_s=settings.retry_base_s,
+        )
 
 
 @dataclass

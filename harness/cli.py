@@ -48,9 +48,7 @@ def _go(args: argparse.Namespace, *, task: str | None, session_id: str | None) -
     from corral.harness.run import run_session
     from corral.harness.view import RichView
 
-    settings = HarnessSettings()
-    if args.model:
-        settings.model = args.model
+    settings = HarnessSettings(**({"model": args.model} if args.model else {}))  # the flag wins over CORRAL_MODEL
     if not settings.anthropic_api_key:
         raise InvalidArgument("ANTHROPIC_API_KEY is not set", hint="export ANTHROPIC_API_KEY=sk-ant-...; ANTHROPIC_BASE_URL points at a gateway if you use one")
     view = RichView()

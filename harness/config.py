@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from corral.servers.session.config import SessionSettings
 
@@ -36,13 +37,15 @@ class HarnessSettings(SessionSettings):
         "token of a full context window (tens of seconds), far below the SDK's 10 minutes",
     )
 
-    servers: str = Field(",".join(DEFAULT_SERVERS), description="comma-separated MCP servers the harness connects to")
-    sandbox_url: str = Field("", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio")
-    session_url: str = Field("", description="streamable HTTP URL of the session server; empty: stdio")
-    credentials_url: str = Field("", description="streamable HTTP URL of the credential proxy; empty: stdio")
     extra_servers: dict[str, str] = Field(
         default_factory=dict, description='JSON object name -> URL or command line of further MCP servers, e.g. {"git": "uvx mcp-server-git"}'
     )
+    servers: Annotated[list[str], NoDecode] = Field(
+        list(DEFAULT_SERVERS), description="comma-separated MCP servers the harness connects to (of sandbox, session, credentials and CORRAL_EXTRA_SERVERS)"
+    )
+    sandbox_url: str = Field("", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio")
+    session_url: str = Field("", description="streamable HTTP URL of the session server; empty: stdio")
+    credentials_url: str = Field("", description="streamable HTTP URL of the credential proxy; empty: stdio")
     server_token: str = Field("", repr=False, description="bearer token for the HTTP servers (as printed by `corral up`)")
     tool_timeout_s: float = Field(300.0, gt=0, description="timeout of one tool call; the call becomes a timeout tool error")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long connecting to one MCP server may take")
@@ -51,20 +54,30 @@ class HarnessSettings(SessionSettings):
     eager_sandbox: bool = Field(False, description="provision a sandbox before the first model call (the benchmark's baseline); default lazy")
     kill_after_appends: int = Field(0, ge=0, description="TEST HOOK: SIGKILL the harness right after its Nth append (crash tests)")
 
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+
+    @field_validator("servers")
+    @classmethod
+    def _known(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        extra = info.data.get("extra_servers", {})  # declared above, so already validated
+        unknown = [n for n in names if n not in DEFAULT_SERVERS and n not in extra]
+        if unknown:
+            raise ValueError(f"unknown MCP server {unknown[0]!r}; known: {', '.join([*DEFAULT_SERVERS, *extra])} (add others to CORRAL_EXTRA_SERVERS)")
+        return names
+
     def server_targets(self) -> dict[str, str | list[str]]:
         """name -> URL (streamable HTTP) or argv (stdio subprocess), for every configured server."""
         urls = {"sandbox": self.sandbox_url, "session": self.session_url, "credentials": self.credentials_url}
         targets: dict[str, str | list[str]] = {}
-        for name in (s.strip() for s in self.servers.split(",")):
-            if not name:
-                continue
+        for name in self.servers:
             if urls.get(name):
                 targets[name] = urls[name]
             elif name in urls:
                 # `python -m corral.cli` rather than `corral`: the same interpreter, whatever PATH says.
                 targets[name] = [sys.executable, "-m", "corral.cli", "serve", name]
-            elif name not in self.extra_servers:
-                raise ValueError(f"unknown MCP server {name!r} in CORRAL_SERVERS; add it to CORRAL_EXTRA_SERVERS")
         for name, target in self.extra_servers.items():
             targets[name] = target if target.startswith(("http://", "https://")) else shlex.split(target)
         return targets

@@ -110,7 +110,7 @@ async def run_session(
 
 async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, model: ModelClient, *, task: str | None, resumed: bool,
                view: View, env: dict[str, str] | None, first_send: anyio.Event) -> Outcome:
-    config = AgentConfig(settings.model, settings.max_tokens, settings.context_budget_tokens, settings.max_turns, settings.model_retries, settings.retry_base_s)
+    config = AgentConfig.of(settings)
     logs = settings.data_dir() / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():

@@ -28,7 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace) -> int:
     from corral.harness.pool import Runtime, load_body, run_worker
     from corral.harness.worker_config import WorkerSettings
-    from corral.servers.session import open_store
 
     overrides = {
         key: value
@@ -44,7 +43,8 @@ def _worker(args: argparse.Namespace) -> int:
     queue_url = settings.queue_dsn()
     _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     body = load_body(args.body)
-    store = open_store(settings.store_dsn(), max_event_bytes=settings.max_event_bytes)
+    settings.store_dsn()  # many hosts share one store: refuse SQLite before opening anything
+    store = settings.open_store()
     runtime = Runtime(store=store, body=body, name=settings.worker_name, lease_s=settings.worker_lease_s)
     print(f"corral worker {settings.worker_name}: lease {settings.worker_lease_s:g}s, concurrency {settings.worker_concurrency}", file=sys.stderr, flush=True)
     try:
@@ -77,13 +77,13 @@ def run_detached(task: str | None, session_id: str | None, model: str | None) ->
     from corral.errors import InvalidArgument
     from corral.harness.pool import enqueue_session, submit
     from corral.harness.worker_config import WorkerSettings
-    from corral.servers.session import open_store
 
     if model:
         raise InvalidArgument("--model does not apply to --detach", hint="the workers' CORRAL_MODEL chooses the model")
     settings = WorkerSettings()
     queue_url = settings.queue_dsn()
-    store = open_store(settings.store_dsn(), max_event_bytes=settings.max_event_bytes)
+    settings.store_dsn()  # many hosts share one store: refuse SQLite before opening anything
+    store = settings.open_store()
     try:
         if task is None:
             sid = store.get(session_id or "").session_id  # NotFound for an unknown session

@@ -6,7 +6,14 @@
 
 A browser logs in once with `/sessions?token=...`: the guard answers with an HttpOnly,
 SameSite=Strict cookie and a redirect to the same page without the token, so the
-token leaves the address bar (and the history) at once.
+token leaves the address bar (and the history) at once. The cookie is NOT the token:
+browsers send 127.0.0.1's cookies to every port of 127.0.0.1, so a web app served from a
+sandbox on another local port could read it. It is a viewer session instead: random,
+kept only in this process's memory, expiring after `VIEWER_TTL_S`, named after the port
+(`corral_viewer_8750`: another local server's cookie of the same name does not clobber
+it), accepted only on the viewer's paths and only for GET/HEAD, so
+whoever holds it can read the log and nothing else. The MCP endpoints take the bearer
+token only.
 
 The SDK's own transport check still runs inside each MCP endpoint; this one also
 covers the viewer pages and answers before any MCP machinery is touched.
@@ -14,6 +21,8 @@ covers the viewer pages and answers before any MCP machinery is touched.
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Sequence
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, urlencode
@@ -25,9 +34,36 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.auth import token_matches
 
-__all__ = ["COOKIE", "HTTPGuard"]
+__all__ = ["HTTPGuard", "ViewerSessions", "viewer_cookie"]
 
-COOKIE = "corral_token"
+VIEWER_TTL_S = 12 * 3600  # a working day: then the link `corral up` printed logs in again
+MAX_VIEWER_SESSIONS = 64  # logins need the token, but each adds an entry: keep the newest
+READ_METHODS = ("GET", "HEAD")
+
+
+def viewer_cookie(port: int) -> str:
+    return f"corral_viewer_{port}"
+
+
+class ViewerSessions:
+    """The viewer's own credential: random values with an expiry, in this process only."""
+
+    def __init__(self, ttl_s: float = VIEWER_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._expiry: dict[str, float] = {}
+
+    def start(self) -> str:
+        now = time.monotonic()
+        self._expiry = {v: t for v, t in self._expiry.items() if t > now}
+        while len(self._expiry) >= MAX_VIEWER_SESSIONS:
+            del self._expiry[next(iter(self._expiry))]  # the oldest (dicts keep insertion order)
+        value = secrets.token_urlsafe(32)
+        self._expiry[value] = now + self.ttl_s
+        return value
+
+    def valid(self, value: str | None) -> bool:
+        # A dict lookup by the offered value: its time does not depend on how much of a stored value matches.
+        return value is not None and self._expiry.get(value, 0.0) > time.monotonic()
 
 
 class HTTPGuard:
@@ -39,12 +75,15 @@ class HTTPGuard:
         token: str | None,
         open_paths: Sequence[str] = (),
         cookie_paths: Sequence[str] = (),
+        cookie_name: str = "corral_viewer",
     ) -> None:
         self.app = app
         self.security = security
         self.token = token
         self.open_paths = tuple(open_paths)
         self.cookie_paths = tuple(cookie_paths)
+        self.cookie_name = cookie_name
+        self.viewers = ViewerSessions()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
@@ -67,7 +106,8 @@ class HTTPGuard:
             return PlainTextResponse("wrong token\n", status_code=401)
         rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
         response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
-        response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+        # Path "/": `/sessions.json` does not path-match a cookie for "/sessions"; only the viewer's paths accept it anyway.
+        response.set_cookie(self.cookie_name, self.viewers.start(), max_age=int(self.viewers.ttl_s), httponly=True, samesite="strict", path="/")
         return response
 
     def _check(self, scope: Scope) -> PlainTextResponse | None:
@@ -78,7 +118,7 @@ class HTTPGuard:
         if origin is not None and origin not in self.security.allowed_origins:
             return PlainTextResponse("Invalid Origin header\n", status_code=403)
         path: str = scope["path"]
-        if self.token is None or path in self.open_paths or self._authorized(headers, path):
+        if self.token is None or path in self.open_paths or self._authorized(headers, path, scope["method"]):
             return None
         if path.startswith(self.cookie_paths) and self.cookie_paths and "token=" in scope.get("query_string", b"").decode("latin-1"):
             return None  # a login attempt: `_login` judges the token
@@ -90,13 +130,13 @@ class HTTPGuard:
             headers={"WWW-Authenticate": 'Bearer realm="corral"'},
         )
 
-    def _authorized(self, headers: Headers, path: str) -> bool:
+    def _authorized(self, headers: Headers, path: str, method: str) -> bool:
         assert self.token is not None
         scheme, _, offered = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token_matches(self.token, offered.strip()):
             return True
-        if path.startswith(self.cookie_paths) and self.cookie_paths:
-            return token_matches(self.token, _cookie(headers, COOKIE))
+        if path.startswith(self.cookie_paths) and self.cookie_paths and method in READ_METHODS:
+            return self.viewers.valid(_cookie(headers, self.cookie_name))
         return False
 
 
@@ -107,3 +147,4 @@ def _cookie(headers: Headers, name: str) -> str | None:
         return None
     morsel = jar.get(name)
     return morsel.value if morsel else None
+

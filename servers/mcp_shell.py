@@ -31,7 +31,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from corral.errors import CorralError, InvalidArgument
-from corral.servers.http_guard import HTTPGuard
+from corral.servers.http_guard import HTTPGuard, viewer_cookie
 from corral.servers.schema import lean
 from corral.servers.stdio_pipes import serve_stdio
 
@@ -136,18 +136,24 @@ def http_app(
     routes: Sequence[BaseRoute] = (),
     open_paths: Sequence[str] = ("/healthz",),
     cookie_paths: Sequence[str] = (),
+    max_file_bytes: int | None = None,
 ) -> Starlette:
     """One ASGI app serving each server in `mounts` at `/NAME/mcp` (or `/mcp` for NAME "").
 
     Every request first passes the Host/Origin check (421/403), then the bearer token
     (401) unless its path is in `open_paths`; `cookie_paths` (the read-only viewer) also
-    accept the token from the `corral_token` cookie. The servers' session managers run in
+    accept a viewer session cookie (`corral_viewer_PORT`, set by `?token=`; see http_guard). The servers' session managers run in
     the app's lifespan, which the SDK would not do for mounted sub-apps.
     """
+    from corral.servers.http_limits import request_bytes_for  # uvicorn: only when serving HTTP
+    from corral.servers.sandbox.config import SandboxSettings
+
+    # Bodies as large as the sandbox's largest write_file (`max_file_bytes`, default the setting's default).
+    body = request_bytes_for(max_file_bytes or SandboxSettings.model_fields["sandbox_max_file_bytes"].default)
     security = transport_security(host, port)
     children: list[BaseRoute] = []
     for name, server in mounts.items():
-        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
+        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host, max_request_body_size=body)
         children.append(Mount(f"/{name}", app=sub) if name else Mount("/", app=sub))
 
     @contextlib.asynccontextmanager
@@ -158,7 +164,7 @@ def http_app(
             yield
 
     app = Starlette(routes=[*routes, Route("/healthz", _healthz), *children], lifespan=lifespan)
-    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths)  # type: ignore[return-value]
+    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths, cookie_name=viewer_cookie(port))  # type: ignore[return-value]
 
 
 async def _healthz(_: Request) -> Response:
@@ -179,6 +185,8 @@ def serve(server: MCPServer, http: str | None = None, *, token: str | None = Non
         return
     import uvicorn
 
+    from corral.servers.http_limits import uvicorn_limits
+
     host, port = parse_host_port(http)
     app = http_app({"": server}, host=host, port=port, token=token)
     if token is None:  # say it where the operator looks: stdout is free over HTTP, stderr is the log
@@ -188,4 +196,4 @@ def serve(server: MCPServer, http: str | None = None, *, token: str | None = Non
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5, **uvicorn_limits())

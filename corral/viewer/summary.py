@@ -4,11 +4,17 @@ The harness writes `agent.message` with Anthropic-style content blocks, tool cal
 `agent.tool_use`, results as `agent.tool_result`, usage in `span.model_request`; the
 summaries read those shapes tolerantly (and unknown types as compact JSON), because a
 viewer that crashes on a log it does not know is worse than none.
+
+Event data is untrusted (a model wrote it) and any JSON: rendering never recurses past
+`MAX_DEPTH` levels or builds more than about `MAX_TEXT` characters, names are shown with
+`str()`, and an event that still cannot be summarised becomes one "unreadable" line
+instead of breaking the page or the terminal timeline for every event after it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +24,8 @@ __all__ = ["USAGE_KEYS", "Line", "summarize", "totals", "usage_of"]
 SANDBOX_TOOLS = {"provision", "destroy", "list_sandboxes"}
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 MAX_TEXT = 600
+MAX_DEPTH = 8  # nesting shown; deeper is `…` (and no recursion is ever deep)
+MAX_BLOCKS = 200  # content blocks read from one message
 
 
 @dataclass
@@ -33,34 +41,60 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def compact(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)
+def compact(value: Any, depth: int = 0) -> str:
+    """`value` as one line of JSON-ish text: nesting past MAX_DEPTH is `…`, length about MAX_TEXT."""
+    if isinstance(value, str):
+        return value if depth == 0 else json.dumps(value[: MAX_TEXT + 1], ensure_ascii=False)
+    if depth >= MAX_DEPTH and isinstance(value, list | dict):
+        return "[…]" if isinstance(value, list) else "{…}"
+    if isinstance(value, list):
+        return "[" + _joined(compact(v, depth + 1) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + _joined(f"{compact(str(k), depth + 1)}: {compact(v, depth + 1)}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value) if not isinstance(value, int) or value.bit_length() < 200 else "…"
+    return str(value)[:MAX_TEXT]
 
 
-def text_of(value: Any) -> str:
+def _joined(parts: Any) -> str:
+    """Join until about MAX_TEXT characters, then `…` (a huge list is not rendered whole)."""
+    out: list[str] = []
+    size = 0
+    for part in parts:
+        if size > MAX_TEXT:
+            out.append("…")
+            break
+        out.append(part)
+        size += len(part) + 2
+    return ", ".join(out)
+
+
+def text_of(value: Any, depth: int = 0) -> str:
     """Text from a string, a content-block list, or a dict holding either."""
     if isinstance(value, str):
         return value
+    if depth >= MAX_DEPTH:
+        return compact(value, depth)
     if isinstance(value, list):
-        parts = [text_of(block) for block in value]
+        parts = [text_of(block, depth + 1) for block in value[:MAX_BLOCKS]]
         return "\n".join(p for p in parts if p)
     if isinstance(value, dict):
         if value.get("type") == "tool_use":
-            return f"→ {value.get('name', '?')}({compact(value.get('input', {}))})"
+            return f"→ {value.get('name', '?')}({compact(value.get('input', {}), depth + 1)})"
         for key in ("text", "content", "message", "summary", "output", "stdout"):
             if key in value:
-                return text_of(value[key])
+                return text_of(value[key], depth + 1)
         if value.get("type") == "thinking":
             return "(thinking)"
-        return compact(value)
-    return "" if value is None else compact(value)
+        return compact(value, depth)
+    return "" if value is None else compact(value, depth)
 
 
 def usage_of(data: Any) -> dict[str, int]:
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         return {}
-    return {k: int(usage[k]) for k in USAGE_KEYS if isinstance(usage.get(k), int | float)}
+    return {k: int(usage[k]) for k in USAGE_KEYS if isinstance(usage.get(k), int | float) and math.isfinite(usage[k])}
 
 
 def _tidy(text: str) -> str:
@@ -68,7 +102,7 @@ def _tidy(text: str) -> str:
     if text[:1] in "{[":
         try:
             return compact(json.loads(text))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack ("[[[[...")
             pass
     return text
 
@@ -79,6 +113,13 @@ def _bare(name: Any) -> str:
 
 
 def summarize(type_: str, data: Any) -> Line:
+    try:
+        return _summarize(str(type_), data)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one odd event never breaks the rest
+        return Line("other", str(type_), f"(unreadable event: {type(err).__name__})")
+
+
+def _summarize(type_: str, data: Any) -> Line:
     d = data if isinstance(data, dict) else {"value": data}
     domain = type_.split(".", 1)[0]
     usage = usage_of(d)
@@ -100,7 +141,7 @@ def summarize(type_: str, data: Any) -> Line:
         head = " ".join(str(x) for x in (d.get("model"), f"{d['latency_ms']:.0f} ms" if isinstance(d.get("latency_ms"), int | float) else None) if x)
         return Line("usage", "model request", " · ".join(x for x in (head, figures) if x) or clip(compact(d)), usage)
     if type_ == "session.tools" and isinstance(d.get("tools"), list):
-        names = [t.get("name", "?") for t in d["tools"] if isinstance(t, dict)]
+        names = [str(t.get("name", "?")) for t in d["tools"] if isinstance(t, dict)]
         return Line("status", "tools", clip(f"{len(names)} tools: {', '.join(names)}"), usage)
     if type_ == "agent.subagent":
         return Line("tool", "subagent", clip(f"{d.get('task', '')} → {d.get('session_id', '?')}"), usage)
@@ -113,8 +154,8 @@ def summarize(type_: str, data: Any) -> Line:
         rest = {k: v for k, v in d.items() if k != "sandbox_id"}
         return Line("sandbox", type_, clip(f"{sid} {compact(rest) if rest else ''}".strip()), usage)
     if type_ == "session.status":
-        reason = f" ({d['reason']})" if d.get("reason") else ""
-        return Line("status", "status", clip(str(d.get("status", compact(d))) + reason), usage)
+        reason = f" ({compact(d['reason'])})" if d.get("reason") else ""
+        return Line("status", "status", clip(compact(d.get("status", d)) + reason), usage)
     if type_ == "context.compacted":
         return Line("status", "compacted", clip(text_of(d.get("summary", d))), usage)
     return Line("other", type_, clip(compact(data)), usage)

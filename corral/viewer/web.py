@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from corral.errors import CorralError, NotFound
-from corral.viewer.summary import summarize
+from corral.viewer.summary import compact, summarize
 from corral.servers.session import EventStore
 
 __all__ = ["COOKIE_PATHS", "viewer_routes"]
@@ -58,7 +58,7 @@ def _session_json(info: Any) -> dict[str, Any]:
         "session_id": info.session_id,
         "created_at": info.created_at.isoformat(),
         "length": info.length,
-        "status": info.status,
+        "status": info.status if info.status is None or isinstance(info.status, str) else compact(info.status),  # stored data: any JSON
         "parent": info.parent,
         "title": _title(info.metadata),
     }

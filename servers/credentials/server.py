@@ -15,7 +15,6 @@ from typing import Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from corral.config import CoreSettings
 from corral.errors import CorralError
 from corral.servers.credentials.gateway import GitGateway
 from corral.servers.credentials.proxy import Proxy
@@ -146,7 +145,7 @@ def assemble(handlers: list[logging.Handler] | None = None) -> tuple[MCPServer, 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=CoreSettings().log_level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(handlers=[handler], force=True)  # the level is CORRAL_LOG_LEVEL's, set by `corral` once
     server, stop = assemble([handler])
     try:
         serve(server, http, token=token, stdio=stdio)

@@ -6,6 +6,8 @@ descriptions, honest annotations, results as pydantic models.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import MCPServer
@@ -49,8 +51,22 @@ def _check_limit(limit: int) -> int:
     return limit
 
 
-def build_server(store: EventStore) -> MCPServer:
-    server = MCPServer("corral-session", instructions=INSTRUCTIONS)
+def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
+    """The server over `store`; with `owns_store`, the server's lifespan closes the store when it stops.
+
+    The store is opened by the caller, not in the lifespan: `corral up` shares it with the
+    viewer, and a bad store URL is one error line before anything is served.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[None]:
+        try:
+            yield None
+        finally:
+            if owns_store:
+                store.close()
+
+    server = MCPServer("corral-session", instructions=INSTRUCTIONS, lifespan=lifespan)
     # Every tool is a plain function: the SDK runs it in a worker thread, so a read that waits
     # (on the store lock behind a write, or on a PostgreSQL round trip) never stalls the event
     # loop that `corral up` shares with the other servers.
@@ -155,4 +171,4 @@ def build_server(store: EventStore) -> MCPServer:
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     from corral.servers.session.config import SessionSettings
 
-    serve(build_server(SessionSettings().open_store()), http, token=token, stdio=stdio)
+    serve(build_server(SessionSettings().open_store(), owns_store=True), http, token=token, stdio=stdio)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import require
-from tests.frontdoor.conftest import Netns, corral, free_port, run, start_up, token_of
+from tests.frontdoor.conftest import CORRAL, Netns, corral, free_port, run, start_up, token_of
 
 SERVERS = ("session", "sandbox", "credentials")
 # One harmless call per server: (tool, --tool-arg pairs, what the result must hold)
@@ -52,17 +54,41 @@ def test_claude_code_stdio_servers_connect(corral_env: dict[str, str], netns: Ne
     assert connected(listing.stdout) == {f"corral-{n}": True for n in SERVERS}, listing.stdout
 
 
-def test_claude_code_http_servers_connect_with_the_token(corral_env: dict[str, str], netns: Netns) -> None:
+def recording_claude(exe: str, folder: Path) -> tuple[str, Path]:
+    """A `claude` first on PATH that logs its argv, then runs the real one."""
+    folder.mkdir()
+    log = folder / "argv.log"
+    wrapper = folder / "claude"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(log))}\nexec {shlex.quote(exe)} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(folder), log
+
+
+def test_claude_code_http_servers_connect_with_the_token(corral_env: dict[str, str], netns: Netns, tmp_path: Path) -> None:
     exe = claude()
     port = free_port()
     up = start_up({**corral_env, "CORRAL_UP_PORT": str(port)}, port, prefix=netns.prefix)
     try:
-        env = {**corral_env, "CORRAL_UP_PORT": str(port)}
+        bin_dir, argv_log = recording_claude(exe, tmp_path / "bin")
+        env = {**corral_env, "CORRAL_UP_PORT": str(port), "PATH": f"{bin_dir}:{corral_env['PATH']}"}
         applied = corral("mcp-config", "claude-code", "--http", "--apply", env=env, prefix=netns.prefix, timeout=120)
         assert applied.returncode == 0, applied.stderr
         listing = run([*netns.prefix, exe, "mcp", "list"], env, timeout=120, cwd=env["HOME"])
         assert connected(listing.stdout) == {f"corral-{n}": True for n in SERVERS}, listing.stdout
         assert f"http://127.0.0.1:{port}/session/mcp" in listing.stdout
+        # The token reached Claude Code at connect time only: not through argv, not into its config.
+        token = token_of(corral_env)
+        assert "add-json" in argv_log.read_text() and token not in argv_log.read_text()
+        assert token not in (Path(env["HOME"]) / ".claude.json").read_text()
+        # Project scope: the .mcp.json people commit holds no token either, and the command says it is shared.
+        project = tmp_path / "project"
+        project.mkdir()
+        shared = run([*netns.prefix, CORRAL, "mcp-config", "claude-code", "--http", "--apply", "--scope", "project"], env, timeout=120, cwd=str(project))
+        assert shared.returncode == 0, shared.stderr
+        assert "project scope" in shared.stderr and ".mcp.json" in shared.stderr
+        mcp_json = (project / ".mcp.json").read_text()
+        assert "corral-session" in mcp_json and token not in mcp_json and "Bearer" not in mcp_json
+        assert token not in argv_log.read_text()
     finally:
         assert up.stop() == 0
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import stat
 from pathlib import Path
 
 import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.frontdoor.conftest import CORRAL, corral, one_line_error, token_of
+from tests.frontdoor.conftest import CORRAL, corral, one_line_error, run, token_of
 
 pytestmark = pytest.mark.anyio
 NAMES = ["corral-session", "corral-sandbox", "corral-credentials"]
@@ -96,3 +98,45 @@ def test_claude_code_apply_without_claude_says_how_to_install(corral_env: dict[s
     done = corral("mcp-config", "claude-code", "--apply", env={**corral_env, "PATH": str(bin_dir)})
     line = one_line_error(done)
     assert "npm install -g @anthropic-ai/claude-code" in line
+
+
+DSN = "postgresql://corral:pg-s3cret-pw@127.0.0.1:5432/corral"
+QUEUE = "postgres://queue:q-s3cret-pw@db.internal/jobs"
+
+
+def test_no_database_password_in_printed_entries_or_claude_code_arguments(corral_env: dict[str, str]) -> None:
+    env = {**corral_env, "CORRAL_SESSION_STORE": DSN, "CORRAL_QUEUE_URL": QUEUE}
+    for client in ("json", "claude-code"):
+        done = corral("mcp-config", client, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout, done.stdout
+        assert "${CORRAL_SESSION_STORE}" in done.stdout and "${CORRAL_QUEUE_URL}" in done.stdout  # Claude Code expands these
+        assert "CORRAL_SESSION_STORE holds a password" in done.stderr
+    entry = json.loads(corral("mcp-config", "json", env=env).stdout)["mcpServers"]["corral-session"]
+    assert entry["env"]["CORRAL_SESSION_STORE"] == "${CORRAL_SESSION_STORE}"
+
+
+def test_claude_desktop_file_is_private_and_keeps_no_password(corral_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "claude_desktop_config.json"
+    path.write_text('{"mcpServers": {}}')
+    path.chmod(0o644)
+    env = {**corral_env, "CORRAL_SESSION_STORE": DSN}
+    for _ in range(2):  # the second run also writes the backup
+        done = corral("mcp-config", "claude-desktop", "--apply", "--config-file", str(path), env=env)
+        assert done.returncode == 0, done.stderr
+    assert "~/.pgpass" in done.stderr
+    for written in (path, path.with_name(path.name + ".bak")):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600, written
+        assert "s3cret" not in written.read_text()
+    entry = json.loads(path.read_text())["mcpServers"]["corral-session"]
+    assert entry["env"]["CORRAL_SESSION_STORE"] == "postgresql://corral@127.0.0.1:5432/corral"  # Claude Desktop expands nothing
+
+
+def test_claude_code_http_commands_carry_no_token(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "claude-code", "--http", env=corral_env)
+    assert done.returncode == 0, done.stderr
+    token = token_of(corral_env)
+    assert token not in done.stdout and "headersHelper" in done.stdout
+    helper = json.loads(shlex.split(done.stdout.splitlines()[0])[-1])["headersHelper"]
+    printed = run(shlex.split(helper), corral_env)  # what Claude Code runs at connect time
+    assert printed.returncode == 0 and json.loads(printed.stdout) == {"Authorization": f"Bearer {token}"}

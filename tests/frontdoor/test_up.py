@@ -202,3 +202,23 @@ def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
     assert "up " in done.stdout and "mcp-config" in done.stdout
     assert corral("up", "--help", env=corral_env).returncode == 0
     assert os.access(shutil.which("corral") or "", os.X_OK)
+
+
+async def test_write_file_up_to_the_sandbox_limit_passes_over_http(up: UpProcess) -> None:
+    """The HTTP body cap follows the sandbox's largest file (64 MiB by default), not the SDK's 4 MiB:
+    at the limit the file is written; one byte over, the answer is the same invalid_argument as over stdio."""
+    import base64
+    import hashlib
+
+    from corral.servers.sandbox.config import SandboxSettings
+
+    limit = SandboxSettings.model_fields["sandbox_max_file_bytes"].default
+    data = bytes(range(256)) * (limit // 256)  # exactly `limit` bytes, base64 as a client must send binary
+    assert len(data) == limit
+    async with mcp_client(f"{up.base}/sandbox/mcp", token_of(up.env)) as client:
+        written = await client.call_tool("write_file", {"path": "big.bin", "content": base64.b64encode(data).decode(), "encoding": "base64"})
+        assert not written.is_error, written.content[0].text[:300]
+        assert written.structured_content["size"] == limit and written.structured_content["sha256"] == hashlib.sha256(data).hexdigest()
+        over = await client.call_tool("write_file", {"path": "bigger.bin", "content": base64.b64encode(data + b"x").decode(), "encoding": "base64"})
+        assert over.is_error and "invalid_argument: content is" in over.content[0].text and "up to" in over.content[0].text, over.content[0].text[:300]
+        await client.call_tool("execute", {"command": "rm -f big.bin"})

@@ -7,8 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
+from corral.servers.http_guard import ViewerSessions
 from tests.conftest import require
 from tests.frontdoor.conftest import UpProcess, corral, token_of
 from tests.frontdoor.test_up import mcp_client
@@ -48,6 +50,9 @@ async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess) -> 
                 page = await browser.new_page()
                 landed = await page.goto(f"{up.base}/sessions?token={token}")
                 assert page.url == f"{up.base}/sessions"  # the token left the address bar
+                cookies = await page.context.cookies()
+                assert [c["name"] for c in cookies] == [f"corral_viewer_{up.port}"]  # bound to the port
+                assert token not in cookies[0]["value"] and cookies[0]["httpOnly"]  # the browser never holds the token
                 csp = (await landed.all_headers())["content-security-policy"]
                 scripts = re.search(r"script-src ([^;]*)", csp).group(1)
                 assert scripts.startswith("'sha256-") and "unsafe" not in scripts  # only our own script runs
@@ -102,3 +107,56 @@ async def test_terminal_timeline_of_a_session(up: UpProcess) -> None:
     assert "tokens: in 50  out 7" in out
     assert os.environ.get("CORRAL_HOME") != up.env["CORRAL_HOME"]
     assert shutil.which("corral")
+
+
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+
+
+def viewer_login(up: UpProcess, http: httpx.Client) -> str:
+    """Open the `?token=` link; return the viewer cookie's value (checking how it is set)."""
+    token = token_of(up.env)
+    login = http.get(f"/sessions?token={token}")
+    assert login.status_code == 303 and login.headers["location"] == "/sessions"
+    set_cookie = login.headers["set-cookie"]
+    name, _, rest = set_cookie.partition("=")
+    value = rest.split(";", 1)[0]
+    assert name == f"corral_viewer_{up.port}", set_cookie
+    assert token not in set_cookie and len(value) >= 32, "the cookie must not carry the bearer token"
+    assert all(flag in set_cookie.lower() for flag in ("httponly", "samesite=strict", "max-age=")), set_cookie
+    http.cookies.clear()  # each request below says which cookie it sends
+    return value
+
+
+def cookie(name: str, value: str) -> dict[str, str]:
+    return {"Cookie": f"{name}={value}"}
+
+
+def test_the_viewer_cookie_is_its_own_read_only_credential(up: UpProcess) -> None:
+    token = token_of(up.env)
+    with httpx.Client(base_url=up.base, timeout=10) as http:
+        value = viewer_login(up, http)
+        jar = cookie(f"corral_viewer_{up.port}", value)
+        assert http.get("/sessions.json", headers=jar).status_code == 200
+        assert http.get("/sessions", headers=jar).status_code == 200
+        assert value != viewer_login(up, http)  # each login is a fresh random value
+        for name in ("session", "sandbox", "credentials"):  # the MCP endpoints never take it, in any form
+            assert http.post(f"/{name}/mcp", json=INIT, headers={**MCP_HEADERS, **jar}).status_code == 401
+            assert http.post(f"/{name}/mcp", json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {value}"}).status_code == 401
+        # Read-only: only GET/HEAD pass with it.
+        assert http.post("/sessions.json", headers=jar).status_code == 401
+        # The token itself in a cookie (what the old viewer set) is no credential, under any name.
+        for name in (f"corral_viewer_{up.port}", "corral_token"):
+            assert http.get("/sessions.json", headers=cookie(name, token)).status_code == 401
+        # Another port's cookie does not open this viewer.
+        assert http.get("/sessions.json", headers=cookie(f"corral_viewer_{up.port + 1}", value)).status_code == 401
+
+
+def test_viewer_sessions_expire() -> None:
+    sessions = ViewerSessions(ttl_s=0.2)
+    value = sessions.start()
+    assert sessions.valid(value) and not sessions.valid(value[:-1] + "x") and not sessions.valid(None)
+    import time
+
+    time.sleep(0.3)
+    assert not sessions.valid(value)
