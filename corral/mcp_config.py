@@ -49,7 +49,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apply", action="store_true", help="write it: merge into Claude Desktop's config file, or run `claude mcp add`")
     p.add_argument("--config-file", type=Path, help="Claude Desktop config file (default: the platform's usual place)")
     p.add_argument("--scope", choices=["local", "project", "user"], default="user", help="Claude Code scope for --apply (default: user)")
+    p.add_argument("--port", type=int, help="with --http: the port of `corral up` (default: the running one's, else $CORRAL_UP_PORT)")
+    p.add_argument("--servers", default=",".join(SERVER_MODULES),
+                   help=f"comma-separated servers to register (default: {','.join(SERVER_MODULES)})")
+    p.add_argument("--check", action="store_true", help="with --http: say, per server, whether a client can connect, and if not why")
     p.set_defaults(func=_main)
+
+
+def server_list(value: str) -> list[str]:
+    """`--servers sandbox,credentials` -> the names, each a known server."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVER_MODULES]
+    if unknown or not names:
+        raise InvalidArgument(f"unknown server(s) {', '.join(unknown) or '(none)'} in --servers", hint=f"choose from {','.join(SERVER_MODULES)}")
+    return names
+
+
+def up_base_url(settings: UpSettings, port: int | None) -> str:
+    """Where `corral up` answers: `--port`, else the running one (its state file), else the settings."""
+    if port is not None:
+        return settings.base_url(port=port)
+    from corral.probe import read_up_state
+
+    return read_up_state(settings.data_dir()) or settings.base_url()
 
 
 def corral_command() -> list[str]:
@@ -109,13 +131,15 @@ def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[
     return {PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}} for n in names}
 
 
-def server_entries(*, http: bool, settings: UpSettings, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+def server_entries(
+    *, http: bool, settings: UpSettings, env: dict[str, str], names: Iterable[str] = SERVER_MODULES, base: str | None = None
+) -> dict[str, dict[str, Any]]:
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
     if http:
-        return http_entries(settings.base_url(), load_or_create_token(settings.data_dir()), list(SERVER_MODULES))
+        return http_entries(base or settings.base_url(), load_or_create_token(settings.data_dir()), names)
     command = corral_command()
-    for name in SERVER_MODULES:
+    for name in names:
         entry: dict[str, Any] = {"command": command[0], "args": [*command[1:], "serve", name]}
         if env:
             entry["env"] = env
@@ -159,15 +183,17 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str, home: Path) -> list[list[str]]:
+    """`claude mcp add-json` per server. `alwaysLoad`: Claude Code otherwise sends its first
+    model request before a stdio server that takes a second to start has listed its tools,
+    and the model's first call to one fails with "still connecting"."""
     commands = []
     for name, entry in entries.items():
         if entry.get("type") == "http":  # the token comes from the helper, never from argv or the config file
-            config = {"type": "http", "url": entry["url"], "headersHelper": auth_header_command(home)}
-            commands.append(["claude", "mcp", "add-json", "--scope", scope, name, json.dumps(config)])
+            config: dict[str, Any] = {"type": "http", "url": entry["url"], "headersHelper": auth_header_command(home)}
         else:
-            envs = [arg for k, v in entry.get("env", {}).items() for arg in ("-e", f"{k}={v}")]
-            # NAME before `-e`: `-e` takes several values and would swallow it.
-            commands.append(["claude", "mcp", "add", "--scope", scope, name, *envs, "--", entry["command"], *entry["args"]])
+            config = {"type": "stdio", "command": entry["command"], "args": entry["args"], **({"env": entry["env"]} if entry.get("env") else {})}
+        config["alwaysLoad"] = True
+        commands.append(["claude", "mcp", "add-json", "--scope", scope, name, json.dumps(config)])
     return commands
 
 
@@ -193,6 +219,19 @@ def _claude(cmd: list[str], *, check: bool) -> None:
         raise Unavailable(f"`{shlex.join(cmd[:5])} ...` failed: {why[-1] if why else 'exit ' + str(done.returncode)}", hint="run the printed commands yourself")
 
 
+def _check(entries: dict[str, dict[str, Any]], settings: UpSettings) -> int:
+    """One line per server; the number that cannot be reached."""
+    from corral.probe import probe_http
+
+    token = load_or_create_token(settings.data_dir())
+    failed = 0
+    for name, entry in entries.items():
+        result = probe_http(entry["url"], token)
+        failed += not result.ok
+        print(f"{name}: {result.line}", file=sys.stderr if not result.ok else sys.stdout)
+    return failed
+
+
 def _warn(message: str) -> None:
     print(f"corral: note: {message}", file=sys.stderr)
 
@@ -208,7 +247,17 @@ def _main(args: argparse.Namespace) -> int:
             hint="drop --http (Claude Desktop will start `corral serve ...` itself), or add the URL in Claude Desktop's connector settings",
         )
     env = passed_env(dict(os.environ), expands=args.client != "claude-desktop", warn=_warn)
-    entries = server_entries(http=args.http, settings=settings, env=env)
+    base = up_base_url(settings, args.port) if args.http else None
+    entries = server_entries(http=args.http, settings=settings, env=env, names=server_list(args.servers), base=base)
+    if args.check or (args.http and args.apply):
+        if not args.http:
+            raise InvalidArgument("--check looks at a running `corral up`", hint="add --http (stdio servers are started by the client itself)")
+        failed = _check(entries, settings)
+        if failed or args.check:
+            if failed:
+                raise Unavailable(f"{failed} of {len(entries)} servers cannot be reached; nothing was applied" if args.apply else f"{failed} of {len(entries)} servers cannot be reached",
+                                  hint="start `corral up` (or pass the --port it printed), then run this again")
+            return 0
     if args.client == "claude-code":
         if args.scope == "project":
             _warn("project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's")

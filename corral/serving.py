@@ -186,8 +186,8 @@ async def _health(base: str, name: str, token: str) -> str:
 
 
 def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) -> str:
-    lines = [f"Corral is up on {base}  (data dir {home})", *health]
-    lines.append(f"  ✓ {'viewer':<12} {base}/sessions?token={token}")
+    lines = [f"Corral is up: open {base}/sessions?token={token} to watch sessions  (data dir {home})", *health]
+    lines.append(f"  ✓ {'viewer':<12} {base}/sessions  (the link above signs the browser in)")
     lines.append(f"token: {token_path(home)} (send 'Authorization: Bearer <token>')")
     entries = mcp_config.http_entries(base, token, built.servers)
     lines.append("\nClaude Code:")

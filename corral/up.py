@@ -54,11 +54,15 @@ def _up(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
+    from corral.probe import clear_up_state, write_up_state
+
+    write_up_state(home, base)
     try:
         routes = viewer_routes(built.store) if built.store is not None else []
         app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS, max_file_bytes=built.max_file_bytes)
         stopped_by = asyncio.run(serve_until_stopped(app, sock, built, base, token, home))
     finally:
+        clear_up_state(home)
         built.close()
         sock.close()
     print(f"corral up: stopped{f' ({stopped_by})' if stopped_by else ''}", file=sys.stderr, flush=True)

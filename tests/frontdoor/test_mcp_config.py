@@ -12,7 +12,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.frontdoor.conftest import CORRAL, corral, one_line_error, run, token_of
+from tests.frontdoor.conftest import CORRAL, corral, free_port, one_line_error, run, start_up, token_of
 
 pytestmark = pytest.mark.anyio
 NAMES = ["corral-session", "corral-sandbox", "corral-credentials"]
@@ -86,9 +86,49 @@ def test_claude_desktop_http_is_refused_with_what_to_do(corral_env: dict[str, st
 def test_claude_code_prints_the_add_commands(corral_env: dict[str, str]) -> None:
     done = corral("mcp-config", "claude-code", env=corral_env)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert len(lines) == 3 and all(line.startswith("claude mcp add --scope user corral-") for line in lines)
-    assert f"-e CORRAL_HOME={corral_env['CORRAL_HOME']} -- " in lines[0]
+    lines = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 3 and all(line[:5] == ["claude", "mcp", "add-json", "--scope", "user"] for line in lines)
+    config = json.loads(lines[0][6])
+    assert lines[0][5] == "corral-session" and config["args"][-2:] == ["serve", "session"]
+    assert config["env"]["CORRAL_HOME"] == corral_env["CORRAL_HOME"]
+    # Loaded before Claude Code's first model request (else the first tool call finds no tool).
+    assert all(json.loads(line[6])["alwaysLoad"] is True for line in lines)
+
+
+def test_servers_picks_which_servers_are_registered(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "json", "--servers", "sandbox,credentials", env=corral_env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(done.stdout)["mcpServers"]) == ["corral-credentials", "corral-sandbox"]
+    line = one_line_error(corral("mcp-config", "json", "--servers", "sandbox,nope", env=corral_env))
+    assert "nope" in line and "sandbox" in line
+
+
+def test_http_points_at_the_port_given_or_the_running_up(corral_env: dict[str, str]) -> None:
+    done = corral("mcp-config", "json", "--http", "--port", "9123", env=corral_env)
+    assert '"http://127.0.0.1:9123/session/mcp"' in done.stdout, done.stdout
+    port = free_port()
+    up = start_up({**corral_env, "CORRAL_UP_PORT": str(port)}, port)
+    try:  # no --port and no CORRAL_UP_PORT: the running `corral up` says where it is
+        done = corral("mcp-config", "json", "--http", env=corral_env)
+        assert f'"http://127.0.0.1:{port}/session/mcp"' in done.stdout, done.stdout
+        checked = corral("mcp-config", "json", "--http", "--check", env=corral_env)
+        assert checked.returncode == 0 and checked.stdout.count(": ok (") == 3, checked.stdout + checked.stderr
+    finally:
+        assert up.stop() == 0
+
+
+def test_check_says_why_a_client_cannot_connect(corral_env: dict[str, str]) -> None:
+    port = free_port()
+    down = corral("mcp-config", "claude-code", "--http", "--apply", "--port", str(port), env=corral_env)
+    assert down.returncode == 1 and f"nothing listens on 127.0.0.1:{port}" in down.stderr, down.stderr
+    assert "nothing was applied" in down.stderr
+    up = start_up({**corral_env, "CORRAL_UP_PORT": str(port)}, port)
+    try:  # a client holding another install's token
+        other = {**corral_env, "CORRAL_HOME": corral_env["CORRAL_HOME"] + "-other"}
+        wrong = corral("mcp-config", "json", "--http", "--check", "--port", str(port), "--servers", "sandbox", env=other)
+        assert wrong.returncode == 1 and "refused the bearer token (401)" in wrong.stderr, wrong.stderr
+    finally:
+        assert up.stop() == 0
 
 
 def test_claude_code_apply_without_claude_says_how_to_install(corral_env: dict[str, str], tmp_path: Path) -> None:
