@@ -99,15 +99,25 @@ Entry = Reply | list[Reply] | Callable[[dict[str, Any]], Reply]
 
 
 def invalid_history(body: dict[str, Any]) -> str | None:
-    """What the real API would refuse in a request's messages (None: nothing)."""
+    """What the real API would refuse in a request's messages (None: nothing).
+
+    As the real API does, consecutive messages of one role count as one turn (Claude Code,
+    for one, sends its reminders as a user message of their own)."""
     messages = body.get("messages", [])
-    pending: set[str] = set()
+    if messages and messages[0]["role"] != "user":
+        return "message 0: the first message must use the user role"
+    turns: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
-        if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-            return f"message {i}: roles must alternate, starting with user"
         content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
         if not content:
             return f"message {i}: empty content"
+        if turns and turns[-1]["role"] == m["role"]:
+            turns[-1]["content"] = [*turns[-1]["content"], *content]
+        else:
+            turns.append({"role": m["role"], "content": content})
+    pending: set[str] = set()
+    for i, m in enumerate(turns):
+        content = m["content"]
         results = {b["tool_use_id"] for b in content if b.get("type") == "tool_result"}
         if m["role"] == "user" and results != pending:
             return f"message {i}: tool_result ids {sorted(results)} do not answer the tool_use ids {sorted(pending)}"
@@ -211,7 +221,7 @@ class _Cache:
 
 
 class FakeAnthropic:
-    def __init__(self, script: Script, *, delay_s: float = 0.0, on_request: Callable[[Request], None] | None = None) -> None:
+    def __init__(self, script: Script, *, delay_s: float = 0.0, on_request: Callable[[Request], None] | None = None, port: int = 0) -> None:
         self.script = script
         self.delay_s = delay_s
         self.on_request = on_request
@@ -221,7 +231,7 @@ class FakeAnthropic:
         self._lock = threading.Lock()
         self._cache = _Cache()
         self._ids = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
