@@ -67,20 +67,22 @@ def calls(sid: str) -> dict[str, tuple[str, dict]]:
     }
 
 
-async def time_tool(client, store: EventStore, name: str, args: dict, n: int) -> float:
-    samples = []
+async def time_pair(client, store: EventStore, small: tuple[str, dict], large: tuple[str, dict], n: int) -> tuple[float, float]:
+    """p50 ms of the same tool at the two sizes, called in turn (A B A B ...) so that drift hits both alike."""
+    samples: tuple[list[float], list[float]] = ([], [])
     for i in range(n + 5):
-        if name == "fork":
-            args = {**args, "at": store.get(args["session_id"]).length}
-        t = time.perf_counter()
-        result = await client.call_tool(name, args)
-        if i >= 5:
-            samples.append((time.perf_counter() - t) * 1000)
-        assert not result.is_error, result.content
-    return summary(samples)["p50"]
+        for side, (name, args) in enumerate((small, large)):
+            if name == "fork":
+                args = {**args, "at": store.get(args["session_id"]).length}
+            t = time.perf_counter()
+            result = await client.call_tool(name, args)
+            if i >= 5:
+                samples[side].append((time.perf_counter() - t) * 1000)
+            assert not result.is_error, result.content
+    return summary(samples[0])["p50"], summary(samples[1])["p50"]
 
 
-def measure(store: EventStore, sessions: dict[int, str], flat: dict[str, str], n: int) -> Iterator[tuple[str, float, float]]:
+def measure(store: EventStore, sessions: dict[int, str], flat: dict[str, str], n: int) -> list[tuple[str, float, float]]:
     """(operation, p50 ms at the small size, p50 ms at the large size)."""
     from mcp.client import Client
 
@@ -91,17 +93,12 @@ def measure(store: EventStore, sessions: dict[int, str], flat: dict[str, str], n
         async with Client(build_server(store)) as client:
             small, large = calls(sessions[min(sessions)]), calls(sessions[max(sessions)])
             for op in small:
-                # Alternate the two sizes so that drift (other load on the machine) hits both alike.
-                a = b = 0.0
-                for _ in range(3):
-                    a += await time_tool(client, store, *small[op], n) / 3
-                    b += await time_tool(client, store, *large[op], n) / 3
-                out.append((op, a, b))
-            base = [await time_tool(client, store, "slice", {"session_id": flat[k], "start": 500, "end": 600}, n) for k in ("1k", "100k")]
-            out.append(("baseline: slice [500, 600) of a plain session", *base))
+                out.append((op, *await time_pair(client, store, small[op], large[op], n)))
+            plain = [("slice", {"session_id": flat[k], "start": 500, "end": 600}) for k in ("1k", "100k")]
+            out.append(("baseline: slice [500, 600) of a plain session", *await time_pair(client, store, plain[0], plain[1], n)))
         return out
 
-    yield from anyio.run(run)
+    return anyio.run(run)
 
 
 def report(table: Table, label: str, depth: int, rows: list[tuple[str, float, float]]) -> None:
@@ -122,7 +119,7 @@ def bench(table: Table, label: str, store: EventStore, depth: int, n: int) -> No
         flat[key] = store.create({"bench": key}).session_id
         fill(store, flat[key], size)
     print(f"  ({label}: built a {depth}-deep fork chain and the plain sessions in {time.perf_counter() - started:.1f} s)", flush=True)
-    report(table, label, depth, list(measure(store, sessions, flat, n)))
+    report(table, label, depth, measure(store, sessions, flat, n))
 
 
 @contextmanager
@@ -156,12 +153,12 @@ def with_store(opener: Callable[[], EventStore], fn: Callable[[EventStore], None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=1000, help="the deep end of the fork chain")
-    parser.add_argument("-n", type=int, default=30, help="calls timed per tool, size and round")
+    parser.add_argument("-n", type=int, default=100, help="calls timed per tool and size")
     parser.add_argument("--url", default=os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_URL), help="a PostgreSQL database (a throwaway schema is made in it)")
     parser.add_argument("--no-postgres", action="store_true", help="measure SQLite only")
     args = parser.parse_args()
     table = Table("forks")
-    print(f"session tools by fork depth (1 vs {args.depth}), through an in-memory MCP client; p50 of {args.n} x 3 calls")
+    print(f"session tools by fork depth (1 vs {args.depth}), through an in-memory MCP client; p50 of {args.n} calls each")
     with tempfile.TemporaryDirectory() as d:
         with_store(lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench(table, "SQLite", s, args.depth, args.n))
     if not args.no_postgres:

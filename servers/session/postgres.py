@@ -10,8 +10,9 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
 - A process that stops inside a transaction (paused, swapped out, cut off) would hold
   that row lock forever; every connection sets `idle_in_transaction_session_timeout`,
   so the server ends such a transaction after `idle_tx_timeout_s` and the others go on.
-- The row keeps the session's `length`, `status` and (for a fork) shared `lineage`, so
-  `get`/`sessions` never scan events and no call walks a fork's ancestry.
+- The row keeps the session's `length` and `status`, so `get`/`sessions` never scan
+  events, and its place in the lineage tree (`lineage.py`), so no call walks a fork's
+  ancestry: every call costs the same at fork depth 1 and 1,000.
 - The schema lives in tables prefixed `corral_` (a database may hold other things, e.g.
   the worker pool's procrastinate tables); it is created and migrated here, in order,
   under an advisory lock, and its version is kept in `corral_schema_version`. Another
@@ -32,7 +33,7 @@ import psycopg
 import psycopg_pool
 
 from corral.errors import Conflict, NotFound, Unavailable
-from corral.servers.session import rules
+from corral.servers.session import lineage, rules
 from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
@@ -69,10 +70,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE corral_events ADD COLUMN lease_token BIGINT;
     """,
-    # 3: a fork's shared segments on its row (filled in for existing forks by `_fill_lineages`),
-    # so no call walks its ancestry.
+    # 3: each session's lineage node on its row (filled in for existing sessions by
+    # `_fill_nodes`), so no call walks a fork's ancestry; event ids indexed first, so a
+    # re-sent id is found in one seek.
     """
-    ALTER TABLE corral_sessions ADD COLUMN lineage TEXT;
+    ALTER TABLE corral_sessions ADD COLUMN below TEXT;
+    ALTER TABLE corral_sessions ADD COLUMN jump TEXT;
+    ALTER TABLE corral_sessions ADD COLUMN rank BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE corral_sessions ADD COLUMN base_status TEXT;
+    DROP INDEX corral_events_event_id;
+    CREATE UNIQUE INDEX corral_events_event_id ON corral_events (event_id, session_id);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -80,6 +87,7 @@ MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one mig
 
 SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
 EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
+NODE_SELECT = "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM corral_sessions WHERE session_id = %s"
 
 
 class PostgresEventStore(EventStore):
@@ -95,6 +103,7 @@ class PostgresEventStore(EventStore):
     ) -> None:
         self.url = url
         self.max_event_bytes = max_event_bytes
+        self._nodes = lineage.NodeCache()
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=min_connections,
@@ -145,7 +154,7 @@ class PostgresEventStore(EventStore):
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 conn.execute(MIGRATIONS[version - 1])
                 if version == 3:
-                    _fill_lineages(conn)
+                    self._fill_nodes(conn)
                 conn.execute("INSERT INTO corral_schema_version (version) VALUES (%s)", (version,))
 
     def close(self) -> None:
@@ -162,11 +171,21 @@ class PostgresEventStore(EventStore):
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
         return _row_info(row)
 
-    def _lineage(self, conn: psycopg.Connection, info: SessionInfo) -> rules.Lineage:
-        def shared() -> list[rules.Segment]:
-            return rules.decode_shared(conn.execute("SELECT lineage FROM corral_sessions WHERE session_id = %s", (info.session_id,)).fetchone()[0])
+    def _node(self, conn: psycopg.Connection, session_id: str) -> lineage.Node:
+        row = conn.execute(NODE_SELECT, (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
+        return lineage.Node(*row)
 
-        return rules.Lineage(rules.own_segment(info), shared)
+    def _fill_nodes(self, conn: psycopg.Connection) -> None:
+        """Version 2 kept no lineage node on the row: compute each once, oldest session first."""
+        rows = conn.execute("SELECT session_id, parent, forked_at FROM corral_sessions ORDER BY seq").fetchall()
+        found = lineage.backfill(rows, self._range(conn, "", [rules.STATUS_EVENT], True), rules.status_of, lineage.Nodes(partial(self._node, conn)))
+        for node in found:
+            conn.execute(
+                "UPDATE corral_sessions SET below = %s, jump = %s, rank = %s, base_status = %s WHERE session_id = %s",
+                (node.below, node.jump, node.rank, node.base_status, node.session_id),
+            )
 
     def _range(self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
         """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
@@ -177,14 +196,12 @@ class PostgresEventStore(EventStore):
 
         return select_range
 
-    def _stored_ids(self, conn: psycopg.Connection, lineage: rules.Lineage, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        """event_id -> row, for those of `event_ids` this lineage shows."""
-        segments = lineage.all()
-        rows = conn.execute(
-            f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE session_id = ANY(%s) AND event_id = ANY(%s)",
-            (list({s.session_id for s in segments}), event_ids),
-        ).fetchall()
-        return rules.first_visible(segments, rows)
+    def _stored_ids(self, conn: psycopg.Connection, session_id: str, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this session's view shows (one index seek per id)."""
+        rows = conn.execute(f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE event_id = ANY(%s)", (event_ids,)).fetchall()
+        nodes = self._nodes.nodes(partial(self._node, conn))
+        start = nodes(session_id)  # NotFound for an unknown session, found ids or not
+        return lineage.visible(start, rows, nodes)
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -195,8 +212,8 @@ class PostgresEventStore(EventStore):
             if parent is not None:
                 self._info(conn, parent)
             row = conn.execute(
-                f"INSERT INTO corral_sessions (session_id, metadata, parent) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING {SESSION_COLUMNS}",
-                (sid, meta, parent),
+                f"INSERT INTO corral_sessions (session_id, metadata, parent, jump) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING {SESSION_COLUMNS}",
+                (sid, meta, parent, sid),
             ).fetchone()
             if row is None:
                 raise Conflict(f"session {sid!r} already exists")
@@ -206,11 +223,11 @@ class PostgresEventStore(EventStore):
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._tx() as conn:
             source = self._info(conn, session_id)
-            shared, status = rules.plan_fork(source, self._lineage(conn, source), at, self._range(conn, session_id, [rules.STATUS_EVENT], True))
+            node = rules.plan_fork(source, at, self._nodes.nodes(partial(self._node, conn)), self._range(conn, "", [rules.STATUS_EVENT], True))
             row = conn.execute(
-                "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status, lineage) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
-                (new_id("ses_"), meta, session_id, at, at, status, shared),
+                "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status, below, jump, rank, base_status) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
+                (node.session_id, meta, session_id, at, at, node.base_status, node.below, node.jump, node.rank, node.base_status),
             ).fetchone()
             return _row_info(row)
 
@@ -231,7 +248,7 @@ class PostgresEventStore(EventStore):
             if lease is not None:
                 rules.check_lease(session_id, lease, *rules.lease_holder(info))
             given = rules.given_ids(events)
-            prior = {eid: row[1] for eid, row in self._stored_ids(conn, self._lineage(conn, info), given).items()} if given else {}
+            prior = {eid: row[1] for eid, row in self._stored_ids(conn, session_id, given).items()} if given else {}
             plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
             if not plan.rows:
                 return plan.positions
@@ -249,14 +266,15 @@ class PostgresEventStore(EventStore):
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
         with self._tx() as conn:
-            info = self._info(conn, session_id)
+            nodes = self._nodes.nodes(partial(self._node, conn))
+            start = nodes(session_id)
             if limit == 0:
                 return []
-            return rules.read_segments(self._lineage(conn, info), gte or 0, lt, desc, limit, self._range(conn, session_id, types, desc))
+            return lineage.read(start, gte or 0, lt, desc, limit, self._range(conn, session_id, types, desc), nodes)
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._tx() as conn:
-            found = self._stored_ids(conn, self._lineage(conn, self._info(conn, session_id)), [event_id]).get(event_id)
+            found = self._stored_ids(conn, session_id, [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
         return _event(session_id, found)
@@ -301,14 +319,6 @@ class PostgresEventStore(EventStore):
 
 def _row_info(row: tuple[Any, ...]) -> SessionInfo:
     return rules.info_from_row(row, lambda when: when)
-
-
-def _fill_lineages(conn: psycopg.Connection) -> None:
-    """Version 2 kept no lineage on the row: compute it once for every fork, oldest session first."""
-    rows = conn.execute("SELECT session_id, parent, forked_at FROM corral_sessions ORDER BY seq").fetchall()
-    updates = [(shared, sid) for sid, shared in rules.backfill_lineages(rows) if shared is not None]
-    with conn.cursor() as cur:
-        cur.executemany("UPDATE corral_sessions SET lineage = %s WHERE session_id = %s", updates)
 
 
 def _event(reader: str, row: tuple[Any, ...]) -> Event:

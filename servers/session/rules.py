@@ -6,126 +6,23 @@ append-only, idempotent, forkable log live here, once:
 
 - `plan_append`: positions for a batch, idempotent event ids (also repeated within the
   batch, and stored in a fork's shared prefix), the `expected_position` check, the status;
-- `fork_lineage` / `clip_segments` / `read_segments`: where a fork's events live;
+- where a fork's events live: `lineage.py`;
 - `status_of`: what a `session.status` event makes a session's status.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 from corral.errors import Conflict, InvalidArgument
+from corral.servers.session import lineage
 from corral.servers.session.store import LeaseLost, NewEvent, SessionInfo, encode_data, new_id
 
 STATUS_EVENT = "session.status"
-T = TypeVar("T")
-
-
-class Segment(NamedTuple):
-    """Part of a session's lineage: positions [start, end) of its events live under `session_id`."""
-
-    session_id: str
-    start: int
-    end: int | None  # None: open-ended (the session's own tail)
-
-
-# -- lineage ----------------------------------------------------------------------------
-#
-# A fork shares its parent's events below `forked_at` without copying them. Where each of a
-# session's positions lives is its lineage: the segments it shares (ancestors' rows, cut at
-# each fork point; kept on the session's row, written once when it is forked) and its own
-# tail. A read loads the shared segments only when it reaches below the session's own rows,
-# so the cost of a call never depends on how deep the fork is.
-
-
-def own_segment(info: SessionInfo) -> Segment:
-    return Segment(info.session_id, info.forked_at or 0, None)
-
-
-def shared_prefix(segments: Iterable[Segment], at: int) -> list[Segment]:
-    """The segments a fork at `at` shares: those below `at`, the last cut there (empty ones dropped)."""
-    return [Segment(s.session_id, s.start, at if s.end is None else min(s.end, at)) for s in segments if s.start < at]
-
-
-def encode_shared(segments: Sequence[Segment]) -> str | None:
-    return json.dumps([list(s) for s in segments], separators=(",", ":")) if segments else None
-
-
-def decode_shared(text: str | None) -> list[Segment]:
-    return [Segment(*s) for s in json.loads(text)] if text else []
-
-
-def backfill_lineages(rows: Iterable[tuple[str, str | None, int | None]]) -> Iterator[tuple[str, str | None]]:
-    """(session_id, encoded shared segments) for rows (session_id, parent, forked_at) in creation order.
-
-    For a database written before lineages were kept on the row: a parent is always
-    created before its forks, so one pass in creation order sees every parent first.
-    """
-    full: dict[str, list[Segment]] = {}
-    for sid, parent, forked_at in rows:
-        shared = shared_prefix(full[parent], forked_at) if forked_at is not None and parent in full else []
-        full[sid] = [*shared, Segment(sid, forked_at or 0, None)]
-        yield sid, encode_shared(shared)
-
-
-@dataclass
-class Lineage:
-    """A session's segments: its own tail, and the shared ones, loaded on first need."""
-
-    own: Segment
-    load_shared: Callable[[], list[Segment]]
-    _shared: list[Segment] | None = None
-
-    def shared(self) -> list[Segment]:
-        if self._shared is None:
-            self._shared = self.load_shared() if self.own.start > 0 else []
-        return self._shared
-
-    def all(self) -> list[Segment]:
-        return [*self.shared(), self.own]
-
-    def ordered(self, gte: int, desc: bool) -> Iterator[Segment]:
-        """The segments a read from `gte` may touch, in read order (the shared ones only if it reaches them)."""
-        below = gte < self.own.start
-        if desc:
-            yield self.own
-            if below:
-                yield from reversed(self.shared())
-        else:
-            if below:
-                yield from self.shared()
-            yield self.own
-
-
-def clip_segments(segments: Iterable[Segment], gte: int, lt: int | None) -> Iterator[tuple[str, int, int | None]]:
-    """The part of each segment inside [gte, lt): (session_id, lo, hi)."""
-    for seg in segments:
-        lo = max(gte, seg.start)
-        hi = seg.end if lt is None else (lt if seg.end is None else min(lt, seg.end))
-        if hi is None or lo < hi:
-            yield seg.session_id, lo, hi
-
-
-def read_segments(
-    lineage: Lineage,
-    gte: int,
-    lt: int | None,
-    desc: bool,
-    limit: int | None,
-    select_range: Callable[[str, int, int | None, int | None], Iterable[T]],
-) -> list[T]:
-    """Up to `limit` items of [gte, lt) in read order, one `select_range(owner, lo, hi, want)` per segment."""
-    out: list[T] = []
-    for owner, lo, hi in clip_segments(lineage.ordered(gte, desc), gte, lt):
-        want = None if limit is None else limit - len(out)
-        if want is not None and want <= 0:
-            break
-        out.extend(select_range(owner, lo, hi, want))
-    return out
 
 
 def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, want: int | None, types: Sequence[str] | None, desc: bool) -> tuple[str, list[Any]]:
@@ -145,16 +42,13 @@ def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, wan
     return sql, params
 
 
-def plan_fork(source: SessionInfo, lineage: Lineage, at: int, select_status: Callable[[str, int, int | None, int | None], Iterable[Any]]) -> tuple[str | None, str | None]:
-    """A fork of `source` at `at`: its shared segments (encoded) and the status it starts with."""
+def plan_fork(source: SessionInfo, at: int, nodes: lineage.Nodes, select_status: lineage.SelectRange[Any]) -> lineage.Node:
+    """The lineage node of a new fork of `source` at `at`; its `base_status` is the status it starts with."""
     if not 0 <= at <= source.length:
         raise InvalidArgument(f"fork position {at} is out of range: session {source.session_id} has {source.length} events (0..{source.length})")
-    if at == source.length:
-        status = source.status
-    else:
-        last = read_segments(lineage, 0, at, True, 1, select_status)
-        status = status_of(last[0].data) if last else None
-    return encode_shared(shared_prefix(lineage.all(), at) if at else []), status
+    start = nodes(source.session_id)
+    status = source.status if at == source.length else lineage.status_at(start, at, select_status, status_of, nodes)
+    return lineage.fork(new_id("ses_"), at, start, status, nodes)
 
 
 def sessions_query(select: str, mark: str, parent: str | None, order: str, limit: int, *, parent_column: str = "parent") -> tuple[str, list[Any]]:
@@ -171,20 +65,6 @@ def info_from_row(row: Sequence[Any], when: Callable[[Any], datetime]) -> Sessio
     sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
     lease = None if owner is None else {"worker": owner, "token": token, "expires_at": when(expires).isoformat()}
     return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=when(created_at), length=length, status=status, lease=lease)
-
-
-def visible(segments: Sequence[Segment], owner: str, position: int) -> bool:
-    """Whether `owner`'s row at `position` is part of this lineage (a fork hides what its parent wrote later)."""
-    return any(s.session_id == owner and s.start <= position and (s.end is None or position < s.end) for s in segments)
-
-
-def first_visible(segments: Sequence[Segment], rows: Iterable[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
-    """event_id -> row, for rows `(owner, position, event_id, ...)` that this lineage shows."""
-    found: dict[str, tuple[Any, ...]] = {}
-    for row in rows:
-        if visible(segments, row[0], row[1]):
-            found.setdefault(row[2], row)
-    return found
 
 
 # -- status ------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ overwriting, `BEGIN IMMEDIATE` so concurrent writers (threads or processes) queu
 the database lock. With `synchronous=NORMAL` a committed append survives a process
 crash (it is in the WAL before `append` returns); `FULL` also survives power loss.
 
-The session row keeps the session's `length`, `status` and shared `lineage` (as the
-PostgreSQL store does), so no call walks a fork's ancestry or scans its events.
+The session row keeps the session's `length` and `status` (as the PostgreSQL store does)
+and its place in the lineage tree (`lineage.py`), so no call scans events or walks a
+fork's ancestry: every call costs the same at fork depth 1 and 1,000.
 A database an older corral made is migrated in place when it is opened.
 """
 
@@ -20,12 +21,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from corral.errors import Conflict, NotFound, Unavailable
-from corral.servers.session import rules
+from corral.servers.session import lineage, rules
 from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
 
 SCHEMA_VERSION = 2
@@ -38,7 +38,10 @@ CREATE TABLE sessions (
     created_at REAL NOT NULL,
     length     INTEGER NOT NULL DEFAULT 0,
     status     TEXT,
-    lineage    TEXT
+    below      TEXT,
+    jump       TEXT,
+    rank       INTEGER NOT NULL DEFAULT 0,
+    base_status TEXT
 );
 CREATE INDEX sessions_created ON sessions (created_at);
 CREATE INDEX sessions_parent ON sessions (parent);
@@ -51,7 +54,7 @@ CREATE TABLE events (
     created_at REAL NOT NULL,
     PRIMARY KEY (session_id, position)
 );
-CREATE UNIQUE INDEX events_event_id ON events (session_id, event_id);
+CREATE UNIQUE INDEX events_event_id ON events (event_id, session_id);
 CREATE INDEX events_type ON events (session_id, type, position);
 CREATE TABLE leases (
     session_id TEXT PRIMARY KEY,
@@ -60,12 +63,15 @@ CREATE TABLE leases (
     expires_at REAL
 );
 """
-# 1 -> 2: length, status and lineage move onto the session row (filled in by `_migrate`).
-MIGRATE_1 = """
-ALTER TABLE sessions ADD COLUMN length INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE sessions ADD COLUMN status TEXT;
-ALTER TABLE sessions ADD COLUMN lineage TEXT;
-"""
+# 1 -> 2: length, status and the lineage node move onto the session row (filled in by
+# `_fill_rows`); event ids are indexed first, so a re-sent id is found in one seek.
+ADDED_IN_2 = ("length INTEGER NOT NULL DEFAULT 0", "status TEXT", "below TEXT", "jump TEXT", "rank INTEGER NOT NULL DEFAULT 0", "base_status TEXT")
+MIGRATE_1 = [
+    *(f"ALTER TABLE sessions ADD COLUMN {column}" for column in ADDED_IN_2),
+    "DROP INDEX events_event_id",
+    "CREATE UNIQUE INDEX events_event_id ON events (event_id, session_id)",
+]
+NODE_SELECT = "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM sessions WHERE session_id = ?"
 COLUMNS = "session_id, position, event_id, type, data, created_at"
 SESSION_SELECT = (
     "SELECT s.session_id, s.metadata, s.parent, s.forked_at, s.created_at, s.length, s.status, l.owner, l.token, l.expires_at "
@@ -99,6 +105,7 @@ class SQLiteEventStore(EventStore):
         except (sqlite3.Error, OSError) as err:
             raise Unavailable(f"cannot open the session database {path}: {err}", hint="check the path and its permissions (CORRAL_SESSION_STORE / CORRAL_HOME)") from err
         self._lock = threading.RLock()
+        self._nodes = lineage.NodeCache()
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -132,22 +139,24 @@ class SQLiteEventStore(EventStore):
             for statement in SCHEMA.split(";"):
                 db.execute(statement)
         elif version < 2:
-            for statement in MIGRATE_1.split(";"):
+            for statement in MIGRATE_1:
                 db.execute(statement)
             self._fill_rows(db)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _fill_rows(self, db: sqlite3.Connection) -> None:
-        """Version 1 kept no length, status or lineage on the row: compute them once, oldest session first."""
+        """Version 1 kept no length, status or lineage node on the row: compute them once, oldest session first."""
         rows = db.execute("SELECT session_id, parent, forked_at FROM sessions ORDER BY rowid").fetchall()
-        forked = dict((sid, at) for sid, _, at in rows)
-        for sid, shared in rules.backfill_lineages(rows):
-            db.execute("UPDATE sessions SET lineage = ? WHERE session_id = ?", (shared, sid))
-            top = db.execute("SELECT MAX(position) FROM events WHERE session_id = ?", (sid,)).fetchone()[0]
-            lineage = rules.Lineage(rules.Segment(sid, forked[sid] or 0, None), partial(rules.decode_shared, shared))
-            last = rules.read_segments(lineage, 0, None, True, 1, self._range(sid, [rules.STATUS_EVENT], True))
-            status = rules.status_of(last[0].data) if last else None
-            db.execute("UPDATE sessions SET length = ?, status = ? WHERE session_id = ?", ((forked[sid] or 0) if top is None else top + 1, status, sid))
+        nodes = lineage.Nodes(self._node)  # rows are mid-update: no process cache
+        statuses = self._range("", [rules.STATUS_EVENT], True)
+        for node in lineage.backfill(rows, statuses, rules.status_of, nodes):
+            top = db.execute("SELECT MAX(position) FROM events WHERE session_id = ?", (node.session_id,)).fetchone()[0]
+            length = node.key if top is None else top + 1
+            status = lineage.status_at(node, length, statuses, rules.status_of, nodes)
+            db.execute(
+                "UPDATE sessions SET length = ?, status = ?, below = ?, jump = ?, rank = ?, base_status = ? WHERE session_id = ?",
+                (length, status, node.below, node.jump, node.rank, node.base_status, node.session_id),
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -159,11 +168,11 @@ class SQLiteEventStore(EventStore):
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
         return rules.info_from_row(row, _ts)
 
-    def _lineage(self, info: SessionInfo) -> rules.Lineage:
-        def shared() -> list[rules.Segment]:
-            return rules.decode_shared(self._db.execute("SELECT lineage FROM sessions WHERE session_id = ?", (info.session_id,)).fetchone()[0])
-
-        return rules.Lineage(rules.own_segment(info), shared)
+    def _node(self, session_id: str) -> lineage.Node:
+        row = self._db.execute(NODE_SELECT, (session_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
+        return lineage.Node(*row)
 
     def _range(self, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
         """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
@@ -174,15 +183,12 @@ class SQLiteEventStore(EventStore):
 
         return select_range
 
-    def _stored_ids(self, lineage: rules.Lineage, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        """event_id -> row, for those of `event_ids` this lineage shows."""
-        segments = lineage.all()
-        owners = json.dumps(sorted({s.session_id for s in segments}))
-        rows = self._db.execute(
-            f"SELECT {COLUMNS} FROM events WHERE session_id IN (SELECT value FROM json_each(?)) AND event_id IN (SELECT value FROM json_each(?))",
-            (owners, json.dumps(event_ids)),
-        ).fetchall()
-        return rules.first_visible(segments, rows)
+    def _stored_ids(self, session_id: str, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+        """event_id -> row, for those of `event_ids` this session's view shows (one index seek per id)."""
+        rows = self._db.execute(f"SELECT {COLUMNS} FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(event_ids),)).fetchall()
+        nodes = self._nodes.nodes(self._node)
+        start = nodes(session_id)  # NotFound for an unknown session, found ids or not
+        return lineage.visible(start, rows, nodes)
 
     # -- the verbs --------------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class SQLiteEventStore(EventStore):
             if parent is not None:
                 self._info(parent)
             try:
-                db.execute("INSERT INTO sessions (session_id, metadata, parent, created_at) VALUES (?, ?, ?, ?)", (sid, meta, parent, time.time()))
+                db.execute("INSERT INTO sessions (session_id, metadata, parent, created_at, jump) VALUES (?, ?, ?, ?, ?)", (sid, meta, parent, time.time(), sid))
             except sqlite3.IntegrityError as err:
                 raise Conflict(f"session {sid!r} already exists") from err
             return self._info(sid)
@@ -202,13 +208,13 @@ class SQLiteEventStore(EventStore):
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._lock, self._write() as db:
             source = self._info(session_id)
-            shared, status = rules.plan_fork(source, self._lineage(source), at, self._range(session_id, [rules.STATUS_EVENT], True))
-            sid = new_id("ses_")
+            node = rules.plan_fork(source, at, self._nodes.nodes(self._node), self._range("", [rules.STATUS_EVENT], True))
             db.execute(
-                "INSERT INTO sessions (session_id, metadata, parent, forked_at, created_at, length, status, lineage) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, meta, session_id, at, time.time(), at, status, shared),
+                "INSERT INTO sessions (session_id, metadata, parent, forked_at, created_at, length, status, below, jump, rank, base_status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (node.session_id, meta, session_id, at, time.time(), at, node.base_status, node.below, node.jump, node.rank, node.base_status),
             )
-            return self._info(sid)
+            return self._info(node.session_id)
 
     def get(self, session_id: str) -> SessionInfo:
         with self._lock:
@@ -228,7 +234,7 @@ class SQLiteEventStore(EventStore):
             if lease is not None:
                 rules.check_lease(session_id, lease, *rules.lease_holder(info))
             given = rules.given_ids(events)
-            prior = {eid: row[1] for eid, row in self._stored_ids(self._lineage(info), given).items()} if given else {}
+            prior = {eid: row[1] for eid, row in self._stored_ids(session_id, given).items()} if given else {}
             plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
             if not plan.rows:
                 return plan.positions
@@ -242,14 +248,15 @@ class SQLiteEventStore(EventStore):
     def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
         check_range(gte, lt, limit)
         with self._lock:
-            info = self._info(session_id)
+            nodes = self._nodes.nodes(self._node)
+            start = nodes(session_id)
             if limit == 0:
                 return []
-            return rules.read_segments(self._lineage(info), gte or 0, lt, desc, limit, self._range(session_id, types, desc))
+            return lineage.read(start, gte or 0, lt, desc, limit, self._range(session_id, types, desc), nodes)
 
     def find_event(self, session_id: str, event_id: str) -> Event:
         with self._lock:
-            found = self._stored_ids(self._lineage(self._info(session_id)), [event_id]).get(event_id)
+            found = self._stored_ids(session_id, [event_id]).get(event_id)
         if found is None:
             raise NotFound(f"no event {event_id!r} in session {session_id}")
         return _event(session_id, found)

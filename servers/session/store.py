@@ -5,11 +5,13 @@
     create(metadata, parent) / fork(session_id, at) / get(session_id) / sessions()
 
 Positions are dense per session and start at 0. Nothing is updated or deleted.
-A fork shares its parent's events below `at` without copying them: reads of the
-child walk its lineage (own rows at positions >= at, the parent's below).
+A fork shares its parent's events below `at` without copying them: a read of the
+child finds where each position lives from its lineage (`lineage.py`), at a cost that
+does not grow with the depth of the fork.
 
 Backends: `sqlite.py` (default), `postgres.py`. Both pass `tests/session/contract.py`.
-They keep only their SQL; the rules (append plan, lineage, status) are `rules.py`'s.
+They keep only their SQL; the rules (the append plan, status) are `rules.py`'s and
+the lineage `lineage.py`'s, pure functions written once.
 """
 
 from __future__ import annotations

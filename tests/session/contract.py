@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -214,6 +215,45 @@ class StoreContract:
         store.append_one(sid, "session.status", {"status": "running"})
         child = store.fork(sid, 1)
         assert store.get(child.session_id).status == "running"
+
+    def test_a_random_fork_tree_reads_as_if_every_fork_were_a_copy(self, store):
+        # Forks of forks at random points, deep chains included: every read of every session
+        # must match a model in which a fork copies its parent's first `at` events.
+        rng = random.Random(15)
+        model: dict[str, list[tuple[str, str, object]]] = {}  # session -> [(event_id, type, status or i)]
+        root = store.create().session_id
+        model[root] = []
+        order = [root]
+        for step in range(160):
+            source = order[-1] if rng.random() < 0.6 else rng.choice(order)  # mostly deepen one chain
+            at = rng.randint(0, len(model[source]))
+            sid = store.fork(source, at).session_id
+            model[sid] = model[source][:at]
+            order.append(sid)
+            for k in range(rng.randint(0, 3)):
+                eid, status = f"e{step}-{k}", rng.choice([None, "running", "idle"])
+                typ = "session.status" if status and rng.random() < 0.5 else "x.y"
+                assert store.append(sid, [ev(typ, event_id=eid, status=status)]) == [len(model[sid])]
+                model[sid].append((eid, typ, status))
+        for sid in rng.sample(order, 40):
+            want = model[sid]
+            got = store.select(sid)
+            assert [(e.event_id, e.position) for e in got] == [(w[0], i) for i, w in enumerate(want)]
+            statuses = [w[2] for w in want if w[1] == "session.status"]
+            assert (store.get(sid).length, store.get(sid).status) == (len(want), statuses[-1] if statuses else None)
+            for _ in range(3):
+                gte = rng.randint(0, len(want))
+                lt = rng.randint(gte, len(want))
+                limit = rng.choice([None, 1, 3])
+                assert [e.event_id for e in store.select(sid, gte=gte, lt=lt, limit=limit)] == [w[0] for w in want[gte:lt]][:limit]
+                assert [e.event_id for e in store.select(sid, lt=lt, desc=True, limit=limit)] == [w[0] for w in reversed(want[:lt])][:limit]
+            if want:  # an id of its view is found (and not re-written); one from elsewhere is not
+                i = rng.randrange(len(want))
+                assert store.find_event(sid, want[i][0]).position == i
+                assert store.append(sid, [ev(event_id=want[i][0])]) == [i]
+            stranger = rng.choice([w[0] for other in order for w in model[other] if w not in want] or ["none"])
+            with pytest.raises(NotFound):
+                store.find_event(sid, stranger)
 
     # -- concurrency and durability ---------------------------------------------------
 

@@ -42,6 +42,15 @@ class LeaseContract:
         assert [e.data for e in store.select(sid)] == [{"i": 0}, {"i": 1}]
         assert store.get(sid).lease["worker"] == "worker-b"
 
+    def test_append_one_writes_under_a_lease_too(self, store):
+        sid = store.create().session_id
+        first = store.acquire_lease(sid, "worker-a", ttl_s=5)
+        assert store.append_one(sid, "agent.message", {"i": 0}, lease=first.token) == 0
+        store.release_lease(sid, first.token)
+        with pytest.raises(LeaseLost, match="no longer held"):
+            store.append_one(sid, "agent.message", {"i": 1}, lease=first.token)
+        assert store.length(sid) == 1
+
     def test_an_expired_lease_nobody_took_still_writes(self, store):
         # Fencing is by token, not by clock: a slow holder that nobody replaced loses nothing.
         sid = store.create().session_id
