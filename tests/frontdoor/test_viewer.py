@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
 from tests.frontdoor.conftest import UpProcess, corral, token_of
 from tests.frontdoor.test_up import mcp_client
+from tests.parts import CHROMIUM
 
 pytestmark = pytest.mark.anyio
-CHROMIUM = "/usr/bin/chromium"
 # Headless, and nothing but loopback: every other host fails to resolve and goes to a dead proxy.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -30,12 +28,10 @@ async def emit(client, session_id: str, type_: str, data: dict) -> int:
     return result.structured_content["position"]
 
 
+@pytest.mark.requires("chromium")
 async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess) -> None:
-    require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium (.ci/run does)")
-    try:
-        from playwright.async_api import async_playwright, expect
-    except ImportError:
-        require("playwright", False, "pip install playwright (a test dependency)")
+    from playwright.async_api import async_playwright, expect
+
     token = token_of(up.env)
     async with mcp_client(f"{up.base}/session/mcp", token) as client:
         created = await client.call_tool("create_session", {"metadata": {"title": "seen in a browser"}})

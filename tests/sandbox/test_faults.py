@@ -41,6 +41,7 @@ async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) 
     return lost
 
 
+@pytest.mark.requires("bwrap")
 async def test_bwrap_process_killed(settings) -> None:
     h = Harness("bubblewrap", settings)
 
@@ -54,6 +55,7 @@ async def test_bwrap_process_killed(settings) -> None:
         await _kill_mid_command(h, c, kill)
 
 
+@pytest.mark.requires("bwrap")
 async def test_bwrap_workspace_deleted(settings) -> None:
     h = Harness("bubblewrap", settings)
     async with h.client() as c:
