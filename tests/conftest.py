@@ -9,10 +9,13 @@ line naming what to install on a user's machine, but fails in CI (CI=true), wher
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,6 +89,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(ready: Callable[[], object], what: str, seconds: float = 30, every: float = 0.05) -> None:
+    """Return as soon as `ready()` is true; fail saying that `what` never happened.
+    Wait for the condition an action needs, never for a guessed time (CI machines are slow)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {seconds}s for {what}")
+        time.sleep(every)
+
+
+async def until(ready: Callable[[], object | Awaitable[object]], what: str, seconds: float = 30, every: float = 0.05) -> None:
+    """`wait_until` for async tests: `ready` may be a coroutine function; the loop keeps running meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = ready()
+        if inspect.isawaitable(answer):
+            answer = await answer
+        if answer:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {seconds}s for {what}")
+        await asyncio.sleep(every)
 
 
 def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
