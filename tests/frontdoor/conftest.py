@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,12 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.parts import UNSHARE_NET
+from tests.parts import UNSHARE_NET, corral_exe
 
 READY = "Press Ctrl-C to stop."
-# The console script beside this Python (a venv's, or pyenv's real one rather than its shim).
-_BESIDE = Path(sys.executable).parent / "corral"
-CORRAL = str(_BESIDE) if _BESIDE.exists() else shutil.which("corral") or "corral"
+# The console script beside this Python, never one found on PATH (the test command puts none there).
+CORRAL = corral_exe()
 
 
 def make_env(root: Path) -> dict[str, str]:

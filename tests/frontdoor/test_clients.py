@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from tests.frontdoor.conftest import Netns, corral, free_port, run, start_up, token_of
+from tests.frontdoor.conftest import CORRAL, Netns, corral, free_port, run, start_up, token_of
 
 SERVERS = ("session", "sandbox", "credentials")
 # One harmless call per server: (tool, --tool-arg pairs, what the result must hold)
@@ -73,7 +73,7 @@ def inspect(netns: Netns, env: dict[str, str], target: list[str], *args: str) ->
 @pytest.mark.requires("inspector", "bwrap")
 @pytest.mark.parametrize("server", SERVERS)
 def test_inspector_over_stdio(corral_env: dict[str, str], netns: Netns, server: str) -> None:
-    target = [shutil.which("corral") or "corral", "serve", server]
+    target = [CORRAL, "serve", server]
     tools = {t["name"] for t in inspect(netns, corral_env, target, "--method", "tools/list")["tools"]}
     tool, pairs, expect = CALLS[server]
     assert tool in tools

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import stat
@@ -200,4 +199,4 @@ def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
     done = corral("--help", env=corral_env)
     assert "up " in done.stdout and "mcp-config" in done.stdout
     assert corral("up", "--help", env=corral_env).returncode == 0
-    assert os.access(shutil.which("corral") or "", os.X_OK)
+    assert os.access(CORRAL, os.X_OK)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
 import pytest
 
@@ -97,4 +96,3 @@ async def test_terminal_timeline_of_a_session(up: UpProcess) -> None:
     assert re.search(r"✗\s+agent.tool_result\s+exit 2", out), out
     assert "tokens: in 50  out 7" in out
     assert os.environ.get("CORRAL_HOME") != up.env["CORRAL_HOME"]
-    assert shutil.which("corral")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +13,12 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from tests.conftest import bearer_client, free_port, wait_listening
+from tests.parts import corral_exe
 
 from .conftest import call, fail, kinds
 
 pytestmark = pytest.mark.anyio
-# The `corral` of the Python running the tests (CI's venv), else the one on PATH.
-_VENV_CORRAL = Path(sys.executable).parent / "corral"
-CORRAL = str(_VENV_CORRAL) if _VENV_CORRAL.exists() else (shutil.which("corral") or "corral")
+CORRAL = corral_exe()  # the `corral` of the Python running the tests, never one on PATH
 
 
 def _env(settings, **extra: str) -> dict[str, str]:
