@@ -55,27 +55,30 @@ def _last_line(done: subprocess.CompletedProcess[str]) -> str:
     return (errors or lines or [f"exit status {done.returncode}"])[-1][:240]
 
 
+USERNS = "allow unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1 (Debian) or kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu)"
+
+
 def _bwrap() -> str | None:
     """A sandbox as the bubblewrap backend starts one: new user, pid, ipc, uts and net
     namespaces, and as root dropped to an unprivileged uid first (as the backend does)."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        return "bwrap is not installed"
+        return "bwrap is not installed (apt-get install bubblewrap)"
     setpriv = shutil.which("setpriv")
     drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 and setpriv else []
     ns = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try"]
     done = _run([*drop, bwrap, *ns, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"])
     if done.returncode != 0:
-        return f"bwrap cannot start a sandbox (are unprivileged user namespaces allowed?): {_last_line(done)}"
+        return f"bwrap cannot start a sandbox: {_last_line(done)} ({USERNS})"
     return None
 
 
 def _docker() -> str | None:
     """A container of the local test image, started the way the docker backend starts them."""
     if shutil.which("docker") is None:
-        return "the docker CLI is not installed"
+        return "the docker CLI is not installed (apt-get install docker.io)"
     if _run(["docker", "info"]).returncode != 0:
-        return "dockerd does not answer `docker info`: start it (source .ci/services.sh && start_dockerd)"
+        return "dockerd does not answer `docker info` (start it: source .ci/services.sh && start_dockerd)"
     if _run(["docker", "image", "inspect", TEST_IMAGE]).returncode != 0:
         if not Path("/bin/busybox").exists():
             return f"the test image {TEST_IMAGE} is built from /bin/busybox, which is missing (apt-get install busybox-static)"
@@ -84,7 +87,7 @@ def _docker() -> str | None:
             return f"could not build the test image {TEST_IMAGE}: {_last_line(built)}"
     done = _run(["docker", "run", "--rm", "--network", "none", TEST_IMAGE, "true"], timeout=60)
     if done.returncode != 0:
-        return f"dockerd answers but cannot start a container: {_last_line(done)}"
+        return f"dockerd answers but cannot start a container: {_last_line(done)} (dockerd needs writable cgroups; its log says more)"
     return None
 
 
@@ -100,7 +103,9 @@ def _postgres() -> str | None:
     try:
         psycopg.connect(postgres_url(), connect_timeout=3).close()
     except Exception as err:  # noqa: BLE001 - any failure means "no server to test against"; it is the reason
-        return f"{postgres_url()} refuses a connection ({' '.join(str(err).split())[:160]}); start it: source .ci/services.sh && start_postgres"
+        why = " ".join(str(err).split())[:160]
+        start = "apt-get install postgresql, then " if shutil.which("pg_ctlcluster") is None else ""
+        return f"{postgres_url()} refuses a connection: {why} ({start}source .ci/services.sh && start_postgres, or set CORRAL_TEST_POSTGRES_URL)"
     return None
 
 
@@ -108,22 +113,22 @@ def _netns() -> str | None:
     """An empty network namespace, made and entered as tests/frontdoor/conftest.py's Netns does."""
     for tool, package in (("unshare", "util-linux"), ("nsenter", "util-linux"), ("ip", "iproute2")):
         if shutil.which(tool) is None:
-            return f"`{tool}` is not on PATH (it comes with {package})"
+            return f"`{tool}` is not on PATH (apt-get install {package})"
     done = _run(["unshare", *UNSHARE_NET, "ip", "link", "set", "lo", "up"])
     if done.returncode != 0:
-        return f"cannot make a network namespace (root or unprivileged user namespaces needed): {_last_line(done)}"
+        return f"cannot make a network namespace: {_last_line(done)} (run as root, or {USERNS})"
     return None
 
 
 def _git() -> str | None:
     if shutil.which("git") is None or not Path(GIT_HTTP_BACKEND).exists():
-        return f"git or {GIT_HTTP_BACKEND} is missing"
+        return f"git or {GIT_HTTP_BACKEND} is missing (apt-get install git)"
     return None
 
 
 def _chromium() -> str | None:
     if not Path(CHROMIUM).exists():
-        return f"{CHROMIUM} is missing"
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
     try:
         import playwright  # noqa: F401
     except ImportError:
@@ -131,10 +136,11 @@ def _chromium() -> str | None:
     return None
 
 
-def _on_path(name: str) -> Callable[[], str | None]:
+def _npm_cli(name: str, package: str) -> Callable[[], str | None]:
     def probe() -> str | None:
         if shutil.which(name) is None:
-            return f"`{name}` is not on PATH" + ("" if shutil.which("npm") else " and neither is npm (apt-get install nodejs npm)")
+            npm = "" if shutil.which("npm") else "apt-get install nodejs npm, then "
+            return f"`{name}` is not on PATH ({npm}npm install -g {package})"
         return None
 
     return probe
@@ -143,29 +149,28 @@ def _on_path(name: str) -> Callable[[], str | None]:
 @dataclass(frozen=True)
 class Part:
     name: str
-    what: str  # for `pytest --markers`
-    install: str  # what to do about it, named exactly
-    probe: Callable[[], str | None]  # None when usable, else why not
+    what: str
+    probe: Callable[[], str | None]  # None when usable, else why not and what to do about it
 
 
 PARTS: dict[str, Part] = {
     p.name: p
     for p in [
-        Part("bwrap", "bubblewrap that can start a sandbox", "apt-get install bubblewrap", _bwrap),
-        Part("docker", "a dockerd that can start containers", "apt-get install docker.io", _docker),
-        Part("postgres", "a PostgreSQL server that accepts a connection", "apt-get install postgresql", _postgres),
-        Part("netns", "an empty network namespace (unshare, nsenter, ip)", "apt-get install util-linux iproute2", _netns),
-        Part("git", "git and git-http-backend", "apt-get install git", _git),
-        Part("chromium", "Chromium driven by playwright", "apt-get install chromium", _chromium),
-        Part("claude", "the Claude Code CLI", f"npm install -g {NPM_CLAUDE}", _on_path("claude")),
-        Part("inspector", "the MCP Inspector CLI", f"npm install -g {NPM_INSPECTOR}", _on_path("mcp-inspector")),
+        Part("bwrap", "bubblewrap that can start a sandbox", _bwrap),
+        Part("docker", "a dockerd that can start containers", _docker),
+        Part("postgres", "a PostgreSQL server that accepts a connection", _postgres),
+        Part("netns", "an empty network namespace (unshare, nsenter, ip)", _netns),
+        Part("git", "git and git-http-backend", _git),
+        Part("chromium", "Chromium driven by playwright", _chromium),
+        Part("claude", "the Claude Code CLI", _npm_cli("claude", NPM_CLAUDE)),
+        Part("inspector", "the MCP Inspector CLI", _npm_cli("mcp-inspector", NPM_INSPECTOR)),
     ]
 }
 
 
 @functools.cache
 def missing(name: str) -> str | None:
-    """One line saying why part `name` cannot be used and what to install; None if it can. Probed once."""
+    """One line saying why part `name` cannot be used and what to do about it; None if it can. Probed once."""
     part = PARTS[name]
     why = part.probe()
-    return None if why is None else f"needs {part.what}: {why} (install: {part.install})"
+    return None if why is None else f"needs {part.what}: {why}"
