@@ -137,7 +137,7 @@ async def pipe_stdio_server() -> AsyncIterator[tuple[object, object]]:
     """The (read_stream, write_stream) pair a server runs on, over non-blocking pipes."""
     with _wire_moved_aside() as (wire_in, wire_out):
         lines, out = PipeLines(wire_in), PipeWriter(wire_out)
-        to_server, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        to_server, read_stream = anyio.create_memory_object_stream[SessionMessage](0)
         write_stream, from_server = anyio.create_memory_object_stream[SessionMessage](0)
 
         async def read() -> None:
