@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.parts import UNSHARE_NET, corral_exe
 
 READY = "Press Ctrl-C to stop."
@@ -115,7 +114,8 @@ class Netns:
     def __init__(self) -> None:
         self.root = os.geteuid() == 0
         self.holder = subprocess.Popen(["unshare", *UNSHARE_NET, "sleep", "3600"], stdin=subprocess.DEVNULL)
-        time.sleep(0.2)
+        ours = os.readlink("/proc/self/ns/net")
+        wait_until(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, "unshare to make the network namespace", seconds=10)
         subprocess.run([*self.prefix, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
 
     @property
