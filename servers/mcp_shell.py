@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
 from pydantic import ValidationError
@@ -41,12 +41,26 @@ log = logging.getLogger("corral.servers")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _problems(err: ValidationError) -> str:
+    """Pydantic's report as one line: each argument, what is wrong with it, what came (shortened)."""
+    said = []
+    for e in err.errors(include_url=False):
+        where = ".".join(map(str, e["loc"])) or "value"
+        if e["type"] == "missing":
+            said.append(f"{where} is missing")
+        else:
+            got = repr(e.get("input"))
+            said.append(f"{where}: {e['msg']} (got {got if len(got) <= 40 else got[:37] + '...'})")
+    return "; ".join(said)
+
+
 def _translate(name: str, err: Exception) -> ToolError:
     if isinstance(err, CorralError):
         return ToolError(str(err))
     if isinstance(err, ValidationError):  # our own models refusing a value the schema let through
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors())
-        return ToolError(str(InvalidArgument(problems)))
+        return ToolError(str(InvalidArgument(_problems(err))))
+    if isinstance(err, OverflowError):  # a number past what the store or the OS can hold: the caller's
+        return ToolError(str(InvalidArgument(f"a number is out of range ({err})")))
     # An unexpected failure: keep the traceback for the operator, give the client a kind.
     log.exception("tool %s failed unexpectedly", name)
     return ToolError(f"unavailable: {name} failed unexpectedly ({type(err).__name__}); the server log has details")
@@ -106,9 +120,31 @@ def tool(
         registered = server._tool_manager.get_tool(tool_name)
         assert registered is not None
         registered.parameters = lean(registered.parameters)
+        _translate_argument_errors(server)
         return fn
 
     return register
+
+
+def _translate_argument_errors(server: MCPServer) -> None:
+    """Arguments the input schema refuses (a wrong type, a missing one) are the SDK's to check,
+    before our wrapper runs; its report is pydantic's multi-line text with a link. Make it
+    ``invalid_argument: <what> (<what to do>)`` like every other error. Installed once per server."""
+    if "call_tool" in vars(server):
+        return
+    sdk_call_tool = server.call_tool
+
+    async def call_tool(name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await sdk_call_tool(name, arguments, context)
+        except ToolError as err:
+            cause = err.__cause__
+            if isinstance(err, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            refused = InvalidArgument(_problems(cause), hint=f"call {name} with the arguments its input schema describes")
+            raise ToolError(f"Error executing tool {name}: {refused}") from cause
+
+    server.call_tool = call_tool  # type: ignore[method-assign]
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

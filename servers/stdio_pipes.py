@@ -3,9 +3,12 @@
 The SDK's `stdio_server()` reads and writes the pipes through `anyio.wrap_file`: every
 line read and every write and flush is a trip to a worker thread and back, three per
 tool call, which on a small machine is most of a stdio call's cost. Here the two pipe
-ends are non-blocking and the event loop waits on them directly; framing, JSON-RPC
-parsing and the streams handed to the server are still the SDK's own (`stdio_server`
-given explicit streams).
+ends are non-blocking and the event loop waits on them directly. Parsing is the SDK's
+own (`jsonrpc_message_adapter`), but a line it cannot use is answered here with a
+JSON-RPC error, as the HTTP transport answers a bad body: parse error (-32700) or invalid
+request (-32600), with the request's id when a lenient parse still finds one (so the
+client hears at once instead of waiting out its timeout), else id null. The SDK's
+`stdio_server` hands such lines to the server, which only logs them.
 
 As the SDK does, the wire moves to private descriptors while serving: fd 0 reads
 /dev/null and fd 1 writes to stderr, so a tool (or a child it starts) that prints can
@@ -19,13 +22,16 @@ non-blocking; a terminal is shared with the shell that started us, so there
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, jsonrpc_message_adapter
+from pydantic import ValidationError
 
 __all__ = ["serve_stdio", "wire_is_pipes"]
 
@@ -109,12 +115,53 @@ def _wire_moved_aside() -> Iterator[tuple[int, int]]:
                 os.close(fd)
 
 
+def _small_int(digits: str) -> int | None:
+    return int(digits) if len(digits) <= 30 else None  # an id is never longer; a huge number is data
+
+
+def refusal(line: str, err: ValidationError) -> JSONRPCError:
+    """The JSON-RPC error answering a line the SDK's parser refused."""
+    first = err.errors(include_url=False)[0]
+    why = " ".join(f"{'.'.join(map(str, first['loc']))} {first['msg']}".split())[:300]
+    try:  # Python's parser takes deeper nesting, longer numbers and lone surrogates than jiter
+        raw = json.loads(line, parse_int=_small_int)
+    except (ValueError, RecursionError):
+        return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=PARSE_ERROR, message=f"Parse error: {why}"))
+    found = raw.get("id") if isinstance(raw, dict) else None
+    request_id = found if isinstance(found, int | str) and not isinstance(found, bool) else None
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request: {why}"))
+
+
 @contextlib.asynccontextmanager
 async def pipe_stdio_server() -> AsyncIterator[tuple[object, object]]:
-    """The (read_stream, write_stream) pair of `stdio_server()`, over non-blocking pipes."""
+    """The (read_stream, write_stream) pair a server runs on, over non-blocking pipes."""
     with _wire_moved_aside() as (wire_in, wire_out):
-        async with stdio_server(PipeLines(wire_in), PipeWriter(wire_out)) as streams:  # type: ignore[arg-type]
-            yield streams
+        lines, out = PipeLines(wire_in), PipeWriter(wire_out)
+        to_server, read_stream = anyio.create_memory_object_stream[SessionMessage](0)
+        write_stream, from_server = anyio.create_memory_object_stream[SessionMessage](0)
+
+        async def read() -> None:
+            async with to_server:
+                async for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+                    except ValidationError as err:
+                        with contextlib.suppress(anyio.ClosedResourceError):  # the server already stopped
+                            await write_stream.send(SessionMessage(refusal(line, err)))
+                        continue
+                    await to_server.send(SessionMessage(message))
+
+        async def write() -> None:
+            async with from_server:
+                async for message in from_server:
+                    await out.write(message.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            tg.start_soon(write)
+            yield read_stream, write_stream
 
 
 def serve_stdio(server: MCPServer) -> None:

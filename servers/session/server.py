@@ -18,6 +18,7 @@ from corral.servers.mcp_shell import serve, tool
 from corral.servers.session.store import Event, EventStore, SessionInfo
 
 MAX_PAGE = 1000
+MAX_POSITION = 2**63 - 1  # positions are 64-bit integers in both stores (and `after + 1` must be one)
 INSTRUCTIONS = """\
 The session log: an append-only event log that outlives any context window.
 Read history with get_events (paging forward or backward), slice (a position range)
@@ -102,6 +103,8 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
         _check_limit(limit)
         if after is not None and after < -1:
             raise InvalidArgument(f"after {after} is out of range (use -1 or omit it to start at the beginning)")
+        if after is not None and after >= MAX_POSITION:
+            raise InvalidArgument(f"after {after} is out of range: positions are below {MAX_POSITION}", hint="pass next_after from the previous page")
         if order == "asc":
             events = store.select(session_id, gte=None if after is None else after + 1, types=types, limit=limit)
         else:

@@ -1,11 +1,13 @@
 """Fixtures: a real vault (encrypted-file keyring in tmp), a real loopback upstream, and the
 credential server reached through a real MCP client (in memory). Every tool output, audit
-line and log record is collected for the final secret sweep (test_zz_sweep.py)."""
+line and log record is collected for the secret sweep (`leaks()`), which runs after the last
+test of this package whatever order the tests ran in, and in test_sweep.py."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.credentials.upstream import Upstream
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.policy import Credential
+from corral.vault.redact import secret_forms
 
 # Collected across the whole session for the sweep.
 SECRETS: list[str] = []
@@ -38,6 +41,34 @@ _collector = _Collect(level=logging.DEBUG)
 logging.getLogger().addHandler(_collector)
 for _name in ("corral", "httpx", "httpcore"):
     logging.getLogger(_name).setLevel(logging.DEBUG)
+
+
+def leaks() -> list[str]:
+    """Every form of a stored secret (each encoding the redactor claims to cover) found so far
+    in a tool output, log line or audit line, with what surrounds it."""
+    exact: set[bytes] = set()
+    folded: set[bytes] = set()
+    for secret in SECRETS:
+        e, f = secret_forms(secret)
+        exact |= e
+        folded |= f
+    patterns = [re.compile("|".join(re.escape(x.decode("latin-1")) for x in forms), flags) for forms, flags in ((exact, 0), (folded, re.IGNORECASE)) if forms]
+    haystacks = {"output": OUTPUTS, "log": LOG_LINES, "audit": [p.read_text() for p in AUDIT_FILES if p.exists()]}
+    return [
+        f"{where}: ...{text[max(0, found.start() - 100) : found.end()]}"
+        for where, texts in haystacks.items()
+        for text in texts
+        for pattern in patterns
+        if (found := pattern.search(text))
+    ]
+
+
+@pytest.fixture(scope="package", autouse=True)
+def no_secret_left_the_proxy():
+    """After the last test of this package (in any order, any selection): sweep all it collected."""
+    yield
+    found = leaks()
+    assert not found, "a form of a secret leaked into " + "\n".join(found)
 
 
 def new_secret(prefix: str) -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from tests.credentials.upstream import Upstream
-
-BACKEND = "/usr/lib/git-core/git-http-backend"
+from tests.parts import GIT_HTTP_BACKEND as BACKEND
 
 
 class GitHandler(BaseHTTPRequestHandler):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,8 +16,9 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 from mcp.client.stdio import stdio_client
 
-from tests.conftest import bearer_client, free_port, require, wait_listening
+from tests.conftest import bearer_client, free_port, wait_listening
 from tests.credentials.conftest import LOG_LINES, OUTPUTS
+from tests.parts import UNSHARE_NET
 
 pytestmark = pytest.mark.anyio
 
@@ -64,22 +64,16 @@ async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
     assert "Bearer [REDACTED]" in log and env.secrets["echo"] not in log
 
 
-def can_unshare() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    return subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10, check=False).returncode == 0
-
-
 TARGETS = ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "10.0.0.1", "metadata.google.internal", "example.com"]
 
 
+@pytest.mark.requires("netns")
 async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
-    require("unshare --net", can_unshare(), "needs root or unprivileged user namespaces")
     from corral.vault.policy import Credential
 
     for i, host in enumerate(TARGETS):
         env.add(Credential(name=f"wide{i}", hosts=[host], schemes=["http"], ports=[80]))
-    params = StdioServerParameters(command="unshare", args=["--net", sys.executable, "-m", "corral.cli", "serve", "credentials"], env=server_env(env))
+    params = StdioServerParameters(command="unshare", args=[*UNSHARE_NET, sys.executable, "-m", "corral.cli", "serve", "credentials"], env=server_env(env))
     with (tmp_path / "stderr.log").open("w") as err:
         async with Client(stdio_client(params, errlog=err)) as client:
             for i, host in enumerate(TARGETS):

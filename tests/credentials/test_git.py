@@ -18,13 +18,12 @@ import httpx
 import pytest
 from mcp.client import Client
 
-from tests.conftest import require
 from tests.credentials.conftest import LOG_LINES, OUTPUTS, new_secret
-from tests.credentials.gitserver import BACKEND, GitServer
+from tests.credentials.gitserver import GitServer
 from corral.vault.policy import Credential
 from corral.vault.redact import secret_forms
 
-pytestmark = [pytest.mark.anyio, pytest.mark.bwrap]
+pytestmark = pytest.mark.anyio
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
@@ -35,8 +34,7 @@ def git(*args: str, cwd: Path | None = None) -> str:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    require("git http-backend", shutil.which("git") is not None and Path(BACKEND).exists(), "apt-get install git")
+def repo(tmp_path: Path, needs_git) -> Path:
     root = tmp_path / "git"
     bare = root / "repo.git"
     git("init", "-q", "--bare", "-b", "main", str(bare))
@@ -50,16 +48,8 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
-def bwrap_works() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    probe = ["bwrap", "--unshare-user", "--unshare-net", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
-    return subprocess.run(probe, capture_output=True, timeout=20, check=False).returncode == 0
-
-
 @pytest.fixture
-def sandbox_backend():
-    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
+def sandbox_backend(needs_bwrap):
     from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
 

@@ -10,24 +10,21 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import free_port, wait_until
+from tests.parts import UNSHARE_NET, corral_exe
 
 READY = "Press Ctrl-C to stop."
-# The console script beside this Python (a venv's, or pyenv's real one rather than its shim).
-_BESIDE = Path(sys.executable).parent / "corral"
-CORRAL = str(_BESIDE) if _BESIDE.exists() else shutil.which("corral") or "corral"
+# The console script beside this Python, never one found on PATH (the test command puts none there).
+CORRAL = corral_exe()
 
 
 def make_env(root: Path) -> dict[str, str]:
@@ -99,7 +96,7 @@ def start_up(env: dict[str, str], port: int, prefix: list[str] | None = None, ti
 
 
 @pytest.fixture(scope="session")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+def up(tmp_path_factory: pytest.TempPathFactory, needs_bwrap) -> Iterator[UpProcess]:
     """One `corral up` shared by the tests that only talk to it (each start costs seconds)."""
     env = {**make_env(tmp_path_factory.mktemp("up")), "CORRAL_SANDBOX_PROGRESS_INTERVAL_S": "0.3"}  # progress test
     process = start_up(env, free_port())
@@ -116,9 +113,9 @@ class Netns:
 
     def __init__(self) -> None:
         self.root = os.geteuid() == 0
-        flags = ["--net"] if self.root else ["--net", "--map-root-user"]
-        self.holder = subprocess.Popen(["unshare", *flags, "sleep", "3600"], stdin=subprocess.DEVNULL)
-        time.sleep(0.2)
+        self.holder = subprocess.Popen(["unshare", *UNSHARE_NET, "sleep", "3600"], stdin=subprocess.DEVNULL)
+        ours = os.readlink("/proc/self/ns/net")
+        wait_until(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, "unshare to make the network namespace", seconds=10)
         subprocess.run([*self.prefix, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
 
     @property
@@ -131,16 +128,8 @@ class Netns:
         self.holder.wait(5)
 
 
-def _netns_works() -> bool:
-    if not (shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip")):
-        return False
-    flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
-    return subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=10, check=False).returncode == 0
-
-
 @pytest.fixture
-def netns() -> Iterator[Netns]:
-    require("a network namespace", _netns_works(), "needs unshare/nsenter/ip and (unprivileged) user namespaces")
+def netns(needs_netns) -> Iterator[Netns]:
     ns = Netns()
     yield ns
     ns.close()

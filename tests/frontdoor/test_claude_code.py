@@ -63,6 +63,7 @@ def _tool_results(requests: list[dict]) -> dict[str, str]:
     return results
 
 
+@pytest.mark.requires("claude", "bwrap")
 @pytest.mark.parametrize("transport", ["stdio", "http"])
 def test_claude_code_calls_corral_tools_on_its_first_request(corral_env: dict[str, str], netns: Netns, tmp_path: Path, transport: str) -> None:
     exe = claude()

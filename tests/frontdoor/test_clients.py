@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
 from tests.frontdoor.conftest import CORRAL, Netns, corral, free_port, run, start_up, token_of
 
 SERVERS = ("session", "sandbox", "credentials")
@@ -28,15 +27,11 @@ CALLS = {
 
 
 def claude() -> str:
-    path = shutil.which("claude")
-    require("Claude Code CLI", path is not None, "npm install -g @anthropic-ai/claude-code (.ci/run does)")
-    return path or ""
+    return shutil.which("claude") or "claude"  # tests calling this carry requires("claude")
 
 
 def inspector() -> str:
-    path = shutil.which("mcp-inspector")
-    require("MCP Inspector CLI", path is not None, "npm install -g @modelcontextprotocol/inspector@0.18.0 (.ci/run does)")
-    return path or ""
+    return shutil.which("mcp-inspector") or "mcp-inspector"  # tests calling this carry requires("inspector")
 
 
 def connected(listing: str) -> dict[str, bool]:
@@ -44,6 +39,7 @@ def connected(listing: str) -> dict[str, bool]:
     return {m.group(1): "Connected" in m.group(2) and "Failed" not in m.group(2) for m in re.finditer(r"^(corral-\w+): (.*)$", listing, re.MULTILINE)}
 
 
+@pytest.mark.requires("claude", "bwrap")
 def test_claude_code_stdio_servers_connect(corral_env: dict[str, str], netns: Netns) -> None:
     exe = claude()
     for _ in range(2):  # twice: the second run replaces the entries instead of failing on existing names
@@ -64,6 +60,7 @@ def recording_claude(exe: str, folder: Path) -> tuple[str, Path]:
     return str(folder), log
 
 
+@pytest.mark.requires("claude", "bwrap")
 def test_claude_code_http_servers_connect_with_the_token(corral_env: dict[str, str], netns: Netns, tmp_path: Path) -> None:
     exe = claude()
     port = free_port()
@@ -99,9 +96,10 @@ def inspect(netns: Netns, env: dict[str, str], target: list[str], *args: str) ->
     return json.loads(done.stdout)
 
 
+@pytest.mark.requires("inspector", "bwrap")
 @pytest.mark.parametrize("server", SERVERS)
 def test_inspector_over_stdio(corral_env: dict[str, str], netns: Netns, server: str) -> None:
-    target = [shutil.which("corral") or "corral", "serve", server]
+    target = [CORRAL, "serve", server]
     tools = {t["name"] for t in inspect(netns, corral_env, target, "--method", "tools/list")["tools"]}
     tool, pairs, expect = CALLS[server]
     assert tool in tools
@@ -109,6 +107,7 @@ def test_inspector_over_stdio(corral_env: dict[str, str], netns: Netns, server: 
     assert result["isError"] is False and expect in json.dumps(result), result
 
 
+@pytest.mark.requires("inspector", "bwrap")
 def test_inspector_over_http_with_the_bearer_header(corral_env: dict[str, str], netns: Netns) -> None:
     inspector()
     port = free_port()

@@ -7,17 +7,14 @@ the sandbox and session servers are the ones `corral up` serves.
 from __future__ import annotations
 
 import re
-import shutil
 
 import httpx
 
-from tests.conftest import require
 from tests.frontdoor.conftest import UpProcess, corral, token_of
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 
 
 def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProcess) -> None:
-    require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
     script = Script({"VIEWER-TASK": [Turn([text("Counting."), tool("sandbox__execute", {"command": "echo 42"})]), Turn([text("The answer is 42.")])]})
     token = token_of(up.env)
     with FakeAnthropic(script) as fake:

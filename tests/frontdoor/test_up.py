@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import stat
@@ -19,7 +18,6 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import require
 from tests.frontdoor.conftest import (
     CORRAL,
     UpProcess,
@@ -59,7 +57,6 @@ async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess) ->
 
 
 async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:
-    require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
     seen: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -77,7 +74,6 @@ async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:
 async def test_sandboxes_of_up_reach_its_git_gateway_through_the_forwarder(up: UpProcess) -> None:
     # `corral up` runs the proxy's git gateway and the sandboxes in one process, so it mounts
     # the gateway's directory at /run/corral itself; `run_git_with` must work as returned.
-    require("bwrap", shutil.which("bwrap") is not None, "install bubblewrap")
     closed = free_port()  # the "upstream": a loopback port nothing listens on
     added = subprocess.run(
         [CORRAL, "vault", "set", "gitrepo", "--kind", "git", "--host", "127.0.0.1", "--scheme", "http", "--port", str(closed), "--allow-private"],
@@ -128,6 +124,7 @@ def test_no_token_wrong_token_foreign_origin_and_host_are_refused(up: UpProcess)
         assert http.get("/healthz").text == "ok\n"  # says nothing but "up"
 
 
+@pytest.mark.requires("bwrap")
 def test_token_is_private_and_kept_across_restarts(corral_env: dict[str, str]) -> None:
     port = free_port()
     first = start_up(corral_env, port)
@@ -145,6 +142,7 @@ def test_token_is_private_and_kept_across_restarts(corral_env: dict[str, str]) -
         assert second.stop() == 0
 
 
+@pytest.mark.requires("bwrap")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_stop_cleanly_and_free_the_port(corral_env: dict[str, str], sig: int) -> None:
     port = free_port()
@@ -201,7 +199,7 @@ def test_help_lists_up_and_mcp_config(corral_env: dict[str, str]) -> None:
     done = corral("--help", env=corral_env)
     assert "up " in done.stdout and "mcp-config" in done.stdout
     assert corral("up", "--help", env=corral_env).returncode == 0
-    assert os.access(shutil.which("corral") or "", os.X_OK)
+    assert os.access(CORRAL, os.X_OK)
 
 
 async def test_write_file_up_to_the_sandbox_limit_passes_over_http(up: UpProcess) -> None:

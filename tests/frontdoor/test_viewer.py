@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-from pathlib import Path
 
 import httpx
 import pytest
 
 from corral.servers.http_guard import ViewerSessions
-from tests.conftest import require
-from tests.frontdoor.conftest import UpProcess, corral, token_of
+from tests.frontdoor.conftest import CORRAL, UpProcess, corral, token_of
 from tests.frontdoor.test_up import mcp_client
+from tests.parts import CHROMIUM
 
 pytestmark = pytest.mark.anyio
-CHROMIUM = "/usr/bin/chromium"
 # Headless, and nothing but loopback: every other host fails to resolve and goes to a dead proxy.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -32,12 +29,10 @@ async def emit(client, session_id: str, type_: str, data: dict) -> int:
     return result.structured_content["position"]
 
 
+@pytest.mark.requires("chromium")
 async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess) -> None:
-    require("Chromium", Path(CHROMIUM).exists(), "apt-get install chromium (.ci/run does)")
-    try:
-        from playwright.async_api import async_playwright, expect
-    except ImportError:
-        require("playwright", False, "pip install playwright (a test dependency)")
+    from playwright.async_api import async_playwright, expect
+
     token = token_of(up.env)
     async with mcp_client(f"{up.base}/session/mcp", token) as client:
         created = await client.call_tool("create_session", {"metadata": {"title": "seen in a browser"}})
@@ -106,7 +101,7 @@ async def test_terminal_timeline_of_a_session(up: UpProcess) -> None:
     assert re.search(r"✗\s+agent.tool_result\s+exit 2", out), out
     assert "tokens: in 50  out 7" in out
     assert os.environ.get("CORRAL_HOME") != up.env["CORRAL_HOME"]
-    assert shutil.which("corral")
+    assert os.access(CORRAL, os.X_OK)
 
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import free_port
 from tests.credentials.upstream import Upstream
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import (
@@ -39,21 +39,12 @@ from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
 from tests.sandbox.procs import bwrap_pids
 
-pytestmark = pytest.mark.bwrap
 SECRET = "sk-acceptance-" + uuid.uuid4().hex
 
 
-def bwrap_works() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    probe = ["bwrap", "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
-    return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
-
-
 @pytest.fixture
-def real_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+def real_env(env: dict[str, str], needs_bwrap) -> Iterator[dict[str, str]]:
     """The default servers (sandbox on bubblewrap, session, credentials) over stdio."""
-    require("bwrap", bwrap_works(), "bubblewrap with user namespaces is needed for the sandbox server")
     base = Path(tempfile.gettempdir()) / "corral-test-sandboxes"  # the sandbox uid must traverse it (tmp_path is 0700)
     base.mkdir(mode=0o711, exist_ok=True)
     root = base / uuid.uuid4().hex[:12]

@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+from tests.conftest import wait_until
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import FakeAnthropic
 from tests.harness.scripts import multi_tool_task
@@ -51,12 +52,7 @@ def test_ctrl_c_stops_cleanly_and_the_session_resumes(env: dict[str, str], toolb
         e = {**env, **fake.env()}
         p = subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "SIGINT-TASK"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
-        deadline = time.time() + 60
-        while time.time() < deadline and not (toolbox_dir / "started.txt").exists():
-            time.sleep(0.2)
-        while time.time() < deadline and fake.counts[("SIGINT-TASK", 0)] == 0:
-            time.sleep(0.2)
-        time.sleep(1.0)  # the slow tool is running now
+        wait_until((toolbox_dir / "slow.txt").exists, "the slow tool to be running", seconds=60)
         os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         out, err = p.communicate(timeout=60)
         assert p.returncode == 130, out + err

@@ -54,7 +54,8 @@ def put(key: str, value: str) -> str:
 
 @tool(server, read_only=True)
 def slow(seconds: float) -> str:
-    """Sleep, then answer."""
+    """Sleep, then answer. `slow.txt` says a call is under way (tests wait for it, not for a time)."""
+    (DIR / "slow.txt").write_text(str(seconds))
     time.sleep(seconds)
     return "slept"
 

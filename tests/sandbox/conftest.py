@@ -8,7 +8,6 @@ busybox (nothing can be pulled), real MCP clients.
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 import tempfile
@@ -24,38 +23,22 @@ from corral.servers.sandbox.backend import Backend
 from corral.servers.sandbox.config import DockerConfig, E2BConfig
 from corral.servers.sandbox.config import SandboxSettings
 from corral.servers.sandbox.server import backend_config, build_server
-from tests.conftest import require
+from tests.parts import TEST_IMAGE
 
 from .fake_e2b import FakeAsyncSandbox
 
-TEST_IMAGE = "corral-sandbox-test:latest"
-REPO = Path(__file__).resolve().parents[2]
-
-
-@functools.lru_cache(maxsize=1)
-def bwrap_works() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    probe = ["bwrap", "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "true"]
-    return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
-
-
-@functools.lru_cache(maxsize=1)
-def docker_works() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+REQUIRES = {"bubblewrap": "bwrap", "docker": "docker"}
 
 
 @pytest.fixture(scope="session")
-def docker_image() -> str:
-    """The test image, built from the host's busybox by .ci/services.sh (or here, the same way)."""
-    require("dockerd", docker_works(), "docker info failed; start dockerd (.ci/services.sh start_dockerd)")
-    have = subprocess.run(["docker", "image", "inspect", TEST_IMAGE], capture_output=True, timeout=30)
-    if have.returncode != 0:
-        require("busybox", Path("/bin/busybox").exists(), "the test image is built from busybox-static")
-        subprocess.run(["bash", "-c", f"source {REPO}/.ci/services.sh && build_test_image"], check=True, timeout=120)
+def docker_image(needs_docker) -> str:
+    """The test image, built from the host's busybox by .ci/services.sh (or by the docker probe)."""
     return TEST_IMAGE
+
+
+def kinds(*names: str) -> list:
+    """Backend kinds as fixture params, each marked with the real part it needs."""
+    return [pytest.param(n, marks=pytest.mark.requires(REQUIRES[n])) if n in REQUIRES else n for n in names]
 
 
 @pytest.fixture(scope="session")
@@ -87,21 +70,20 @@ def make_backend(kind: str, settings: SandboxSettings, image: str | None = None)
     from corral.servers.sandbox.server import make_backend as factory
 
     if kind == "bubblewrap":
-        require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
         return factory(backend_config(settings))
     if kind == "docker":
         return factory(DockerConfig(image=image or TEST_IMAGE))
     return factory(E2BConfig(api_key="e2b_test_key"), sandbox_cls=FakeAsyncSandbox)
 
 
-@pytest.fixture(params=["bubblewrap", "docker", "e2b"])
+@pytest.fixture(params=kinds("bubblewrap", "docker", "e2b"))
 def backend_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "docker":
         request.getfixturevalue("docker_image")
     return request.param
 
 
-@pytest.fixture(params=["bubblewrap", "docker"])
+@pytest.fixture(params=kinds("bubblewrap", "docker"))
 def isolated_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "docker":
         request.getfixturevalue("docker_image")

@@ -28,6 +28,7 @@ def test_parse_binds() -> None:
             parse_binds(bad)
 
 
+@pytest.mark.requires("bwrap")
 async def test_extra_bind_socket_reachable_without_network(settings, sandbox_root: Path) -> None:
     """A unix socket bound in by the server works inside a `network: none` sandbox."""
     sock_dir = sandbox_root.parent / f"sock-{os.getpid()}"
@@ -71,6 +72,7 @@ def test_heavy_sdks_are_imported_only_when_used() -> None:
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+@pytest.mark.requires("bwrap")
 async def test_bwrap_setup_failure_is_unavailable_not_a_command_result(settings, sandbox_root: Path) -> None:
     settings.sandbox_extra_binds = f"{sandbox_root.parent}/does-not-exist:/run/x"
     h = Harness("bubblewrap", settings)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +12,13 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.conftest import bearer_client, free_port, require, wait_listening
+from tests.conftest import bearer_client, free_port, wait_listening
+from tests.parts import corral_exe
 
-from .conftest import bwrap_works, call, fail
+from .conftest import call, fail, kinds
 
 pytestmark = pytest.mark.anyio
-# The `corral` of the Python running the tests (CI's venv), else the one on PATH.
-_VENV_CORRAL = Path(sys.executable).parent / "corral"
-CORRAL = str(_VENV_CORRAL) if _VENV_CORRAL.exists() else (shutil.which("corral") or "corral")
+CORRAL = corral_exe()  # the `corral` of the Python running the tests, never one on PATH
 
 
 def _env(settings, **extra: str) -> dict[str, str]:
@@ -52,8 +49,8 @@ async def _drive_every_tool(c: Client) -> None:
     await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="true")
 
 
+@pytest.mark.requires("bwrap")
 async def test_stdio_bubblewrap(settings) -> None:
-    require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
     params = StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=_env(settings))
     async with Client(params) as c:
         await _drive_every_tool(c)
@@ -73,8 +70,6 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
     extra = {}
     if kind == "docker":
         extra = {"CORRAL_SANDBOX_BACKEND": "docker", "CORRAL_SANDBOX_IMAGE": request.getfixturevalue("docker_image")}
-    else:
-        require("bubblewrap", bwrap_works(), "apt-get install bubblewrap")
     port = free_port()
     proc = subprocess.Popen(
         [CORRAL, "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
@@ -92,7 +87,7 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
             proc.wait()
 
 
-@pytest.mark.parametrize("http_server", ["bubblewrap", "docker"], indirect=True)
+@pytest.mark.parametrize("http_server", kinds("bubblewrap", "docker"), indirect=True)
 async def test_streamable_http(http_server: tuple[str, Path]) -> None:
     async with bearer_client(*http_server) as c:
         await _drive_every_tool(c)

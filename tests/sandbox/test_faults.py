@@ -14,6 +14,8 @@ from collections.abc import Callable
 import pytest
 from mcp.client import Client
 
+from tests.conftest import until
+
 from .conftest import Harness, call, fail
 from .fake_e2b import FakeCloud
 from .procs import bwrap_pids
@@ -24,8 +26,12 @@ pytestmark = pytest.mark.anyio
 async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) -> str:
     lost = (await call(c, "provision"))["sandbox_id"]
     other = (await call(c, "provision"))["sandbox_id"]
-    running = asyncio.create_task(c.call_tool("execute", {"sandbox_id": lost, "command": "sleep 30; echo never"}))
-    await asyncio.sleep(1.0)  # the command is running
+    running = asyncio.create_task(c.call_tool("execute", {"sandbox_id": lost, "command": "touch started; sleep 30; echo never"}))
+
+    async def started() -> bool:
+        return not (await c.call_tool("read_file", {"sandbox_id": lost, "path": "started"})).is_error
+
+    await until(started, "the command to start")
     start = time.monotonic()
     await asyncio.to_thread(kill, lost)
     result = await asyncio.wait_for(running, 15)
@@ -41,6 +47,7 @@ async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) 
     return lost
 
 
+@pytest.mark.requires("bwrap")
 async def test_bwrap_process_killed(settings) -> None:
     h = Harness("bubblewrap", settings)
 
@@ -54,6 +61,7 @@ async def test_bwrap_process_killed(settings) -> None:
         await _kill_mid_command(h, c, kill)
 
 
+@pytest.mark.requires("bwrap")
 async def test_bwrap_workspace_deleted(settings) -> None:
     h = Harness("bubblewrap", settings)
     async with h.client() as c:

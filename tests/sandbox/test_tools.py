@@ -189,6 +189,7 @@ async def test_long_execute_sends_progress(harness: Harness) -> None:
         assert len(seen) >= 2 and seen == sorted(seen)
 
 
+@pytest.mark.requires("bwrap")
 async def test_background_reaper_runs_in_the_server(settings) -> None:
     from corral.servers.sandbox.server import build_server
 
