@@ -258,8 +258,8 @@ def _schema_problem(name: str, value: Any, tools: list[dict[str, Any]]) -> str |
     if not isinstance(value, dict):
         return f"the {name} input is not a JSON object"
     schema = next((t.get("input_schema") for t in tools if t.get("name") == name), None)
-    if schema is None:
-        return f"the response calls {name!r}, which is not one of the tools offered" if tools else None
+    if schema is None:  # a tool that does not exist: a whole answer; the router tells the model (not_found)
+        return None
     import jsonschema  # the MCP SDK's validator, loaded only when a tool call arrives
 
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
