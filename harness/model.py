@@ -122,26 +122,28 @@ class ModelUnavailable(Unavailable):
         self.grow = grow
 
 
-class ContextWindowExceeded(InvalidArgument):
+class _Unusable:
+    """A whole response the loop must not use as it is; `fault` and `arrived` go into its error event."""
+
+    fault = ""
+
+    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
+        super().__init__(message)  # type: ignore[call-arg]  # the CorralError it is mixed into
+        self.arrived = arrived
+
+
+class ContextWindowExceeded(_Unusable, InvalidArgument):
     """stop_reason `model_context_window_exceeded`: the loop compacts, then asks again."""
 
+    fault = "context_window_exceeded"
     default_hint = "the harness compacts the context and retries; lower CORRAL_CONTEXT_BUDGET_TOKENS if this repeats"
 
-    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.fault = "context_window_exceeded"
-        self.arrived = arrived
 
-
-class UnknownStopReason(Unavailable):
+class UnknownStopReason(_Unusable, Unavailable):
     """A stop_reason this harness does not know: recorded and surfaced, never guessed at."""
 
+    fault = "unknown_stop_reason"
     default_hint = "the response was not acted on; upgrade corral, then `corral wake` asks again"
-
-    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.fault = "unknown_stop_reason"
-        self.arrived = arrived
 
 
 def api_error(error_type: str, status: int, detail: str, retry_after: float | None = None, *, fault: str = "status",
