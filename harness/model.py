@@ -268,9 +268,11 @@ def _schema_problem(name: str, value: Any, tools: list[dict[str, Any]]) -> str |
     return None if error is None else f"the {name} input does not match its schema: {error.message}"
 
 
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def _usage(usage: Any) -> dict[str, int]:
-    keys = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-    return {k: int(getattr(usage, k, None) or 0) for k in keys if hasattr(usage, k)}
+    return {k: int(getattr(usage, k, None) or 0) for k in USAGE_KEYS if hasattr(usage, k)}
 
 
 @dataclass
@@ -339,7 +341,7 @@ class AnthropicModel:
             message_id=got.message_id,
             content=content,
             stop_reason=got.stop_reason,
-            usage={k: got.usage.get(k, 0) for k in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")},
+            usage={k: got.usage.get(k, 0) for k in USAGE_KEYS},
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
             ttft_ms=None if ttft is None else round(ttft, 2),
         )
@@ -366,7 +368,7 @@ async def _translated(got: Assembly) -> AsyncIterator[None]:
 def _translate_status(err: Any, got: Assembly) -> CorralError:
     status = err.status_code
     body = err.body if isinstance(err.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
     detail = error.get("message") or err.message
     retry_after = err.response.headers.get("retry-after")
     try:
@@ -376,6 +378,7 @@ def _translate_status(err: Any, got: Assembly) -> CorralError:
     mid_stream = got.events > 0 or status == 200
     return api_error(str(error.get("type") or ""), status, detail, seconds,
                      fault="stream_error" if mid_stream else "status", arrived=got.arrived() if mid_stream else None)
+
 
 RetryHook = Callable[[ModelUnavailable, int, float], Awaitable[None]]
 
