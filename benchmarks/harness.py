@@ -11,6 +11,10 @@
    already running over streamable HTTP (as `corral up` runs it): p50 and p95 of each. Both
    start from a warm tool-listing cache (a warm-up run fills it), as every run after the first.
 3. Prompt-cache hit rate of steady-state turns (the fake bills cache reads by prefix).
+4. What a broken response costs (issue 17), at the DEFAULT settings (idle timeout 90 s, first
+   backoff 1 s): a two-turn task whose first response breaks once by each fault, beside the
+   same task unbroken. A stall costs the idle timeout plus one backoff (the SDK's default was
+   to wait 10 minutes).
 
 Numbers are noisy on a shared machine; the table says what was measured. JSON goes to
 benchmarks/results/harness.json.
@@ -44,7 +48,7 @@ from corral.harness.tools import ToolOutcome  # noqa: E402
 from corral.harness.view import NullView  # noqa: E402
 from corral.servers.session import open_store  # noqa: E402
 from tests.harness.conftest import settings_from  # noqa: E402
-from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool  # noqa: E402
+from tests.harness.fake_anthropic import FakeAnthropic, Fault, Script, Turn, text, tool  # noqa: E402
 
 TOOLS = [{"name": f"sandbox__tool{i}", "description": "a tool " * 20, "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
           "annotations": {"read_only": i % 2 == 0, "idempotent": False, "destructive": False}} for i in range(8)]
@@ -257,6 +261,32 @@ def bench_cache(env: dict[str, str]) -> dict[str, Any]:
     return {"turns": len(rates), "first_turn": rates[0], "steady_state_mean": round(statistics.mean(rates[2:]), 3), "min_steady": min(rates[2:])}
 
 
+# -- 4. what a broken response costs ----------------------------------------------------
+
+FAULTS = {"stall": Fault("stall", stall_s=600.0), "drop": Fault("drop"), "error_event (overloaded)": Fault("error_event"),
+          "no message_stop": Fault("no_message_stop"), "invalid tool JSON": Fault("bad_json"), "max_tokens in tool call": None}
+
+
+def broken_run_s(env: dict[str, str], name: str | None) -> float:
+    first = Turn([text("Planning."), tool("todo", {"items": [{"text": "step", "status": "in_progress"}]})])
+    if name is None:
+        turns: list[Any] = [first, Turn([text("done")])]
+    elif FAULTS[name] is None:
+        turns = [Turn(first.blocks, needs_tokens=16_000), Turn([text("done")])]
+    else:
+        turns = [[Turn(first.blocks, fault=FAULTS[name]), first], Turn([text("done")])]
+    with FakeAnthropic(Script({"FAULT-BENCH": turns})) as fake:
+        e = {**env, **fake.env(), "CORRAL_SERVERS": ""}
+        started = time.perf_counter()
+        anyio.run(lambda: run_session(settings_from(e), task="FAULT-BENCH", session_id=None, view=NullView(), env=e))
+        return time.perf_counter() - started
+
+
+def bench_faults(env: dict[str, str]) -> dict[str, Any]:
+    clean = min(broken_run_s(env, None) for _ in range(3))
+    return {"unbroken_s": round(clean, 2), **{name: round(broken_run_s(env, name), 2) for name in FAULTS}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
@@ -269,7 +299,7 @@ def main() -> int:
     env.update(CORRAL_HOME=str(home), CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(sandbox_dir), PYTHONPATH=str(ROOT))
     try:
         results = {"wake_10k_events": bench_wake(env, args.trials), "ttft_new_session": bench_ttft(env, args.trials, args.delay_ms / 1000),
-                   "cache_hit_rate": bench_cache(env)}
+                   "cache_hit_rate": bench_cache(env), "broken_response_s": bench_faults(env)}
     finally:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
@@ -288,6 +318,10 @@ def main() -> int:
     table.add(f"TTFT new session, lazy vs eager ({tt['backend']}): p95", f"{tt['lazy']['p95_ms']:.0f} ms (-{tt['p95_reduction']:.0%})", f"eager {tt['eager']['p95_ms']:.0f} ms", ">= 90% lower", tt["p95_reduction"] >= 0.9)
     c = results["cache_hit_rate"]
     table.add("prompt-cache hit rate, steady-state turns", f"{c['steady_state_mean']:.0%} (min {c['min_steady']:.0%})", f"first turn {c['first_turn']:.0%}")
+    f = results["broken_response_s"]
+    for name in FAULTS:
+        target = "~ idle timeout 90 s + 1 s backoff" if name == "stall" else "~ 1 s backoff"
+        table.add(f"task with one broken response: {name}", f"{f[name]:.1f} s (+{f[name] - f['unbroken_s']:.1f} s)", f"unbroken {f['unbroken_s']:.1f} s", target)
     table.save(results)
     return 0
 

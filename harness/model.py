@@ -122,26 +122,28 @@ class ModelUnavailable(Unavailable):
         self.grow = grow
 
 
-class ContextWindowExceeded(InvalidArgument):
+class _Unusable:
+    """A whole response the loop must not use as it is; `fault` and `arrived` go into its error event."""
+
+    fault = ""
+
+    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
+        super().__init__(message)  # type: ignore[call-arg]  # the CorralError it is mixed into
+        self.arrived = arrived
+
+
+class ContextWindowExceeded(_Unusable, InvalidArgument):
     """stop_reason `model_context_window_exceeded`: the loop compacts, then asks again."""
 
+    fault = "context_window_exceeded"
     default_hint = "the harness compacts the context and retries; lower CORRAL_CONTEXT_BUDGET_TOKENS if this repeats"
 
-    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.fault = "context_window_exceeded"
-        self.arrived = arrived
 
-
-class UnknownStopReason(Unavailable):
+class UnknownStopReason(_Unusable, Unavailable):
     """A stop_reason this harness does not know: recorded and surfaced, never guessed at."""
 
+    fault = "unknown_stop_reason"
     default_hint = "the response was not acted on; upgrade corral, then `corral wake` asks again"
-
-    def __init__(self, message: str, arrived: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.fault = "unknown_stop_reason"
-        self.arrived = arrived
 
 
 def api_error(error_type: str, status: int, detail: str, retry_after: float | None = None, *, fault: str = "status",
@@ -258,17 +260,19 @@ def _schema_problem(name: str, value: Any, tools: list[dict[str, Any]]) -> str |
     if not isinstance(value, dict):
         return f"the {name} input is not a JSON object"
     schema = next((t.get("input_schema") for t in tools if t.get("name") == name), None)
-    if schema is None:
-        return f"the response calls {name!r}, which is not one of the tools offered" if tools else None
+    if schema is None:  # a tool that does not exist: a whole answer; the router tells the model (not_found)
+        return None
     import jsonschema  # the MCP SDK's validator, loaded only when a tool call arrives
 
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
     return None if error is None else f"the {name} input does not match its schema: {error.message}"
 
 
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def _usage(usage: Any) -> dict[str, int]:
-    keys = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-    return {k: int(getattr(usage, k, None) or 0) for k in keys if hasattr(usage, k)}
+    return {k: int(getattr(usage, k, None) or 0) for k in USAGE_KEYS if hasattr(usage, k)}
 
 
 @dataclass
@@ -337,7 +341,7 @@ class AnthropicModel:
             message_id=got.message_id,
             content=content,
             stop_reason=got.stop_reason,
-            usage={k: got.usage.get(k, 0) for k in ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")},
+            usage={k: got.usage.get(k, 0) for k in USAGE_KEYS},
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
             ttft_ms=None if ttft is None else round(ttft, 2),
         )
@@ -364,7 +368,7 @@ async def _translated(got: Assembly) -> AsyncIterator[None]:
 def _translate_status(err: Any, got: Assembly) -> CorralError:
     status = err.status_code
     body = err.body if isinstance(err.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else {}
     detail = error.get("message") or err.message
     retry_after = err.response.headers.get("retry-after")
     try:
@@ -374,6 +378,7 @@ def _translate_status(err: Any, got: Assembly) -> CorralError:
     mid_stream = got.events > 0 or status == 200
     return api_error(str(error.get("type") or ""), status, detail, seconds,
                      fault="stream_error" if mid_stream else "status", arrived=got.arrived() if mid_stream else None)
+
 
 RetryHook = Callable[[ModelUnavailable, int, float], Awaitable[None]]
 

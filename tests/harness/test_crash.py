@@ -85,24 +85,30 @@ def test_sigkill_at_every_event_boundary_then_wake(env: dict[str, str], toolbox_
         assert not lines.exists() or "main-1" not in lines.read_text()  # it never ran, and was not re-run
 
 
-def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(env: dict[str, str], toolbox_dir: Path) -> None:
+def killed_in_flight_then_woken(env: dict[str, str], script: Script, key: tuple[str, int], nth: int, **extra: str) -> tuple[FakeAnthropic, str]:
+    """`corral run` SIGKILLed as the `nth` request for `key` arrives (its answer is never read), then `corral wake`."""
     proc: list[subprocess.Popen[str]] = []
 
-    def kill_on_turn_2(req: Request) -> None:
-        if req.key == ("CRASH-TASK", 2) and fake.counts[req.key] == 1:
+    def kill(req: Request) -> None:
+        if req.key == key and fake.counts[key] == nth:
             proc[0].send_signal(signal.SIGKILL)
 
-    with FakeAnthropic(multi_tool_task(), on_request=kill_on_turn_2) as fake:
-        e = {**env, **fake.env()}
+    with FakeAnthropic(script, on_request=kill) as fake:
+        e = {**env, **fake.env(), **extra}
         proc.append(subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "CRASH-TASK go"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         out, err = proc[0].communicate(timeout=120)
         assert proc[0].returncode == -signal.SIGKILL, err
         sid = session_id(out)
         p = corral(["wake", sid], e)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert fake.counts[("CRASH-TASK", 2)] == 2  # asked again: its answer was never recorded
-        assert_done(env, sid, toolbox_dir, fake, repeats_allowed=1)
-        assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
+    return fake, sid
+
+
+def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(env: dict[str, str], toolbox_dir: Path) -> None:
+    fake, sid = killed_in_flight_then_woken(env, multi_tool_task(), ("CRASH-TASK", 2), 1)
+    assert fake.counts[("CRASH-TASK", 2)] == 2  # asked again: its answer was never recorded
+    assert_done(env, sid, toolbox_dir, fake, repeats_allowed=1)
+    assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
 
 
 def faults_in_turn(script: Script) -> Script:
@@ -156,21 +162,8 @@ def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(e
 
 def test_killed_during_a_retried_attempt_then_woken(env: dict[str, str], toolbox_dir: Path) -> None:
     """SIGKILL while the retry of a broken response is in flight: the wake asks again, once."""
-    proc: list[subprocess.Popen[str]] = []
-
-    def kill_on_retry(req: Request) -> None:
-        if req.key == ("CRASH-TASK", 1) and fake.counts[req.key] == 2:  # the retry after the broken first answer
-            proc[0].send_signal(signal.SIGKILL)
-
-    with FakeAnthropic(faults_in_turn(multi_tool_task()), on_request=kill_on_retry) as fake:
-        e = {**env, **fake.env(), "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
-        proc.append(subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "CRASH-TASK go"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        out, err = proc[0].communicate(timeout=120)
-        assert proc[0].returncode == -signal.SIGKILL, err
-        sid = session_id(out)
-        p = corral(["wake", sid], e)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert fake.counts[("CRASH-TASK", 1)] == 3  # broken, killed in flight, whole
-        assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
-        assert_faults_recorded(env, sid, fake, killed_in_flight=1)  # the answer the killed harness never read
-        assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
+    fake, sid = killed_in_flight_then_woken(env, faults_in_turn(multi_tool_task()), ("CRASH-TASK", 1), 2, CORRAL_MODEL_IDLE_TIMEOUT_S="1")
+    assert fake.counts[("CRASH-TASK", 1)] == 3  # broken, killed in flight, whole
+    assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
+    assert_faults_recorded(env, sid, fake, killed_in_flight=1)  # the answer the killed harness never read
+    assert sorted((toolbox_dir / "lines.txt").read_text().split()) == ["child-1", "main-1"]
