@@ -190,6 +190,10 @@ async def test_tricky_urls(mcp, env, url, kind):
         "http://[::ffff:a9fe:a9fe]/",
         "http://[64:ff9b::a9fe:a9fe]/",
         "http://[fd00:ec2::254]/",
+        "http://[::169.254.169.254]/",  # IPv4-compatible
+        "http://[::ffff:0:169.254.169.254]/",  # SIIT
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64, /96 position
+        "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # local-use NAT64, /48 position
         "http://0.0.0.0/",
         "http://[::]/",
     ],
@@ -209,6 +213,16 @@ async def test_metadata_and_unspecified_addresses_refused_even_when_private_allo
 async def test_name_resolving_to_loopback_refused_when_private_not_allowed(mcp, env, host):
     text = await mcp.error("http_request", req("strict", env.upstream.url("/echo", host=host)))
     assert text.startswith("policy_denied") and "resolves to" in text
+    assert env.upstream.seen == [] and env.connector.attempts == []
+
+
+@pytest.mark.parametrize("address", ["::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:192.168.1.1", "64:ff9b:1::7f00:1", "64:ff9b:1::a00:1", "fec0::1", "fec0:1::5"])
+async def test_ipv6_forms_of_internal_addresses_refused(mcp, env, address):
+    """A name answering with IPv6 that embeds an internal IPv4 (or is site-local) is refused
+    for a policy without private addresses; the static resolver keeps it on this machine."""
+    env.resolver.table["rebind.test"] = [address]
+    text = await mcp.error("http_request", req("strict", env.upstream.url("/echo", host="rebind.test")))
+    assert text.startswith("policy_denied") and "resolves to" in text, text
     assert env.upstream.seen == [] and env.connector.attempts == []
 
 
