@@ -96,7 +96,7 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
         """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value)."""
         return {"credentials": await proxy.list_credentials()}
 
-    @tool(server, open_world=True)
+    @tool(server, open_world=True, destructive=True)  # it can POST/PUT/DELETE to the world
     async def http_request(
         credential: str = Field(description="credential name from list_credentials"),
         method: str = Field(description="HTTP method, e.g. GET or POST; must be allowed by the credential"),

@@ -389,6 +389,13 @@ async def test_list_credentials_never_shows_values(mcp, env):
     assert_clean(env, json.dumps(out))
 
 
+async def test_annotations_are_honest(mcp):
+    tools = {t.name: t.annotations for t in (await mcp.client.list_tools()).tools}
+    assert tools["http_request"].destructive_hint is True and tools["http_request"].open_world_hint is True
+    assert tools["http_request"].read_only_hint is False
+    assert tools["list_credentials"].read_only_hint is True and tools["list_credentials"].destructive_hint is False
+
+
 async def test_every_use_is_audited_without_the_secret(mcp, env):
     await mcp.ok("http_request", req("echo", env.upstream.url("/echo?q=1")))
     await mcp.error("http_request", req("echo", env.upstream.url("/echo"), method="DELETE"))
