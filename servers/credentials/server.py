@@ -18,7 +18,7 @@ from pydantic import Field
 from corral.config import CoreSettings
 from corral.errors import CorralError
 from corral.servers.credentials.gateway import GitGateway
-from corral.servers.credentials.proxy import Proxy
+from corral.servers.credentials.proxy import LIST_LIMIT, LIST_LIMIT_MAX, Proxy
 from corral.servers.mcp_shell import serve, tool
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
@@ -92,9 +92,15 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
     server = MCPServer("corral-credentials", instructions=INSTRUCTIONS)
 
     @tool(server, read_only=True)
-    async def list_credentials() -> dict[str, Any]:
-        """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value)."""
-        return {"credentials": await proxy.list_credentials()}
+    async def list_credentials(
+        limit: int = Field(LIST_LIMIT, description=f"most credentials to return (1-{LIST_LIMIT_MAX})"),
+        cursor: str | None = Field(None, description="next_cursor of the previous page, to continue after it"),
+    ) -> dict[str, Any]:
+        """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value).
+
+        Sorted by name, one page at a time: pass `next_cursor` back as `cursor` while it is set.
+        """
+        return await proxy.list_credentials(limit, cursor)
 
     @tool(server, open_world=True, destructive=True)  # it can POST/PUT/DELETE to the world
     async def http_request(
@@ -136,7 +142,7 @@ def assemble(handlers: list[logging.Handler] | None = None) -> tuple[MCPServer, 
     proxy = Proxy(vault, settings)
     install_redaction(proxy, handlers)
     logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
-    gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
+    gateway_proxy = Proxy(vault, settings, snapshots=proxy.snapshots)  # its own Proxy (own loop), the same vault snapshot
     install_redaction(gateway_proxy)
     gateway = GitGateway(gateway_proxy, settings)
     gateway.start()
