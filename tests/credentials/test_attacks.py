@@ -12,6 +12,7 @@ import json
 import pytest
 
 from corral.vault.redact import secret_forms
+from tests.credentials.encoders import ENCODERS, ODD_SECRET
 
 pytestmark = pytest.mark.anyio
 
@@ -49,6 +50,24 @@ async def test_echo_in_every_encoding_is_redacted(mcp, env, path):
     assert_clean(env, json.dumps(out))
     if path == "/echo-gzip":  # decoded before redaction, returned decoded
         assert json.loads(out["body"])["headers"]["Authorization"] == "Bearer [REDACTED]"
+
+
+@pytest.mark.parametrize("form", sorted(ENCODERS))
+async def test_secret_as_real_encoders_write_it_is_redacted(mcp, env, form):
+    """The upstream reflects a secret with & < > ' * ~ ! ( ) space / + \" \\ and non-ASCII in it
+    the way Go's encoding/json, PHP, encodeURIComponent, Java's URLEncoder ... would."""
+    from urllib.parse import quote
+
+    from corral.vault.policy import Credential
+    from tests.credentials.conftest import SECRETS
+
+    env.vault.set(Credential(name="odd", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), ODD_SECRET)
+    env.secrets["odd"] = ODD_SECRET
+    SECRETS.append(ODD_SECRET)
+    out = await mcp.ok("http_request", req("odd", env.upstream.url(f"/reflect?form={quote(form)}")))
+    assert out["status"] == 200 and "[REDACTED]" in out["body"], out["body"]
+    assert ENCODERS[form](ODD_SECRET) not in out["body"]
+    assert_clean(env, json.dumps(out), out["body"])
 
 
 async def test_undecodable_encoding_is_withheld_not_passed_through(mcp, env):

@@ -13,6 +13,7 @@ import pytest
 from corral.errors import Timeout
 from corral.vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
 from corral.vault.policy import Credential, host_matches, normalize_host
+from tests.credentials.encoders import ENCODERS, ODD_SECRET
 from corral.vault.redact import Redactor
 
 
@@ -119,3 +120,16 @@ def test_auto_choice_without_dbus_is_the_encrypted_file(tmp_path):
     assert choice.name == "encrypted-file" and not choice.insecure and "DBUS_SESSION_BUS_ADDRESS unset" in choice.why
     null = choose_backend("null", tmp_path, 2, None)
     assert null.insecure and "names it" in null.why
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+@pytest.mark.parametrize("secret", [ODD_SECRET, "plain-secret-0123456789", "a&b<c>d'e*f~g!h(i)j k"])
+def test_redactor_covers_what_real_encoders_write(encoder, secret):
+    encoded = ENCODERS[encoder](secret)
+    out = Redactor([secret]).text(f"before {encoded} after")
+    assert "[REDACTED]" in out and out.startswith("before ") and out.endswith(" after"), out
+    assert encoded not in out
+    # nothing of the secret is left: no 6 consecutive characters of it, in the encoder's form either
+    for n in range(len(secret) - 5):
+        piece = secret[n : n + 6]
+        assert piece not in out and ENCODERS[encoder](piece).strip('"') not in out, (piece, out)
