@@ -214,6 +214,18 @@ class Redactor:
     def bytes(self, data: bytes) -> bytes:
         return replace(data, self.spans(data))
 
+    def capped(self, data: bytes, cap: int) -> bytes:
+        """The first `cap` bytes of `data`, redacted, cut where the ORIGINAL text is cut.
+
+        Cutting after redaction would let the shortened text pull in bytes from past the
+        window, and the cut could land inside a copy that was never matched. Here a copy
+        that starts before the cut is found whole in `data` (the caller reads `longest`
+        bytes more than `cap`) and is replaced whole, even where it runs past the cut.
+        """
+        spans = [span for span in self.spans(data) if span[0] < cap]
+        end = max(cap, spans[-1][1]) if spans else cap
+        return replace(data[:end], spans)
+
     def text(self, text: str) -> str:
         if self._matcher is None:
             return text

@@ -317,8 +317,7 @@ def redact_headers(headers: list[tuple[str, str]], redactor: Redactor) -> list[l
 
 def _finish(buf: bytes, cap: int, truncated: bool, headers: list[tuple[str, str]], redactor: Redactor) -> tuple[dict[str, Any], list[list[str]]]:
     """The CPU half of `read_response` (runs in a worker thread)."""
-    data = redactor.bytes(buf)
-    data = data[:cap] if truncated else data
+    data = redactor.capped(buf, cap) if truncated else redactor.bytes(buf)
     return _body(data, truncated), redact_headers(headers, redactor)
 
 

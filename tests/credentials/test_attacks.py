@@ -116,6 +116,18 @@ async def test_secret_straddling_the_response_cap_is_not_leaked(mcp, env):
         assert not any(secret[:n] in body for n in range(8, len(secret) + 1)), body[-80:]
 
 
+async def test_cap_never_exposes_part_of_a_secret_at_any_cut(mcp, env):
+    """100 copies of the secret: redaction shortens the text by far more than the extra bytes
+    read past the cap, and the cut still never lands inside an unredacted copy."""
+    secret = env.secrets["echo"].encode()
+    step = len(secret) + 1
+    for pad in range(0, step + 1):  # every alignment of the 2,048-byte cut against the copies
+        out = await mcp.ok("http_request", req("echo", env.upstream.url(f"/copies?n=100&pad={pad}")))
+        assert out["truncated"] and "[REDACTED]" in out["body"]
+        body = out["body"].encode()
+        assert not [n for n in range(5, len(secret) + 1) if secret[:n] in body], (pad, body[-60:])
+
+
 async def test_response_over_cap_is_truncated_with_totals(mcp, env):
     out = await mcp.ok("http_request", req("echo", env.upstream.url("/big?n=10000")))
     assert out["truncated"] is True and out["body_bytes"] == 10000 and len(out["body"]) == 2048

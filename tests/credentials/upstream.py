@@ -69,6 +69,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, _bomb(), {"Content-Encoding": "gzip"})
         elif url.path == "/reflect":  # the `k` query parameter as a real encoder would write it
             self._send(200, ENCODERS[q["form"]](q["k"]).encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        elif url.path == "/copies":  # pad, then the bearer secret n times
+            secret = auth.removeprefix("Bearer ").encode()
+            self._send(200, b"p" * int(q.get("pad", "0")) + b" ".join([secret] * int(q.get("n", "1"))))
         elif url.path == "/big":
             self._send(200, b"x" * int(q["n"]))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from urllib.parse import quote, quote_plus
@@ -133,3 +134,30 @@ def test_redactor_covers_what_real_encoders_write(encoder, secret):
     for n in range(len(secret) - 5):
         piece = secret[n : n + 6]
         assert piece not in out and ENCODERS[encoder](piece).strip('"') not in out, (piece, out)
+
+
+def _leaks(secret_form: bytes, out: bytes, shortest: int = 5) -> list[bytes]:
+    """Prefixes of `secret_form` longer than a few bytes that are in `out`."""
+    return [secret_form[:n] for n in range(shortest, len(secret_form) + 1) if secret_form[:n] in out]
+
+
+@pytest.mark.parametrize("form", ["raw", "json", "url", "basic"])
+def test_cap_never_exposes_part_of_a_secret_at_any_cut(form):
+    """Copies before the cut shorten the redacted text; the cut is still made where the
+    original is cut, so whatever lands on it is redacted whole (every cut point is tried)."""
+    secret = "sk-live-" + "Zq8xW2vLm9Tr4pKc7Ye1Nd5Hg3Bf6Js0"  # 40 characters, as in the report
+    encoded = {
+        "raw": secret.encode(),
+        "json": json.dumps(secret + "/&").encode(),
+        "url": quote(secret + " ?&=", safe="").encode(),
+        "basic": base64.b64encode(f"x-access-token:{secret}".encode()),
+    }[form]
+    r = Redactor([secret])
+    data = b"head " + b" ".join([encoded] * 60) + b" tail" * 20  # 60 copies shorten the text by more than `longest`
+    # the secret's own bytes in the encoding (for basic: after the 20 base64 characters of "x-access-token:")
+    checked = {encoded[20:] if form == "basic" else encoded.strip(b'"'), secret.encode()}
+    for cap in range(1, len(data) - 90, 7 if form == "url" else 3):
+        out = r.capped(data[: cap + r.longest], cap)
+        assert out.startswith(data[: min(cap, 5)])
+        for piece in checked:
+            assert not _leaks(piece, out), (cap, out[-60:])
