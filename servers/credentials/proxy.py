@@ -40,7 +40,7 @@ from corral.vault.policy import TOKEN, Credential
 from corral.vault.redact import Redactor
 from corral.vault.store import Vault
 
-__all__ = ["Proxy", "Snapshot", "Snapshots"]
+__all__ = ["Proxy", "Snapshot", "Snapshots", "read_redacted"]
 
 log = logging.getLogger("corral.credentials")
 # Headers a client may not set: they would change where or how the request goes.
@@ -309,6 +309,20 @@ async def read_response(resp: httpx.Response, redactor: Redactor, settings: Vaul
     body, result["headers"] = await anyio.to_thread.run_sync(_finish, bytes(buf), cap, truncated, headers, redactor)
     result.update(body, body_bytes=total, body_bytes_exact=exact, truncated=truncated)
     return result
+
+
+async def read_redacted(resp: httpx.Response, redactor: Redactor, limit: int) -> bytes:
+    """The whole body, decoded and redacted (in a worker thread); Unavailable past `limit` bytes or
+    in an encoding we cannot decode (and so cannot redact inside)."""
+    encoding = resp.headers.get("content-encoding", "").strip().lower().replace("identity", "")
+    if encoding not in DECODABLE:
+        raise Unavailable(f"the upstream's content-encoding {encoding!r} cannot be decoded for redaction; withheld")
+    buf = bytearray()
+    async for chunk in decoded(resp, encoding):
+        buf += chunk
+        if len(buf) > limit:
+            raise Unavailable(f"the upstream's answer is over {limit} bytes (CORRAL_PROXY_DRAIN_BYTES); too large to redact")
+    return await anyio.to_thread.run_sync(redactor.bytes, bytes(buf))
 
 
 def redact_headers(headers: list[tuple[str, str]], redactor: Redactor) -> list[list[str]]:
