@@ -38,7 +38,7 @@ from corral.vault.policy import Credential
 
 SECRET = "sk-bench-0123456789abcdefghij"
 BODY = json.dumps({"ok": True, "items": list(range(50))}).encode()
-BIG = json.dumps({"items": ["item-%06d lorem ipsum dolor sit amet" % i for i in range(6000)]}).encode()[: 256 << 10]  # 256 KiB
+BIG = json.dumps({"items": [f"item-{i:06d} lorem ipsum dolor sit amet" for i in range(6000)]}).encode()[: 256 << 10]  # 256 KiB
 MANY = 1000
 
 
@@ -104,7 +104,7 @@ async def measure(n: int, port: int, url: str, home: Path) -> dict:
             (await direct.get(url, headers={"Authorization": f"Bearer {SECRET}"})).raise_for_status()
 
         async def via_proxy_object():
-            assert (await proxy.http_request("bench", "GET", url))["status"] == 200
+            assert (await proxy.http_request("bench", "GET", url)).status == 200
 
         async def floor(client):  # an MCP round trip that does no HTTP: the SDK's own cost
             assert not (await client.call_tool("list_credentials", {})).is_error

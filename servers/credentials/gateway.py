@@ -37,6 +37,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+from corral.servers.credentials.netguard import check_policy, parse_target
+from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
+from corral.servers.credentials.results import GitGrant
+from corral.servers.credentials.transport import pinned
+from corral.vault.config import VaultSettings
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -44,10 +49,6 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
-from corral.servers.credentials.netguard import check_policy, parse_target
-from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
-from corral.servers.credentials.transport import pinned
-from corral.vault.config import VaultSettings
 
 __all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 
@@ -77,7 +78,7 @@ class GitGateway:
         self._thread: threading.Thread | None = None
 
     # -- grants (called from the MCP server's loop) ---------------------------------
-    async def grant(self, credential: str, repo_url: str, access: str, ttl_s: int | None) -> dict[str, Any]:
+    async def grant(self, credential: str, repo_url: str, access: str, ttl_s: int | None) -> GitGrant:
         snap = await self.proxy.snapshot()
         cred = snap.credentials.get(credential)
         if cred is None:
@@ -97,15 +98,15 @@ class GitGateway:
         expires_at = time.time() + ttl
         self.grants[token] = Grant(cred.name, str(target.url), access == "write", expires_at)
         name = target.path.rstrip("/").rsplit("/", 1)[-1] or "repo"
-        return {
-            "remote_url": f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
-            "expires_at": datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
-            "access": access,
-            "gateway_dir": str(self.socket_path.parent),
-            "run_git_with": self.forwarder_command(),
-            "how": f"inside a sandbox that mounts {self.socket_path.parent} at {SANDBOX_DIR}, run e.g. "
+        return GitGrant(
+            remote_url=f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
+            expires_at=datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
+            access="write" if access == "write" else "read",
+            gateway_dir=str(self.socket_path.parent),
+            run_git_with=self.forwarder_command(),
+            how=f"inside a sandbox that mounts {self.socket_path.parent} at {SANDBOX_DIR}, run e.g. "
             f"`{self.forwarder_command()} git clone <remote_url>`; the forwarder relays 127.0.0.1:{SANDBOX_PORT} to the proxy",
-        }
+        )
 
     def forwarder_command(self) -> str:
         return f"python3 {SANDBOX_DIR}/git_forwarder.py --socket {SANDBOX_DIR}/{self.socket_path.name} --"

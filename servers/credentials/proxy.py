@@ -22,8 +22,6 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
-
-from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 from corral.servers.credentials.audit import AuditLog, monotonic_ms
 from corral.servers.credentials.netguard import (
     Resolver,
@@ -34,11 +32,18 @@ from corral.servers.credentials.netguard import (
     parse_target,
     resolve_checked,
 )
+from corral.servers.credentials.results import (
+    CredentialInfo,
+    CredentialPage,
+    HttpResult,
+)
 from corral.servers.credentials.transport import PinnedTransport, pinned
 from corral.vault.config import VaultSettings
 from corral.vault.policy import TOKEN, Credential
 from corral.vault.redact import Redactor
 from corral.vault.store import Vault
+
+from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 
 __all__ = ["Proxy", "Snapshot", "Snapshots", "read_redacted"]
 
@@ -59,7 +64,7 @@ class Snapshot:
     credentials: dict[str, Credential]
     secrets: dict[str, str]
     redactor: Redactor
-    listing: list[dict[str, Any]]  # what list_credentials shows, sorted by name, built once per reload
+    listing: list[CredentialInfo]  # what list_credentials shows, sorted by name, built once per reload
     names: list[str]  # the listing's names, for paging by cursor
 
     @classmethod
@@ -68,15 +73,15 @@ class Snapshot:
         stamp = vault.stamp()
         creds = {c.name: c for c in vault.list()}
         secrets = vault.secrets(creds.values())
-        listing = [c.public() | {"has_secret": c.name in secrets} for c in sorted(creds.values(), key=lambda c: c.name)]
-        return cls(stamp, creds, secrets, Redactor(secrets.values()), listing, [c["name"] for c in listing])
+        listing = [CredentialInfo(**c.public(), has_secret=c.name in secrets) for c in sorted(creds.values(), key=lambda c: c.name)]
+        return cls(stamp, creds, secrets, Redactor(secrets.values()), listing, [c.name for c in listing])
 
-    def page(self, limit: int, cursor: str | None) -> dict[str, Any]:
+    def page(self, limit: int, cursor: str | None) -> CredentialPage:
         """`limit` credentials after the name `cursor`; `next_cursor` is set when more follow."""
         start = bisect.bisect_right(self.names, cursor) if cursor else 0
         items = self.listing[start : start + limit]
         more = start + limit < len(self.listing)
-        return {"credentials": items, "next_cursor": items[-1]["name"] if more and items else None, "total": len(self.listing)}
+        return CredentialPage(credentials=items, next_cursor=items[-1].name if more and items else None, total=len(self.listing))
 
 
 class Snapshots:
@@ -146,13 +151,13 @@ class Proxy:
         self._clients.clear()
 
     # -- tools ------------------------------------------------------------------------
-    async def list_credentials(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> dict[str, Any]:
+    async def list_credentials(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> CredentialPage:
         """One page of the credentials, by name; the listing is built once per vault change."""
         if not 1 <= limit <= LIST_LIMIT_MAX:
             raise InvalidArgument(f"limit must be between 1 and {LIST_LIMIT_MAX}")
         return (await self.snapshot()).page(limit, cursor)
 
-    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> dict[str, Any]:
+    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> HttpResult:
         start = time.monotonic()
         audit: dict[str, Any] = {"who": who, "credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
         try:
@@ -169,7 +174,7 @@ class Proxy:
             self.audit_line(snap, audit, start, "error", "unexpected")
             raise
         self.audit_line(snap, audit, start, "ok", None)
-        return result
+        return HttpResult(**result)
 
     def audit_line(self, snap: Snapshot | None, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
         audit.update(outcome=outcome, duration_ms=monotonic_ms(start))

@@ -19,14 +19,14 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from corral.vault.policy import Credential
+from corral.vault.redact import secret_forms
 from mcp.client import Client
 
 from tests.conftest import require
 from tests.credentials.conftest import LOG_LINES, OUTPUTS, new_secret
 from tests.credentials.gitserver import BACKEND, GitServer
 from tests.credentials.upstream import Upstream
-from corral.vault.policy import Credential
-from corral.vault.redact import secret_forms
 
 pytestmark = [pytest.mark.anyio, pytest.mark.bwrap]
 
@@ -64,8 +64,8 @@ def bwrap_works() -> bool:
 @pytest.fixture
 def sandbox_backend():
     require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled (apt-get install bubblewrap)")
-    from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
+    from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
 
     # Outside pytest's 0700 tmp: a root server runs sandboxes as an unprivileged uid, which must reach these.
     sockdir = Path(tempfile.mkdtemp(prefix="corral-git-"))
@@ -97,7 +97,7 @@ def scan_for_secret(root: Path, secret: str) -> list[str]:
 async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandbox_backend):
     from corral.servers.credentials.gateway import GitGateway
     from corral.servers.credentials.proxy import Proxy
-    from corral.servers.credentials.server import build_server, install_redaction
+    from corral.servers.credentials.server import build_server
     from corral.servers.sandbox.backend import SandboxSpec
 
     backend, sockdir, sandbox_root = sandbox_backend
@@ -105,7 +105,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
     with GitServer(repo, secret) as upstream:
         env.vault.set(Credential(name="repo", kind="git", hosts=["127.0.0.1"], schemes=["http"], ports=[upstream.port], allow_private=True), secret)
         proxy = Proxy(env.vault, env.settings, connector=env.connector)
-        install_redaction(proxy)
+        env.redaction.add(proxy)
         gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=sockdir / "git.sock")
         gateway.start()
         try:
@@ -174,7 +174,7 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
     gateway.start()
     try:
         grant = await gateway.grant("repo", env.upstream.url("/repo.git"), "read", 60)
-        token = grant["remote_url"].split("/")[3]
+        token = grant.remote_url.split("/")[3]
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
             assert (await c.get("/not-a-token/repo/info/refs?service=git-upload-pack")).status_code == 403
             assert (await c.get(f"/{token}/repo/objects/info/packs")).status_code == 404  # dumb protocol / other paths
@@ -249,7 +249,7 @@ async def test_gateway_redacts_everything_but_packfiles(env, tmp_path, repo, met
         gateway.start()
         try:
             grant = await gateway.grant("repo", upstream.url(f"/{repo}/x.git"), "read", 60)
-            token = grant["remote_url"].split("/")[3]
+            token = grant.remote_url.split("/")[3]
             async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
                 if method == "GET":
                     resp = await c.get(f"/{token}/x/info/refs?service=git-upload-pack")

@@ -10,12 +10,16 @@ from urllib.parse import quote, quote_plus
 
 import keyring.errors
 import pytest
+from corral.vault.keyrings import (
+    EncryptedFileKeyring,
+    call_with_deadline,
+    choose_backend,
+)
+from corral.vault.policy import Credential, host_matches, normalize_host
+from corral.vault.redact import Redactor
 
 from corral.errors import Timeout
-from corral.vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
-from corral.vault.policy import Credential, host_matches, normalize_host
 from tests.credentials.encoders import ENCODERS, ODD_SECRET
-from corral.vault.redact import Redactor
 
 
 @pytest.mark.parametrize(
