@@ -98,7 +98,7 @@ async def test_list_credentials_pages_through_every_credential(mcp, env):
     assert pages == 3 and seen == sorted(seen) and len(set(seen)) == 125
     assert {"echo", "bulk-0000", "bulk-0119"} <= set(seen)
     first = await mcp.ok("list_credentials")  # the default page is bounded too
-    assert len(first["credentials"]) == 50 and first["next_cursor"] == first["credentials"][-1]["name"]
+    assert len(first["credentials"]) == 25 and first["next_cursor"] == first["credentials"][-1]["name"]
     text = await mcp.error("list_credentials", {"limit": 0})
     assert text.startswith("invalid_argument")
 

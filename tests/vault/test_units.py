@@ -165,3 +165,14 @@ def test_cap_never_exposes_part_of_a_secret_at_any_cut(form):
         assert out.startswith(data[: min(cap, 5)])
         for piece in checked:
             assert not _leaks(piece, out), (cap, out[-60:])
+
+
+def test_secrets_sharing_a_long_prefix_are_each_redacted_whole():
+    """The automaton holds the first bytes of each form; two secrets that begin alike are still
+    each redacted to their own end, in every form, side by side and overlapping."""
+    short, long = "sk-proj-AAAAAAAAAAAA-one", "sk-proj-AAAAAAAAAAAA-and-a-much-longer-second-secret"
+    r = Redactor([short, long])
+    for text in (f"{short} {long}", f"{long}{short}", base64.b64encode(f"u:{long}".encode()).decode(), long.encode().hex(), quote(long, safe="")):
+        out = r.text(f"<{text}>")
+        assert "[REDACTED]" in out and "second" not in out and "AAAAAAAA" not in out, out
+        assert "7365636f6e64" not in out  # "second" in hex
