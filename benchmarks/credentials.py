@@ -1,6 +1,7 @@
-"""Credential proxy overhead: http_request through the MCP server vs the same request sent directly.
+"""Credential proxy overhead: http_request through the MCP server vs the same request sent directly;
+and flat costs (issue 15): the same calls with 1 and with 1,000 credentials in the vault.
 
-    python3 benchmarks/credentials.py [--n 300]
+    python3 benchmarks/credentials.py [--n 300] [--scale-n 30]
 
 Upstream: a keep-alive HTTP server on 127.0.0.1. Baseline: httpx.AsyncClient sending the
 same GET with the same Authorization header. Measured side by side in one run; the machine
@@ -37,6 +38,8 @@ from corral.vault.policy import Credential
 
 SECRET = "sk-bench-0123456789abcdefghij"
 BODY = json.dumps({"ok": True, "items": list(range(50))}).encode()
+BIG = json.dumps({"items": [f"item-{i:06d} lorem ipsum dolor sit amet" for i in range(6000)]}).encode()[: 256 << 10]  # 256 KiB
+MANY = 1000
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -48,11 +51,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        body = BIG if self.path == "/big" else BODY
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(BODY)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(BODY)
+        self.wfile.write(body)
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -100,7 +104,7 @@ async def measure(n: int, port: int, url: str, home: Path) -> dict:
             (await direct.get(url, headers={"Authorization": f"Bearer {SECRET}"})).raise_for_status()
 
         async def via_proxy_object():
-            assert (await proxy.http_request("bench", "GET", url))["status"] == 200
+            assert (await proxy.http_request("bench", "GET", url)).status == 200
 
         async def floor(client):  # an MCP round trip that does no HTTP: the SDK's own cost
             assert not (await client.call_tool("list_credentials", {})).is_error
@@ -125,6 +129,60 @@ async def measure(n: int, port: int, url: str, home: Path) -> dict:
     return table
 
 
+async def scale(n: int, port: int) -> dict[str, dict[str, float]]:
+    """Each operation with 1 and with 1,000 credentials (p50 ms), interleaved in one run."""
+    from corral.servers.credentials.proxy import Snapshot
+
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as one_dir, tempfile.TemporaryDirectory(prefix="corral-bench-") as many_dir:
+        vaults = {1: seeded_vault(Path(one_dir), port, 1), MANY: seeded_vault(Path(many_dir), port, MANY)}
+        for size, (vault, settings) in vaults.items():  # the reload: policies + every secret + the redactor
+            out.setdefault("vault reload (read + redactor build)", {})[size] = statistics.median(timed_sync(lambda v=vault: Snapshot.load(v), 5))
+            out.setdefault("vault read (policies + secrets)", {})[size] = statistics.median(timed_sync(lambda v=vault: v.secrets(v.list()), 5))
+        proxies = {size: Proxy(vault, settings) for size, (vault, settings) in vaults.items()}
+        big = {"credential": "bench", "method": "GET", "url": f"http://127.0.0.1:{port}/big"}
+        async with httpx.AsyncClient(trust_env=False) as direct, Client(build_server(proxies[1])) as c1, Client(build_server(proxies[MANY])) as cmany:
+            clients = {1: c1, MANY: cmany}
+
+            async def get_direct():
+                (await direct.get(big["url"], headers={"Authorization": f"Bearer {SECRET}"})).raise_for_status()
+
+            async def call(client, tool, args):
+                result = await client.call_tool(tool, args)
+                assert not result.is_error, result.content[0].text
+
+            calls = {}
+            for size, client in clients.items():
+                calls[("direct httpx GET, 256 KiB (flat baseline)", size)] = get_direct
+                calls[("http_request, 256 KiB response", size)] = lambda c=client: call(c, "http_request", big)
+                calls[("list_credentials (first page)", size)] = lambda c=client: call(c, "list_credentials", {})
+            samples = await interleaved(n, calls)
+        for proxy in proxies.values():
+            await proxy.aclose()
+    for (name, size), s in samples.items():
+        out.setdefault(name, {})[size] = statistics.median(s)
+    return out
+
+
+def seeded_vault(home: Path, port: int, size: int):
+    settings = VaultSettings(home=home, vault_backend="encrypted-file", proxy_max_response_bytes=1 << 20)
+    vault, _ = open_vault(settings, None)
+    base = {"hosts": ["127.0.0.1"], "schemes": ["http"], "ports": [port], "allow_private": True}
+    items = [(Credential(name="bench", **base), SECRET)]
+    items += [(Credential(name=f"bulk-{i:04d}", **base), f"sk-bulk-{i:04d}-{os.urandom(12).hex()}") for i in range(size - 1)]
+    vault.set_many(items)
+    return vault, settings
+
+
+def timed_sync(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
 def serve_upstream() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -136,6 +194,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--scale-n", type=int, default=30, help="samples per size of the 1-vs-1,000-credentials table")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.serve:
@@ -144,7 +203,9 @@ if __name__ == "__main__":
     # The upstream runs in its own process: in this one it would fight the proxy for the GIL.
     upstream = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
-        table = asyncio.run(main(cli.n, int(upstream.stdout.readline())))
+        port = int(upstream.stdout.readline())
+        table = asyncio.run(main(cli.n, port))
+        flat = asyncio.run(scale(cli.scale_n, port))
     finally:
         upstream.kill()
         upstream.wait()
@@ -161,4 +222,14 @@ if __name__ == "__main__":
         mcp = name.startswith("MCP")
         baseline = f"direct httpx {base:.2f} ms" + (f"; SDK's stdio transport +{sdk:.2f} ms" if "stdio" in name else "")
         rows.add(f"http_request overhead p50: {name}", f"{over:+.2f} ms", baseline, "<= 3 ms" if mcp else "", over <= 3 if mcp else None)
-    rows.save({"target_overhead_p50_ms": 3.0, "results": table})
+    print(f"\n{'with 1 vs 1,000 credentials (p50 ms)':44} {'1':>9} {'1,000':>9} {'ratio':>7}")
+    targets = {"http_request, 256 KiB response": ("<= 1.5x", lambda r, big: r <= 1.5), "vault reload (read + redactor build)": ("< 50 ms", lambda r, big: big < 50),  # the build is in a worker thread
+               "vault read (policies + secrets)": ("< 50 ms", lambda r, big: big < 50)}
+    baseline_ratio = flat["direct httpx GET, 256 KiB (flat baseline)"][MANY] / flat["direct httpx GET, 256 KiB (flat baseline)"][1]
+    for name, by_size in flat.items():
+        ratio = by_size[MANY] / by_size[1]
+        print(f"{name:44} {by_size[1]:9.2f} {by_size[MANY]:9.2f} {ratio:6.2f}x")
+        target, check = targets.get(name, ("", None))
+        rows.add(f"{name}: 1 -> 1,000 credentials", f"{by_size[1]:.1f} -> {by_size[MANY]:.1f} ms ({ratio:.2f}x)", f"direct GET {baseline_ratio:.2f}x", target,
+                 check(ratio, by_size[MANY]) if check else None)
+    rows.save({"target_overhead_p50_ms": 3.0, "results": table, "scale_p50_ms": {k: {str(s): v for s, v in d.items()} for k, d in flat.items()}})

@@ -94,9 +94,7 @@ def with_git_gateway(settings: SandboxSettings) -> SandboxSettings:
 def _build_credentials(built: Built) -> MCPServer:
     from corral.servers.credentials.server import assemble
 
-    server, stop = assemble(logging.getLogger().handlers)
-    built.closers.append(stop)
-    return server
+    return assemble(logging.getLogger().handlers)  # its lifespan opens and closes the vault and git gateway
 
 
 BUILDERS: dict[str, Callable[[Built], MCPServer]] = {

@@ -8,12 +8,12 @@ import json
 import os
 import sys
 
-from pydantic import ValidationError
-
-from corral.errors import CorralError, InvalidArgument
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.policy import KINDS, Credential
+from pydantic import ValidationError
+
+from corral.errors import CorralError, InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,19 +6,16 @@ import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from corral.config import default_home
+from corral.config import CoreSettings
 
 ROOT_GIT_SOCKET = Path("/run/corral-git/git.sock")
 
 
-class VaultSettings(BaseSettings):
-    """`CORRAL_*` settings of the vault (`corral vault ...`) and the proxy (`corral serve credentials`)."""
+class VaultSettings(CoreSettings):
+    """`CORRAL_*` settings of the vault (`corral vault ...`) and the proxy (`corral serve credentials`);
+    `home` (the vault lives in $CORRAL_HOME/vault) and the rest of the core come from `CoreSettings`."""
 
-    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
-
-    home: Path = Field(default_factory=default_home, description="data dir; the vault lives in $CORRAL_HOME/vault")
     vault_backend: str = Field(
         "auto",
         description="keyring backend: auto (OS keyring, else our encrypted file), os, encrypted-file, "

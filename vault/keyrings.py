@@ -111,6 +111,20 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
             data.setdefault(service, {})[username] = password
             self._save(fernet, data)
 
+    def get_passwords(self, service: str, usernames: list[str]) -> dict[str, str]:
+        """Several secrets with one decrypt (`get_password` per name would decrypt the file each time)."""
+        with self._locked():
+            stored = self._load(self._fernet()).get(service, {})
+        return {name: stored[name] for name in usernames if name in stored}
+
+    def set_passwords(self, service: str, passwords: dict[str, str]) -> None:
+        """Several secrets with one decrypt and one write."""
+        with self._locked():
+            fernet = self._fernet()
+            data = self._load(fernet)
+            data.setdefault(service, {}).update(passwords)
+            self._save(fernet, data)
+
     def delete_password(self, service: str, username: str) -> None:
         with self._locked():
             fernet = self._fernet()
@@ -166,8 +180,31 @@ class TimedKeyring:
     def get(self, name: str) -> str | None:
         return self._call("get", lambda: self.backend.get_password(SERVICE, name))
 
+    def get_many(self, names: list[str]) -> dict[str, str]:
+        """The stored secrets among `names`, in one call with one deadline (one decrypt where the backend can)."""
+
+        def get_many() -> dict[str, str]:
+            bulk = getattr(self.backend, "get_passwords", None)
+            if bulk is not None:
+                return bulk(SERVICE, names)
+            found = {name: self.backend.get_password(SERVICE, name) for name in names}
+            return {name: value for name, value in found.items() if value is not None}
+
+        return self._call("get", get_many)
+
     def set(self, name: str, secret: str) -> None:
         self._call("set", lambda: self.backend.set_password(SERVICE, name, secret))
+
+    def set_many(self, secrets: dict[str, str]) -> None:
+        def set_many() -> None:
+            bulk = getattr(self.backend, "set_passwords", None)
+            if bulk is not None:
+                return bulk(SERVICE, secrets)
+            for name, secret in secrets.items():
+                self.backend.set_password(SERVICE, name, secret)
+            return None
+
+        self._call("set", set_many)
 
     def delete(self, name: str) -> bool:
         """False when nothing was stored under that name."""

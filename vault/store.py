@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from corral.vault.keyrings import TimedKeyring
+from corral.vault.policy import Credential
 from pydantic import ValidationError
 
 from corral.errors import InvalidArgument, NotFound, Unavailable
-from corral.vault.keyrings import TimedKeyring
-from corral.vault.policy import Credential
 
 __all__ = ["MIN_SECRET_CHARS", "Vault", "check_secret"]
 
@@ -104,6 +104,15 @@ class Vault:
             creds[credential.name] = credential
             self._write(creds)
 
+    def set_many(self, items: list[tuple[Credential, str]]) -> None:
+        """`set` for many credentials: one keyring write, one policy write (imports, benchmarks)."""
+        checked = {cred.name: check_secret(secret) for cred, secret in items}
+        with self._locked():
+            self.keyring.set_many(checked)
+            creds = self._read()
+            creds.update((cred.name, cred) for cred, _ in items)
+            self._write(creds)
+
     def remove(self, name: str) -> None:
         with self._locked():
             creds = self._read()
@@ -117,10 +126,7 @@ class Vault:
         """Every stored secret by name (for redaction); policies without a secret are skipped.
 
         `creds`: the policies the caller already read (saves reading the policy file again).
+        One keyring call for all of them (one decrypt of the encrypted file, not one per secret).
         """
-        out: dict[str, str] = {}
-        for cred in self.list() if creds is None else creds:
-            value = self.keyring.get(cred.name)
-            if value is not None:
-                out[cred.name] = value
-        return out
+        names = [cred.name for cred in (self.list() if creds is None else creds)]
+        return self.keyring.get_many(names) if names else {}

@@ -7,8 +7,19 @@ relays 127.0.0.1:8417 to that socket (a `--unshare-net` sandbox has its own loop
 For each request the gateway maps the token to the repository URL, allows only the smart
 HTTP endpoints (`info/refs`, `git-upload-pack`, and `git-receive-pack` for write grants),
 and forwards through the proxy's checks (host, method, address, no redirects) with the
-secret injected. Git payloads are streamed unmodified (packfiles are binary: redacting them
-would corrupt them); response headers are redacted.
+secret injected.
+
+What the sandbox gets back goes through the proxy's redactor, except packfiles:
+- response headers: always redacted;
+- info/refs, error pages, any non-2xx response, and a 2xx POST whose content type is not
+  git's (`application/x-git-*`): read whole (up to CORRAL_PROXY_DRAIN_BYTES, else 502),
+  decoded (gzip/deflate; any other encoding is withheld), redacted, sent uncompressed. If
+  redaction changes a ref advertisement its pkt-line framing breaks and git fails: closed;
+- NOT redacted: the 2xx result stream of git-upload-pack / git-receive-pack
+  (`application/x-git-upload-pack-result` / `-receive-pack-result`). It carries the packfile
+  (binary: redacting it would corrupt it) and, multiplexed into it, the server's sideband
+  progress and error messages and receive-pack's report-status. A server that writes a
+  secret into those reaches the sandbox. Request bodies (what the sandbox pushes) pass as sent.
 """
 
 from __future__ import annotations
@@ -26,6 +37,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+from corral.servers.credentials.netguard import check_policy, parse_target
+from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
+from corral.servers.credentials.results import GitGrant
+from corral.servers.credentials.transport import pinned
+from corral.vault.config import VaultSettings
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -33,10 +49,6 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
-from corral.servers.credentials.netguard import check_policy, parse_target
-from corral.servers.credentials.proxy import Proxy
-from corral.servers.credentials.transport import pinned
-from corral.vault.config import VaultSettings
 
 __all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 
@@ -66,7 +78,7 @@ class GitGateway:
         self._thread: threading.Thread | None = None
 
     # -- grants (called from the MCP server's loop) ---------------------------------
-    async def grant(self, credential: str, repo_url: str, access: str, ttl_s: int | None) -> dict[str, Any]:
+    async def grant(self, credential: str, repo_url: str, access: str, ttl_s: int | None) -> GitGrant:
         snap = await self.proxy.snapshot()
         cred = snap.credentials.get(credential)
         if cred is None:
@@ -86,15 +98,15 @@ class GitGateway:
         expires_at = time.time() + ttl
         self.grants[token] = Grant(cred.name, str(target.url), access == "write", expires_at)
         name = target.path.rstrip("/").rsplit("/", 1)[-1] or "repo"
-        return {
-            "remote_url": f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
-            "expires_at": datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
-            "access": access,
-            "gateway_dir": str(self.socket_path.parent),
-            "run_git_with": self.forwarder_command(),
-            "how": f"inside a sandbox that mounts {self.socket_path.parent} at {SANDBOX_DIR}, run e.g. "
+        return GitGrant(
+            remote_url=f"http://127.0.0.1:{SANDBOX_PORT}/{token}/{name}",
+            expires_at=datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds"),
+            access="write" if access == "write" else "read",
+            gateway_dir=str(self.socket_path.parent),
+            run_git_with=self.forwarder_command(),
+            how=f"inside a sandbox that mounts {self.socket_path.parent} at {SANDBOX_DIR}, run e.g. "
             f"`{self.forwarder_command()} git clone <remote_url>`; the forwarder relays 127.0.0.1:{SANDBOX_PORT} to the proxy",
-        }
+        )
 
     def forwarder_command(self) -> str:
         return f"python3 {SANDBOX_DIR}/git_forwarder.py --socket {SANDBOX_DIR}/{self.socket_path.name} --"
@@ -134,9 +146,10 @@ class GitGateway:
         audit: dict[str, Any] = {"who": "git-gateway", "credential": grant.credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0, "via": "git"}
         try:
             cred, target, ip, send_url, out_headers = await self.proxy.prepare(snap, audit, grant.credential, method, url, headers)
-            out_headers.pop("Accept-Encoding", None)  # git's own negotiation passes through untouched
-            if "accept-encoding" in request.headers:
-                out_headers["Accept-Encoding"] = request.headers["accept-encoding"]
+            if method == "POST":  # git's own negotiation for packfiles; a GET (info/refs) is decoded and redacted
+                out_headers.pop("Accept-Encoding", None)
+                if "accept-encoding" in request.headers:
+                    out_headers["Accept-Encoding"] = request.headers["accept-encoding"]
             client = self.proxy.client(cred)
             content = request.stream() if method == "POST" else None
             upstream = client.build_request(method, send_url, headers=out_headers, content=content, timeout=httpx.Timeout(60.0))
@@ -149,6 +162,9 @@ class GitGateway:
             self.proxy.audit_line(snap, audit, start, "error", "unavailable")
             return PlainTextResponse(f"corral: upstream failed: {snap.redactor.text(type(err).__name__)}\n", status_code=502)
         audit["status"] = resp.status_code
+        out = {k: snap.redactor.text(v) for k, v in resp.headers.items() if k.lower() in PASS_RESPONSE}
+        if not is_pack(method, resp):
+            return await self._redacted(resp, out, snap, audit, start)
 
         async def body():
             async for chunk in resp.aiter_raw():
@@ -159,8 +175,25 @@ class GitGateway:
             await resp.aclose()
             self.proxy.audit_line(snap, audit, start, "ok", None)
 
-        out = {k: snap.redactor.text(v) for k, v in resp.headers.items() if k.lower() in PASS_RESPONSE}
         return StreamingResponse(body(), status_code=resp.status_code, headers=out, background=BackgroundTask(done))
+
+    async def _redacted(self, resp: httpx.Response, headers: dict[str, str], snap: Snapshot, audit: dict[str, Any], start: float) -> Response:
+        """A response that is not a packfile: whole, decoded and redacted like http_request's."""
+        try:
+            body = await read_redacted(resp, snap.redactor, self.settings.proxy_drain_bytes)
+        except CorralError as err:
+            self.proxy.audit_line(snap, audit, start, "error", err.kind)
+            return PlainTextResponse(f"corral: {snap.redactor.text(err.message)}\n", status_code=502)
+        except httpx.HTTPError as err:
+            self.proxy.audit_line(snap, audit, start, "error", "unavailable")
+            return PlainTextResponse(f"corral: upstream failed: {type(err).__name__}\n", status_code=502)
+        finally:
+            await resp.aclose()
+        audit["bytes"] = len(body)
+        self.proxy.audit_line(snap, audit, start, "ok", None)
+        headers.pop("content-encoding", None)  # decoded above
+        return Response(body, status_code=resp.status_code, headers=headers)
+
 
     # -- lifecycle -------------------------------------------------------------------
     def _claim_socket(self) -> None:
@@ -205,3 +238,8 @@ class GitGateway:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.socket_path.unlink(missing_ok=True)
+
+
+def is_pack(method: str, resp: httpx.Response) -> bool:
+    """A git result stream (packfile): the one thing passed unredacted."""
+    return method == "POST" and 200 <= resp.status_code < 300 and resp.headers.get("content-type", "").startswith("application/x-git-")

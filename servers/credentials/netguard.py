@@ -14,9 +14,9 @@ from typing import Protocol
 
 import anyio
 import httpx
+from corral.vault.policy import Credential, host_matches, normalize_host
 
 from corral.errors import InvalidArgument, PolicyDenied, Timeout, Unavailable
-from corral.vault.policy import Credential, host_matches, normalize_host
 
 __all__ = ["Resolver", "StaticResolver", "SystemResolver", "Target", "check_address", "has_ctl", "parse_target", "resolve_checked"]
 
@@ -76,30 +76,59 @@ def check_policy(cred: Credential, target: Target, method: str) -> None:
         raise PolicyDenied(f"credential {cred.name!r} does not allow method {method}", hint=f"allowed methods: {', '.join(cred.methods)}")
 
 
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """IPv4 hidden in IPv6 (mapped ::ffff:a.b.c.d, 6to4, Teredo, NAT64 64:ff9b::/96)."""
+# IPv6 ranges that are never the public internet, whatever `is_global` says (Python 3.11 calls
+# some of them global): the IPv4-compatible ::/96 (deprecated), SIIT ::ffff:0:0:0/96, local-use
+# NAT64 64:ff9b:1::/48 (RFC 8215) and the deprecated site-local fec0::/10.
+NOT_GLOBAL_V6 = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48", "fec0::/10"))
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _rfc6052(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address at every position RFC 6052 allows (prefix /32 ... /96; bits 64-71 are skipped)."""
+    raw = ip.packed
+    out = []
+    for prefix in (32, 40, 48, 56, 64, 96):
+        start = prefix // 8
+        octets = [raw[i] for i in range(start, 16) if i != 8][:4] if prefix < 96 else list(raw[12:16])
+        out.append(ipaddress.IPv4Address(bytes(octets)))
+    return out
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 hidden in IPv6: mapped ::ffff:a.b.c.d, SIIT ::ffff:0:a.b.c.d, compatible ::a.b.c.d,
+    6to4, Teredo and NAT64 64:ff9b::/96. (Local-use NAT64 is never global; see `check_address`.)"""
     if ip.ipv4_mapped:
-        return ip.ipv4_mapped
+        return [ip.ipv4_mapped]
     if ip.sixtofour:
-        return ip.sixtofour
+        return [ip.sixtofour]
     if ip.teredo:
-        return ip.teredo[1]
-    if ip in ipaddress.IPv6Network("64:ff9b::/96"):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
+        return [ip.teredo[1]]
+    if ip in _NAT64 or ip in NOT_GLOBAL_V6[0] or ip in NOT_GLOBAL_V6[1]:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
+
+
+def _is_global(addr: IP) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and any(addr in net for net in NOT_GLOBAL_V6):
+        return False
+    return addr.is_global
 
 
 def check_address(ip: IP, allow_private: bool) -> None:
     """Refuse what must never be reached; `allow_private` opens loopback/private/link-local only."""
     addresses: list[IP] = [ip]
-    if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_v4(ip)) is not None:
-        addresses.append(v4)
+    if isinstance(ip, ipaddress.IPv6Address):
+        addresses += _embedded_v4(ip)
+        # The operator picks where local-use NAT64 puts the IPv4 address: try every position.
+        if ip in _NAT64_LOCAL and any(v4 in METADATA for v4 in _rfc6052(ip)):
+            raise PolicyDenied(f"address {ip} embeds a cloud metadata endpoint; it is never reachable through the proxy")
     for addr in addresses:
         if addr in METADATA:
             raise PolicyDenied(f"address {ip} is a cloud metadata endpoint; it is never reachable through the proxy")
         if addr.is_unspecified or addr.is_multicast:
             raise PolicyDenied(f"address {ip} is unspecified or multicast")
-        if not addr.is_global and not allow_private:
+        if not _is_global(addr) and not allow_private:
             raise PolicyDenied(
                 f"address {ip} is loopback, private, link-local or reserved",
                 hint="the credential's policy does not allow private addresses (corral vault set --allow-private)",

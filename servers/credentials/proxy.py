@@ -8,8 +8,10 @@ response within caps -> redact -> audit. Every error leaving this module is reda
 from __future__ import annotations
 
 import base64
+import bisect
 import json as jsonlib
 import logging
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -20,8 +22,6 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
-
-from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 from corral.servers.credentials.audit import AuditLog, monotonic_ms
 from corral.servers.credentials.netguard import (
     Resolver,
@@ -32,19 +32,27 @@ from corral.servers.credentials.netguard import (
     parse_target,
     resolve_checked,
 )
+from corral.servers.credentials.results import (
+    CredentialInfo,
+    CredentialPage,
+    HttpResult,
+)
 from corral.servers.credentials.transport import PinnedTransport, pinned
 from corral.vault.config import VaultSettings
 from corral.vault.policy import TOKEN, Credential
 from corral.vault.redact import Redactor
 from corral.vault.store import Vault
 
-__all__ = ["Proxy", "Snapshot"]
+from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
+
+__all__ = ["Proxy", "Snapshot", "Snapshots", "read_redacted"]
 
 log = logging.getLogger("corral.credentials")
 # Headers a client may not set: they would change where or how the request goes.
 FORBIDDEN = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "proxy-authorization", "proxy-connection", "expect"}
 DECODABLE = {"", "identity", "gzip", "x-gzip", "deflate"}  # encodings we decode (and so can redact inside)
 PIECE = 64 * 1024  # most decoded bytes produced per step: a gzip bomb inflates no faster than we count
+LIST_LIMIT, LIST_LIMIT_MAX = 25, 500  # list_credentials page: default, largest (a client validates each item against the schema: ~0.2-0.8 ms)
 DROPPED_RESPONSE = {"content-encoding", "content-length", "transfer-encoding"}  # the body we return is decoded
 
 
@@ -56,41 +64,74 @@ class Snapshot:
     credentials: dict[str, Credential]
     secrets: dict[str, str]
     redactor: Redactor
+    listing: list[CredentialInfo]  # what list_credentials shows, sorted by name, built once per reload
+    names: list[str]  # the listing's names, for paging by cursor
+
+    @classmethod
+    def load(cls, vault: Vault) -> Snapshot:
+        """One read of the policies, one keyring call for every secret, one redactor build."""
+        stamp = vault.stamp()
+        creds = {c.name: c for c in vault.list()}
+        secrets = vault.secrets(creds.values())
+        listing = [CredentialInfo(**c.public(), has_secret=c.name in secrets) for c in sorted(creds.values(), key=lambda c: c.name)]
+        return cls(stamp, creds, secrets, Redactor(secrets.values()), listing, [c.name for c in listing])
+
+    def page(self, limit: int, cursor: str | None) -> CredentialPage:
+        """`limit` credentials after the name `cursor`; `next_cursor` is set when more follow."""
+        start = bisect.bisect_right(self.names, cursor) if cursor else 0
+        items = self.listing[start : start + limit]
+        more = start + limit < len(self.listing)
+        return CredentialPage(credentials=items, next_cursor=items[-1].name if more and items else None, total=len(self.listing))
+
+
+class Snapshots:
+    """The vault as of its last change, shared by every Proxy of one server: one read per change."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self.current: Snapshot | None = None
+        self._lock = threading.Lock()  # two threads noticing one change read the vault once
+
+    def fresh(self) -> Snapshot | None:
+        snap = self.current
+        return snap if snap is not None and snap.stamp == self.vault.stamp() else None
+
+    def get_sync(self) -> Snapshot:
+        with self._lock:
+            snap = self.fresh()
+            if snap is None:
+                snap = self.current = Snapshot.load(self.vault)
+            return snap
 
 
 class Proxy:
-    def __init__(self, vault: Vault, settings: VaultSettings, resolver: Resolver | None = None, connector: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(
+        self, vault: Vault, settings: VaultSettings, resolver: Resolver | None = None, connector: httpcore.AsyncNetworkBackend | None = None,
+        snapshots: Snapshots | None = None,
+    ) -> None:
         self.vault = vault
         self.settings = settings
         self.resolver = resolver or SystemResolver()
         self.connector = connector
         self.audit = AuditLog(vault.directory / "audit.jsonl")
-        self._snapshot: Snapshot | None = None
+        self.snapshots = snapshots or Snapshots(vault)  # shared with the git gateway's Proxy by `assemble`
         self._clients: dict[str, httpx.AsyncClient] = {}
 
     # -- vault snapshot -------------------------------------------------------------
-    def _load(self) -> Snapshot:
-        stamp = self.vault.stamp()
-        creds = {c.name: c for c in self.vault.list()}
-        secrets = self.vault.secrets(creds.values())
-        return Snapshot(stamp, creds, secrets, Redactor(secrets.values()))
-
     def snapshot_sync(self) -> Snapshot:
-        snap = self._snapshot
-        if snap is None or snap.stamp != self.vault.stamp():
-            snap = self._snapshot = self._load()
-        return snap
+        return self.snapshots.get_sync()
 
     async def snapshot(self) -> Snapshot:
-        snap = self._snapshot
-        if snap is not None and snap.stamp == self.vault.stamp():
+        snap = self.snapshots.fresh()
+        if snap is not None:
             return snap
-        # keyring calls block (with a deadline): keep them off the event loop
+        # keyring calls block (with a deadline) and the redactor build is CPU work: off the event loop
         return await anyio.to_thread.run_sync(self.snapshot_sync)
 
     def redactor(self) -> Redactor:
         """The current redactor, without blocking on the keyring (logging filters use this)."""
-        return self._snapshot.redactor if self._snapshot else Redactor()
+        snap = self.snapshots.current
+        return snap.redactor if snap else Redactor()
 
     def client(self, cred: Credential) -> httpx.AsyncClient:
         """One pool per credential and address policy: a pooled connection is reused only under the policy that checked it."""
@@ -110,11 +151,13 @@ class Proxy:
         self._clients.clear()
 
     # -- tools ------------------------------------------------------------------------
-    async def list_credentials(self) -> list[dict[str, Any]]:
-        snap = await self.snapshot()
-        return [c.public() | {"has_secret": c.name in snap.secrets} for c in sorted(snap.credentials.values(), key=lambda c: c.name)]
+    async def list_credentials(self, limit: int = LIST_LIMIT, cursor: str | None = None) -> CredentialPage:
+        """One page of the credentials, by name; the listing is built once per vault change."""
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise InvalidArgument(f"limit must be between 1 and {LIST_LIMIT_MAX}")
+        return (await self.snapshot()).page(limit, cursor)
 
-    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> dict[str, Any]:
+    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> HttpResult:
         start = time.monotonic()
         audit: dict[str, Any] = {"who": who, "credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
         try:
@@ -131,7 +174,7 @@ class Proxy:
             self.audit_line(snap, audit, start, "error", "unexpected")
             raise
         self.audit_line(snap, audit, start, "ok", None)
-        return result
+        return HttpResult(**result)
 
     def audit_line(self, snap: Snapshot | None, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
         audit.update(outcome=outcome, duration_ms=monotonic_ms(start))
@@ -243,15 +286,18 @@ def inject(cred: Credential, secret: str, target: Target, headers: dict[str, str
 
 
 async def read_response(resp: httpx.Response, redactor: Redactor, settings: VaultSettings) -> dict[str, Any]:
-    """Status, redacted headers, and the body: decoded, capped, redacted, with totals."""
+    """Status, redacted headers, and the body: decoded, capped, redacted, with totals.
+
+    Reading awaits the network; decoding and redacting are CPU work and run in a worker
+    thread (`anyio.to_thread`), so one large response never stalls the server's other calls.
+    """
     encoding = resp.headers.get("content-encoding", "").strip().lower()
     encodings = [e.strip() for e in encoding.split(",") if e.strip() not in ("", "identity")]
-    result: dict[str, Any] = {
-        "status": resp.status_code,
-        "headers": [[redactor.text(k), redactor.text(v)] for k, v in resp.headers.multi_items() if k.lower() not in DROPPED_RESPONSE],
-    }
+    headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in DROPPED_RESPONSE]
+    result: dict[str, Any] = {"status": resp.status_code}
     if len(encodings) > 1 or not set(encodings) <= DECODABLE:
         # Compressed in a way we cannot decode means we cannot redact inside: withhold it.
+        result["headers"] = redact_headers(headers, redactor)
         result.update(body="", body_encoding="text", body_bytes=0, truncated=True, body_withheld=f"content-encoding {encoding!r} cannot be decoded for redaction")
         return result
     cap, keep = settings.proxy_max_response_bytes, settings.proxy_max_response_bytes + redactor.longest
@@ -263,15 +309,42 @@ async def read_response(resp: httpx.Response, redactor: Redactor, settings: Vaul
         if total >= settings.proxy_drain_bytes:
             exact = False  # stop reading: a bottomless (or gzip-bomb) body is counted up to here
             break
-    data = redactor.bytes(bytes(buf))  # whole buffer: a secret split across chunks is still found
     truncated = total > cap
-    data = data[:cap] if truncated else data
-    result.update(_body(data, truncated), body_bytes=total, body_bytes_exact=exact, truncated=truncated)
+    # whole buffer at once: a secret split across chunks is still found
+    body, result["headers"] = await anyio.to_thread.run_sync(_finish, bytes(buf), cap, truncated, headers, redactor)
+    result.update(body, body_bytes=total, body_bytes_exact=exact, truncated=truncated)
     return result
 
 
+async def read_redacted(resp: httpx.Response, redactor: Redactor, limit: int) -> bytes:
+    """The whole body, decoded and redacted (in a worker thread); Unavailable past `limit` bytes or
+    in an encoding we cannot decode (and so cannot redact inside)."""
+    encoding = resp.headers.get("content-encoding", "").strip().lower().replace("identity", "")
+    if encoding not in DECODABLE:
+        raise Unavailable(f"the upstream's content-encoding {encoding!r} cannot be decoded for redaction; withheld")
+    buf = bytearray()
+    async for chunk in decoded(resp, encoding):
+        buf += chunk
+        if len(buf) > limit:
+            raise Unavailable(f"the upstream's answer is over {limit} bytes (CORRAL_PROXY_DRAIN_BYTES); too large to redact")
+    return await anyio.to_thread.run_sync(redactor.bytes, bytes(buf))
+
+
+def redact_headers(headers: list[tuple[str, str]], redactor: Redactor) -> list[list[str]]:
+    return [[redactor.text(k), redactor.text(v)] for k, v in headers]
+
+
+def _finish(buf: bytes, cap: int, truncated: bool, headers: list[tuple[str, str]], redactor: Redactor) -> tuple[dict[str, Any], list[list[str]]]:
+    """The CPU half of `read_response` (runs in a worker thread)."""
+    data = redactor.capped(buf, cap) if truncated else redactor.bytes(buf)
+    return _body(data, truncated), redact_headers(headers, redactor)
+
+
 async def decoded(resp: httpx.Response, encoding: str) -> AsyncIterator[bytes]:
-    """The body decoded in pieces of at most PIECE bytes (httpx would inflate a whole raw chunk at once)."""
+    """The body decoded in pieces of at most PIECE bytes (httpx would inflate a whole raw chunk at once).
+
+    Each piece is inflated in a worker thread: a gzip bomb is CPU work, not event-loop work.
+    """
     if not encoding:
         async for raw in resp.aiter_raw():
             yield raw
@@ -284,7 +357,7 @@ async def decoded(resp: httpx.Response, encoding: str) -> AsyncIterator[bytes]:
         data = raw
         try:
             while data:
-                yield inflater.decompress(data, PIECE)
+                yield await anyio.to_thread.run_sync(inflater.decompress, data, PIECE)
                 data = inflater.unconsumed_tail
         except zlib.error as err:
             raise Unavailable(f"the upstream's {encoding} body does not decode: {err}") from None

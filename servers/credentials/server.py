@@ -6,24 +6,28 @@ already redacted, turned into tool errors by `servers.mcp_shell.tool`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from mcp.server.mcpserver import Context, MCPServer
-from pydantic import Field
-
-from corral.errors import CorralError
+import anyio
 from corral.servers.credentials.gateway import GitGateway
-from corral.servers.credentials.proxy import Proxy
+from corral.servers.credentials.proxy import LIST_LIMIT, LIST_LIMIT_MAX, Proxy
+from corral.servers.credentials.results import CredentialPage, GitGrant, HttpResult
 from corral.servers.mcp_shell import serve, tool
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
-from corral.vault.redact import RedactingFilter
+from corral.vault.redact import RedactingFilter, Redactor
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
 
-__all__ = ["build_server", "install_redaction", "run"]
+from corral.errors import CorralError, Unavailable
+
+__all__ = ["Redaction", "Running", "assemble", "build_server", "run"]
 
 INSTRUCTIONS = (
     "Make HTTP requests that need a secret without ever seeing it: call list_credentials, then "
@@ -39,19 +43,11 @@ REDACTED_LOGGERS = (
 )
 
 
-class _Redactors:
-    """Every live proxy's redactor, applied in turn (one filter per logger however many proxies run)."""
-
-    def __init__(self) -> None:
-        self.proxies: weakref.WeakSet[Proxy] = weakref.WeakSet()
-
-    def __call__(self) -> Chain:
-        return Chain([p.redactor() for p in list(self.proxies)])
-
-
 class Chain:
-    def __init__(self, redactors: list) -> None:
-        self.redactors = redactors
+    """Several redactors applied in turn (the proxies of one server share theirs: each applies once)."""
+
+    def __init__(self, redactors: list[Redactor]) -> None:
+        self.redactors = list({id(r): r for r in redactors}.values())
 
     def text(self, text: str) -> str:
         for redactor in self.redactors:
@@ -59,23 +55,46 @@ class Chain:
         return text
 
 
-_SOURCES = _Redactors()
-_FILTER = RedactingFilter(_SOURCES)
+class Redaction:
+    """The log redaction one server owns: one filter on every logger (and given handler) whose
+    records may carry request details, applying the current redactor of each proxy it runs.
+    Records are rewritten before any handler sees them."""
+
+    def __init__(self) -> None:
+        self.proxies: list[Proxy] = []
+        self.filter = RedactingFilter(self.chain)
+        self._attached: list[logging.Filterer] = []
+
+    def chain(self) -> Chain:
+        return Chain([p.redactor() for p in self.proxies])
+
+    def add(self, proxy: Proxy) -> None:
+        self.proxies.append(proxy)
+        try:
+            proxy.snapshot_sync()  # load the secrets now, so even the first log line is redacted
+        except CorralError as err:  # the keyring is unusable: every request will say so; the server still starts
+            logging.getLogger("corral.credentials").warning("vault not readable at start: %s", err)
+
+    def install(self, handlers: list[logging.Handler] | None = None) -> Redaction:
+        existing = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}]
+        targets: list[logging.Filterer] = [logging.getLogger(name) for name in {*REDACTED_LOGGERS, *existing}]
+        for target in [*targets, *(handlers or [])]:
+            target.addFilter(self.filter)
+            self._attached.append(target)
+        return self
+
+    def remove(self) -> None:
+        for target in self._attached:
+            target.removeFilter(self.filter)
+        self._attached.clear()
 
 
-def install_redaction(proxy: Proxy, handlers: list[logging.Handler] | None = None) -> None:
-    """Redact at every logger under the names we know (records are rewritten before any handler) and at given handlers."""
-    _SOURCES.proxies.add(proxy)
-    try:
-        proxy.snapshot_sync()  # load the secrets now, so even the first log line is redacted
-    except CorralError as err:  # the keyring is unusable: every request will say so; the server still starts
-        logging.getLogger("corral.credentials").warning("vault not readable at start: %s", err)
-    filt = _FILTER
-    existing = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}]
-    for name in {*REDACTED_LOGGERS, *existing}:
-        logging.getLogger(name).addFilter(filt)
-    for handler in handlers or []:
-        handler.addFilter(filt)
+@dataclass
+class Running:
+    """What the server holds while it runs (its MCP lifespan's context)."""
+
+    proxy: Proxy
+    gateway: GitGateway | None = None
 
 
 def client_name(ctx: Context | None) -> str:
@@ -87,15 +106,31 @@ def client_name(ctx: Context | None) -> str:
         return "unknown"
 
 
-def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
-    server = MCPServer("corral-credentials", instructions=INSTRUCTIONS)
+def build_server(
+    proxy: Proxy | None = None, gateway: GitGateway | None = None, *, lifespan: Callable[[MCPServer], AbstractAsyncContextManager[Running]] | None = None
+) -> MCPServer:
+    """The tools over `proxy` (and `gateway`: git_access), or, with `lifespan`, over the `Running`
+    it opens when the server starts (what `assemble` does; git_access is then always there)."""
+    server = MCPServer("corral-credentials", instructions=INSTRUCTIONS, lifespan=lifespan)
+
+    def running(ctx: Context | None) -> Running:
+        if proxy is not None:
+            return Running(proxy, gateway)
+        return ctx.request_context.lifespan_context  # type: ignore[union-attr]
 
     @tool(server, read_only=True)
-    async def list_credentials() -> dict[str, Any]:
-        """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value)."""
-        return {"credentials": await proxy.list_credentials()}
+    async def list_credentials(
+        limit: int = Field(LIST_LIMIT, description=f"most credentials to return (1-{LIST_LIMIT_MAX})"),
+        cursor: str | None = Field(None, description="next_cursor of the previous page, to continue after it"),
+        ctx: Context | None = None,
+    ) -> CredentialPage:
+        """List the credentials you may use: name, kind, allowed hosts, methods, ports and description (never a value).
 
-    @tool(server, open_world=True)
+        Sorted by name, one page at a time: pass `next_cursor` back as `cursor` while it is set.
+        """
+        return await running(ctx).proxy.list_credentials(limit, cursor)
+
+    @tool(server, open_world=True, destructive=True)  # it can POST/PUT/DELETE to the world
     async def http_request(
         credential: str = Field(description="credential name from list_credentials"),
         method: str = Field(description="HTTP method, e.g. GET or POST; must be allowed by the credential"),
@@ -105,11 +140,11 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
         json: Any = Field(None, description="request body as JSON (instead of body)"),
         timeout_s: float | None = Field(None, description="upstream timeout in seconds (default 30)"),
         ctx: Context | None = None,
-    ) -> dict[str, Any]:
+    ) -> HttpResult:
         """Send an HTTP request with a stored credential added by the proxy; redirects are returned, not followed."""
-        return await proxy.http_request(credential, method, url, headers, body, json, timeout_s, who=client_name(ctx))
+        return await running(ctx).proxy.http_request(credential, method, url, headers, body, json, timeout_s, who=client_name(ctx))
 
-    if gateway is not None:
+    if gateway is not None or lifespan is not None:
 
         @tool(server)
         async def git_access(
@@ -117,37 +152,59 @@ def build_server(proxy: Proxy, gateway: GitGateway | None = None) -> MCPServer:
             repo_url: str = Field(description="the repository's http(s) URL, e.g. https://git.example.com/org/repo.git"),
             access: Literal["read", "write"] = Field("read", description="read = clone/fetch; write = also push"),
             ttl_s: int | None = Field(None, description="lifetime of the capability in seconds (default 900)"),
-        ) -> dict[str, Any]:
+            ctx: Context | None = None,
+        ) -> GitGrant:
             """Get a short-lived git remote URL for a sandbox: it works only through the proxy, for that repository."""
-            return await gateway.grant(credential, repo_url, access, ttl_s)
+            git = running(ctx).gateway
+            if git is None:
+                raise Unavailable("this server runs no git gateway")
+            return await git.grant(credential, repo_url, access, ttl_s)
 
     return server
 
 
-def assemble(handlers: list[logging.Handler] | None = None) -> tuple[MCPServer, Callable[[], None]]:
+def assemble(handlers: list[logging.Handler] | None = None) -> MCPServer:
     """The credentials server as `corral serve credentials` and `corral up` run it.
 
-    Opens the vault, installs redaction (on the loggers and on `handlers`) and starts the
-    git gateway; returns the server and the function that stops the gateway.
+    Nothing is opened here: when the server starts, its lifespan opens the vault (read once),
+    installs log redaction (on the loggers and on `handlers`) and starts the git gateway; when
+    it stops, it closes them in reverse.
     """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[Running]:
+        redaction = Redaction().install(handlers)
+        opened: list[Running] = []
+        try:
+            # keyring probes, the vault read and the gateway's start all block: off the event loop
+            running = await anyio.to_thread.run_sync(_open, redaction)
+            opened.append(running)
+            yield running
+        finally:
+            for running in opened:
+                if running.gateway is not None:
+                    await anyio.to_thread.run_sync(running.gateway.stop)  # its proxy's pools die with its loop
+                await running.proxy.aclose()
+            redaction.remove()
+
+    return build_server(lifespan=lifespan)
+
+
+def _open(redaction: Redaction) -> Running:
     settings = VaultSettings()
     vault, choice = open_vault(settings, os.environ.get("DBUS_SESSION_BUS_ADDRESS"))
     proxy = Proxy(vault, settings)
-    install_redaction(proxy, handlers)
+    redaction.add(proxy)
     logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
-    gateway_proxy = Proxy(vault, settings)  # its own Proxy: the gateway runs on its own event loop
-    install_redaction(gateway_proxy)
+    gateway_proxy = Proxy(vault, settings, snapshots=proxy.snapshots)  # its own Proxy (own loop), the same vault snapshot
+    redaction.add(gateway_proxy)
     gateway = GitGateway(gateway_proxy, settings)
     gateway.start()
-    return build_server(proxy, gateway), gateway.stop
+    return Running(proxy, gateway)
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:
     handler = logging.StreamHandler()  # stderr: stdout is the MCP stdio channel
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(handlers=[handler], force=True)  # the level is CORRAL_LOG_LEVEL's, set by `corral` once
-    server, stop = assemble([handler])
-    try:
-        serve(server, http, token=token, stdio=stdio)
-    finally:
-        stop()
+    serve(assemble([handler]), http, token=token, stdio=stdio)

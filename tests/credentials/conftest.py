@@ -13,17 +13,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mcp.client import Client
-
 from corral.servers.credentials.netguard import StaticResolver
 from corral.servers.credentials.proxy import Proxy
-from corral.servers.credentials.server import build_server, install_redaction
+from corral.servers.credentials.server import Redaction, build_server
 from corral.servers.credentials.transport import LoopbackOnly
-from tests.credentials.upstream import Upstream
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.policy import Credential
 from corral.vault.redact import secret_forms
+from mcp.client import Client
+
+from tests.credentials.upstream import Upstream
 
 # Collected across the whole session for the sweep.
 SECRETS: list[str] = []
@@ -101,6 +101,7 @@ class Env:
         self.connector = LoopbackOnly()
         self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"], "xn--bcher-kva.test": ["127.0.0.1"], "bucher.test": ["127.0.0.1"]})
         self.secrets: dict[str, str] = dict(_SEEDED)
+        self.redaction = Redaction().install()  # what a server owns; removed when the test ends (fixture `env`)
         AUDIT_FILES.append(self.vault.directory / "audit.jsonl")
         if template is None:
             self.seed()
@@ -119,7 +120,7 @@ class Env:
 
     def proxy(self) -> Proxy:
         proxy = Proxy(self.vault, self.settings, resolver=self.resolver, connector=self.connector)
-        install_redaction(proxy)
+        self.redaction.add(proxy)
         return proxy
 
     def audit_lines(self) -> list[dict]:
@@ -139,8 +140,10 @@ def seeded_vault(tmp_path_factory, shared_upstream) -> Path:
 
 
 @pytest.fixture
-def env(tmp_path: Path, upstream: Upstream, seeded_vault: Path) -> Env:
-    return Env(tmp_path, upstream, template=seeded_vault)
+def env(tmp_path: Path, upstream: Upstream, seeded_vault: Path):
+    env = Env(tmp_path, upstream, template=seeded_vault)
+    yield env
+    env.redaction.remove()
 
 
 class Recorder:

@@ -10,8 +10,9 @@ import base64
 import json
 
 import pytest
-
 from corral.vault.redact import secret_forms
+
+from tests.credentials.encoders import ENCODERS, ODD_SECRET
 
 pytestmark = pytest.mark.anyio
 
@@ -49,6 +50,25 @@ async def test_echo_in_every_encoding_is_redacted(mcp, env, path):
     assert_clean(env, json.dumps(out))
     if path == "/echo-gzip":  # decoded before redaction, returned decoded
         assert json.loads(out["body"])["headers"]["Authorization"] == "Bearer [REDACTED]"
+
+
+@pytest.mark.parametrize("form", sorted(ENCODERS))
+async def test_secret_as_real_encoders_write_it_is_redacted(mcp, env, form):
+    """The upstream reflects a secret with & < > ' * ~ ! ( ) space / + \" \\ and non-ASCII in it
+    the way Go's encoding/json, PHP, encodeURIComponent, Java's URLEncoder ... would."""
+    from urllib.parse import quote
+
+    from corral.vault.policy import Credential
+
+    from tests.credentials.conftest import SECRETS
+
+    env.vault.set(Credential(name="odd", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), ODD_SECRET)
+    env.secrets["odd"] = ODD_SECRET
+    SECRETS.append(ODD_SECRET)
+    out = await mcp.ok("http_request", req("odd", env.upstream.url(f"/reflect?form={quote(form)}")))
+    assert out["status"] == 200 and "[REDACTED]" in out["body"], out["body"]
+    assert ENCODERS[form](ODD_SECRET) not in out["body"]
+    assert_clean(env, json.dumps(out), out["body"])
 
 
 async def test_undecodable_encoding_is_withheld_not_passed_through(mcp, env):
@@ -97,16 +117,27 @@ async def test_secret_straddling_the_response_cap_is_not_leaked(mcp, env):
         assert not any(secret[:n] in body for n in range(8, len(secret) + 1)), body[-80:]
 
 
+async def test_cap_never_exposes_part_of_a_secret_at_any_cut(mcp, env):
+    """100 copies of the secret: redaction shortens the text by far more than the extra bytes
+    read past the cap, and the cut still never lands inside an unredacted copy."""
+    secret = env.secrets["echo"].encode()
+    step = len(secret) + 1
+    for pad in range(step + 1):  # every alignment of the 2,048-byte cut against the copies
+        out = await mcp.ok("http_request", req("echo", env.upstream.url(f"/copies?n=100&pad={pad}")))
+        assert out["truncated"] and "[REDACTED]" in out["body"]
+        body = out["body"].encode()
+        assert not [n for n in range(5, len(secret) + 1) if secret[:n] in body], (pad, body[-60:])
+
+
 async def test_response_over_cap_is_truncated_with_totals(mcp, env):
     out = await mcp.ok("http_request", req("echo", env.upstream.url("/big?n=10000")))
     assert out["truncated"] is True and out["body_bytes"] == 10000 and len(out["body"]) == 2048
 
 
 async def test_gzip_bomb_is_read_only_up_to_the_drain_cap(env):
-    from mcp.client import Client
-
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
+    from mcp.client import Client
 
     settings = env.settings.model_copy(update={"proxy_drain_bytes": 1 << 20})
     proxy = Proxy(env.vault, settings, connector=env.connector)
@@ -190,6 +221,10 @@ async def test_tricky_urls(mcp, env, url, kind):
         "http://[::ffff:a9fe:a9fe]/",
         "http://[64:ff9b::a9fe:a9fe]/",
         "http://[fd00:ec2::254]/",
+        "http://[::169.254.169.254]/",  # IPv4-compatible
+        "http://[::ffff:0:169.254.169.254]/",  # SIIT
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # local-use NAT64, /96 position
+        "http://[64:ff9b:1:a9fe:a9:fe00::]/",  # local-use NAT64, /48 position
         "http://0.0.0.0/",
         "http://[::]/",
     ],
@@ -209,6 +244,16 @@ async def test_metadata_and_unspecified_addresses_refused_even_when_private_allo
 async def test_name_resolving_to_loopback_refused_when_private_not_allowed(mcp, env, host):
     text = await mcp.error("http_request", req("strict", env.upstream.url("/echo", host=host)))
     assert text.startswith("policy_denied") and "resolves to" in text
+    assert env.upstream.seen == [] and env.connector.attempts == []
+
+
+@pytest.mark.parametrize("address", ["::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:192.168.1.1", "64:ff9b:1::7f00:1", "64:ff9b:1::a00:1", "fec0::1", "fec0:1::5"])
+async def test_ipv6_forms_of_internal_addresses_refused(mcp, env, address):
+    """A name answering with IPv6 that embeds an internal IPv4 (or is site-local) is refused
+    for a policy without private addresses; the static resolver keeps it on this machine."""
+    env.resolver.table["rebind.test"] = [address]
+    text = await mcp.error("http_request", req("strict", env.upstream.url("/echo", host="rebind.test")))
+    assert text.startswith("policy_denied") and "resolves to" in text, text
     assert env.upstream.seen == [] and env.connector.attempts == []
 
 
@@ -232,10 +277,9 @@ class RebindingResolver:
 async def test_dns_rebinding_connects_to_the_checked_address_only(env):
     """One resolution per request, and the connection goes to that checked address (here refused by
     the test's loopback-only connector, so nothing leaves the machine) - never to a second answer."""
-    from mcp.client import Client
-
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
+    from mcp.client import Client
 
     resolver = RebindingResolver()
     proxy = Proxy(env.vault, env.settings, resolver=resolver, connector=env.connector)
@@ -249,11 +293,10 @@ async def test_dns_rebinding_connects_to_the_checked_address_only(env):
 
 async def test_real_system_resolver_localhost_refused(env):
     """The real resolver (/etc/hosts, no DNS packet) turning `localhost` into loopback."""
-    from mcp.client import Client
-
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
     from corral.vault.policy import Credential
+    from mcp.client import Client
 
     env.add(Credential(name="local", hosts=["localhost"], schemes=["http"], ports=[env.upstream.port]))
     proxy = Proxy(env.vault, env.settings, connector=env.connector)
@@ -373,6 +416,19 @@ async def test_list_credentials_never_shows_values(mcp, env):
     assert names["hdr"]["kind"] == "header" and names["echo"]["hosts"] == ["127.0.0.1", "api.test"]
     assert names["echo"]["description"] == "echo upstream" and names["echo"]["methods"] == ["GET", "POST"]
     assert_clean(env, json.dumps(out))
+
+
+async def test_annotations_are_honest(mcp):
+    tools = {t.name: t.annotations for t in (await mcp.client.list_tools()).tools}
+    assert tools["http_request"].destructive_hint is True and tools["http_request"].open_world_hint is True
+    assert tools["http_request"].read_only_hint is False
+    assert tools["list_credentials"].read_only_hint is True and tools["list_credentials"].destructive_hint is False
+
+
+async def test_tools_declare_output_schemas(mcp):
+    tools = {t.name: t.output_schema for t in (await mcp.client.list_tools()).tools}
+    assert {"status", "headers", "body", "body_encoding", "body_bytes", "truncated"} <= set(tools["http_request"]["properties"])
+    assert {"credentials", "next_cursor", "total"} <= set(tools["list_credentials"]["properties"])
 
 
 async def test_every_use_is_audited_without_the_secret(mcp, env):

@@ -7,21 +7,25 @@ secret is found in its files, environment or process arguments.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import os
 import shutil
 import subprocess
 import tempfile
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from corral.vault.policy import Credential
+from corral.vault.redact import secret_forms
 from mcp.client import Client
 
 from tests.credentials.conftest import LOG_LINES, OUTPUTS, new_secret
-from tests.credentials.gitserver import GitServer
-from corral.vault.policy import Credential
-from corral.vault.redact import secret_forms
+from tests.credentials.gitserver import BACKEND, GitServer
+from tests.credentials.upstream import Upstream
 
 pytestmark = pytest.mark.anyio
 
@@ -50,8 +54,8 @@ def repo(tmp_path: Path, needs_git) -> Path:
 
 @pytest.fixture
 def sandbox_backend(needs_bwrap):
-    from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
+    from corral.servers.sandbox.config import BubblewrapConfig, ExtraBind
 
     # Outside pytest's 0700 tmp: a root server runs sandboxes as an unprivileged uid, which must reach these.
     sockdir = Path(tempfile.mkdtemp(prefix="corral-git-"))
@@ -83,7 +87,7 @@ def scan_for_secret(root: Path, secret: str) -> list[str]:
 async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandbox_backend):
     from corral.servers.credentials.gateway import GitGateway
     from corral.servers.credentials.proxy import Proxy
-    from corral.servers.credentials.server import build_server, install_redaction
+    from corral.servers.credentials.server import build_server
     from corral.servers.sandbox.backend import SandboxSpec
 
     backend, sockdir, sandbox_root = sandbox_backend
@@ -91,7 +95,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
     with GitServer(repo, secret) as upstream:
         env.vault.set(Credential(name="repo", kind="git", hosts=["127.0.0.1"], schemes=["http"], ports=[upstream.port], allow_private=True), secret)
         proxy = Proxy(env.vault, env.settings, connector=env.connector)
-        install_redaction(proxy)
+        env.redaction.add(proxy)
         gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=sockdir / "git.sock")
         gateway.start()
         try:
@@ -160,7 +164,7 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
     gateway.start()
     try:
         grant = await gateway.grant("repo", env.upstream.url("/repo.git"), "read", 60)
-        token = grant["remote_url"].split("/")[3]
+        token = grant.remote_url.split("/")[3]
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
             assert (await c.get("/not-a-token/repo/info/refs?service=git-upload-pack")).status_code == 403
             assert (await c.get(f"/{token}/repo/objects/info/packs")).status_code == 404  # dumb protocol / other paths
@@ -185,3 +189,68 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
     finally:
         gateway.stop()
     LOG_LINES.append(str(grant))
+
+
+class Reflecting(BaseHTTPRequestHandler):
+    """A git host that writes the Authorization header it got into its answers: /r401 as a 401
+    page, /r200 inside a 200 ref advertisement, /rgz as a gzip'd 401, /r500 as a POST error,
+    /rhtml as a 2xx POST that is not git's, /rpack inside a 2xx upload-pack result."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _handle(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization", "")
+        reflected = f"you sent: {auth}\nwhich is {base64.b64decode(auth.split()[-1]).decode()}\n".encode()
+        repo = self.path.split("/")[1]
+        status, ctype, body, extra = {
+            "r401": (401, "text/plain", reflected, {}),
+            "r200": (200, "application/x-git-upload-pack-advertisement", b"001e# service=git-upload-pack\n0000" + reflected, {}),
+            "rgz": (401, "text/html", gzip.compress(reflected), {"Content-Encoding": "gzip"}),
+            "r500": (500, "text/plain", reflected, {}),
+            "rhtml": (200, "text/html", reflected, {}),
+            "rpack": (200, "application/x-git-upload-pack-result", b"PACK" + reflected, {}),
+        }[repo]
+        self.send_response(status)
+        for k, v in {"Content-Type": ctype, "Content-Length": str(len(body)), **extra}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _handle
+
+
+@pytest.mark.parametrize(("repo", "method", "redacted"), [
+    ("r401", "GET", True), ("r200", "GET", True), ("rgz", "GET", True), ("r500", "POST", True), ("rhtml", "POST", True),
+    ("rpack", "POST", False),  # the packfile stream: documented as passed unredacted
+])
+async def test_gateway_redacts_everything_but_packfiles(env, tmp_path, repo, method, redacted):
+    from corral.servers.credentials.gateway import GitGateway
+    from corral.servers.credentials.proxy import Proxy
+
+    secret = new_secret("ghp")
+    token_b64 = base64.b64encode(f"x-access-token:{secret}".encode()).decode()
+    with Upstream(Reflecting) as upstream:
+        env.vault.set(Credential(name="repo", kind="git", username="x-access-token", hosts=["127.0.0.1"], schemes=["http"], ports=[upstream.port], allow_private=True), secret)
+        gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=tmp_path / "run" / "git.sock")
+        gateway.start()
+        try:
+            grant = await gateway.grant("repo", upstream.url(f"/{repo}/x.git"), "read", 60)
+            token = grant.remote_url.split("/")[3]
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
+                if method == "GET":
+                    resp = await c.get(f"/{token}/x/info/refs?service=git-upload-pack")
+                else:
+                    resp = await c.post(f"/{token}/x/git-upload-pack", content=b"0000", headers={"Content-Type": "application/x-git-upload-pack-request"})
+        finally:
+            gateway.stop()
+    body = resp.content
+    assert b"you sent: Basic" in body  # the upstream's page did arrive
+    if redacted:
+        assert secret.encode() not in body and token_b64.encode() not in body and b"[REDACTED]" in body, body
+        OUTPUTS.append(body.decode())
+    else:
+        assert token_b64.encode() in body and body.startswith(b"PACK")

@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
+from tests.credentials.encoders import ENCODERS
+
 
 @functools.cache
 def _bomb() -> bytes:
@@ -65,6 +67,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"late")
         elif url.path == "/bomb":  # ~20 KB on the wire, 20 MB decoded
             self._send(200, _bomb(), {"Content-Encoding": "gzip"})
+        elif url.path == "/reflect":  # the `k` query parameter as a real encoder would write it
+            self._send(200, ENCODERS[q["form"]](q["k"]).encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        elif url.path == "/copies":  # pad, then the bearer secret n times
+            secret = auth.removeprefix("Bearer ").encode()
+            self._send(200, b"p" * int(q.get("pad", "0")) + b" ".join([secret] * int(q.get("n", "1"))))
         elif url.path == "/big":
             self._send(200, b"x" * int(q["n"]))
         else:

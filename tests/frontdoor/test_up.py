@@ -53,7 +53,7 @@ async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess) ->
         assert got.structured_content["metadata"] == {"title": "from the test"}
     async with mcp_client(f"{up.base}/credentials/mcp", token) as client:
         listed = await client.call_tool("list_credentials", {})
-        assert not listed.is_error and listed.structured_content == {"credentials": []}
+        assert not listed.is_error and listed.structured_content["credentials"] == []
 
 
 async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:

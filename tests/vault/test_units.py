@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from urllib.parse import quote, quote_plus
 
 import keyring.errors
 import pytest
-
-from corral.errors import Timeout
-from corral.vault.keyrings import EncryptedFileKeyring, call_with_deadline, choose_backend
+from corral.vault.keyrings import (
+    EncryptedFileKeyring,
+    call_with_deadline,
+    choose_backend,
+)
 from corral.vault.policy import Credential, host_matches, normalize_host
 from corral.vault.redact import Redactor
+
+from corral.errors import Timeout
+from tests.credentials.encoders import ENCODERS, ODD_SECRET
 
 
 @pytest.mark.parametrize(
@@ -119,3 +125,54 @@ def test_auto_choice_without_dbus_is_the_encrypted_file(tmp_path):
     assert choice.name == "encrypted-file" and not choice.insecure and "DBUS_SESSION_BUS_ADDRESS unset" in choice.why
     null = choose_backend("null", tmp_path, 2, None)
     assert null.insecure and "names it" in null.why
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+@pytest.mark.parametrize("secret", [ODD_SECRET, "plain-secret-0123456789", "a&b<c>d'e*f~g!h(i)j k"])
+def test_redactor_covers_what_real_encoders_write(encoder, secret):
+    encoded = ENCODERS[encoder](secret)
+    out = Redactor([secret]).text(f"before {encoded} after")
+    assert "[REDACTED]" in out and out.startswith("before ") and out.endswith(" after"), out
+    assert encoded not in out
+    # nothing of the secret is left: no 6 consecutive characters of it, in the encoder's form either
+    for n in range(len(secret) - 5):
+        piece = secret[n : n + 6]
+        assert piece not in out and ENCODERS[encoder](piece).strip('"') not in out, (piece, out)
+
+
+def _leaks(secret_form: bytes, out: bytes, shortest: int = 5) -> list[bytes]:
+    """Prefixes of `secret_form` longer than a few bytes that are in `out`."""
+    return [secret_form[:n] for n in range(shortest, len(secret_form) + 1) if secret_form[:n] in out]
+
+
+@pytest.mark.parametrize("form", ["raw", "json", "url", "basic"])
+def test_cap_never_exposes_part_of_a_secret_at_any_cut(form):
+    """Copies before the cut shorten the redacted text; the cut is still made where the
+    original is cut, so whatever lands on it is redacted whole (every cut point is tried)."""
+    secret = "sk-live-" + "Zq8xW2vLm9Tr4pKc7Ye1Nd5Hg3Bf6Js0"  # 40 characters, as in the report
+    encoded = {
+        "raw": secret.encode(),
+        "json": json.dumps(secret + "/&").encode(),
+        "url": quote(secret + " ?&=", safe="").encode(),
+        "basic": base64.b64encode(f"x-access-token:{secret}".encode()),
+    }[form]
+    r = Redactor([secret])
+    data = b"head " + b" ".join([encoded] * 60) + b" tail" * 20  # 60 copies shorten the text by more than `longest`
+    # the secret's own bytes in the encoding (for basic: after the 20 base64 characters of "x-access-token:")
+    checked = {encoded[20:] if form == "basic" else encoded.strip(b'"'), secret.encode()}
+    for cap in range(1, len(data) - 90, 7 if form == "url" else 3):
+        out = r.capped(data[: cap + r.longest], cap)
+        assert out.startswith(data[: min(cap, 5)])
+        for piece in checked:
+            assert not _leaks(piece, out), (cap, out[-60:])
+
+
+def test_secrets_sharing_a_long_prefix_are_each_redacted_whole():
+    """The automaton holds the first bytes of each form; two secrets that begin alike are still
+    each redacted to their own end, in every form, side by side and overlapping."""
+    short, long = "sk-proj-AAAAAAAAAAAA-one", "sk-proj-AAAAAAAAAAAA-and-a-much-longer-second-secret"
+    r = Redactor([short, long])
+    for text in (f"{short} {long}", f"{long}{short}", base64.b64encode(f"u:{long}".encode()).decode(), long.encode().hex(), quote(long, safe="")):
+        out = r.text(f"<{text}>")
+        assert "[REDACTED]" in out and "second" not in out and "AAAAAAAA" not in out, out
+        assert "7365636f6e64" not in out  # "second" in hex
