@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.frontdoor.conftest import CORRAL, Netns, corral, free_port, run, start_up, token_of
+from tests.frontdoor.conftest import (
+    CORRAL,
+    Netns,
+    corral,
+    free_port,
+    run,
+    start_up,
+    token_of,
+)
 
 SERVERS = ("session", "sandbox", "credentials")
 # One harmless call per server: (tool, --tool-arg pairs, what the result must hold)

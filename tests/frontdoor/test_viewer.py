@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from corral.servers.http_guard import ViewerSessions
+
 from tests.conftest import require
 from tests.frontdoor.conftest import UpProcess, corral, token_of
 from tests.frontdoor.test_up import mcp_client
