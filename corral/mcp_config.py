@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument, Unavailable
-from corral.frontdoor import SERVER_MODULES, UpSettings
+from corral.frontdoor import SERVER_MODULES, UpSettings, running_base
 
 __all__ = ["auth_header_command", "claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
 
@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("client", choices=["claude-desktop", "claude-code", "json", "auth-header"],
                    help="which client's format (auth-header: print the bearer header as JSON, for a client's headersHelper)")
     p.add_argument("--http", action="store_true", help="point at `corral up` (URL + bearer token) instead of launching stdio servers")
+    p.add_argument("--port", type=int, help="with --http: the port of `corral up` (default: the running one's, else $CORRAL_UP_PORT or 8750)")
     p.add_argument("--apply", action="store_true", help="write it: merge into Claude Desktop's config file, or run `claude mcp add`")
     p.add_argument("--config-file", type=Path, help="Claude Desktop config file (default: the platform's usual place)")
     p.add_argument("--scope", choices=["local", "project", "user"], default="user", help="Claude Code scope for --apply (default: user)")
@@ -109,11 +110,29 @@ def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[
     return {PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}} for n in names}
 
 
+def up_base(settings: UpSettings) -> str:
+    """Where `corral up` answers: an explicit port (--port, CORRAL_UP_PORT) wins, then the running one's."""
+    explicit = "up_port" in settings.model_fields_set
+    return (None if explicit else running_base(settings.data_dir())) or settings.base_url()
+
+
+def check_answers(base: str) -> None:
+    """Before writing a client's config: does a `corral up` answer at `base`?"""
+    import httpx
+
+    try:
+        ok = httpx.get(f"{base}/healthz", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    if not ok:
+        raise Unavailable(f"nothing answers at {base}: is `corral up` running?", hint="start `corral up` first, or pass the port it printed: --port PORT")
+
+
 def server_entries(*, http: bool, settings: UpSettings, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
     if http:
-        return http_entries(settings.base_url(), load_or_create_token(settings.data_dir()), list(SERVER_MODULES))
+        return http_entries(up_base(settings), load_or_create_token(settings.data_dir()), list(SERVER_MODULES))
     command = corral_command()
     for name in SERVER_MODULES:
         entry: dict[str, Any] = {"command": command[0], "args": [*command[1:], "serve", name]}
@@ -198,7 +217,7 @@ def _warn(message: str) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    settings = UpSettings()
+    settings = UpSettings(**({"up_port": args.port} if args.port is not None else {}))
     if args.client == "auth-header":
         print(json.dumps({"Authorization": f"Bearer {load_or_create_token(settings.data_dir())}"}))
         return 0
@@ -209,6 +228,8 @@ def _main(args: argparse.Namespace) -> int:
         )
     env = passed_env(dict(os.environ), expands=args.client != "claude-desktop", warn=_warn)
     entries = server_entries(http=args.http, settings=settings, env=env)
+    if args.http and args.apply:
+        check_answers(up_base(settings))
     if args.client == "claude-code":
         if args.scope == "project":
             _warn("project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's")

@@ -17,7 +17,7 @@ import sys
 from corral import mcp_config
 from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument
-from corral.frontdoor import UpSettings
+from corral.frontdoor import UpSettings, clear_state, write_state
 
 __all__ = ["register"]
 
@@ -57,8 +57,10 @@ def _up(args: argparse.Namespace) -> int:
     try:
         routes = viewer_routes(built.store) if built.store is not None else []
         app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS, max_file_bytes=built.max_file_bytes)
+        write_state(home, base)  # `corral mcp-config --http` finds this run's port
         stopped_by = asyncio.run(serve_until_stopped(app, sock, built, base, token, home))
     finally:
+        clear_state(home)
         built.close()
         sock.close()
     print(f"corral up: stopped{f' ({stopped_by})' if stopped_by else ''}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.frontdoor.conftest import CORRAL, corral, one_line_error, run, token_of
+from tests.frontdoor.conftest import CORRAL, UpProcess, corral, free_port, one_line_error, run, token_of
 
 pytestmark = pytest.mark.anyio
 NAMES = ["corral-session", "corral-sandbox", "corral-credentials"]
@@ -140,3 +140,18 @@ def test_claude_code_http_commands_carry_no_token(corral_env: dict[str, str]) ->
     helper = json.loads(shlex.split(done.stdout.splitlines()[0])[-1])["headersHelper"]
     printed = run(shlex.split(helper), corral_env)  # what Claude Code runs at connect time
     assert printed.returncode == 0 and json.loads(printed.stdout) == {"Authorization": f"Bearer {token}"}
+
+
+def test_http_config_finds_the_running_corral_up_or_takes_a_port(up: UpProcess) -> None:
+    env = {k: v for k, v in up.env.items() if k != "CORRAL_UP_PORT"}  # started with --port N only
+    found = corral("mcp-config", "json", "--http", env=env)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["mcpServers"]["corral-session"]["url"] == f"{up.base}/session/mcp"
+    given = corral("mcp-config", "json", "--http", "--port", "9124", env=env)  # an explicit port wins
+    assert json.loads(given.stdout)["mcpServers"]["corral-session"]["url"] == "http://127.0.0.1:9124/session/mcp"
+
+
+def test_http_apply_checks_that_corral_up_answers(corral_env: dict[str, str]) -> None:
+    port = free_port()  # nothing listens there
+    line = one_line_error(corral("mcp-config", "claude-code", "--http", "--apply", "--port", str(port), env=corral_env))
+    assert f"nothing answers at http://127.0.0.1:{port}" in line and "--port" in line
