@@ -12,7 +12,15 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
-from tests.frontdoor.conftest import CORRAL, UpProcess, corral, free_port, one_line_error, run, token_of
+from tests.frontdoor.conftest import (
+    CORRAL,
+    UpProcess,
+    corral,
+    free_port,
+    one_line_error,
+    run,
+    token_of,
+)
 
 pytestmark = pytest.mark.anyio
 NAMES = ["corral-session", "corral-sandbox", "corral-credentials"]
