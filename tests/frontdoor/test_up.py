@@ -153,8 +153,10 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_free_the_port(corral_env: dict[str,
             json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}},
             headers={"Authorization": f"Bearer {token_of(corral_env)}", "Accept": "application/json, text/event-stream"},
         )
+    assert (Path(corral_env["CORRAL_HOME"]) / "up.json").exists()  # where `mcp-config --http` finds this run
     started = time.monotonic()
     assert up.stop(sig) == 0
+    assert not (Path(corral_env["CORRAL_HOME"]) / "up.json").exists()
     assert time.monotonic() - started < 10
     assert f"stopped ({signal.Signals(sig).name})" in up.output
     assert "Traceback" not in up.output
