@@ -56,6 +56,8 @@ TOOLS = "session.tools"
 STATUS = "session.status"
 ERROR = "session.error"
 SPAN = "span.model_request"
+SANDBOX_PROVISIONED = "sandbox.provisioned"
+SANDBOX_LOST = "sandbox.lost"
 
 
 class WriterLost(Conflict):

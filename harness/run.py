@@ -24,7 +24,8 @@ from corral.harness.config import HarnessSettings
 from corral.harness.events import KillAfterAppends, SessionLog, ev
 from corral.harness.local import Subagents, TodoTools
 from corral.harness.model import AnthropicModel, ModelClient
-from corral.harness.tools import CachedListing, MCPTools, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
+from corral.harness.mcp import MCPTools
+from corral.harness.tools import CachedListing, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from corral.harness.view import View
 from corral.servers.session import EventStore, open_store
 
@@ -59,7 +60,7 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
 
 def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None, log: SessionLog) -> list[Toolset]:
     out: list[Toolset] = []
-    known = {e.data.get("sandbox_id") for e in log.tail if e.type == "sandbox.provisioned"}
+    known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
         conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
         toolset: Toolset = Prefixed(conn, name)

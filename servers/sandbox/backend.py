@@ -22,11 +22,19 @@ from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
 __all__ = [
     "Backend",
+    "Destroyed",
+    "ExecOutcome",
     "ExecRequest",
     "ExecResult",
     "FileData",
     "FileEntry",
+    "FileListing",
+    "FileRead",
+    "FileWritten",
+    "ListedSandbox",
     "Listing",
+    "SandboxInfo",
+    "SandboxList",
     "SandboxRef",
     "SandboxSpec",
     "workspace_path",
@@ -114,6 +122,65 @@ class FileEntry(_Model):
 class Listing(_Model):
     entries: list[FileEntry]
     truncated: bool
+
+
+# -- tool results (what MCP clients see; each tool's output schema) -----------------------
+
+
+class SandboxInfo(_Model):
+    sandbox_id: str
+    backend: str
+    isolation: str = Field(description="namespaces (bubblewrap), container (docker) or microvm (e2b)")
+    state: Literal["running", "lost", "destroyed"]
+    label: str | None
+    network: Literal["none", "full"]
+    created_at: str = Field(description="ISO 8601, UTC")
+    expires_at: str = Field(description="ISO 8601, UTC: destroyed then, used or not")
+    workdir: str = Field(description="where commands start and relative paths point")
+
+
+class ListedSandbox(SandboxInfo):
+    last_used_at: str = Field(description="ISO 8601, UTC: the last call that used it")
+
+
+class SandboxList(_Model):
+    sandboxes: list[ListedSandbox]
+
+
+class ExecOutcome(ExecResult):
+    sandbox_id: str
+
+
+class FileRead(_Model):
+    sandbox_id: str
+    path: str
+    content: str
+    encoding: Literal["text", "base64"]
+    size: int = Field(description="size of the whole file")
+    sha256: str = Field(description="sha256 of the whole file (pass as write_file's if_sha256)")
+    offset: int
+    length: int = Field(description="bytes returned")
+    truncated: bool = Field(description="true when the file goes on past what was returned")
+
+
+class FileWritten(_Model):
+    sandbox_id: str
+    path: str
+    size: int
+    sha256: str
+
+
+class FileListing(_Model):
+    sandbox_id: str
+    path: str
+    entries: list[FileEntry]
+    truncated: bool = Field(description="true when max_entries cut the listing short")
+
+
+class Destroyed(_Model):
+    sandbox_id: str
+    destroyed: bool
+    already_destroyed: bool
 
 
 # -- the abstract backend --------------------------------------------------------------

@@ -14,8 +14,7 @@ from pydantic import Field
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-
-from .backend import Backend
+from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
@@ -134,7 +133,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         idempotency_key: Annotated[
             str | None, Field(description="provisioning twice with one key returns the same sandbox", max_length=200)
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> SandboxInfo:
         """Create a fresh sandbox; returns its sandbox_id, isolation, workdir and expiry."""
         return await service.provision(
             template=template, resources=resources, env=env, network=network, label=label, idempotency_key=idempotency_key
@@ -149,17 +148,14 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         cwd: Annotated[str | None, Field(description="working directory; relative to the workdir")] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's stdin")] = None,
-    ) -> dict[str, Any]:
+    ) -> ExecOutcome:
         """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out."""
         record = await service.resolve(sandbox_id, _client(ctx))
 
         async def progress(elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, timeout_s, message)
 
-        result = await service.execute(
-            record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress
-        )
-        return {"sandbox_id": record.id, **result.model_dump()}
+        return await service.execute(record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress)
 
     @tool(server, read_only=True)
     async def read_file(
@@ -169,10 +165,10 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         offset: Annotated[int, Field(description="first byte to return", ge=0)] = 0,
         limit: Annotated[int | None, Field(description="most bytes to return", ge=0)] = None,
         encoding: Annotated[Literal["text", "base64"], Field(description="'base64' for binary files")] = "text",
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         """Read a file; returns content, size and sha256 (of the whole file, for if_sha256)."""
         record = await service.resolve(sandbox_id, _client(ctx))
-        return {"sandbox_id": record.id, **await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)}
+        return await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)
 
     @tool(server, destructive=True)
     async def write_file(
@@ -186,11 +182,10 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
             str | None,
             Field(description="write only if the file's current sha256 is this (compare-and-swap)", pattern=r"^[0-9a-fA-F]{64}$"),
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         """Create or replace a file atomically; returns its size and sha256."""
         record = await service.resolve(sandbox_id, _client(ctx))
-        written = await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
-        return {"sandbox_id": record.id, **written}
+        return await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
 
     @tool(server, read_only=True)
     async def list_files(
@@ -199,23 +194,23 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         sandbox_id: SandboxId = None,
         depth: Annotated[int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)] = 1,
         max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
-    ) -> dict[str, Any]:
+    ) -> FileListing:
         """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
         record = await service.resolve(sandbox_id, _client(ctx))
-        return {"sandbox_id": record.id, **await service.list_files(record, path, depth=depth, max_entries=max_entries)}
+        return await service.list_files(record, path, depth=depth, max_entries=max_entries)
 
     @tool(server, destructive=True, idempotent=True)
     async def destroy(
         sandbox_id: Annotated[str, Field(description="the sandbox to destroy")],
         keep_workspace: Annotated[bool, Field(description="keep the workspace files on the host (bubblewrap)")] = False,
-    ) -> dict[str, Any]:
+    ) -> Destroyed:
         """Destroy a sandbox and everything it runs or holds."""
         return await service.destroy(sandbox_id, keep_workspace=keep_workspace)
 
     @tool(server, read_only=True)
-    async def list_sandboxes() -> dict[str, Any]:
+    async def list_sandboxes() -> SandboxList:
         """List this server's live sandboxes: id, backend, state, created and expiry times."""
-        return {"sandboxes": service.list_sandboxes()}
+        return SandboxList(sandboxes=service.list_sandboxes())
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:

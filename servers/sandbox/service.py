@@ -25,7 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import InvalidArgument, NotFound, SandboxLost
 
-from .backend import Backend, ExecRequest, ExecResult, SandboxSpec, workspace_path
+from .backend import (
+    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxSpec,
+    workspace_path,
+)  # fmt: skip
 from .config import SandboxSettings
 from .registry import Record, Registry
 
@@ -90,7 +93,7 @@ class SandboxService:
         network: Literal["none", "full"] = "none",
         label: str | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> SandboxInfo:
         resources = resources or Resources()
         spec = self._spec(template, resources, _check_env(env), network)
         # Only calls sharing an idempotency key wait for each other (docker provisioning takes ~1 s).
@@ -116,18 +119,18 @@ class SandboxService:
         log.info("provisioned %s on %s", sandbox_id, self.backend.name)
         return self.describe(record)
 
-    def describe(self, record: Record) -> dict[str, Any]:
-        return {
-            "sandbox_id": record.id,
-            "backend": record.backend,
-            "isolation": self.backend.isolation,
-            "state": record.state,
-            "label": record.label,
-            "network": record.ref.spec.network,
-            "created_at": iso(record.created_at),
-            "expires_at": iso(record.expires_at),
-            "workdir": self.backend.workdir,
-        }
+    def describe(self, record: Record) -> SandboxInfo:
+        return SandboxInfo(
+            sandbox_id=record.id,
+            backend=record.backend,
+            isolation=self.backend.isolation,
+            state=record.state,
+            label=record.label,
+            network=record.ref.spec.network,
+            created_at=iso(record.created_at),
+            expires_at=iso(record.expires_at),
+            workdir=self.backend.workdir,
+        )
 
     async def resolve(self, sandbox_id: str | None, client: str) -> Record:
         """The record a call acts on: the given sandbox, or the caller's default (made now if needed)."""
@@ -162,7 +165,7 @@ class SandboxService:
             known = self._defaults.get(client)
             if known and (record := self.registry.get(known)) and record.state == "running":
                 return known
-            created = (await self.provision(label="default"))["sandbox_id"]
+            created = (await self.provision(label="default")).sandbox_id
             self._defaults[client] = created
             return created
 
@@ -195,7 +198,7 @@ class SandboxService:
         env: dict[str, str] | None = None,
         stdin: str | None = None,
         progress: Progress | None = None,
-    ) -> ExecResult:
+    ) -> ExecOutcome:
         request = ExecRequest(
             command=command,
             timeout_s=timeout_s,
@@ -205,9 +208,8 @@ class SandboxService:
             output_limit=self.settings.sandbox_output_limit,
         )
         task = asyncio.ensure_future(self._guard(record, self.backend.execute(record.ref, request)))
-        if progress is None:
-            return await task
-        return await self._with_progress(record, task, timeout_s, progress)
+        result = await task if progress is None else await self._with_progress(record, task, timeout_s, progress)
+        return ExecOutcome(sandbox_id=record.id, **result.model_dump())
 
     async def _with_progress(self, record: Record, task: asyncio.Future, timeout_s: float, progress: Progress) -> Any:
         """Tell the client the command still runs (and keep the sandbox fresh) every few seconds."""
@@ -226,7 +228,7 @@ class SandboxService:
 
     async def read_file(
         self, record: Record, path: str, *, offset: int = 0, limit: int | None = None, encoding: str = "text"
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         full = workspace_path(path, self.backend.workdir)
         limit = min(self.settings.sandbox_read_limit if limit is None else limit, self.settings.sandbox_max_file_bytes)
         got = await self._guard(record, self.backend.read(record.ref, full, offset, limit))
@@ -237,16 +239,17 @@ class SandboxService:
                 content = got.data.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise InvalidArgument(f"{full} is not UTF-8 text", hint="read it with encoding='base64'") from err
-        return {
-            "path": full,
-            "content": content,
-            "encoding": encoding,
-            "size": got.size,
-            "sha256": got.sha256,
-            "offset": offset,
-            "length": len(got.data),
-            "truncated": offset + len(got.data) < got.size,
-        }
+        return FileRead(
+            sandbox_id=record.id,
+            path=full,
+            content=content,
+            encoding=encoding,  # type: ignore[arg-type]
+            size=got.size,
+            sha256=got.sha256,
+            offset=offset,
+            length=len(got.data),
+            truncated=offset + len(got.data) < got.size,
+        )
 
     async def write_file(
         self,
@@ -257,7 +260,7 @@ class SandboxService:
         encoding: str = "text",
         mode: str | None = None,
         if_sha256: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         full = workspace_path(path, self.backend.workdir)
         data = _decode(content, encoding)
         limit = min(self.settings.sandbox_max_file_bytes, record.ref.spec.disk_mb << 20)
@@ -267,29 +270,27 @@ class SandboxService:
         lock = self._locks.setdefault(record.id, asyncio.Lock())
         async with lock:  # compare-and-swap: no other tool call writes in between
             await self._guard(record, self.backend.write(record.ref, full, data, bits, if_sha256))
-        return {"path": full, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return FileWritten(sandbox_id=record.id, path=full, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> dict[str, Any]:
+    async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> FileListing:
         full = workspace_path(path, self.backend.workdir)
         listing = await self._guard(record, self.backend.list(record.ref, full, depth, max_entries))
-        return {"path": full, "entries": [e.model_dump() for e in listing.entries], "truncated": listing.truncated}
+        return FileListing(sandbox_id=record.id, path=full, entries=listing.entries, truncated=listing.truncated)
 
-    async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> dict[str, Any]:
+    async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> Destroyed:
         record = self.registry.get(sandbox_id)
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes to see the sandboxes")
         already = record.state == "destroyed"
         if not already:
             await self._reap(record, "destroyed by request", keep_workspace=keep_workspace)
-        return {"sandbox_id": sandbox_id, "destroyed": True, "already_destroyed": already}
+        return Destroyed(sandbox_id=sandbox_id, destroyed=True, already_destroyed=already)
 
-    def list_sandboxes(self) -> list[dict[str, Any]]:
-        out = []
-        for record in self.registry.running(self.backend.name):
-            item = self.describe(record)
-            item["last_used_at"] = iso(record.last_used_at)
-            out.append(item)
-        return out
+    def list_sandboxes(self) -> list[ListedSandbox]:
+        return [
+            ListedSandbox(**self.describe(record).model_dump(), last_used_at=iso(record.last_used_at))
+            for record in self.registry.running(self.backend.name)
+        ]
 
     # -- reaping ------------------------------------------------------------------------
 

@@ -248,3 +248,24 @@ async def test_each_client_id_gets_its_own_default_sandbox(harness: Harness) -> 
         assert mine.structured_content["sandbox_id"] == again.structured_content["sandbox_id"]
         assert theirs.structured_content["sandbox_id"] != mine.structured_content["sandbox_id"]
         assert "a" not in theirs.structured_content["stdout"].split()  # b cannot see a's file
+
+
+async def test_every_tool_declares_an_output_schema_its_results_match(harness: Harness) -> None:
+    async with harness.client() as c:
+        listed = {t.name: t for t in (await c.list_tools()).tools}
+        assert all(t.output_schema for t in listed.values()), [n for n, t in listed.items() if not t.output_schema]
+        assert set(listed["read_file"].output_schema["properties"]) >= {"sandbox_id", "content", "sha256", "truncated"}
+        box = await call(c, "provision")
+        sid = box["sandbox_id"]
+        results = {
+            "provision": box,
+            "execute": await call(c, "execute", sandbox_id=sid, command="true"),
+            "write_file": await call(c, "write_file", sandbox_id=sid, path="a.txt", content="x"),
+            "read_file": await call(c, "read_file", sandbox_id=sid, path="a.txt"),
+            "list_files": await call(c, "list_files", sandbox_id=sid),
+            "list_sandboxes": await call(c, "list_sandboxes"),
+            "destroy": await call(c, "destroy", sandbox_id=sid),
+        }
+        for name, result in results.items():
+            assert set(result) <= set(listed[name].output_schema["properties"]), name
+            assert set(result) >= set(listed[name].output_schema.get("required", [])), name
