@@ -51,16 +51,16 @@ class _Model(BaseModel):
 
 
 class SandboxSpec(_Model):
-    """The recipe of a sandbox, fully resolved (defaults applied); a lost one is re-made from it."""
+    """The recipe of a sandbox, fully resolved; built by `SandboxSettings.spec` (no defaults of its own)."""
 
-    template: str | None = None
-    cpus: float = 1.0
-    memory_mb: int = 1024
-    disk_mb: int = 1024
-    max_processes: int = 256
+    template: str | None
+    cpus: float
+    memory_mb: int
+    disk_mb: int
+    max_processes: int
     env: dict[str, str] = Field(default_factory=dict)
     network: Literal["none", "full"] = "none"
-    ttl_s: int = 24 * 3600
+    ttl_s: int
 
 
 class SandboxRef(_Model):

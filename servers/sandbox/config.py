@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from corral.config import CoreSettings
+
+from .backend import SandboxSpec
 
 __all__ = ["BackendConfig", "BubblewrapConfig", "DockerConfig", "E2BConfig", "ExtraBind", "SandboxSettings"]
 
@@ -31,6 +33,18 @@ class ExtraBind(_Model):
     source: Path
     dest: str
     writable: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> list[ExtraBind]:
+        """`HOST:SANDBOX[:rw],...` -> binds; a bad entry is a ValueError naming the setting."""
+        binds = []
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            source, _, rest = item.partition(":")
+            dest, _, flag = rest.partition(":")
+            if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
+                raise ValueError(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
+            binds.append(cls(source=Path(source), dest=dest, writable=flag == "rw"))
+        return binds
 
 
 class BubblewrapConfig(_Model):
@@ -89,12 +103,30 @@ class SandboxSettings(CoreSettings):
         description="where bubblewrap sandbox directories live; default $CORRAL_HOME/sandboxes, "
         "or /var/lib/corral/sandboxes when the server runs as root (the sandbox uid must traverse it)",
     )
-    sandbox_extra_binds: str = Field(
-        "",
+    sandbox_extra_binds: Annotated[list[ExtraBind], NoDecode] = Field(
+        default_factory=list,
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
     e2b_api_key: str = Field("", validation_alias="E2B_API_KEY", description="E2B API key (e2b backend)")
+
+    @field_validator("sandbox_extra_binds", mode="before")
+    @classmethod
+    def _parse_binds(cls, value: object) -> object:
+        return ExtraBind.parse(value) if isinstance(value, str) else value
+
+    def spec(self, *, template: str | None = None, env: dict[str, str] | None = None, network: str = "none") -> SandboxSpec:
+        """The recipe of a sandbox with the operator's limits (the only place they come from)."""
+        return SandboxSpec(
+            template=template or self.sandbox_image or None,
+            cpus=self.sandbox_cpus,
+            memory_mb=self.sandbox_memory_mb,
+            disk_mb=self.sandbox_disk_mb,
+            max_processes=self.sandbox_max_processes,
+            env=dict(env or {}),
+            network=network,  # type: ignore[arg-type]
+            ttl_s=self.sandbox_ttl_s,
+        )
 
     def sandboxes_dir(self) -> Path:
         """Where the registry lives: always in the data dir."""

@@ -69,14 +69,29 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._conn = db
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The connection; a registry closed at a server's shutdown reopens if it is used again
+        (an in-process server is run again by its next client)."""
+        return self._conn or self._open()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _row(self, row: tuple) -> Record:
         keys = ("id", "backend", "state", "label", "idempotency_key", "ref", "created_at", "expires_at")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from corral.errors import InvalidArgument, Unavailable
+from corral.errors import Unavailable
 from corral.servers.mcp_shell import serve, tool
 
 from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
-from .config import BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, SandboxSettings
+from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
 
@@ -36,7 +34,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
     return BubblewrapConfig(
         root=settings.workspaces_dir(),
         run_as_uid=settings.sandbox_run_as_uid,
-        extra_binds=parse_binds(settings.sandbox_extra_binds),
+        extra_binds=list(settings.sandbox_extra_binds),
     )
 
 
@@ -55,18 +53,6 @@ def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: 
     except ModuleNotFoundError as err:
         raise Unavailable(f"the e2b backend needs {err.name}, which is not installed", hint="pip install 'corral[e2b]'") from err
     return E2BBackend(config, **kwargs)
-
-
-def parse_binds(spec: str) -> list[ExtraBind]:
-    """`HOST:SANDBOX[:rw],...` -> binds (a server-side option, never a tool parameter)."""
-    binds = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        source, _, rest = item.partition(":")
-        dest, _, flag = rest.partition(":")
-        if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
-            raise InvalidArgument(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
-        binds.append(ExtraBind(source=Path(source), dest=dest, writable=flag == "rw"))
-    return binds
 
 
 CLIENT_META_KEY = "corral/client"
@@ -100,14 +86,8 @@ def build_server(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
-        reaper = asyncio.create_task(service.reap_forever()) if reap else None
-        try:
+        async with service.running(reap=reap):
             yield None
-        finally:
-            if reaper is not None:
-                reaper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reaper
 
     server = MCPServer(
         "corral-sandbox",

@@ -68,21 +68,14 @@ class SandboxService:
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # idempotency key / client default -> (lock, [users])
+        self._serving = 0  # transports running the server now (see `running`)
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- provision / resolve -------------------------------------------------------------
 
     def _spec(self, template: str | None, resources: Resources, env: dict[str, str], network: str) -> SandboxSpec:
-        s = self.settings
-        return SandboxSpec(
-            template=template or s.sandbox_image or None,
-            cpus=resources.cpus or s.sandbox_cpus,
-            memory_mb=resources.memory_mb or s.sandbox_memory_mb,
-            disk_mb=resources.disk_mb or s.sandbox_disk_mb,
-            max_processes=s.sandbox_max_processes,
-            env=env,
-            network=network,  # type: ignore[arg-type]
-            ttl_s=resources.ttl_s or s.sandbox_ttl_s,
-        )
+        spec = self.settings.spec(template=template, env=env, network=network)
+        return spec.model_copy(update=resources.model_dump(exclude_none=True, exclude={"idle_timeout_s"}))
 
     async def provision(
         self,
@@ -111,7 +104,7 @@ class SandboxService:
                 idempotency_key=idempotency_key,
                 ref=ref,
                 created_at=now,
-                expires_at=now + (resources.ttl_s or self.settings.sandbox_ttl_s),
+                expires_at=now + spec.ttl_s,
                 idle_timeout_s=resources.idle_timeout_s or self.settings.sandbox_idle_timeout_s,
                 last_used_at=now,
             )
@@ -311,6 +304,30 @@ class SandboxService:
             await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
             reaped.append(record.id)
         return reaped
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, reap: bool = True) -> AsyncIterator[None]:
+        """The server's lifetime: the reaper runs while it serves, and the backend and the
+        registry are closed when the last transport serving it ends (an in-process server
+        runs once per client, so uses are counted)."""
+        self._serving += 1
+        if self._serving == 1 and reap:
+            self._reaper = asyncio.create_task(self.reap_forever())
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            if not self._serving:
+                await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await self.backend.close()
+        self.registry.close()
 
     async def reap_forever(self) -> None:
         while True:
