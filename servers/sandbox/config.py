@@ -84,12 +84,12 @@ class SandboxSettings(CoreSettings):
     sandbox_image: str = Field(
         "", description="docker image or e2b template; empty: python:3.12-slim for docker, the e2b default template"
     )
-    sandbox_cpus: float = Field(1.0, gt=0, description="default CPUs per sandbox (docker, e2b)")
-    sandbox_memory_mb: int = Field(1024, gt=0, description="default memory per sandbox; bubblewrap: address-space limit per process")
-    sandbox_disk_mb: int = Field(1024, gt=0, description="default largest file a command may write (RLIMIT_FSIZE)")
+    sandbox_cpus: float = Field(1.0, gt=0, description="CPUs per sandbox (docker, e2b): the default and the most a client may ask")
+    sandbox_memory_mb: int = Field(1024, gt=0, description="memory per sandbox, the default and the most a client may ask; bubblewrap: address-space limit per process")
+    sandbox_disk_mb: int = Field(1024, gt=0, description="largest file a command may write (RLIMIT_FSIZE): the default and the most a client may ask")
     sandbox_max_processes: int = Field(256, gt=0, description="processes/threads a sandbox may run at once (RLIMIT_NPROC)")
-    sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="default lifetime of a sandbox")
-    sandbox_idle_timeout_s: int = Field(3600, gt=0, description="default idle time after which a sandbox is reaped")
+    sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="lifetime of a sandbox: the default and the most a client may ask")
+    sandbox_idle_timeout_s: int = Field(3600, gt=0, description="idle time after which a sandbox is reaped: the default and the most a client may ask")
     sandbox_reap_interval_s: float = Field(30.0, gt=0, description="how often the server looks for idle/expired sandboxes")
     sandbox_progress_interval_s: float = Field(5.0, gt=0, description="how often a long execute reports progress")
     sandbox_output_limit: int = Field(64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)")

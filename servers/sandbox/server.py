@@ -106,7 +106,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, open_world=True)
     async def provision(
         template: Annotated[str | None, Field(description="docker image or e2b template; default from the server")] = None,
-        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s")] = None,
+        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s: each at most the server's limit (the default)")] = None,
         env: Annotated[dict[str, str] | None, Field(description="environment variables of every command")] = None,
         network: Annotated[Literal["none", "full"], Field(description="'none' (default): no network at all")] = "none",
         label: Annotated[str | None, Field(description="a name for humans", max_length=200)] = None,

@@ -39,13 +39,15 @@ Progress = Callable[[float, str], Awaitable[None]]
 
 
 class Resources(BaseModel):
+    """What a client may ask of a sandbox: at most the operator's setting for each (the default)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float | None = Field(None, gt=0, le=64, description="CPUs (docker, e2b; bubblewrap does not cap CPU share)")
-    memory_mb: int | None = Field(None, gt=0, le=1 << 20, description="memory in MiB")
-    disk_mb: int | None = Field(None, gt=0, le=1 << 20, description="largest file a command may write, MiB")
-    ttl_s: int | None = Field(None, gt=0, le=30 * 86400, description="lifetime in seconds")
-    idle_timeout_s: int | None = Field(None, gt=0, le=30 * 86400, description="reaped after this long unused")
+    cpus: float | None = Field(None, gt=0, le=64, description="CPUs (docker, e2b; bubblewrap does not cap CPU share); at most the server's limit")
+    memory_mb: int | None = Field(None, gt=0, le=1 << 20, description="memory in MiB; at most the server's limit")
+    disk_mb: int | None = Field(None, gt=0, le=1 << 20, description="largest file a command may write, MiB; at most the server's limit")
+    ttl_s: int | None = Field(None, gt=0, le=30 * 86400, description="lifetime in seconds; at most the server's limit")
+    idle_timeout_s: int | None = Field(None, gt=0, le=30 * 86400, description="reaped after this long unused; at most the server's limit")
 
 
 def iso(ts: float) -> str:
@@ -74,8 +76,18 @@ class SandboxService:
     # -- provision / resolve -------------------------------------------------------------
 
     def _spec(self, template: str | None, resources: Resources, env: dict[str, str], network: str) -> SandboxSpec:
+        """The operator's limits, lowered where the client asked: they are ceilings, never raised."""
         spec = self.settings.spec(template=template, env=env, network=network)
-        return spec.model_copy(update=resources.model_dump(exclude_none=True, exclude={"idle_timeout_s"}))
+        ceilings = {**spec.model_dump(), "idle_timeout_s": self.settings.sandbox_idle_timeout_s}
+        asked = resources.model_dump(exclude_none=True)
+        over = [f"{key}={value:g} (at most {ceilings[key]:g})" for key, value in asked.items() if value > ceilings[key]]  # :g: 2.0 -> 2
+        if over:
+            raise InvalidArgument(
+                f"resources above this server's limits: {', '.join(over)}; nothing was provisioned",
+                hint="ask for at most the maximum, or leave the field out to get it",
+            )
+        asked.pop("idle_timeout_s", None)
+        return spec.model_copy(update=asked)
 
     async def provision(
         self,
