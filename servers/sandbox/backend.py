@@ -37,10 +37,15 @@ __all__ = [
     "SandboxList",
     "SandboxRef",
     "SandboxSpec",
+    "sha_state",
     "workspace_path",
 ]
 
 WORKDIR = "/workspace"
+# Files up to this size are hashed whole (the default largest file write_file replaces, so
+# every file compare-and-swap can target has a hash); larger ones are not hashed at all:
+# hashing is the one file operation whose cost a sandbox could make unbounded.
+HASH_LIMIT = 64 << 20
 
 
 class _Model(BaseModel):
@@ -110,7 +115,7 @@ class ExecResult(_Model):
 class FileData(_Model):
     data: bytes
     size: int = Field(description="size of the whole file")
-    sha256: str = Field(description="sha256 of the whole file")
+    sha256: str | None = Field(description="sha256 of the whole file; None when it is larger than the hash limit")
 
 
 class FileEntry(_Model):
@@ -157,7 +162,10 @@ class FileRead(_Model):
     content: str
     encoding: Literal["text", "base64"]
     size: int = Field(description="size of the whole file")
-    sha256: str = Field(description="sha256 of the whole file (pass as write_file's if_sha256)")
+    sha256: str | None = Field(
+        description="sha256 of the whole file (pass as write_file's if_sha256); null for a file larger than "
+        "the largest write_file accepts: only such files are hashed, so a read costs at most that much"
+    )
     offset: int
     length: int = Field(description="bytes returned")
     truncated: bool = Field(description="true when the file goes on past what was returned")
@@ -200,7 +208,8 @@ class Backend(ABC):
     async def execute(self, ref: SandboxRef, request: ExecRequest) -> ExecResult: ...
 
     @abstractmethod
-    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData: ...
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
+        """`limit` bytes from `offset`, the file's size, and its sha256 if it is at most `hash_limit` bytes."""
 
     @abstractmethod
     async def write(
@@ -221,15 +230,21 @@ class Backend(ABC):
     async def check_sha256(self, ref: SandboxRef, path: str, expected: str) -> None:
         """Compare-and-swap for backends without an atomic one (the server serialises writes per sandbox)."""
         try:
-            actual: str | None = (await self.read(ref, path, 0, 0)).sha256
+            actual, exists = (await self.read(ref, path, 0, 0)).sha256, True
         except NotFound:
-            actual = None
+            actual, exists = None, False
         if actual != expected.lower():
-            state = "does not exist" if actual is None else f"has sha256 {actual}"
-            raise Conflict(f"{path} {state}, not {expected}; nothing was written")
+            raise Conflict(f"{path} {sha_state(actual, exists=exists)}, not {expected}; nothing was written")
 
     async def close(self) -> None:
         """Release clients and connections (not sandboxes)."""
+
+
+def sha_state(actual: str | None, *, exists: bool) -> str:
+    """How a compare-and-swap target differs, for the `Conflict` message."""
+    if not exists:
+        return "does not exist"
+    return f"has sha256 {actual}" if actual else f"is larger than {HASH_LIMIT} bytes (never hashed)"
 
 
 def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:

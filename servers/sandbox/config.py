@@ -94,7 +94,15 @@ class SandboxSettings(CoreSettings):
     sandbox_progress_interval_s: float = Field(5.0, gt=0, description="how often a long execute reports progress")
     sandbox_output_limit: int = Field(64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)")
     sandbox_read_limit: int = Field(1 << 20, gt=0, description="bytes read_file returns when no limit is given")
-    sandbox_max_file_bytes: int = Field(64 << 20, gt=0, description="largest read_file slice / write_file content")
+    sandbox_max_file_bytes: int = Field(
+        64 << 20, gt=0, description="largest read_file slice / write_file content; larger files get no sha256"
+    )
+    sandbox_file_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of one read_file/write_file/list_files (a timeout error past it)"
+    )
+    sandbox_file_concurrency: int = Field(
+        2, ge=1, description="file operations one sandbox may run at once (the rest wait; other sandboxes do not)"
+    )
     sandbox_run_as_uid: int = Field(
         65534, ge=1, description="bubblewrap, when the server runs as root: host uid the sandboxes run as (never root)"
     )

@@ -17,13 +17,13 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.errors import InvalidArgument, NotFound, SandboxLost
+from corral.errors import InvalidArgument, NotFound, SandboxLost, Timeout
 
 from .backend import (
     Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxSpec,
@@ -36,6 +36,7 @@ __all__ = ["Resources", "SandboxService", "iso"]
 
 log = logging.getLogger("corral.sandbox")
 Progress = Callable[[float, str], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Resources(BaseModel):
@@ -70,6 +71,7 @@ class SandboxService:
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # idempotency key / client default -> (lock, [users])
+        self._file_slots: dict[str, asyncio.Semaphore] = {}  # sandbox id -> its file operations' slots
         self._serving = 0  # transports running the server now (see `running`)
         self._reaper: asyncio.Task[None] | None = None
 
@@ -191,6 +193,25 @@ class SandboxService:
                 del self._busy[record.id]
             self.registry.touch(record.id)
 
+    async def _file_op(self, record: Record, work: Coroutine[Any, Any, T], what: str) -> T:
+        """One file operation: at most `sandbox_file_concurrency` per sandbox at once (file work
+        runs in the shared thread pool: one sandbox must not take every thread), and a deadline.
+
+        A slot is held until the work really ends, even when the caller has stopped waiting, so
+        a sandbox whose operations overrun cannot start more of them meanwhile."""
+        slots = self._file_slots.setdefault(record.id, asyncio.Semaphore(self.settings.sandbox_file_concurrency))
+        await slots.acquire()
+        task = asyncio.ensure_future(self._guard(record, work))
+        task.add_done_callback(lambda done: _release(slots, done))
+        timeout = self.settings.sandbox_file_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise Timeout(
+                f"{what} did not finish within {timeout:g}s; its outcome is unknown",
+                hint="check the state; read less at once, or list a smaller directory",
+            ) from None
+
     # -- tools -------------------------------------------------------------------------
 
     async def execute(
@@ -236,7 +257,9 @@ class SandboxService:
     ) -> FileRead:
         full = workspace_path(path, self.backend.workdir)
         limit = min(self.settings.sandbox_read_limit if limit is None else limit, self.settings.sandbox_max_file_bytes)
-        got = await self._guard(record, self.backend.read(record.ref, full, offset, limit))
+        got = await self._file_op(
+            record, self.backend.read(record.ref, full, offset, limit, self.settings.sandbox_max_file_bytes), f"read_file {full}"
+        )
         if encoding == "base64":
             content = base64.b64encode(got.data).decode()
         else:
@@ -274,12 +297,12 @@ class SandboxService:
         bits = int(mode, 8) if mode else None
         lock = self._locks.setdefault(record.id, asyncio.Lock())
         async with lock:  # compare-and-swap: no other tool call writes in between
-            await self._guard(record, self.backend.write(record.ref, full, data, bits, if_sha256))
+            await self._file_op(record, self.backend.write(record.ref, full, data, bits, if_sha256), f"write_file {full}")
         return FileWritten(sandbox_id=record.id, path=full, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> FileListing:
         full = workspace_path(path, self.backend.workdir)
-        listing = await self._guard(record, self.backend.list(record.ref, full, depth, max_entries))
+        listing = await self._file_op(record, self.backend.list(record.ref, full, depth, max_entries), f"list_files {full}")
         return FileListing(sandbox_id=record.id, path=full, entries=listing.entries, truncated=listing.truncated)
 
     async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> Destroyed:
@@ -304,6 +327,7 @@ class SandboxService:
         self.registry.set_state(record.id, "destroyed", reason)
         self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
         self._locks.pop(record.id, None)
+        self._file_slots.pop(record.id, None)
         log.info("sandbox %s destroyed: %s", record.id, reason)
 
     async def sweep(self) -> list[str]:
@@ -348,6 +372,13 @@ class SandboxService:
             except Exception:  # the reaper must outlive one bad sweep; the operator sees why
                 log.exception("sandbox sweep failed")
             await asyncio.sleep(self.settings.sandbox_reap_interval_s)
+
+
+def _release(slots: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
+    """Free a file slot when its work ends; an outcome nobody waits for any more is dropped here."""
+    slots.release()
+    if not done.cancelled():
+        done.exception()  # retrieved: a late failure of abandoned work is not an "unhandled" error
 
 
 def _decode(content: str, encoding: str) -> bytes:
