@@ -12,6 +12,7 @@ own boundary.
 
 from __future__ import annotations
 
+import base64
 import posixpath
 from abc import ABC, abstractmethod
 from typing import Any, Literal
@@ -119,9 +120,20 @@ class FileData(_Model):
 
 
 class FileEntry(_Model):
-    name: str = Field(description="path relative to the listed directory")
+    name: str = Field(description="path relative to the listed directory; bytes that are not UTF-8 show as U+FFFD")
+    name_base64: str | None = Field(
+        None, exclude_if=lambda v: v is None, description="the name's exact bytes (base64), only when they are not UTF-8"
+    )
     type: Literal["file", "dir", "symlink", "other"]
     size: int
+
+    @classmethod
+    def of(cls, raw: bytes, type: Literal["file", "dir", "symlink", "other"], size: int) -> FileEntry:
+        """An entry for a name as the file system holds it: bytes, any bytes but NUL and '/'."""
+        try:
+            return cls(name=raw.decode("utf-8"), type=type, size=size)
+        except UnicodeDecodeError:
+            return cls(name=raw.decode("utf-8", "replace"), name_base64=base64.b64encode(raw).decode(), type=type, size=size)
 
 
 class Listing(_Model):
@@ -257,6 +269,11 @@ def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:
         return workdir
     if "\0" in path:
         raise InvalidArgument("path contains a NUL byte")
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate: JSON allows it, a file name cannot be it
+            raise InvalidArgument("path is not valid Unicode (it holds a lone surrogate)") from err
     full = posixpath.normpath(path if path.startswith("/") else posixpath.join(workdir, path))
     if full.startswith("//"):
         full = "/" + full.lstrip("/")

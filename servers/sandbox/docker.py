@@ -66,10 +66,22 @@ if [ -L "$p/$b" ]; then t=$(readlink -f -- "$p/$b"); p2=$p; p=$t; {_IN_WORKSPACE
 t="$p/.corral-write-$$"; cat > "$t" || {{ rm -f -- "$t"; exit 8; }}
 [ -z "$2" ] || chmod "$2" "$t"; mv -f -- "$t" "$p/$b"
 """
+# $1 path, $2 depth, $3 byte budget, $4 LIST_BATCH. Names are data: each entry is one
+# NUL-terminated record `TYPE|SIZE|NAME` (a name may hold newlines and any byte but NUL).
 LIST = f"""p=$(readlink -f -- "$1") || exit 3; {_IN_WORKSPACE}
 [ -d "$p" ] || exit 3; cd "$p" || exit 3
-find . -mindepth 1 -maxdepth "$2" ! -name '.corral-write-*' -exec stat -c '%F|%s|%n' {{}} + | head -n "$3"
+find . -mindepth 1 -maxdepth "$2" ! -name '.corral-write-*' -exec sh -c "$4" sh {{}} + | head -c "$3"
 """
+# One stat for a batch of names, paired with them in order; if an entry vanished meanwhile
+# (stat printed fewer lines), one stat per name. TYPE and SIZE never hold a newline or "|".
+LIST_BATCH = r"""m=$(stat -c '%F|%s' -- "$@" 2>/dev/null) && [ "$(printf '%s\n' "$m" | wc -l)" -eq "$#" ] || m=
+if [ -n "$m" ]; then
+  printf '%s\n' "$m" | { for f; do IFS= read -r t; printf '%s|%s\0' "$t" "$f"; done; }
+else
+  for f; do t=$(stat -c '%F|%s' -- "$f" 2>/dev/null) && printf '%s|%s\0' "$t" "$f"; done
+fi
+"""
+_RECORD_BYTES = 4096 + 64  # PATH_MAX plus type and size: the byte budget of one listed entry
 _KINDS = {"directory": "dir", "regular file": "file", "regular empty file": "file", "symbolic link": "symlink"}
 
 
@@ -178,12 +190,12 @@ class DockerBackend(Backend):
         await self._script(ref, WRITE, path, "" if mode is None else f"{mode:o}", stdin=data)
 
     async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
-        out = await self._script(ref, LIST, path, str(depth), str(max_entries + 1))
+        out = await self._script(ref, LIST, path, str(depth), str((max_entries + 1) * _RECORD_BYTES), LIST_BATCH)
         entries = []
-        for line in out.decode(errors="replace").splitlines():
-            kind, size, name = line.split("|", 2)
-            kind = _KINDS.get(kind, "other")
-            entries.append(FileEntry(name=name.removeprefix("./"), type=kind, size=int(size) if kind == "file" else 0))  # type: ignore[arg-type]
+        for record in out.split(b"\0")[:-1]:  # the last piece is empty, or a record the byte budget cut
+            kind, size, name = record.split(b"|", 2)
+            type_ = _KINDS.get(kind.decode(), "other")
+            entries.append(FileEntry.of(name.removeprefix(b"./"), type_, int(size) if type_ == "file" else 0))  # type: ignore[arg-type]
         entries.sort(key=lambda e: e.name)
         return Listing(entries=entries[:max_entries], truncated=len(entries) > max_entries)
 

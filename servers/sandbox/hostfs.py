@@ -10,6 +10,7 @@ of escaping. Only regular files are read (a FIFO would block the server).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -110,18 +111,32 @@ def _resolve(root_fd: int, path: str) -> list[str]:
     return done
 
 
+def _kind(mode: int) -> str:
+    return (
+        "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else
+        "a unix socket" if stat.S_ISSOCK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+    )  # fmt: skip
+
+
 def _open_regular(dfd: int, name: str, display: str) -> int:
+    """An fd of a regular file; anything else (socket, FIFO, device, directory) is refused by
+    its type before it is opened (opening a socket fails, a FIFO would block), and checked
+    again on the fd (it may have been swapped meanwhile)."""
     try:
+        mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(f"{display} is not a regular file: it is {_kind(mode)}")
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError as err:
         raise NotFound(f"no such file: {display}") from err
     except OSError as err:
-        if err.errno == 40:
+        if err.errno == errno.ELOOP:
             raise _escape(display, "is a symlink that changed while being read") from err
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise InvalidArgument(f"{display} cannot be opened as a regular file ({err.strerror})") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise InvalidArgument(f"{display} is not a regular file")
+        raise InvalidArgument(f"{display} is not a regular file: it is {_kind(mode)}")
     return fd
 
 
@@ -203,11 +218,11 @@ def list_dir(root_fd: int, path: str, depth: int, max_entries: int) -> Listing:
     parts = _resolve(root_fd, path)
     entries: list[FileEntry] = []
     with _open_dir(root_fd, parts) as dfd:
-        truncated = _walk(dfd, "", depth, max_entries, entries)
+        truncated = _walk(dfd, b"", depth, max_entries, entries)
     return Listing(entries=entries, truncated=truncated)
 
 
-def _walk(dfd: int, prefix: str, depth: int, max_entries: int, out: list[FileEntry]) -> bool:
+def _walk(dfd: int, prefix: bytes, depth: int, max_entries: int, out: list[FileEntry]) -> bool:
     """Append entries under `dfd`; True when `max_entries` cut the listing short."""
     with os.scandir(dfd) as it:
         items = sorted(it, key=lambda e: e.name)
@@ -222,15 +237,15 @@ def _walk(dfd: int, prefix: str, depth: int, max_entries: int, out: list[FileEnt
             "file" if stat.S_ISREG(st.st_mode) else
             "symlink" if stat.S_ISLNK(st.st_mode) else "other"
         )  # fmt: skip
-        name = prefix + item.name
-        out.append(FileEntry(name=name, type=kind, size=st.st_size if kind == "file" else 0))
+        name = prefix + os.fsencode(item.name)  # names are bytes: any but NUL and "/", UTF-8 or not
+        out.append(FileEntry.of(name, kind, st.st_size if kind == "file" else 0))
         if kind == "dir" and depth > 1:
             try:
                 sub = os.open(item.name, _DIR_FLAGS, dir_fd=dfd)
             except OSError:
                 continue  # vanished or swapped for a symlink meanwhile: not ours to follow
             try:
-                if _walk(sub, name + "/", depth - 1, max_entries, out):
+                if _walk(sub, name + b"/", depth - 1, max_entries, out):
                     return True
             finally:
                 os.close(sub)
