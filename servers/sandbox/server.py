@@ -23,6 +23,10 @@ SandboxId = Annotated[
     str | None,
     Field(description="the sandbox to use; omit it to use your default sandbox (provisioned on first use)"),
 ]
+ReadSandboxId = Annotated[
+    str | None,
+    Field(description="the sandbox to read; omit it for your default sandbox (a read never provisions it: not_found until one exists)"),
+]
 
 
 def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig | E2BConfig:
@@ -141,13 +145,13 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     async def read_file(
         ctx: Context,
         path: Annotated[str, Field(description="file path, relative to the workdir (or absolute under it)")],
-        sandbox_id: SandboxId = None,
+        sandbox_id: ReadSandboxId = None,
         offset: Annotated[int, Field(description="first byte to return", ge=0)] = 0,
         limit: Annotated[int | None, Field(description="most bytes to return", ge=0)] = None,
         encoding: Annotated[Literal["text", "base64"], Field(description="'base64' for binary files")] = "text",
     ) -> FileRead:
         """Read a file; returns content, size and sha256 (of the whole file, for if_sha256)."""
-        record = await service.resolve(sandbox_id, _client(ctx))
+        record = await service.resolve(sandbox_id, _client(ctx), create=False)
         return await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)
 
     @tool(server, destructive=True)
@@ -171,12 +175,12 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     async def list_files(
         ctx: Context,
         path: Annotated[str | None, Field(description="directory to list; default the workdir")] = None,
-        sandbox_id: SandboxId = None,
+        sandbox_id: ReadSandboxId = None,
         depth: Annotated[int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)] = 1,
         max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
     ) -> FileListing:
         """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
-        record = await service.resolve(sandbox_id, _client(ctx))
+        record = await service.resolve(sandbox_id, _client(ctx), create=False)
         return await service.list_files(record, path, depth=depth, max_entries=max_entries)
 
     @tool(server, destructive=True, idempotent=True)

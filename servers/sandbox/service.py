@@ -139,10 +139,11 @@ class SandboxService:
             workdir=self.backend.workdir,
         )
 
-    async def resolve(self, sandbox_id: str | None, client: str) -> Record:
-        """The record a call acts on: the given sandbox, or the caller's default (made now if needed)."""
+    async def resolve(self, sandbox_id: str | None, client: str, *, create: bool = True) -> Record:
+        """The record a call acts on: the given sandbox, or the caller's default, made now if
+        needed unless `create` is False (a read-only tool changes nothing, not even that)."""
         if sandbox_id is None:
-            sandbox_id = await self._default_for(client)
+            sandbox_id = await self._default_for(client, create=create)
         record = self.registry.get(sandbox_id)
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes, or provision a new one")
@@ -166,12 +167,17 @@ class SandboxService:
             if not users[0]:
                 del self._key_locks[key]
 
-    async def _default_for(self, client: str) -> str:
+    async def _default_for(self, client: str, *, create: bool = True) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
             known = self._defaults.get(client)
             if known and (record := self.registry.get(known)) and record.state == "running":
                 return known
+            if not create:
+                raise NotFound(
+                    "you have no default sandbox yet, so there is nothing to read",
+                    hint="execute, write_file or provision creates one; or pass sandbox_id",
+                )
             created = (await self.provision(label="default")).sandbox_id
             self._defaults[client] = created
             return created

@@ -269,3 +269,21 @@ async def test_every_tool_declares_an_output_schema_its_results_match(harness: H
         for name, result in results.items():
             assert set(result) <= set(listed[name].output_schema["properties"]), name
             assert set(result) >= set(listed[name].output_schema.get("required", [])), name
+
+
+async def test_read_only_tools_change_nothing_not_even_a_default_sandbox(harness: Harness) -> None:
+    """read_file and list_files say readOnlyHint: without a sandbox they answer not_found
+    rather than provision one; the first tool that may change things makes it."""
+    from corral import __version__
+
+    async with harness.client() as c:
+        assert c.server_info is not None and c.server_info.version == __version__
+        hints = {t.name: t.annotations.read_only_hint for t in (await c.list_tools()).tools}
+        assert hints["read_file"] and hints["list_files"] and not hints["execute"] and not hints["write_file"]
+        text = await fail(c, "read_file", "not_found", path="f")
+        assert "no default sandbox yet" in text
+        await fail(c, "list_files", "not_found")
+        assert (await call(c, "list_sandboxes"))["sandboxes"] == []  # the reads made nothing
+        made = await call(c, "write_file", path="f", content="x")
+        assert (await call(c, "read_file", path="f"))["sandbox_id"] == made["sandbox_id"]
+        assert [e["name"] for e in (await call(c, "list_files"))["entries"]] == ["f"]
