@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-AREAS = ["session", "postgres", "sandbox", "credentials", "harness", "workers", "frontdoor"]
+AREAS = ["session", "postgres", "sandbox", "sandbox_scale", "credentials", "harness", "workers", "frontdoor"]
 
 
 def main(argv: list[str]) -> int:

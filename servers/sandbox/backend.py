@@ -161,7 +161,8 @@ class ListedSandbox(SandboxInfo):
 
 
 class SandboxList(_Model):
-    sandboxes: list[ListedSandbox]
+    sandboxes: list[ListedSandbox] = Field(description="live sandboxes, oldest first")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 
 class ExecOutcome(ExecResult):

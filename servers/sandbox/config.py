@@ -91,6 +91,12 @@ class SandboxSettings(CoreSettings):
     sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="lifetime of a sandbox: the default and the most a client may ask")
     sandbox_idle_timeout_s: int = Field(3600, gt=0, description="idle time after which a sandbox is reaped: the default and the most a client may ask")
     sandbox_reap_interval_s: float = Field(30.0, gt=0, description="how often the server looks for idle/expired sandboxes")
+    sandbox_tombstone_retention_s: float = Field(
+        7 * 86400,
+        ge=0,
+        description="how long a destroyed sandbox's id keeps answering sandbox_lost (not not_found); "
+        "a week covers a session woken after a weekend",
+    )
     sandbox_progress_interval_s: float = Field(5.0, gt=0, description="how often a long execute reports progress")
     sandbox_output_limit: int = Field(64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)")
     sandbox_read_limit: int = Field(1 << 20, gt=0, description="bytes read_file returns when no limit is given")

@@ -192,9 +192,12 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         return await service.destroy(sandbox_id, keep_workspace=keep_workspace)
 
     @tool(server, read_only=True)
-    async def list_sandboxes() -> SandboxList:
-        """List this server's live sandboxes: id, backend, state, created and expiry times."""
-        return SandboxList(sandboxes=service.list_sandboxes())
+    async def list_sandboxes(
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page; omit for the first")] = None,
+        limit: Annotated[int, Field(description="most sandboxes in this page", ge=1, le=1000)] = 100,
+    ) -> SandboxList:
+        """List this server's live sandboxes, oldest first: id, backend, state, created and expiry times."""
+        return service.list_sandboxes(cursor, limit)
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:

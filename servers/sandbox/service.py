@@ -13,6 +13,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -26,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.errors import InvalidArgument, NotFound, SandboxLost, Timeout
 
 from .backend import (
-    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxSpec,
+    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxList,
+    SandboxSpec,
     workspace_path,
 )  # fmt: skip
 from .config import SandboxSettings
@@ -320,11 +322,14 @@ class SandboxService:
             await self._reap(record, "destroyed by request", keep_workspace=keep_workspace)
         return Destroyed(sandbox_id=sandbox_id, destroyed=True, already_destroyed=already)
 
-    def list_sandboxes(self) -> list[ListedSandbox]:
-        return [
-            ListedSandbox(**self.describe(record).model_dump(), last_used_at=iso(record.last_used_at))
-            for record in self.registry.running(self.backend.name)
-        ]
+    def list_sandboxes(self, cursor: str | None = None, limit: int = 100) -> SandboxList:
+        """One page of live sandboxes, oldest first; `next_cursor` continues after its last."""
+        records = self.registry.page(self.backend.name, _decode_cursor(cursor) if cursor else None, limit + 1)
+        more, records = len(records) > limit, records[:limit]
+        return SandboxList(
+            sandboxes=[ListedSandbox(**self.describe(r).model_dump(), last_used_at=iso(r.last_used_at)) for r in records],
+            next_cursor=_encode_cursor(records[-1]) if more else None,
+        )
 
     # -- reaping ------------------------------------------------------------------------
 
@@ -337,9 +342,12 @@ class SandboxService:
         log.info("sandbox %s destroyed: %s", record.id, reason)
 
     async def sweep(self) -> list[str]:
-        """Destroy idle, expired and lost sandboxes; returns the ids reaped."""
+        """Destroy idle, expired and lost sandboxes and forget old tombstones; returns the ids
+        reaped. The registry's queries run in a thread: a sweep never stalls the event loop."""
         now, reaped = time.time(), []
-        for record in self.registry.running(self.backend.name):
+        retention = self.settings.sandbox_tombstone_retention_s
+        await asyncio.to_thread(self.registry.prune, self.backend.name, now - retention)
+        for record in await asyncio.to_thread(self.registry.reapable, self.backend.name, now):
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
                 continue
@@ -378,6 +386,18 @@ class SandboxService:
             except Exception:  # the reaper must outlive one bad sweep; the operator sees why
                 log.exception("sandbox sweep failed")
             await asyncio.sleep(self.settings.sandbox_reap_interval_s)
+
+
+def _encode_cursor(record: Record) -> str:
+    return base64.urlsafe_b64encode(json.dumps([record.created_at, record.id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, sandbox_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(sandbox_id)
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument("cursor is not one list_sandboxes returned", hint="pass next_cursor as it came, or omit it") from err
 
 
 def _release(slots: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:

@@ -287,3 +287,31 @@ async def test_read_only_tools_change_nothing_not_even_a_default_sandbox(harness
         made = await call(c, "write_file", path="f", content="x")
         assert (await call(c, "read_file", path="f"))["sandbox_id"] == made["sandbox_id"]
         assert [e["name"] for e in (await call(c, "list_files"))["entries"]] == ["f"]
+
+
+async def test_list_sandboxes_pages_and_tombstones_are_pruned_after_retention(settings) -> None:
+    from .conftest import bwrap_works
+    from tests.conftest import require
+
+    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
+    h = Harness("bubblewrap", settings)
+    async with h.client() as c:
+        made = [(await call(c, "provision"))["sandbox_id"] for _ in range(5)]
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = await call(c, "list_sandboxes", limit=2, **({"cursor": cursor} if cursor else {}))
+            seen += [s["sandbox_id"] for s in page["sandboxes"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == made and pages == 3  # oldest first, each once
+        await fail(c, "list_sandboxes", "invalid_argument", cursor="not-a-cursor")
+        await call(c, "destroy", sandbox_id=made[0])
+        await h.service.sweep()  # within the retention: the id still answers sandbox_lost
+        await fail(c, "execute", "sandbox_lost", sandbox_id=made[0], command="true")
+        h.service.settings = settings.model_copy(update={"sandbox_tombstone_retention_s": 0})
+        await h.service.sweep()  # past it: forgotten
+        await fail(c, "execute", "not_found", sandbox_id=made[0], command="true")
+        for sid in made[1:]:
+            await call(c, "destroy", sandbox_id=sid)
