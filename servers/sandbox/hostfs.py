@@ -18,6 +18,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
@@ -232,7 +233,7 @@ def _walk(dfd: int, prefix: bytes, depth: int, max_entries: int, out: list[FileE
         if len(out) >= max_entries:
             return True
         st = item.stat(follow_symlinks=False)
-        kind = (
+        kind: Literal["file", "dir", "symlink", "other"] = (
             "dir" if stat.S_ISDIR(st.st_mode) else
             "file" if stat.S_ISREG(st.st_mode) else
             "symlink" if stat.S_ISLNK(st.st_mode) else "other"
