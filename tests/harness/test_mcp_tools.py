@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from mcp.server.mcpserver import MCPServer
 
 from corral.errors import InvalidArgument
 from corral.harness.events import SANDBOX_LOST, SANDBOX_PROVISIONED
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def sandbox_server(tmp_path: Path):  # noqa: ANN201
+def sandbox_server(tmp_path: Path) -> MCPServer:
     from tests.conftest import require
 
     require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
@@ -32,7 +33,7 @@ def sandbox_server(tmp_path: Path):  # noqa: ANN201
     return server
 
 
-async def test_lifecycle_events_come_from_structured_results_and_error_kinds(sandbox_server) -> None:  # noqa: ANN001
+async def test_lifecycle_events_come_from_structured_results_and_error_kinds(sandbox_server: MCPServer) -> None:
     async with anyio.create_task_group() as tg:
         conn = MCPTools("sandbox", sandbox_server, task_group=tg)
         tools = SandboxLifecycle(Prefixed(conn, "sandbox"))
@@ -53,7 +54,7 @@ async def test_lifecycle_events_come_from_structured_results_and_error_kinds(san
         conn.drop()
 
 
-async def test_router_refuses_a_tool_name_two_toolsets_offer(sandbox_server) -> None:  # noqa: ANN001
+async def test_router_refuses_a_tool_name_two_toolsets_offer(sandbox_server: MCPServer) -> None:
     async with anyio.create_task_group() as tg:
         a, b = MCPTools("a", sandbox_server, task_group=tg), MCPTools("b", sandbox_server, task_group=tg)
         with pytest.raises(InvalidArgument, match="two toolsets offer a tool named"):
