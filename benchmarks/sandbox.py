@@ -69,13 +69,13 @@ async def provision_first_execute(service: SandboxService, n: int, cpu: list[flo
         cpu_start = cpu_ms()
         start = time.perf_counter()
         box = await service.provision()
-        record = service.registry.get(box["sandbox_id"])
+        record = service.registry.get(box.sandbox_id)
         result = await service.execute(record, "true")
         times.append((time.perf_counter() - start) * 1000)
         if cpu is not None:
             cpu.append(cpu_ms() - cpu_start)
         assert result.exit_code == 0, result
-        await service.destroy(box["sandbox_id"])
+        await service.destroy(box.sandbox_id)
     return times
 
 

@@ -82,13 +82,13 @@ def with_git_gateway(settings: SandboxSettings) -> SandboxSettings:
     """Sandbox settings that also mount the git gateway's directory at /run/corral (bubblewrap only;
     a Docker or E2B sandbox has no host mounts), unless the operator already mounts something there."""
     from corral.servers.credentials.gateway import SANDBOX_DIR
-    from corral.servers.sandbox.server import parse_binds
+    from corral.servers.sandbox.config import ExtraBind
     from corral.vault.config import VaultSettings
 
-    if settings.sandbox_backend != "bubblewrap" or any(b.dest == SANDBOX_DIR for b in parse_binds(settings.sandbox_extra_binds)):
+    if settings.sandbox_backend != "bubblewrap" or any(b.dest == SANDBOX_DIR for b in settings.sandbox_extra_binds):
         return settings
-    gateway = f"{VaultSettings().git_socket_path().parent}:{SANDBOX_DIR}"
-    return settings.model_copy(update={"sandbox_extra_binds": ",".join(filter(None, [settings.sandbox_extra_binds, gateway]))})
+    gateway = ExtraBind(source=VaultSettings().git_socket_path().parent, dest=SANDBOX_DIR)
+    return settings.model_copy(update={"sandbox_extra_binds": [*settings.sandbox_extra_binds, gateway]})
 
 
 def _build_credentials(built: Built) -> MCPServer:

@@ -2,11 +2,15 @@
 
     Toolset (Protocol)   tools() -> [ToolDef];  call(name, args) -> ToolOutcome
      ├── MCPTools        one MCP server (stdio subprocess or streamable HTTP), connected
-     │                   on first use, reconnected after it dies
-     ├── Prefixed        names tools `<server>__<tool>`
-     ├── ReadOnly        keeps only read-only tools (the model reads its session, never writes it)
-     ├── TimeLimited     a per-call timeout becomes a `timeout` tool error
-     └── Router          the union of toolsets, dispatching by name
+     │                   on first use, reconnected after it dies (`harness/mcp.py`)
+     ├── Wrapper         delegates everything to an inner toolset; its subclasses:
+     │    ├── Prefixed          names tools `<server>__<tool>`
+     │    ├── Filtered          keeps the tools a predicate accepts (`read_only(...)`: the
+     │    │                     model reads its session, never writes it)
+     │    ├── TimeLimited       a per-call timeout becomes a `timeout` tool error
+     │    ├── SandboxLifecycle  records sandbox.provisioned / sandbox.lost events
+     │    └── CachedListing     answers tools() from the last run's saved listing
+     └── Router          the union of toolsets, dispatching by name (a name offered twice is refused)
 
 Failures the model can act on (a dead server, a timeout, an unknown tool) come back as
 `ToolOutcome(is_error=True)` with the error kind first, never as an exception.
@@ -19,14 +23,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 
-from corral.errors import CorralError, NotFound, Timeout, Unavailable
+from corral.errors import CorralError, InvalidArgument, NotFound, SandboxLost, Timeout
+from corral.harness.events import SANDBOX_LOST, SANDBOX_PROVISIONED, ev
 
 log = logging.getLogger("corral.harness")
 
@@ -64,10 +69,12 @@ class ToolOutcome:
     is_error: bool = False
     data: dict[str, Any] = field(default_factory=dict)  # extra fields recorded with the result
     events: list[Any] = field(default_factory=list)  # further NewEvents appended with the result (same append)
+    kind: str | None = None  # an error's kind (`corral.errors.KINDS`), when it has one
+    structured: dict[str, Any] | None = None  # the server's structured result, when it sent one
 
     @classmethod
     def error(cls, err: CorralError) -> ToolOutcome:
-        return cls(str(err), is_error=True)
+        return cls(str(err), is_error=True, kind=err.kind)
 
 
 class Toolset(Protocol):
@@ -85,145 +92,38 @@ def cap(text: str, limit: int = MAX_RESULT_CHARS) -> str:
     return f"{text[:half]}\n[... {len(text) - limit} characters cut ...]\n{text[-half:]}"
 
 
-def _outcome(result: Any) -> ToolOutcome:
-    parts = []
-    for block in result.content or []:
-        parts.append(block.text if getattr(block, "type", "") == "text" else f"[{getattr(block, 'type', 'content')} omitted]")
-    if not parts and result.structured_content is not None:
-        parts.append(json.dumps(result.structured_content))
-    return ToolOutcome(cap("\n".join(parts)), is_error=bool(result.is_error))
+class Wrapper:
+    """A toolset around another: delegates everything, so a wrapper overrides only what it changes."""
 
-
-class MCPTools:
-    """One MCP server. The connection lives in its own task (the SDK's transports are
-    task-bound); a call that finds it broken ends that task, and the next use reconnects."""
-
-    def __init__(self, name: str, target: str | list[str], *, task_group: TaskGroup, env: dict[str, str] | None = None,
-                 connect_timeout_s: float = 60.0, errlog: IO[str] | None = None, token: str = "") -> None:
-        self.name = name
-        self.target = target
-        self._tg = task_group
-        self._env = env
-        self._connect_timeout_s = connect_timeout_s
-        self._errlog = errlog
-        self._token = token
-        self._client: Any = None
-        self._ready: anyio.Event | None = None
-        self._done = anyio.Event()
-        self._failure: BaseException | None = None
-        self._listed: list[ToolDef] | None = None
-
-    def _transport(self) -> Any:
-        from mcp.client.stdio import StdioServerParameters, stdio_client
-        from mcp.client.streamable_http import streamable_http_client
-
-        if isinstance(self.target, str):
-            if not self._token:
-                return streamable_http_client(self.target)
-            import httpx2
-
-            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {self._token}"}, timeout=httpx2.Timeout(30.0, read=300.0))
-            return streamable_http_client(self.target, http_client=http)
-        params = StdioServerParameters(command=self.target[0], args=self.target[1:], env=self._env)
-        return stdio_client(params, errlog=self._errlog) if self._errlog else stdio_client(params)
-
-    async def _own(self, ready: anyio.Event, done: anyio.Event) -> None:
-        from mcp.client import Client
-
-        client = None
-        try:
-            async with AsyncExitStack() as stack:
-                client = self._client = await stack.enter_async_context(Client(self._transport(), cache=None))
-                ready.set()
-                await done.wait()
-        except Exception as err:  # boundary: any transport failure means "unavailable; reconnect on next use"
-            log.info("MCP server %s connection ended: %r", self.name, err)
-            self._failure = err
-        finally:
-            if self._client is client:  # a newer connection may have replaced this one already
-                self._client = None
-            ready.set()
-
-    async def client(self) -> Any:
-        if self._ready is None or (self._ready.is_set() and self._client is None):
-            self._ready, self._done, self._failure = anyio.Event(), anyio.Event(), None
-            self._tg.start_soon(self._own, self._ready, self._done)
-        with anyio.move_on_after(self._connect_timeout_s):
-            await self._ready.wait()
-        if self._client is None:
-            self.drop()
-            why = f": {self._failure!r}" if self._failure else f" within {self._connect_timeout_s:g}s"
-            raise Unavailable(f"cannot connect to the {self.name} MCP server{why}", hint="it is restarted on the next call; check `corral serve` for that server")
-        return self._client
-
-    def drop(self) -> None:
-        """End the current connection (its task exits); the next use reconnects."""
-        self._done.set()
-        self._ready = None
+    def __init__(self, inner: Toolset) -> None:
+        self.inner = inner
 
     async def tools(self) -> list[ToolDef]:
-        if self._listed is None:
-            client = await self.client()
-            try:
-                listed = await client.list_tools()
-            except anyio.get_cancelled_exc_class():
-                raise
-            except Exception as err:  # boundary: a broken link or a misbehaving server while listing
-                self.drop()
-                raise Unavailable(f"cannot list the tools of the {self.name} MCP server: {type(err).__name__}: {err}") from err
-            self._listed = [
-                ToolDef(
-                    t.name,
-                    t.description or "",
-                    t.input_schema if isinstance(t.input_schema, dict) else t.input_schema.model_dump(by_alias=True, exclude_none=True),
-                    read_only=bool(t.annotations and t.annotations.read_only_hint),
-                    idempotent=bool(t.annotations and t.annotations.idempotent_hint),
-                    destructive=bool(t.annotations and t.annotations.destructive_hint),
-                )
-                for t in listed.tools
-            ]
-        return self._listed
+        return await self.inner.tools()
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
-        try:
-            client = await self.client()
-            result = await client.call_tool(name, args)
-        except Unavailable as err:
-            return ToolOutcome.error(err)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as err:  # boundary: the connection broke mid-call (server died, stream closed)
-            from mcp.shared.exceptions import MCPError
-
-            if isinstance(err, MCPError) and err.error.code not in (-32000, -32001):  # a protocol answer, not a dead link
-                return ToolOutcome(f"invalid_argument: {name} was refused by the {self.name} server: {err.error.message}", is_error=True)
-            self.drop()
-            return ToolOutcome.error(Unavailable(
-                f"the {self.name} MCP server went away during {name} ({type(err).__name__}: {err}); the outcome is unknown",
-                hint="it is being reconnected; check the state before retrying an action that changes things",
-            ))
-        return _outcome(result)
+        return await self.inner.call(name, args, call_id)
 
 
-@dataclass
-class Prefixed:
-    inner: Toolset
-    prefix: str
-    sep: str = "__"
+class Prefixed(Wrapper):
+    def __init__(self, inner: Toolset, prefix: str, sep: str = "__") -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+        self.sep = sep
 
     async def tools(self) -> list[ToolDef]:
-        return [ToolDef(f"{self.prefix}{self.sep}{t.name}", t.description, t.input_schema, t.read_only, t.idempotent, t.destructive) for t in await self.inner.tools()]
+        return [replace(t, name=f"{self.prefix}{self.sep}{t.name}") for t in await self.inner.tools()]
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         return await self.inner.call(name.removeprefix(f"{self.prefix}{self.sep}"), args, call_id)
 
 
-@dataclass
-class Filtered:
+class Filtered(Wrapper):
     """Only the tools `keep` accepts are listed or callable."""
 
-    inner: Toolset
-    keep: Callable[[ToolDef], bool]
+    def __init__(self, inner: Toolset, keep: Callable[[ToolDef], bool]) -> None:
+        super().__init__(inner)
+        self.keep = keep
 
     async def tools(self) -> list[ToolDef]:
         return [t for t in await self.inner.tools() if self.keep(t)]
@@ -238,13 +138,10 @@ def read_only(inner: Toolset) -> Filtered:
     return Filtered(inner, lambda t: t.read_only)
 
 
-@dataclass
-class TimeLimited:
-    inner: Toolset
-    seconds: float
-
-    async def tools(self) -> list[ToolDef]:
-        return await self.inner.tools()
+class TimeLimited(Wrapper):
+    def __init__(self, inner: Toolset, seconds: float) -> None:
+        super().__init__(inner)
+        self.seconds = seconds
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         with anyio.move_on_after(self.seconds) as scope:
@@ -253,45 +150,39 @@ class TimeLimited:
         return ToolOutcome.error(Timeout(f"{name} did not finish within {self.seconds:g}s; its outcome is unknown", hint="check the state, then retry with a smaller step or a longer timeout"))
 
 
-@dataclass
-class SandboxLifecycle:
+class SandboxLifecycle(Wrapper):
     """Records `sandbox.provisioned` the first time a sandbox id shows up in a result (an
-    explicit provision or a lazy one behind execute) and `sandbox.lost` when a call says so."""
+    explicit provision or a lazy one behind execute) and `sandbox.lost` when a call fails
+    with the `sandbox_lost` kind. Reads the result's structured content, never its text."""
 
-    inner: Toolset
-    known: set[str] = field(default_factory=set)
-
-    async def tools(self) -> list[ToolDef]:
-        return await self.inner.tools()
+    def __init__(self, inner: Toolset, known: set[str] | None = None) -> None:
+        super().__init__(inner)
+        self.known = set() if known is None else known
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
-        from corral.harness.events import ev
-
         outcome = await self.inner.call(name, args, call_id)
         if outcome.is_error:
-            if "sandbox_lost" in outcome.text:
-                outcome.events.append(ev("sandbox.lost", sandbox_id=args.get("sandbox_id"), tool_use_id=call_id, message=outcome.text[:500]))
+            if outcome.kind == SandboxLost.kind:
+                outcome.events.append(ev(SANDBOX_LOST, sandbox_id=args.get("sandbox_id"), tool_use_id=call_id, message=outcome.text[:500]))
             return outcome
-        try:
-            result = json.loads(outcome.text)
-        except ValueError:
-            return outcome
-        sid = result.get("sandbox_id") if isinstance(result, dict) else None
+        result = outcome.structured or {}
+        sid = result.get("sandbox_id")
         if isinstance(sid, str) and sid not in self.known:
             self.known.add(sid)
-            outcome.events.append(ev("sandbox.provisioned", sandbox_id=sid, tool_use_id=call_id, via=name,
+            outcome.events.append(ev(SANDBOX_PROVISIONED, sandbox_id=sid, tool_use_id=call_id, via=name,
                                      **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result}))
         return outcome
 
 
-class CachedListing:
+class CachedListing(Wrapper):
     """Answers `tools()` from the listing saved at `path` by an earlier run, so a new session's
     first request need not wait for the MCP servers to start; the real listing is fetched once
     `ready` is set (after that request went out) and saved for the next run. A definition that
     went stale meanwhile costs one tool error: the router re-lists on an unknown name."""
 
-    def __init__(self, inner: Router, path: Any, task_group: TaskGroup, ready: anyio.Event) -> None:
-        self.inner, self.path, self._tg, self._ready = inner, path, task_group, ready
+    def __init__(self, inner: Router, path: Path, task_group: TaskGroup, ready: anyio.Event) -> None:
+        super().__init__(inner)
+        self.router, self.path, self._tg, self._ready = inner, path, task_group, ready
         self._refreshing = False
 
     async def tools(self) -> list[ToolDef]:
@@ -317,7 +208,7 @@ class CachedListing:
             return None  # no cache yet, or one we cannot read: list for real
 
     def _write(self, listed: list[ToolDef]) -> None:
-        if self.inner.problems:
+        if self.router.problems:
             return  # a server was down: keep the last complete listing
         tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")  # several harnesses may save at once
         try:
@@ -326,9 +217,6 @@ class CachedListing:
         except OSError as err:  # only a cache: the next run lists the servers itself
             log.warning("cannot save the tool listing to %s: %s", self.path, err)
             tmp.unlink(missing_ok=True)
-
-    async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
-        return await self.inner.call(name, args, call_id)
 
 
 class Router:
@@ -353,13 +241,16 @@ class Router:
         async with anyio.create_task_group() as tg:  # servers connect in parallel
             for i, ts in enumerate(self.toolsets):
                 tg.start_soon(list_one, i, ts)
+        owner: dict[str, Toolset] = {}
         for ts, listed in zip(self.toolsets, results, strict=True):
             if isinstance(listed, CorralError):
                 self.problems.append(str(listed))
                 continue
             for t in listed:
-                self._owner[t.name] = ts
+                if owner.setdefault(t.name, ts) is not ts:  # which one would the model reach? refuse to guess
+                    raise InvalidArgument(f"two toolsets offer a tool named {t.name!r}", hint="give each MCP server its own name (prefix)")
                 out.append(t)
+        self._owner.update(owner)
         return out
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:

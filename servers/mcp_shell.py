@@ -3,6 +3,8 @@
 - `tool(server, ...)` registers a plain function as a tool with honest annotations and
   translates Corral errors into `ToolError` at the boundary, so the client reads
   ``"<kind>: <message> (<hint>)"`` instead of the SDK's opaque "Error executing tool".
+  It also stamps the server's `serverInfo.version` with Corral's version (every Corral
+  server registers its tools through it, so none is left with the SDK's empty default).
 - `serve(server, http=...)` runs a server over stdio (what Claude Desktop/Code launch)
   or streamable HTTP with DNS-rebinding protection configured explicitly.
 - `http_app(mounts, ...)` is the HTTP side `corral up` shares: several servers under one
@@ -30,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from corral import __version__
 from corral.errors import CorralError, InvalidArgument
 from corral.servers.http_guard import HTTPGuard, viewer_cookie
 from corral.servers.schema import lean
@@ -90,6 +93,8 @@ def tool(
         openWorldHint=open_world,
     )
 
+    stamp_version(server)
+
     def register(fn: F) -> F:
         tool_name = name or fn.__name__
         if inspect.iscoroutinefunction(fn):
@@ -145,6 +150,13 @@ def _translate_argument_errors(server: MCPServer) -> None:
             raise ToolError(f"Error executing tool {name}: {refused}") from cause
 
     server.call_tool = call_tool  # type: ignore[method-assign]
+
+
+def stamp_version(server: MCPServer) -> None:
+    """`serverInfo.version` is the package version unless the server was given one."""
+    lowlevel = server._lowlevel_server  # the SDK offers `version` only as a constructor argument
+    if not lowlevel.version:
+        lowlevel.version = __version__
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

@@ -12,6 +12,7 @@ own boundary.
 
 from __future__ import annotations
 
+import base64
 import posixpath
 from abc import ABC, abstractmethod
 from typing import Any, Literal
@@ -22,17 +23,30 @@ from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
 __all__ = [
     "Backend",
+    "Destroyed",
+    "ExecOutcome",
     "ExecRequest",
     "ExecResult",
     "FileData",
     "FileEntry",
+    "FileListing",
+    "FileRead",
+    "FileWritten",
+    "ListedSandbox",
     "Listing",
+    "SandboxInfo",
+    "SandboxList",
     "SandboxRef",
     "SandboxSpec",
+    "sha_state",
     "workspace_path",
 ]
 
 WORKDIR = "/workspace"
+# Files up to this size are hashed whole (the default largest file write_file replaces, so
+# every file compare-and-swap can target has a hash); larger ones are not hashed at all:
+# hashing is the one file operation whose cost a sandbox could make unbounded.
+HASH_LIMIT = 64 << 20
 
 
 class _Model(BaseModel):
@@ -43,16 +57,16 @@ class _Model(BaseModel):
 
 
 class SandboxSpec(_Model):
-    """The recipe of a sandbox, fully resolved (defaults applied); a lost one is re-made from it."""
+    """The recipe of a sandbox, fully resolved; built by `SandboxSettings.spec` (no defaults of its own)."""
 
-    template: str | None = None
-    cpus: float = 1.0
-    memory_mb: int = 1024
-    disk_mb: int = 1024
-    max_processes: int = 256
+    template: str | None
+    cpus: float
+    memory_mb: int
+    disk_mb: int
+    max_processes: int
     env: dict[str, str] = Field(default_factory=dict)
     network: Literal["none", "full"] = "none"
-    ttl_s: int = 24 * 3600
+    ttl_s: int
 
 
 class SandboxRef(_Model):
@@ -102,18 +116,92 @@ class ExecResult(_Model):
 class FileData(_Model):
     data: bytes
     size: int = Field(description="size of the whole file")
-    sha256: str = Field(description="sha256 of the whole file")
+    sha256: str | None = Field(description="sha256 of the whole file; None when it is larger than the hash limit")
 
 
 class FileEntry(_Model):
-    name: str = Field(description="path relative to the listed directory")
+    name: str = Field(description="path relative to the listed directory; bytes that are not UTF-8 show as U+FFFD")
+    name_base64: str | None = Field(
+        None, exclude_if=lambda v: v is None, description="the name's exact bytes (base64), only when they are not UTF-8"
+    )
     type: Literal["file", "dir", "symlink", "other"]
     size: int
+
+    @classmethod
+    def of(cls, raw: bytes, type: Literal["file", "dir", "symlink", "other"], size: int) -> FileEntry:
+        """An entry for a name as the file system holds it: bytes, any bytes but NUL and '/'."""
+        try:
+            return cls(name=raw.decode("utf-8"), type=type, size=size)
+        except UnicodeDecodeError:
+            return cls(name=raw.decode("utf-8", "replace"), name_base64=base64.b64encode(raw).decode(), type=type, size=size)
 
 
 class Listing(_Model):
     entries: list[FileEntry]
     truncated: bool
+
+
+# -- tool results (what MCP clients see; each tool's output schema) -----------------------
+
+
+class SandboxInfo(_Model):
+    sandbox_id: str
+    backend: str
+    isolation: str = Field(description="namespaces (bubblewrap), container (docker) or microvm (e2b)")
+    state: Literal["running", "lost", "destroyed"]
+    label: str | None
+    network: Literal["none", "full"]
+    created_at: str = Field(description="ISO 8601, UTC")
+    expires_at: str = Field(description="ISO 8601, UTC: destroyed then, used or not")
+    workdir: str = Field(description="where commands start and relative paths point")
+
+
+class ListedSandbox(SandboxInfo):
+    last_used_at: str = Field(description="ISO 8601, UTC: the last call that used it")
+
+
+class SandboxList(_Model):
+    sandboxes: list[ListedSandbox] = Field(description="live sandboxes, oldest first")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class ExecOutcome(ExecResult):
+    sandbox_id: str
+
+
+class FileRead(_Model):
+    sandbox_id: str
+    path: str
+    content: str
+    encoding: Literal["text", "base64"]
+    size: int = Field(description="size of the whole file")
+    sha256: str | None = Field(
+        description="sha256 of the whole file (pass as write_file's if_sha256); null for a file larger than "
+        "the largest write_file accepts: only such files are hashed, so a read costs at most that much"
+    )
+    offset: int
+    length: int = Field(description="bytes returned")
+    truncated: bool = Field(description="true when the file goes on past what was returned")
+
+
+class FileWritten(_Model):
+    sandbox_id: str
+    path: str
+    size: int
+    sha256: str
+
+
+class FileListing(_Model):
+    sandbox_id: str
+    path: str
+    entries: list[FileEntry]
+    truncated: bool = Field(description="true when max_entries cut the listing short")
+
+
+class Destroyed(_Model):
+    sandbox_id: str
+    destroyed: bool
+    already_destroyed: bool
 
 
 # -- the abstract backend --------------------------------------------------------------
@@ -133,7 +221,8 @@ class Backend(ABC):
     async def execute(self, ref: SandboxRef, request: ExecRequest) -> ExecResult: ...
 
     @abstractmethod
-    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData: ...
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
+        """`limit` bytes from `offset`, the file's size, and its sha256 if it is at most `hash_limit` bytes."""
 
     @abstractmethod
     async def write(
@@ -154,15 +243,21 @@ class Backend(ABC):
     async def check_sha256(self, ref: SandboxRef, path: str, expected: str) -> None:
         """Compare-and-swap for backends without an atomic one (the server serialises writes per sandbox)."""
         try:
-            actual: str | None = (await self.read(ref, path, 0, 0)).sha256
+            actual, exists = (await self.read(ref, path, 0, 0)).sha256, True
         except NotFound:
-            actual = None
+            actual, exists = None, False
         if actual != expected.lower():
-            state = "does not exist" if actual is None else f"has sha256 {actual}"
-            raise Conflict(f"{path} {state}, not {expected}; nothing was written")
+            raise Conflict(f"{path} {sha_state(actual, exists=exists)}, not {expected}; nothing was written")
 
     async def close(self) -> None:
         """Release clients and connections (not sandboxes)."""
+
+
+def sha_state(actual: str | None, *, exists: bool) -> str:
+    """How a compare-and-swap target differs, for the `Conflict` message."""
+    if not exists:
+        return "does not exist"
+    return f"has sha256 {actual}" if actual else f"is larger than {HASH_LIMIT} bytes (never hashed)"
 
 
 def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:
@@ -175,6 +270,11 @@ def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:
         return workdir
     if "\0" in path:
         raise InvalidArgument("path contains a NUL byte")
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate: JSON allows it, a file name cannot be it
+            raise InvalidArgument("path is not valid Unicode (it holds a lone surrogate)") from err
     full = posixpath.normpath(path if path.startswith("/") else posixpath.join(workdir, path))
     if full.startswith("//"):
         full = "/" + full.lstrip("/")

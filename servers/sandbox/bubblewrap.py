@@ -36,6 +36,7 @@ from corral.errors import SandboxLost, Unavailable
 
 from . import hostfs
 from .backend import (
+    HASH_LIMIT,
     WORKDIR,
     Backend,
     ExecRequest,
@@ -190,9 +191,9 @@ class BubblewrapBackend(Backend):
         finally:
             os.close(fd)
 
-    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData:
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
         with self._root_fd(ref.id) as fd:
-            return await asyncio.to_thread(hostfs.read_file, fd, path, offset, limit)
+            return await asyncio.to_thread(hostfs.read_file, fd, path, offset, limit, hash_limit)
 
     async def write(
         self, ref: SandboxRef, path: str, data: bytes, mode: int | None, if_sha256: str | None = None

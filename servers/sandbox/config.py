@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from corral.config import CoreSettings
+
+from .backend import SandboxSpec
 
 __all__ = ["BackendConfig", "BubblewrapConfig", "DockerConfig", "E2BConfig", "ExtraBind", "SandboxSettings"]
 
@@ -31,6 +33,18 @@ class ExtraBind(_Model):
     source: Path
     dest: str
     writable: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> list[ExtraBind]:
+        """`HOST:SANDBOX[:rw],...` -> binds; a bad entry is a ValueError naming the setting."""
+        binds = []
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            source, _, rest = item.partition(":")
+            dest, _, flag = rest.partition(":")
+            if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
+                raise ValueError(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
+            binds.append(cls(source=Path(source), dest=dest, writable=flag == "rw"))
+        return binds
 
 
 class BubblewrapConfig(_Model):
@@ -70,17 +84,31 @@ class SandboxSettings(CoreSettings):
     sandbox_image: str = Field(
         "", description="docker image or e2b template; empty: python:3.12-slim for docker, the e2b default template"
     )
-    sandbox_cpus: float = Field(1.0, gt=0, description="default CPUs per sandbox (docker, e2b)")
-    sandbox_memory_mb: int = Field(1024, gt=0, description="default memory per sandbox; bubblewrap: address-space limit per process")
-    sandbox_disk_mb: int = Field(1024, gt=0, description="default largest file a command may write (RLIMIT_FSIZE)")
+    sandbox_cpus: float = Field(1.0, gt=0, description="CPUs per sandbox (docker, e2b): the default and the most a client may ask")
+    sandbox_memory_mb: int = Field(1024, gt=0, description="memory per sandbox, the default and the most a client may ask; bubblewrap: address-space limit per process")
+    sandbox_disk_mb: int = Field(1024, gt=0, description="largest file a command may write (RLIMIT_FSIZE): the default and the most a client may ask")
     sandbox_max_processes: int = Field(256, gt=0, description="processes/threads a sandbox may run at once (RLIMIT_NPROC)")
-    sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="default lifetime of a sandbox")
-    sandbox_idle_timeout_s: int = Field(3600, gt=0, description="default idle time after which a sandbox is reaped")
+    sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="lifetime of a sandbox: the default and the most a client may ask")
+    sandbox_idle_timeout_s: int = Field(3600, gt=0, description="idle time after which a sandbox is reaped: the default and the most a client may ask")
     sandbox_reap_interval_s: float = Field(30.0, gt=0, description="how often the server looks for idle/expired sandboxes")
+    sandbox_tombstone_retention_s: float = Field(
+        7 * 86400,
+        ge=0,
+        description="how long a destroyed sandbox's id keeps answering sandbox_lost (not not_found); "
+        "a week covers a session woken after a weekend",
+    )
     sandbox_progress_interval_s: float = Field(5.0, gt=0, description="how often a long execute reports progress")
     sandbox_output_limit: int = Field(64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)")
     sandbox_read_limit: int = Field(1 << 20, gt=0, description="bytes read_file returns when no limit is given")
-    sandbox_max_file_bytes: int = Field(64 << 20, gt=0, description="largest read_file slice / write_file content")
+    sandbox_max_file_bytes: int = Field(
+        64 << 20, gt=0, description="largest read_file slice / write_file content; larger files get no sha256"
+    )
+    sandbox_file_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of one read_file/write_file/list_files (a timeout error past it)"
+    )
+    sandbox_file_concurrency: int = Field(
+        2, ge=1, description="file operations one sandbox may run at once (the rest wait; other sandboxes do not)"
+    )
     sandbox_run_as_uid: int = Field(
         65534, ge=1, description="bubblewrap, when the server runs as root: host uid the sandboxes run as (never root)"
     )
@@ -89,12 +117,30 @@ class SandboxSettings(CoreSettings):
         description="where bubblewrap sandbox directories live; default $CORRAL_HOME/sandboxes, "
         "or /var/lib/corral/sandboxes when the server runs as root (the sandbox uid must traverse it)",
     )
-    sandbox_extra_binds: str = Field(
-        "",
+    sandbox_extra_binds: Annotated[list[ExtraBind], NoDecode] = Field(
+        default_factory=list,
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
     e2b_api_key: str = Field("", validation_alias="E2B_API_KEY", description="E2B API key (e2b backend)")
+
+    @field_validator("sandbox_extra_binds", mode="before")
+    @classmethod
+    def _parse_binds(cls, value: object) -> object:
+        return ExtraBind.parse(value) if isinstance(value, str) else value
+
+    def spec(self, *, template: str | None = None, env: dict[str, str] | None = None, network: str = "none") -> SandboxSpec:
+        """The recipe of a sandbox with the operator's limits (the only place they come from)."""
+        return SandboxSpec(
+            template=template or self.sandbox_image or None,
+            cpus=self.sandbox_cpus,
+            memory_mb=self.sandbox_memory_mb,
+            disk_mb=self.sandbox_disk_mb,
+            max_processes=self.sandbox_max_processes,
+            env=dict(env or {}),
+            network=network,  # type: ignore[arg-type]
+            ttl_s=self.sandbox_ttl_s,
+        )
 
     def sandboxes_dir(self) -> Path:
         """Where the registry lives: always in the data dir."""

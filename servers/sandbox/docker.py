@@ -26,6 +26,7 @@ from corral.errors import (
 )
 
 from .backend import (
+    HASH_LIMIT,
     WORKDIR,
     Backend,
     ExecRequest,
@@ -50,9 +51,13 @@ WRAP = (
     'if command -v bash >/dev/null 2>&1; then bash -c "$1"; else sh -c "$1"; fi; rc=$?; rm -f "$f"; exit $rc'
 )
 _IN_WORKSPACE = f'case "$p" in {WORKDIR}|{WORKDIR}/*) ;; *) echo "$p" >&2; exit 4;; esac'
+# $1 path, $2 offset, $3 limit, $4 hash limit. Size from stat (never reading the file), a hash
+# only up to the limit ("-" past it), then exactly the slice (dd seeks; busybox tail cannot).
 READ = f"""p=$(readlink -f -- "$1") || exit 3; {_IN_WORKSPACE}
 [ -e "$p" ] || exit 3; [ -f "$p" ] || exit 5
-wc -c < "$p"; sha256sum < "$p" | cut -d' ' -f1; tail -c +$(( $2 + 1 )) -- "$p" | head -c "$3"
+s=$(stat -c %s -- "$p") || exit 3; echo "$s"
+if [ "$s" -le "$4" ]; then sha256sum < "$p" | cut -d' ' -f1; else echo -; fi
+dd if="$p" iflag=skip_bytes,count_bytes skip="$2" count="$3" bs=65536 2>/dev/null
 """
 WRITE = f"""d=$(dirname -- "$1"); b=$(basename -- "$1"); mkdir -p -- "$d" || exit 6
 p=$(readlink -f -- "$d") || exit 3; {_IN_WORKSPACE}
@@ -61,10 +66,22 @@ if [ -L "$p/$b" ]; then t=$(readlink -f -- "$p/$b"); p2=$p; p=$t; {_IN_WORKSPACE
 t="$p/.corral-write-$$"; cat > "$t" || {{ rm -f -- "$t"; exit 8; }}
 [ -z "$2" ] || chmod "$2" "$t"; mv -f -- "$t" "$p/$b"
 """
+# $1 path, $2 depth, $3 byte budget, $4 LIST_BATCH. Names are data: each entry is one
+# NUL-terminated record `TYPE|SIZE|NAME` (a name may hold newlines and any byte but NUL).
 LIST = f"""p=$(readlink -f -- "$1") || exit 3; {_IN_WORKSPACE}
 [ -d "$p" ] || exit 3; cd "$p" || exit 3
-find . -mindepth 1 -maxdepth "$2" ! -name '.corral-write-*' -exec stat -c '%F|%s|%n' {{}} + | head -n "$3"
+find . -mindepth 1 -maxdepth "$2" ! -name '.corral-write-*' -exec sh -c "$4" sh {{}} + | head -c "$3"
 """
+# One stat for a batch of names, paired with them in order; if an entry vanished meanwhile
+# (stat printed fewer lines), one stat per name. TYPE and SIZE never hold a newline or "|".
+LIST_BATCH = r"""m=$(stat -c '%F|%s' -- "$@" 2>/dev/null) && [ "$(printf '%s\n' "$m" | wc -l)" -eq "$#" ] || m=
+if [ -n "$m" ]; then
+  printf '%s\n' "$m" | { for f; do IFS= read -r t; printf '%s|%s\0' "$t" "$f"; done; }
+else
+  for f; do t=$(stat -c '%F|%s' -- "$f" 2>/dev/null) && printf '%s|%s\0' "$t" "$f"; done
+fi
+"""
+_RECORD_BYTES = 4096 + 64  # PATH_MAX plus type and size: the byte budget of one listed entry
 _KINDS = {"directory": "dir", "regular file": "file", "regular empty file": "file", "symbolic link": "symlink"}
 
 
@@ -160,10 +177,10 @@ class DockerBackend(Backend):
         await self._lost_unless_running(ref)
         raise Unavailable(f"file operation on {where} failed: {err.decode(errors='replace').strip()}")
 
-    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData:
-        out = await self._script(ref, READ, path, str(offset), str(limit))
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
+        out = await self._script(ref, READ, path, str(offset), str(limit), str(hash_limit))
         size, sha, data = out.split(b"\n", 2)
-        return FileData(data=data, size=int(size), sha256=sha.decode())
+        return FileData(data=data, size=int(size), sha256=None if sha == b"-" else sha.decode())
 
     async def write(
         self, ref: SandboxRef, path: str, data: bytes, mode: int | None, if_sha256: str | None = None
@@ -173,12 +190,12 @@ class DockerBackend(Backend):
         await self._script(ref, WRITE, path, "" if mode is None else f"{mode:o}", stdin=data)
 
     async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
-        out = await self._script(ref, LIST, path, str(depth), str(max_entries + 1))
+        out = await self._script(ref, LIST, path, str(depth), str((max_entries + 1) * _RECORD_BYTES), LIST_BATCH)
         entries = []
-        for line in out.decode(errors="replace").splitlines():
-            kind, size, name = line.split("|", 2)
-            kind = _KINDS.get(kind, "other")
-            entries.append(FileEntry(name=name.removeprefix("./"), type=kind, size=int(size) if kind == "file" else 0))  # type: ignore[arg-type]
+        for record in out.split(b"\0")[:-1]:  # the last piece is empty, or a record the byte budget cut
+            kind, size, name = record.split(b"|", 2)
+            type_ = _KINDS.get(kind.decode(), "other")
+            entries.append(FileEntry.of(name.removeprefix(b"./"), type_, int(size) if type_ == "file" else 0))  # type: ignore[arg-type]
         entries.sort(key=lambda e: e.name)
         return Listing(entries=entries[:max_entries], truncated=len(entries) > max_entries)
 

@@ -29,6 +29,7 @@ from e2b import (
 from corral.errors import NotFound, SandboxLost, Unavailable
 
 from .backend import (
+    HASH_LIMIT,
     Backend,
     ExecRequest,
     ExecResult,
@@ -169,10 +170,11 @@ class E2BBackend(Backend):
 
     # -- files -------------------------------------------------------------------------
 
-    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int) -> FileData:
+    async def read(self, ref: SandboxRef, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
         sbx = await self._sandbox(ref)
         data = bytes(await self._call(ref, sbx.files.read(path, format="bytes"), path))
-        return FileData(data=data[offset : offset + limit], size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        sha = hashlib.sha256(data).hexdigest() if len(data) <= hash_limit else None
+        return FileData(data=data[offset : offset + limit], size=len(data), sha256=sha)
 
     async def write(
         self, ref: SandboxRef, path: str, data: bytes, mode: int | None, if_sha256: str | None = None

@@ -10,6 +10,7 @@ of escaping. Only regular files are read (a FIFO would block the server).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -17,10 +18,11 @@ import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
-from .backend import WORKDIR, FileData, FileEntry, Listing
+from .backend import HASH_LIMIT, WORKDIR, FileData, FileEntry, Listing, sha_state
 
 __all__ = ["list_dir", "read_file", "write_file"]
 
@@ -110,38 +112,57 @@ def _resolve(root_fd: int, path: str) -> list[str]:
     return done
 
 
+def _kind(mode: int) -> str:
+    return (
+        "a directory" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else
+        "a unix socket" if stat.S_ISSOCK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device"
+    )  # fmt: skip
+
+
 def _open_regular(dfd: int, name: str, display: str) -> int:
+    """An fd of a regular file; anything else (socket, FIFO, device, directory) is refused by
+    its type before it is opened (opening a socket fails, a FIFO would block), and checked
+    again on the fd (it may have been swapped meanwhile)."""
     try:
+        mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            raise InvalidArgument(f"{display} is not a regular file: it is {_kind(mode)}")
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError as err:
         raise NotFound(f"no such file: {display}") from err
     except OSError as err:
-        if err.errno == 40:
+        if err.errno == errno.ELOOP:
             raise _escape(display, "is a symlink that changed while being read") from err
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise InvalidArgument(f"{display} cannot be opened as a regular file ({err.strerror})") from err
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise InvalidArgument(f"{display} is not a regular file")
+        raise InvalidArgument(f"{display} is not a regular file: it is {_kind(mode)}")
     return fd
 
 
-def _digest(fd: int) -> tuple[int, str]:
-    h, size, pos = hashlib.sha256(), 0, 0
-    while chunk := os.pread(fd, 1 << 20, pos):
+def _digest(fd: int, hash_limit: int) -> tuple[int, str | None]:
+    """(size, sha256); no hash for a file larger than `hash_limit` (a sparse 1 TiB file is cheap
+    to make and would take an hour to hash). Hashes what it reads: a file growing meanwhile
+    still costs at most `hash_limit` bytes."""
+    size = os.fstat(fd).st_size
+    if size > hash_limit:
+        return size, None
+    h, pos = hashlib.sha256(), 0
+    while pos <= hash_limit and (chunk := os.pread(fd, min(1 << 20, hash_limit + 1 - pos), pos)):
         h.update(chunk)
         pos += len(chunk)
-        size += len(chunk)
-    return size, h.hexdigest()
+    return (pos, h.hexdigest()) if pos <= hash_limit else (pos, None)
 
 
-def read_file(root_fd: int, path: str, offset: int, limit: int) -> FileData:
+def read_file(root_fd: int, path: str, offset: int, limit: int, hash_limit: int = HASH_LIMIT) -> FileData:
     parts = _resolve(root_fd, path)
     if not parts:
         raise InvalidArgument(f"{path} is a directory")
     with _open_dir(root_fd, parts[:-1]) as dfd:
         fd = _open_regular(dfd, parts[-1], path)
     try:
-        size, sha = _digest(fd)
+        size, sha = _digest(fd, hash_limit)
         data = os.pread(fd, limit, offset) if limit > 0 else b""
     finally:
         os.close(fd)
@@ -185,23 +206,24 @@ def _check_sha(dfd: int, name: str, display: str, expected: str) -> None:
         actual = None
     else:
         try:
-            actual = _digest(fd)[1]
+            actual = _digest(fd, HASH_LIMIT)[1]
         finally:
             os.close(fd)
-    if actual != expected.lower():
-        state = "does not exist" if actual is None else f"has sha256 {actual}"
-        raise Conflict(f"{display} {state}, not {expected}; nothing was written")
+        if actual == expected.lower():
+            return
+        raise Conflict(f"{display} {sha_state(actual, exists=True)}, not {expected}; nothing was written")
+    raise Conflict(f"{display} {sha_state(None, exists=False)}, not {expected}; nothing was written")
 
 
 def list_dir(root_fd: int, path: str, depth: int, max_entries: int) -> Listing:
     parts = _resolve(root_fd, path)
     entries: list[FileEntry] = []
     with _open_dir(root_fd, parts) as dfd:
-        truncated = _walk(dfd, "", depth, max_entries, entries)
+        truncated = _walk(dfd, b"", depth, max_entries, entries)
     return Listing(entries=entries, truncated=truncated)
 
 
-def _walk(dfd: int, prefix: str, depth: int, max_entries: int, out: list[FileEntry]) -> bool:
+def _walk(dfd: int, prefix: bytes, depth: int, max_entries: int, out: list[FileEntry]) -> bool:
     """Append entries under `dfd`; True when `max_entries` cut the listing short."""
     with os.scandir(dfd) as it:
         items = sorted(it, key=lambda e: e.name)
@@ -211,20 +233,20 @@ def _walk(dfd: int, prefix: str, depth: int, max_entries: int, out: list[FileEnt
         if len(out) >= max_entries:
             return True
         st = item.stat(follow_symlinks=False)
-        kind = (
+        kind: Literal["file", "dir", "symlink", "other"] = (
             "dir" if stat.S_ISDIR(st.st_mode) else
             "file" if stat.S_ISREG(st.st_mode) else
             "symlink" if stat.S_ISLNK(st.st_mode) else "other"
         )  # fmt: skip
-        name = prefix + item.name
-        out.append(FileEntry(name=name, type=kind, size=st.st_size if kind == "file" else 0))
+        name = prefix + os.fsencode(item.name)  # names are bytes: any but NUL and "/", UTF-8 or not
+        out.append(FileEntry.of(name, kind, st.st_size if kind == "file" else 0))
         if kind == "dir" and depth > 1:
             try:
                 sub = os.open(item.name, _DIR_FLAGS, dir_fd=dfd)
             except OSError:
                 continue  # vanished or swapped for a symlink meanwhile: not ours to follow
             try:
-                if _walk(sub, name + "/", depth - 1, max_entries, out):
+                if _walk(sub, name + b"/", depth - 1, max_entries, out):
                     return True
             finally:
                 os.close(sub)

@@ -2,7 +2,9 @@
 
 A restarted server reads it back, so a `sandbox_id` handed out before the restart still
 works where the backend kept the sandbox. Destroyed and lost sandboxes stay as
-tombstones, so their ids answer `sandbox_lost` rather than `not_found`.
+tombstones, so their ids answer `sandbox_lost` rather than `not_found`, until `prune`
+removes destroyed ones older than the retention (a tombstone's `last_used_at` is when it
+ended). Every query a tool or the reaper makes is served by an index, and listings page.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_idem ON sandboxes(backend, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND state = 'running';
+-- live sandboxes in listing order (partial: tombstones cost a page nothing); old tombstones
+CREATE INDEX IF NOT EXISTS sandboxes_live ON sandboxes(backend, created_at, id) WHERE state IN ('running', 'lost');
+CREATE INDEX IF NOT EXISTS sandboxes_ended ON sandboxes(backend, state, last_used_at);
 """
+_LIVE_SQL = "state IN ('running', 'lost')"  # the partial index's own condition, verbatim, so queries use it
+LIVE = ("running", "lost")
 
 
 class Record(BaseModel):
@@ -69,14 +76,29 @@ class Registry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._conn = db
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The connection; a registry closed at a server's shutdown reopens if it is used again
+        (an in-process server is run again by its next client)."""
+        return self._conn or self._open()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def _row(self, row: tuple) -> Record:
         keys = ("id", "backend", "state", "label", "idempotency_key", "ref", "created_at", "expires_at")
@@ -107,7 +129,36 @@ class Registry:
         return self._row(row) if row else None
 
     def running(self, backend: str) -> list[Record]:
-        return self.all(backend, states=("running", "lost"))
+        return self.all(backend, states=LIVE)
+
+    def page(self, backend: str, after: tuple[float, str] | None, limit: int) -> list[Record]:
+        """Live sandboxes in creation order, the `limit` after the (created_at, id) key `after`:
+        one index range, as cheap at the 10,000th sandbox as at the first."""
+        key = after or (float("-inf"), "")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM sandboxes WHERE backend = ? AND {_LIVE_SQL} AND (created_at, id) > (?, ?)"
+                " ORDER BY created_at, id LIMIT ?",
+                (backend, *key, limit),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def reapable(self, backend: str, now: float) -> list[Record]:
+        """Live sandboxes that are lost, expired or idle at `now` (the reaper's one query)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM sandboxes WHERE backend = ? AND {_LIVE_SQL}"
+                " AND (state = 'lost' OR expires_at <= ? OR last_used_at + idle_timeout_s <= ?) ORDER BY created_at, id",
+                (backend, now, now),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def prune(self, backend: str, before: float) -> int:
+        """Forget destroyed sandboxes that ended before `before`; returns how many."""
+        with self._lock:
+            return self._db.execute(
+                "DELETE FROM sandboxes WHERE backend = ? AND state = 'destroyed' AND last_used_at < ?", (backend, before)
+            ).rowcount
 
     def all(self, backend: str, states: tuple[str, ...] = ("running", "lost", "destroyed")) -> list[Record]:
         marks = ",".join("?" * len(states))
@@ -122,5 +173,8 @@ class Registry:
             self._db.execute("UPDATE sandboxes SET last_used_at = ? WHERE id = ?", (now or time.time(), sandbox_id))
 
     def set_state(self, sandbox_id: str, state: State, reason: str | None = None) -> None:
+        """Also stamps `last_used_at`: for a tombstone, when it ended (what `prune` goes by)."""
         with self._lock:
-            self._db.execute("UPDATE sandboxes SET state = ?, reason = ? WHERE id = ?", (state, reason, sandbox_id))
+            self._db.execute(
+                "UPDATE sandboxes SET state = ?, reason = ?, last_used_at = ? WHERE id = ?", (state, reason, time.time(), sandbox_id)
+            )

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from corral.errors import InvalidArgument, Unavailable
+from corral.errors import Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-
-from .backend import Backend
-from .config import BubblewrapConfig, DockerConfig, E2BConfig, ExtraBind, SandboxSettings
+from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
+from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
 from .registry import Registry
 from .service import Resources, SandboxService
 
@@ -25,6 +22,10 @@ __all__ = ["backend_config", "build_server", "make_backend", "run"]
 SandboxId = Annotated[
     str | None,
     Field(description="the sandbox to use; omit it to use your default sandbox (provisioned on first use)"),
+]
+ReadSandboxId = Annotated[
+    str | None,
+    Field(description="the sandbox to read; omit it for your default sandbox (a read never provisions it: not_found until one exists)"),
 ]
 
 
@@ -37,7 +38,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
     return BubblewrapConfig(
         root=settings.workspaces_dir(),
         run_as_uid=settings.sandbox_run_as_uid,
-        extra_binds=parse_binds(settings.sandbox_extra_binds),
+        extra_binds=list(settings.sandbox_extra_binds),
     )
 
 
@@ -56,18 +57,6 @@ def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: 
     except ModuleNotFoundError as err:
         raise Unavailable(f"the e2b backend needs {err.name}, which is not installed", hint="pip install 'corral[e2b]'") from err
     return E2BBackend(config, **kwargs)
-
-
-def parse_binds(spec: str) -> list[ExtraBind]:
-    """`HOST:SANDBOX[:rw],...` -> binds (a server-side option, never a tool parameter)."""
-    binds = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        source, _, rest = item.partition(":")
-        dest, _, flag = rest.partition(":")
-        if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
-            raise InvalidArgument(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
-        binds.append(ExtraBind(source=Path(source), dest=dest, writable=flag == "rw"))
-    return binds
 
 
 CLIENT_META_KEY = "corral/client"
@@ -101,14 +90,8 @@ def build_server(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
-        reaper = asyncio.create_task(service.reap_forever()) if reap else None
-        try:
+        async with service.running(reap=reap):
             yield None
-        finally:
-            if reaper is not None:
-                reaper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reaper
 
     server = MCPServer(
         "corral-sandbox",
@@ -127,14 +110,14 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, open_world=True)
     async def provision(
         template: Annotated[str | None, Field(description="docker image or e2b template; default from the server")] = None,
-        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s")] = None,
+        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s: each at most the server's limit (the default)")] = None,
         env: Annotated[dict[str, str] | None, Field(description="environment variables of every command")] = None,
         network: Annotated[Literal["none", "full"], Field(description="'none' (default): no network at all")] = "none",
         label: Annotated[str | None, Field(description="a name for humans", max_length=200)] = None,
         idempotency_key: Annotated[
             str | None, Field(description="provisioning twice with one key returns the same sandbox", max_length=200)
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> SandboxInfo:
         """Create a fresh sandbox; returns its sandbox_id, isolation, workdir and expiry."""
         return await service.provision(
             template=template, resources=resources, env=env, network=network, label=label, idempotency_key=idempotency_key
@@ -149,30 +132,27 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         cwd: Annotated[str | None, Field(description="working directory; relative to the workdir")] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's stdin")] = None,
-    ) -> dict[str, Any]:
+    ) -> ExecOutcome:
         """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out."""
         record = await service.resolve(sandbox_id, _client(ctx))
 
         async def progress(elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, timeout_s, message)
 
-        result = await service.execute(
-            record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress
-        )
-        return {"sandbox_id": record.id, **result.model_dump()}
+        return await service.execute(record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress)
 
     @tool(server, read_only=True)
     async def read_file(
         ctx: Context,
         path: Annotated[str, Field(description="file path, relative to the workdir (or absolute under it)")],
-        sandbox_id: SandboxId = None,
+        sandbox_id: ReadSandboxId = None,
         offset: Annotated[int, Field(description="first byte to return", ge=0)] = 0,
         limit: Annotated[int | None, Field(description="most bytes to return", ge=0)] = None,
         encoding: Annotated[Literal["text", "base64"], Field(description="'base64' for binary files")] = "text",
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         """Read a file; returns content, size and sha256 (of the whole file, for if_sha256)."""
-        record = await service.resolve(sandbox_id, _client(ctx))
-        return {"sandbox_id": record.id, **await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)}
+        record = await service.resolve(sandbox_id, _client(ctx), create=False)
+        return await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)
 
     @tool(server, destructive=True)
     async def write_file(
@@ -186,36 +166,38 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
             str | None,
             Field(description="write only if the file's current sha256 is this (compare-and-swap)", pattern=r"^[0-9a-fA-F]{64}$"),
         ] = None,
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         """Create or replace a file atomically; returns its size and sha256."""
         record = await service.resolve(sandbox_id, _client(ctx))
-        written = await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
-        return {"sandbox_id": record.id, **written}
+        return await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
 
     @tool(server, read_only=True)
     async def list_files(
         ctx: Context,
         path: Annotated[str | None, Field(description="directory to list; default the workdir")] = None,
-        sandbox_id: SandboxId = None,
+        sandbox_id: ReadSandboxId = None,
         depth: Annotated[int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)] = 1,
         max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
-    ) -> dict[str, Any]:
+    ) -> FileListing:
         """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
-        record = await service.resolve(sandbox_id, _client(ctx))
-        return {"sandbox_id": record.id, **await service.list_files(record, path, depth=depth, max_entries=max_entries)}
+        record = await service.resolve(sandbox_id, _client(ctx), create=False)
+        return await service.list_files(record, path, depth=depth, max_entries=max_entries)
 
     @tool(server, destructive=True, idempotent=True)
     async def destroy(
         sandbox_id: Annotated[str, Field(description="the sandbox to destroy")],
         keep_workspace: Annotated[bool, Field(description="keep the workspace files on the host (bubblewrap)")] = False,
-    ) -> dict[str, Any]:
+    ) -> Destroyed:
         """Destroy a sandbox and everything it runs or holds."""
         return await service.destroy(sandbox_id, keep_workspace=keep_workspace)
 
     @tool(server, read_only=True)
-    async def list_sandboxes() -> dict[str, Any]:
-        """List this server's live sandboxes: id, backend, state, created and expiry times."""
-        return {"sandboxes": service.list_sandboxes()}
+    async def list_sandboxes(
+        cursor: Annotated[str | None, Field(description="next_cursor of the previous page; omit for the first")] = None,
+        limit: Annotated[int, Field(description="most sandboxes in this page", ge=1, le=1000)] = 100,
+    ) -> SandboxList:
+        """List this server's live sandboxes, oldest first: id, backend, state, created and expiry times."""
+        return service.list_sandboxes(cursor, limit)
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:

@@ -13,19 +13,24 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.errors import InvalidArgument, NotFound, SandboxLost
+from corral.errors import InvalidArgument, NotFound, SandboxLost, Timeout
 
-from .backend import Backend, ExecRequest, ExecResult, SandboxSpec, workspace_path
+from .backend import (
+    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxList,
+    SandboxSpec,
+    workspace_path,
+)  # fmt: skip
 from .config import SandboxSettings
 from .registry import Record, Registry
 
@@ -33,16 +38,19 @@ __all__ = ["Resources", "SandboxService", "iso"]
 
 log = logging.getLogger("corral.sandbox")
 Progress = Callable[[float, str], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Resources(BaseModel):
+    """What a client may ask of a sandbox: at most the operator's setting for each (the default)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float | None = Field(None, gt=0, le=64, description="CPUs (docker, e2b; bubblewrap does not cap CPU share)")
-    memory_mb: int | None = Field(None, gt=0, le=1 << 20, description="memory in MiB")
-    disk_mb: int | None = Field(None, gt=0, le=1 << 20, description="largest file a command may write, MiB")
-    ttl_s: int | None = Field(None, gt=0, le=30 * 86400, description="lifetime in seconds")
-    idle_timeout_s: int | None = Field(None, gt=0, le=30 * 86400, description="reaped after this long unused")
+    cpus: float | None = Field(None, gt=0, le=64, description="CPUs (docker, e2b; bubblewrap does not cap CPU share); at most the server's limit")
+    memory_mb: int | None = Field(None, gt=0, le=1 << 20, description="memory in MiB; at most the server's limit")
+    disk_mb: int | None = Field(None, gt=0, le=1 << 20, description="largest file a command may write, MiB; at most the server's limit")
+    ttl_s: int | None = Field(None, gt=0, le=30 * 86400, description="lifetime in seconds; at most the server's limit")
+    idle_timeout_s: int | None = Field(None, gt=0, le=30 * 86400, description="reaped after this long unused; at most the server's limit")
 
 
 def iso(ts: float) -> str:
@@ -65,21 +73,25 @@ class SandboxService:
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
         self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # idempotency key / client default -> (lock, [users])
+        self._file_slots: dict[str, asyncio.Semaphore] = {}  # sandbox id -> its file operations' slots
+        self._serving = 0  # transports running the server now (see `running`)
+        self._reaper: asyncio.Task[None] | None = None
 
     # -- provision / resolve -------------------------------------------------------------
 
     def _spec(self, template: str | None, resources: Resources, env: dict[str, str], network: str) -> SandboxSpec:
-        s = self.settings
-        return SandboxSpec(
-            template=template or s.sandbox_image or None,
-            cpus=resources.cpus or s.sandbox_cpus,
-            memory_mb=resources.memory_mb or s.sandbox_memory_mb,
-            disk_mb=resources.disk_mb or s.sandbox_disk_mb,
-            max_processes=s.sandbox_max_processes,
-            env=env,
-            network=network,  # type: ignore[arg-type]
-            ttl_s=resources.ttl_s or s.sandbox_ttl_s,
-        )
+        """The operator's limits, lowered where the client asked: they are ceilings, never raised."""
+        spec = self.settings.spec(template=template, env=env, network=network)
+        ceilings = {**spec.model_dump(), "idle_timeout_s": self.settings.sandbox_idle_timeout_s}
+        asked = resources.model_dump(exclude_none=True)
+        over = [f"{key}={value:g} (at most {ceilings[key]:g})" for key, value in asked.items() if value > ceilings[key]]  # :g: 2.0 -> 2
+        if over:
+            raise InvalidArgument(
+                f"resources above this server's limits: {', '.join(over)}; nothing was provisioned",
+                hint="ask for at most the maximum, or leave the field out to get it",
+            )
+        asked.pop("idle_timeout_s", None)
+        return spec.model_copy(update=asked)
 
     async def provision(
         self,
@@ -90,7 +102,7 @@ class SandboxService:
         network: Literal["none", "full"] = "none",
         label: str | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> SandboxInfo:
         resources = resources or Resources()
         spec = self._spec(template, resources, _check_env(env), network)
         # Only calls sharing an idempotency key wait for each other (docker provisioning takes ~1 s).
@@ -108,7 +120,7 @@ class SandboxService:
                 idempotency_key=idempotency_key,
                 ref=ref,
                 created_at=now,
-                expires_at=now + (resources.ttl_s or self.settings.sandbox_ttl_s),
+                expires_at=now + spec.ttl_s,
                 idle_timeout_s=resources.idle_timeout_s or self.settings.sandbox_idle_timeout_s,
                 last_used_at=now,
             )
@@ -116,23 +128,24 @@ class SandboxService:
         log.info("provisioned %s on %s", sandbox_id, self.backend.name)
         return self.describe(record)
 
-    def describe(self, record: Record) -> dict[str, Any]:
-        return {
-            "sandbox_id": record.id,
-            "backend": record.backend,
-            "isolation": self.backend.isolation,
-            "state": record.state,
-            "label": record.label,
-            "network": record.ref.spec.network,
-            "created_at": iso(record.created_at),
-            "expires_at": iso(record.expires_at),
-            "workdir": self.backend.workdir,
-        }
+    def describe(self, record: Record) -> SandboxInfo:
+        return SandboxInfo(
+            sandbox_id=record.id,
+            backend=record.backend,
+            isolation=self.backend.isolation,
+            state=record.state,
+            label=record.label,
+            network=record.ref.spec.network,
+            created_at=iso(record.created_at),
+            expires_at=iso(record.expires_at),
+            workdir=self.backend.workdir,
+        )
 
-    async def resolve(self, sandbox_id: str | None, client: str) -> Record:
-        """The record a call acts on: the given sandbox, or the caller's default (made now if needed)."""
+    async def resolve(self, sandbox_id: str | None, client: str, *, create: bool = True) -> Record:
+        """The record a call acts on: the given sandbox, or the caller's default, made now if
+        needed unless `create` is False (a read-only tool changes nothing, not even that)."""
         if sandbox_id is None:
-            sandbox_id = await self._default_for(client)
+            sandbox_id = await self._default_for(client, create=create)
         record = self.registry.get(sandbox_id)
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes, or provision a new one")
@@ -156,13 +169,18 @@ class SandboxService:
             if not users[0]:
                 del self._key_locks[key]
 
-    async def _default_for(self, client: str) -> str:
+    async def _default_for(self, client: str, *, create: bool = True) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
             known = self._defaults.get(client)
             if known and (record := self.registry.get(known)) and record.state == "running":
                 return known
-            created = (await self.provision(label="default"))["sandbox_id"]
+            if not create:
+                raise NotFound(
+                    "you have no default sandbox yet, so there is nothing to read",
+                    hint="execute, write_file or provision creates one; or pass sandbox_id",
+                )
+            created = (await self.provision(label="default")).sandbox_id
             self._defaults[client] = created
             return created
 
@@ -183,6 +201,25 @@ class SandboxService:
                 del self._busy[record.id]
             self.registry.touch(record.id)
 
+    async def _file_op(self, record: Record, work: Coroutine[Any, Any, T], what: str) -> T:
+        """One file operation: at most `sandbox_file_concurrency` per sandbox at once (file work
+        runs in the shared thread pool: one sandbox must not take every thread), and a deadline.
+
+        A slot is held until the work really ends, even when the caller has stopped waiting, so
+        a sandbox whose operations overrun cannot start more of them meanwhile."""
+        slots = self._file_slots.setdefault(record.id, asyncio.Semaphore(self.settings.sandbox_file_concurrency))
+        await slots.acquire()
+        task = asyncio.ensure_future(self._guard(record, work))
+        task.add_done_callback(lambda done: _release(slots, done))
+        timeout = self.settings.sandbox_file_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise Timeout(
+                f"{what} did not finish within {timeout:g}s; its outcome is unknown",
+                hint="check the state; read less at once, or list a smaller directory",
+            ) from None
+
     # -- tools -------------------------------------------------------------------------
 
     async def execute(
@@ -195,7 +232,7 @@ class SandboxService:
         env: dict[str, str] | None = None,
         stdin: str | None = None,
         progress: Progress | None = None,
-    ) -> ExecResult:
+    ) -> ExecOutcome:
         request = ExecRequest(
             command=command,
             timeout_s=timeout_s,
@@ -205,9 +242,8 @@ class SandboxService:
             output_limit=self.settings.sandbox_output_limit,
         )
         task = asyncio.ensure_future(self._guard(record, self.backend.execute(record.ref, request)))
-        if progress is None:
-            return await task
-        return await self._with_progress(record, task, timeout_s, progress)
+        result = await task if progress is None else await self._with_progress(record, task, timeout_s, progress)
+        return ExecOutcome(sandbox_id=record.id, **result.model_dump())
 
     async def _with_progress(self, record: Record, task: asyncio.Future, timeout_s: float, progress: Progress) -> Any:
         """Tell the client the command still runs (and keep the sandbox fresh) every few seconds."""
@@ -226,10 +262,12 @@ class SandboxService:
 
     async def read_file(
         self, record: Record, path: str, *, offset: int = 0, limit: int | None = None, encoding: str = "text"
-    ) -> dict[str, Any]:
+    ) -> FileRead:
         full = workspace_path(path, self.backend.workdir)
         limit = min(self.settings.sandbox_read_limit if limit is None else limit, self.settings.sandbox_max_file_bytes)
-        got = await self._guard(record, self.backend.read(record.ref, full, offset, limit))
+        got = await self._file_op(
+            record, self.backend.read(record.ref, full, offset, limit, self.settings.sandbox_max_file_bytes), f"read_file {full}"
+        )
         if encoding == "base64":
             content = base64.b64encode(got.data).decode()
         else:
@@ -237,16 +275,17 @@ class SandboxService:
                 content = got.data.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise InvalidArgument(f"{full} is not UTF-8 text", hint="read it with encoding='base64'") from err
-        return {
-            "path": full,
-            "content": content,
-            "encoding": encoding,
-            "size": got.size,
-            "sha256": got.sha256,
-            "offset": offset,
-            "length": len(got.data),
-            "truncated": offset + len(got.data) < got.size,
-        }
+        return FileRead(
+            sandbox_id=record.id,
+            path=full,
+            content=content,
+            encoding=encoding,  # type: ignore[arg-type]
+            size=got.size,
+            sha256=got.sha256,
+            offset=offset,
+            length=len(got.data),
+            truncated=offset + len(got.data) < got.size,
+        )
 
     async def write_file(
         self,
@@ -257,7 +296,7 @@ class SandboxService:
         encoding: str = "text",
         mode: str | None = None,
         if_sha256: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> FileWritten:
         full = workspace_path(path, self.backend.workdir)
         data = _decode(content, encoding)
         limit = min(self.settings.sandbox_max_file_bytes, record.ref.spec.disk_mb << 20)
@@ -266,30 +305,31 @@ class SandboxService:
         bits = int(mode, 8) if mode else None
         lock = self._locks.setdefault(record.id, asyncio.Lock())
         async with lock:  # compare-and-swap: no other tool call writes in between
-            await self._guard(record, self.backend.write(record.ref, full, data, bits, if_sha256))
-        return {"path": full, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            await self._file_op(record, self.backend.write(record.ref, full, data, bits, if_sha256), f"write_file {full}")
+        return FileWritten(sandbox_id=record.id, path=full, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> dict[str, Any]:
+    async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> FileListing:
         full = workspace_path(path, self.backend.workdir)
-        listing = await self._guard(record, self.backend.list(record.ref, full, depth, max_entries))
-        return {"path": full, "entries": [e.model_dump() for e in listing.entries], "truncated": listing.truncated}
+        listing = await self._file_op(record, self.backend.list(record.ref, full, depth, max_entries), f"list_files {full}")
+        return FileListing(sandbox_id=record.id, path=full, entries=listing.entries, truncated=listing.truncated)
 
-    async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> dict[str, Any]:
+    async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> Destroyed:
         record = self.registry.get(sandbox_id)
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes to see the sandboxes")
         already = record.state == "destroyed"
         if not already:
             await self._reap(record, "destroyed by request", keep_workspace=keep_workspace)
-        return {"sandbox_id": sandbox_id, "destroyed": True, "already_destroyed": already}
+        return Destroyed(sandbox_id=sandbox_id, destroyed=True, already_destroyed=already)
 
-    def list_sandboxes(self) -> list[dict[str, Any]]:
-        out = []
-        for record in self.registry.running(self.backend.name):
-            item = self.describe(record)
-            item["last_used_at"] = iso(record.last_used_at)
-            out.append(item)
-        return out
+    def list_sandboxes(self, cursor: str | None = None, limit: int = 100) -> SandboxList:
+        """One page of live sandboxes, oldest first; `next_cursor` continues after its last."""
+        records = self.registry.page(self.backend.name, _decode_cursor(cursor) if cursor else None, limit + 1)
+        more, records = len(records) > limit, records[:limit]
+        return SandboxList(
+            sandboxes=[ListedSandbox(**self.describe(r).model_dump(), last_used_at=iso(r.last_used_at)) for r in records],
+            next_cursor=_encode_cursor(records[-1]) if more else None,
+        )
 
     # -- reaping ------------------------------------------------------------------------
 
@@ -298,18 +338,46 @@ class SandboxService:
         self.registry.set_state(record.id, "destroyed", reason)
         self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
         self._locks.pop(record.id, None)
+        self._file_slots.pop(record.id, None)
         log.info("sandbox %s destroyed: %s", record.id, reason)
 
     async def sweep(self) -> list[str]:
-        """Destroy idle, expired and lost sandboxes; returns the ids reaped."""
+        """Destroy idle, expired and lost sandboxes and forget old tombstones; returns the ids
+        reaped. The registry's queries run in a thread: a sweep never stalls the event loop."""
         now, reaped = time.time(), []
-        for record in self.registry.running(self.backend.name):
+        retention = self.settings.sandbox_tombstone_retention_s
+        await asyncio.to_thread(self.registry.prune, self.backend.name, now - retention)
+        for record in await asyncio.to_thread(self.registry.reapable, self.backend.name, now):
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
                 continue
             await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
             reaped.append(record.id)
         return reaped
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, reap: bool = True) -> AsyncIterator[None]:
+        """The server's lifetime: the reaper runs while it serves, and the backend and the
+        registry are closed when the last transport serving it ends (an in-process server
+        runs once per client, so uses are counted)."""
+        self._serving += 1
+        if self._serving == 1 and reap:
+            self._reaper = asyncio.create_task(self.reap_forever())
+        try:
+            yield
+        finally:
+            self._serving -= 1
+            if not self._serving:
+                await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await self.backend.close()
+        self.registry.close()
 
     async def reap_forever(self) -> None:
         while True:
@@ -318,6 +386,25 @@ class SandboxService:
             except Exception:  # the reaper must outlive one bad sweep; the operator sees why
                 log.exception("sandbox sweep failed")
             await asyncio.sleep(self.settings.sandbox_reap_interval_s)
+
+
+def _encode_cursor(record: Record) -> str:
+    return base64.urlsafe_b64encode(json.dumps([record.created_at, record.id]).encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, sandbox_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(sandbox_id)
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument("cursor is not one list_sandboxes returned", hint="pass next_cursor as it came, or omit it") from err
+
+
+def _release(slots: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:
+    """Free a file slot when its work ends; an outcome nobody waits for any more is dropped here."""
+    slots.release()
+    if not done.cancelled():
+        done.exception()  # retrieved: a late failure of abandoned work is not an "unhandled" error
 
 
 def _decode(content: str, encoding: str) -> bytes:

@@ -88,7 +88,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
     from corral.servers.credentials.gateway import GitGateway
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
-    from corral.servers.sandbox.backend import SandboxSpec
+    from corral.servers.sandbox.config import SandboxSettings
 
     backend, sockdir, sandbox_root = sandbox_backend
     secret = new_secret("ghp")
@@ -110,7 +110,7 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
                 denied = await client.call_tool("git_access", {"credential": "echo", "repo_url": repo_url})
                 assert denied.is_error and "not git" in denied.content[0].text
 
-            ref = await backend.provision("sbxgit", SandboxSpec())
+            ref = await backend.provision("sbxgit", SandboxSettings().spec())
             fwd = gateway.forwarder_command()  # the forwarder comes with the socket, in the mounted directory
             assert fwd == "python3 /run/corral/git_forwarder.py --socket /run/corral/git.sock --"
 

@@ -18,6 +18,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from corral import __version__ as CORRAL_VERSION
 from tests.frontdoor.conftest import (
     CORRAL,
     UpProcess,
@@ -54,6 +55,9 @@ async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess) ->
     async with mcp_client(f"{up.base}/credentials/mcp", token) as client:
         listed = await client.call_tool("list_credentials", {})
         assert not listed.is_error and listed.structured_content["credentials"] == []
+    for name in SERVERS:  # every server names its version (serverInfo), Corral's
+        async with mcp_client(f"{up.base}/{name}/mcp", token) as client:
+            assert client.server_info is not None and client.server_info.version == CORRAL_VERSION, name
 
 
 async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:

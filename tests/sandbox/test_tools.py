@@ -249,3 +249,101 @@ async def test_each_client_id_gets_its_own_default_sandbox(harness: Harness) -> 
         assert mine.structured_content["sandbox_id"] == again.structured_content["sandbox_id"]
         assert theirs.structured_content["sandbox_id"] != mine.structured_content["sandbox_id"]
         assert "a" not in theirs.structured_content["stdout"].split()  # b cannot see a's file
+
+
+async def test_every_tool_declares_an_output_schema_its_results_match(harness: Harness) -> None:
+    async with harness.client() as c:
+        listed = {t.name: t for t in (await c.list_tools()).tools}
+        assert all(t.output_schema for t in listed.values()), [n for n, t in listed.items() if not t.output_schema]
+        assert set(listed["read_file"].output_schema["properties"]) >= {"sandbox_id", "content", "sha256", "truncated"}
+        box = await call(c, "provision")
+        sid = box["sandbox_id"]
+        results = {
+            "provision": box,
+            "execute": await call(c, "execute", sandbox_id=sid, command="true"),
+            "write_file": await call(c, "write_file", sandbox_id=sid, path="a.txt", content="x"),
+            "read_file": await call(c, "read_file", sandbox_id=sid, path="a.txt"),
+            "list_files": await call(c, "list_files", sandbox_id=sid),
+            "list_sandboxes": await call(c, "list_sandboxes"),
+            "destroy": await call(c, "destroy", sandbox_id=sid),
+        }
+        for name, result in results.items():
+            assert set(result) <= set(listed[name].output_schema["properties"]), name
+            assert set(result) >= set(listed[name].output_schema.get("required", [])), name
+
+
+async def test_read_only_tools_change_nothing_not_even_a_default_sandbox(harness: Harness) -> None:
+    """read_file and list_files say readOnlyHint: without a sandbox they answer not_found
+    rather than provision one; the first tool that may change things makes it."""
+    from corral import __version__
+
+    async with harness.client() as c:
+        assert c.server_info is not None and c.server_info.version == __version__
+        hints = {t.name: t.annotations.read_only_hint for t in (await c.list_tools()).tools}
+        assert hints["read_file"] and hints["list_files"] and not hints["execute"] and not hints["write_file"]
+        text = await fail(c, "read_file", "not_found", path="f")
+        assert "no default sandbox yet" in text
+        await fail(c, "list_files", "not_found")
+        assert (await call(c, "list_sandboxes"))["sandboxes"] == []  # the reads made nothing
+        made = await call(c, "write_file", path="f", content="x")
+        assert (await call(c, "read_file", path="f"))["sandbox_id"] == made["sandbox_id"]
+        assert [e["name"] for e in (await call(c, "list_files"))["entries"]] == ["f"]
+
+
+async def test_list_sandboxes_pages_and_tombstones_are_pruned_after_retention(settings) -> None:
+    from .conftest import bwrap_works
+    from tests.conftest import require
+
+    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
+    h = Harness("bubblewrap", settings)
+    async with h.client() as c:
+        made = [(await call(c, "provision"))["sandbox_id"] for _ in range(5)]
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = await call(c, "list_sandboxes", limit=2, **({"cursor": cursor} if cursor else {}))
+            seen += [s["sandbox_id"] for s in page["sandboxes"]]
+            pages += 1
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == made and pages == 3  # oldest first, each once
+        await fail(c, "list_sandboxes", "invalid_argument", cursor="not-a-cursor")
+        await call(c, "destroy", sandbox_id=made[0])
+        await h.service.sweep()  # within the retention: the id still answers sandbox_lost
+        await fail(c, "execute", "sandbox_lost", sandbox_id=made[0], command="true")
+        h.service.settings = settings.model_copy(update={"sandbox_tombstone_retention_s": 0})
+        await h.service.sweep()  # past it: forgotten
+        await fail(c, "execute", "not_found", sandbox_id=made[0], command="true")
+        for sid in made[1:]:
+            await call(c, "destroy", sandbox_id=sid)
+
+
+async def test_a_sweep_never_stalls_the_event_loop(settings) -> None:
+    """Pruning 200,000 old tombstones takes a while; the registry work runs in a thread, so
+    the server keeps answering meanwhile (a 1 ms ticker never waits long)."""
+    from .conftest import bwrap_works
+    from tests.conftest import require
+
+    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
+    h = Harness("bubblewrap", settings)
+    old = time.time() - 30 * 86400
+    spec = h.service.settings.spec()
+    from corral.servers.sandbox.backend import SandboxRef
+
+    row = SandboxRef(id="x", spec=spec).model_dump_json()
+    rows = [(f"sbx_old{i:09d}", "bubblewrap", "destroyed", None, None, row, old, old, 1.0, old, None) for i in range(200_000)]
+    db = h.service.registry._db
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+    db.execute("COMMIT")
+    gaps: list[float] = []
+    sweeping = asyncio.create_task(h.service.sweep())
+    last = time.perf_counter()
+    while not sweeping.done():
+        await asyncio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    await sweeping
+    assert h.service.registry.get("sbx_old000000000") is None  # pruned
+    assert max(gaps) < 0.1, f"the event loop stalled {max(gaps) * 1000:.0f} ms during a sweep"
