@@ -16,16 +16,12 @@ from corral.harness.mcp import MCPTools
 from corral.harness.tools import Prefixed, Router, SandboxLifecycle
 from corral.servers.sandbox.config import SandboxSettings
 from corral.servers.sandbox.server import build_server
-from tests.sandbox.conftest import bwrap_works
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def sandbox_server(tmp_path: Path) -> MCPServer:
-    from tests.conftest import require
-
-    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
+def sandbox_server(tmp_path: Path, needs_bwrap: None) -> MCPServer:
     root = Path("/tmp/corral-test-sandboxes") / tmp_path.name
     root.parent.mkdir(mode=0o711, exist_ok=True)
     settings = SandboxSettings(home=tmp_path / "home", sandbox_dir=root, sandbox_reap_interval_s=3600)

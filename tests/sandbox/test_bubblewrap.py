@@ -88,15 +88,12 @@ async def test_bwrap_setup_failure_is_unavailable_not_a_command_result(settings,
         assert "does-not-exist" in text
 
 
+@pytest.mark.requires("bwrap")
 async def test_the_server_closes_its_backend_and_registry_when_it_stops(settings) -> None:
     """Resources live as long as the server's MCP lifespan: closed when the last transport ends."""
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
     from corral.servers.sandbox.server import backend_config, build_server
 
-    from .conftest import bwrap_works
-    from tests.conftest import require
-
-    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
 
     class Observed(BubblewrapBackend):  # the real backend, counting its close() calls
         closed = 0

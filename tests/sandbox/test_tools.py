@@ -290,11 +290,8 @@ async def test_read_only_tools_change_nothing_not_even_a_default_sandbox(harness
         assert [e["name"] for e in (await call(c, "list_files"))["entries"]] == ["f"]
 
 
+@pytest.mark.requires("bwrap")
 async def test_list_sandboxes_pages_and_tombstones_are_pruned_after_retention(settings) -> None:
-    from .conftest import bwrap_works
-    from tests.conftest import require
-
-    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
     h = Harness("bubblewrap", settings)
     async with h.client() as c:
         made = [(await call(c, "provision"))["sandbox_id"] for _ in range(5)]
@@ -318,13 +315,10 @@ async def test_list_sandboxes_pages_and_tombstones_are_pruned_after_retention(se
             await call(c, "destroy", sandbox_id=sid)
 
 
+@pytest.mark.requires("bwrap")
 async def test_a_sweep_never_stalls_the_event_loop(settings) -> None:
     """Pruning 200,000 old tombstones takes a while; the registry work runs in a thread, so
     the server keeps answering meanwhile (a 1 ms ticker never waits long)."""
-    from .conftest import bwrap_works
-    from tests.conftest import require
-
-    require("bubblewrap", bwrap_works(), "bwrap missing or user namespaces disabled")
     h = Harness("bubblewrap", settings)
     old = time.time() - 30 * 86400
     spec = h.service.settings.spec()
