@@ -147,6 +147,23 @@ def bind(host: str, port: int) -> socket.socket:
 # -- serving --------------------------------------------------------------------------
 
 
+async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+    """uvicorn ends a failed start-up with sys.exit(3); inside a task that would escape the loop."""
+    with contextlib.suppress(SystemExit):
+        await server.serve(sockets=[sock])
+
+
+class _QuietOnce(logging.Filter):
+    """Drops uvicorn's log records once the app recorded a start-up error of ours."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self.app, "startup_error", None) is None
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn, but a signal ends it with exit 0 instead of being re-raised afterwards."""
 
@@ -199,12 +216,17 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
 async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path) -> str | None:
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on", **uvicorn_limits())
     server = _Uvicorn(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if task.done():  # startup failed: uvicorn logged why; surface it as our one line
-        await task
-        raise Unavailable("the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details")
+    quiet = _QuietOnce(app)  # uvicorn would log a start-up error as a traceback; it is ours to report
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    task = asyncio.create_task(_serve(server, sock))
+    try:
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if task.done():  # startup failed: surface it as our one line
+            await task
+            raise getattr(app, "startup_error", None) or Unavailable("the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details")
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
     health = await asyncio.gather(*(_health(base, name, token) for name in built.servers))  # in parallel: start-up time
     print(_banner(built, base, token, home, health), flush=True)
     await task

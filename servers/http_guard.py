@@ -84,6 +84,8 @@ class HTTPGuard:
         self.cookie_paths = tuple(cookie_paths)
         self.cookie_name = cookie_name
         self.viewers = ViewerSessions()
+        # A Corral error that failed the app's start-up (set by its lifespan), for the caller to report.
+        self.startup_error: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan

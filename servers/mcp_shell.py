@@ -207,12 +207,17 @@ def http_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            for server in mounts.values():
-                await stack.enter_async_context(server.session_manager.run())
+            try:
+                for server in mounts.values():
+                    await stack.enter_async_context(server.session_manager.run())
+            except CorralError as err:  # e.g. a vault that cannot open: the caller reports it as one line
+                guard.startup_error = err
+                raise
             yield
 
     app = Starlette(routes=[*routes, Route("/healthz", _healthz), *children], lifespan=lifespan)
-    return HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths, cookie_name=viewer_cookie(port))  # type: ignore[return-value]
+    guard = HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths, cookie_name=viewer_cookie(port))
+    return guard  # type: ignore[return-value]
 
 
 async def _healthz(_: Request) -> Response:

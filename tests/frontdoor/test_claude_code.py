@@ -70,7 +70,11 @@ def test_claude_code_calls_corral_tools_on_its_first_request(corral_env: dict[st
     workdir = tmp_path / "api"
     workdir.mkdir()
     api, api_port, upstream_port = _api(netns, corral_env, workdir)
-    env = {**corral_env, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{api_port}", "ANTHROPIC_API_KEY": "sk-ant-test"}
+    env = {**corral_env, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{api_port}", "ANTHROPIC_API_KEY": "sk-ant-test",
+           # How long Claude Code waits for `alwaysLoad` servers before its first request (default 5 s).
+           # A server answers in about 1 s here; the margin is for a loaded CI machine. Without
+           # `alwaysLoad` Claude Code does not wait at all, whatever this says, and the test fails.
+           "MCP_CONNECT_TIMEOUT_MS": "30000"}
     up = None
     try:
         _vault_credential(env, upstream_port)
