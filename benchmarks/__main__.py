@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-AREAS = ["session", "forks", "postgres", "sandbox", "credentials", "harness", "workers", "frontdoor"]
+AREAS = ["session", "forks", "postgres", "sandbox", "credentials", "harness", "workers", "frontdoor", "flat"]
 
 
 def main(argv: list[str]) -> int:
