@@ -6,7 +6,9 @@ Every row is p50 ms at the small size -> the large size and the ratio between th
 the ratio of an operation known to be flat, measured in the same run:
 
 - credentials, 1 vs 1,000 in the vault (`credentials.scale`): `http_request` with a 256 KiB
-  response, `list_credentials`, the vault reload; flat op: a direct httpx GET of the same body.
+  response, `list_credentials` (a page of 1: the same answer at both sizes; and the default
+  first page, 1 item vs 25, shown without a target), the vault reload; flat op: a direct
+  httpx GET of the same body.
 - fork depth, 1 vs 1,000 (`forks.chain`/`forks.measure`): every session tool through an
   in-memory MCP client, on SQLite (and PostgreSQL when reachable); flat op: `slice` of a
   plain session at 1k vs 100k events.
