@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,14 +94,6 @@ def bench_forks(table: Table, label: str, store: EventStore, depth: int, n: int)
     for op, small, large in tools:
         ratio_row(table, f"forks ({label}): {op}, depth 1 vs {depth:,}", small, large, flat)
     table.add(f"forks ({label}): {base_name.removeprefix('baseline: ')}, 1k vs 100k events", f"{base_small:.2f} -> {base_large:.2f} ms ({flat:.2f}x)", "(the flat op)")
-
-
-def with_store(opener: Callable[[], EventStore], fn: Callable[[EventStore], None]) -> None:
-    store = opener()
-    try:
-        fn(store)
-    finally:
-        store.close()
 
 
 # -- the viewer's first screen ------------------------------------------------------------
@@ -209,11 +201,11 @@ def main() -> None:
     print(f"flat costs (issue 15): p50 of {args.n} samples at a small and a large size, beside a flat operation's ratio")
     bench_credentials(table, args.n)
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as d:
-        with_store(lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench_forks(table, "SQLite", s, args.depth, args.n))
+        forks.with_store(lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench_forks(table, "SQLite", s, args.depth, args.n))
     if not args.no_postgres:
         with forks.postgres_schema(args.url) as url:
             if url is not None:
-                with_store(lambda: open_store(url), lambda s: bench_forks(table, "PostgreSQL", s, args.depth, args.n))
+                forks.with_store(lambda: open_store(url), lambda s: bench_forks(table, "PostgreSQL", s, args.depth, args.n))
     bench_viewer(table, args.events, args.n)
     bench_sandboxes(table)
     print(f"  -> {table.save()}")
