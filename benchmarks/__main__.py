@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-AREAS = ["session", "forks", "postgres", "sandbox", "sandbox_scale", "credentials", "harness", "workers", "frontdoor", "tooldefs"]
+AREAS = ["session", "forks", "postgres", "sandbox", "sandbox_scale", "credentials", "flat", "harness", "workers", "frontdoor", "tooldefs"]
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,12 @@
     GET /sessions                     the list of sessions (refreshes itself)
     GET /sessions/{id}                one session's timeline, live (polls for new events)
     GET /sessions.json                the list as JSON
-    GET /sessions/{id}/events.json    events after `?after=N` with their one-line summaries
+    GET /sessions/{id}/events.json    the newest events with their one-line summaries;
+                                      `?after=N`: the oldest after N (following live),
+                                      `?before=N`: the newest before N (paging back)
+
+Every answer is at most PAGE_LIMIT events read through the store's position index, so a
+session of a million events opens at its tail as fast as one of ten (issue 15).
 
 Read-only by construction: the routes only call the store's read verbs. The page builds
 its DOM with `textContent` (event data is untrusted: a model wrote it) under a strict
@@ -24,8 +29,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from corral.errors import CorralError, NotFound
-from corral.viewer.summary import compact, summarize
 from corral.servers.session import EventStore
+from corral.viewer.summary import compact, summarize
 
 __all__ = ["COOKIE_PATHS", "viewer_routes"]
 
@@ -84,6 +89,24 @@ def _event_json(event: Any) -> dict[str, Any]:
     }
 
 
+def _window(query: Any) -> dict[str, Any]:
+    """The store's select arguments for `?after=N`, `?before=N` or neither (the tail)."""
+    if "after" in query and "before" in query:
+        raise ValueError("give after or before, not both")
+    for name in ("after", "before"):
+        if name in query:
+            try:
+                value = int(query[name])
+            except ValueError:
+                raise ValueError(f"{name} must be an integer") from None
+            if name == "after":
+                return {"gte": max(value + 1, 0)}
+            if value < 0:
+                raise ValueError("before must not be negative")
+            return {"lt": value, "desc": True}
+    return {"desc": True}
+
+
 def viewer_routes(store: EventStore) -> list[Route]:
     html = _page()
     page_headers = {**HEADERS, "Content-Security-Policy": _csp(html)}
@@ -98,16 +121,17 @@ def viewer_routes(store: EventStore) -> list[Route]:
     async def events_json(request: Request) -> Response:
         session_id = request.path_params["session_id"]
         try:
-            after = int(request.query_params.get("after", "-1"))
-        except ValueError:
-            return JSONResponse({"error": "invalid_argument: after must be an integer"}, status_code=400, headers=HEADERS)
+            window = _window(request.query_params)
+        except ValueError as err:
+            return JSONResponse({"error": f"invalid_argument: {err}"}, status_code=400, headers=HEADERS)
         try:
             info = await run_in_threadpool(store.get, session_id)
-            events = await run_in_threadpool(lambda: store.select(session_id, gte=after + 1, limit=PAGE_LIMIT))
+            events = await run_in_threadpool(lambda: store.select(session_id, limit=PAGE_LIMIT, **window))
         except NotFound as err:
             return JSONResponse({"error": str(err)}, status_code=404, headers=HEADERS)
         except CorralError as err:
             return JSONResponse({"error": str(err)}, status_code=503, headers=HEADERS)
+        events.sort(key=lambda e: e.position)  # always oldest first, whichever end was read
         return JSONResponse({"session": _session_json(info), "events": [_event_json(e) for e in events]}, headers=HEADERS)
 
     return [
