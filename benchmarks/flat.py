@@ -173,18 +173,21 @@ def interleaved(calls: dict, n: int) -> dict:
 # -- sandboxes -----------------------------------------------------------------------------
 
 
-def bench_sandboxes(table: Table) -> None:
-    """Measured only once `list_sandboxes` pages (issue 15 item 4, another change)."""
-    import inspect
+def bench_sandboxes(table: Table, n: int) -> None:
+    """`list_sandboxes`' first page at 10 vs 10,000 live sandboxes (benchmarks/sandbox_scale.py measures it)."""
+    from benchmarks import sandbox_scale
 
-    from corral.servers.sandbox.service import SandboxService
-
-    if "limit" not in inspect.signature(SandboxService.list_sandboxes).parameters:
-        print("  (list_sandboxes 10 vs 10,000: skipped, list_sandboxes has no paging in this tree yet)")
-        table.add("sandboxes: list_sandboxes first page, 10 vs 10,000", "skipped", "no paging in this tree yet")
-        return
-    print("  (list_sandboxes pages now: measure it in benchmarks/sandbox.py and add it here)")
-    table.add("sandboxes: list_sandboxes first page, 10 vs 10,000", "not measured", "paging present; measurement not written yet")
+    measured = asyncio.run(sandbox_scale.measure(n))
+    small, large = measured["small"], measured["large"]
+    ratio = large["first_page_ms"] / small["first_page_ms"]
+    flat = large["destroy_destroyed_ms"] / small["destroy_destroyed_ms"]
+    table.add(
+        f"sandboxes: list_sandboxes first page, {sandbox_scale.SMALL} vs {sandbox_scale.LARGE:,}",
+        f"{small['first_page_ms']:.2f} -> {large['first_page_ms']:.2f} ms (x{ratio:.2f})",
+        f"destroy of a destroyed id x{flat:.2f}",
+        "<= 1.5x",
+        ratio <= 1.5,
+    )
 
 
 def main() -> None:
@@ -207,7 +210,7 @@ def main() -> None:
             if url is not None:
                 forks.with_store(lambda: open_store(url), lambda s: bench_forks(table, "PostgreSQL", s, args.depth, args.n))
     bench_viewer(table, args.events, args.n)
-    bench_sandboxes(table)
+    bench_sandboxes(table, args.n)
     print(f"  -> {table.save()}")
 
 
