@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
+from .processes import ProcessInfo, ProcessOutput, Signal
+
 __all__ = [
     "Backend",
     "ExecRequest",
@@ -82,6 +84,7 @@ class ExecResult(_Model):
     stderr_bytes: int
     stdout_truncated: bool
     stderr_truncated: bool
+    notice: str | None = Field(None, description="something the caller should know, e.g. background processes were stopped")
 
     @classmethod
     def of(cls, done: Any) -> ExecResult:
@@ -163,6 +166,30 @@ class Backend(ABC):
 
     async def close(self) -> None:
         """Release clients and connections (not sandboxes)."""
+
+    # -- background processes (a backend without them says so) -------------------------
+
+    async def start_process(self, ref: SandboxRef, request: ExecRequest, process_id: str) -> ProcessInfo:
+        """Start `request.command` in the background and return at once (no timeout, output to disk)."""
+        raise InvalidArgument(
+            f"the {self.name} backend cannot run background processes",
+            hint="run the command in the foreground (background=false), or use the bubblewrap or docker backend",
+        )
+
+    async def list_processes(self, ref: SandboxRef) -> list[ProcessInfo]:
+        return []
+
+    async def process_output(
+        self, ref: SandboxRef, process_id: str, offset: int, stderr_offset: int, limit: int
+    ) -> ProcessOutput:
+        raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+
+    async def kill_process(self, ref: SandboxRef, process_id: str, signal: Signal) -> ProcessInfo:
+        raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+
+    async def active(self, ref: SandboxRef) -> bool:
+        """Whether the sandbox is working on its own (a background process runs): not idle."""
+        return False
 
 
 def workspace_path(path: str | None, workdir: str = WORKDIR) -> str:

@@ -27,6 +27,7 @@ from corral.servers.sandbox.server import backend_config, build_server
 from tests.conftest import require
 
 from .fake_e2b import FakeAsyncSandbox
+from .procs import kill_sandboxes_under
 
 TEST_IMAGE = "corral-sandbox-test:latest"
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,7 @@ def sandbox_root() -> Iterator[Path]:
     base.chmod(0o711)
     root = base / uuid.uuid4().hex[:12]
     yield root
+    kill_sandboxes_under(root)  # what tests that build their own Harness left running
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -140,6 +142,14 @@ def iso(isolated_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
 
 
 def _cleanup(h: Harness) -> None:
+    if h.kind == "bubblewrap":  # live sandboxes hold processes: end every one the test left
+        import asyncio
+
+        async def destroy_all() -> None:
+            for record in h.service.registry.all("bubblewrap", states=("running", "lost")):
+                await h.backend.destroy(record.ref)
+
+        asyncio.run(destroy_all())
     if h.kind == "docker":  # leave no container behind, whatever the test did
         ids = subprocess.run(
             ["docker", "ps", "-aq", "--filter", "label=corral.sandbox"], capture_output=True, text=True, timeout=30

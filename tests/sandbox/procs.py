@@ -14,9 +14,29 @@ def bwrap_pids(sandbox_id: str, parent: int | None = None) -> list[int]:
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(
+                Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            )
         except (OSError, IndexError, ValueError):
             continue
-        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv) and parent in (None, ppid):
+        if (
+            argv[0].endswith(b"bwrap")
+            and any(sandbox_id.encode() in a for a in argv)
+            and parent in (None, ppid)
+        ):
             pids.append(int(entry))
     return pids
+
+
+def kill_sandboxes_under(root: Path) -> None:
+    """End every live sandbox whose bwrap mounts something under `root` (the init and its holder)."""
+    for pid in bwrap_pids(str(root.name)):
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for victim in [*map(int, children), pid]:
+            try:
+                os.kill(victim, 9)
+            except ProcessLookupError:
+                pass
