@@ -27,6 +27,7 @@ from corral.errors import InvalidArgument, NotFound, SandboxLost
 
 from .backend import Backend, ExecRequest, ExecResult, SandboxSpec, workspace_path
 from .config import SandboxSettings
+from .processes import ProcessInfo, ProcessOutput, Signal, new_process_id, sandbox_of
 from .registry import Record, Registry
 
 __all__ = ["Resources", "SandboxService", "iso"]
@@ -291,6 +292,38 @@ class SandboxService:
             out.append(item)
         return out
 
+    # -- background processes --------------------------------------------------------
+
+    async def start_process(
+        self, record: Record, command: str, *, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> ProcessInfo:
+        request = ExecRequest(command=command, cwd=cwd, env=_check_env(env), output_limit=self.settings.sandbox_output_limit)
+        process_id = new_process_id(record.id)
+        return await self._guard(record, self.backend.start_process(record.ref, request, process_id))
+
+    async def processes(self, record: Record) -> list[ProcessInfo]:
+        return await self._guard(record, self.backend.list_processes(record.ref))
+
+    async def _owner(self, process_id: str) -> Record:
+        """The sandbox a process id names; its sandbox must be this server's and alive."""
+        sandbox_id = sandbox_of(process_id)
+        record = self.registry.get(sandbox_id)
+        if record is None or record.backend != self.backend.name:
+            raise NotFound(f"no process {process_id!r}", hint="call processes to list the background processes")
+        return await self.resolve(sandbox_id, "")
+
+    async def process_output(
+        self, process_id: str, *, offset: int = 0, stderr_offset: int = 0, limit: int | None = None
+    ) -> ProcessOutput:
+        record = await self._owner(process_id)
+        limit = min(limit or self.settings.sandbox_output_limit, self.settings.sandbox_read_limit)
+        work = self.backend.process_output(record.ref, process_id, offset, stderr_offset, limit)
+        return await self._guard(record, work)
+
+    async def kill_process(self, process_id: str, signal: Signal = "TERM") -> ProcessInfo:
+        record = await self._owner(process_id)
+        return await self._guard(record, self.backend.kill_process(record.ref, process_id, signal))
+
     # -- reaping ------------------------------------------------------------------------
 
     async def _reap(self, record: Record, reason: str, keep_workspace: bool = False) -> None:
@@ -307,6 +340,8 @@ class SandboxService:
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
                 continue
+            if reason == "idle" and await self.backend.active(record.ref):
+                continue  # a background process still runs: that is use (the TTL still ends it)
             await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
             reaped.append(record.id)
         return reaped
