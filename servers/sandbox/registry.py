@@ -37,6 +37,14 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_idem ON sandboxes(backend, idempotency_key)
     WHERE idempotency_key IS NOT NULL AND state = 'running';
+-- A client's default sandbox, by the client's durable key (its session id, or "default" for
+-- whoever sends none: this registry is per CORRAL_HOME), so it outlives restarts of both ends.
+CREATE TABLE IF NOT EXISTS defaults (
+    backend TEXT NOT NULL,
+    client TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    PRIMARY KEY (backend, client)
+);
 """
 
 
@@ -124,3 +132,18 @@ class Registry:
     def set_state(self, sandbox_id: str, state: State, reason: str | None = None) -> None:
         with self._lock:
             self._db.execute("UPDATE sandboxes SET state = ?, reason = ? WHERE id = ?", (state, reason, sandbox_id))
+
+    # -- default sandboxes bound to clients -------------------------------------------
+
+    def bound(self, backend: str, client: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT sandbox_id FROM defaults WHERE backend = ? AND client = ?", (backend, client)).fetchone()
+        return row[0] if row else None
+
+    def bind(self, backend: str, client: str, sandbox_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (backend, client, sandbox_id))
+
+    def unbind(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM defaults WHERE sandbox_id = ?", (sandbox_id,))

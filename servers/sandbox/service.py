@@ -160,12 +160,26 @@ class SandboxService:
     async def _default_for(self, client: str) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
-            known = self._defaults.get(client)
+            known = self._defaults.get(client) or self.registry.bound(self.backend.name, client)
             if known and (record := self.registry.get(known)) and record.state == "running":
+                self._defaults[client] = known
                 return known
+            if known:
+                self._forget_default(known)
+                if record is not None and record.reason != "destroyed by request":
+                    # Its files are gone: say so once rather than carry on in an empty sandbox.
+                    raise SandboxLost(
+                        f"your default sandbox {known} is {record.state} ({record.reason}): its files and processes are gone",
+                        hint="call again: the next call gets a fresh default sandbox",
+                    )
             created = (await self.provision(label="default"))["sandbox_id"]
             self._defaults[client] = created
+            self.registry.bind(self.backend.name, client, created)
             return created
+
+    def _forget_default(self, sandbox_id: str) -> None:
+        self._defaults = {c: s for c, s in self._defaults.items() if s != sandbox_id}
+        self.registry.unbind(sandbox_id)
 
     async def _guard(self, record: Record, work: Awaitable[Any]) -> Any:
         """Run one backend call on `record`: busy while running; lost means lost for good."""
@@ -175,7 +189,7 @@ class SandboxService:
             return await work
         except SandboxLost as err:
             self.registry.set_state(record.id, "lost", err.message)
-            self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
+            self._forget_default(record.id)
             log.warning("sandbox %s lost: %s", record.id, err.message)
             raise
         finally:
@@ -329,7 +343,7 @@ class SandboxService:
     async def _reap(self, record: Record, reason: str, keep_workspace: bool = False) -> None:
         await self.backend.destroy(record.ref, keep_workspace=keep_workspace)
         self.registry.set_state(record.id, "destroyed", reason)
-        self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
+        self._forget_default(record.id)
         self._locks.pop(record.id, None)
         log.info("sandbox %s destroyed: %s", record.id, reason)
 

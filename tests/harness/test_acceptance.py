@@ -246,3 +246,30 @@ def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dic
             up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
+
+
+def test_the_sessions_hands_follow_it_across_harness_and_server_restarts(real_env: dict[str, str]) -> None:
+    """Issue 10 item 6: a second `corral run --session` (a new harness, a new stdio sandbox
+    server) finds the default sandbox of the first: its files and its running server."""
+    serve = "echo kept > notes.txt; nohup python3 -m http.server 8090 --bind 127.0.0.1 >/dev/null 2>&1 & sleep 0.5"
+    fetch = "cat notes.txt; python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8090/').status)\""
+    seen: list[dict[str, Any]] = []
+
+    def check(body: dict[str, Any]) -> Turn:
+        seen.append(result_json(body))
+        return Turn([text("found them")])
+
+    script = Script({"HANDS-TASK": [
+        Turn([tool("sandbox__execute", {"command": serve})]), Turn([text("started")]),
+        Turn([tool("sandbox__execute", {"command": fetch})]), check,
+    ]})  # fmt: skip
+    with FakeAnthropic(script) as fake:
+        first = corral(["run", "HANDS-TASK: start"], {**real_env, **fake.env()}, timeout=300)
+        assert first.returncode == 0, first.stdout + first.stderr
+        sid = session_id(first.stdout)
+        second = corral(["run", "--session", sid, "go on"], {**real_env, **fake.env()}, timeout=300)
+        assert second.returncode == 0, second.stdout + second.stderr
+    assert seen and seen[0]["stdout"] == "kept\n200\n", seen
+    assert sandboxes(real_env) == 1
+    with sqlite3.connect(Path(real_env["CORRAL_HOME"]) / "sandboxes" / "registry-bubblewrap.db") as conn:
+        assert conn.execute("SELECT client FROM defaults").fetchall() == [(f"meta:{sid}",)]  # bound to the session
