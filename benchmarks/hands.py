@@ -42,6 +42,8 @@ def bare_bwrap_argv(
 ) -> list[str]:
     """A one-shot `bwrap` with the sandbox's own recipe (what every execute cost before live sandboxes)."""
     argv = backend._init_argv(ref)
+    if backend.cgroups is not None:  # a bare spawn: no cgroup to join
+        argv = argv[len(backend.cgroups.enter_argv(ref.id, init=True)) :]
     argv = argv[: argv.index("--info-fd")] + ["--die-with-parent"]
     argv.remove("--as-pid-1")
     return [

@@ -128,6 +128,8 @@ class Backend(ABC):
     name: str
     isolation: str
     workdir: str = WORKDIR
+    # Whether memory/process/CPU caps hold for the sandbox as a whole, or only per process.
+    limits_scope: Literal["sandbox", "process"] = "sandbox"
 
     @abstractmethod
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef: ...

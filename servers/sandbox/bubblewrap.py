@@ -44,7 +44,7 @@ from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import hostfs
+from . import cgroups, hostfs
 from .backend import (
     WORKDIR,
     Backend,
@@ -130,6 +130,8 @@ class BubblewrapBackend(Backend):
         self._popens: dict[int, subprocess.Popen] = {}  # our children, kept until reaped
         self._starting: dict[str, asyncio.Lock] = {}
         self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
+        self.cgroups = cgroups.detect() if config.cgroups else None
+        self.limits_scope = "sandbox" if self.cgroups else "process"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -150,6 +152,8 @@ class BubblewrapBackend(Backend):
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         await self._stop(ref.id)
+        if self.cgroups is not None:
+            await self.cgroups.remove(ref.id)
         base = self._dir(ref.id)
         if keep_workspace:
             for sub in ("home", "tmp", "procs"):
@@ -204,6 +208,8 @@ class BubblewrapBackend(Backend):
                     "the sandbox's processes were stopped while the server was away "
                     "(its files are kept); background processes started before must be started again"
                 )
+            if self.cgroups is not None:
+                self.cgroups.create(ref.id, ref.spec)
             init, proc = await start_init(
                 self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
             )
@@ -215,7 +221,8 @@ class BubblewrapBackend(Backend):
 
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
-        argv = [*self._drop_to_uid(), self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
+        argv = self.cgroups.enter_argv(ref.id, init=True) if self.cgroups else []
+        argv += [*self._drop_to_uid(), self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
         argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
         if spec.network == "none":
             argv.append("--unshare-net")
@@ -237,7 +244,7 @@ class BubblewrapBackend(Backend):
             return not workspace.is_dir() or not init.alive()
 
         done = await run_bounded(
-            self._argv(init, ref.spec, request),
+            self._argv(ref.id, init, ref.spec, request),
             stdin=request.stdin,
             timeout_s=request.timeout_s,
             output_limit=request.output_limit,
@@ -275,9 +282,10 @@ class BubblewrapBackend(Backend):
             return []
         return [self.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
 
-    def _argv(self, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False) -> list[str]:
+    def _argv(self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False) -> list[str]:
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
-        argv = enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True)
+        argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
+        argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True)
         argv += drop_caps(self.setpriv)
         env = {**BASE_ENV, **spec.env, **request.env}
         argv += [self.env, "-i", "--", *(f"{k}={v}" for k, v in env.items())]
@@ -325,7 +333,7 @@ class BubblewrapBackend(Backend):
         out, err = os.open(directory / "stdout", flags, 0o600), os.open(directory / "stderr", flags, 0o600)
         try:
             proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, reaped by watch_exit: no thread per process)
-                self._argv(init, ref.spec, request, background=True),
+                self._argv(ref.id, init, ref.spec, request, background=True),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={}, start_new_session=True,
             )  # fmt: skip
         finally:

@@ -122,6 +122,7 @@ class SandboxService:
             "sandbox_id": record.id,
             "backend": record.backend,
             "isolation": self.backend.isolation,
+            "limits": self.backend.limits_scope,
             "state": record.state,
             "label": record.label,
             "network": record.ref.spec.network,

@@ -35,7 +35,7 @@ from tests.harness.fake_anthropic import (
 from tests.harness.scripts import PLAN
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
-from tests.sandbox.procs import bwrap_pids
+from tests.sandbox.procs import bwrap_pids, kill_sandboxes_under
 
 pytestmark = pytest.mark.bwrap
 SECRET = "sk-acceptance-" + uuid.uuid4().hex
@@ -58,6 +58,7 @@ def real_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
     e = {k: v for k, v in env.items() if k not in ("CORRAL_SERVERS", "CORRAL_EXTRA_SERVERS")}
     e.update(CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(root), CORRAL_SANDBOX_REAP_INTERVAL_S="3600")
     yield e
+    kill_sandboxes_under(root)  # live sandboxes outlive their server by design: end them
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -39,4 +40,11 @@ def kill_sandboxes_under(root: Path) -> None:
             try:
                 os.kill(victim, 9)
             except ProcessLookupError:
+                pass
+    time.sleep(0.2)
+    for sandbox in root.glob("sbx_*"):  # and their cgroups, where the server made them
+        for group in Path("/sys/fs/cgroup").glob(f"*/corral/{sandbox.name}"):
+            try:
+                group.rmdir()
+            except OSError:
                 pass

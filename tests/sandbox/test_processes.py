@@ -125,7 +125,7 @@ async def test_a_background_server_is_reachable_and_killable(bw: Harness) -> Non
         }
         assert (
             listed[busy["process_id"]]["state"] == "running"
-            and listed[busy["process_id"]]["cpu_s"] > 0.3
+            and listed[busy["process_id"]]["cpu_s"] > 0.05
         )
         killed = await call(c, "kill_process", process_id=p["process_id"])
         assert (
@@ -330,3 +330,40 @@ async def test_background_is_refused_where_a_backend_has_none(settings) -> None:
         )
         assert "foreground" in text
         assert (await call(c, "processes"))["processes"] == []
+
+
+async def test_ten_background_memory_hogs_cannot_sum_past_the_sandbox_cap(
+    bw: Harness,
+) -> None:
+    if bw.backend.limits_scope != "sandbox":
+        pytest.skip("no per-sandbox cgroup here (needs root and cgroup v1 controllers)")
+    hog = "python3 -c \"import time; x = bytearray(40 << 20); x[::4096] = b'x' * len(x[::4096]); print('held', flush=True); time.sleep(60)\""
+    async with bw.client() as c:
+        box = await call(c, "provision", resources={"memory_mb": 100})
+        assert box["limits"] == "sandbox"
+        ids = [
+            (
+                await call(
+                    c,
+                    "execute",
+                    sandbox_id=box["sandbox_id"],
+                    command=hog,
+                    background=True,
+                )
+            )["process_id"]
+            for _ in range(10)
+        ]
+        await asyncio.sleep(4)
+        listed = (await call(c, "processes", sandbox_id=box["sandbox_id"]))["processes"]
+        alive = [p for p in listed if p["state"] == "running"]
+        assert len(alive) * 40 <= 100, (
+            listed
+        )  # ten times 40 MiB: only what fits in 100 MiB lives
+        assert any(
+            p["signal"] == "KILL" for p in listed
+        )  # the others met the sandbox's OOM killer
+        assert bw.backend.cgroups.memory_peak(box["sandbox_id"]) <= 100 << 20
+        assert (
+            await call(c, "execute", sandbox_id=box["sandbox_id"], command="echo alive")
+        )["stdout"] == "alive\n"
+        assert len(ids) == 10
