@@ -34,7 +34,9 @@ from corral.servers.sandbox.bubblewrap import SHELL, BubblewrapBackend, _limits
 from corral.servers.sandbox.config import SandboxSettings
 
 from benchmarks.common import Table, percentile
-from benchmarks.sandbox import service_for, stdio_params
+from benchmarks.sandbox import cpu_ms, server_cpu_ms, service_for, stdio_params
+
+CPU: dict[str, float] = {}
 
 
 def bare_bwrap_argv(
@@ -93,6 +95,15 @@ async def live_vs_bare(
                 )[0]
             )
             raw.append(await spawn(bare, {}))
+        # CPU per call, which the load of others does not inflate: the server (+ what it ran) vs a bare spawn.
+        start = server_cpu_ms()
+        for _ in range(n):
+            await c.call_tool("execute", {"sandbox_id": sid, "command": "true"})
+        CPU["live"] = (server_cpu_ms() - start) / n
+        start = cpu_ms()
+        for _ in range(n):
+            await spawn(bare, {})
+        CPU["bare"] = (cpu_ms() - start) / n
         await c.call_tool("destroy", {"sandbox_id": sid})
     return live, raw
 
@@ -254,6 +265,7 @@ async def main() -> None:
         live50 <= raw50,
     )
     f50, f99 = statistics.median(first), percentile(first, 99)
+    table.add("  CPU per execute (server + nsenter chain)", f"{CPU['live']:.1f} ms", f"bare bwrap spawn {CPU['bare']:.1f} ms", "<= bare", CPU["live"] <= CPU["bare"])
     table.add(
         "provision + first execute (init starts): p50 / p99",
         f"{f50:.1f} / {f99:.1f} ms",

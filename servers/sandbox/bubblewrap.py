@@ -152,6 +152,8 @@ class BubblewrapBackend(Backend):
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         await self._stop(ref.id)
+        self._starting.pop(ref.id, None)
+        self._notices.pop(ref.id, None)
         if self.cgroups is not None:
             await self.cgroups.remove(ref.id)
         base = self._dir(ref.id)
