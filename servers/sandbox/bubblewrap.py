@@ -461,17 +461,25 @@ def proc_ended(directory: Path) -> bool:
 
 
 async def _first_child(proc: subprocess.Popen, timeout_s: float = 2.0) -> Pid | None:
-    """The host pid of the command nsenter forked (it leads its own process group)."""
+    """The host pid of the command nsenter forked."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         except OSError:
             return None  # nsenter is gone: so is the command
-        if children:
+        # Returned once it leads its own group (`setsid` ran), so kill_process reaches all of it.
+        if children and _leads_group(int(children[0])):
             return Pid.of(int(children[0]))
         await asyncio.sleep(0.0005)
-    return None
+    return Pid.of(int(children[0])) if children else None
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return True  # already gone: nothing left to wait for
 
 
 def _cwd(cwd: str | None) -> str:

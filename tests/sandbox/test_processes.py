@@ -367,3 +367,69 @@ async def test_ten_background_memory_hogs_cannot_sum_past_the_sandbox_cap(
             await call(c, "execute", sandbox_id=box["sandbox_id"], command="echo alive")
         )["stdout"] == "alive\n"
         assert len(ids) == 10
+
+
+async def test_background_processes_conform_on_every_isolating_backend(
+    iso: Harness,
+) -> None:
+    """The same contract on bubblewrap and docker: start, read by offsets, list, kill, bad ids."""
+    async with iso.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        p = await call(
+            c,
+            "execute",
+            sandbox_id=sid,
+            command="echo first; sleep 1; echo second; echo oops >&2; exit 3",
+            background=True,
+        )
+        assert p["state"] == "running" and p["sandbox_id"] == sid
+        done = await _until(
+            c, p["process_id"], lambda o: not o["running"], timeout_s=20
+        )
+        assert (
+            done["exit_code"] == 3
+            and done["stdout"] == "first\nsecond\n"
+            and done["stderr"] == "oops\n"
+        ), done
+        assert (done["stdout_bytes"], done["stderr_bytes"]) == (13, 5)
+        rest = await call(
+            c,
+            "process_output",
+            process_id=p["process_id"],
+            offset=6,
+            stderr_offset=5,
+            limit=100,
+        )
+        assert (
+            rest["stdout"] == "second\n"
+            and rest["stderr"] == ""
+            and rest["next_offset"] == 13
+        )
+        await fail(
+            c,
+            "process_output",
+            "invalid_argument",
+            process_id=p["process_id"],
+            offset=14,
+        )
+        await fail(c, "kill_process", "conflict", process_id=p["process_id"])
+        sleeper = await call(
+            c, "execute", sandbox_id=sid, command="sleep 60", background=True
+        )
+        killed = await call(c, "kill_process", process_id=sleeper["process_id"])
+        assert killed["state"] == "killed" and killed["signal"] == "TERM", killed
+        listed = {
+            x["process_id"]: x
+            for x in (await call(c, "processes", sandbox_id=sid))["processes"]
+        }
+        assert (
+            listed[p["process_id"]]["exit_code"] == 3
+            and listed[p["process_id"]]["ended_at"]
+        )
+        assert listed[sleeper["process_id"]]["state"] == "killed" and listed[
+            p["process_id"]
+        ]["command"].startswith("echo first")
+        await fail(
+            c, "process_output", "not_found", process_id=f"proc_{sid[4:]}_00000000"
+        )
+        await fail(c, "kill_process", "not_found", process_id="nope")
