@@ -265,7 +265,13 @@ async def main() -> None:
         live50 <= raw50,
     )
     f50, f99 = statistics.median(first), percentile(first, 99)
-    table.add("  CPU per execute (server + nsenter chain)", f"{CPU['live']:.1f} ms", f"bare bwrap spawn {CPU['bare']:.1f} ms", "<= bare", CPU["live"] <= CPU["bare"])
+    table.add(
+        "  CPU per execute (server + nsenter chain)",
+        f"{CPU['live']:.1f} ms",
+        f"bare bwrap spawn {CPU['bare']:.1f} ms",
+        "<= bare",
+        CPU["live"] <= CPU["bare"],
+    )
     table.add(
         "provision + first execute (init starts): p50 / p99",
         f"{f50:.1f} / {f99:.1f} ms",

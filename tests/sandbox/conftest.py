@@ -135,6 +135,14 @@ def harness(backend_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
 
 
 @pytest.fixture
+def bw(settings: SandboxSettings) -> Iterator[Harness]:
+    """A server over bubblewrap only (live-sandbox behaviour)."""
+    h = Harness("bubblewrap", settings)
+    yield h
+    _cleanup(h)
+
+
+@pytest.fixture
 def iso(isolated_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
     h = Harness(isolated_kind, settings)
     yield h

@@ -48,3 +48,15 @@ def kill_sandboxes_under(root: Path) -> None:
                 group.rmdir()
             except OSError:
                 pass
+
+
+def host_pids(marker: bytes) -> list[int]:
+    """Host pids whose command line contains `marker` (argv joined by NULs)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found

@@ -9,11 +9,11 @@ import os
 import signal
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from .conftest import Harness, call, fail
+from .procs import host_pids
 
 pytestmark = pytest.mark.anyio
 
@@ -21,31 +21,10 @@ SERVE = "nohup python3 -m http.server {port} --bind 127.0.0.1 >/tmp/http.log 2>&
 FETCH = "python3 -c \"import urllib.request,sys; print(urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=5).status)\""
 
 
-def _host_pids(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
 def _init_pid(h: Harness, sandbox_id: str) -> int:
     return json.loads((h.settings.sandbox_dir / sandbox_id / "init.json").read_text())[
         "init"
     ]["pid"]
-
-
-@pytest.fixture
-def bw(settings) -> Harness:
-    h = Harness("bubblewrap", settings)
-    yield h
-    from .conftest import _cleanup
-
-    _cleanup(h)
 
 
 async def test_a_server_started_in_one_call_answers_the_next(bw: Harness) -> None:
@@ -192,7 +171,9 @@ async def test_destroy_leaves_no_process_behind(bw: Harness) -> None:
             sandbox_id=sid,
             command=f"for i in 1 2 3; do sleep {marker} >/dev/null 2>&1 & done",
         )
-        assert len(_host_pids(f"sleep\0{marker}")) == 3
+        assert len(host_pids(f"sleep\0{marker}".encode())) == 3
         await call(c, "destroy", sandbox_id=sid)
-    assert _host_pids(f"sleep\0{marker}") == [] and _host_pids(sid) == []
+    assert (
+        host_pids(f"sleep\0{marker}".encode()) == [] and host_pids(sid.encode()) == []
+    )
     assert not (bw.settings.sandbox_dir / sid).exists()

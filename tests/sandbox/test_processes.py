@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from pathlib import Path
@@ -11,16 +10,10 @@ from pathlib import Path
 import pytest
 from mcp.client import Client
 
-from .conftest import Harness, _cleanup, call, fail
+from .conftest import Harness, call, fail
+from .procs import host_pids
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def bw(settings) -> Harness:
-    h = Harness("bubblewrap", settings)
-    yield h
-    _cleanup(h)
 
 
 async def _until(c: Client, process_id: str, check, timeout_s: float = 10.0) -> dict:
@@ -30,17 +23,6 @@ async def _until(c: Client, process_id: str, check, timeout_s: float = 10.0) -> 
         if check(out) or time.monotonic() > deadline:
             return out
         await asyncio.sleep(0.05)
-
-
-def _host_pids(marker: bytes) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
-                found.append(int(entry))
-        except OSError:
-            pass
-    return found
 
 
 async def test_a_background_process_runs_past_its_call_and_reports(bw: Harness) -> None:
@@ -233,13 +215,13 @@ async def test_two_hundred_background_processes(bw: Harness) -> None:
         assert (await call(c, "execute", sandbox_id=other, command="echo fine"))[
             "stdout"
         ] == "fine\n"
-        assert len(_host_pids(f"sleep\0{marker}".encode())) == 200
+        assert len(host_pids(f"sleep\0{marker}".encode())) == 200
         await call(
             c, "destroy", sandbox_id=sid
         )  # nothing survives: no process, no mount, no layer
         await call(c, "destroy", sandbox_id=other)
     assert (
-        _host_pids(f"sleep\0{marker}".encode()) == [] and _host_pids(sid.encode()) == []
+        host_pids(f"sleep\0{marker}".encode()) == [] and host_pids(sid.encode()) == []
     )
     assert (
         sid not in Path("/proc/self/mountinfo").read_text()
