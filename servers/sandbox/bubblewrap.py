@@ -287,7 +287,7 @@ class BubblewrapBackend(Backend):
     def _argv(self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False) -> list[str]:
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
-        argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True)
+        argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
         argv += drop_caps(self.setpriv)
         env = {**BASE_ENV, **spec.env, **request.env}
         argv += [self.env, "-i", "--", *(f"{k}={v}" for k, v in env.items())]

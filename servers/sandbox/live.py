@@ -186,12 +186,22 @@ def _cmdline0(pid: int) -> bytes | None:
 
 
 def enter_argv(
-    nsenter: str, init_pid: int, cwd: str, *, join_net: bool = True
+    nsenter: str,
+    init_pid: int,
+    cwd: str,
+    *,
+    join_net: bool = True,
+    as_owner: bool = False,
 ) -> list[str]:
     """`nsenter` into every namespace of the sandbox whose init is `init_pid`, with its root and
-    `cwd`; what follows must drop capabilities (`drop_caps`)."""
+    `cwd`; what follows must drop capabilities (`drop_caps`).
+
+    Root becomes the sandbox's uid 0 (nsenter's setuid/setgroups); a server that is not root
+    owns the namespace, is already its uid 0, and may not call setgroups there (bwrap denies
+    it): `as_owner` keeps its credentials as they are."""
     flags = ["-U", "-m", "-p", "-i", "-u", "-C"] + (["-n"] if join_net else [])
-    return [nsenter, "-t", str(init_pid), *flags, "-r", f"-W{cwd}", "--"]
+    keep = ["--preserve-credentials"] if as_owner else []
+    return [nsenter, *keep, "-t", str(init_pid), *flags, "-r", f"-W{cwd}", "--"]
 
 
 def drop_caps(setpriv: str) -> list[str]:
