@@ -37,7 +37,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -129,6 +129,7 @@ class BubblewrapBackend(Backend):
         self._inits: dict[str, Init] = {}  # sandbox id -> its init, started or adopted by this process
         self._popens: dict[int, subprocess.Popen] = {}  # our children, kept until reaped
         self._starting: dict[str, asyncio.Lock] = {}
+        self._reapers: dict[int, Callable[[], None]] = {}  # background holders' pid -> reap it now
         self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
         self.cgroups = cgroups.detect() if config.cgroups else None
         self.limits_scope = "sandbox" if self.cgroups else "process"
@@ -315,6 +316,11 @@ class BubblewrapBackend(Backend):
         """Whether it runs; one that ended unseen (the server was away) is recorded as ended."""
         if self._running(meta):
             return True
+        reap = self._reapers.pop(Pid.model_validate(meta.holder["nsenter"]).pid, None)
+        if meta.ended_at is None and reap is not None:  # ours and gone, not yet reaped: reap it now
+            reap()
+            fresh = Meta.load(directory)
+            meta.exit_code, meta.signal, meta.ended_at, meta.cpu_s = fresh.exit_code, fresh.signal, fresh.ended_at, fresh.cpu_s
         if meta.ended_at is None:
             meta.ended_at = time.time()
             meta.note = "it ended while the server was restarting: its exit code is unknown"
@@ -354,12 +360,13 @@ class BubblewrapBackend(Backend):
 
         def ended(status: int, cpu_s: float) -> None:
             self._popens.pop(proc.pid, None)
+            self._reapers.pop(proc.pid, None)
             with contextlib.suppress(OSError, ValueError):  # the sandbox may be destroyed already
                 done = Meta.load(directory)
                 done.ended(status, cpu_s)
                 done.save(directory)
 
-        watch_exit(proc, ended)
+        self._reapers[proc.pid] = watch_exit(proc, ended)
         return meta.info(ref.id, running=True)
 
     def _metas(self, ref: SandboxRef) -> list[tuple[Meta, Path]]:
@@ -385,23 +392,42 @@ class BubblewrapBackend(Backend):
         meta = Meta.load(directory)
         running = self._settle(meta, directory)
         output = await asyncio.to_thread(read_output, meta, directory, running, offset, stderr_offset, limit)
-        meta.save(directory)  # what was trimmed
+        # Keep what was trimmed; reload first: the exit may have been recorded while we read.
+        fresh = Meta.load(directory)
+        fresh.dropped = meta.dropped
+        fresh.save(directory)
         return output
 
     async def kill_process(self, ref: SandboxRef, process_id: str, signal_name: Signal) -> ProcessInfo:
         directory = self._proc_dir(ref, process_id)
         meta = Meta.load(directory)
+        child = meta.holder.get("pid")
+        sig = signal.Signals[f"SIG{signal_name}"]
         if not self._settle(meta, directory):
             info = meta.info(ref.id, running=False)
+            init = self._inits.get(ref.id)
+            left = _group_members(child["pid"], init.init.pid) if child and init else []
+            if left:  # it ended, but what it started in its group runs on (a fork bomb's children)
+                signalled = set()
+                for _ in range(20):  # one by one is not atomic: repeat while they still fork
+                    for pid in left:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, sig)
+                    signalled.update(left)
+                    await asyncio.sleep(0.01)
+                    left = [p for p in _group_members(child["pid"], init.init.pid) if p not in signalled or sig == signal.SIGKILL]
+                    if not left:
+                        break
+                info.note = f"it had ended; signalled the {len(signalled)} processes of its group still running"
+                return info
             raise Conflict(
                 f"process {process_id} already ended ({info.state}, exit code {info.exit_code}); nothing was signalled",
                 hint="call process_output to read what it wrote",
             )
-        child = meta.holder.get("pid")
         target = Pid.model_validate(child) if child else None
         if target is not None and target.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(target.pid, signal.Signals[f"SIG{signal_name}"])
+                os.killpg(target.pid, sig)
         if signal_name in ("TERM", "KILL", "INT", "HUP", "QUIT"):  # give it a moment to end, to report its end
             holder = Pid.model_validate(meta.holder["nsenter"])
             await wait_gone([holder], timeout_s=2.0)
@@ -452,6 +478,24 @@ def _make_traversable(root: Path, uid: int) -> None:
                 f"sandbox dir {root} is not reachable by the sandbox uid {uid} ({parent} is not traversable)",
                 hint="set CORRAL_SANDBOX_DIR to a directory whose parents are world-traversable (e.g. /var/lib/corral/sandboxes)",
             )
+
+
+def _group_members(pgid: int, init_pid: int) -> list[int]:
+    """Host pids in process group `pgid` that live in the sandbox's pid namespace (a group id
+    alone could name some other process group once its leader is gone)."""
+    try:
+        sandbox_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            pgrp = int(Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[2])
+            if pgrp == pgid and os.readlink(f"/proc/{entry}/ns/pid") == sandbox_ns:
+                members.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
 
 
 def proc_ended(directory: Path) -> bool:

@@ -77,13 +77,14 @@ find . -mindepth 1 -maxdepth "$2" ! -name '.corral-write-*' -exec stat -c '%F|%s
 PROCS = "/tmp/.corral/p"
 BACKGROUND = f"""d="{PROCS}/$0"; mkdir -p "$d" || exit 9; printf '%s' "$1" > "$d/cmd"; date +%s > "$d/started"
 if command -v bash >/dev/null 2>&1; then s=bash; else s=sh; fi
-setsid $s -c "$1" > "$d/out" 2> "$d/err" < /dev/null &
+echo $$ > "$d/wrapper"; setsid $s -c "$1" > "$d/out" 2> "$d/err" < /dev/null &
 p=$!; echo $p > "$d/pid"
 while :; do wait $p; rc=$?; kill -0 $p 2>/dev/null || break; done
 date +%s > "$d/ended"; echo $rc > "$d/exit"
 """
-_STATE = """p=$(cat "$d/pid" 2>/dev/null); x=$(cat "$d/exit" 2>/dev/null)
-r=0; [ -z "$x" ] && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && r=1
+# Running until the waiting shell has written the exit status (the command may be gone a moment before).
+_STATE = """p=$(cat "$d/pid" 2>/dev/null); w=$(cat "$d/wrapper" 2>/dev/null); x=$(cat "$d/exit" 2>/dev/null)
+r=0; if [ -z "$x" ]; then for q in $p $w; do kill -0 "$q" 2>/dev/null && r=1; done; fi
 """
 # One line per process, then its command: id started ended running exit cpu_ticks cmd_bytes.
 STATUS = f"""for d in {PROCS}/${{1:-*}}; do [ -e "$d/pid" ] || continue

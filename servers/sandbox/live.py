@@ -235,24 +235,30 @@ async def wait_gone(pids: Sequence[Pid], timeout_s: float = 5.0) -> bool:
     return True
 
 
-def watch_exit(proc: subprocess.Popen, done: Callable[[int, float], None]) -> None:
+def watch_exit(proc: subprocess.Popen, done: Callable[[int, float], None]) -> Callable[[], None]:
     """Reap `proc` when it exits, without a thread: `done(wait_status, cpu_seconds)` runs in the loop.
 
-    `os.wait4`'s rusage counts the children the process reaped: the CPU of what it ran."""
+    `os.wait4`'s rusage counts the children the process reaped: the CPU of what it ran.
+    Returns `reap_now()`, for a caller that sees the process gone before the loop noticed."""
     loop = asyncio.get_running_loop()
     pidfd = os.pidfd_open(proc.pid)
+    reaped = False
 
     def ready() -> None:
+        nonlocal reaped
+        if reaped:
+            return
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            status, usage = -1, None
+        if usage is not None and pid == 0:  # not exited yet (WNOHANG)
+            return
+        reaped = True
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        try:
-            _, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            status, usage = 0, None
         proc.returncode = os.waitstatus_to_exitcode(status) if usage is not None else -1
-        done(
-            status if usage is not None else -1,
-            (usage.ru_utime + usage.ru_stime) if usage else 0.0,
-        )
+        done(status if usage is not None else -1, (usage.ru_utime + usage.ru_stime) if usage else 0.0)
 
     loop.add_reader(pidfd, ready)
+    return ready
