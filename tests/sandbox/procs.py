@@ -44,7 +44,10 @@ def kill_sandboxes_under(root: Path) -> None:
     time.sleep(0.2)
     for sandbox in root.glob("sbx_*"):  # and their cgroups, where the server made them
         for group in Path("/sys/fs/cgroup").glob(f"*/corral/{sandbox.name}"):
-            try:
+            try:  # an init whose bwrap was killed is found only here
+                for pid in (group / "cgroup.procs").read_text().split():
+                    os.kill(int(pid), 9)
+                time.sleep(0.1)
                 group.rmdir()
             except OSError:
                 pass
