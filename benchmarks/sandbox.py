@@ -82,7 +82,9 @@ async def provision_first_execute(service: SandboxService, n: int, cpu: list[flo
 async def raw_bwrap(service: SandboxService, sandbox_id: str, n: int) -> list[float]:
     backend = service.backend
     record = service.registry.get(sandbox_id)
-    argv = backend._argv(sandbox_id, record.ref.spec, ExecRequest(command="true"))  # the same command line
+    from benchmarks.hands import bare_bwrap_argv
+
+    argv = bare_bwrap_argv(backend, record.ref)  # the sandbox's recipe, spawned afresh
     times = []
     for _ in range(n):
         start = time.perf_counter()

@@ -57,8 +57,10 @@ class MCPTools:
     object (in memory: a server embedded in the same process, and tests)."""
 
     def __init__(self, name: str, target: str | list[str] | MCPServer, *, task_group: TaskGroup, env: dict[str, str] | None = None,
-                 connect_timeout_s: float = 60.0, errlog: IO[str] | None = None, token: str = "") -> None:
+                 connect_timeout_s: float = 60.0, errlog: IO[str] | None = None, token: str = "",
+                 meta: dict[str, Any] | None = None) -> None:
         self.name = name
+        self._meta = meta  # sent with every call: e.g. the session id, so the sandbox server binds this session's default sandbox
         self.target = target
         self._tg = task_group
         self._env = env
@@ -147,7 +149,7 @@ class MCPTools:
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         try:
             client = await self.client()
-            result = await client.call_tool(name, args)
+            result = await client.call_tool(name, args, meta=self._meta)
         except Unavailable as err:
             return ToolOutcome.error(err)
         except anyio.get_cancelled_exc_class():

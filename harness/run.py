@@ -62,7 +62,8 @@ def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[s
     out: list[Toolset] = []
     known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
-        conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog, token=settings.server_token)
+        conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog,
+                        token=settings.server_token, meta={"corral/client": log.session_id})  # the session's hands follow it
         toolset: Toolset = Prefixed(conn, name)
         if name == "sandbox":
             toolset = SandboxLifecycle(toolset, known)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
+from .processes import ProcessInfo, ProcessOutput, Signal
+
 __all__ = [
     "Backend",
     "Destroyed",
@@ -96,6 +98,7 @@ class ExecResult(_Model):
     stderr_bytes: int
     stdout_truncated: bool
     stderr_truncated: bool
+    notice: str | None = Field(None, description="something the caller should know, e.g. background processes were stopped")
 
     @classmethod
     def of(cls, done: Any) -> ExecResult:
@@ -148,6 +151,9 @@ class SandboxInfo(_Model):
     sandbox_id: str
     backend: str
     isolation: str = Field(description="namespaces (bubblewrap), container (docker) or microvm (e2b)")
+    limits: Literal["sandbox", "process"] = Field(
+        description="sandbox: memory, processes and CPU are capped for all its processes together (a cgroup); process: per process"
+    )
     state: Literal["running", "lost", "destroyed"]
     label: str | None
     network: Literal["none", "full"]
@@ -213,6 +219,8 @@ class Backend(ABC):
     name: str
     isolation: str
     workdir: str = WORKDIR
+    # Whether memory/process/CPU caps hold for the sandbox as a whole, or only per process.
+    limits_scope: Literal["sandbox", "process"] = "sandbox"
 
     @abstractmethod
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef: ...
@@ -251,6 +259,30 @@ class Backend(ABC):
 
     async def close(self) -> None:
         """Release clients and connections (not sandboxes)."""
+
+    # -- background processes (a backend without them says so) -------------------------
+
+    async def start_process(self, ref: SandboxRef, request: ExecRequest, process_id: str) -> ProcessInfo:
+        """Start `request.command` in the background and return at once (no timeout, output to disk)."""
+        raise InvalidArgument(
+            f"the {self.name} backend cannot run background processes",
+            hint="run the command in the foreground (background=false), or use the bubblewrap or docker backend",
+        )
+
+    async def list_processes(self, ref: SandboxRef) -> list[ProcessInfo]:
+        return []
+
+    async def process_output(
+        self, ref: SandboxRef, process_id: str, offset: int, stderr_offset: int, limit: int
+    ) -> ProcessOutput:
+        raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+
+    async def kill_process(self, ref: SandboxRef, process_id: str, signal: Signal) -> ProcessInfo:
+        raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+
+    async def active(self, ref: SandboxRef) -> bool:
+        """Whether the sandbox is working on its own (a background process runs): not idle."""
+        return False
 
 
 def sha_state(actual: str | None, *, exists: bool) -> str:

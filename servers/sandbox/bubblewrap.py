@@ -1,40 +1,50 @@
-"""The default backend: a sandbox is a directory on disk; each command is one `bwrap`.
+"""The default backend: a sandbox is a directory on disk plus a live set of namespaces.
 
 Layout of a sandbox `<root>/<id>/`: `workspace/` (mounted at /workspace, the workdir),
-`home/` (/root), `tmp/` (/tmp), `etc/passwd` and `etc/group` (a synthetic root user).
-Each `execute` starts `bwrap` with new user, pid, ipc, uts, cgroup and (unless
-`network: full`) net namespaces; the host's system dirs are mounted read-only, only a
-safe subset of /etc, no host environment (`--clearenv`). Inside, the command runs as
-uid 0 of its namespace with no capabilities on the host, under `prlimit` (address space,
-processes, file size, CPU time) applied *inside* the namespace so the process count is
-per sandbox, not per host user.
+`home/` (/root), `tmp/` (/tmp), `init.json` (who holds its namespaces), `procs/` (its
+background processes: host side only, see `processes.py`).
+
+On first use a sandbox gets its init (`live.py`): one `bwrap` with new user, pid, ipc,
+uts, cgroup and (unless `network: full`) net namespaces; the host's system dirs mounted
+read-only, only a safe subset of /etc, no host environment (`--clearenv`). Every command
+then joins those namespaces (`nsenter`), drops all capabilities (`setpriv`), gets only the
+sandbox's environment (`env -i`: nothing the client sends ever reaches a host-side
+process) and runs under `prlimit` (address space, processes, file size, CPU time), as
+uid 0 of the sandbox's user namespace with no capability on the host. So processes a
+command leaves running are still there for the next one; a foreground timeout kills
+exactly that command's process group.
 
 When the server runs as root, sandboxes run as an unprivileged host uid (`run_as_uid`):
 RLIMIT_NPROC does not bind host root, and a sandbox must never be host root anyway.
 bwrap resolves its bind sources as that uid, so the sandbox root must be traversable by
 it: as root the default root is /var/lib/corral/sandboxes (0711, not listable).
 
-Nothing runs between commands (a background process dies with its command: the pid
-namespace goes with it), so a sandbox costs only its directory, and provisioning is a mkdir.
+The init outlives a restart of the server (it is re-adopted by pid and start time); if it
+died meanwhile (a reboot), the next call starts a new one and says that background
+processes were stopped. An init killed while the server watches is `sandbox_lost`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import hashlib
 import math
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from corral.errors import SandboxLost, Unavailable
+from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import hostfs
+from . import cgroups, hostfs
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -47,7 +57,20 @@ from .backend import (
     SandboxSpec,
 )
 from .config import BubblewrapConfig
+from .live import (
+    INIT_SCRIPT,
+    INIT_SHELL,
+    Init,
+    Pid,
+    drop_caps,
+    enter_argv,
+    kill_tree,
+    start_init,
+    wait_gone,
+    watch_exit,
+)
 from .process import run_bounded
+from .processes import Meta, ProcessInfo, ProcessOutput, Signal, read_output
 
 __all__ = ["INSTALL_HINT", "BubblewrapBackend"]
 
@@ -70,6 +93,15 @@ ETC_NETWORK = ["/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf", "/etc/protocol
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
+# After a foreground command exits, how long to keep reading output a background child may hold open.
+DRAIN_S = 0.2
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise Unavailable(f"{name} is not installed (util-linux)", hint="apt-get install util-linux, then start the server again")
+    return path
 
 
 class BubblewrapBackend(Backend):
@@ -82,7 +114,10 @@ class BubblewrapBackend(Backend):
             raise Unavailable(INSTALL_HINT, hint="then start the server again")
         self.bwrap = bwrap
         self.prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
-        self.setpriv = shutil.which("setpriv")
+        self.setpriv = _tool("setpriv")
+        self.nsenter = _tool("nsenter")
+        self.env = shutil.which("env") or "/usr/bin/env"
+        self.setsid = shutil.which("setsid") or "/usr/bin/setsid"
         self.config = config
         # As root, never run sandboxes as root; otherwise they run as whoever runs the server.
         self.uid = (config.run_as_uid or 65534) if os.geteuid() == 0 else None
@@ -92,6 +127,13 @@ class BubblewrapBackend(Backend):
             _make_traversable(self.root, self.uid)
         self.etc = _snapshot_etc(self.root)
         self.system_args = _system_args(self.etc)
+        self._inits: dict[str, Init] = {}  # sandbox id -> its init, started or adopted by this process
+        self._popens: dict[int, subprocess.Popen] = {}  # our children, kept until reaped
+        self._starting: dict[str, asyncio.Lock] = {}
+        self._reapers: dict[int, Callable[[], None]] = {}  # background holders' pid -> reap it now
+        self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
+        self.cgroups = cgroups.detect() if config.cgroups else None
+        self.limits_scope = "sandbox" if self.cgroups else "process"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -103,50 +145,132 @@ class BubblewrapBackend(Backend):
         base.mkdir(mode=0o700)
         for sub in ("workspace", "home", "tmp"):
             (base / sub).mkdir(mode=0o1777 if sub == "tmp" else 0o755)
+        (base / "procs").mkdir(mode=0o700)  # the server's: never mounted into the sandbox
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
-        return SandboxRef(id=sandbox_id, spec=spec)
+        # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
+        return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
+        await self._stop(ref.id)
+        self._starting.pop(ref.id, None)
+        self._notices.pop(ref.id, None)
+        if self.cgroups is not None:
+            await self.cgroups.remove(ref.id)
         base = self._dir(ref.id)
         if keep_workspace:
-            for sub in ("home", "tmp"):
+            for sub in ("home", "tmp", "procs"):
                 await asyncio.to_thread(shutil.rmtree, base / sub, ignore_errors=True)
         else:
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
+    async def _stop(self, sandbox_id: str) -> None:
+        """Kill the sandbox's init (and with it every process in its namespaces); wait until they are gone."""
+        init = self._inits.pop(sandbox_id, None) or Init.load(self._dir(sandbox_id) / "init.json")
+        if init is None:
+            return
+        holders = [init.init, init.outer]
+        kill_tree(holders)
+        await wait_gone(holders)
+        for p in holders:
+            self._reap(p.pid)
+
+    def _reap(self, pid: int) -> None:
+        proc = self._popens.pop(pid, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0)
+
     async def status(self, ref: SandboxRef) -> Literal["running", "lost"]:
-        return "running" if (self._dir(ref.id) / "workspace").is_dir() else "lost"
+        if not (self._dir(ref.id) / "workspace").is_dir():
+            return "lost"
+        known = self._inits.get(ref.id)
+        return "lost" if known is not None and not known.alive() else "running"
+
+    async def _live(self, ref: SandboxRef) -> Init:
+        """The sandbox's init: the one we know, a live one a previous server left, or a new one."""
+        if not (self._dir(ref.id) / "workspace").is_dir():
+            raise SandboxLost(f"sandbox {ref.id} is gone: its workspace no longer exists")
+        known = self._inits.get(ref.id)
+        if known is not None:
+            if known.alive():
+                return known
+            await self._stop(ref.id)
+            raise SandboxLost(f"sandbox {ref.id} was stopped from outside: its init is gone, and its processes with it")
+        lock = self._starting.setdefault(ref.id, asyncio.Lock())
+        async with lock:
+            if (known := self._inits.get(ref.id)) is not None:
+                return known
+            saved = Init.load(self._dir(ref.id) / "init.json")
+            if saved is not None and saved.alive():
+                self._inits[ref.id] = saved  # re-adopted after a server restart
+                return saved
+            if saved is not None:
+                kill_tree([saved.init, saved.outer])  # half of it may live on
+                self._notices[ref.id] = (
+                    "the sandbox's processes were stopped while the server was away "
+                    "(its files are kept); background processes started before must be started again"
+                )
+            if self.cgroups is not None:
+                self.cgroups.create(ref.id, ref.spec)
+            init, proc = await start_init(
+                self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
+            )
+            self._popens[proc.pid] = proc
+            watch_exit(proc, lambda *_: self._popens.pop(proc.pid, None))
+            init.save(self._dir(ref.id) / "init.json")
+            self._inits[ref.id] = init
+            return init
+
+    def _init_argv(self, ref: SandboxRef) -> list[str]:
+        base, spec = str(self._dir(ref.id)), ref.spec
+        argv = self.cgroups.enter_argv(ref.id, init=True) if self.cgroups else []
+        argv += [*self._drop_to_uid(), self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
+        argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
+        if spec.network == "none":
+            argv.append("--unshare-net")
+        argv += ["--as-pid-1", "--new-session", "--clearenv", *self.system_args]
+        argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
+        for bind in self.config.extra_binds:
+            argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
+        ends_at = int(ref.data.get("ends_at") or time.time() + spec.ttl_s)
+        argv += ["--remount-ro", "/", "--chdir", "/", "--info-fd", "{info_fd}"]
+        return argv + ["--", INIT_SHELL, "-c", INIT_SCRIPT, "init", str(ends_at)]
 
     # -- execute -------------------------------------------------------------------------
 
     async def execute(self, ref: SandboxRef, request: ExecRequest) -> ExecResult:
+        init = await self._live(ref)
         workspace = self._dir(ref.id) / "workspace"
 
         async def vanished() -> bool:
-            return not workspace.is_dir()
+            return not workspace.is_dir() or not init.alive()
 
-        if await vanished():
-            raise SandboxLost(f"sandbox {ref.id} is gone: its workspace no longer exists")
         done = await run_bounded(
-            self._argv(ref.id, ref.spec, request),
+            self._argv(ref.id, init, ref.spec, request),
             stdin=request.stdin,
             timeout_s=request.timeout_s,
             output_limit=request.output_limit,
             watch=vanished,
-            **self._popen_user(),
+            drain_s=DRAIN_S,
+            env={},  # nothing of the server's environment, not even for nsenter
         )
         if done.lost or await vanished():
-            raise SandboxLost(f"sandbox {ref.id} vanished while running the command (its workspace was deleted)")
-        if done.returncode is not None and done.returncode < 0 and not done.timed_out:
-            # bwrap itself died of a signal we did not send: someone killed the sandbox.
-            raise SandboxLost(f"sandbox {ref.id} was killed from outside (signal {-done.returncode}) mid-command")
-        setup_error = done.stderr.text()
-        if done.returncode == 1 and not done.stdout.total and setup_error.startswith("bwrap: "):
-            # bwrap could not build the sandbox (a bind source gone, namespaces refused): not the command's doing
-            raise Unavailable(f"could not start sandbox {ref.id}: {setup_error.strip()}", hint="check the server log and settings")
-        return ExecResult.of(done)
+            await self._stop(ref.id)
+            raise SandboxLost(f"sandbox {ref.id} was stopped from outside mid-command (its init or workspace is gone)")
+        self._check_setup(ref, request, done.returncode, done.stdout.total, done.stderr.text())
+        result = ExecResult.of(done)
+        result.notice = self._notices.pop(ref.id, None)
+        return result
+
+    def _check_setup(self, ref: SandboxRef, request: ExecRequest, code: int | None, out: int, err: str) -> None:
+        """nsenter/setpriv failing to get the command going is not the command's result."""
+        if code != 1 or out or not err.startswith(("nsenter: ", "setpriv: ", "prlimit: ")):
+            return
+        if "change directory" in err:
+            raise InvalidArgument(f"cwd {_cwd(request.cwd)!r} does not exist in sandbox {ref.id}", hint="create it first, or omit cwd")
+        raise Unavailable(f"could not run the command in sandbox {ref.id}: {err.strip()}", hint="check the server log and settings")
 
     def _popen_user(self) -> dict[str, object]:
         # An empty environment for bwrap itself too: it is PID 1 inside, and the sandbox can
@@ -162,21 +286,160 @@ class BubblewrapBackend(Backend):
             return []
         return [self.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
 
-    def _argv(self, sandbox_id: str, spec: SandboxSpec, request: ExecRequest) -> list[str]:
-        base = str(self._dir(sandbox_id))
-        argv = [*self._drop_to_uid(), self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
-        argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
-        if spec.network == "none":
-            argv.append("--unshare-net")
-        argv += ["--die-with-parent", "--new-session", "--clearenv", *self.system_args]
-        argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
-        for bind in self.config.extra_binds:
-            argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
-        argv += ["--remount-ro", "/", "--chdir", _cwd(request.cwd)]
-        for key, value in {**BASE_ENV, **spec.env, **request.env}.items():
-            argv += ["--setenv", key, value]
-        argv += ["--", self.prlimit, *_limits(spec, request), "--", SHELL, "-c", request.command]
-        return argv
+    def _argv(self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False) -> list[str]:
+        """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
+        argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
+        argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
+        argv += drop_caps(self.setpriv)
+        env = {**BASE_ENV, **spec.env, **request.env}
+        argv += [self.env, "-i", "--", *(f"{k}={v}" for k, v in env.items())]
+        argv += [self.prlimit, *_limits(spec, None if background else request.timeout_s), "--"]
+        if background:  # its own process group, so kill_process signals it and what it started
+            argv.append(self.setsid)
+        return argv + [SHELL, "-c", request.command]
+
+    # -- background processes --------------------------------------------------------
+
+    def _proc_dir(self, ref: SandboxRef, process_id: str) -> Path:
+        directory = self._dir(ref.id) / "procs" / process_id
+        if not (directory / "meta.json").is_file():
+            raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+        return directory
+
+    def _running(self, meta: Meta) -> bool:
+        """Its nsenter lives exactly as long as the command (it waits for it), across server restarts too."""
+        if meta.ended_at is not None:
+            return False
+        holder = Pid.model_validate(meta.holder["nsenter"])
+        return holder.alive()
+
+    def _settle(self, meta: Meta, directory: Path) -> bool:
+        """Whether it runs; one that ended unseen (the server was away) is recorded as ended."""
+        if self._running(meta):
+            return True
+        reap = self._reapers.pop(Pid.model_validate(meta.holder["nsenter"]).pid, None)
+        if meta.ended_at is None and reap is not None:  # ours and gone, not yet reaped: reap it now
+            reap()
+            fresh = Meta.load(directory)
+            meta.exit_code, meta.signal, meta.ended_at, meta.cpu_s = fresh.exit_code, fresh.signal, fresh.ended_at, fresh.cpu_s
+        if meta.ended_at is None:
+            meta.ended_at = time.time()
+            meta.note = "it ended while the server was restarting: its exit code is unknown"
+            meta.save(directory)
+        return False
+
+    async def start_process(self, ref: SandboxRef, request: ExecRequest, process_id: str) -> ProcessInfo:
+        init = await self._live(ref)
+        running = [m for m, _ in self._metas(ref) if self._running(m)]
+        if len(running) >= ref.spec.max_processes:
+            raise Conflict(
+                f"sandbox {ref.id} already runs {len(running)} background processes (its limit)",
+                hint="kill_process some of them first",
+            )
+        directory = self._dir(ref.id) / "procs" / process_id
+        directory.mkdir(parents=True, mode=0o700)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        out, err = os.open(directory / "stdout", flags, 0o600), os.open(directory / "stderr", flags, 0o600)
+        try:
+            proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, reaped by watch_exit: no thread per process)
+                self._argv(ref.id, init, ref.spec, request, background=True),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={}, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(out)
+            os.close(err)
+        holder = Pid.of(proc.pid) or Pid(pid=proc.pid, start=0)
+        child = await _first_child(proc)
+        meta = Meta(
+            process_id=process_id,
+            command=request.command,
+            started_at=time.time(),
+            holder={"nsenter": holder.model_dump(), "pid": child.model_dump() if child else None},
+        )
+        meta.save(directory)
+        self._popens[proc.pid] = proc
+
+        def ended(status: int, cpu_s: float) -> None:
+            self._popens.pop(proc.pid, None)
+            self._reapers.pop(proc.pid, None)
+            with contextlib.suppress(OSError, ValueError):  # the sandbox may be destroyed already
+                done = Meta.load(directory)
+                done.ended(status, cpu_s)
+                done.save(directory)
+
+        self._reapers[proc.pid] = watch_exit(proc, ended)
+        return meta.info(ref.id, running=True)
+
+    def _metas(self, ref: SandboxRef) -> list[tuple[Meta, Path]]:
+        found = []
+        for directory in (self._dir(ref.id) / "procs").glob("proc_*"):
+            with contextlib.suppress(OSError, ValueError):
+                found.append((Meta.load(directory), directory))
+        return sorted(found, key=lambda item: item[0].started_at)
+
+    def _info(self, ref: SandboxRef, meta: Meta, directory: Path) -> ProcessInfo:
+        running = self._settle(meta, directory)
+        child = meta.holder.get("pid")
+        cpu = Pid.model_validate(child).cpu_seconds() if running and child else None
+        return meta.info(ref.id, running=running, cpu_s=cpu)
+
+    async def list_processes(self, ref: SandboxRef) -> list[ProcessInfo]:
+        return [self._info(ref, meta, directory) for meta, directory in self._metas(ref)]
+
+    async def process_output(
+        self, ref: SandboxRef, process_id: str, offset: int, stderr_offset: int, limit: int
+    ) -> ProcessOutput:
+        directory = self._proc_dir(ref, process_id)
+        meta = Meta.load(directory)
+        running = self._settle(meta, directory)
+        output = await asyncio.to_thread(read_output, meta, directory, running, offset, stderr_offset, limit)
+        # Keep what was trimmed; reload first: the exit may have been recorded while we read.
+        fresh = Meta.load(directory)
+        fresh.dropped = meta.dropped
+        fresh.save(directory)
+        return output
+
+    async def kill_process(self, ref: SandboxRef, process_id: str, signal_name: Signal) -> ProcessInfo:
+        directory = self._proc_dir(ref, process_id)
+        meta = Meta.load(directory)
+        child = meta.holder.get("pid")
+        sig = signal.Signals[f"SIG{signal_name}"]
+        if not self._settle(meta, directory):
+            info = meta.info(ref.id, running=False)
+            init = self._inits.get(ref.id)
+            left = _group_members(child["pid"], init.init.pid) if child and init else []
+            if left:  # it ended, but what it started in its group runs on (a fork bomb's children)
+                signalled = set()
+                for _ in range(20):  # one by one is not atomic: repeat while they still fork
+                    for pid in left:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, sig)
+                    signalled.update(left)
+                    await asyncio.sleep(0.01)
+                    left = [p for p in _group_members(child["pid"], init.init.pid) if p not in signalled or sig == signal.SIGKILL]
+                    if not left:
+                        break
+                info.note = f"it had ended; signalled the {len(signalled)} processes of its group still running"
+                return info
+            raise Conflict(
+                f"process {process_id} already ended ({info.state}, exit code {info.exit_code}); nothing was signalled",
+                hint="call process_output to read what it wrote",
+            )
+        target = Pid.model_validate(child) if child else None
+        if target is not None and target.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(target.pid, sig)
+        if signal_name in ("TERM", "KILL", "INT", "HUP", "QUIT"):  # give it a moment to end, to report its end
+            holder = Pid.model_validate(meta.holder["nsenter"])
+            await wait_gone([holder], timeout_s=2.0)
+            for _ in range(200):  # let the exit watcher record its status
+                if proc_ended(directory):
+                    break
+                await asyncio.sleep(0.005)
+        return self._info(ref, Meta.load(directory), directory)
+
+    async def active(self, ref: SandboxRef) -> bool:
+        return any(self._running(meta) for meta, _ in self._metas(ref))
 
     # -- files (host side, resolved inside the workspace) ---------------------------------
 
@@ -218,21 +481,64 @@ def _make_traversable(root: Path, uid: int) -> None:
             )
 
 
+def _group_members(pgid: int, init_pid: int) -> list[int]:
+    """Host pids in process group `pgid` that live in the sandbox's pid namespace (a group id
+    alone could name some other process group once its leader is gone)."""
+    try:
+        sandbox_ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return []
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            pgrp = int(Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[2])
+            if pgrp == pgid and os.readlink(f"/proc/{entry}/ns/pid") == sandbox_ns:
+                members.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
+def proc_ended(directory: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return Meta.load(directory).ended_at is not None
+    return True
+
+
+async def _first_child(proc: subprocess.Popen, timeout_s: float = 2.0) -> Pid | None:
+    """The host pid of the command nsenter forked."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            return None  # nsenter is gone: so is the command
+        # Returned once it leads its own group (`setsid` ran), so kill_process reaches all of it.
+        if children and _leads_group(int(children[0])):
+            return Pid.of(int(children[0]))
+        await asyncio.sleep(0.0005)
+    return Pid.of(int(children[0])) if children else None
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return True  # already gone: nothing left to wait for
+
+
 def _cwd(cwd: str | None) -> str:
     if not cwd:
         return WORKDIR
     return cwd if cwd.startswith("/") else f"{WORKDIR}/{cwd}"
 
 
-def _limits(spec: SandboxSpec, request: ExecRequest) -> list[str]:
+def _limits(spec: SandboxSpec, timeout_s: float | None) -> list[str]:
     mib = 1 << 20
-    return [
-        f"--as={spec.memory_mb * mib}",
-        f"--nproc={spec.max_processes}",
-        f"--fsize={spec.disk_mb * mib}",
-        # CPU seconds per process: a backstop behind the wall-clock timeout.
-        f"--cpu={math.ceil(request.timeout_s) + 5}",
-    ]
+    limits = [f"--as={spec.memory_mb * mib}", f"--nproc={spec.max_processes}", f"--fsize={spec.disk_mb * mib}"]
+    if timeout_s is not None:  # CPU seconds per process: a backstop behind the wall-clock timeout
+        limits.append(f"--cpu={math.ceil(timeout_s) + 5}")
+    return limits
 
 
 def _system_args(etc: Path) -> list[str]:

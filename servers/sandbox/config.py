@@ -53,6 +53,7 @@ class BubblewrapConfig(_Model):
     run_as_uid: int | None = Field(None, description="host uid for sandboxes when the server is root (never root)")
     extra_binds: list[ExtraBind] = Field(default_factory=list)
     bwrap: str = "bwrap"
+    cgroups: bool = Field(True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can")
 
 
 class DockerConfig(_Model):

@@ -14,10 +14,15 @@ not only the CLI outside. File tools run small POSIX scripts (busybox or coreuti
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import signal as signals
+import time
+from datetime import UTC, datetime
 from typing import Literal
 
 from corral.errors import (
+    Conflict,
     InvalidArgument,
     NotFound,
     PolicyDenied,
@@ -39,6 +44,7 @@ from .backend import (
 )
 from .config import DockerConfig
 from .process import run_bounded
+from .processes import ProcessInfo, ProcessOutput, Signal
 
 __all__ = ["DockerBackend"]
 
@@ -82,6 +88,41 @@ else
 fi
 """
 _RECORD_BYTES = 4096 + 64  # PATH_MAX plus type and size: the byte budget of one listed entry
+# Background processes live in the container (it survives a server restart; there is no host side):
+# /tmp/.corral/p/<process_id>/{cmd,started,pid,out,err,exit}. The command leads its own process
+# group (`setsid`), so kill_process signals it and what it started, never the waiting shell.
+PROCS = "/tmp/.corral/p"
+BACKGROUND = f"""d="{PROCS}/$0"; mkdir -p "$d" || exit 9; printf '%s' "$1" > "$d/cmd"; date +%s > "$d/started"
+if command -v bash >/dev/null 2>&1; then s=bash; else s=sh; fi
+echo $$ > "$d/wrapper"; setsid $s -c "$1" > "$d/out" 2> "$d/err" < /dev/null &
+p=$!; echo $p > "$d/pid"
+while :; do wait $p; rc=$?; kill -0 $p 2>/dev/null || break; done
+date +%s > "$d/ended"; echo $rc > "$d/exit"
+"""
+# Running until the waiting shell has written the exit status (the command may be gone a moment before).
+_STATE = """p=$(cat "$d/pid" 2>/dev/null); w=$(cat "$d/wrapper" 2>/dev/null); x=$(cat "$d/exit" 2>/dev/null)
+r=0; if [ -z "$x" ]; then for q in $p $w; do kill -0 "$q" 2>/dev/null && r=1; done; fi
+"""
+# One line per process, then its command: id started ended running exit cpu_ticks cmd_bytes.
+STATUS = f"""for d in {PROCS}/${{1:-*}}; do [ -e "$d/pid" ] || continue
+{_STATE}set -- $(cut -d' ' -f14-17 /proc/$p/stat 2>/dev/null); t=$(( ${{1:-0}} + ${{2:-0}} + ${{3:-0}} + ${{4:-0}} ))
+e=$(cat "$d/ended" 2>/dev/null)
+echo "${{d##*/}} $(cat "$d/started") ${{e:--}} $r ${{x:--}} $t $(wc -c < "$d/cmd")"; cat "$d/cmd"; echo
+done
+"""
+# $1 id, $2 stdout offset, $3 stderr offset, $4 limit
+OUTPUT = f"""d="{PROCS}/$1"; [ -e "$d/pid" ] || exit 3
+{_STATE}so=$(wc -c < "$d/out"); se=$(wc -c < "$d/err")
+echo "$so $se $r ${{x:--}}"
+[ "$2" -le "$so" ] || exit 5; [ "$3" -le "$se" ] || exit 6
+lo=$(( so - $2 )); [ $lo -gt $4 ] && lo=$4; le=$(( se - $3 )); [ $le -gt $4 ] && le=$4
+echo "$lo $le"; tail -c +$(( $2 + 1 )) "$d/out" | head -c $lo; tail -c +$(( $3 + 1 )) "$d/err" | head -c $le
+"""
+KILL = f"""d="{PROCS}/$1"; [ -e "$d/pid" ] || exit 3
+{_STATE}[ "$r" = 1 ] || exit 7
+kill -$2 -- -$p 2>/dev/null || kill -$2 $p
+"""
+
 _KINDS = {"directory": "dir", "regular file": "file", "regular empty file": "file", "symbolic link": "symlink"}
 
 
@@ -199,4 +240,94 @@ class DockerBackend(Backend):
         entries.sort(key=lambda e: e.name)
         return Listing(entries=entries[:max_entries], truncated=len(entries) > max_entries)
 
+    # -- background processes (in the container) -------------------------------------------
 
+    async def start_process(self, ref: SandboxRef, request: ExecRequest, process_id: str) -> ProcessInfo:
+        running = [p for p in await self.list_processes(ref) if p.state == "running"]
+        if len(running) >= ref.spec.max_processes:
+            raise Conflict(f"sandbox {ref.id} already runs {len(running)} background processes (its limit)", hint="kill_process some of them first")
+        args = ["exec", "-d", "-w", request.cwd if request.cwd and request.cwd.startswith("/") else f"{WORKDIR}/{request.cwd or ''}"]
+        for key, value in request.env.items():
+            args += ["-e", f"{key}={value}"]
+        code, _, err = await self._docker(*args, self._name(ref.id), "/bin/sh", "-c", BACKGROUND, process_id, request.command)
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not start the background process: {err.decode(errors='replace').strip()}")
+        for _ in range(200):  # `exec -d` returns before the shell has written its pid
+            found = await self.list_processes(ref, process_id)
+            if found:
+                return found[0]
+            await asyncio.sleep(0.01)
+        raise Unavailable(f"the background process {process_id} did not start", hint="check the sandbox with processes")
+
+    async def list_processes(self, ref: SandboxRef, only: str = "") -> list[ProcessInfo]:
+        out = await self._script(ref, STATUS, only)
+        found, rest = [], out
+        while rest.strip():
+            head, rest = rest.split(b"\n", 1)
+            pid_id, started, ended, running, exit_code, ticks, size = head.decode().split()
+            command, rest = rest[: int(size)].decode(errors="replace"), rest[int(size) + 1 :]
+            info = _info(ref.id, pid_id, command, float(started), running == "1", exit_code, int(ticks) / 100)
+            if info.state != "running" and ended != "-":
+                info.ended_at = _iso(float(ended))
+            found.append(info)
+        return sorted(found, key=lambda p: p.started_at)
+
+    async def process_output(
+        self, ref: SandboxRef, process_id: str, offset: int, stderr_offset: int, limit: int
+    ) -> ProcessOutput:
+        name = self._name(ref.id)
+        code, out, err = await self._docker("exec", name, "/bin/sh", "-c", OUTPUT, "corral", process_id, str(offset), str(stderr_offset), str(limit))
+        if code == 3:
+            raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+        head, _, body = out.partition(b"\n")
+        total_out, total_err, running, exit_code = head.decode().split()
+        if code in (5, 6):
+            stream, start, total = ("stdout", offset, total_out) if code == 5 else ("stderr", stderr_offset, total_err)
+            raise InvalidArgument(f"{'offset' if code == 5 else 'stderr_offset'} {start} is past the end of {stream} ({total} bytes so far)", hint=f"pass an offset between 0 and {total}")
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not read the output of {process_id}: {err.decode(errors='replace').strip()}")
+        sizes, _, data = body.partition(b"\n")
+        n_out, n_err = map(int, sizes.split())
+        done = running != "1"
+        return ProcessOutput(
+            process_id=process_id, running=not done, exit_code=int(exit_code) if done and exit_code != "-" else None,
+            stdout=data[:n_out].decode("utf-8", "replace"), stderr=data[n_out : n_out + n_err].decode("utf-8", "replace"),
+            offset=offset, stderr_offset=stderr_offset, next_offset=offset + n_out, next_stderr_offset=stderr_offset + n_err,
+            stdout_bytes=int(total_out), stderr_bytes=int(total_err),
+        )  # fmt: skip
+
+    async def kill_process(self, ref: SandboxRef, process_id: str, signal: Signal) -> ProcessInfo:
+        code, _, _ = await self._docker("exec", self._name(ref.id), "/bin/sh", "-c", KILL, "corral", process_id, signal)
+        if code == 3:
+            raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
+        [info] = await self.list_processes(ref, process_id)
+        if code == 7:
+            raise Conflict(f"process {process_id} already ended ({info.state}, exit code {info.exit_code}); nothing was signalled", hint="call process_output to read what it wrote")
+        deadline = time.monotonic() + (2.0 if signal in ("TERM", "KILL", "INT", "HUP", "QUIT") else 0)
+        while info.state == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            [info] = await self.list_processes(ref, process_id)
+        return info
+
+    async def active(self, ref: SandboxRef) -> bool:
+        try:
+            return any(p.state == "running" for p in await self.list_processes(ref))
+        except (SandboxLost, Unavailable):
+            return False
+
+
+def _info(sandbox_id: str, process_id: str, command: str, started: float, running: bool, exit_code: str, cpu_s: float) -> ProcessInfo:
+    code = None if running or exit_code == "-" else int(exit_code)
+    signal = signals.Signals(code - 128).name.removeprefix("SIG") if code and 128 < code <= 128 + 31 else None
+    return ProcessInfo(
+        process_id=process_id, sandbox_id=sandbox_id, command=command,
+        state="running" if running else ("killed" if signal else "exited"), exit_code=code, signal=signal,
+        started_at=_iso(started),
+        cpu_s=round(cpu_s, 3), note=None if running or code is not None else "it ended without a recorded exit code",
+    )  # fmt: skip
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -94,9 +94,13 @@ async def run_bounded(
     watch: Callable[[], Awaitable[bool]] | None = None,
     watch_interval_s: float = 0.25,
     on_timeout: Callable[[], Awaitable[None]] | None = None,
+    drain_s: float = 5.0,
     **popen: object,
 ) -> Completed:
-    """Run `argv` in a new session; kill its process group on timeout or when `watch()` says lost."""
+    """Run `argv` in a new session; kill its process group on timeout or when `watch()` says lost.
+
+    After it exits, its output is read for at most `drain_s` more: a process it left running
+    in the background may hold the pipes open for good."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -127,10 +131,14 @@ async def run_bounded(
                 await on_timeout()
             _kill_group(proc)
         await asyncio.wait_for(asyncio.shield(waiter), 10)
-        # Output pipes can be held open by a process that escaped the group; don't wait forever.
-        await asyncio.wait_for(asyncio.shield(io), 5)
+        # Output pipes can be held open by a process it left running; don't wait forever.
+        await asyncio.wait_for(asyncio.shield(io), drain_s)
     except TimeoutError:
         io.cancel()
+        # Close our ends of the pipes: a background writer gets EPIPE, not a full pipe it blocks on forever.
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
     finally:
         if not waiter.done():  # cancelled from above (client went away): leave nothing running
             _kill_group(proc)

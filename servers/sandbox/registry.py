@@ -42,6 +42,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS sandboxes_idem ON sandboxes(backend, idempoten
 -- live sandboxes in listing order (partial: tombstones cost a page nothing); old tombstones
 CREATE INDEX IF NOT EXISTS sandboxes_live ON sandboxes(backend, created_at, id) WHERE state IN ('running', 'lost');
 CREATE INDEX IF NOT EXISTS sandboxes_ended ON sandboxes(backend, state, last_used_at);
+-- A client's default sandbox, by the client's durable key (its session id, or "default" for
+-- whoever sends none: this registry is per CORRAL_HOME), so it outlives restarts of both ends.
+CREATE TABLE IF NOT EXISTS defaults (
+    backend TEXT NOT NULL,
+    client TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    PRIMARY KEY (backend, client)
+);
 """
 _LIVE_SQL = "state IN ('running', 'lost')"  # the partial index's own condition, verbatim, so queries use it
 LIVE = ("running", "lost")
@@ -178,3 +186,18 @@ class Registry:
             self._db.execute(
                 "UPDATE sandboxes SET state = ?, reason = ?, last_used_at = ? WHERE id = ?", (state, reason, time.time(), sandbox_id)
             )
+
+    # -- default sandboxes bound to clients -------------------------------------------
+
+    def bound(self, backend: str, client: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT sandbox_id FROM defaults WHERE backend = ? AND client = ?", (backend, client)).fetchone()
+        return row[0] if row else None
+
+    def bind(self, backend: str, client: str, sandbox_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (backend, client, sandbox_id))
+
+    def unbind(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM defaults WHERE sandbox_id = ?", (sandbox_id,))

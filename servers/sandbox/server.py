@@ -9,11 +9,12 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from corral.errors import Unavailable
+from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
 from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
+from .processes import ProcessInfo, ProcessList, ProcessOutput, Signal
 from .registry import Registry
 from .service import Resources, SandboxService
 
@@ -59,6 +60,8 @@ def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: 
     return E2BBackend(config, **kwargs)
 
 
+ProcessId = Annotated[str, Field(description="a process_id from execute(background=true) or processes")]
+
 CLIENT_META_KEY = "corral/client"
 
 
@@ -103,6 +106,7 @@ def build_server(
         log_level=settings.log_level.upper(),  # type: ignore[arg-type]
     )
     _register_tools(server, service)
+    _register_process_tools(server, service)
     return server, service
 
 
@@ -132,9 +136,18 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         cwd: Annotated[str | None, Field(description="working directory; relative to the workdir")] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's stdin")] = None,
-    ) -> ExecOutcome:
-        """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out."""
+        background: Annotated[
+            bool, Field(description="start it and return at once with a process_id (no timeout); see process_output")
+        ] = False,
+    ) -> ExecOutcome | ProcessInfo:
+        """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out.
+
+        With background=true it keeps running after the call: read it with process_output, stop it with kill_process."""
+        if background and stdin is not None:
+            raise InvalidArgument("stdin cannot be given to a background process", hint="write a file and redirect it")
         record = await service.resolve(sandbox_id, _client(ctx))
+        if background:
+            return await service.start_process(record, command, cwd=cwd, env=env)
 
         async def progress(elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, timeout_s, message)
@@ -198,6 +211,32 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     ) -> SandboxList:
         """List this server's live sandboxes, oldest first: id, backend, state, created and expiry times."""
         return service.list_sandboxes(cursor, limit)
+
+
+def _register_process_tools(server: MCPServer, service: SandboxService) -> None:
+    @tool(server, read_only=True)
+    async def processes(ctx: Context, sandbox_id: SandboxId = None) -> ProcessList:
+        """List the sandbox's background processes: process_id, command, state, exit_code, started, cpu seconds."""
+        record = await service.resolve(sandbox_id, _client(ctx))
+        return ProcessList(sandbox_id=record.id, processes=await service.processes(record))
+
+    @tool(server, read_only=True)
+    async def process_output(
+        process_id: ProcessId,
+        offset: Annotated[int, Field(description="first stdout byte to return (next_offset of the last call)", ge=0)] = 0,
+        stderr_offset: Annotated[int, Field(description="first stderr byte to return", ge=0)] = 0,
+        limit: Annotated[int | None, Field(description="most bytes to return per stream", ge=1)] = None,
+    ) -> ProcessOutput:
+        """What a background process wrote since the offsets; running, exit_code and byte totals."""
+        return await service.process_output(process_id, offset=offset, stderr_offset=stderr_offset, limit=limit)
+
+    @tool(server, destructive=True)
+    async def kill_process(
+        process_id: ProcessId,
+        signal: Annotated[Signal, Field(description="the signal to send to its process group")] = "TERM",
+    ) -> ProcessInfo:
+        """Signal a background process (and what it started); returns its state after."""
+        return await service.kill_process(process_id, signal)
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:

@@ -32,6 +32,7 @@ from .backend import (
     workspace_path,
 )  # fmt: skip
 from .config import SandboxSettings
+from .processes import ProcessInfo, ProcessOutput, Signal, new_process_id, sandbox_of
 from .registry import Record, Registry
 
 __all__ = ["Resources", "SandboxService", "iso"]
@@ -133,6 +134,7 @@ class SandboxService:
             sandbox_id=record.id,
             backend=record.backend,
             isolation=self.backend.isolation,
+            limits=self.backend.limits_scope,
             state=record.state,
             label=record.label,
             network=record.ref.spec.network,
@@ -172,9 +174,18 @@ class SandboxService:
     async def _default_for(self, client: str, *, create: bool = True) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
-            known = self._defaults.get(client)
+            known = self._defaults.get(client) or self.registry.bound(self.backend.name, client)
             if known and (record := self.registry.get(known)) and record.state == "running":
+                self._defaults[client] = known
                 return known
+            if known:
+                self._forget_default(known)
+                if record is not None and record.reason != "destroyed by request":
+                    # Its files are gone: say so once rather than carry on in an empty sandbox.
+                    raise SandboxLost(
+                        f"your default sandbox {known} is {record.state} ({record.reason}): its files and processes are gone",
+                        hint="call again: the next call gets a fresh default sandbox",
+                    )
             if not create:
                 raise NotFound(
                     "you have no default sandbox yet, so there is nothing to read",
@@ -182,7 +193,12 @@ class SandboxService:
                 )
             created = (await self.provision(label="default")).sandbox_id
             self._defaults[client] = created
+            self.registry.bind(self.backend.name, client, created)
             return created
+
+    def _forget_default(self, sandbox_id: str) -> None:
+        self._defaults = {c: s for c, s in self._defaults.items() if s != sandbox_id}
+        self.registry.unbind(sandbox_id)
 
     async def _guard(self, record: Record, work: Awaitable[Any]) -> Any:
         """Run one backend call on `record`: busy while running; lost means lost for good."""
@@ -192,7 +208,7 @@ class SandboxService:
             return await work
         except SandboxLost as err:
             self.registry.set_state(record.id, "lost", err.message)
-            self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
+            self._forget_default(record.id)
             log.warning("sandbox %s lost: %s", record.id, err.message)
             raise
         finally:
@@ -331,12 +347,44 @@ class SandboxService:
             next_cursor=_encode_cursor(records[-1]) if more else None,
         )
 
+    # -- background processes --------------------------------------------------------
+
+    async def start_process(
+        self, record: Record, command: str, *, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> ProcessInfo:
+        request = ExecRequest(command=command, cwd=cwd, env=_check_env(env), output_limit=self.settings.sandbox_output_limit)
+        process_id = new_process_id(record.id)
+        return await self._guard(record, self.backend.start_process(record.ref, request, process_id))
+
+    async def processes(self, record: Record) -> list[ProcessInfo]:
+        return await self._guard(record, self.backend.list_processes(record.ref))
+
+    async def _owner(self, process_id: str) -> Record:
+        """The sandbox a process id names; its sandbox must be this server's and alive."""
+        sandbox_id = sandbox_of(process_id)
+        record = self.registry.get(sandbox_id)
+        if record is None or record.backend != self.backend.name:
+            raise NotFound(f"no process {process_id!r}", hint="call processes to list the background processes")
+        return await self.resolve(sandbox_id, "")
+
+    async def process_output(
+        self, process_id: str, *, offset: int = 0, stderr_offset: int = 0, limit: int | None = None
+    ) -> ProcessOutput:
+        record = await self._owner(process_id)
+        limit = min(limit or self.settings.sandbox_output_limit, self.settings.sandbox_read_limit)
+        work = self.backend.process_output(record.ref, process_id, offset, stderr_offset, limit)
+        return await self._guard(record, work)
+
+    async def kill_process(self, process_id: str, signal: Signal = "TERM") -> ProcessInfo:
+        record = await self._owner(process_id)
+        return await self._guard(record, self.backend.kill_process(record.ref, process_id, signal))
+
     # -- reaping ------------------------------------------------------------------------
 
     async def _reap(self, record: Record, reason: str, keep_workspace: bool = False) -> None:
         await self.backend.destroy(record.ref, keep_workspace=keep_workspace)
         self.registry.set_state(record.id, "destroyed", reason)
-        self._defaults = {c: s for c, s in self._defaults.items() if s != record.id}
+        self._forget_default(record.id)
         self._locks.pop(record.id, None)
         self._file_slots.pop(record.id, None)
         log.info("sandbox %s destroyed: %s", record.id, reason)
@@ -351,6 +399,8 @@ class SandboxService:
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
                 continue
+            if reason == "idle" and await self.backend.active(record.ref):
+                continue  # a background process still runs: that is use (the TTL still ends it)
             await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
             reaped.append(record.id)
         return reaped

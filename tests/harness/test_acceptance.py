@@ -37,7 +37,7 @@ from tests.harness.fake_anthropic import (
 from tests.harness.scripts import PLAN
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
-from tests.sandbox.procs import bwrap_pids
+from tests.sandbox.procs import bwrap_pids, kill_sandboxes_under
 
 SECRET = "sk-acceptance-" + uuid.uuid4().hex
 
@@ -51,6 +51,7 @@ def real_env(env: dict[str, str], needs_bwrap) -> Iterator[dict[str, str]]:
     e = {k: v for k, v in env.items() if k not in ("CORRAL_SERVERS", "CORRAL_EXTRA_SERVERS")}
     e.update(CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(root), CORRAL_SANDBOX_REAP_INTERVAL_S="3600")
     yield e
+    kill_sandboxes_under(root)  # live sandboxes outlive their server by design: end them
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -267,3 +268,30 @@ def test_every_response_first_breaks_yet_each_command_runs_once(real_env: dict[s
     failed = [e.data["fault"] for e in log if e.type == "session.error"]
     assert failed == ["dropped", "stream_error", "max_tokens_in_tool_use", "invalid_tool_input", "stalled", "no_message_stop"]
     assert fake.invalid == [] and len([r for r in fake.requests if r.whole]) == len(steps)
+
+
+def test_the_sessions_hands_follow_it_across_harness_and_server_restarts(real_env: dict[str, str]) -> None:
+    """Issue 10 item 6: a second `corral run --session` (a new harness, a new stdio sandbox
+    server) finds the default sandbox of the first: its files and its running server."""
+    serve = "echo kept > notes.txt; nohup python3 -m http.server 8090 --bind 127.0.0.1 >/dev/null 2>&1 & sleep 0.5"
+    fetch = "cat notes.txt; python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8090/').status)\""
+    seen: list[dict[str, Any]] = []
+
+    def check(body: dict[str, Any]) -> Turn:
+        seen.append(result_json(body))
+        return Turn([text("found them")])
+
+    script = Script({"HANDS-TASK": [
+        Turn([tool("sandbox__execute", {"command": serve})]), Turn([text("started")]),
+        Turn([tool("sandbox__execute", {"command": fetch})]), check,
+    ]})  # fmt: skip
+    with FakeAnthropic(script) as fake:
+        first = corral(["run", "HANDS-TASK: start"], {**real_env, **fake.env()}, timeout=300)
+        assert first.returncode == 0, first.stdout + first.stderr
+        sid = session_id(first.stdout)
+        second = corral(["run", "--session", sid, "go on"], {**real_env, **fake.env()}, timeout=300)
+        assert second.returncode == 0, second.stdout + second.stderr
+    assert seen and seen[0]["stdout"] == "kept\n200\n", seen
+    assert sandboxes(real_env) == 1
+    with sqlite3.connect(Path(real_env["CORRAL_HOME"]) / "sandboxes" / "registry-bubblewrap.db") as conn:
+        assert conn.execute("SELECT client FROM defaults").fetchall() == [(f"meta:{sid}",)]  # bound to the session

@@ -26,6 +26,7 @@ from corral.servers.sandbox.server import backend_config, build_server
 from tests.parts import TEST_IMAGE
 
 from .fake_e2b import FakeAsyncSandbox
+from .procs import kill_sandboxes_under
 
 REQUIRES = {"bubblewrap": "bwrap", "docker": "docker"}
 
@@ -51,6 +52,7 @@ def sandbox_root() -> Iterator[Path]:
     base.chmod(0o711)
     root = base / uuid.uuid4().hex[:12]
     yield root
+    kill_sandboxes_under(root)  # what tests that build their own Harness left running
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -115,6 +117,14 @@ def harness(backend_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
 
 
 @pytest.fixture
+def bw(settings: SandboxSettings) -> Iterator[Harness]:
+    """A server over bubblewrap only (live-sandbox behaviour)."""
+    h = Harness("bubblewrap", settings)
+    yield h
+    _cleanup(h)
+
+
+@pytest.fixture
 def iso(isolated_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
     h = Harness(isolated_kind, settings)
     yield h
@@ -122,6 +132,14 @@ def iso(isolated_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
 
 
 def _cleanup(h: Harness) -> None:
+    if h.kind == "bubblewrap":  # live sandboxes hold processes: end every one the test left
+        import asyncio
+
+        async def destroy_all() -> None:
+            for record in h.service.registry.all("bubblewrap", states=("running", "lost")):
+                await h.backend.destroy(record.ref)
+
+        asyncio.run(destroy_all())
     if h.kind == "docker":  # leave no container behind, whatever the test did
         ids = subprocess.run(
             ["docker", "ps", "-aq", "--filter", "label=corral.sandbox"], capture_output=True, text=True, timeout=30

@@ -1,0 +1,311 @@
+"""Live-sandbox numbers (issue 10 "Speed"), each beside its baseline, measured in one run.
+
+    python3 benchmarks/hands.py [--n 100] [--boxes 50]
+
+- MCP `execute true` in a live sandbox (stdio client -> `corral serve sandbox`) vs a bare
+  `bwrap ... true` spawn of the same sandbox's recipe from Python (target: at or below);
+- provision + first execute p50/p99 (in-process service: the init starts on first use);
+- background start -> first output line seen through `process_output`, p50;
+- host RSS of an idle live sandbox (outer bwrap + init + its sleep);
+- N live sandboxes each running a background HTTP server: how many answer from inside.
+
+JSON goes to benchmarks/results/hands.json. Noisy on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mcp.client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from corral.servers.sandbox.backend import SandboxRef
+from corral.servers.sandbox.bubblewrap import SHELL, BubblewrapBackend, _limits
+from corral.servers.sandbox.config import SandboxSettings
+
+from benchmarks.common import Table, percentile
+from benchmarks.sandbox import cpu_ms, server_cpu_ms, service_for, stdio_params
+
+CPU: dict[str, float] = {}
+
+
+def bare_bwrap_argv(
+    backend: BubblewrapBackend, ref: SandboxRef, command: str = "true"
+) -> list[str]:
+    """A one-shot `bwrap` with the sandbox's own recipe (what every execute cost before live sandboxes)."""
+    argv = backend._init_argv(ref)
+    if backend.cgroups is not None:  # a bare spawn: no cgroup to join
+        argv = argv[len(backend.cgroups.enter_argv(ref.id, init=True)) :]
+    argv = argv[: argv.index("--info-fd")] + ["--die-with-parent"]
+    argv.remove("--as-pid-1")
+    return [
+        *argv,
+        "--",
+        backend.prlimit,
+        *_limits(ref.spec, 60),
+        "--",
+        SHELL,
+        "-c",
+        command,
+    ]
+
+
+async def spawn(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*argv, env=env)
+    assert await proc.wait() == 0
+    return (time.perf_counter() - start) * 1000
+
+
+async def timed_call(c: Client, tool: str, args: dict) -> tuple[float, dict]:
+    start = time.perf_counter()
+    result = await c.call_tool(tool, args)
+    assert not result.is_error, result.content[0].text
+    return (time.perf_counter() - start) * 1000, result.structured_content
+
+
+async def live_vs_bare(
+    settings: SandboxSettings, env: dict[str, str], n: int
+) -> tuple[list[float], list[float]]:
+    async with Client(stdio_params(env)) as c:
+        sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
+        await c.call_tool(
+            "execute", {"sandbox_id": sid, "command": "true"}
+        )  # the init starts here
+        service = service_for(settings)
+        ref = service.registry.get(sid).ref
+        bare = bare_bwrap_argv(service.backend, ref)
+        live, raw = [], []
+        for _ in range(n):  # interleaved: load from others hits both alike
+            live.append(
+                (
+                    await timed_call(
+                        c, "execute", {"sandbox_id": sid, "command": "true"}
+                    )
+                )[0]
+            )
+            raw.append(await spawn(bare, {}))
+        # CPU per call, which the load of others does not inflate: the server (+ what it ran) vs a bare spawn.
+        start = server_cpu_ms()
+        for _ in range(n):
+            await c.call_tool("execute", {"sandbox_id": sid, "command": "true"})
+        CPU["live"] = (server_cpu_ms() - start) / n
+        start = cpu_ms()
+        for _ in range(n):
+            await spawn(bare, {})
+        CPU["bare"] = (cpu_ms() - start) / n
+        await c.call_tool("destroy", {"sandbox_id": sid})
+    return live, raw
+
+
+async def first_execute(settings: SandboxSettings, n: int) -> list[float]:
+    service = service_for(settings)
+    times = []
+    for i in range(n + 5):
+        start = time.perf_counter()
+        box = await service.provision()
+        result = await service.execute(service.registry.get(box["sandbox_id"]), "true")
+        if i >= 5:  # warm-up
+            times.append((time.perf_counter() - start) * 1000)
+        assert result.exit_code == 0, result
+        await service.destroy(box["sandbox_id"])
+    return times
+
+
+async def background_first_line(env: dict[str, str], n: int) -> list[float]:
+    async with Client(stdio_params(env)) as c:
+        sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
+        await c.call_tool("execute", {"sandbox_id": sid, "command": "true"})
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            _, started = await timed_call(
+                c,
+                "execute",
+                {
+                    "sandbox_id": sid,
+                    "command": "echo ready; exec sleep 30",
+                    "background": True,
+                },
+            )
+            while not (
+                await timed_call(
+                    c, "process_output", {"process_id": started["process_id"]}
+                )
+            )[1]["stdout"]:
+                pass
+            times.append((time.perf_counter() - start) * 1000)
+            await c.call_tool(
+                "kill_process", {"process_id": started["process_id"], "signal": "KILL"}
+            )
+        await c.call_tool("destroy", {"sandbox_id": sid})
+    return times
+
+
+def rss_kb(pid: int, private: bool = False) -> int:
+    """Resident KiB; `private`: only the pages no other process shares (what one more sandbox adds)."""
+    if not private:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    )
+    return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
+
+
+def tree(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for k in kids for p in tree(int(k)))]
+
+
+async def idle_rss(settings: SandboxSettings) -> tuple[float, float, int]:
+    """RSS and private memory (MiB) of the host processes one idle live sandbox keeps, and how many."""
+    service = service_for(settings)
+    box = await service.provision()
+    await service.execute(service.registry.get(box["sandbox_id"]), "true")
+    init = service.backend._inits[box["sandbox_id"]]
+    pids = tree(init.outer.pid)
+    total = sum(rss_kb(p) for p in pids) / 1024
+    private = sum(rss_kb(p, private=True) for p in pids) / 1024
+    await service.destroy(box["sandbox_id"])
+    return total, private, len(pids)
+
+
+async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
+    fetch = "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/', timeout=20).status)\""
+    async with Client(stdio_params(env)) as c:
+        start = time.perf_counter()
+        ids = [
+            (await c.call_tool("provision", {})).structured_content["sandbox_id"]
+            for _ in range(count)
+        ]
+        for sid in ids:
+            r = await c.call_tool(
+                "execute",
+                {
+                    "sandbox_id": sid,
+                    "command": "exec python3 -m http.server 8000 --bind 127.0.0.1",
+                    "background": True,
+                },
+            )
+            assert not r.is_error, r.content[0].text
+        started = time.perf_counter() - start
+
+        async def answers(sid: str) -> bool:
+            for _ in range(100):  # the servers may still be importing
+                r = await c.call_tool(
+                    "execute", {"sandbox_id": sid, "command": fetch, "timeout_s": 60}
+                )
+                if not r.is_error and r.structured_content["stdout"] == "200\n":
+                    return True
+                await asyncio.sleep(0.2)
+            return False
+
+        ok = sum(await asyncio.gather(*(answers(s) for s in ids)))
+        wall = time.perf_counter() - start
+        for sid in ids:
+            await c.call_tool("destroy", {"sandbox_id": sid})
+    return {"ok": ok, "count": count, "start_all_s": started, "all_answered_s": wall}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=100, help="samples per latency figure")
+    parser.add_argument(
+        "--boxes",
+        type=int,
+        default=50,
+        help="live sandboxes each running an HTTP server",
+    )
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    sandbox_dir = (
+        Path("/var/lib/corral/bench-sandboxes")
+        if os.geteuid() == 0
+        else work / "sandboxes"
+    )
+    settings = SandboxSettings(home=work / "home", sandbox_dir=sandbox_dir)
+    env = {
+        "PATH": os.environ["PATH"],
+        "CORRAL_HOME": str(settings.home),
+        "CORRAL_SANDBOX_DIR": str(sandbox_dir),
+    }
+    try:
+        live, raw = await live_vs_bare(settings, env, args.n)
+        first = await first_execute(settings, args.n)
+        bg = await background_first_line(env, max(10, args.n // 2))
+        rss, private, procs = await idle_rss(settings)
+        servers = await many_servers(env, args.boxes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    table = Table("hands")
+    live50, raw50 = statistics.median(live), statistics.median(raw)
+    table.add(
+        "MCP execute `true` in a live sandbox: p50",
+        f"{live50:.1f} ms",
+        f"bare bwrap spawn {raw50:.1f} ms",
+        "<= bare",
+        live50 <= raw50,
+    )
+    f50, f99 = statistics.median(first), percentile(first, 99)
+    table.add(
+        "  CPU per execute (server + nsenter chain)",
+        f"{CPU['live']:.1f} ms",
+        f"bare bwrap spawn {CPU['bare']:.1f} ms",
+        "<= bare",
+        CPU["live"] <= CPU["bare"],
+    )
+    table.add(
+        "provision + first execute (init starts): p50 / p99",
+        f"{f50:.1f} / {f99:.1f} ms",
+        f"bare bwrap {raw50:.1f} ms",
+        "<= 25 / 60",
+        f50 <= 25 and f99 <= 60,
+    )
+    b50 = statistics.median(bg)
+    table.add(
+        "background start -> first output line (MCP): p50",
+        f"{b50:.1f} ms",
+        f"MCP execute {live50:.1f} ms",
+        "<= 30 ms",
+        b50 <= 30,
+    )
+    table.add(
+        "idle live sandbox: host RSS (private)",
+        f"{rss:.1f} ({private:.1f}) MiB",
+        f"{procs} processes, mostly shared libc",
+        "<= 5 MiB",
+        rss <= 5,
+    )
+    table.add(
+        f"{args.boxes} live sandboxes with a background HTTP server: answering",
+        f"{servers['ok']}/{servers['count']}",
+        f"all up in {servers['all_answered_s']:.1f} s",
+        "all",
+        servers["ok"] == servers["count"],
+    )
+    table.save({"load_average": os.getloadavg(), "servers": servers})
+    print(
+        f"\nload average during the run: {os.getloadavg()} (2 cores shared; numbers are noisy)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
