@@ -139,7 +139,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         background: Annotated[
             bool, Field(description="start it and return at once with a process_id (no timeout); see process_output")
         ] = False,
-    ) -> ExecOutcome | ProcessInfo:
+    ) -> dict[str, Any]:  # two shapes (below): an object schema, not a wrapped union
         """Run a shell command; returns exit_code, stdout, stderr (head and tail kept), duration and timed_out.
 
         With background=true it keeps running after the call: read it with process_output, stop it with kill_process."""
@@ -147,12 +147,13 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
             raise InvalidArgument("stdin cannot be given to a background process", hint="write a file and redirect it")
         record = await service.resolve(sandbox_id, _client(ctx))
         if background:
-            return await service.start_process(record, command, cwd=cwd, env=env)
+            return (await service.start_process(record, command, cwd=cwd, env=env)).model_dump()  # a ProcessInfo
 
         async def progress(elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, timeout_s, message)
 
-        return await service.execute(record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress)
+        done = await service.execute(record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress)
+        return done.model_dump()  # an ExecOutcome
 
     @tool(server, read_only=True)
     async def read_file(
