@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.errors import InvalidArgument, NotFound, SandboxLost
+from corral.errors import CorralError, InvalidArgument, NotFound, SandboxLost
 
 from .backend import Backend, ExecRequest, ExecResult, SandboxSpec, workspace_path
 from .config import SandboxSettings
@@ -108,7 +108,7 @@ class SandboxService:
                 idempotency_key=idempotency_key,
                 ref=ref,
                 created_at=now,
-                expires_at=now + (resources.ttl_s or self.settings.sandbox_ttl_s),
+                expires_at=now + ref.spec.ttl_s,  # the backend may shorten it (e2b: the tier's limit)
                 idle_timeout_s=resources.idle_timeout_s or self.settings.sandbox_idle_timeout_s,
                 last_used_at=now,
             )
@@ -307,7 +307,11 @@ class SandboxService:
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
                 continue
-            await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
+            try:
+                await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
+            except CorralError as err:  # one sandbox that cannot be destroyed now must not shield the rest
+                log.warning("could not reap sandbox %s: %s", record.id, err)
+                continue
             reaped.append(record.id)
         return reaped
 
