@@ -277,7 +277,8 @@ class _Commands:
     ) -> AsyncIterator[process_pb.StartResponse]:
         """envd's event stream for one process: start, output chunks, end."""
         yield _event("start", process_pb.ProcessEvent.StartEvent(pid=proc.pid))
-        if fault is not None:  # the stream fails after the command started (it runs on, as it would)
+        if fault is not None:  # the stream fails while the command runs (here: to its end)
+            await proc.communicate()
             if fault == "no_end":
                 return
             self._probe_fails = fault == "unreachable"
@@ -300,6 +301,7 @@ class _Commands:
                 except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGKILL)  # envd: the top process only, not its group
+                    proc._transport.close()  # type: ignore[attr-defined]  # our ends of its pipes
                     raise ConnectError(Code.DEADLINE_EXCEEDED, "deadline_exceeded") from None
                 if chunk:  # ...and back, so the fake's paths look like the VM's
                     yield _data(name, chunk.replace(str(vm.root).encode(), HOME.encode()))
