@@ -20,6 +20,7 @@ would miss, and how this backend answers it:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import posixpath
@@ -161,7 +162,7 @@ class E2BBackend(Backend):
         self._live.pop(ref.id, None)  # reconnect next time
         return Unavailable(
             f"the connection to sandbox {ref.id} failed ({what}: {err}); e2b reports it still running",
-            hint="retry; a command may still be running in the sandbox",
+            hint="retry; the sandbox is kept",
         )
 
     def _lost(self, ref: SandboxRef, err: BaseException) -> SandboxLost:
@@ -208,7 +209,8 @@ class E2BBackend(Backend):
         try:  # the template's home holds dotfiles: the workspace is a directory of its own
             await self._call(ref, sbx.files.make_dir(self.workdir), f"creating {self.workdir}")
         except CorralError:
-            await self.destroy(ref)
+            with contextlib.suppress(CorralError):  # the make_dir failure is the news
+                await self.destroy(ref)
             raise
         self._live[sandbox_id] = sbx
         return ref
@@ -264,7 +266,10 @@ class E2BBackend(Backend):
             exit_code, timed_out = None, True
             await self._kill_group(ref, sbx, run)
         except Exception as exc:
-            raise await self._translate(exc, "running a command", ref) from exc
+            error = await self._translate(exc, "running a command", ref)
+            if not isinstance(error, SandboxLost):  # nothing of the command may stay behind
+                await self._kill_group(ref, sbx, run)
+            raise error from exc
         return ExecResult(
             exit_code=exit_code,
             stdout=out.text(),
@@ -278,7 +283,7 @@ class E2BBackend(Backend):
         )
 
     async def _kill_group(self, ref: SandboxRef, sbx: Any, run: str) -> None:
-        """After a timeout: kill what envd left running (all but the top process)."""
+        """After a timeout or a failed run: kill what envd left running, remove the run's files."""
         kill = f"kill -KILL -- -$(cat {run}.pid) 2>/dev/null; rm -f {run}.pid {run}.in; true"
         try:
             await sbx.commands.run(kill, timeout=self.config.request_timeout_s, retain_output=False)

@@ -185,6 +185,8 @@ async def test_directory_read_file_list_and_missing_cwd_are_invalid_arguments(h:
         await fail(c, "list_files", "invalid_argument", sandbox_id=sid, path="f")
         await fail(c, "execute", "invalid_argument", sandbox_id=sid, command="pwd", cwd="nowhere")
         await fail(c, "read_file", "not_found", sandbox_id=sid, path="nothing")
+        await fail(c, "execute", "invalid_argument", sandbox_id=sid, command="cat", cwd="nowhere", stdin="x")
+        assert [p.name for p in _vm(h, sid).tmp.iterdir()] == []  # the stdin file went with the refusal
 
 
 # -- 6. the workdir is what the contract says ---------------------------------------------------
