@@ -90,10 +90,13 @@ def _wrap(command: str, run: str, stdin: bool) -> str:
     )
 
 
-def _stream_ended(err: BaseException) -> bool:
-    """The command's stream ended without a result: the SDK raises a bare `Exception`, or
-    hands back the transport's `ConnectError` when its probe found the sandbox running."""
-    return isinstance(err, ConnectError) or (type(err) is Exception and "without an end event" in str(err))
+def _unsure(err: BaseException) -> bool:
+    """The VM could not be reached, but E2B did not say it is gone: unreachable, a dropped
+    transfer (raw httpx error) or a stream that ended without a result (a bare `Exception`,
+    or the transport's `ConnectError` when the SDK's probe found the VM running)."""
+    dropped = isinstance(err, httpx.TransportError) and not isinstance(err, httpx.TimeoutException)
+    ended = isinstance(err, ConnectError) or (type(err) is Exception and "without an end event" in str(err))
+    return isinstance(err, SandboxUnreachableException) or dropped or ended
 
 
 class E2BBackend(Backend):
@@ -121,11 +124,8 @@ class E2BBackend(Backend):
             return err
         if ref is not None and isinstance(err, _GONE):
             return self._lost(ref, err)
-        if ref is not None and (
-            isinstance(err, SandboxUnreachableException | httpx.TransportError) or _stream_ended(err)
-        ):
-            if not isinstance(err, httpx.TimeoutException):
-                return await self._confirm(ref, err, what)
+        if ref is not None and _unsure(err):
+            return await self._confirm(ref, err, what)
         if isinstance(err, AuthenticationException):
             return Unavailable(
                 f"e2b refused the request ({what}): E2B_API_KEY is missing or invalid ({err})", hint=_KEY_HINT
@@ -142,8 +142,6 @@ class E2BBackend(Backend):
             return Unavailable(f"{what}: the sandbox's disk is full ({err})", hint="delete files in the sandbox")
         if isinstance(err, TimeoutException | httpx.TimeoutException):
             return Timeout(f"e2b did not finish {what} within {self.config.request_timeout_s:g}s ({err})", hint="retry")
-        if isinstance(err, SandboxException) and err.status_code == 400 and what == "creating a sandbox":
-            return Unavailable(f"e2b refused to create a sandbox: {err}", hint=_TTL_HINT)
         return Unavailable(f"e2b failed {what}: {type(err).__name__}: {err}")
 
     async def _confirm(self, ref: SandboxRef, err: BaseException, what: str) -> CorralError:
@@ -204,6 +202,8 @@ class E2BBackend(Backend):
                 **self._opts(),
             )
         except Exception as err:
+            if isinstance(err, SandboxException) and err.status_code == 400:  # e.g. a timeout over the tier's
+                raise Unavailable(f"e2b refused to create a sandbox: {err}", hint=_TTL_HINT) from err
             raise await self._translate(err, "creating a sandbox") from err
         ref = SandboxRef(id=sandbox_id, spec=spec, data={"e2b_id": sbx.sandbox_id})
         try:  # the template's home holds dotfiles: the workspace is a directory of its own

@@ -150,6 +150,15 @@ async def test_stream_ending_early_keeps_a_running_sandbox(h: Harness, mode: str
         assert (await call(c, "execute", sandbox_id=sid, command="echo alive"))["stdout"] == "alive\n"
 
 
+async def test_dropped_file_transfer_keeps_a_running_sandbox(h: Harness) -> None:
+    async with h.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "write_file", sandbox_id=sid, path="f.txt", content="x")
+        FakeCloud.fail_next("read", httpx.ReadError("connection reset by peer"))  # what the SDK re-raises raw
+        assert "still running" in await fail(c, "read_file", "unavailable", sandbox_id=sid, path="f.txt")
+        assert (await call(c, "read_file", sandbox_id=sid, path="f.txt"))["content"] == "x"
+
+
 async def test_a_failing_kill_does_not_stop_the_sweep(h: Harness) -> None:
     async with h.client() as c:
         first = (await call(c, "provision", resources={"ttl_s": 1}))["sandbox_id"]
