@@ -123,6 +123,16 @@ async def test_bad_api_key_tells_the_operator(settings: SandboxSettings, monkeyp
         assert "E2B_API_KEY is missing or invalid" in text and "unexpectedly" not in text
 
 
+async def test_the_real_sdk_without_a_key_tells_the_operator(settings: SandboxSettings, monkeypatch) -> None:
+    """The real `AsyncSandbox`, not the fake: it refuses before sending anything."""
+    from mcp.client import Client
+
+    monkeypatch.delenv("E2B_API_KEY", raising=False)
+    server, _ = build_server(settings, make_backend(E2BConfig(api_key="")), reap=False)
+    async with Client(server) as c:
+        assert "E2B_API_KEY is missing or invalid" in await fail(c, "provision", "unavailable")
+
+
 async def test_service_busy_is_unavailable_with_a_retry_hint(h: Harness) -> None:
     FakeCloud.fail_next("create", api_error(503, "no capacity to place the sandbox"))
     async with h.client() as c:
