@@ -68,6 +68,7 @@ class E2BConfig(_Model):
     template: str | None = None
     api_key: str = ""
     request_timeout_s: float = 30.0
+    max_ttl_s: int = Field(3600, gt=0, description="longest sandbox lifetime the E2B tier allows; longer TTLs are clamped")
 
 
 BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(discriminator="type")]
@@ -124,6 +125,12 @@ class SandboxSettings(CoreSettings):
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
     e2b_api_key: str = Field("", validation_alias="E2B_API_KEY", description="E2B API key (e2b backend)")
+    e2b_max_ttl_s: int = Field(
+        3600,
+        gt=0,
+        description="e2b: longest sandbox lifetime your E2B tier allows (3600 Hobby, 86400 Pro); "
+        "longer TTLs are clamped to it",
+    )
 
     @field_validator("sandbox_extra_binds", mode="before")
     @classmethod

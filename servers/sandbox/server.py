@@ -35,7 +35,9 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
     if settings.sandbox_backend == "docker":
         return DockerConfig(image=settings.sandbox_image or "python:3.12-slim")
     if settings.sandbox_backend == "e2b":
-        return E2BConfig(template=settings.sandbox_image or None, api_key=settings.e2b_api_key)
+        return E2BConfig(
+            template=settings.sandbox_image or None, api_key=settings.e2b_api_key, max_ttl_s=settings.e2b_max_ttl_s
+        )
     return BubblewrapConfig(
         root=settings.workspaces_dir(),
         run_as_uid=settings.sandbox_run_as_uid,

@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.errors import InvalidArgument, NotFound, SandboxLost, Timeout
+from corral.errors import CorralError, InvalidArgument, NotFound, SandboxLost, Timeout
 
 from .backend import (
     Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxList,
@@ -121,7 +121,7 @@ class SandboxService:
                 idempotency_key=idempotency_key,
                 ref=ref,
                 created_at=now,
-                expires_at=now + spec.ttl_s,
+                expires_at=now + ref.spec.ttl_s,  # the backend may shorten it (e2b: the tier's limit)
                 idle_timeout_s=resources.idle_timeout_s or self.settings.sandbox_idle_timeout_s,
                 last_used_at=now,
             )
@@ -401,7 +401,11 @@ class SandboxService:
                 continue
             if reason == "idle" and await self.backend.active(record.ref):
                 continue  # a background process still runs: that is use (the TTL still ends it)
-            await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
+            try:
+                await self._reap(record, reason if reason != "lost" else f"lost: {record.reason}")
+            except CorralError as err:  # one sandbox that cannot be destroyed now must not shield the rest
+                log.warning("could not reap sandbox %s: %s", record.id, err)
+                continue
             reaped.append(record.id)
         return reaped
 
