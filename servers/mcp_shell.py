@@ -78,9 +78,11 @@ def tool(
     open_world: bool = False,
     name: str | None = None,
     structured: bool | None = None,
+    description: str | None = None,
 ) -> Callable[[F], F]:
     """Register `fn` as a tool of `server`; Corral errors become `ToolError`s.
 
+    `description` replaces the docstring where the text depends on the server (its workdir, limits).
     `structured=False` leaves out the output schema: the result is its JSON text only. Worth
     it for results whose payload is free-form JSON anyway (session events), because a
     client validates structured results against the schema on every call (several ms).
@@ -119,7 +121,7 @@ def tool(
                 except Exception as err:
                     raise _translate(tool_name, err) from err
 
-        server.tool(name=tool_name, annotations=annotations, structured_output=structured)(wrapped)
+        server.tool(name=tool_name, annotations=annotations, structured_output=structured, description=description)(wrapped)
         # The advertised schema only (arguments are validated against the pydantic model):
         # the SDK offers no hook between building a tool and listing it.
         registered = server._tool_manager.get_tool(tool_name)

@@ -46,3 +46,21 @@ async def test_the_servers_advertise_lean_schemas(tmp_path: Path) -> None:
         text = json.dumps(t.input_schema)
         assert "$ref" not in text and '"title"' not in text, t.name
         assert '{"type": "null"}' not in text, t.name
+
+
+@pytest.mark.requires("bwrap")
+@pytest.mark.anyio
+async def test_execute_tells_the_model_where_it_runs(tmp_path: Path) -> None:
+    """The model learns from the definition alone: an isolated sandbox, its workdir, no network, the caps."""
+    from corral.servers.sandbox.config import SandboxSettings
+    from corral.servers.sandbox.server import build_server
+
+    boxes = Path("/tmp/corral-test-sandboxes") / tmp_path.name  # as root, the sandbox uid must traverse it
+    boxes.parent.mkdir(mode=0o711, exist_ok=True)
+    server, _ = build_server(SandboxSettings(home=tmp_path / "home", sandbox_dir=boxes), reap=False)
+    async with Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    text = tools["execute"].description or ""
+    for needed in ("isolated", "/workspace", "network 'full'", "64 KiB", "timeout_s", "background"):
+        assert needed in text, (needed, text)
+    assert server.instructions is not None and "/workspace" in server.instructions

@@ -101,8 +101,11 @@ def build_server(
     server = MCPServer(
         "corral-sandbox",
         instructions=(
-            "Disposable sandboxes to run code in. Omit sandbox_id to use your default sandbox; "
-            "a sandbox_lost error means provision a fresh one (or omit sandbox_id)."
+            f"Isolated Linux sandboxes to run code in ({service.backend.isolation}): each has its own filesystem "
+            f"(work in {service.backend.workdir}; files persist between calls) and processes that keep running "
+            "between calls; no network unless provisioned with network 'full'; no host files, host environment "
+            "or secrets inside. Omit sandbox_id to use your default sandbox; a sandbox_lost error means the "
+            "sandbox is gone: call again (or provision) for a fresh one."
         ),
         lifespan=lifespan,
         log_level=settings.log_level.upper(),  # type: ignore[arg-type]
@@ -129,7 +132,18 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
             template=template, resources=resources, env=env, network=network, label=label, idempotency_key=idempotency_key
         )
 
-    @tool(server, destructive=True, open_world=True)
+    cap_kib = service.settings.sandbox_output_limit // 1024
+    execute_description = (
+        f"Run a bash command in an isolated Linux sandbox ({service.backend.isolation}), in {service.backend.workdir} "
+        "unless cwd says otherwise. Files persist between calls and background processes keep running; there is "
+        "no network unless the sandbox was provisioned with network 'full', and no host files or secrets. "
+        f"Returns exit_code, stdout and stderr (each capped at {cap_kib} KiB, head and tail kept, with byte totals), "
+        "duration_ms and timed_out; timeout_s (default 60) kills the command and everything it started. "
+        "With background=true it returns at once with a process_id and keeps running: read it with "
+        "process_output, stop it with kill_process."
+    )
+
+    @tool(server, destructive=True, open_world=True, description=execute_description)
     async def execute(
         ctx: Context,
         command: Annotated[str, Field(description="a bash command line, run in the workdir", min_length=1)],
