@@ -42,7 +42,17 @@ import psycopg_pool
 
 from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import lineage, rules
-from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
+from corral.servers.session.store import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    EventStore,
+    Lease,
+    NewEvent,
+    SessionInfo,
+    check_range,
+    encode_data,
+    new_id,
+)
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
 MIGRATIONS: list[str] = [
