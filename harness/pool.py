@@ -269,7 +269,7 @@ async def worker_alive(app: procrastinate.App, worker_id: int) -> bool:
 # -- the reaper -----------------------------------------------------------------------------
 
 
-async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float) -> None:
+async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float, store: EventStore | None = None) -> None:
     """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker).
 
     Silence only counts while the database could hear it: after this reaper failed to reach
@@ -287,6 +287,8 @@ async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Work
                 reachable_since = time.monotonic()
             elif time.monotonic() - reachable_since >= lease_s:
                 await reap_once(app, lease_s, worker.worker_id)
+                if store is not None:
+                    await resume_orphans(app, store)
         except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip or an outage: judge nobody until it is over
             if reachable_since is not None:
                 log.warning("stalled-job check failed: %s", err)
@@ -356,6 +358,35 @@ async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None =
     return handed
 
 
+RESUME_LIMIT = 3  # a session whose job keeps failing is left for a person after this many
+ORPHANS = """
+SELECT lock AS session_id FROM procrastinate_jobs WHERE queue_name = %(queue)s AND lock IS NOT NULL
+GROUP BY lock
+HAVING bool_and(status NOT IN ('todo', 'doing')) AND count(*) FILTER (WHERE status = 'failed') BETWEEN 1 AND %(limit)s
+"""
+
+
+async def resume_orphans(app: procrastinate.App, store: EventStore) -> list[str]:
+    """Queue again each session a failed job left `running` (its harness recorded no outcome)
+    with no live lease and nothing queued: e.g. its job died of an error outside the harness.
+    A session the harness marked `failed` stays so: its log says why."""
+    resumed: list[str] = []
+    for row in await app.connector.execute_query_all_async(ORPHANS, queue=QUEUE, limit=RESUME_LIMIT):
+        sid = row["session_id"]
+        try:
+            info = await asyncio.to_thread(store.get, sid)
+        except (Unavailable, LookupError):  # down again, or not a session of this store
+            continue
+        live = info.lease is not None and datetime.datetime.fromisoformat(info.lease["expires_at"]) > datetime.datetime.now(datetime.UTC)
+        if info.status != "running" or live:
+            continue
+        with contextlib.suppress(pq_exceptions.AlreadyEnqueued):
+            await app.configure_task(TASK, lock=sid, queueing_lock=sid).defer_async(session_id=sid)
+            resumed.append(sid)
+            log.warning("resuming session %s: its last job failed and left it running", sid)
+    return resumed
+
+
 # -- the worker -------------------------------------------------------------------------------
 
 
@@ -386,7 +417,7 @@ async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, 
             additional_context={"corral": runtime},
             delete_jobs="successful",
         )
-        reaper = asyncio.create_task(reap_stalled(app, worker, runtime.lease_s, poll_s))
+        reaper = asyncio.create_task(reap_stalled(app, worker, runtime.lease_s, poll_s, runtime.store))
         try:
             await worker.run()
         finally:
