@@ -41,18 +41,27 @@ def _store():
 
 
 def _list(args: argparse.Namespace) -> int:
-    sessions = _store().sessions(limit=args.limit)
+    store = _store()
+    sessions = store.sessions(limit=args.limit)
     table = Table(box=None, header_style="bold")
-    for column in ("session", "created", "events", "status", "parent", "lease", "title"):
+    for column in ("session", "created", "events", "status", "tries", "parent", "lease", "title / why it failed"):
         table.add_column(column)
     for s in sessions:
         lease = s.lease.get("worker", "") if s.lease else ""
-        title = str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
+        tries, why = attempts(store.select(s.session_id, types=["session.status"]))
+        title = why if s.status == "failed" and why else str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
         parent = (s.parent or "") + (f"@{s.forked_at}" if s.forked_at is not None else "")
-        cells = (s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), str(s.status or ""), parent, str(lease), title)
+        cells = (s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), str(s.status or ""), str(tries or ""), parent, str(lease), title)
         table.add_row(*map(Text, cells))  # Text, not str: stored values are data, never rich markup
-    Console(width=200).print(table) if sessions else print("no sessions yet")
+    Console(width=240).print(table) if sessions else print("no sessions yet")
     return 0
+
+
+def attempts(statuses: list[Event]) -> tuple[int, str]:
+    """(how many times a harness took the session up, the reason of its last failure) from its status events."""
+    tries = sum(1 for e in statuses if isinstance(e.data, dict) and e.data.get("status") == "running")
+    failed = [e.data.get("reason", "") for e in statuses if isinstance(e.data, dict) and e.data.get("status") == "failed"]
+    return tries, str(failed[-1] if failed else "")[:120]
 
 
 def _show(args: argparse.Namespace) -> int:

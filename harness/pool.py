@@ -21,6 +21,13 @@ its jobs belong to others now, and it must not touch them, not even to mark them
 It finds out on its next append, its next renewal, or at the latest when it releases the
 lease at the end of the job (whatever ended the job, e.g. its connection cut by the
 server's idle-transaction timeout), before procrastinate could mark the job finished.
+
+Database outages. A restart, a failover or an outage of up to `outage_s` is weather: the
+job's store calls wait for the database (`outage.py`), the worker keeps fetching, beating
+and acknowledging jobs through it (`SteadyWorker`), and nobody is declared dead for
+having been silent while the database could not hear them: a reaper only reaps after it
+has itself reached the database for a whole `lease_s` (every live worker has beaten by
+then). A job that failed for a transient reason anyway is retried with backoff.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from procrastinate.job_context import JobContext
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
 from corral.errors import Conflict, Unavailable
+from corral.harness.outage import SteadyStore, ride_out
 from corral.servers.session import EventStore, LeaseLost, NewEvent
 
 log = logging.getLogger("corral.worker")
@@ -103,7 +111,8 @@ def submit(store: EventStore, queue_url: str, task: str, *, session_id: str | No
 
 
 class HandBack(BaseRetryStrategy):
-    """Retry a job that could not run yet (lease busy) or was cut short by a worker's shutdown.
+    """Retry a job that could not run yet (lease busy), was cut short by a worker's shutdown,
+    or met a database outage longer than the worker rides out (then with backoff, to 60 s).
 
     Anything else the harness raised is final: the session log says what happened, and a
     new user message queues the session again.
@@ -112,6 +121,8 @@ class HandBack(BaseRetryStrategy):
     def get_retry_decision(self, *, exception: BaseException, job: procrastinate.jobs.Job) -> RetryDecision | None:
         if isinstance(exception, SessionBusy | pq_exceptions.JobAborted | asyncio.CancelledError):
             return RetryDecision(retry_in={"seconds": 1})
+        if isinstance(exception, Unavailable | pq_exceptions.ConnectorException):
+            return RetryDecision(retry_in={"seconds": min(60, 2 ** min(job.attempts, 6))})
         return None
 
 
@@ -156,6 +167,7 @@ class Runtime:
     body: Body
     name: str
     lease_s: float
+    outage_s: float = 300.0
     app: procrastinate.App | None = None
     exit_process: Callable[[int], None] = os._exit
 
@@ -167,9 +179,10 @@ class Runtime:
     async def acquire(self, session_id: str) -> int:
         """The session's lease; waits out a dead holder's lease, gives up on a live one."""
         deadline = time.monotonic() + self.lease_s + 2
+        steady = SteadyStore(self.store, self.outage_s)
         while True:
             try:
-                lease = await asyncio.to_thread(self.store.acquire_lease, session_id, self.name, self.lease_s)
+                lease = await asyncio.to_thread(steady.acquire_lease, session_id, self.name, self.lease_s)
                 return lease.token
             except Conflict as err:
                 if time.monotonic() > deadline:
@@ -195,7 +208,7 @@ class Runtime:
         token = await self.acquire(session_id)
         log.info("claimed session %s (lease %d)", session_id, token)
         keeper = asyncio.create_task(self.keep(session_id, token, worker_id))
-        leased = LeasedStore(self.store, session_id, token, self.fence)
+        leased = LeasedStore(SteadyStore(self.store, self.outage_s), session_id, token, self.fence)
         try:
             await in_own_loop(lambda: self.body(leased, session_id))  # type: ignore[arg-type]
         finally:
@@ -203,7 +216,7 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             try:
-                released = await asyncio.to_thread(self.store.release_lease, session_id, token)
+                released = await asyncio.to_thread(ride_out, lambda: self.store.release_lease(session_id, token), f"release {session_id}", self.outage_s)
             except Unavailable as err:  # it expires on its own; the next worker waits that out
                 log.warning("could not release the lease on %s: %s", session_id, err)
             else:
@@ -256,16 +269,72 @@ async def worker_alive(app: procrastinate.App, worker_id: int) -> bool:
 # -- the reaper -----------------------------------------------------------------------------
 
 
-async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float) -> None:
-    """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker)."""
+async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float, store: EventStore | None = None) -> None:
+    """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker).
+
+    Silence only counts while the database could hear it: after this reaper failed to reach
+    the database, it waits until it has reached it for a whole `lease_s` (each live worker
+    has beaten by then) before it judges anyone.
+    """
+    reachable_since: float | None = None
     while True:
         await asyncio.sleep(every_s)
         if worker.worker_id is None:  # not registered yet, or stopping
             continue
         try:
-            await reap_once(app, lease_s, worker.worker_id)
-        except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip: the next round retries
-            log.warning("stalled-job check failed: %s", err)
+            if reachable_since is None:
+                await app.connector.execute_query_one_async("SELECT 1 AS up")
+                reachable_since = time.monotonic()
+            elif time.monotonic() - reachable_since >= lease_s:
+                await reap_once(app, lease_s, worker.worker_id)
+                if store is not None:
+                    await resume_orphans(app, store)
+        except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip or an outage: judge nobody until it is over
+            if reachable_since is not None:
+                log.warning("stalled-job check failed: %s", err)
+            reachable_since = None
+
+
+class SteadyWorker(procrastinate.worker.Worker):
+    """procrastinate's worker, riding out database outages instead of stopping.
+
+    Upstream, a failed heartbeat stops the worker and a failed fetch ends its run loop, and a
+    job's outcome that cannot be written is lost. Here a heartbeat or fetch that fails is
+    tried again on the next round, and a job's outcome is written once the database is back
+    (for up to `outage_s`). Notifications are off: the worker polls (`poll_s`), so there is
+    no listening connection to lose.
+    """
+
+    def __init__(self, *args: Any, outage_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, listen_notify=False, **kwargs)
+        self.outage_s = outage_s
+
+    async def _update_heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.update_heartbeat_interval)
+            try:
+                await self.app.job_manager.update_heartbeat(self.worker_id)
+            except pq_exceptions.ConnectorException as err:
+                log.warning("heartbeat failed (the next one retries): %s", err)
+
+    async def _fetch_and_process_jobs(self) -> None:
+        try:
+            await super()._fetch_and_process_jobs()
+        except pq_exceptions.ConnectorException as err:  # the run loop polls again after poll_s
+            log.warning("fetching a job failed (retrying): %s", err)
+
+    async def _persist_job_status(self, *args: Any, **kwargs: Any) -> None:
+        deadline = time.monotonic() + self.outage_s
+        delay = 0.1
+        while True:
+            try:
+                return await super()._persist_job_status(*args, **kwargs)
+            except pq_exceptions.ConnectorException as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("recording a job's outcome failed (retrying): %s", err)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
 
 async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None = None) -> list[int]:
@@ -289,6 +358,35 @@ async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None =
     return handed
 
 
+RESUME_LIMIT = 3  # a session whose job keeps failing is left for a person after this many
+ORPHANS = """
+SELECT lock AS session_id FROM procrastinate_jobs WHERE queue_name = %(queue)s AND lock IS NOT NULL
+GROUP BY lock
+HAVING bool_and(status NOT IN ('todo', 'doing')) AND count(*) FILTER (WHERE status = 'failed') BETWEEN 1 AND %(limit)s
+"""
+
+
+async def resume_orphans(app: procrastinate.App, store: EventStore) -> list[str]:
+    """Queue again each session a failed job left `running` (its harness recorded no outcome)
+    with no live lease and nothing queued: e.g. its job died of an error outside the harness.
+    A session the harness marked `failed` stays so: its log says why."""
+    resumed: list[str] = []
+    for row in await app.connector.execute_query_all_async(ORPHANS, queue=QUEUE, limit=RESUME_LIMIT):
+        sid = row["session_id"]
+        try:
+            info = await asyncio.to_thread(store.get, sid)
+        except (Unavailable, LookupError):  # down again, or not a session of this store
+            continue
+        live = info.lease is not None and datetime.datetime.fromisoformat(info.lease["expires_at"]) > datetime.datetime.now(datetime.UTC)
+        if info.status != "running" or live:
+            continue
+        with contextlib.suppress(pq_exceptions.AlreadyEnqueued):
+            await app.configure_task(TASK, lock=sid, queueing_lock=sid).defer_async(session_id=sid)
+            resumed.append(sid)
+            log.warning("resuming session %s: its last job failed and left it running", sid)
+    return resumed
+
+
 # -- the worker -------------------------------------------------------------------------------
 
 
@@ -305,8 +403,9 @@ async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, 
     app = make_app(queue_url)
     runtime.app = app
     async with app.open_async():
-        worker = procrastinate.worker.Worker(
+        worker = SteadyWorker(
             app,
+            outage_s=runtime.outage_s,
             queues=[QUEUE],
             name=runtime.name,
             concurrency=concurrency,
@@ -318,7 +417,7 @@ async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, 
             additional_context={"corral": runtime},
             delete_jobs="successful",
         )
-        reaper = asyncio.create_task(reap_stalled(app, worker, runtime.lease_s, poll_s))
+        reaper = asyncio.create_task(reap_stalled(app, worker, runtime.lease_s, poll_s, runtime.store))
         try:
             await worker.run()
         finally:

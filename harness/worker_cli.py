@@ -45,8 +45,8 @@ def _worker(args: argparse.Namespace) -> int:
     body = load_body(args.body)
     settings.store_dsn()  # many hosts share one store: refuse SQLite before opening anything
     store = settings.open_store()
-    runtime = Runtime(store=store, body=body, name=settings.worker_name, lease_s=settings.worker_lease_s)
-    print(f"corral worker {settings.worker_name}: lease {settings.worker_lease_s:g}s, concurrency {settings.worker_concurrency}", file=sys.stderr, flush=True)
+    runtime = Runtime(store=store, body=body, name=settings.worker_name, lease_s=settings.worker_lease_s, outage_s=settings.worker_outage_s)
+    print(f"corral worker {settings.worker_name}: lease {settings.worker_lease_s:g}s, rides out {settings.worker_outage_s:g}s of database outage, concurrency {settings.worker_concurrency}", file=sys.stderr, flush=True)
     try:
         asyncio.run(
             run_worker(

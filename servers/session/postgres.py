@@ -19,13 +19,21 @@ Same semantics as `sqlite.py` (both pass `tests/session/contract.py`):
   PostgreSQL schema than `public`: `?options=-csearch_path%3DNAME` in the URL.
 
 Thread-safe: every call borrows a connection from a psycopg_pool ConnectionPool.
+
+Outages. A restart, failover or stopped server is weather, not a bug: every call that
+cannot reach the server raises `StoreDown` (an `Unavailable` with a retry hint), and the
+same store object serves again once the server is back (the pool checks a connection
+before lending it, so a restart's dead connections are replaced, not handed out). While
+the server is known down a call waits at most `down_wait_s` for a connection, so a
+client hears `unavailable` promptly instead of after the full `connect_timeout_s`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -34,7 +42,17 @@ import psycopg_pool
 
 from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import lineage, rules
-from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
+from corral.servers.session.store import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    EventStore,
+    Lease,
+    NewEvent,
+    SessionInfo,
+    check_range,
+    encode_data,
+    new_id,
+)
 
 # Each migration runs once, in order, in one transaction; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -88,6 +106,17 @@ MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one mig
 SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
 EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
 NODE_SELECT = "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM corral_sessions WHERE session_id = %s"
+DOWN_HINT = "the session database is unreachable (restarting, failing over, or down); retry in a few seconds"
+
+
+class StoreDown(Unavailable):
+    """The server could not be reached: transient, retrying the same call later is right.
+
+    Appends are safe to retry when their events carry event ids (a commit whose answer was
+    lost is then found, not written twice).
+    """
+
+    default_hint = DOWN_HINT
 
 
 class PostgresEventStore(EventStore):
@@ -100,8 +129,12 @@ class PostgresEventStore(EventStore):
         max_connections: int = 8,
         connect_timeout_s: float = 10.0,
         idle_tx_timeout_s: float = 5.0,
+        down_wait_s: float = 1.0,
     ) -> None:
         self.url = url
+        self._wait_s = connect_timeout_s
+        self._down_wait_s = min(down_wait_s, connect_timeout_s)
+        self._down_since: float | None = None  # monotonic time of the first failure of this outage
         self.max_event_bytes = max_event_bytes
         self._nodes = lineage.NodeCache()
         self._pool = psycopg_pool.ConnectionPool(
@@ -109,6 +142,8 @@ class PostgresEventStore(EventStore):
             min_size=min_connections,
             max_size=max_connections,
             timeout=connect_timeout_s,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            reconnect_timeout=2.0,  # give up a reconnect early: the next borrow starts a fresh one at once, not after an ever longer backoff
             configure=partial(_configure, idle_tx_timeout_ms=max(1, int(idle_tx_timeout_s * 1000))),
             open=False,
             name="corral-session",
@@ -133,12 +168,35 @@ class PostgresEventStore(EventStore):
     def _tx(self) -> Iterator[psycopg.Connection]:
         """One transaction on a pooled connection; vendor errors become Corral's."""
         try:
-            with self._pool.connection() as conn:
-                yield conn
+            with ExitStack() as stack:
+                yield self._borrow(stack)
         except psycopg_pool.PoolTimeout as err:
-            raise Unavailable(f"no PostgreSQL connection available: {_one_line(err)}") from err
+            raise self._down(f"no PostgreSQL connection: {_one_line(err)}") from err
         except psycopg.OperationalError as err:
-            raise Unavailable(f"PostgreSQL session store unreachable: {_one_line(err)}") from err
+            raise self._down(f"PostgreSQL session store unreachable: {_one_line(err)}") from err
+        self._down_since = None
+
+    def _borrow(self, stack: ExitStack) -> psycopg.Connection:
+        """A pooled connection: a short wait, then, if none came, ask the server itself
+        whether it is down (answer now) or the pool is just busy (wait the full time)."""
+        try:
+            return stack.enter_context(self._pool.connection(timeout=self._down_wait_s))
+        except psycopg_pool.PoolTimeout:
+            if self._down_since is not None or not self._reachable():
+                raise
+        return stack.enter_context(self._pool.connection(timeout=self._wait_s))
+
+    def _reachable(self) -> bool:
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def _down(self, why: str) -> StoreDown:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        return StoreDown(f"{why} (down for {time.monotonic() - self._down_since:.0f}s)")
 
     def _migrate(self) -> None:
         with self._pool.connection() as conn:

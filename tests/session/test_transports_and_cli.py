@@ -119,3 +119,19 @@ def test_cli_tail_follows_new_events(home):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_cli_list_says_why_a_session_failed_and_how_many_tries_it_took(home):
+    store = open_store(str(home / "sessions.db"))
+    sid = store.create({"title": "flaky"}).session_id
+    why = "unavailable: append: the session database stayed unreachable for over 300s"
+    for status in ("running", "failed", "running", "failed"):
+        store.append_one(sid, "session.status", {"status": status, "writer": "w", "reason": why if status == "failed" else "wake"})
+    done = store.create({"title": "fine"}).session_id
+    store.append_one(done, "session.status", {"status": "running", "writer": "w", "reason": "run"})
+    store.append_one(done, "session.status", {"status": "idle", "writer": "w", "reason": "end_turn"})
+    listed = corral("sessions", "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip().startswith("ses_")}
+    assert why in rows[sid] and rows[sid].split()[5] == "2", rows[sid]  # session, date, time, events, status, tries
+    assert "fine" in rows[done] and rows[done].split()[5] == "1", rows[done]

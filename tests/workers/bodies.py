@@ -29,3 +29,19 @@ def scripted():
         store.append(session_id, [NewEvent(type="session.status", data={"status": "idle", "worker": me})])
 
     return body
+
+
+def crashes_once():
+    """`scripted`, but its first job in this directory dies mid-session of an error outside
+    the harness (a bug), leaving the session `running` with no outcome recorded."""
+    marker = os.path.join(os.environ["CORRAL_TEST_MARKER_DIR"], "crashed")
+    body = scripted()
+
+    async def crashing(store: EventStore, session_id: str) -> None:
+        if not os.path.exists(marker):
+            store.append(session_id, [NewEvent(type="session.status", data={"status": "running"})])
+            open(marker, "w").close()
+            raise RuntimeError("a bug outside the harness")
+        await body(store, session_id)
+
+    return crashing

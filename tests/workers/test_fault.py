@@ -92,7 +92,7 @@ def assert_never_two_at_once(workers: list[Worker], deaths: dict[str, float]) ->
     assert len(spans) >= SESSIONS - 2, f"claims of only {len(spans)} sessions parsed from the worker logs"
     for sid, claims in spans.items():
         claims.sort()
-        for (s1, e1, t1, w1), (s2, _, t2, w2) in pairwise(claims):
+        for (_s1, e1, t1, w1), (s2, _, t2, w2) in pairwise(claims):
             assert e1 <= s2, f"{sid} worked by {w1} and {w2} at once"
             assert t2 > t1, f"{sid}: lease tokens must grow ({t1} then {t2})"
 

@@ -205,3 +205,14 @@ def test_wake_detach_queues_an_existing_session_and_refuses_an_unknown_one(store
     out = subprocess.run([sys.executable, "-m", "corral.cli", "wake", "--detach", "ses_nope"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 1 and out.stderr.startswith("corral: not_found: session 'ses_nope' not found"), out.stderr
     assert len(jobs(pg_schema_url)) == 1
+
+
+def test_a_session_a_failed_job_left_running_is_resumed_by_the_pool(store, workers, pg_schema_url, tmp_path):  # noqa: F811
+    sid = store.create().session_id
+    enqueue_session(sid, pg_schema_url)
+    env = {"CORRAL_TEST_STEPS": "3", "CORRAL_TEST_MARKER_DIR": str(tmp_path)}
+    w = workers("solo", body="tests.workers.bodies:crashes_once", env=env)
+    wait_until("the session done after its job failed", lambda: store.get(sid).status == "idle", timeout=60)
+    assert [i for i, _, _ in steps(store, sid)] == [0, 1, 2]
+    assert "resuming session " + sid in w.log()
+    assert sorted(status for _, _, status in jobs(pg_schema_url)) == ["failed"], "the failed job stays, the resumed one succeeded (deleted)"
