@@ -23,8 +23,8 @@ from corral.harness.agent import Agent, AgentConfig
 from corral.harness.config import HarnessSettings
 from corral.harness.events import KillAfterAppends, SessionLog, ev
 from corral.harness.local import Subagents, TodoTools
-from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.mcp import MCPTools
+from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.tools import CachedListing, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from corral.harness.view import View
 from corral.servers.session import EventStore

@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from corral.vault.keyrings import TimedKeyring
-from corral.vault.policy import Credential
 from pydantic import ValidationError
 
 from corral.errors import InvalidArgument, NotFound, Unavailable
+from corral.vault.keyrings import TimedKeyring
+from corral.vault.policy import Credential
 
 __all__ = ["MIN_SECRET_CHARS", "Vault", "check_secret"]
 

@@ -37,11 +37,6 @@ from typing import Any
 
 import httpx
 import uvicorn
-from corral.servers.credentials.netguard import check_policy, parse_target
-from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
-from corral.servers.credentials.results import GitGrant
-from corral.servers.credentials.transport import pinned
-from corral.vault.config import VaultSettings
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -49,6 +44,11 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
+from corral.servers.credentials.netguard import check_policy, parse_target
+from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
+from corral.servers.credentials.results import GitGrant
+from corral.servers.credentials.transport import pinned
+from corral.vault.config import VaultSettings
 
 __all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 

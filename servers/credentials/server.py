@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
+
+from corral.errors import CorralError, Unavailable
 from corral.servers.credentials.gateway import GitGateway
 from corral.servers.credentials.proxy import LIST_LIMIT, LIST_LIMIT_MAX, Proxy
 from corral.servers.credentials.results import CredentialPage, GitGrant, HttpResult
@@ -22,10 +26,6 @@ from corral.servers.mcp_shell import serve, tool
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.redact import RedactingFilter, Redactor
-from mcp.server.mcpserver import Context, MCPServer
-from pydantic import Field
-
-from corral.errors import CorralError, Unavailable
 
 __all__ = ["Redaction", "Running", "assemble", "build_server", "run"]
 

@@ -257,7 +257,7 @@ class Backend(ABC):
         if actual != expected.lower():
             raise Conflict(f"{path} {sha_state(actual, exists=exists)}, not {expected}; nothing was written")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a backend holding no clients keeps this no-op
         """Release clients and connections (not sandboxes)."""
 
     # -- background processes (a backend without them says so) -------------------------

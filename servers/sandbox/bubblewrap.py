@@ -341,7 +341,7 @@ class BubblewrapBackend(Backend):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out, err = os.open(directory / "stdout", flags, 0o600), os.open(directory / "stderr", flags, 0o600)
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, reaped by watch_exit: no thread per process)
+            proc = subprocess.Popen(  # vfork, reaped by watch_exit: no thread per process
                 self._argv(ref.id, init, ref.spec, request, background=True),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={}, start_new_session=True,
             )  # fmt: skip

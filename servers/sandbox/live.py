@@ -127,9 +127,9 @@ async def start_init(
     argv = [a.replace("{info_fd}", str(write_end)) for a in argv]
     # A plain Popen (vfork, about a millisecond), reaped by `watch_exit`: asyncio's would park a
     # thread on every sandbox for its whole life.
-    with open(log, "wb") as err:  # noqa: ASYNC230 (a local file, created empty)
+    with open(log, "wb") as err:  # a local file, created empty
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

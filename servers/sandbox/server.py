@@ -12,7 +12,7 @@ from pydantic import Field
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
+from .backend import Backend, Destroyed, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
 from .processes import ProcessInfo, ProcessList, ProcessOutput, Signal
 from .registry import Registry

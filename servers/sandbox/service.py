@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.errors import CorralError, InvalidArgument, NotFound, SandboxLost, Timeout
 
 from .backend import (
-    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxList,
+    Backend,
+    Destroyed,
+    ExecOutcome,
+    ExecRequest,
+    FileListing,
+    FileRead,
+    FileWritten,
+    ListedSandbox,
+    SandboxInfo,
+    SandboxList,
     SandboxSpec,
     workspace_path,
 )  # fmt: skip
