@@ -50,7 +50,7 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
     does not: a process running as the same user, which can read the key file too.
     """
 
-    priority = 0.5  # type: ignore[assignment]  # below any real OS keyring
+    priority = 0.5  # below any real OS keyring
 
     def __init__(self, directory: Path) -> None:
         super().__init__()

@@ -223,8 +223,8 @@ class GitGateway:
         forwarder.write_bytes(FORWARDER.read_bytes())
         forwarder.chmod(0o644)
         config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), name="corral-git-gateway", daemon=True)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="corral-git-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:

@@ -304,7 +304,7 @@ class SandboxService:
             sandbox_id=record.id,
             path=full,
             content=content,
-            encoding=encoding,  # type: ignore[arg-type]
+            encoding=encoding,
             size=got.size,
             sha256=got.sha256,
             offset=offset,
