@@ -26,8 +26,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Table, summary  # noqa: E402
-from corral.servers.session import EventStore, NewEvent, open_store  # noqa: E402
+from benchmarks.common import Table, summary
+from corral.servers.session import EventStore, NewEvent, open_store
 
 ROOT_EVENTS = 2000
 PER_FORK = 2
@@ -129,7 +129,7 @@ def postgres_schema(url: str) -> Iterator[str | None]:
         import psycopg
 
         admin = psycopg.connect(url, autocommit=True, connect_timeout=3)
-    except Exception as err:  # noqa: BLE001 - any failure means "no PostgreSQL to measure"; printed
+    except Exception as err:  # any failure means "no PostgreSQL to measure"; printed
         print(f"  (PostgreSQL skipped: {' '.join(str(err).split())[:160]})")
         yield None
         return

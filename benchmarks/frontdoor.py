@@ -34,8 +34,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from benchmarks.common import Table, summary
 from corral.servers.mcp_shell import http_app, transport_security
-from corral.servers.session.server import build_server
 from corral.servers.session import open_store
+from corral.servers.session.server import build_server
 
 CORRAL = str(Path(sys.executable).parent / "corral")
 

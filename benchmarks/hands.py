@@ -29,12 +29,11 @@ from mcp.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import Table, percentile
+from benchmarks.sandbox import cpu_ms, server_cpu_ms, service_for, stdio_params
 from corral.servers.sandbox.backend import SandboxRef
 from corral.servers.sandbox.bubblewrap import SHELL, BubblewrapBackend, _limits
 from corral.servers.sandbox.config import SandboxSettings
-
-from benchmarks.common import Table, percentile
-from benchmarks.sandbox import cpu_ms, server_cpu_ms, service_for, stdio_params
 
 CPU: dict[str, float] = {}
 

@@ -41,14 +41,14 @@ import anyio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Table  # noqa: E402
-from corral.harness.events import ev  # noqa: E402
-from corral.harness.run import run_session  # noqa: E402
-from corral.harness.tools import ToolOutcome  # noqa: E402
-from corral.harness.view import NullView  # noqa: E402
-from corral.servers.session import open_store  # noqa: E402
-from tests.harness.conftest import settings_from  # noqa: E402
-from tests.harness.fake_anthropic import FakeAnthropic, Fault, Script, Turn, text, tool  # noqa: E402
+from benchmarks.common import Table
+from corral.harness.events import ev
+from corral.harness.run import run_session
+from corral.harness.tools import ToolOutcome
+from corral.harness.view import NullView
+from corral.servers.session import open_store
+from tests.harness.conftest import settings_from
+from tests.harness.fake_anthropic import FakeAnthropic, Fault, Script, Turn, text, tool
 
 TOOLS = [{"name": f"sandbox__tool{i}", "description": "a tool " * 20, "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
           "annotations": {"read_only": i % 2 == 0, "idempotent": False, "destructive": False}} for i in range(8)]
@@ -82,7 +82,7 @@ def build_long_session(store_path: Path, n_events: int, *, compact_every: int | 
                 last_compaction = p
                 continue
             mid, tid = f"msg_{turn}", f"toolu_{turn}"
-            batch += [ev("agent.message", message_id=mid, text="thinking about step %d " % turn * 8),
+            batch += [ev("agent.message", message_id=mid, text=f"thinking about step {turn} " * 8),
                       ev("agent.tool_use", message_id=mid, id=tid, name=f"sandbox__tool{turn % 8}", input={"x": "y" * 100}),
                       ev("span.model_request", message_id=mid, purpose="turn", usage={"input_tokens": 10}),
                       ev("agent.tool_result", tool_use_id=tid, name=f"sandbox__tool{turn % 8}", content=[{"type": "text", "text": "out " * 120}], is_error=False)]

@@ -32,13 +32,10 @@ from mcp.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Table  # noqa: E402
-from corral.servers.sandbox.backend import ExecRequest
-from corral.servers.sandbox.config import DockerConfig
-from corral.servers.sandbox.server import make_backend
-from corral.servers.sandbox.config import SandboxSettings
+from benchmarks.common import Table
+from corral.servers.sandbox.config import DockerConfig, SandboxSettings
 from corral.servers.sandbox.registry import Registry
-from corral.servers.sandbox.server import backend_config
+from corral.servers.sandbox.server import backend_config, make_backend
 from corral.servers.sandbox.service import SandboxService
 
 E2B_PUBLISHED_P50_MS = 440.0

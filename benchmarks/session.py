@@ -21,8 +21,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Table, summary, time_ms  # noqa: E402
-from corral.servers.session import NewEvent, open_store  # noqa: E402
+from benchmarks.common import Table, summary, time_ms
+from corral.servers.session import NewEvent, open_store
 
 PAYLOAD = {"text": "x" * 200, "n": 1}
 
@@ -48,7 +48,7 @@ def appends(table: Table, tmp: Path) -> None:
     for sync in ("NORMAL", "FULL"):
         store = open_store(str(tmp / f"append-{sync}.db"), synchronous=sync)
         sid = store.create().session_id
-        mine = summary(time_ms(lambda: store.append(sid, [NewEvent(type="bench.append", data=PAYLOAD)]), 2000))
+        mine = summary(time_ms(lambda store=store, sid=sid: store.append(sid, [NewEvent(type="bench.append", data=PAYLOAD)]), 2000))
         base = summary(raw_sqlite_append(tmp / f"raw-{sync}.db", sync, 2000))
         table.add(f"append 1 event, synchronous={sync}: p50", f"{mine['p50']:.3f} ms", f"raw sqlite {base['p50']:.3f} ms")
         table.add(f"append 1 event, synchronous={sync}: p99", f"{mine['p99']:.3f} ms", f"raw sqlite {base['p99']:.3f} ms", "<= 2 ms", mine["p99"] <= 2 if sync == "NORMAL" else None)

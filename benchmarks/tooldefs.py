@@ -25,7 +25,7 @@ from mcp.client.stdio import stdio_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Table  # noqa: E402
+from benchmarks.common import Table
 
 CORRAL = str(Path(sys.executable).parent / "corral")
 SERVERS = ["session", "sandbox", "credentials"]

@@ -75,7 +75,7 @@ def _rows(cls: type[BaseSettings], seen: set[str]) -> Iterator[str]:
 
 
 def render() -> str:
-    out, seen = [INTRO], set()
+    out, seen = [INTRO], set[str]()
     for title, cls in _areas():
         rows = list(_rows(cls, seen))
         if rows:

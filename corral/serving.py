@@ -194,7 +194,7 @@ async def _health(base: str, name: str, token: str) -> str:
             auth = {"Authorization": f"Bearer {token}"}
             async with httpx2.AsyncClient(headers=auth, timeout=HEALTH_TIMEOUT_S) as http, Client(streamable_http_client(url, http_client=http)) as client:
                 tools = await client.list_tools()
-    except Exception as err:  # noqa: BLE001 - a health line reports any failure; the other servers keep running
+    except Exception as err:  # a health line reports any failure; the other servers keep running
         return f"  ✗ {name:<12} {url:<40} not answering: {type(err).__name__}: {err}"
     ms = (time.monotonic() - started) * 1000
     return f"  ✓ {name:<12} {url:<40} ok, {len(tools.tools)} tools ({ms:.0f} ms)"

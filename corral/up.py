@@ -38,13 +38,13 @@ def _up(args: argparse.Namespace) -> int:
     port = settings.up_port
     home = settings.data_dir()
     token = load_or_create_token(home)
+    from corral.servers.mcp_shell import http_app
     from corral.serving import (  # the SDK and uvicorn: only when serving
         bind,
         build_servers,
         serve_until_stopped,
     )
     from corral.viewer.web import COOKIE_PATHS, viewer_routes
-    from corral.servers.mcp_shell import http_app
 
     sock = bind(host, port)
     port = sock.getsockname()[1]  # --port 0: the kernel picked one

@@ -31,9 +31,24 @@ import anyio
 from corral.errors import CorralError
 from corral.harness import events as E
 from corral.harness.config import HarnessSettings
-from corral.harness.context import SUMMARY_PROMPT, build_messages, compaction_cut, estimate_tokens, system_blocks, todo_at, with_cache_breakpoints
+from corral.harness.context import (
+    SUMMARY_PROMPT,
+    build_messages,
+    compaction_cut,
+    estimate_tokens,
+    system_blocks,
+    todo_at,
+    with_cache_breakpoints,
+)
 from corral.harness.events import SessionLog, WriterLost, ev
-from corral.harness.model import ContextWindowExceeded, ModelClient, ModelRequest, ModelResponse, ModelUnavailable, RetryingModel
+from corral.harness.model import (
+    ContextWindowExceeded,
+    ModelClient,
+    ModelRequest,
+    ModelResponse,
+    ModelUnavailable,
+    RetryingModel,
+)
 from corral.harness.tools import ToolDef, Toolset
 from corral.harness.view import NullView, View
 

@@ -45,8 +45,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.errors import Conflict
-from corral.servers.session import Event, EventStore, NewEvent
-from corral.servers.session import new_id
+from corral.servers.session import Event, EventStore, NewEvent, new_id
 
 __all__ = ["SessionLog", "WriterLost", "KillAfterAppends", "ev"]
 

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 from contextlib import AsyncExitStack
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 from anyio.abc import TaskGroup
@@ -57,7 +57,7 @@ class MCPTools:
     object (in memory: a server embedded in the same process, and tests)."""
 
     def __init__(self, name: str, target: str | list[str] | MCPServer, *, task_group: TaskGroup, env: dict[str, str] | None = None,
-                 connect_timeout_s: float = 60.0, errlog: IO[str] | None = None, token: str = "",
+                 connect_timeout_s: float = 60.0, errlog: TextIO | None = None, token: str = "",
                  meta: dict[str, Any] | None = None) -> None:
         self.name = name
         self._meta = meta  # sent with every call: e.g. the session id, so the sandbox server binds this session's default sandbox

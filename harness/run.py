@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import TextIO
 
 import anyio
 
@@ -23,8 +23,8 @@ from corral.harness.agent import Agent, AgentConfig
 from corral.harness.config import HarnessSettings
 from corral.harness.events import KillAfterAppends, SessionLog, ev
 from corral.harness.local import Subagents, TodoTools
-from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.mcp import MCPTools
+from corral.harness.model import AnthropicModel, ModelClient
 from corral.harness.tools import CachedListing, Prefixed, Router, SandboxLifecycle, TimeLimited, Toolset, read_only
 from corral.harness.view import View
 from corral.servers.session import EventStore
@@ -58,7 +58,7 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
     return KillAfterAppends(store, settings.kill_after_appends) if settings.kill_after_appends else store  # type: ignore[return-value]
 
 
-def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: IO[str] | None, log: SessionLog) -> list[Toolset]:
+def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: TextIO | None, log: SessionLog) -> list[Toolset]:
     out: list[Toolset] = []
     known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
@@ -88,7 +88,7 @@ async def run_session(
     first_send = anyio.Event()
     own_model = None
     if model is None:
-        own_model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set,
+        own_model = model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set,
                                    idle_timeout_s=settings.model_idle_timeout_s)
     if own_model is None:
         first_send.set()
@@ -101,7 +101,7 @@ async def run_session(
         view.session(log.session_id, resumed=session_id is not None)
         if on_session:
             on_session(log.session_id)
-        return await _run(settings, store, log, own_model or model, task=task, resumed=session_id is not None, view=view, env=env, first_send=first_send)
+        return await _run(settings, store, log, model, task=task, resumed=session_id is not None, view=view, env=env, first_send=first_send)
     finally:
         if own_model is not None:
             with anyio.CancelScope(shield=True):

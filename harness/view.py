@@ -10,14 +10,32 @@ from corral.harness.tools import ToolOutcome
 
 
 class View(Protocol):
-    def session(self, session_id: str, resumed: bool) -> None: ...
-    def text(self, delta: str) -> None: ...
-    def response_done(self) -> None: ...
-    def tool_start(self, name: str, args: dict[str, Any]) -> None: ...
-    def tool_end(self, name: str, outcome: ToolOutcome, duration_ms: float) -> None: ...
-    def note(self, message: str) -> None: ...
-    def error(self, message: str) -> None: ...
-    def attempt_failed(self, attempt: int, message: str, retry_in_s: float) -> None: ...
+    # The bodies do nothing (`return None`, not `...`, which would make them abstract):
+    # a subclass such as NullView inherits them as no-ops.
+    def session(self, session_id: str, resumed: bool) -> None:
+        return None
+
+    def text(self, delta: str) -> None:
+        return None
+
+    def response_done(self) -> None:
+        return None
+
+    def tool_start(self, name: str, args: dict[str, Any]) -> None:
+        return None
+
+    def tool_end(self, name: str, outcome: ToolOutcome, duration_ms: float) -> None:
+        return None
+
+    def note(self, message: str) -> None:
+        return None
+
+    def error(self, message: str) -> None:
+        return None
+
+    def attempt_failed(self, attempt: int, message: str, retry_in_s: float) -> None:
+        return None
+
     def child(self, label: str) -> View: ...
 
 

@@ -28,6 +28,7 @@ import stat
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.message import SessionMessage
 from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, jsonrpc_message_adapter
@@ -133,7 +134,7 @@ def refusal(line: str, err: ValidationError) -> JSONRPCError:
 
 
 @contextlib.asynccontextmanager
-async def pipe_stdio_server() -> AsyncIterator[tuple[object, object]]:
+async def pipe_stdio_server() -> AsyncIterator[tuple[MemoryObjectReceiveStream[SessionMessage], MemoryObjectSendStream[SessionMessage]]]:
     """The (read_stream, write_stream) pair a server runs on, over non-blocking pipes."""
     with _wire_moved_aside() as (wire_in, wire_out):
         lines, out = PipeLines(wire_in), PipeWriter(wire_out)

@@ -102,7 +102,7 @@ def _postgres() -> str | None:
         return "psycopg is not installed (pip install -e '.[postgres]')"
     try:
         psycopg.connect(postgres_url(), connect_timeout=3).close()
-    except Exception as err:  # noqa: BLE001 - any failure means "no server to test against"; it is the reason
+    except Exception as err:  # any failure means "no server to test against"; it is the reason
         why = " ".join(str(err).split())[:160]
         start = "apt-get install postgresql, then " if shutil.which("pg_ctlcluster") is None else ""
         return f"{postgres_url()} refuses a connection: {why} ({start}source .ci/services.sh && start_postgres, or set CORRAL_TEST_POSTGRES_URL)"

@@ -8,12 +8,12 @@ import json
 import os
 import sys
 
-from corral.vault import open_vault
-from corral.vault.config import VaultSettings
-from corral.vault.policy import KINDS, Credential
 from pydantic import ValidationError
 
 from corral.errors import CorralError, InvalidArgument
+from corral.vault import open_vault
+from corral.vault.config import VaultSettings
+from corral.vault.policy import KINDS, Credential
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +90,8 @@ def _list(args: argparse.Namespace) -> int:
     rows += [(c.name, c.kind, ",".join(c.hosts), ",".join(c.methods), ",".join(map(str, c.ports)), "yes" if c.allow_private else "no", c.description) for c in creds]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        # widths leaves out the last column (not padded): zip stops before it
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1])
     return 0
 
 

@@ -50,7 +50,7 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
     does not: a process running as the same user, which can read the key file too.
     """
 
-    priority = 0.5  # type: ignore[assignment]  # below any real OS keyring
+    priority = 0.5  # below any real OS keyring
 
     def __init__(self, directory: Path) -> None:
         super().__init__()
@@ -147,7 +147,7 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     def runner() -> None:
         try:
             box["value"] = fn()
-        except BaseException as err:  # noqa: BLE001 - not swallowed: re-raised in the caller's thread below
+        except BaseException as err:  # not swallowed: re-raised in the caller's thread below
             box["error"] = err
         finally:
             done.set()
@@ -174,7 +174,7 @@ class TimedKeyring:
             raise
         except TimeoutError:  # the backend's own deadline (jeepney has one) fired before ours
             raise Timeout(f"the keyring {backend_name(self.backend)} did not answer {what} in time", hint="check the OS keyring (D-Bus Secret Service)") from None
-        except Exception as err:  # noqa: BLE001 - vendor boundary: D-Bus, keyring and OS errors become one kind
+        except Exception as err:  # vendor boundary: D-Bus, keyring and OS errors become one kind
             raise Unavailable(f"keyring {backend_name(self.backend)} failed on {what}: {type(err).__name__}") from None
 
     def get(self, name: str) -> str | None:
@@ -241,7 +241,7 @@ def is_insecure(backend: Any) -> bool:
 def _priority(backend: Any) -> float:
     try:
         return float(backend.priority)
-    except Exception:  # noqa: BLE001 - keyring's own convention: a backend whose priority raises is not viable
+    except Exception:  # keyring's own convention: a backend whose priority raises is not viable
         return 0.0
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = ["KINDS", "Credential", "Kind", "host_matches", "normalize_host", "normalize_host_pattern"]
 
 Kind = Literal["bearer", "header", "basic", "query", "git"]
+Scheme = Literal["http", "https"]
 KINDS: tuple[str, ...] = get_args(Kind)
 TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: header names, methods
 LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -103,7 +104,7 @@ class Credential(BaseModel):
     hosts: list[str] = Field(min_length=1)
     methods: list[str] = Field(default_factory=list)
     ports: list[int] = Field(default_factory=list)
-    schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["https"])
+    schemes: list[Scheme] = Field(default_factory=lambda: list[Scheme](["https"]))
     allow_private: bool = False
     header: str | None = None  # kind=header: the header name
     template: str = "{secret}"  # kind=header: the value, e.g. "token {secret}"

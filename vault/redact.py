@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import builtins  # `Redactor.bytes` shadows the type in the class body
 import json
 import logging
 import re
@@ -175,7 +176,8 @@ def replace(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     """`data` with each (merged) span replaced by MARK."""
     if not spans:
         return data
-    parts, last = [], 0
+    parts: list[bytes] = []
+    last = 0
     for start, end in spans:
         parts += (data[last:start], MARK)
         last = end
@@ -221,7 +223,7 @@ class Redactor:
     def bytes(self, data: bytes) -> bytes:
         return replace(data, self.spans(data))
 
-    def capped(self, data: bytes, cap: int) -> bytes:
+    def capped(self, data: builtins.bytes, cap: int) -> builtins.bytes:
         """The first `cap` bytes of `data`, redacted, cut where the ORIGINAL text is cut.
 
         Cutting after redaction would let the shortened text pull in bytes from past the

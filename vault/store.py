@@ -6,6 +6,7 @@ secrets live in the chosen keyring under service "corral", username = credential
 
 from __future__ import annotations
 
+import builtins  # `Vault.list` shadows the type in the class body
 import contextlib
 import fcntl
 import json
@@ -13,11 +14,11 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from corral.vault.keyrings import TimedKeyring
-from corral.vault.policy import Credential
 from pydantic import ValidationError
 
 from corral.errors import InvalidArgument, NotFound, Unavailable
+from corral.vault.keyrings import TimedKeyring
+from corral.vault.policy import Credential
 
 __all__ = ["MIN_SECRET_CHARS", "Vault", "check_secret"]
 
@@ -104,7 +105,7 @@ class Vault:
             creds[credential.name] = credential
             self._write(creds)
 
-    def set_many(self, items: list[tuple[Credential, str]]) -> None:
+    def set_many(self, items: builtins.list[tuple[Credential, str]]) -> None:
         """`set` for many credentials: one keyring write, one policy write (imports, benchmarks)."""
         checked = {cred.name: check_secret(secret) for cred, secret in items}
         with self._locked():

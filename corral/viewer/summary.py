@@ -115,7 +115,7 @@ def _bare(name: Any) -> str:
 def summarize(type_: str, data: Any) -> Line:
     try:
         return _summarize(str(type_), data)
-    except Exception as err:  # noqa: BLE001 - the last line of defence: one odd event never breaks the rest
+    except Exception as err:  # the last line of defence: one odd event never breaks the rest
         return Line("other", str(type_), f"(unreadable event: {type(err).__name__})")
 
 

@@ -37,11 +37,6 @@ from typing import Any
 
 import httpx
 import uvicorn
-from corral.servers.credentials.netguard import check_policy, parse_target
-from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
-from corral.servers.credentials.results import GitGrant
-from corral.servers.credentials.transport import pinned
-from corral.vault.config import VaultSettings
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -49,6 +44,11 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
+from corral.servers.credentials.netguard import check_policy, parse_target
+from corral.servers.credentials.proxy import Proxy, Snapshot, read_redacted
+from corral.servers.credentials.results import GitGrant
+from corral.servers.credentials.transport import pinned
+from corral.vault.config import VaultSettings
 
 __all__ = ["FORWARDER", "SANDBOX_DIR", "SANDBOX_PORT", "GitGateway", "Grant"]
 
@@ -223,8 +223,8 @@ class GitGateway:
         forwarder.write_bytes(FORWARDER.read_bytes())
         forwarder.chmod(0o644)
         config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), name="corral-git-gateway", daemon=True)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="corral-git-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:

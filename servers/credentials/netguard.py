@@ -14,9 +14,9 @@ from typing import Protocol
 
 import anyio
 import httpx
-from corral.vault.policy import Credential, host_matches, normalize_host
 
 from corral.errors import InvalidArgument, PolicyDenied, Timeout, Unavailable
+from corral.vault.policy import Credential, host_matches, normalize_host
 
 __all__ = ["Resolver", "StaticResolver", "SystemResolver", "Target", "check_address", "has_ctl", "parse_target", "resolve_checked"]
 

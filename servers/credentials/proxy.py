@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 import httpcore
 import httpx
+
+from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 from corral.servers.credentials.audit import AuditLog, monotonic_ms
 from corral.servers.credentials.netguard import (
     Resolver,
@@ -42,8 +44,6 @@ from corral.vault.config import VaultSettings
 from corral.vault.policy import TOKEN, Credential
 from corral.vault.redact import Redactor
 from corral.vault.store import Vault
-
-from corral.errors import CorralError, InvalidArgument, NotFound, Timeout, Unavailable
 
 __all__ = ["Proxy", "Snapshot", "Snapshots", "read_redacted"]
 

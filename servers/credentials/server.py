@@ -12,9 +12,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
+
+from corral.errors import CorralError, Unavailable
 from corral.servers.credentials.gateway import GitGateway
 from corral.servers.credentials.proxy import LIST_LIMIT, LIST_LIMIT_MAX, Proxy
 from corral.servers.credentials.results import CredentialPage, GitGrant, HttpResult
@@ -22,10 +26,6 @@ from corral.servers.mcp_shell import serve, tool
 from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.redact import RedactingFilter, Redactor
-from mcp.server.mcpserver import Context, MCPServer
-from pydantic import Field
-
-from corral.errors import CorralError, Unavailable
 
 __all__ = ["Redaction", "Running", "assemble", "build_server", "run"]
 
@@ -116,7 +116,9 @@ def build_server(
     def running(ctx: Context | None) -> Running:
         if proxy is not None:
             return Running(proxy, gateway)
-        return ctx.request_context.lifespan_context  # type: ignore[union-attr]
+        assert ctx is not None, "without a proxy the tools run in a server whose lifespan opened one, and it passes a Context"
+        # a bare Context types its lifespan_context as a dict; here it is what `lifespan` yielded
+        return cast(Running, ctx.request_context.lifespan_context)
 
     @tool(server, read_only=True)
     async def list_credentials(

@@ -13,6 +13,7 @@ own boundary.
 from __future__ import annotations
 
 import base64
+import builtins  # `Backend.list` shadows the type in the class body
 import posixpath
 from abc import ABC, abstractmethod
 from typing import Any, Literal
@@ -257,7 +258,7 @@ class Backend(ABC):
         if actual != expected.lower():
             raise Conflict(f"{path} {sha_state(actual, exists=exists)}, not {expected}; nothing was written")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a backend holding no clients keeps this no-op
         """Release clients and connections (not sandboxes)."""
 
     # -- background processes (a backend without them says so) -------------------------
@@ -269,7 +270,7 @@ class Backend(ABC):
             hint="run the command in the foreground (background=false), or use the bubblewrap or docker backend",
         )
 
-    async def list_processes(self, ref: SandboxRef) -> list[ProcessInfo]:
+    async def list_processes(self, ref: SandboxRef) -> builtins.list[ProcessInfo]:
         return []
 
     async def process_output(

@@ -62,6 +62,7 @@ from .live import (
     INIT_SHELL,
     Init,
     Pid,
+    PopenUser,
     drop_caps,
     enter_argv,
     kill_tree,
@@ -272,7 +273,7 @@ class BubblewrapBackend(Backend):
             raise InvalidArgument(f"cwd {_cwd(request.cwd)!r} does not exist in sandbox {ref.id}", hint="create it first, or omit cwd")
         raise Unavailable(f"could not run the command in sandbox {ref.id}: {err.strip()}", hint="check the server log and settings")
 
-    def _popen_user(self) -> dict[str, object]:
+    def _popen_user(self) -> PopenUser:
         # An empty environment for bwrap itself too: it is PID 1 inside, and the sandbox can
         # read /proc/1/environ; --clearenv only cleans the command's.
         if self.uid is None or self.setpriv:
@@ -341,7 +342,7 @@ class BubblewrapBackend(Backend):
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         out, err = os.open(directory / "stdout", flags, 0o600), os.open(directory / "stderr", flags, 0o600)
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220 (vfork, reaped by watch_exit: no thread per process)
+            proc = subprocess.Popen(  # vfork, reaped by watch_exit: no thread per process
                 self._argv(ref.id, init, ref.spec, request, background=True),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={}, start_new_session=True,
             )  # fmt: skip
@@ -408,7 +409,7 @@ class BubblewrapBackend(Backend):
             info = meta.info(ref.id, running=False)
             init = self._inits.get(ref.id)
             left = _group_members(child["pid"], init.init.pid) if child and init else []
-            if left:  # it ended, but what it started in its group runs on (a fork bomb's children)
+            if left and child and init:  # it ended, but what it started in its group runs on (a fork bomb's children)
                 signalled = set()
                 for _ in range(20):  # one by one is not atomic: repeat while they still fork
                     for pid in left:

@@ -146,7 +146,7 @@ class SandboxSettings(CoreSettings):
             disk_mb=self.sandbox_disk_mb,
             max_processes=self.sandbox_max_processes,
             env=dict(env or {}),
-            network=network,  # type: ignore[arg-type]
+            network=network,
             ttl_s=self.sandbox_ttl_s,
         )
 

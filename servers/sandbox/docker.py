@@ -15,6 +15,7 @@ not only the CLI outside. File tools run small POSIX scripts (busybox or coreuti
 from __future__ import annotations
 
 import asyncio
+import builtins  # `DockerBackend.list` shadows the type in the class body
 import secrets
 import signal as signals
 import time
@@ -260,7 +261,7 @@ class DockerBackend(Backend):
             await asyncio.sleep(0.01)
         raise Unavailable(f"the background process {process_id} did not start", hint="check the sandbox with processes")
 
-    async def list_processes(self, ref: SandboxRef, only: str = "") -> list[ProcessInfo]:
+    async def list_processes(self, ref: SandboxRef, only: str = "") -> builtins.list[ProcessInfo]:
         out = await self._script(ref, STATUS, only)
         found, rest = [], out
         while rest.strip():

@@ -332,6 +332,6 @@ class E2BBackend(Backend):
         for info in infos:
             kind = _KINDS.get(info.type, "other")
             name = posixpath.relpath(info.path, path)
-            entries.append(FileEntry(name=name, type=kind, size=info.size if kind == "file" else 0))  # type: ignore[arg-type]
+            entries.append(FileEntry(name=name, type=kind, size=info.size if kind == "file" else 0))
         entries.sort(key=lambda e: e.name)
         return Listing(entries=entries[:max_entries], truncated=len(entries) > max_entries)

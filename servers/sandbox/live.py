@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from pydantic import BaseModel
 
@@ -36,6 +37,7 @@ __all__ = [
     "INIT_SCRIPT",
     "Init",
     "Pid",
+    "PopenUser",
     "enter_argv",
     "kill_tree",
     "start_init",
@@ -114,11 +116,20 @@ class Init(BaseModel):
             return None
 
 
+class PopenUser(TypedDict, total=False):
+    """The `subprocess.Popen` arguments that set who bwrap runs as and with what environment."""
+
+    env: dict[str, str]
+    user: int
+    group: int
+    extra_groups: list[int]
+
+
 async def start_init(
     argv: Sequence[str],
     *,
     log: Path,
-    preexec_user: dict[str, object],
+    preexec_user: PopenUser,
     ready_timeout_s: float = 10.0,
 ) -> tuple[Init, subprocess.Popen]:
     """Start `argv` (a `bwrap ... --info-fd N --as-pid-1 -- sh -c INIT` with `{info_fd}` for N)
@@ -127,16 +138,16 @@ async def start_init(
     argv = [a.replace("{info_fd}", str(write_end)) for a in argv]
     # A plain Popen (vfork, about a millisecond), reaped by `watch_exit`: asyncio's would park a
     # thread on every sandbox for its whole life.
-    with open(log, "wb") as err:  # noqa: ASYNC230 (a local file, created empty)
+    with open(log, "wb") as err:  # a local file, created empty
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 pass_fds=(write_end,),
                 start_new_session=True,  # outlives this server: not in its process group
-                **preexec_user,  # type: ignore[arg-type]
+                **preexec_user,
             )
         finally:
             os.close(write_end)
@@ -235,7 +246,7 @@ async def wait_gone(pids: Sequence[Pid], timeout_s: float = 5.0) -> bool:
     return True
 
 
-def watch_exit(proc: subprocess.Popen, done: Callable[[int, float], None]) -> Callable[[], None]:
+def watch_exit(proc: subprocess.Popen, done: Callable[[int, float], object]) -> Callable[[], None]:
     """Reap `proc` when it exits, without a thread: `done(wait_status, cpu_seconds)` runs in the loop.
 
     `os.wait4`'s rusage counts the children the process reaped: the CPU of what it ran.

@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Completed", "OutputCap", "run_bounded"]
@@ -95,12 +95,13 @@ async def run_bounded(
     watch_interval_s: float = 0.25,
     on_timeout: Callable[[], Awaitable[None]] | None = None,
     drain_s: float = 5.0,
-    **popen: object,
+    env: Mapping[str, str] | None = None,
 ) -> Completed:
     """Run `argv` in a new session; kill its process group on timeout or when `watch()` says lost.
 
     After it exits, its output is read for at most `drain_s` more: a process it left running
-    in the background may hold the pipes open for good."""
+    in the background may hold the pipes open for good. `env` is its whole environment
+    (None: the server's)."""
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -108,7 +109,7 @@ async def run_bounded(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group, so a timeout kills all of it
-        **popen,
+        env=env,
     )
     out, err = OutputCap(output_limit), OutputCap(output_limit)
     assert proc.stdout is not None and proc.stderr is not None

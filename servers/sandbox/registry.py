@@ -109,9 +109,9 @@ class Registry:
                 self._conn = None
 
     def _row(self, row: tuple) -> Record:
-        keys = ("id", "backend", "state", "label", "idempotency_key", "ref", "created_at", "expires_at")
-        keys += ("idle_timeout_s", "last_used_at", "reason")
-        data = dict(zip(keys, row))
+        keys = ("id", "backend", "state", "label", "idempotency_key", "ref", "created_at", "expires_at",
+                "idle_timeout_s", "last_used_at", "reason")  # the columns of `sandboxes`, in order
+        data = dict(zip(keys, row, strict=True))
         data["ref"] = SandboxRef.model_validate_json(data["ref"])
         return Record(**data)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -12,7 +12,7 @@ from pydantic import Field
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-from .backend import Backend, Destroyed, ExecOutcome, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
+from .backend import Backend, Destroyed, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
 from .processes import ProcessInfo, ProcessList, ProcessOutput, Signal
 from .registry import Registry
@@ -75,9 +75,10 @@ def _client(ctx: Context) -> str:
     header, or keeps an `Mcp-Session-Id`); everyone else shares the server's default
     (stdio serves exactly one client anyway).
     """
-    meta = ctx.request_context.meta or {}
-    if isinstance(meta.get(CLIENT_META_KEY), str) and meta[CLIENT_META_KEY]:
-        return f"meta:{meta[CLIENT_META_KEY]}"
+    meta: Mapping[str, Any] = ctx.request_context.meta or {}  # the SDK's TypedDict knows only its own keys
+    client = meta.get(CLIENT_META_KEY)
+    if isinstance(client, str) and client:
+        return f"meta:{client}"
     headers = {k.lower(): v for k, v in (ctx.headers or {}).items()}
     for header in ("x-corral-client", "mcp-session-id"):
         if headers.get(header):

@@ -27,7 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from corral.errors import CorralError, InvalidArgument, NotFound, SandboxLost, Timeout
 
 from .backend import (
-    Backend, Destroyed, ExecOutcome, ExecRequest, FileListing, FileRead, FileWritten, ListedSandbox, SandboxInfo, SandboxList,
+    Backend,
+    Destroyed,
+    ExecOutcome,
+    ExecRequest,
+    FileListing,
+    FileRead,
+    FileWritten,
+    ListedSandbox,
+    SandboxInfo,
+    SandboxList,
     SandboxSpec,
     workspace_path,
 )  # fmt: skip
@@ -295,7 +304,7 @@ class SandboxService:
             sandbox_id=record.id,
             path=full,
             content=content,
-            encoding=encoding,  # type: ignore[arg-type]
+            encoding=encoding,
             size=got.size,
             sha256=got.sha256,
             offset=offset,

@@ -26,7 +26,17 @@ from typing import Any
 
 from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import lineage, rules
-from corral.servers.session.store import DEFAULT_MAX_EVENT_BYTES, Event, EventStore, Lease, NewEvent, SessionInfo, check_range, encode_data, new_id
+from corral.servers.session.store import (
+    DEFAULT_MAX_EVENT_BYTES,
+    Event,
+    EventStore,
+    Lease,
+    NewEvent,
+    SessionInfo,
+    check_range,
+    encode_data,
+    new_id,
+)
 
 SCHEMA_VERSION = 2
 SCHEMA = """

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from corral.errors import Conflict, InvalidArgument, NotFound
+from corral.errors import Conflict, InvalidArgument
 
 __all__ = ["Event", "NewEvent", "SessionInfo", "Lease", "LeaseLost", "EventStore", "encode_data", "new_id"]
 

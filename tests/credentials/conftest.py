@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mcp.client import Client
+
 from corral.servers.credentials.netguard import StaticResolver
 from corral.servers.credentials.proxy import Proxy
 from corral.servers.credentials.server import Redaction, build_server
@@ -21,8 +23,6 @@ from corral.vault import open_vault
 from corral.vault.config import VaultSettings
 from corral.vault.policy import Credential
 from corral.vault.redact import secret_forms
-from mcp.client import Client
-
 from tests.credentials.upstream import Upstream
 
 # Collected across the whole session for the sweep.

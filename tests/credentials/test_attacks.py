@@ -10,8 +10,8 @@ import base64
 import json
 
 import pytest
-from corral.vault.redact import secret_forms
 
+from corral.vault.redact import secret_forms
 from tests.credentials.encoders import ENCODERS, ODD_SECRET
 
 pytestmark = pytest.mark.anyio
@@ -59,7 +59,6 @@ async def test_secret_as_real_encoders_write_it_is_redacted(mcp, env, form):
     from urllib.parse import quote
 
     from corral.vault.policy import Credential
-
     from tests.credentials.conftest import SECRETS
 
     env.vault.set(Credential(name="odd", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), ODD_SECRET)
@@ -135,9 +134,10 @@ async def test_response_over_cap_is_truncated_with_totals(mcp, env):
 
 
 async def test_gzip_bomb_is_read_only_up_to_the_drain_cap(env):
+    from mcp.client import Client
+
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
-    from mcp.client import Client
 
     settings = env.settings.model_copy(update={"proxy_drain_bytes": 1 << 20})
     proxy = Proxy(env.vault, settings, connector=env.connector)
@@ -277,9 +277,10 @@ class RebindingResolver:
 async def test_dns_rebinding_connects_to_the_checked_address_only(env):
     """One resolution per request, and the connection goes to that checked address (here refused by
     the test's loopback-only connector, so nothing leaves the machine) - never to a second answer."""
+    from mcp.client import Client
+
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
-    from mcp.client import Client
 
     resolver = RebindingResolver()
     proxy = Proxy(env.vault, env.settings, resolver=resolver, connector=env.connector)
@@ -293,10 +294,11 @@ async def test_dns_rebinding_connects_to_the_checked_address_only(env):
 
 async def test_real_system_resolver_localhost_refused(env):
     """The real resolver (/etc/hosts, no DNS packet) turning `localhost` into loopback."""
+    from mcp.client import Client
+
     from corral.servers.credentials.proxy import Proxy
     from corral.servers.credentials.server import build_server
     from corral.vault.policy import Credential
-    from mcp.client import Client
 
     env.add(Credential(name="local", hosts=["localhost"], schemes=["http"], ports=[env.upstream.port]))
     proxy = Proxy(env.vault, env.settings, connector=env.connector)

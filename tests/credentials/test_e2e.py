@@ -91,7 +91,7 @@ async def test_streamable_http_end_to_end(env, tmp_path):
     """`corral serve credentials --http`: the same tools over streamable HTTP on loopback."""
     port = free_port()
     errlog = (tmp_path / "http-stderr.log").open("w")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server outlives this statement
+    proc = subprocess.Popen(  # returns at once; the server outlives this statement
         [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env(env), stdout=subprocess.DEVNULL, stderr=errlog
     )
     try:

@@ -19,12 +19,12 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from corral.vault.policy import Credential
-from corral.vault.redact import secret_forms
 from mcp.client import Client
 
+from corral.vault.policy import Credential
+from corral.vault.redact import secret_forms
 from tests.credentials.conftest import LOG_LINES, OUTPUTS, new_secret
-from tests.credentials.gitserver import BACKEND, GitServer
+from tests.credentials.gitserver import GitServer
 from tests.credentials.upstream import Upstream
 
 pytestmark = pytest.mark.anyio

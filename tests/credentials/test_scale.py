@@ -15,9 +15,9 @@ import time
 
 import anyio
 import pytest
-from corral.vault.policy import Credential
 from mcp.client import Client
 
+from corral.vault.policy import Credential
 from tests.conftest import bearer_client, free_port, wait_listening
 from tests.credentials.test_e2e import server_env as e2e_env
 
@@ -49,7 +49,7 @@ async def test_a_large_response_does_not_stall_another_clients_list_credentials(
     big = {"credential": "echo", "method": "GET", "url": env.upstream.url(f"/big?n={256 << 10}")}
     server_env = {**e2e_env(env), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_PROXY_MAX_RESPONSE_BYTES": str(1 << 20)}
     errlog = (tmp_path / "stderr.log").open("w")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the server outlives this statement
+    proc = subprocess.Popen(  # returns at once; the server outlives this statement
         [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env, stdout=subprocess.DEVNULL, stderr=errlog
     )
     done = threading.Event()
@@ -104,8 +104,9 @@ async def test_list_credentials_pages_through_every_credential(mcp, env):
 
 
 def test_vault_reload_decrypts_the_keyring_once(env, monkeypatch):
-    from corral.servers.credentials.proxy import Snapshot
     from cryptography.fernet import Fernet
+
+    from corral.servers.credentials.proxy import Snapshot
 
     add_many(env, 200)
     calls = []

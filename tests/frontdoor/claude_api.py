@@ -41,7 +41,7 @@ def upstream(port: int, secret: str) -> ThreadingHTTPServer:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:  # http.server's naming
             authorised = self.headers.get("Authorization") == f"Bearer {secret}"
             body = (f"upstream-ok; you sent {self.headers.get('Authorization')}" if authorised else "no secret").encode()
             self.send_response(200 if authorised else 401)

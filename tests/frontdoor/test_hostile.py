@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-from corral.servers.session import SessionSettings
 
+from corral.servers.session import SessionSettings
 from tests.conftest import free_port
 from tests.frontdoor.conftest import UpProcess, corral, start_up, token_of
 

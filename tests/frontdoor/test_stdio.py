@@ -72,7 +72,7 @@ def test_lines_split_across_reads_and_a_last_unterminated_line():
     async def read_all() -> list[str]:
         return [line async for line in lines]
 
-    os.write(w, "first\nsec".encode())
+    os.write(w, b"first\nsec")
     os.write(w, "ond\nthird ✓".encode())
     os.close(w)
     assert anyio.run(read_all) == ["first\n", "second\n", "third ✓"]
@@ -107,7 +107,7 @@ def test_a_full_pipe_waits_instead_of_blocking_or_dropping():
 def test_a_terminal_or_file_is_not_made_non_blocking(tmp_path):
     probe = "from corral.servers.stdio_pipes import wire_is_pipes; import sys; sys.stderr.write(str(wire_is_pipes()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    piped = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, timeout=60, check=False)
+    piped = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.PIPE, capture_output=True, env=env, text=True, timeout=60, check=False)
     assert piped.stderr == "True"
     with open(tmp_path / "file", "w") as f:
         filed = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.PIPE, env=env, text=True, timeout=60, check=False)

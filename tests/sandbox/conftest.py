@@ -20,8 +20,7 @@ import pytest
 from mcp.client import Client
 
 from corral.servers.sandbox.backend import Backend
-from corral.servers.sandbox.config import DockerConfig, E2BConfig
-from corral.servers.sandbox.config import SandboxSettings
+from corral.servers.sandbox.config import DockerConfig, E2BConfig, SandboxSettings
 from corral.servers.sandbox.server import backend_config, build_server
 from tests.parts import TEST_IMAGE
 

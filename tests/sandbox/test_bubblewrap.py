@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from mcp.client import Client
 
 from corral.servers.sandbox.config import ExtraBind, SandboxSettings

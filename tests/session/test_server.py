@@ -7,8 +7,8 @@ import json
 import pytest
 from mcp.client import Client
 
-from corral.servers.session.server import build_server
 from corral.servers.session import open_store
+from corral.servers.session.server import build_server
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from corral.errors import Unavailable
-from corral.servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
 from corral.servers.session import NewEvent, open_store
+from corral.servers.session.postgres import SCHEMA_VERSION, PostgresEventStore
 from tests.session.contract import StoreContract
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 

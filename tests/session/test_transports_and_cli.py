@@ -94,7 +94,7 @@ def test_cli_list_show_fork_and_errors(home):
     shown = corral("sessions", "show", sid)
     assert shown.returncode == 0
     assert "user.message" in shown.stdout and "write a haiku" in shown.stdout and "ok, here it is" in shown.stdout
-    as_json = [json.loads(l) for l in corral("sessions", "show", sid, "--json").stdout.splitlines()]
+    as_json = [json.loads(line) for line in corral("sessions", "show", sid, "--json").stdout.splitlines()]
     assert [e["position"] for e in as_json] == [0, 1]
     forked = corral("sessions", "fork", sid, "--at", "1")
     child = forked.stdout.strip()

@@ -10,6 +10,8 @@ from urllib.parse import quote, quote_plus
 
 import keyring.errors
 import pytest
+
+from corral.errors import Timeout
 from corral.vault.keyrings import (
     EncryptedFileKeyring,
     call_with_deadline,
@@ -17,8 +19,6 @@ from corral.vault.keyrings import (
 )
 from corral.vault.policy import Credential, host_matches, normalize_host
 from corral.vault.redact import Redactor
-
-from corral.errors import Timeout
 from tests.credentials.encoders import ENCODERS, ODD_SECRET
 
 
