@@ -84,7 +84,7 @@ def ensure_queue_schema(queue_url: str) -> None:
     try:
         with psycopg.connect(queue_url, connect_timeout=10) as conn:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            if conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
+            if (conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone() or (None,))[0] is None:
                 conn.execute(procrastinate.schema.SchemaManager.get_schema())
     except psycopg.OperationalError as err:
         raise Unavailable(f"cannot reach the job queue database: {' '.join(str(err).split())}", hint="check CORRAL_QUEUE_URL / CORRAL_SESSION_STORE") from err
@@ -136,7 +136,7 @@ class LeasedStore:
     ends the process before anything else (the harness, procrastinate) can act on it.
     """
 
-    def __init__(self, store: EventStore, session_id: str, token: int, on_fenced: Callable[[str], None]) -> None:
+    def __init__(self, store: EventStore | SteadyStore, session_id: str, token: int, on_fenced: Callable[[str], None]) -> None:
         self._store = store
         self._session_id = session_id
         self._token = token
@@ -306,12 +306,15 @@ class SteadyWorker(procrastinate.worker.Worker):
     """
 
     def __init__(self, *args: Any, outage_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, listen_notify=False, **kwargs)
+        kwargs["listen_notify"] = False  # polling only: no listening connection to lose
+        super().__init__(*args, **kwargs)
         self.outage_s = outage_s
 
     async def _update_heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.update_heartbeat_interval)
+            if self.worker_id is None:  # not registered yet, or stopping
+                continue
             try:
                 await self.app.job_manager.update_heartbeat(self.worker_id)
             except pq_exceptions.ConnectorException as err:
@@ -342,6 +345,8 @@ async def reap_once(app: procrastinate.App, lease_s: float, own_id: int | None =
     handed: list[int] = []
     for job in await manager.get_stalled_jobs(queue=QUEUE, seconds_since_heartbeat=lease_s):
         if own_id is not None and job.worker_id == own_id:  # we are running it: alive, if late to beat
+            continue
+        if job.id is None:  # a job read from the database always has its id
             continue
         session_id = job.task_kwargs.get("session_id")
         try:

@@ -220,7 +220,7 @@ class PostgresEventStore(EventStore):
 
     def schema_version(self) -> int:
         with self._tx() as conn:
-            return conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()[0]
+            return _one(conn.execute("SELECT max(version) FROM corral_schema_version").fetchone())[0]
 
     def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
         query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (" FOR NO KEY UPDATE" if lock else "")
@@ -287,7 +287,7 @@ class PostgresEventStore(EventStore):
                 f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
                 (node.session_id, meta, session_id, at, at, node.base_status, node.below, node.jump, node.rank, node.base_status),
             ).fetchone()
-            return _row_info(row)
+            return _row_info(_one(row))
 
     def get(self, session_id: str) -> SessionInfo:
         with self._tx() as conn:
@@ -344,7 +344,7 @@ class PostgresEventStore(EventStore):
             info = self._info(conn, session_id, lock=True)
             held = info.lease
             if held is not None and held["worker"] != owner:
-                live = conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone()[0]
+                live = _one(conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone())[0]
                 if live:
                     raise Conflict(f"session {session_id} is leased to {held['worker']} until {held['expires_at']}", hint="wait for the lease to expire or be released")
             row = conn.execute(
@@ -353,6 +353,7 @@ class PostgresEventStore(EventStore):
                 "RETURNING lease_token, lease_expires_at",
                 (owner, ttl_s, session_id),
             ).fetchone()
+            row = _one(row)
             return Lease(session_id=session_id, owner=owner, token=row[0], expires_at=row[1])
 
     def renew_lease(self, session_id: str, token: int, ttl_s: float) -> Lease:
@@ -364,6 +365,7 @@ class PostgresEventStore(EventStore):
                 "WHERE session_id = %s RETURNING lease_owner, lease_expires_at",
                 (ttl_s, session_id),
             ).fetchone()
+            row = _one(row)
             return Lease(session_id=session_id, owner=row[0], token=token, expires_at=row[1])
 
     def release_lease(self, session_id: str, token: int) -> bool:
@@ -373,6 +375,14 @@ class PostgresEventStore(EventStore):
                 (session_id, token),
             )
             return cur.rowcount == 1
+
+
+def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """The row a statement that always yields one (an aggregate, a RETURNING of a row held
+    locked in this transaction) gave; None would be a bug here, not a missing session."""
+    if row is None:
+        raise RuntimeError("expected one row from the database, got none")
+    return row
 
 
 def _row_info(row: tuple[Any, ...]) -> SessionInfo:
