@@ -44,7 +44,7 @@ from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import cgroups, hostfs
+from . import cgroups, hostfs, templates
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -93,6 +93,11 @@ ETC_NETWORK = ["/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf", "/etc/protocol
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
+# Template sandboxes: the host's /usr, where the tools that enter and bound a command come from.
+HOST_USR = "/.corral/host/usr"
+_LOADER = os.path.realpath("/lib64/ld-linux-x86-64.so.2" if os.path.exists("/lib64/ld-linux-x86-64.so.2") else "/lib/ld-linux-aarch64.so.1")
+HOST_LOADER = HOST_USR + _LOADER.removeprefix("/usr")
+HOST_LIBS = f"{HOST_USR}{os.path.dirname(_LOADER).removeprefix('/usr')}:{HOST_USR}/lib"
 # After a foreground command exits, how long to keep reading output a background child may hold open.
 DRAIN_S = 0.2
 
@@ -132,6 +137,7 @@ class BubblewrapBackend(Backend):
         self._starting: dict[str, asyncio.Lock] = {}
         self._reapers: dict[int, Callable[[], None]] = {}  # background holders' pid -> reap it now
         self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
+        self.templates = templates.TemplateStore(config.templates) if config.templates else None
         self.cgroups = cgroups.detect() if config.cgroups else None
         self.limits_scope = "sandbox" if self.cgroups else "process"
 
@@ -141,6 +147,8 @@ class BubblewrapBackend(Backend):
         return self.root / sandbox_id
 
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
+        if spec.template is not None:
+            self._rootfs(spec.template)  # a registered one, or invalid_argument/not_found before anything exists
         base = self._dir(sandbox_id)
         base.mkdir(mode=0o700)
         for sub in ("workspace", "home", "tmp"):
@@ -223,6 +231,19 @@ class BubblewrapBackend(Backend):
             self._inits[ref.id] = init
             return init
 
+    def _rootfs(self, template: str) -> Path:
+        if self.templates is None:
+            raise NotFound(f"no template {template!r}: this server has no templates", hint="omit template to use the host's userland")
+        return self.templates.rootfs(template)
+
+    def _system(self, spec: SandboxSpec) -> list[str]:
+        """The sandbox's `/`: the host's system dirs, or a template's rootfs (read-only) with the
+        host's /usr beside it at /.corral/host/usr, for the tools that enter and bound each command."""
+        if spec.template is None:
+            return self.system_args
+        rootfs = self._rootfs(spec.template)
+        return ["--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
+
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
         argv = self.cgroups.enter_argv(ref.id, init=True) if self.cgroups else []
@@ -230,7 +251,7 @@ class BubblewrapBackend(Backend):
         argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
         if spec.network == "none":
             argv.append("--unshare-net")
-        argv += ["--as-pid-1", "--new-session", "--clearenv", *self.system_args]
+        argv += ["--as-pid-1", "--new-session", "--clearenv", *self._system(spec)]
         argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
         for bind in self.config.extra_binds:
             argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
@@ -290,13 +311,20 @@ class BubblewrapBackend(Backend):
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
-        argv += drop_caps(self.setpriv)
+        host = _host_tool if spec.template is not None else _as_is  # a template has not our tools: run the host's
+        argv += host(drop_caps(self.setpriv)[0]) + drop_caps(self.setpriv)[1:]
         env = {**BASE_ENV, **spec.env, **request.env}
-        argv += [self.env, "-i", "--", *(f"{k}={v}" for k, v in env.items())]
-        argv += [self.prlimit, *_limits(spec, None if background else request.timeout_s), "--"]
+        argv += [*host(self.env), "-i", "--", *(f"{k}={v}" for k, v in env.items())]
+        argv += [*host(self.prlimit), *_limits(spec, None if background else request.timeout_s), "--"]
         if background:  # its own process group, so kill_process signals it and what it started
-            argv.append(self.setsid)
-        return argv + [SHELL, "-c", request.command]
+            argv += host(self.setsid)
+        return argv + [self._shell(spec), "-c", request.command]
+
+    def _shell(self, spec: SandboxSpec) -> str:
+        if spec.template is None:
+            return SHELL
+        # The template's own shell: bash if it has one (checked in the rootfs, as the sandbox sees it).
+        return "/bin/bash" if os.path.lexists(self._rootfs(spec.template) / "bin" / "bash") else "/bin/sh"
 
     # -- background processes --------------------------------------------------------
 
@@ -467,6 +495,17 @@ class BubblewrapBackend(Backend):
     async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
         with self._root_fd(ref.id) as fd:
             return await asyncio.to_thread(hostfs.list_dir, fd, path, depth, max_entries)
+
+
+def _as_is(path: str) -> list[str]:
+    return [path]
+
+
+def _host_tool(path: str) -> list[str]:
+    """Run a host binary inside a template sandbox: through the host's dynamic loader and
+    libraries, mounted read-only at /.corral/host/usr (the template's libc may differ or be absent)."""
+    real = os.path.realpath(path)
+    return [HOST_LOADER, "--library-path", HOST_LIBS, HOST_USR + real.removeprefix("/usr")]
 
 
 def _make_traversable(root: Path, uid: int) -> None:
