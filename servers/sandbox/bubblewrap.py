@@ -157,18 +157,23 @@ class BubblewrapBackend(Backend):
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
+        if self._layered(spec):  # the sandbox's own copy-on-write layer over its template
+            for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
+                (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
+            os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         await self._stop(ref.id)
+        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")  # before any rmtree: never delete through it
         self._starting.pop(ref.id, None)
         self._notices.pop(ref.id, None)
         if self.cgroups is not None:
             await self.cgroups.remove(ref.id)
         base = self._dir(ref.id)
         if keep_workspace:
-            for sub in ("home", "tmp", "procs"):
+            for sub in ("home", "tmp", "procs", "layer", "rootfs"):
                 await asyncio.to_thread(shutil.rmtree, base / sub, ignore_errors=True)
         else:
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
@@ -222,6 +227,8 @@ class BubblewrapBackend(Backend):
                 )
             if self.cgroups is not None:
                 self.cgroups.create(ref.id, ref.spec)
+            if self._layered(ref.spec):
+                await asyncio.to_thread(self._mount_layer, ref)
             init, proc = await start_init(
                 self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
             )
@@ -236,13 +243,39 @@ class BubblewrapBackend(Backend):
             raise NotFound(f"no template {template!r}: this server has no templates", hint="omit template to use the host's userland")
         return self.templates.rootfs(template)
 
-    def _system(self, spec: SandboxSpec) -> list[str]:
-        """The sandbox's `/`: the host's system dirs, or a template's rootfs (read-only) with the
-        host's /usr beside it at /.corral/host/usr, for the tools that enter and bound each command."""
+    def _layered(self, spec: SandboxSpec) -> bool:
+        """Whether the sandbox gets a writable system layer: an overlay the server (root) mounts
+        over a template whose files belong to the sandbox uid (uid 0 inside may change them all)."""
+        if spec.template is None or self.uid is None or self.templates is None:
+            return False
+        return self.templates.get(spec.template).owner == self.uid
+
+    def _mount_layer(self, ref: SandboxRef) -> None:
+        """Template (lower, read-only, shared) + the sandbox's `layer/upper` -> `rootfs/`; again
+        after a reboot (the upper dir, and with it every change, is kept)."""
+        base = self._dir(ref.id)
+        if os.path.ismount(base / "rootfs"):
+            return
+        lower = self._rootfs(ref.spec.template or "")
+        if any(c in f"{lower}{base}" for c in ",:\\"):
+            raise Unavailable(f"cannot mount a layer over {lower}: a path has ',' ':' or '\\'", hint="use plain directory names")
+        options = f"lowerdir={lower},upperdir={base}/layer/upper,workdir={base}/layer/work"
+        done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(base / "rootfs")], capture_output=True)
+        if done.returncode != 0:
+            raise Unavailable(f"could not mount the sandbox's system layer: {done.stderr.decode(errors='replace').strip()}")
+
+    def _system(self, ref: SandboxRef) -> list[str]:
+        """The sandbox's `/`: the host's system dirs, or a template's rootfs (its writable layer, else
+        read-only) with the host's /usr beside it at /.corral/host/usr, for the tools that enter and
+        bound each command."""
+        spec = ref.spec
         if spec.template is None:
             return self.system_args
-        rootfs = self._rootfs(spec.template)
-        return ["--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
+        if self._layered(spec):
+            root = ["--bind", str(self._dir(ref.id) / "rootfs"), "/"]
+        else:
+            root = ["--ro-bind", str(self._rootfs(spec.template)), "/"]
+        return [*root, "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
 
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
@@ -251,12 +284,14 @@ class BubblewrapBackend(Backend):
         argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
         if spec.network == "none":
             argv.append("--unshare-net")
-        argv += ["--as-pid-1", "--new-session", "--clearenv", *self._system(spec)]
+        argv += ["--as-pid-1", "--new-session", "--clearenv", *self._system(ref)]
         argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
         for bind in self.config.extra_binds:
             argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
         ends_at = int(ref.data.get("ends_at") or time.time() + spec.ttl_s)
-        argv += ["--remount-ro", "/", "--chdir", "/", "--info-fd", "{info_fd}"]
+        if not self._layered(spec):  # the system is read-only, unless it is the sandbox's own layer
+            argv += ["--remount-ro", "/"]
+        argv += ["--chdir", "/", "--info-fd", "{info_fd}"]
         return argv + ["--", INIT_SHELL, "-c", INIT_SCRIPT, "init", str(ends_at)]
 
     # -- execute -------------------------------------------------------------------------
@@ -495,6 +530,12 @@ class BubblewrapBackend(Backend):
     async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
         with self._root_fd(ref.id) as fd:
             return await asyncio.to_thread(hostfs.list_dir, fd, path, depth, max_entries)
+
+
+def _unmount(path: Path) -> None:
+    if os.path.ismount(path):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)  # busy: detach it now, gone when free
 
 
 def _as_is(path: str) -> list[str]:

@@ -49,6 +49,7 @@ class Template(BaseModel):
     source: str
     created_at: float
     size_bytes: int
+    owner: int | None = None  # the host uid its files belong to (the sandbox uid): a writable layer works over it
 
 
 class TemplateStore:
@@ -86,7 +87,11 @@ class TemplateStore:
         (self.root / name).rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def add(self, name: str, *, docker_image: str | None = None, rootfs: Path | None = None) -> Template:
+    def add(
+        self, name: str, *, docker_image: str | None = None, rootfs: Path | None = None, owner: int | None = None
+    ) -> Template:
+        """Unpack and register; `owner` (as root): give every file to the sandbox uid, so that a
+        sandbox (uid 0 of a namespace mapped to it) may change any file in its copy-on-write layer."""
         check_name(name)
         if (docker_image is None) == (rootfs is None):
             raise InvalidArgument("give exactly one source: --from-docker IMAGE or --from-rootfs DIR|TARBALL")
@@ -95,7 +100,7 @@ class TemplateStore:
                 f"template {name!r} is already registered", hint=f"`corral sandbox templates rm {name}` first"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # the sandbox uid must reach the rootfs to mount it
+        self.root.chmod(0o711)  # the sandbox uid must reach a rootfs to mount it, never list them
         staging = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=self.root))
         try:
             target = staging / "rootfs"
@@ -108,7 +113,12 @@ class TemplateStore:
                 _from_rootfs(rootfs, target)
                 source = f"rootfs:{rootfs.resolve()}"
             _prepare(target)
-            template = Template(name=name, source=source, created_at=time.time(), size_bytes=_size(target))
+            if owner is not None:
+                _run(
+                    ["chown", "-R", "--no-dereference", f"{owner}:{owner}", str(target)],
+                    "give the template to the sandbox uid",
+                )
+            template = Template(name=name, source=source, created_at=time.time(), size_bytes=_size(target), owner=owner)
             (staging / "template.json").write_text(template.model_dump_json())
             staging.chmod(0o755)
             try:

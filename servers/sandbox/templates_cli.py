@@ -7,6 +7,7 @@ same machine: a template is a directory the server reads, not something sent ove
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -36,15 +37,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=_rm)
 
 
-def _store():
+def _settings():
     from .config import SandboxSettings
+
+    return SandboxSettings()
+
+
+def _store():
     from .templates import TemplateStore
 
-    return TemplateStore(SandboxSettings().templates_dir())
+    return TemplateStore(_settings().templates_dir())
 
 
 def _add(args: argparse.Namespace) -> int:
-    template = _store().add(args.name, docker_image=args.from_docker, rootfs=args.from_rootfs)
+    # As root, sandboxes run as the sandbox uid: its files are theirs to change in their own layer.
+    owner = _settings().sandbox_run_as_uid if os.geteuid() == 0 else None
+    template = _store().add(args.name, docker_image=args.from_docker, rootfs=args.from_rootfs, owner=owner)
     print(f"added template {template.name} ({template.source}, {template.size_bytes / 1e6:.1f} MB)")
     return 0
 

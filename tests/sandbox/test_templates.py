@@ -67,9 +67,9 @@ async def test_a_docker_image_becomes_a_template_and_sandboxes_run_on_it(
         )
         assert out["exit_code"] == 0, out
         assert out["stdout"].split("\n")[0] == "busybox" and out["stdout"].endswith("none\n/workspace\n0\n"), out
-        # Same isolation: no network, read-only system, a workspace that persists across calls.
-        net = await call(c, "execute", sandbox_id=sid, command="cat /proc/net/dev | grep -c : ; echo x > /etc/x")
-        assert net["stdout"] == "1\n" and "Read-only" in net["stderr"], net
+        # Same isolation: no network, no capabilities, a workspace that persists across calls.
+        net = await call(c, "execute", sandbox_id=sid, command="cat /proc/net/dev | grep -c :")
+        assert net["stdout"] == "1\n", net
         await call(c, "write_file", sandbox_id=sid, path="hello.txt", content="hi\n")
         assert (await call(c, "execute", sandbox_id=sid, command="cat hello.txt"))["stdout"] == "hi\n"
         caps = await call(c, "execute", sandbox_id=sid, command="grep CapEff /proc/self/status")
@@ -105,6 +105,15 @@ async def test_a_debian_userland_runs_as_a_template(tpl: Harness, templates_dir:
         assert out["exit_code"] == 0, out
         lines = out["stdout"].split("\n")
         assert lines[0] == "debian bookworm" and int(lines[1]) > 50 and lines[2] == "/bin/bash", out
+        if os.geteuid() == 0:  # its writable system layer: the package database and /etc are the sandbox's own
+            done = await call(
+                c,
+                "execute",
+                sandbox_id=sid,
+                command="echo 'Acquire::Retries 0;' > /etc/apt/apt.conf.d/9x && touch /var/lib/dpkg/lock-x && dpkg -s dash | head -1",
+            )
+            assert done["exit_code"] == 0 and done["stdout"] == "Package: dash\n", done
+            assert not (templates_dir / "debian/rootfs/etc/apt/apt.conf.d/9x").exists()
 
 
 @pytest.mark.requires("bwrap")
@@ -131,3 +140,38 @@ def test_templates_cli_refuses_bad_names_and_sources(templates_dir: Path, tmp_pa
     gone = corral(templates_dir, tmp_path, "sandbox", "templates", "rm", "nope")
     assert gone.returncode == 1 and "not_found" in gone.stderr
     assert not templates_dir.exists() or not [p for p in templates_dir.iterdir()], "nothing half-made is left"
+
+
+@pytest.mark.requires("bwrap", "docker")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the writable system layer is an overlay the server mounts as root")
+async def test_a_template_sandbox_writes_its_own_system_layer(
+    tpl: Harness, templates_dir: Path, tmp_path: Path
+) -> None:
+    added = corral(templates_dir, tmp_path, "sandbox", "templates", "add", "box", "--from-docker", TEST_IMAGE)
+    assert added.returncode == 0, added.stderr
+    rootfs = templates_dir / "box" / "rootfs"
+    before = sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*"))
+    async with tpl.client() as c:
+        a = (await call(c, "provision", template="box"))["sandbox_id"]
+        b = (await call(c, "provision", template="box"))["sandbox_id"]
+        write = "mkdir -p /usr/local/bin && printf '#!/bin/sh\\necho tool\\n' > /usr/local/bin/tool && chmod +x /usr/local/bin/tool"
+        write += " && echo 'nameserver 10.0.0.1' > /etc/resolv.conf && echo ok >> /etc/passwd && rm /bin/vi"
+        done = await call(c, "execute", sandbox_id=a, command=write)
+        assert done["exit_code"] == 0, done
+        seen = await call(
+            c, "execute", sandbox_id=a, command="tool; cat /etc/resolv.conf; tail -1 /etc/passwd; ls /bin/vi"
+        )
+        assert seen["stdout"] == "tool\nnameserver 10.0.0.1\nok\n" and "No such file" in seen["stderr"], seen
+        # Not in another sandbox of the template, not in the template.
+        other = await call(
+            c, "execute", sandbox_id=b, command="ls /usr/local/bin/tool; tail -1 /etc/passwd; ls /bin/vi"
+        )
+        assert "No such file" in other["stderr"] and "ok" not in other["stdout"] and "/bin/vi" in other["stdout"], other
+        assert not (rootfs / "usr/local/bin/tool").exists() and (rootfs / "bin/vi").is_symlink()
+        await call(c, "destroy", sandbox_id=a)
+        base = tpl.settings.sandbox_dir / a
+        assert not base.exists(), "destroy discards the layer"
+        assert str(base) not in Path("/proc/self/mountinfo").read_text(), "and its mount"
+        # The other one is untouched by the destroy.
+        assert (await call(c, "execute", sandbox_id=b, command="echo still"))["stdout"] == "still\n"
+    assert sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*")) == before
