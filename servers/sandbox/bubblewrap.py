@@ -257,7 +257,7 @@ class BubblewrapBackend(Backend):
         base = self._dir(ref.id)
         if os.path.ismount(base / "rootfs"):
             return
-        lower = self._rootfs(ref.spec.template or "")
+        lower = self._rootfs(ref.spec.template or "").resolve()  # as `templates rm` finds it in mountinfo
         if any(c in f"{lower}{base}" for c in ",:\\"):
             raise Unavailable(f"cannot mount a layer over {lower}: a path has ',' ':' or '\\'", hint="use plain directory names")
         options = f"lowerdir={lower},upperdir={base}/layer/upper,workdir={base}/layer/work"

@@ -82,6 +82,13 @@ class TemplateStore:
 
     def remove(self, name: str) -> None:
         self.get(name)
+        rootfs = self.root / name / "rootfs"
+        users = _layers_over(rootfs)
+        if users:  # deleting a lower layer under a mounted overlay is undefined behaviour
+            raise Conflict(
+                f"template {name!r} is in use by {users} sandbox(es) with a system layer; nothing was removed",
+                hint="destroy those sandboxes first (list_sandboxes)",
+            )
         # Rename first: the name is free at once, and a half-removed tree is never a template.
         doomed = self.root / f".rm-{name}-{os.getpid()}"
         (self.root / name).rename(doomed)
@@ -128,6 +135,15 @@ class TemplateStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return template
+
+
+def _layers_over(rootfs: Path) -> int:
+    """How many overlays on this host have `rootfs` as their lower layer."""
+    try:
+        table = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return 0
+    return table.count(f"lowerdir={rootfs.resolve()},") + table.count(f"lowerdir={rootfs.resolve()} ")
 
 
 def _run(argv: list[str], what: str, **kwargs: object) -> subprocess.CompletedProcess:

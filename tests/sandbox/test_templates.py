@@ -174,4 +174,8 @@ async def test_a_template_sandbox_writes_its_own_system_layer(
         assert str(base) not in Path("/proc/self/mountinfo").read_text(), "and its mount"
         # The other one is untouched by the destroy.
         assert (await call(c, "execute", sandbox_id=b, command="echo still"))["stdout"] == "still\n"
+        busy = corral(templates_dir, tmp_path, "sandbox", "templates", "rm", "box")
+        assert busy.returncode == 1 and "conflict:" in busy.stderr and "in use by 1 sandbox" in busy.stderr, busy.stderr
+        await call(c, "destroy", sandbox_id=b)
     assert sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*")) == before
+    assert corral(templates_dir, tmp_path, "sandbox", "templates", "rm", "box").returncode == 0
