@@ -158,7 +158,7 @@ class BubblewrapBackend(Backend):
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
-        if self._layered(spec):  # the sandbox's own copy-on-write layer over its template
+        if self._layered(spec) and self.uid is not None:  # the sandbox's own copy-on-write layer over its template
             for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
                 (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
             os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
