@@ -4,8 +4,10 @@ path or a flag."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from corral.servers.sandbox.config import SandboxSettings
+from tests.conftest import until
 from tests.parts import TEST_IMAGE
 
 from .conftest import Harness, _cleanup, call, fail
@@ -179,3 +182,34 @@ async def test_a_template_sandbox_writes_its_own_system_layer(
         await call(c, "destroy", sandbox_id=b)
     assert sorted(str(p.relative_to(rootfs)) for p in rootfs.rglob("*")) == before
     assert corral(templates_dir, tmp_path, "sandbox", "templates", "rm", "box").returncode == 0
+
+
+@pytest.mark.requires("bwrap", "docker")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the writable system layer is an overlay the server mounts as root")
+async def test_the_system_layer_outlives_a_reboot(tpl: Harness, templates_dir: Path, tmp_path: Path) -> None:
+    tarball = tmp_path / "box.tar"
+    subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"c=$(docker create --pull never {TEST_IMAGE} /bin/sh) && docker export -o {tarball} $c && docker rm $c",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    added = corral(templates_dir, tmp_path, "sandbox", "templates", "add", "tarred", "--from-rootfs", str(tarball))
+    assert added.returncode == 0, added.stderr
+    async with tpl.client() as c:
+        sid = (await call(c, "provision", template="tarred"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command="echo kept > /etc/kept")
+    base = tpl.settings.sandbox_dir / sid
+    init = json.loads((base / "init.json").read_text())["init"]["pid"]
+    os.kill(init, signal.SIGKILL)  # the host rebooted while the server was down: no init, no mount
+    await until(lambda: not Path(f"/proc/{init}").exists(), "the init is gone", seconds=10)
+    subprocess.run(["umount", str(base / "rootfs")], check=True)
+    again = tpl.restart()
+    async with again.client() as c:
+        r = await call(c, "execute", sandbox_id=sid, command="cat /etc/kept")
+        assert r["stdout"] == "kept\n" and "stopped" in r["notice"], r
+        await call(c, "destroy", sandbox_id=sid)
+    assert not base.exists() and str(base) not in Path("/proc/self/mountinfo").read_text()
