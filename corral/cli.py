@@ -22,6 +22,7 @@ from corral.errors import CorralError
 AREAS = [
     "corral.up",  # up, mcp-config
     "corral.servers.serve_cli",  # serve sandbox|session|credentials
+    "corral.servers.sandbox.templates_cli",  # sandbox templates add|list|rm
     "corral.harness.cli",  # run, wake
     "corral.sessions",  # sessions list|show|tail|fork
     "corral.vault.cli",  # vault set|list|rm|doctor

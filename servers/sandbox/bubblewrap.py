@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import glob
 import hashlib
 import math
@@ -44,7 +45,7 @@ from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import cgroups, hostfs
+from . import cgroups, hostfs, templates
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -94,6 +95,11 @@ ETC_NETWORK = ["/etc/resolv.conf", "/etc/hosts", "/etc/gai.conf", "/etc/protocol
 PASSWD = "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
+# Template sandboxes: the host's /usr, where the tools that enter and bound a command come from.
+HOST_USR = "/.corral/host/usr"
+_LOADER = os.path.realpath("/lib64/ld-linux-x86-64.so.2" if os.path.exists("/lib64/ld-linux-x86-64.so.2") else "/lib/ld-linux-aarch64.so.1")
+HOST_LOADER = HOST_USR + _LOADER.removeprefix("/usr")
+HOST_LIBS = f"{HOST_USR}{os.path.dirname(_LOADER).removeprefix('/usr')}:{HOST_USR}/lib"
 # After a foreground command exits, how long to keep reading output a background child may hold open.
 DRAIN_S = 0.2
 
@@ -133,6 +139,7 @@ class BubblewrapBackend(Backend):
         self._starting: dict[str, asyncio.Lock] = {}
         self._reapers: dict[int, Callable[[], None]] = {}  # background holders' pid -> reap it now
         self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
+        self.templates = templates.TemplateStore(config.templates) if config.templates else None
         self.cgroups = cgroups.detect() if config.cgroups else None
         self.limits_scope = "sandbox" if self.cgroups else "process"
 
@@ -142,6 +149,8 @@ class BubblewrapBackend(Backend):
         return self.root / sandbox_id
 
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
+        if spec.template is not None:
+            self._rootfs(spec.template)  # a registered one, or invalid_argument/not_found before anything exists
         base = self._dir(sandbox_id)
         base.mkdir(mode=0o700)
         for sub in ("workspace", "home", "tmp"):
@@ -150,18 +159,23 @@ class BubblewrapBackend(Backend):
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
+        if self._layered(spec) and self.uid is not None:  # the sandbox's own copy-on-write layer over its template
+            for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
+                (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
+            os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         await self._stop(ref.id)
+        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")  # before any rmtree: never delete through it
         self._starting.pop(ref.id, None)
         self._notices.pop(ref.id, None)
         if self.cgroups is not None:
             await self.cgroups.remove(ref.id)
         base = self._dir(ref.id)
         if keep_workspace:
-            for sub in ("home", "tmp", "procs"):
+            for sub in ("home", "tmp", "procs", "layer", "rootfs"):
                 await asyncio.to_thread(shutil.rmtree, base / sub, ignore_errors=True)
         else:
             await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
@@ -215,6 +229,8 @@ class BubblewrapBackend(Backend):
                 )
             if self.cgroups is not None:
                 self.cgroups.create(ref.id, ref.spec)
+            if self._layered(ref.spec):
+                await asyncio.to_thread(self._mount_layer, ref)
             init, proc = await start_init(
                 self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
             )
@@ -224,6 +240,46 @@ class BubblewrapBackend(Backend):
             self._inits[ref.id] = init
             return init
 
+    def _rootfs(self, template: str) -> Path:
+        if self.templates is None:
+            raise NotFound(f"no template {template!r}: this server has no templates", hint="omit template to use the host's userland")
+        return self.templates.rootfs(template)
+
+    def _layered(self, spec: SandboxSpec) -> bool:
+        """Whether the sandbox gets a writable system layer: an overlay the server (root) mounts
+        over a template whose files belong to the sandbox uid (uid 0 inside may change them all)."""
+        if spec.template is None or self.uid is None or self.templates is None:
+            return False
+        return self.templates.get(spec.template).owner == self.uid
+
+    def _mount_layer(self, ref: SandboxRef) -> None:
+        """Template (lower, read-only, shared) + the sandbox's `layer/upper` -> `rootfs/`; again
+        after a reboot (the upper dir, and with it every change, is kept)."""
+        base = self._dir(ref.id)
+        if os.path.ismount(base / "rootfs"):
+            return
+        lower = self._rootfs(ref.spec.template or "").resolve()  # as `templates rm` finds it in mountinfo
+        if any(c in f"{lower}{base}" for c in ",:\\"):
+            raise Unavailable(f"cannot mount a layer over {lower}: a path has ',' ':' or '\\'", hint="use plain directory names")
+        options = f"lowerdir={lower},upperdir={base}/layer/upper,workdir={base}/layer/work"
+        # The syscall, not mount(8): a spawn costs a few ms of every provision + first execute.
+        if _LIBC.mount(b"overlay", os.fsencode(base / "rootfs"), b"overlay", 0, options.encode()) != 0:
+            err = ctypes.get_errno()
+            raise Unavailable(f"could not mount the sandbox's system layer: {os.strerror(err)}", hint="the server must run as root")
+
+    def _system(self, ref: SandboxRef) -> list[str]:
+        """The sandbox's `/`: the host's system dirs, or a template's rootfs (its writable layer, else
+        read-only) with the host's /usr beside it at /.corral/host/usr, for the tools that enter and
+        bound each command."""
+        spec = ref.spec
+        if spec.template is None:
+            return self.system_args
+        if self._layered(spec):
+            root = ["--bind", str(self._dir(ref.id) / "rootfs"), "/"]
+        else:
+            root = ["--ro-bind", str(self._rootfs(spec.template)), "/"]
+        return [*root, "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
+
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
         argv = self.cgroups.enter_argv(ref.id, init=True) if self.cgroups else []
@@ -231,12 +287,14 @@ class BubblewrapBackend(Backend):
         argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
         if spec.network == "none":
             argv.append("--unshare-net")
-        argv += ["--as-pid-1", "--new-session", "--clearenv", *self.system_args]
+        argv += ["--as-pid-1", "--new-session", "--clearenv", *self._system(ref)]
         argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
         for bind in self.config.extra_binds:
             argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
         ends_at = int(ref.data.get("ends_at") or time.time() + spec.ttl_s)
-        argv += ["--remount-ro", "/", "--chdir", "/", "--info-fd", "{info_fd}"]
+        if not self._layered(spec):  # the system is read-only, unless it is the sandbox's own layer
+            argv += ["--remount-ro", "/"]
+        argv += ["--chdir", "/", "--info-fd", "{info_fd}"]
         return argv + ["--", INIT_SHELL, "-c", INIT_SCRIPT, "init", str(ends_at)]
 
     # -- execute -------------------------------------------------------------------------
@@ -291,13 +349,20 @@ class BubblewrapBackend(Backend):
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
-        argv += drop_caps(self.setpriv)
+        host = _host_tool if spec.template is not None else _as_is  # a template has not our tools: run the host's
+        argv += host(drop_caps(self.setpriv)[0]) + drop_caps(self.setpriv)[1:]
         env = {**BASE_ENV, **spec.env, **request.env}
-        argv += [self.env, "-i", "--", *(f"{k}={v}" for k, v in env.items())]
-        argv += [self.prlimit, *_limits(spec, None if background else request.timeout_s), "--"]
+        argv += [*host(self.env), "-i", "--", *(f"{k}={v}" for k, v in env.items())]
+        argv += [*host(self.prlimit), *_limits(spec, None if background else request.timeout_s), "--"]
         if background:  # its own process group, so kill_process signals it and what it started
-            argv.append(self.setsid)
-        return argv + [SHELL, "-c", request.command]
+            argv += host(self.setsid)
+        return argv + [self._shell(spec), "-c", request.command]
+
+    def _shell(self, spec: SandboxSpec) -> str:
+        if spec.template is None:
+            return SHELL
+        # The template's own shell: bash if it has one (checked in the rootfs, as the sandbox sees it).
+        return "/bin/bash" if os.path.lexists(self._rootfs(spec.template) / "bin" / "bash") else "/bin/sh"
 
     # -- background processes --------------------------------------------------------
 
@@ -468,6 +533,26 @@ class BubblewrapBackend(Backend):
     async def list(self, ref: SandboxRef, path: str, depth: int, max_entries: int) -> Listing:
         with self._root_fd(ref.id) as fd:
             return await asyncio.to_thread(hostfs.list_dir, fd, path, depth, max_entries)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+def _unmount(path: Path) -> None:
+    if os.path.ismount(path) and _LIBC.umount2(os.fsencode(path), 0) != 0:
+        _LIBC.umount2(os.fsencode(path), MNT_DETACH)  # busy: detach it now, gone when free
+
+
+def _as_is(path: str) -> list[str]:
+    return [path]
+
+
+def _host_tool(path: str) -> list[str]:
+    """Run a host binary inside a template sandbox: through the host's dynamic loader and
+    libraries, mounted read-only at /.corral/host/usr (the template's libc may differ or be absent)."""
+    real = os.path.realpath(path)
+    return [HOST_LOADER, "--library-path", HOST_LIBS, HOST_USR + real.removeprefix("/usr")]
 
 
 def _make_traversable(root: Path, uid: int) -> None:

@@ -54,6 +54,7 @@ class BubblewrapConfig(_Model):
     extra_binds: list[ExtraBind] = Field(default_factory=list)
     bwrap: str = "bwrap"
     cgroups: bool = Field(True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can")
+    templates: Path | None = Field(None, description="where registered templates (root filesystems) live; None: no templates")
 
 
 class DockerConfig(_Model):
@@ -119,6 +120,11 @@ class SandboxSettings(CoreSettings):
         description="where bubblewrap sandbox directories live; default $CORRAL_HOME/sandboxes, "
         "or /var/lib/corral/sandboxes when the server runs as root (the sandbox uid must traverse it)",
     )
+    sandbox_templates_dir: Path | None = Field(
+        None,
+        description="bubblewrap: where `corral sandbox templates add` unpacks templates (root filesystems); "
+        "default $CORRAL_HOME/templates, or /var/lib/corral/templates when run as root (the sandbox uid must traverse it)",
+    )
     sandbox_extra_binds: Annotated[list[ExtraBind], NoDecode] = Field(
         default_factory=list,
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
@@ -155,6 +161,13 @@ class SandboxSettings(CoreSettings):
         path = self.data_dir() / "sandboxes"
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
+
+    def templates_dir(self) -> Path:
+        if self.sandbox_templates_dir is not None:
+            return self.sandbox_templates_dir
+        if os.geteuid() == 0:
+            return Path("/var/lib/corral/templates")
+        return self.data_dir() / "templates"
 
     def workspaces_dir(self) -> Path:
         if self.sandbox_dir is not None:

@@ -42,6 +42,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         root=settings.workspaces_dir(),
         run_as_uid=settings.sandbox_run_as_uid,
         extra_binds=list(settings.sandbox_extra_binds),
+        templates=settings.templates_dir(),
     )
 
 
@@ -119,7 +120,7 @@ def build_server(
 def _register_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, open_world=True)
     async def provision(
-        template: Annotated[str | None, Field(description="docker image or e2b template; default from the server")] = None,
+        template: Annotated[str | None, Field(description="docker image, e2b template, or a bubblewrap template the operator registered (by name); default from the server")] = None,
         resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s: each at most the server's limit (the default)")] = None,
         env: Annotated[dict[str, str] | None, Field(description="environment variables of every command")] = None,
         network: Annotated[Literal["none", "full"], Field(description="'none' (default): no network at all")] = "none",

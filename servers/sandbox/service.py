@@ -91,6 +91,9 @@ class SandboxService:
 
     def _spec(self, template: str | None, resources: Resources, env: dict[str, str], network: str) -> SandboxSpec:
         """The operator's limits, lowered where the client asked: they are ceilings, never raised."""
+        if template is not None and (template.startswith("-") or not template.strip() or any(c.isspace() or c == "\0" for c in template)):
+            # Never a flag on a backend's command line (`docker run --privileged`), on any backend.
+            raise InvalidArgument(f"template {template!r} looks like a flag, not a name", hint="name a template or image")
         spec = self.settings.spec(template=template, env=env, network=network)
         ceilings = {**spec.model_dump(), "idle_timeout_s": self.settings.sandbox_idle_timeout_s}
         asked = resources.model_dump(exclude_none=True)
