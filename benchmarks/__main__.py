@@ -16,7 +16,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-AREAS = ["session", "forks", "postgres", "sandbox", "sandbox_scale", "credentials", "flat", "harness", "workers", "frontdoor", "tooldefs"]
+AREAS = [
+    "session",
+    "forks",
+    "postgres",
+    "sandbox",
+    "sandbox_scale",
+    "credentials",
+    "flat",
+    "harness",
+    "workers",
+    "frontdoor",
+    "tooldefs",
+]
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +51,9 @@ def main(argv: list[str]) -> int:
                 rows.append({"area": area, **{k: str(v) for k, v in row.items()}})
     print("\n| area | figure | measured | baseline (same run) | target | |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['area']} | {r.get('figure', '')} | {r.get('measured', '')} | {r.get('baseline', '')} | {r.get('target', '')} | {r.get('verdict', '')} |")
+        print(
+            f"| {r['area']} | {r.get('figure', '')} | {r.get('measured', '')} | {r.get('baseline', '')} | {r.get('target', '')} | {r.get('verdict', '')} |"
+        )
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "all.json").write_text(json.dumps({"rows": rows, "failed": failed}, indent=2))
     if failed:

@@ -29,7 +29,13 @@ def time_ms(fn: Callable[[], object], n: int, warmup: int = 5) -> list[float]:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    return {"p50": percentile(samples, 50), "p95": percentile(samples, 95), "p99": percentile(samples, 99), "mean": statistics.fmean(samples), "n": len(samples)}
+    return {
+        "p50": percentile(samples, 50),
+        "p95": percentile(samples, 95),
+        "p99": percentile(samples, 99),
+        "mean": statistics.fmean(samples),
+        "n": len(samples),
+    }
 
 
 class Table:
@@ -41,7 +47,9 @@ class Table:
 
     def add(self, figure: str, measured: str, baseline: str = "", target: str = "", ok: bool | None = None) -> None:
         verdict = "" if ok is None else ("ok" if ok else "MISSED")
-        self.rows.append({"figure": figure, "measured": measured, "baseline": baseline, "target": target, "verdict": verdict})
+        self.rows.append(
+            {"figure": figure, "measured": measured, "baseline": baseline, "target": target, "verdict": verdict}
+        )
         print(f"  {figure:<58} {measured:>16}   baseline {baseline:<22} target {target:<12} {verdict}", flush=True)
 
     def save(self, extra: dict | None = None) -> Path:

@@ -40,7 +40,9 @@ from corral.vault.policy import Credential
 
 SECRET = "sk-bench-0123456789abcdefghij"
 BODY = json.dumps({"ok": True, "items": list(range(50))}).encode()
-BIG = json.dumps({"items": [f"item-{i:06d} lorem ipsum dolor sit amet" for i in range(6000)]}).encode()[: 256 << 10]  # 256 KiB
+BIG = json.dumps({"items": [f"item-{i:06d} lorem ipsum dolor sit amet" for i in range(6000)]}).encode()[
+    : 256 << 10
+]  # 256 KiB
 MANY = 1000
 
 
@@ -92,15 +94,27 @@ async def measure(n: int, port: int, url: str, home: Path) -> dict:
     vault.set(Credential(name="bench", hosts=["127.0.0.1"], schemes=["http"], ports=[port], allow_private=True), SECRET)
     args = {"credential": "bench", "method": "GET", "url": url}
     proxy = Proxy(vault, settings)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CORRAL_HOME": str(home), "CORRAL_VAULT_BACKEND": "encrypted-file"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "CORRAL_HOME": str(home),
+        "CORRAL_VAULT_BACKEND": "encrypted-file",
+    }
     params = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env=env)
-    params_sdk = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env={**env, "CORRAL_STDIO": "sdk"})
+    params_sdk = StdioServerParameters(
+        command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env={**env, "CORRAL_STDIO": "sdk"}
+    )
 
     async def check(client):
         result = await client.call_tool("http_request", args)
         assert not result.is_error and result.structured_content["status"] == 200, result
 
-    async with httpx.AsyncClient(trust_env=False) as direct, Client(build_server(proxy)) as memory, Client(params) as stdio, Client(params_sdk) as stdio_sdk:
+    async with (
+        httpx.AsyncClient(trust_env=False) as direct,
+        Client(build_server(proxy)) as memory,
+        Client(params) as stdio,
+        Client(params_sdk) as stdio_sdk,
+    ):
 
         async def send_direct():
             (await direct.get(url, headers={"Authorization": f"Bearer {SECRET}"})).raise_for_status()
@@ -111,21 +125,29 @@ async def measure(n: int, port: int, url: str, home: Path) -> dict:
         async def floor(client):  # an MCP round trip that does no HTTP: the SDK's own cost
             assert not (await client.call_tool("list_credentials", {})).is_error
 
-        results = await interleaved(n, {
-            "direct httpx (baseline)": send_direct,
-            "Proxy.http_request (no MCP)": via_proxy_object,
-            "MCP in-memory http_request": lambda: check(memory),
-            "MCP stdio http_request": lambda: check(stdio),
-            "MCP stdio, SDK transport, http_request": lambda: check(stdio_sdk),
-            "MCP in-memory list_credentials": lambda: floor(memory),
-            "MCP stdio list_credentials": lambda: floor(stdio),
-            "MCP stdio, SDK transport, list_credentials": lambda: floor(stdio_sdk),
-        })
+        results = await interleaved(
+            n,
+            {
+                "direct httpx (baseline)": send_direct,
+                "Proxy.http_request (no MCP)": via_proxy_object,
+                "MCP in-memory http_request": lambda: check(memory),
+                "MCP stdio http_request": lambda: check(stdio),
+                "MCP stdio, SDK transport, http_request": lambda: check(stdio_sdk),
+                "MCP in-memory list_credentials": lambda: floor(memory),
+                "MCP stdio list_credentials": lambda: floor(stdio),
+                "MCP stdio, SDK transport, list_credentials": lambda: floor(stdio_sdk),
+            },
+        )
     await proxy.aclose()
 
     base = statistics.median(results["direct httpx (baseline)"])
     table = {
-        name: {"p50_ms": round(statistics.median(s), 3), "p95_ms": round(pct(s, 0.95), 3), "overhead_p50_ms": round(statistics.median(s) - base, 3), "n": len(s)}
+        name: {
+            "p50_ms": round(statistics.median(s), 3),
+            "p95_ms": round(pct(s, 0.95), 3),
+            "overhead_p50_ms": round(statistics.median(s) - base, 3),
+            "n": len(s),
+        }
         for name, s in results.items()
     }
     return table
@@ -136,14 +158,25 @@ async def scale(n: int, port: int) -> dict[str, dict[str, float]]:
     from corral.servers.credentials.proxy import Snapshot
 
     out: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as one_dir, tempfile.TemporaryDirectory(prefix="corral-bench-") as many_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="corral-bench-") as one_dir,
+        tempfile.TemporaryDirectory(prefix="corral-bench-") as many_dir,
+    ):
         vaults = {1: seeded_vault(Path(one_dir), port, 1), MANY: seeded_vault(Path(many_dir), port, MANY)}
         for size, (vault, _settings) in vaults.items():  # the reload: policies + every secret + the redactor
-            out.setdefault("vault reload (read + redactor build)", {})[size] = statistics.median(timed_sync(lambda v=vault: Snapshot.load(v), 5))
-            out.setdefault("vault read (policies + secrets)", {})[size] = statistics.median(timed_sync(lambda v=vault: v.secrets(v.list()), 5))
+            out.setdefault("vault reload (read + redactor build)", {})[size] = statistics.median(
+                timed_sync(lambda v=vault: Snapshot.load(v), 5)
+            )
+            out.setdefault("vault read (policies + secrets)", {})[size] = statistics.median(
+                timed_sync(lambda v=vault: v.secrets(v.list()), 5)
+            )
         proxies = {size: Proxy(vault, settings) for size, (vault, settings) in vaults.items()}
         big = {"credential": "bench", "method": "GET", "url": f"http://127.0.0.1:{port}/big"}
-        async with httpx.AsyncClient(trust_env=False) as direct, Client(build_server(proxies[1])) as c1, Client(build_server(proxies[MANY])) as cmany:
+        async with (
+            httpx.AsyncClient(trust_env=False) as direct,
+            Client(build_server(proxies[1])) as c1,
+            Client(build_server(proxies[MANY])) as cmany,
+        ):
             clients = {1: c1, MANY: cmany}
 
             async def get_direct():
@@ -158,7 +191,9 @@ async def scale(n: int, port: int) -> dict[str, dict[str, float]]:
                 calls[("direct httpx GET, 256 KiB (flat baseline)", size)] = get_direct
                 calls[("http_request, 256 KiB response", size)] = lambda c=client: call(c, "http_request", big)
                 calls[("list_credentials (first page)", size)] = lambda c=client: call(c, "list_credentials", {})
-                calls[("list_credentials (a page of 1)", size)] = lambda c=client: call(c, "list_credentials", {"limit": 1})  # same answer at both sizes
+                calls[("list_credentials (a page of 1)", size)] = lambda c=client: call(
+                    c, "list_credentials", {"limit": 1}
+                )  # same answer at both sizes
             samples = await interleaved(n, calls)
         for proxy in proxies.values():
             await proxy.aclose()
@@ -172,7 +207,9 @@ def seeded_vault(home: Path, port: int, size: int):
     vault, _ = open_vault(settings, None)
     base = {"hosts": ["127.0.0.1"], "schemes": ["http"], "ports": [port], "allow_private": True}
     items = [(Credential(name="bench", **base), SECRET)]
-    items += [(Credential(name=f"bulk-{i:04d}", **base), f"sk-bulk-{i:04d}-{os.urandom(12).hex()}") for i in range(size - 1)]
+    items += [
+        (Credential(name=f"bulk-{i:04d}", **base), f"sk-bulk-{i:04d}-{os.urandom(12).hex()}") for i in range(size - 1)
+    ]
     vault.set_many(items)
     return vault, settings
 
@@ -229,15 +266,38 @@ if __name__ == "__main__":
         over = table[name]["overhead_p50_ms"]
         mcp = name.startswith("MCP")
         baseline = f"direct httpx {base:.2f} ms" + (f"; SDK's stdio transport +{sdk:.2f} ms" if "stdio" in name else "")
-        rows.add(f"http_request overhead p50: {name}", f"{over:+.2f} ms", baseline, "<= 3 ms" if mcp else "", over <= 3 if mcp else None)
+        rows.add(
+            f"http_request overhead p50: {name}",
+            f"{over:+.2f} ms",
+            baseline,
+            "<= 3 ms" if mcp else "",
+            over <= 3 if mcp else None,
+        )
     print(f"\n{'with 1 vs 1,000 credentials (p50 ms)':44} {'1':>9} {'1,000':>9} {'ratio':>7}")
-    targets = {"http_request, 256 KiB response": ("<= 1.5x", lambda r, big: r <= 1.5), "list_credentials (a page of 1)": ("<= 1.5x", lambda r, big: r <= 1.5), "vault reload (read + redactor build)": ("< 50 ms", lambda r, big: big < 50),  # the build is in a worker thread
-               "vault read (policies + secrets)": ("< 50 ms", lambda r, big: big < 50)}
-    baseline_ratio = flat["direct httpx GET, 256 KiB (flat baseline)"][MANY] / flat["direct httpx GET, 256 KiB (flat baseline)"][1]
+    targets = {
+        "http_request, 256 KiB response": ("<= 1.5x", lambda r, big: r <= 1.5),
+        "list_credentials (a page of 1)": ("<= 1.5x", lambda r, big: r <= 1.5),
+        "vault reload (read + redactor build)": ("< 50 ms", lambda r, big: big < 50),  # the build is in a worker thread
+        "vault read (policies + secrets)": ("< 50 ms", lambda r, big: big < 50),
+    }
+    baseline_ratio = (
+        flat["direct httpx GET, 256 KiB (flat baseline)"][MANY] / flat["direct httpx GET, 256 KiB (flat baseline)"][1]
+    )
     for name, by_size in flat.items():
         ratio = by_size[MANY] / by_size[1]
         print(f"{name:44} {by_size[1]:9.2f} {by_size[MANY]:9.2f} {ratio:6.2f}x")
         target, check = targets.get(name, ("", None))
-        rows.add(f"{name}: 1 -> 1,000 credentials", f"{by_size[1]:.1f} -> {by_size[MANY]:.1f} ms ({ratio:.2f}x)", f"direct GET {baseline_ratio:.2f}x", target,
-                 check(ratio, by_size[MANY]) if check else None)
-    rows.save({"target_overhead_p50_ms": 3.0, "results": table, "scale_p50_ms": {k: {str(s): v for s, v in d.items()} for k, d in flat.items()}})
+        rows.add(
+            f"{name}: 1 -> 1,000 credentials",
+            f"{by_size[1]:.1f} -> {by_size[MANY]:.1f} ms ({ratio:.2f}x)",
+            f"direct GET {baseline_ratio:.2f}x",
+            target,
+            check(ratio, by_size[MANY]) if check else None,
+        )
+    rows.save(
+        {
+            "target_overhead_p50_ms": 3.0,
+            "results": table,
+            "scale_p50_ms": {k: {str(s): v for s, v in d.items()} for k, d in flat.items()},
+        }
+    )

@@ -47,15 +47,31 @@ TARGET = 1.5
 SMALL_EVENTS = 1000
 
 
-def ratio_row(table: Table, figure: str, small: float, large: float, flat: float, target: float | None = TARGET, absolute: tuple[str, bool] | None = None) -> None:
+def ratio_row(
+    table: Table,
+    figure: str,
+    small: float,
+    large: float,
+    flat: float,
+    target: float | None = TARGET,
+    absolute: tuple[str, bool] | None = None,
+) -> None:
     """One row: small -> large ms (ratio), beside the flat operation's ratio."""
     ratio = large / small
     if absolute is not None:
-        table.add(figure, f"{small:.2f} -> {large:.2f} ms ({ratio:.2f}x)", f"flat op {flat:.2f}x", absolute[0], absolute[1])
+        table.add(
+            figure, f"{small:.2f} -> {large:.2f} ms ({ratio:.2f}x)", f"flat op {flat:.2f}x", absolute[0], absolute[1]
+        )
     elif target is None:
         table.add(figure, f"{small:.2f} -> {large:.2f} ms ({ratio:.2f}x)", f"flat op {flat:.2f}x")
     else:
-        table.add(figure, f"{small:.2f} -> {large:.2f} ms ({ratio:.2f}x)", f"flat op {flat:.2f}x", f"<= {target}x", ratio <= target)
+        table.add(
+            figure,
+            f"{small:.2f} -> {large:.2f} ms ({ratio:.2f}x)",
+            f"flat op {flat:.2f}x",
+            f"<= {target}x",
+            ratio <= target,
+        )
 
 
 # -- credentials ---------------------------------------------------------------------------
@@ -93,7 +109,11 @@ def bench_forks(table: Table, label: str, store: EventStore, depth: int, n: int)
     flat = base_large / base_small
     for op, small, large in tools:
         ratio_row(table, f"forks ({label}): {op}, depth 1 vs {depth:,}", small, large, flat)
-    table.add(f"forks ({label}): {base_name.removeprefix('baseline: ')}, 1k vs 100k events", f"{base_small:.2f} -> {base_large:.2f} ms ({flat:.2f}x)", "(the flat op)")
+    table.add(
+        f"forks ({label}): {base_name.removeprefix('baseline: ')}, 1k vs 100k events",
+        f"{base_small:.2f} -> {base_large:.2f} ms ({flat:.2f}x)",
+        "(the flat op)",
+    )
 
 
 # -- the viewer's first screen ------------------------------------------------------------
@@ -110,7 +130,9 @@ def viewer(store: EventStore) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -139,7 +161,10 @@ def bench_viewer(table: Table, events: int, n: int) -> None:
             for size in (SMALL_EVENTS, events):
                 sizes[size] = store.create({"bench": f"viewer {size}"}).session_id
                 forks.fill(store, sizes[size], size, chunk=20_000)
-            print(f"  (viewer: built sessions of {SMALL_EVENTS:,} and {events:,} events in {time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  (viewer: built sessions of {SMALL_EVENTS:,} and {events:,} events in {time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
             with viewer(store) as base, httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
                 calls = {}
                 for size, sid in sizes.items():
@@ -152,8 +177,18 @@ def bench_viewer(table: Table, events: int, n: int) -> None:
     flat = p50[("page HTML", events)] / p50[("page HTML", SMALL_EVENTS)]
     small, large = p50[("first screen", SMALL_EVENTS)], p50[("first screen", events)]
     ratio_row(table, f"viewer: first screen (HTML + tail), {SMALL_EVENTS:,} vs {events:,} events", small, large, flat)
-    table.add(f"viewer: first screen of {events:,} events", f"{large:.1f} ms", f"{SMALL_EVENTS:,} events {small:.1f} ms", "< 1000 ms", large < 1000)
-    table.add(f"viewer: page HTML, {SMALL_EVENTS:,} vs {events:,} events", f"{p50[('page HTML', SMALL_EVENTS)]:.2f} -> {p50[('page HTML', events)]:.2f} ms ({flat:.2f}x)", "(the flat op)")
+    table.add(
+        f"viewer: first screen of {events:,} events",
+        f"{large:.1f} ms",
+        f"{SMALL_EVENTS:,} events {small:.1f} ms",
+        "< 1000 ms",
+        large < 1000,
+    )
+    table.add(
+        f"viewer: page HTML, {SMALL_EVENTS:,} vs {events:,} events",
+        f"{p50[('page HTML', SMALL_EVENTS)]:.2f} -> {p50[('page HTML', events)]:.2f} ms ({flat:.2f}x)",
+        "(the flat op)",
+    )
 
 
 def interleaved(calls: dict, n: int) -> dict:
@@ -195,20 +230,28 @@ def main() -> None:
     parser.add_argument("-n", "--n", type=int, default=30, help="samples per operation and size")
     parser.add_argument("--depth", type=int, default=1000, help="the deep end of the fork chain")
     parser.add_argument("--events", type=int, default=1_000_000, help="the large viewer session")
-    parser.add_argument("--url", default=forks.DEFAULT_URL, help="a PostgreSQL database (a throwaway schema is made in it)")
+    parser.add_argument(
+        "--url", default=forks.DEFAULT_URL, help="a PostgreSQL database (a throwaway schema is made in it)"
+    )
     parser.add_argument("--no-postgres", action="store_true", help="fork depth on SQLite only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the table
     table = Table("flat")
-    print(f"flat costs (issue 15): p50 of {args.n} samples at a small and a large size, beside a flat operation's ratio")
+    print(
+        f"flat costs (issue 15): p50 of {args.n} samples at a small and a large size, beside a flat operation's ratio"
+    )
     bench_credentials(table, args.n)
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as d:
-        forks.with_store(lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench_forks(table, "SQLite", s, args.depth, args.n))
+        forks.with_store(
+            lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench_forks(table, "SQLite", s, args.depth, args.n)
+        )
     if not args.no_postgres:
         with forks.postgres_schema(args.url) as url:
             if url is not None:
-                forks.with_store(lambda: open_store(url), lambda s: bench_forks(table, "PostgreSQL", s, args.depth, args.n))
+                forks.with_store(
+                    lambda: open_store(url), lambda s: bench_forks(table, "PostgreSQL", s, args.depth, args.n)
+                )
     bench_viewer(table, args.events, args.n)
     bench_sandboxes(table, args.n)
     print(f"  -> {table.save()}")

@@ -48,7 +48,9 @@ def chain(store: EventStore, depth: int) -> dict[int, str]:
     for level in range(1, depth + 1):
         sid = store.fork(sid, store.get(sid).length).session_id
         measured = level in (1, depth)  # a measured session's newest events are its own, at any depth
-        store.append(sid, [NewEvent(type="bench.own", data={"level": level}) for _ in range(20 if measured else PER_FORK)])
+        store.append(
+            sid, [NewEvent(type="bench.own", data={"level": level}) for _ in range(20 if measured else PER_FORK)]
+        )
         if measured:
             at[level] = sid
     return at
@@ -67,7 +69,9 @@ def calls(sid: str) -> dict[str, tuple[str, dict]]:
     }
 
 
-async def time_pair(client, store: EventStore, small: tuple[str, dict], large: tuple[str, dict], n: int) -> tuple[float, float]:
+async def time_pair(
+    client, store: EventStore, small: tuple[str, dict], large: tuple[str, dict], n: int
+) -> tuple[float, float]:
     """p50 ms of the same tool at the two sizes, called in turn (A B A B ...) so that drift hits both alike."""
     samples: tuple[list[float], list[float]] = ([], [])
     for i in range(n + 5):
@@ -82,7 +86,9 @@ async def time_pair(client, store: EventStore, small: tuple[str, dict], large: t
     return summary(samples[0])["p50"], summary(samples[1])["p50"]
 
 
-def measure(store: EventStore, sessions: dict[int, str], flat: dict[str, str], n: int) -> list[tuple[str, float, float]]:
+def measure(
+    store: EventStore, sessions: dict[int, str], flat: dict[str, str], n: int
+) -> list[tuple[str, float, float]]:
     """(operation, p50 ms at the small size, p50 ms at the large size)."""
     from mcp.client import Client
 
@@ -95,7 +101,12 @@ def measure(store: EventStore, sessions: dict[int, str], flat: dict[str, str], n
             for op in small:
                 out.append((op, *await time_pair(client, store, small[op], large[op], n)))
             plain = [("slice", {"session_id": flat[k], "start": 500, "end": 600}) for k in ("1k", "100k")]
-            out.append(("baseline: slice [500, 600) of a plain session", *await time_pair(client, store, plain[0], plain[1], n)))
+            out.append(
+                (
+                    "baseline: slice [500, 600) of a plain session",
+                    *await time_pair(client, store, plain[0], plain[1], n),
+                )
+            )
         return out
 
     return anyio.run(run)
@@ -108,7 +119,13 @@ def report(table: Table, label: str, depth: int, rows: list[tuple[str, float, fl
         if op.startswith("baseline"):
             table.add(f"{label}: {op} 100k vs 1k events", f"{ratio:.2f}x", f"{small:.2f} -> {large:.2f} ms")
         else:
-            table.add(f"{label}: {op} depth {depth} vs 1", f"{ratio:.2f}x", f"{small:.2f} -> {large:.2f} ms; flat op {baseline:.2f}x", f"<= {TARGET}x", ratio <= TARGET)
+            table.add(
+                f"{label}: {op} depth {depth} vs 1",
+                f"{ratio:.2f}x",
+                f"{small:.2f} -> {large:.2f} ms; flat op {baseline:.2f}x",
+                f"<= {TARGET}x",
+                ratio <= TARGET,
+            )
 
 
 def bench(table: Table, label: str, store: EventStore, depth: int, n: int) -> None:
@@ -118,7 +135,10 @@ def bench(table: Table, label: str, store: EventStore, depth: int, n: int) -> No
     for key, size in (("1k", 1000), ("100k", 100_000)):
         flat[key] = store.create({"bench": key}).session_id
         fill(store, flat[key], size)
-    print(f"  ({label}: built a {depth}-deep fork chain and the plain sessions in {time.perf_counter() - started:.1f} s)", flush=True)
+    print(
+        f"  ({label}: built a {depth}-deep fork chain and the plain sessions in {time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
     report(table, label, depth, measure(store, sessions, flat, n))
 
 
@@ -154,13 +174,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=1000, help="the deep end of the fork chain")
     parser.add_argument("-n", type=int, default=100, help="calls timed per tool and size")
-    parser.add_argument("--url", default=os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_URL), help="a PostgreSQL database (a throwaway schema is made in it)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_URL),
+        help="a PostgreSQL database (a throwaway schema is made in it)",
+    )
     parser.add_argument("--no-postgres", action="store_true", help="measure SQLite only")
     args = parser.parse_args()
     table = Table("forks")
-    print(f"session tools by fork depth (1 vs {args.depth}), through an in-memory MCP client; p50 of {args.n} calls each")
+    print(
+        f"session tools by fork depth (1 vs {args.depth}), through an in-memory MCP client; p50 of {args.n} calls each"
+    )
     with tempfile.TemporaryDirectory() as d:
-        with_store(lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench(table, "SQLite", s, args.depth, args.n))
+        with_store(
+            lambda: open_store(str(Path(d) / "forks.db")), lambda s: bench(table, "SQLite", s, args.depth, args.n)
+        )
     if not args.no_postgres:
         with postgres_schema(args.url) as url:
             if url is not None:

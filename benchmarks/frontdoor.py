@@ -54,7 +54,13 @@ def startup_s(home: Path, n: int) -> tuple[list[float], list[float]]:
         subprocess.run([CORRAL, "--version"], env=env, capture_output=True, check=True, timeout=60)
         bare.append(time.perf_counter() - t)
         t = time.perf_counter()
-        proc = subprocess.Popen([CORRAL, "up", "--port", str(free_port())], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [CORRAL, "up", "--port", str(free_port())],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("Press Ctrl-C"):
@@ -97,21 +103,35 @@ def main() -> None:
         home = Path(d)
         print("corral up (noisy: a shared 2-core machine)")
         ups, bare = startup_s(home / "up", args.starts)
-        table.add("corral up: spawn -> banner (3 servers health-checked), p50", f"{summary(ups)['p50']:.2f} s", f"corral --version {summary(bare)['p50']:.2f} s")
+        table.add(
+            "corral up: spawn -> banner (3 servers health-checked), p50",
+            f"{summary(ups)['p50']:.2f} s",
+            f"corral --version {summary(bare)['p50']:.2f} s",
+        )
 
         store = open_store(str(home / "bench.db"))
         sid = store.create({}).session_id
         guarded_port, bare_port, token = free_port(), free_port(), "t" * 43
-        guarded = serve_in_thread(http_app({"session": build_server(store)}, host="127.0.0.1", port=guarded_port, token=token), guarded_port)
-        plain_app = build_server(store).streamable_http_app(transport_security=transport_security("127.0.0.1", bare_port))
+        guarded = serve_in_thread(
+            http_app({"session": build_server(store)}, host="127.0.0.1", port=guarded_port, token=token), guarded_port
+        )
+        plain_app = build_server(store).streamable_http_app(
+            transport_security=transport_security("127.0.0.1", bare_port)
+        )
         plain = serve_in_thread(plain_app, bare_port)
         through: list[float] = []
         direct: list[float] = []
         for _ in range(3):  # interleaved rounds, so drift in the machine's load hits both alike
-            through += anyio.run(call_latency_ms, f"http://127.0.0.1:{guarded_port}/session/mcp", token, sid, args.calls // 3)
+            through += anyio.run(
+                call_latency_ms, f"http://127.0.0.1:{guarded_port}/session/mcp", token, sid, args.calls // 3
+            )
             direct += anyio.run(call_latency_ms, f"http://127.0.0.1:{bare_port}/mcp", None, sid, args.calls // 3)
         for p in ("p50", "p95"):
-            table.add(f"get_session over HTTP through corral's door: {p}", f"{summary(through)[p]:.2f} ms", f"bare SDK app {summary(direct)[p]:.2f} ms")
+            table.add(
+                f"get_session over HTTP through corral's door: {p}",
+                f"{summary(through)[p]:.2f} ms",
+                f"bare SDK app {summary(direct)[p]:.2f} ms",
+            )
         guarded.should_exit = plain.should_exit = True
         time.sleep(0.5)
         store.close()

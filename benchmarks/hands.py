@@ -41,9 +41,7 @@ from corral.servers.sandbox.config import SandboxSettings
 CPU: dict[str, float] = {}
 
 
-def bare_bwrap_argv(
-    backend: BubblewrapBackend, ref: SandboxRef, command: str = "true"
-) -> list[str]:
+def bare_bwrap_argv(backend: BubblewrapBackend, ref: SandboxRef, command: str = "true") -> list[str]:
     """A one-shot `bwrap` with the sandbox's own recipe (what every execute cost before live sandboxes)."""
     argv = backend._init_argv(ref)
     if backend.cgroups is not None:  # a bare spawn: no cgroup to join
@@ -76,26 +74,16 @@ async def timed_call(c: Client, tool: str, args: dict) -> tuple[float, dict]:
     return (time.perf_counter() - start) * 1000, result.structured_content
 
 
-async def live_vs_bare(
-    settings: SandboxSettings, env: dict[str, str], n: int
-) -> tuple[list[float], list[float]]:
+async def live_vs_bare(settings: SandboxSettings, env: dict[str, str], n: int) -> tuple[list[float], list[float]]:
     async with Client(stdio_params(env)) as c:
         sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
-        await c.call_tool(
-            "execute", {"sandbox_id": sid, "command": "true"}
-        )  # the init starts here
+        await c.call_tool("execute", {"sandbox_id": sid, "command": "true"})  # the init starts here
         service = service_for(settings)
         ref = service.registry.get(sid).ref
         bare = bare_bwrap_argv(service.backend, ref)
         live, raw = [], []
         for _ in range(n):  # interleaved: load from others hits both alike
-            live.append(
-                (
-                    await timed_call(
-                        c, "execute", {"sandbox_id": sid, "command": "true"}
-                    )
-                )[0]
-            )
+            live.append((await timed_call(c, "execute", {"sandbox_id": sid, "command": "true"}))[0])
             raw.append(await spawn(bare, {}))
         # CPU per call, which the load of others does not inflate: the server (+ what it ran) vs a bare spawn.
         start = server_cpu_ms()
@@ -156,16 +144,10 @@ async def background_first_line(env: dict[str, str], n: int) -> list[float]:
                     "background": True,
                 },
             )
-            while not (
-                await timed_call(
-                    c, "process_output", {"process_id": started["process_id"]}
-                )
-            )[1]["stdout"]:
+            while not (await timed_call(c, "process_output", {"process_id": started["process_id"]}))[1]["stdout"]:
                 pass
             times.append((time.perf_counter() - start) * 1000)
-            await c.call_tool(
-                "kill_process", {"process_id": started["process_id"], "signal": "KILL"}
-            )
+            await c.call_tool("kill_process", {"process_id": started["process_id"], "signal": "KILL"})
         await c.call_tool("destroy", {"sandbox_id": sid})
     return times
 
@@ -177,10 +159,7 @@ def rss_kb(pid: int, private: bool = False) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         return 0
-    fields = dict(
-        line.split(":", 1)
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
-    )
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
     return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
 
 
@@ -206,10 +185,7 @@ async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
     fetch = "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/', timeout=20).status)\""
     async with Client(stdio_params(env)) as c:
         start = time.perf_counter()
-        ids = [
-            (await c.call_tool("provision", {})).structured_content["sandbox_id"]
-            for _ in range(count)
-        ]
+        ids = [(await c.call_tool("provision", {})).structured_content["sandbox_id"] for _ in range(count)]
         for sid in ids:
             r = await c.call_tool(
                 "execute",
@@ -224,9 +200,7 @@ async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
 
         async def answers(sid: str) -> bool:
             for _ in range(100):  # the servers may still be importing
-                r = await c.call_tool(
-                    "execute", {"sandbox_id": sid, "command": fetch, "timeout_s": 60}
-                )
+                r = await c.call_tool("execute", {"sandbox_id": sid, "command": fetch, "timeout_s": 60})
                 if not r.is_error and r.structured_content["stdout"] == "200\n":
                     return True
                 await asyncio.sleep(0.2)
@@ -240,9 +214,7 @@ async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="samples per latency figure")
     parser.add_argument("--only-template", action="store_true", help="only the template figure and its baseline")
     parser.add_argument(
@@ -254,11 +226,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    sandbox_dir = (
-        Path("/var/lib/corral/bench-sandboxes")
-        if os.geteuid() == 0
-        else work / "sandboxes"
-    )
+    sandbox_dir = Path("/var/lib/corral/bench-sandboxes") if os.geteuid() == 0 else work / "sandboxes"
     templates_dir = Path("/var/lib/corral/bench-templates") if os.geteuid() == 0 else work / "templates"
     shutil.rmtree(templates_dir, ignore_errors=True)
     settings = SandboxSettings(home=work / "home", sandbox_dir=sandbox_dir, sandbox_templates_dir=templates_dir)
@@ -339,9 +307,7 @@ async def main() -> None:
         servers["ok"] == servers["count"],
     )
     table.save({"load_average": os.getloadavg(), "servers": servers})
-    print(
-        f"\nload average during the run: {os.getloadavg()} (2 cores shared; numbers are noisy)"
-    )
+    print(f"\nload average during the run: {os.getloadavg()} (2 cores shared; numbers are noisy)")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,15 @@ from corral.servers.session import open_store
 from tests.harness.conftest import settings_from
 from tests.harness.fake_anthropic import FakeAnthropic, Fault, Script, Turn, text, tool
 
-TOOLS = [{"name": f"sandbox__tool{i}", "description": "a tool " * 20, "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
-          "annotations": {"read_only": i % 2 == 0, "idempotent": False, "destructive": False}} for i in range(8)]
+TOOLS = [
+    {
+        "name": f"sandbox__tool{i}",
+        "description": "a tool " * 20,
+        "input_schema": {"type": "object", "properties": {"x": {"type": "string"}}},
+        "annotations": {"read_only": i % 2 == 0, "idempotent": False, "destructive": False},
+    }
+    for i in range(8)
+]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -59,9 +66,8 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
 
 
-
-
 # -- 1. wake on 10,000 events -----------------------------------------------------------
+
 
 def build_long_session(store_path: Path, n_events: int, *, compact_every: int | None, with_tools: bool) -> str:
     """A session as a long task leaves it: turns of (text, tool_use, span, tool_result), a
@@ -69,7 +75,10 @@ def build_long_session(store_path: Path, n_events: int, *, compact_every: int | 
     store = open_store(str(store_path))
     try:
         sid = store.create({"task": "bench"}).session_id
-        head = [ev("session.status", status="running", writer="hrn_x"), ev("user.message", text="WAKE-BENCH: a long task")]
+        head = [
+            ev("session.status", status="running", writer="hrn_x"),
+            ev("user.message", text="WAKE-BENCH: a long task"),
+        ]
         if with_tools:
             head.append(ev("session.tools", tools=TOOLS, system="You are a benchmark agent."))
         store.append(sid, head)
@@ -77,15 +86,36 @@ def build_long_session(store_path: Path, n_events: int, *, compact_every: int | 
         last_compaction = 0
         while pos + len(batch) < n_events:
             p = pos + len(batch)
-            if compact_every and p - last_compaction >= compact_every and batch and batch[-1].type == "agent.tool_result":
-                batch.append(ev("context.compacted", start=0, end=p - 4, summary="WAKE-BENCH summary of the work so far " * 40, todo=None))
+            if (
+                compact_every
+                and p - last_compaction >= compact_every
+                and batch
+                and batch[-1].type == "agent.tool_result"
+            ):
+                batch.append(
+                    ev(
+                        "context.compacted",
+                        start=0,
+                        end=p - 4,
+                        summary="WAKE-BENCH summary of the work so far " * 40,
+                        todo=None,
+                    )
+                )
                 last_compaction = p
                 continue
             mid, tid = f"msg_{turn}", f"toolu_{turn}"
-            batch += [ev("agent.message", message_id=mid, text=f"thinking about step {turn} " * 8),
-                      ev("agent.tool_use", message_id=mid, id=tid, name=f"sandbox__tool{turn % 8}", input={"x": "y" * 100}),
-                      ev("span.model_request", message_id=mid, purpose="turn", usage={"input_tokens": 10}),
-                      ev("agent.tool_result", tool_use_id=tid, name=f"sandbox__tool{turn % 8}", content=[{"type": "text", "text": "out " * 120}], is_error=False)]
+            batch += [
+                ev("agent.message", message_id=mid, text=f"thinking about step {turn} " * 8),
+                ev("agent.tool_use", message_id=mid, id=tid, name=f"sandbox__tool{turn % 8}", input={"x": "y" * 100}),
+                ev("span.model_request", message_id=mid, purpose="turn", usage={"input_tokens": 10}),
+                ev(
+                    "agent.tool_result",
+                    tool_use_id=tid,
+                    name=f"sandbox__tool{turn % 8}",
+                    content=[{"type": "text", "text": "out " * 120}],
+                    is_error=False,
+                ),
+            ]
             turn += 1
             if len(batch) >= 400:
                 pos += len(store.append(sid, batch))
@@ -119,7 +149,13 @@ def harness_work(db: Path, sid: str) -> float:
         defs = [ToolDef.from_record(t).api() for t in log.tools.data["tools"]]
         messages = build_messages(log.compaction, log.tail)
         estimate_tokens(log.tools.data["system"], defs, messages)
-        json.dumps({"system": system_blocks(log.tools.data["system"]), "tools": defs, "messages": with_cache_breakpoints(messages)})
+        json.dumps(
+            {
+                "system": system_blocks(log.tools.data["system"]),
+                "tools": defs,
+                "messages": with_cache_breakpoints(messages),
+            }
+        )
         return (time.perf_counter() - started) * 1000
     finally:
         store.close()
@@ -128,15 +164,28 @@ def harness_work(db: Path, sid: str) -> float:
 def cli_wake_to_first_request(env: dict[str, str], sid: str) -> float:
     with FakeAnthropic(Script({"WAKE-BENCH": [lambda body: Turn([text("ok")])] * 100000})) as fake:
         started = time.time()
-        subprocess.run([sys.executable, "-m", "corral.cli", "wake", sid], env={**env, **fake.env()}, cwd=ROOT, capture_output=True, timeout=300, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "corral.cli", "wake", sid],
+            env={**env, **fake.env()},
+            cwd=ROOT,
+            capture_output=True,
+            timeout=300,
+            check=True,
+        )
         return (fake.requests[0].received - started) * 1000
 
 
 def bench_wake(env: dict[str, str], trials: int) -> dict[str, Any]:
     db = Path(env["CORRAL_HOME"]) / "sessions.db"
-    rows: dict[str, list[float]] = {"recorded tools (in-process)": [], "of which: read log + build request": [],
-                                    "no recorded tools: waits for servers": [], "`corral wake` process": []}
-    anyio.run(wake_to_first_request, env, build_long_session(db, 10_000, compact_every=1000, with_tools=True))  # warm-up: imports
+    rows: dict[str, list[float]] = {
+        "recorded tools (in-process)": [],
+        "of which: read log + build request": [],
+        "no recorded tools: waits for servers": [],
+        "`corral wake` process": [],
+    }
+    anyio.run(
+        wake_to_first_request, env, build_long_session(db, 10_000, compact_every=1000, with_tools=True)
+    )  # warm-up: imports
     for _ in range(trials):
         sid = build_long_session(db, 10_000, compact_every=1000, with_tools=True)
         rows["of which: read log + build request"].append(harness_work(db, sid))
@@ -156,6 +205,7 @@ def bench_wake(env: dict[str, str], trials: int) -> dict[str, Any]:
 
 
 # -- 2. TTFT lazy vs eager on Docker ---------------------------------------------------------
+
 
 class FirstToken(NullView):
     def __init__(self) -> None:
@@ -180,8 +230,14 @@ def start_sandbox_server(env: dict[str, str], backend: str) -> tuple[subprocess.
     e = {**env, "CORRAL_SANDBOX_BACKEND": backend}
     if backend == "docker":
         e["CORRAL_SANDBOX_IMAGE"] = "corral-sandbox-test:latest"
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "sandbox", "--http", f"127.0.0.1:{port}"], env=e, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
+        env=e,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -214,7 +270,13 @@ def token(env: dict[str, str]) -> str:
 async def ttft(env: dict[str, str], url: str, eager: bool, delay_s: float) -> float:
     view = FirstToken()
     with FakeAnthropic(Script({"TTFT-BENCH": [Turn([text("hello from the model")])]}), delay_s=delay_s) as fake:
-        e = {**env, **fake.env(), "CORRAL_SERVERS": "sandbox", "CORRAL_SANDBOX_URL": url, "CORRAL_SERVER_TOKEN": token(env)}
+        e = {
+            **env,
+            **fake.env(),
+            "CORRAL_SERVERS": "sandbox",
+            "CORRAL_SANDBOX_URL": url,
+            "CORRAL_SERVER_TOKEN": token(env),
+        }
         started = time.time()
         await run_session(settings_from(e, eager_sandbox=eager), task="TTFT-BENCH", session_id=None, view=view, env=e)
     assert view.at is not None
@@ -222,7 +284,11 @@ async def ttft(env: dict[str, str], url: str, eager: bool, delay_s: float) -> fl
 
 
 def bench_ttft(env: dict[str, str], trials: int, delay_s: float) -> dict[str, Any]:
-    backend = "docker" if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0 else "bubblewrap"
+    backend = (
+        "docker"
+        if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+        else "bubblewrap"
+    )
     proc, url = start_sandbox_server(env, backend)
     lazy: list[float] = []
     eager: list[float] = []
@@ -245,26 +311,43 @@ def bench_ttft(env: dict[str, str], trials: int, delay_s: float) -> dict[str, An
 
 # -- 3. cache hit rate --------------------------------------------------------------------
 
+
 def bench_cache(env: dict[str, str]) -> dict[str, Any]:
     turns = [Turn([tool("todo", {"items": [{"text": "step", "status": "in_progress"}]})])]
-    turns += [Turn([text(f"step {i} " * 30), tool("todo", {"items": [{"text": f"step {i}", "status": "in_progress"}]})]) for i in range(10)]
+    turns += [
+        Turn([text(f"step {i} " * 30), tool("todo", {"items": [{"text": f"step {i}", "status": "in_progress"}]})])
+        for i in range(10)
+    ]
     turns.append(Turn([text("done")]))
     with FakeAnthropic(Script({"CACHE-BENCH": turns})) as fake:
         e = {**env, **fake.env(), "CORRAL_SERVERS": ""}
-        out = anyio.run(lambda: run_session(settings_from(e), task="CACHE-BENCH", session_id=None, view=NullView(), env=e))
+        out = anyio.run(
+            lambda: run_session(settings_from(e), task="CACHE-BENCH", session_id=None, view=NullView(), env=e)
+        )
     store = open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
     try:
         spans = [x.data for x in store.select(out.session_id, types=["span.model_request"])]
     finally:
         store.close()
     rates = [s["cache_hit_rate"] for s in spans]
-    return {"turns": len(rates), "first_turn": rates[0], "steady_state_mean": round(statistics.mean(rates[2:]), 3), "min_steady": min(rates[2:])}
+    return {
+        "turns": len(rates),
+        "first_turn": rates[0],
+        "steady_state_mean": round(statistics.mean(rates[2:]), 3),
+        "min_steady": min(rates[2:]),
+    }
 
 
 # -- 4. what a broken response costs ----------------------------------------------------
 
-FAULTS = {"stall": Fault("stall", stall_s=600.0), "drop": Fault("drop"), "error_event (overloaded)": Fault("error_event"),
-          "no message_stop": Fault("no_message_stop"), "invalid tool JSON": Fault("bad_json"), "max_tokens in tool call": None}
+FAULTS = {
+    "stall": Fault("stall", stall_s=600.0),
+    "drop": Fault("drop"),
+    "error_event (overloaded)": Fault("error_event"),
+    "no message_stop": Fault("no_message_stop"),
+    "invalid tool JSON": Fault("bad_json"),
+    "max_tokens in tool call": None,
+}
 
 
 def broken_run_s(env: dict[str, str], name: str | None) -> float:
@@ -296,10 +379,19 @@ def main() -> int:
     sandbox_dir = Path(tempfile.gettempdir()) / "corral-test-sandboxes" / uuid.uuid4().hex[:12]
     sandbox_dir.parent.mkdir(mode=0o711, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "ANTHROPIC_"))}
-    env.update(CORRAL_HOME=str(home), CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(sandbox_dir), PYTHONPATH=str(ROOT))
+    env.update(
+        CORRAL_HOME=str(home),
+        CORRAL_VAULT_BACKEND="encrypted-file",
+        CORRAL_SANDBOX_DIR=str(sandbox_dir),
+        PYTHONPATH=str(ROOT),
+    )
     try:
-        results = {"wake_10k_events": bench_wake(env, args.trials), "ttft_new_session": bench_ttft(env, args.trials, args.delay_ms / 1000),
-                   "cache_hit_rate": bench_cache(env), "broken_response_s": bench_faults(env)}
+        results = {
+            "wake_10k_events": bench_wake(env, args.trials),
+            "ttft_new_session": bench_ttft(env, args.trials, args.delay_ms / 1000),
+            "cache_hit_rate": bench_cache(env),
+            "broken_response_s": bench_faults(env),
+        }
     finally:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
@@ -309,19 +401,56 @@ def main() -> int:
     table = Table("harness")
     wake = results["wake_10k_events"]
     rec = wake["recorded tools (in-process)"]
-    table.add("wake 10k-event session -> first model request: p50", f"{rec['p50_ms']:.0f} ms", f"no recorded tools {wake['no recorded tools: waits for servers']['p50_ms']:.0f} ms", "<= 150 ms", rec["p50_ms"] <= 150)
-    table.add("wake 10k-event session -> first model request: p95", f"{rec['p95_ms']:.0f} ms", f"no recorded tools {wake['no recorded tools: waits for servers']['p95_ms']:.0f} ms", "<= 150 ms", rec["p95_ms"] <= 150)
+    table.add(
+        "wake 10k-event session -> first model request: p50",
+        f"{rec['p50_ms']:.0f} ms",
+        f"no recorded tools {wake['no recorded tools: waits for servers']['p50_ms']:.0f} ms",
+        "<= 150 ms",
+        rec["p50_ms"] <= 150,
+    )
+    table.add(
+        "wake 10k-event session -> first model request: p95",
+        f"{rec['p95_ms']:.0f} ms",
+        f"no recorded tools {wake['no recorded tools: waits for servers']['p95_ms']:.0f} ms",
+        "<= 150 ms",
+        rec["p95_ms"] <= 150,
+    )
     proc = wake["`corral wake` process"]
-    table.add("`corral wake` as a new process -> first request: p50", f"{proc['p50_ms']:.0f} ms", "interpreter + imports included")
+    table.add(
+        "`corral wake` as a new process -> first request: p50",
+        f"{proc['p50_ms']:.0f} ms",
+        "interpreter + imports included",
+    )
     tt = results["ttft_new_session"]
-    table.add(f"TTFT new session, lazy vs eager ({tt['backend']}): p50", f"{tt['lazy']['p50_ms']:.0f} ms (-{tt['p50_reduction']:.0%})", f"eager {tt['eager']['p50_ms']:.0f} ms", ">= 60% lower", tt["p50_reduction"] >= 0.6)
-    table.add(f"TTFT new session, lazy vs eager ({tt['backend']}): p95", f"{tt['lazy']['p95_ms']:.0f} ms (-{tt['p95_reduction']:.0%})", f"eager {tt['eager']['p95_ms']:.0f} ms", ">= 90% lower", tt["p95_reduction"] >= 0.9)
+    table.add(
+        f"TTFT new session, lazy vs eager ({tt['backend']}): p50",
+        f"{tt['lazy']['p50_ms']:.0f} ms (-{tt['p50_reduction']:.0%})",
+        f"eager {tt['eager']['p50_ms']:.0f} ms",
+        ">= 60% lower",
+        tt["p50_reduction"] >= 0.6,
+    )
+    table.add(
+        f"TTFT new session, lazy vs eager ({tt['backend']}): p95",
+        f"{tt['lazy']['p95_ms']:.0f} ms (-{tt['p95_reduction']:.0%})",
+        f"eager {tt['eager']['p95_ms']:.0f} ms",
+        ">= 90% lower",
+        tt["p95_reduction"] >= 0.9,
+    )
     c = results["cache_hit_rate"]
-    table.add("prompt-cache hit rate, steady-state turns", f"{c['steady_state_mean']:.0%} (min {c['min_steady']:.0%})", f"first turn {c['first_turn']:.0%}")
+    table.add(
+        "prompt-cache hit rate, steady-state turns",
+        f"{c['steady_state_mean']:.0%} (min {c['min_steady']:.0%})",
+        f"first turn {c['first_turn']:.0%}",
+    )
     f = results["broken_response_s"]
     for name in FAULTS:
         target = "~ idle timeout 90 s + 1 s backoff" if name == "stall" else "~ 1 s backoff"
-        table.add(f"task with one broken response: {name}", f"{f[name]:.1f} s (+{f[name] - f['unbroken_s']:.1f} s)", f"unbroken {f['unbroken_s']:.1f} s", target)
+        table.add(
+            f"task with one broken response: {name}",
+            f"{f[name]:.1f} s (+{f[name] - f['unbroken_s']:.1f} s)",
+            f"unbroken {f['unbroken_s']:.1f} s",
+            target,
+        )
     table.save(results)
     return 0
 
@@ -334,15 +463,32 @@ def print_table(r: dict[str, Any]) -> None:
     for col in ("figure", "p50 ms", "p95 ms", "n", "note"):
         t.add_column(col)
     for name, v in r["wake_10k_events"].items():
-        note = "target <= 150 ms" if name.startswith("recorded") else ("context" if name.startswith(("python", "of which")) else "baseline")
+        note = (
+            "target <= 150 ms"
+            if name.startswith("recorded")
+            else ("context" if name.startswith(("python", "of which")) else "baseline")
+        )
         t.add_row(f"wake 10k events -> first request: {name}", str(v["p50_ms"]), str(v["p95_ms"]), str(v["n"]), note)
     tt = r["ttft_new_session"]
     for name in ("lazy", "eager"):
         v = tt[name]
-        t.add_row(f"TTFT new session, {name} ({tt['backend']}, delay {tt['response_delay_ms']:.0f} ms)", str(v["p50_ms"]), str(v["p95_ms"]), str(v["n"]),
-                  "baseline" if name == "eager" else f"p50 -{tt['p50_reduction']:.0%}, p95 -{tt['p95_reduction']:.0%} (target 60%/90%)")
+        t.add_row(
+            f"TTFT new session, {name} ({tt['backend']}, delay {tt['response_delay_ms']:.0f} ms)",
+            str(v["p50_ms"]),
+            str(v["p95_ms"]),
+            str(v["n"]),
+            "baseline"
+            if name == "eager"
+            else f"p50 -{tt['p50_reduction']:.0%}, p95 -{tt['p95_reduction']:.0%} (target 60%/90%)",
+        )
     c = r["cache_hit_rate"]
-    t.add_row("cache hit rate, steady-state turns", f"{c['steady_state_mean']:.0%}", f"min {c['min_steady']:.0%}", str(c["turns"]), f"first turn {c['first_turn']:.0%}")
+    t.add_row(
+        "cache hit rate, steady-state turns",
+        f"{c['steady_state_mean']:.0%}",
+        f"min {c['min_steady']:.0%}",
+        str(c["turns"]),
+        f"first turn {c['first_turn']:.0%}",
+    )
     Console().print(t)
 
 

@@ -53,15 +53,29 @@ def appends(table: Table, pg_url: str, tmp: Path, n: int) -> None:
 
     samples: dict[str, list[float]] = {"pg": [], "sqlite": [], "raw": []}
     for i in range(n + 20):
-        for key, call in (("pg", lambda: pg.append(pg_sid, event)), ("sqlite", lambda: lite.append(lite_sid, event)), ("raw", lambda i=i: raw_one(i))):
+        for key, call in (
+            ("pg", lambda: pg.append(pg_sid, event)),
+            ("sqlite", lambda: lite.append(lite_sid, event)),
+            ("raw", lambda i=i: raw_one(i)),
+        ):
             t = time.perf_counter()
             call()
             if i >= 20:  # warm-up
                 samples[key].append((time.perf_counter() - t) * 1000)
     pg.close(), lite.close(), raw.close()
     mine, sq, bare = (summary(samples[k]) for k in ("pg", "sqlite", "raw"))
-    table.add("PostgreSQL append 1 event: p50", f"{mine['p50']:.3f} ms", f"sqlite {sq['p50']:.3f}, raw pg {bare['p50']:.3f} ms")
-    table.add("PostgreSQL append 1 event: p99", f"{mine['p99']:.3f} ms", f"sqlite {sq['p99']:.3f}, raw pg {bare['p99']:.3f} ms", "<= 10 ms", mine["p99"] <= 10)
+    table.add(
+        "PostgreSQL append 1 event: p50",
+        f"{mine['p50']:.3f} ms",
+        f"sqlite {sq['p50']:.3f}, raw pg {bare['p50']:.3f} ms",
+    )
+    table.add(
+        "PostgreSQL append 1 event: p99",
+        f"{mine['p99']:.3f} ms",
+        f"sqlite {sq['p99']:.3f}, raw pg {bare['p99']:.3f} ms",
+        "<= 10 ms",
+        mine["p99"] <= 10,
+    )
 
 
 def batches(table: Table, pg_url: str, tmp: Path) -> None:
@@ -76,7 +90,11 @@ def batches(table: Table, pg_url: str, tmp: Path) -> None:
             store.append(sid, batch)
         rates[label] = 20 * 500 / (time.perf_counter() - t)
         store.close()
-    table.add("PostgreSQL batched appends (500 per append)", f"{rates['postgres']:,.0f} ev/s", f"sqlite {rates['sqlite']:,.0f} ev/s")
+    table.add(
+        "PostgreSQL batched appends (500 per append)",
+        f"{rates['postgres']:,.0f} ev/s",
+        f"sqlite {rates['sqlite']:,.0f} ev/s",
+    )
 
 
 def fill(url: str, sid: str, n: int) -> None:
@@ -104,20 +122,28 @@ def slices(table: Table, pg_url: str, tmp: Path, big: int) -> None:
     rng = random.Random(7)
     got = {}
     for label, (sid, n) in sids.items():
+
         def one(sid: str = sid, n: int = n) -> None:
             start = rng.randrange(0, n - 100)
             assert len(store.select(sid, gte=start, lt=start + 100)) == 100
+
         got[label] = summary(time_ms(one, 300))
     store.close()
     small, large = got["1k"], got["big"]
     name = f"PostgreSQL slice 100 events in a {big:,}-event session"
     table.add(f"{name}: p50", f"{large['p50']:.3f} ms", f"1k session {small['p50']:.3f} ms")
-    table.add(f"{name}: p99", f"{large['p99']:.3f} ms", f"1k session {small['p99']:.3f} ms", "<= 10 ms", large["p99"] <= 10)
+    table.add(
+        f"{name}: p99", f"{large['p99']:.3f} ms", f"1k session {small['p99']:.3f} ms", "<= 10 ms", large["p99"] <= 10
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_URL), help="a PostgreSQL database to use (a throwaway schema is made in it)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_URL),
+        help="a PostgreSQL database to use (a throwaway schema is made in it)",
+    )
     parser.add_argument("--big", type=int, default=1_000_000, help="events in the large session")
     parser.add_argument("-n", type=int, default=2000, help="appends timed per store")
     args = parser.parse_args()
@@ -126,10 +152,14 @@ def main() -> None:
         with psycopg.connect(args.url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
     except psycopg.OperationalError as err:
-        sys.exit(f"postgres benchmark: no server at {args.url}: {' '.join(str(err).split())} (source .ci/services.sh && start_postgres)")
+        sys.exit(
+            f"postgres benchmark: no server at {args.url}: {' '.join(str(err).split())} (source .ci/services.sh && start_postgres)"
+        )
     url = with_schema(args.url, schema)
     table = Table("postgres")
-    print(f"session log on PostgreSQL ({args.url.split('@')[-1]}, schema {schema}) vs SQLite; a shared machine: numbers are noisy")
+    print(
+        f"session log on PostgreSQL ({args.url.split('@')[-1]}, schema {schema}) vs SQLite; a shared machine: numbers are noisy"
+    )
     try:
         with tempfile.TemporaryDirectory() as d:
             appends(table, url, Path(d), args.n)

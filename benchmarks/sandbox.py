@@ -118,7 +118,9 @@ def stdio_params(env: dict[str, str]) -> StdioServerParameters:
     return StdioServerParameters(command=corral, args=["serve", "sandbox"], env=env)
 
 
-async def mcp_vs_raw(settings: SandboxSettings, env: dict[str, str], n: int) -> tuple[list[float], list[float], list[float]]:
+async def mcp_vs_raw(
+    settings: SandboxSettings, env: dict[str, str], n: int
+) -> tuple[list[float], list[float], list[float]]:
     """execute via MCP stdio vs raw bwrap; also the same server on the SDK's stdio transport (SDK dict)."""
     async with Client(stdio_params(env)) as c, Client(stdio_params({**env, "CORRAL_STDIO": "sdk"})) as c_sdk:
         sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
@@ -137,7 +139,9 @@ async def mcp_vs_raw(settings: SandboxSettings, env: dict[str, str], n: int) -> 
             await timed(c, "execute", {"sandbox_id": sid, "command": "true"}, mcp_times)
             raw_times += await raw_bwrap(service, sid, 1)
             await timed(c_sdk, "list_sandboxes", {}, sdk_floor)
-            await timed(c_sdk, "execute", {"sandbox_id": sid, "command": "true"}, sdk_times)  # one registry: the same sandbox
+            await timed(
+                c_sdk, "execute", {"sandbox_id": sid, "command": "true"}, sdk_times
+            )  # one registry: the same sandbox
         SDK["execute_ms"], SDK["floor_ms"] = statistics.median(sdk_times), statistics.median(sdk_floor)
         # CPU per call (load-independent): MCP = the server process (+ bwrap); raw = us + bwrap.
         start_server, start_client = server_cpu_ms(), self_cpu_ms()
@@ -168,11 +172,20 @@ async def concurrent(env: dict[str, str], count: int) -> dict[str, float]:
         for sid in ids:
             await c.call_tool("destroy", {"sandbox_id": sid})
     lat = [t for _, t in results]
-    return {"ok": sum(ok for ok, _ in results), "count": count, "throughput_per_s": count / wall, "p95_ms": pct(lat, 95), "wall_s": wall}
+    return {
+        "ok": sum(ok for ok, _ in results),
+        "count": count,
+        "throughput_per_s": count / wall,
+        "p95_ms": pct(lat, 95),
+        "wall_s": wall,
+    }
 
 
 async def docker_first_execute(settings: SandboxSettings, n: int) -> list[float] | None:
-    if shutil.which("docker") is None or subprocess.run(["docker", "image", "inspect", DOCKER_TEST_IMAGE], capture_output=True).returncode:
+    if (
+        shutil.which("docker") is None
+        or subprocess.run(["docker", "image", "inspect", DOCKER_TEST_IMAGE], capture_output=True).returncode
+    ):
         return None
     service = service_for(settings, make_backend(DockerConfig(image=DOCKER_TEST_IMAGE)))
     return await provision_first_execute(service, n)
@@ -211,9 +224,16 @@ async def main() -> None:
         "execute_raw_bwrap_ms": {"p50": statistics.median(raw_t)},
         "mcp_overhead_p50_ms": statistics.median(mcp_t) - statistics.median(raw_t),
         "mcp_round_trip_floor_p50_ms": statistics.median(floor_t),
-        "sdk_stdio_transport_ms": {"execute_p50": SDK["execute_ms"], "overhead_p50": SDK["execute_ms"] - statistics.median(raw_t), "floor_p50": SDK["floor_ms"]},
+        "sdk_stdio_transport_ms": {
+            "execute_p50": SDK["execute_ms"],
+            "overhead_p50": SDK["execute_ms"] - statistics.median(raw_t),
+            "floor_p50": SDK["floor_ms"],
+        },
         "execute_cpu_ms": {
-            "server_mcp_stdio": CPU["mcp"], "raw_bwrap": CPU["raw"], "overhead": CPU["mcp"] - CPU["raw"], "client": CPU["client"]
+            "server_mcp_stdio": CPU["mcp"],
+            "raw_bwrap": CPU["raw"],
+            "overhead": CPU["mcp"] - CPU["raw"],
+            "client": CPU["client"],
         },
         "concurrent_50": conc,
         "docker_provision_first_execute_ms": {"p50": statistics.median(docker), "n": len(docker)} if docker else None,
@@ -221,29 +241,100 @@ async def main() -> None:
     }
     print("| figure | measured | baseline |\n|---|---|---|")
     b = results["bwrap_provision_first_execute_ms"]
-    print(row("bwrap provision + first execute `true`, p50 / p99", f"{b['p50']:.1f} / {b['p99']:.1f} ms", "E2B published 440 ms p50; target <=25/<=60"))
-    print(row("  CPU time it costs (server + bwrap + bash), p50", f"{results['bwrap_provision_first_execute_cpu_ms']['p50']:.1f} ms", "wall time minus waiting for a core"))
-    print(row("execute `true` via MCP stdio, p50", f"{results['execute_mcp_stdio_ms']['p50']:.1f} ms", f"raw bwrap from Python {results['execute_raw_bwrap_ms']['p50']:.1f} ms"))
+    print(
+        row(
+            "bwrap provision + first execute `true`, p50 / p99",
+            f"{b['p50']:.1f} / {b['p99']:.1f} ms",
+            "E2B published 440 ms p50; target <=25/<=60",
+        )
+    )
+    print(
+        row(
+            "  CPU time it costs (server + bwrap + bash), p50",
+            f"{results['bwrap_provision_first_execute_cpu_ms']['p50']:.1f} ms",
+            "wall time minus waiting for a core",
+        )
+    )
+    print(
+        row(
+            "execute `true` via MCP stdio, p50",
+            f"{results['execute_mcp_stdio_ms']['p50']:.1f} ms",
+            f"raw bwrap from Python {results['execute_raw_bwrap_ms']['p50']:.1f} ms",
+        )
+    )
     print(row("MCP server overhead, p50", f"{results['mcp_overhead_p50_ms']:.1f} ms", "target <= 5 ms"))
     cpu = results["execute_cpu_ms"]
-    print(row("server overhead in CPU time per execute", f"{cpu['overhead']:.1f} ms", f"server {cpu['server_mcp_stdio']:.1f} ms vs raw {cpu['raw_bwrap']:.1f} ms"))
+    print(
+        row(
+            "server overhead in CPU time per execute",
+            f"{cpu['overhead']:.1f} ms",
+            f"server {cpu['server_mcp_stdio']:.1f} ms vs raw {cpu['raw_bwrap']:.1f} ms",
+        )
+    )
     print(row("  (the MCP client's own CPU per call)", f"{cpu['client']:.1f} ms", "not the server's"))
-    print(row("  of which: a stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", "list_sandboxes round trip"))
+    print(
+        row(
+            "  of which: a stdio tool call that spawns nothing, p50",
+            f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms",
+            "list_sandboxes round trip",
+        )
+    )
     sdk = results["sdk_stdio_transport_ms"]
-    print(row("  the same on the SDK's stdio transport: overhead / floor", f"{sdk['overhead_p50']:.1f} / {sdk['floor_p50']:.1f} ms", "CORRAL_STDIO=sdk"))
-    print(row("50 sandboxes executing at once: ok / throughput / p95", f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms", "all 50 must succeed"))
+    print(
+        row(
+            "  the same on the SDK's stdio transport: overhead / floor",
+            f"{sdk['overhead_p50']:.1f} / {sdk['floor_p50']:.1f} ms",
+            "CORRAL_STDIO=sdk",
+        )
+    )
+    print(
+        row(
+            "50 sandboxes executing at once: ok / throughput / p95",
+            f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms",
+            "all 50 must succeed",
+        )
+    )
     if docker:
-        print(row("docker provision + first execute, p50", f"{statistics.median(docker):.0f} ms", "bwrap above; E2B 440 ms"))
+        print(
+            row(
+                "docker provision + first execute, p50",
+                f"{statistics.median(docker):.0f} ms",
+                "bwrap above; E2B 440 ms",
+            )
+        )
     print(f"\nload average during the run: {results['load_average']} (2 cores shared; numbers are noisy)")
     table = Table("sandbox")
-    table.add("bwrap provision + first execute `true`: p50", f"{b['p50']:.1f} ms", f"E2B published {E2B_PUBLISHED_P50_MS:.0f} ms", "<= 25 ms", b["p50"] <= 25)
+    table.add(
+        "bwrap provision + first execute `true`: p50",
+        f"{b['p50']:.1f} ms",
+        f"E2B published {E2B_PUBLISHED_P50_MS:.0f} ms",
+        "<= 25 ms",
+        b["p50"] <= 25,
+    )
     table.add("bwrap provision + first execute `true`: p99", f"{b['p99']:.1f} ms", "", "<= 60 ms", b["p99"] <= 60)
-    table.add("execute `true` via MCP stdio vs raw bwrap: overhead p50", f"{results['mcp_overhead_p50_ms']:.1f} ms",
-              f"raw {results['execute_raw_bwrap_ms']['p50']:.1f} ms, MCP {results['execute_mcp_stdio_ms']['p50']:.1f} ms; SDK's stdio transport +{sdk['overhead_p50']:.1f} ms", "<= 5 ms", results["mcp_overhead_p50_ms"] <= 5)
-    table.add("  stdio tool call that spawns nothing, p50", f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms", f"SDK's stdio transport {sdk['floor_p50']:.1f} ms")
-    table.add("50 sandboxes at once: ok, throughput, p95", f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms", "", "all succeed", conc["ok"] == 50)
+    table.add(
+        "execute `true` via MCP stdio vs raw bwrap: overhead p50",
+        f"{results['mcp_overhead_p50_ms']:.1f} ms",
+        f"raw {results['execute_raw_bwrap_ms']['p50']:.1f} ms, MCP {results['execute_mcp_stdio_ms']['p50']:.1f} ms; SDK's stdio transport +{sdk['overhead_p50']:.1f} ms",
+        "<= 5 ms",
+        results["mcp_overhead_p50_ms"] <= 5,
+    )
+    table.add(
+        "  stdio tool call that spawns nothing, p50",
+        f"{results['mcp_round_trip_floor_p50_ms']:.1f} ms",
+        f"SDK's stdio transport {sdk['floor_p50']:.1f} ms",
+    )
+    table.add(
+        "50 sandboxes at once: ok, throughput, p95",
+        f"{conc['ok']}/50, {conc['throughput_per_s']:.0f}/s, {conc['p95_ms']:.0f} ms",
+        "",
+        "all succeed",
+        conc["ok"] == 50,
+    )
     if docker:
-        table.add("docker provision + first execute: p50", f"{statistics.median(docker):.0f} ms", f"bwrap {b['p50']:.1f} ms")
+        table.add(
+            "docker provision + first execute: p50", f"{statistics.median(docker):.0f} ms", f"bwrap {b['p50']:.1f} ms"
+        )
     table.save(results)
 
 

@@ -84,7 +84,12 @@ async def measure(n: int) -> dict[str, dict[str, float]]:
             sweep, stall = await sweep_with_ticker(built[1][1])
     return {
         "small": {"first_page_ms": pages[0], "destroy_destroyed_ms": lookups[0]},
-        "large": {"first_page_ms": pages[1], "destroy_destroyed_ms": lookups[1], "sweep_ms": sweep, "loop_stall_ms": stall},
+        "large": {
+            "first_page_ms": pages[1],
+            "destroy_destroyed_ms": lookups[1],
+            "sweep_ms": sweep,
+            "loop_stall_ms": stall,
+        },
     }
 
 

@@ -48,10 +48,20 @@ def appends(table: Table, tmp: Path) -> None:
     for sync in ("NORMAL", "FULL"):
         store = open_store(str(tmp / f"append-{sync}.db"), synchronous=sync)
         sid = store.create().session_id
-        mine = summary(time_ms(lambda store=store, sid=sid: store.append(sid, [NewEvent(type="bench.append", data=PAYLOAD)]), 2000))
+        mine = summary(
+            time_ms(lambda store=store, sid=sid: store.append(sid, [NewEvent(type="bench.append", data=PAYLOAD)]), 2000)
+        )
         base = summary(raw_sqlite_append(tmp / f"raw-{sync}.db", sync, 2000))
-        table.add(f"append 1 event, synchronous={sync}: p50", f"{mine['p50']:.3f} ms", f"raw sqlite {base['p50']:.3f} ms")
-        table.add(f"append 1 event, synchronous={sync}: p99", f"{mine['p99']:.3f} ms", f"raw sqlite {base['p99']:.3f} ms", "<= 2 ms", mine["p99"] <= 2 if sync == "NORMAL" else None)
+        table.add(
+            f"append 1 event, synchronous={sync}: p50", f"{mine['p50']:.3f} ms", f"raw sqlite {base['p50']:.3f} ms"
+        )
+        table.add(
+            f"append 1 event, synchronous={sync}: p99",
+            f"{mine['p99']:.3f} ms",
+            f"raw sqlite {base['p99']:.3f} ms",
+            "<= 2 ms",
+            mine["p99"] <= 2 if sync == "NORMAL" else None,
+        )
         store.close()
     store = open_store(str(tmp / "batch.db"))
     sid = store.create().session_id
@@ -70,7 +80,13 @@ def appends(table: Table, tmp: Path) -> None:
         db.executemany("INSERT INTO e VALUES ('s', ?, ?)", ((b * 500 + i, data) for i in range(500)))
         db.execute("COMMIT")
     raw_rate = 40 * 500 / (time.perf_counter() - t)
-    table.add("batched appends (500 per append)", f"{rate:,.0f} ev/s", f"raw sqlite {raw_rate:,.0f} ev/s", ">= 20,000/s", rate >= 20000)
+    table.add(
+        "batched appends (500 per append)",
+        f"{rate:,.0f} ev/s",
+        f"raw sqlite {raw_rate:,.0f} ev/s",
+        ">= 20,000/s",
+        rate >= 20000,
+    )
     store.close()
 
 
@@ -82,13 +98,17 @@ def slices(table: Table, tmp: Path, big: int) -> None:
     t = time.perf_counter()
     chunk = 10000
     for start in range(0, big, chunk):
-        store.append(big_sid, [NewEvent(type="bench.fill", data={"i": i}) for i in range(start, min(big, start + chunk))])
+        store.append(
+            big_sid, [NewEvent(type="bench.fill", data={"i": i}) for i in range(start, min(big, start + chunk))]
+        )
     print(f"  (filled a {big:,}-event session in {time.perf_counter() - t:.1f} s)", flush=True)
     rng = random.Random(7)
     for sid, length, label in ((small_sid, 1000, "1k"), (big_sid, big, f"{big // 1000}k")):
+
         def one(sid=sid, length=length) -> None:
             start = rng.randrange(0, length - 100)
             assert len(store.select(sid, gte=start, lt=start + 100)) == 100
+
         s = summary(time_ms(one, 300))
         table.rows.append({"figure": f"slice 100 @ {label}", "p50": f"{s['p50']:.3f}", "p99": f"{s['p99']:.3f}"})
         yield label, s
@@ -106,9 +126,11 @@ def mcp_overhead(table: Table, tmp: Path) -> None:
 
     async def measure() -> tuple[dict, dict]:
         async with Client(build_server(store)) as client:
+
             async def via_mcp() -> None:
                 result = await client.call_tool("get_events", {"session_id": sid, "after": 499, "limit": 10})
                 assert not result.is_error
+
             samples = []
             for i in range(520):
                 t = time.perf_counter()
@@ -120,7 +142,9 @@ def mcp_overhead(table: Table, tmp: Path) -> None:
 
     mcp, direct = anyio.run(measure)
     overhead = mcp["p50"] - direct["p50"]
-    table.add("get_events(10) via in-memory MCP client: p50", f"{mcp['p50']:.3f} ms", f"direct store {direct['p50']:.3f} ms")
+    table.add(
+        "get_events(10) via in-memory MCP client: p50", f"{mcp['p50']:.3f} ms", f"direct store {direct['p50']:.3f} ms"
+    )
     table.add("MCP overhead over the direct call: p50", f"{overhead:.3f} ms", "", "<= 2 ms", overhead <= 2)
     store.close()
 
@@ -137,8 +161,20 @@ def main() -> None:
         results = dict(slices(table, tmp, args.big))
         small, large = results["1k"], results[f"{args.big // 1000}k"]
         table.rows = [r for r in table.rows if not r["figure"].startswith("slice")]
-        table.add(f"slice 100 events in a {args.big:,}-event session: p50", f"{large['p50']:.3f} ms", f"1k session {small['p50']:.3f} ms", "<= 5 ms", large["p99"] <= 5)
-        table.add(f"slice 100 events in a {args.big:,}-event session: p99", f"{large['p99']:.3f} ms", f"1k session {small['p99']:.3f} ms", "<= 5 ms", large["p99"] <= 5)
+        table.add(
+            f"slice 100 events in a {args.big:,}-event session: p50",
+            f"{large['p50']:.3f} ms",
+            f"1k session {small['p50']:.3f} ms",
+            "<= 5 ms",
+            large["p99"] <= 5,
+        )
+        table.add(
+            f"slice 100 events in a {args.big:,}-event session: p99",
+            f"{large['p99']:.3f} ms",
+            f"1k session {small['p99']:.3f} ms",
+            "<= 5 ms",
+            large["p99"] <= 5,
+        )
         mcp_overhead(table, tmp)
     print(f"  -> {table.save()}")
 

@@ -54,9 +54,15 @@ def main() -> None:
         sizes = {}
         for name in SERVERS:
             n, sizes[name] = anyio.run(definitions, CORRAL, ["serve", name], env)
-            table.add(f"tools/list of corral {name}: {n} tools", f"{sizes[name]:,} B (~{sizes[name] // 4:,} tok)", baseline)
+            table.add(
+                f"tools/list of corral {name}: {n} tools", f"{sizes[name]:,} B (~{sizes[name] // 4:,} tok)", baseline
+            )
         brain = sizes["sandbox"] + sizes["credentials"]
-        table.add("sandbox + credentials (`mcp-config --servers sandbox,credentials`)", f"{brain:,} B (~{brain // 4:,} tok)", baseline)
+        table.add(
+            "sandbox + credentials (`mcp-config --servers sandbox,credentials`)",
+            f"{brain:,} B (~{brain // 4:,} tok)",
+            baseline,
+        )
     table.save()
 
 

@@ -70,7 +70,12 @@ def pickup_once(url: str, tmp: Path, lease: float) -> float:
             time.sleep(0.5)
             killed_at = victim.signal(signal.SIGKILL)
             mine = f"pid{victim.pid}"
-            taken = wait_until("the session taken over", lambda: next((t for _, w, t in steps(store, sid) if w != mine), None), timeout=lease + 30, every=0.02)
+            taken = wait_until(
+                "the session taken over",
+                lambda: next((t for _, w, t in steps(store, sid) if w != mine), None),
+                timeout=lease + 30,
+                every=0.02,
+            )
             return float(taken) - killed_at  # type: ignore[arg-type]
         finally:
             for w in pool:
@@ -79,9 +84,16 @@ def pickup_once(url: str, tmp: Path, lease: float) -> float:
 
 
 def script(n: int) -> Script:
-    return Script({f"BENCH-{i:03d}:": [Turn([text("go"), tool("toolbox__slow", {"seconds": 0.1})]), Turn([tool("toolbox__count_lines", {})]), Turn([text(f"done {i}")])] for i in range(n)})
-
-
+    return Script(
+        {
+            f"BENCH-{i:03d}:": [
+                Turn([text("go"), tool("toolbox__slow", {"seconds": 0.1})]),
+                Turn([tool("toolbox__count_lines", {})]),
+                Turn([text(f"done {i}")]),
+            ]
+            for i in range(n)
+        }
+    )
 
 
 def all_idle(store: EventStore, sids: list[str]) -> bool:
@@ -92,7 +104,17 @@ def throughput(url: str, tmp: Path, workers: int, sessions: int, lease: float) -
     """Sessions per minute, from submitting them to the last one idle (workers already up)."""
     with fresh_schema(url) as schema_url, FakeAnthropic(script(sessions), delay_s=0.3) as fake:
         store = open_store(schema_url)
-        pool = [Worker(schema_url, f"w{k}", tmp, lease=lease, body="corral.harness.pool_body:harness_body", env=harness_env(tmp, fake, f"{workers}-{k}")) for k in range(workers)]
+        pool = [
+            Worker(
+                schema_url,
+                f"w{k}",
+                tmp,
+                lease=lease,
+                body="corral.harness.pool_body:harness_body",
+                env=harness_env(tmp, fake, f"{workers}-{k}"),
+            )
+            for k in range(workers)
+        ]
         try:
             for w in pool:
                 wait_until(f"{w.name} up", lambda w=w: f"corral worker {w.name}" in w.log(), timeout=60)
@@ -133,7 +155,11 @@ def fault_recovery(table: Table, tmp: Path, lease: float, runs: int) -> dict[str
     try:
         for fault, label in (("restart", "PostgreSQL restarted (-m fast)"), ("stop20", "PostgreSQL stopped for 20 s")):
             found[fault] = [recovery_once(cluster, tmp, lease, fault) for _ in range(runs)]
-            table.add(f"{label}: first step after its return (worst of {runs})", f"{max(found[fault]):.2f} s", f"lease {lease:g} s")
+            table.add(
+                f"{label}: first step after its return (worst of {runs})",
+                f"{max(found[fault]):.2f} s",
+                f"lease {lease:g} s",
+            )
     finally:
         if cluster.running():
             cluster.stop()
@@ -151,19 +177,36 @@ def main() -> None:
     try:
         psycopg.connect(args.url, connect_timeout=5).close()
     except psycopg.OperationalError as err:
-        sys.exit(f"workers benchmark: no PostgreSQL at {args.url}: {' '.join(str(err).split())} (source .ci/services.sh && start_postgres)")
+        sys.exit(
+            f"workers benchmark: no PostgreSQL at {args.url}: {' '.join(str(err).split())} (source .ci/services.sh && start_postgres)"
+        )
     table = Table("workers")
     print(f"worker pool on PostgreSQL, lease {args.lease:g} s; a shared 2-core machine: numbers are noisy")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         pickups = [pickup_once(args.url, tmp, args.lease) for _ in range(args.pickups)]
         worst = max(pickups)
-        table.add(f"killed worker's session picked up (median of {len(pickups)})", f"{statistics.median(pickups):.2f} s", f"lease {args.lease:g} s")
-        table.add(f"killed worker's session picked up (worst of {len(pickups)})", f"{worst:.2f} s", f"lease {args.lease:g} s", f"<= {args.lease + 2:g} s", worst <= args.lease + 2)
+        table.add(
+            f"killed worker's session picked up (median of {len(pickups)})",
+            f"{statistics.median(pickups):.2f} s",
+            f"lease {args.lease:g} s",
+        )
+        table.add(
+            f"killed worker's session picked up (worst of {len(pickups)})",
+            f"{worst:.2f} s",
+            f"lease {args.lease:g} s",
+            f"<= {args.lease + 2:g} s",
+            worst <= args.lease + 2,
+        )
         rates = {}
         for n in (1, 2, 4):
             rates[n] = throughput(args.url, tmp, n, args.sessions, args.lease)
-            table.add(f"throughput, {n} worker{'s' if n > 1 else ''} ({args.sessions} scripted sessions)", f"{rates[n]:.1f} sess/min", f"1 worker {rates[1]:.1f} sess/min", f"x{rates[n] / rates[1]:.2f}")
+            table.add(
+                f"throughput, {n} worker{'s' if n > 1 else ''} ({args.sessions} scripted sessions)",
+                f"{rates[n]:.1f} sess/min",
+                f"1 worker {rates[1]:.1f} sess/min",
+                f"x{rates[n] / rates[1]:.2f}",
+            )
         recovery = fault_recovery(table, tmp, args.lease, args.faults) if args.faults else {}
     print("  curve: " + "  ".join(f"{n} workers {r:.1f}/min" for n, r in rates.items()))
     print(f"  -> {table.save({'pickups_s': pickups, 'throughput_per_min': rates, 'fault_recovery_s': recovery})}")

@@ -45,7 +45,9 @@ def _read(path: Path) -> str:
         path.chmod(0o600)
     token = path.read_text().strip()
     if len(token) < 16:
-        raise InvalidArgument(f"the token in {path} is empty or too short", hint=f"delete {path}; a new one is made on the next start")
+        raise InvalidArgument(
+            f"the token in {path} is empty or too short", hint=f"delete {path}; a new one is made on the next start"
+        )
     return token
 
 

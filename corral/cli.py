@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the last line of defence: one line, never a traceback
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             raise
-        print(f"corral: unexpected {type(err).__name__}: {err} (set CORRAL_LOG_LEVEL=DEBUG for details)", file=sys.stderr)
+        print(
+            f"corral: unexpected {type(err).__name__}: {err} (set CORRAL_LOG_LEVEL=DEBUG for details)", file=sys.stderr
+        )
         return 1
 
 

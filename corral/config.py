@@ -26,11 +26,16 @@ class CoreSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
 
-    home: Path = Field(default_factory=default_home, description="data dir: session DB, sandboxes, vault files, audit log, token")
+    home: Path = Field(
+        default_factory=default_home, description="data dir: session DB, sandboxes, vault files, audit log, token"
+    )
     log_level: LogLevel = Field(
         "WARNING", description="log level of every command (DEBUG also shows the traceback of an unexpected error)"
     )
-    stdio: Literal["pipes", "sdk"] = Field("pipes", description="stdio transport of `corral serve`: ours over non-blocking pipes, or the SDK's (a thread hop per message)")
+    stdio: Literal["pipes", "sdk"] = Field(
+        "pipes",
+        description="stdio transport of `corral serve`: ours over non-blocking pipes, or the SDK's (a thread hop per message)",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -76,4 +76,6 @@ class Unavailable(CorralError, ConnectionError):
     default_hint = "retry later"
 
 
-KINDS = {cls.kind: cls for cls in (InvalidArgument, NotFound, Conflict, PolicyDenied, Timeout, SandboxLost, Unavailable)}
+KINDS = {
+    cls.kind: cls for cls in (InvalidArgument, NotFound, Conflict, PolicyDenied, Timeout, SandboxLost, Unavailable)
+}

@@ -31,7 +31,14 @@ from corral.auth import load_or_create_token
 from corral.errors import InvalidArgument, Unavailable
 from corral.frontdoor import SERVER_MODULES, UpSettings
 
-__all__ = ["auth_header_command", "claude_code_commands", "desktop_config_path", "merge_desktop_config", "register", "server_entries"]
+__all__ = [
+    "auth_header_command",
+    "claude_code_commands",
+    "desktop_config_path",
+    "merge_desktop_config",
+    "register",
+    "server_entries",
+]
 
 PREFIX = "corral-"
 # Settings that a launched server must see to use the same data dir and backends as
@@ -41,18 +48,49 @@ CLAUDE_TIMEOUT_S = 60
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("mcp-config", help="print (or apply) the MCP client configuration for this install", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("client", choices=["claude-desktop", "claude-code", "json", "auth-header"],
-                   help="which client's format (auth-header: print the bearer header as JSON, for a client's headersHelper)")
-    p.add_argument("--http", action="store_true", help="point at `corral up` (URL + bearer token) instead of launching stdio servers")
-    p.add_argument("--apply", action="store_true", help="write it: merge into Claude Desktop's config file, or run `claude mcp add`")
+    p = sub.add_parser(
+        "mcp-config",
+        help="print (or apply) the MCP client configuration for this install",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "client",
+        choices=["claude-desktop", "claude-code", "json", "auth-header"],
+        help="which client's format (auth-header: print the bearer header as JSON, for a client's headersHelper)",
+    )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="point at `corral up` (URL + bearer token) instead of launching stdio servers",
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="write it: merge into Claude Desktop's config file, or run `claude mcp add`",
+    )
     p.add_argument("--config-file", type=Path, help="Claude Desktop config file (default: the platform's usual place)")
-    p.add_argument("--scope", choices=["local", "project", "user"], default="user", help="Claude Code scope for --apply (default: user)")
-    p.add_argument("--port", type=int, help="with --http: the port of `corral up` (default: the running one's, else $CORRAL_UP_PORT)")
-    p.add_argument("--servers", default=",".join(SERVER_MODULES),
-                   help=f"comma-separated servers to register (default: {','.join(SERVER_MODULES)})")
-    p.add_argument("--check", action="store_true", help="with --http: say, per server, whether a client can connect, and if not why")
+    p.add_argument(
+        "--scope",
+        choices=["local", "project", "user"],
+        default="user",
+        help="Claude Code scope for --apply (default: user)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        help="with --http: the port of `corral up` (default: the running one's, else $CORRAL_UP_PORT)",
+    )
+    p.add_argument(
+        "--servers",
+        default=",".join(SERVER_MODULES),
+        help=f"comma-separated servers to register (default: {','.join(SERVER_MODULES)})",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --http: say, per server, whether a client can connect, and if not why",
+    )
     p.set_defaults(func=_main)
 
 
@@ -61,7 +99,10 @@ def server_list(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in SERVER_MODULES]
     if unknown or not names:
-        raise InvalidArgument(f"unknown server(s) {', '.join(unknown) or '(none)'} in --servers", hint=f"choose from {','.join(SERVER_MODULES)}")
+        raise InvalidArgument(
+            f"unknown server(s) {', '.join(unknown) or '(none)'} in --servers",
+            hint=f"choose from {','.join(SERVER_MODULES)}",
+        )
     return names
 
 
@@ -97,10 +138,14 @@ def passed_env(environ: dict[str, str], *, expands: bool, warn: Callable[[str], 
             env[name] = value
         elif expands:
             env[name] = f"${{{name}}}"
-            warn(f"{name} holds a password: the config refers to it as ${{{name}}}; set {name} where the client runs (or use ~/.pgpass)")
+            warn(
+                f"{name} holds a password: the config refers to it as ${{{name}}}; set {name} where the client runs (or use ~/.pgpass)"
+            )
         else:
             env[name] = _without_password(value)
-            warn(f"{name} holds a password, which this client's config file would keep in plain text: left it out; put it in ~/.pgpass (chmod 600)")
+            warn(
+                f"{name} holds a password, which this client's config file would keep in plain text: left it out; put it in ~/.pgpass (chmod 600)"
+            )
     return env
 
 
@@ -128,11 +173,19 @@ def auth_header_command(home: Path) -> str:
 
 def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The servers at `base` (`corral up`) as HTTP entries carrying the bearer token."""
-    return {PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}} for n in names}
+    return {
+        PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}}
+        for n in names
+    }
 
 
 def server_entries(
-    *, http: bool, settings: UpSettings, env: dict[str, str], names: Iterable[str] = SERVER_MODULES, base: str | None = None
+    *,
+    http: bool,
+    settings: UpSettings,
+    env: dict[str, str],
+    names: Iterable[str] = SERVER_MODULES,
+    base: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
@@ -163,9 +216,15 @@ def merge_desktop_config(path: Path, entries: dict[str, dict[str, Any]]) -> None
         try:
             config = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as err:
-            raise InvalidArgument(f"{path} is not valid JSON (line {err.lineno}: {err.msg}); left it untouched", hint="fix or move that file, then run this again") from err
+            raise InvalidArgument(
+                f"{path} is not valid JSON (line {err.lineno}: {err.msg}); left it untouched",
+                hint="fix or move that file, then run this again",
+            ) from err
         if not isinstance(config, dict) or not isinstance(config.get("mcpServers", {}), dict):
-            raise InvalidArgument(f"{path} does not hold a JSON object with an mcpServers object; left it untouched", hint="fix or move that file, then run this again")
+            raise InvalidArgument(
+                f"{path} does not hold a JSON object with an mcpServers object; left it untouched",
+                hint="fix or move that file, then run this again",
+            )
         _write_private(path.with_name(path.name + ".bak"), text)
     config.setdefault("mcpServers", {}).update(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +250,12 @@ def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str, home: P
         if entry.get("type") == "http":  # the token comes from the helper, never from argv or the config file
             config: dict[str, Any] = {"type": "http", "url": entry["url"], "headersHelper": auth_header_command(home)}
         else:
-            config = {"type": "stdio", "command": entry["command"], "args": entry["args"], **({"env": entry["env"]} if entry.get("env") else {})}
+            config = {
+                "type": "stdio",
+                "command": entry["command"],
+                "args": entry["args"],
+                **({"env": entry["env"]} if entry.get("env") else {}),
+            }
         config["alwaysLoad"] = True
         commands.append(["claude", "mcp", "add-json", "--scope", scope, name, json.dumps(config)])
     return commands
@@ -200,7 +264,10 @@ def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str, home: P
 def apply_claude_code(commands: list[list[str]], scope: str) -> None:
     claude = shutil.which("claude")
     if claude is None:
-        raise Unavailable("the Claude Code CLI (`claude`) is not on PATH", hint="install it (npm install -g @anthropic-ai/claude-code) or run the printed commands yourself")
+        raise Unavailable(
+            "the Claude Code CLI (`claude`) is not on PATH",
+            hint="install it (npm install -g @anthropic-ai/claude-code) or run the printed commands yourself",
+        )
     for cmd in commands:
         name = cmd[cmd.index("--scope") + 2]
         # Replace, not duplicate: `claude mcp add` refuses a name that exists.
@@ -211,12 +278,20 @@ def apply_claude_code(commands: list[list[str]], scope: str) -> None:
 
 def _claude(cmd: list[str], *, check: bool) -> None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CLAUDE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=CLAUDE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False
+        )
     except subprocess.TimeoutExpired as err:
-        raise Unavailable(f"`{shlex.join(cmd[:4])} ...` did not answer in {CLAUDE_TIMEOUT_S}s", hint="run the printed commands yourself") from err
+        raise Unavailable(
+            f"`{shlex.join(cmd[:4])} ...` did not answer in {CLAUDE_TIMEOUT_S}s",
+            hint="run the printed commands yourself",
+        ) from err
     if check and done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()
-        raise Unavailable(f"`{shlex.join(cmd[:5])} ...` failed: {why[-1] if why else 'exit ' + str(done.returncode)}", hint="run the printed commands yourself")
+        raise Unavailable(
+            f"`{shlex.join(cmd[:5])} ...` failed: {why[-1] if why else 'exit ' + str(done.returncode)}",
+            hint="run the printed commands yourself",
+        )
 
 
 def _check(entries: dict[str, dict[str, Any]], settings: UpSettings) -> int:
@@ -251,16 +326,25 @@ def _main(args: argparse.Namespace) -> int:
     entries = server_entries(http=args.http, settings=settings, env=env, names=server_list(args.servers), base=base)
     if args.check or (args.http and args.apply):
         if not args.http:
-            raise InvalidArgument("--check looks at a running `corral up`", hint="add --http (stdio servers are started by the client itself)")
+            raise InvalidArgument(
+                "--check looks at a running `corral up`",
+                hint="add --http (stdio servers are started by the client itself)",
+            )
         failed = _check(entries, settings)
         if failed or args.check:
             if failed:
-                raise Unavailable(f"{failed} of {len(entries)} servers cannot be reached; nothing was applied" if args.apply else f"{failed} of {len(entries)} servers cannot be reached",
-                                  hint="start `corral up` (or pass the --port it printed), then run this again")
+                raise Unavailable(
+                    f"{failed} of {len(entries)} servers cannot be reached; nothing was applied"
+                    if args.apply
+                    else f"{failed} of {len(entries)} servers cannot be reached",
+                    hint="start `corral up` (or pass the --port it printed), then run this again",
+                )
             return 0
     if args.client == "claude-code":
         if args.scope == "project":
-            _warn("project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's")
+            _warn(
+                "project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's"
+            )
         commands = claude_code_commands(entries, args.scope, settings.data_dir())
         if args.apply:
             apply_claude_code(commands, args.scope)
@@ -269,12 +353,17 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.apply:
         if args.client != "claude-desktop":
-            raise InvalidArgument("--apply needs a client to write to: claude-desktop or claude-code", hint="paste the printed JSON into your client's config instead")
+            raise InvalidArgument(
+                "--apply needs a client to write to: claude-desktop or claude-code",
+                hint="paste the printed JSON into your client's config instead",
+            )
         path = args.config_file or desktop_config_path()
         merge_desktop_config(path, entries)
         print(f"wrote {', '.join(entries)} to {path}; restart Claude Desktop to load them")
         return 0
     if args.http:
-        _warn("this output carries the bearer token: keep it out of shared files (for Claude Code, `corral mcp-config claude-code --http` keeps it out of its config)")
+        _warn(
+            "this output carries the bearer token: keep it out of shared files (for Claude Code, `corral mcp-config claude-code --http` keeps it out of its config)"
+        )
     print(json.dumps({"mcpServers": entries}, indent=2))
     return 0

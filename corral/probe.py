@@ -22,7 +22,11 @@ INITIALIZE = {
     "jsonrpc": "2.0",
     "id": 1,
     "method": "initialize",
-    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "corral-probe", "version": "1"}},
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "corral-probe", "version": "1"},
+    },
 }
 
 
@@ -42,15 +46,27 @@ def probe_http(url: str, token: str | None) -> Probe:
         with httpx.Client(timeout=TIMEOUT_S, trust_env=False) as http:
             answer = http.post(url, content=json.dumps(INITIALIZE), headers=headers)
     except httpx.ConnectError:
-        return Probe(False, f"nothing listens on {where.netloc} (is `corral up` running, and on this port? it prints its port; `--port N` picks another)")
+        return Probe(
+            False,
+            f"nothing listens on {where.netloc} (is `corral up` running, and on this port? it prints its port; `--port N` picks another)",
+        )
     except httpx.TimeoutException:
-        return Probe(False, f"{where.netloc} accepted the connection but did not answer in {TIMEOUT_S:g}s (another program on that port?)")
+        return Probe(
+            False,
+            f"{where.netloc} accepted the connection but did not answer in {TIMEOUT_S:g}s (another program on that port?)",
+        )
     except httpx.HTTPError as err:
         return Probe(False, f"{url}: {type(err).__name__}: {err}")
     if answer.status_code == 401:
-        return Probe(False, "the server refused the bearer token (401): it is not the token of the `corral up` on this port (its CORRAL_HOME/token)")
+        return Probe(
+            False,
+            "the server refused the bearer token (401): it is not the token of the `corral up` on this port (its CORRAL_HOME/token)",
+        )
     if answer.status_code in (403, 421):
-        return Probe(False, f"the server refused this Host/Origin ({answer.status_code}): connect to {where.hostname} exactly as `corral up` printed it")
+        return Probe(
+            False,
+            f"the server refused this Host/Origin ({answer.status_code}): connect to {where.hostname} exactly as `corral up` printed it",
+        )
     if answer.status_code == 404:
         return Probe(False, f"no Corral server at {where.path} on {where.netloc} (another program on that port?)")
     if answer.status_code >= 400:

@@ -50,7 +50,9 @@ GRACEFUL_S = 5
 class Built:
     servers: dict[str, MCPServer] = field(default_factory=dict)
     max_file_bytes: int | None = None  # the sandbox's largest write_file: the HTTP body cap follows it
-    store: EventStore | None = None  # the session store, shared with the viewer; the session server's lifespan closes it
+    store: EventStore | None = (
+        None  # the session store, shared with the viewer; the session server's lifespan closes it
+    )
     closers: list[Callable[[], Any]] = field(default_factory=list)  # what has no lifespan yet: the git gateway
 
     def close(self) -> None:
@@ -113,7 +115,9 @@ def build_servers() -> Built:
         except BaseException:
             built.close()
             raise
-    built.servers = {name: built.servers[name] for name in SERVER_MODULES if name in built.servers}  # listed in the usual order
+    built.servers = {
+        name: built.servers[name] for name in SERVER_MODULES if name in built.servers
+    }  # listed in the usual order
     return built
 
 
@@ -137,7 +141,9 @@ def bind(host: str, port: int) -> socket.socket:
         if err.errno == errno.EADDRNOTAVAIL:
             raise InvalidArgument(f"{host} is not an address of this machine", hint="use --host 127.0.0.1") from err
         if err.errno == errno.EACCES:
-            raise InvalidArgument(f"not allowed to listen on port {port}", hint="use a port above 1023, e.g. --port 8750") from err
+            raise InvalidArgument(
+                f"not allowed to listen on port {port}", hint="use a port above 1023, e.g. --port 8750"
+            ) from err
         raise
     sock.listen(128)
     sock.set_inheritable(True)
@@ -192,7 +198,10 @@ async def _health(base: str, name: str, token: str) -> str:
     try:
         with anyio.fail_after(HEALTH_TIMEOUT_S):
             auth = {"Authorization": f"Bearer {token}"}
-            async with httpx2.AsyncClient(headers=auth, timeout=HEALTH_TIMEOUT_S) as http, Client(streamable_http_client(url, http_client=http)) as client:
+            async with (
+                httpx2.AsyncClient(headers=auth, timeout=HEALTH_TIMEOUT_S) as http,
+                Client(streamable_http_client(url, http_client=http)) as client,
+            ):
                 tools = await client.list_tools()
     except Exception as err:  # a health line reports any failure; the other servers keep running
         return f"  ✗ {name:<12} {url:<40} not answering: {type(err).__name__}: {err}"
@@ -213,8 +222,12 @@ def _banner(built: Built, base: str, token: str, home: Path, health: list[str]) 
     return "\n".join(lines)
 
 
-async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path) -> str | None:
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on", **uvicorn_limits())
+async def serve_until_stopped(
+    app: Any, sock: socket.socket, built: Built, base: str, token: str, home: Path
+) -> str | None:
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=GRACEFUL_S, lifespan="on", **uvicorn_limits()
+    )
     server = _Uvicorn(config)
     quiet = _QuietOnce(app)  # uvicorn would log a start-up error as a traceback; it is ours to report
     logging.getLogger("uvicorn.error").addFilter(quiet)
@@ -224,12 +237,12 @@ async def serve_until_stopped(app: Any, sock: socket.socket, built: Built, base:
             await asyncio.sleep(0.02)
         if task.done():  # startup failed: surface it as our one line
             await task
-            raise getattr(app, "startup_error", None) or Unavailable("the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details")
+            raise getattr(app, "startup_error", None) or Unavailable(
+                "the HTTP server stopped during start-up", hint="run again with CORRAL_LOG_LEVEL=INFO for details"
+            )
     finally:
         logging.getLogger("uvicorn.error").removeFilter(quiet)
     health = await asyncio.gather(*(_health(base, name, token) for name in built.servers))  # in parallel: start-up time
     print(_banner(built, base, token, home, health), flush=True)
     await task
     return server.stopped_by
-
-

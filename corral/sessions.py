@@ -49,9 +49,20 @@ def _list(args: argparse.Namespace) -> int:
     for s in sessions:
         lease = s.lease.get("worker", "") if s.lease else ""
         tries, why = attempts(store.select(s.session_id, types=["session.status"]))
-        title = why if s.status == "failed" and why else str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
+        title = (
+            why if s.status == "failed" and why else str(s.metadata.get("title") or s.metadata.get("task") or "")[:60]
+        )
         parent = (s.parent or "") + (f"@{s.forked_at}" if s.forked_at is not None else "")
-        cells = (s.session_id, s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.length), str(s.status or ""), str(tries or ""), parent, str(lease), title)
+        cells = (
+            s.session_id,
+            s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            str(s.length),
+            str(s.status or ""),
+            str(tries or ""),
+            parent,
+            str(lease),
+            title,
+        )
         table.add_row(*map(Text, cells))  # Text, not str: stored values are data, never rich markup
     Console(width=240).print(table) if sessions else print("no sessions yet")
     return 0
@@ -60,7 +71,9 @@ def _list(args: argparse.Namespace) -> int:
 def attempts(statuses: list[Event]) -> tuple[int, str]:
     """(how many times a harness took the session up, the reason of its last failure) from its status events."""
     tries = sum(1 for e in statuses if isinstance(e.data, dict) and e.data.get("status") == "running")
-    failed = [e.data.get("reason", "") for e in statuses if isinstance(e.data, dict) and e.data.get("status") == "failed"]
+    failed = [
+        e.data.get("reason", "") for e in statuses if isinstance(e.data, dict) and e.data.get("status") == "failed"
+    ]
     return tries, str(failed[-1] if failed else "")[:120]
 
 
@@ -69,8 +82,14 @@ def _show(args: argparse.Namespace) -> int:
     info = store.get(args.session_id)
     console = Console(highlight=False)
     if not args.json:
-        origin = f", forked from {info.parent} at {info.forked_at}" if info.forked_at is not None else (f", child of {info.parent}" if info.parent else "")
-        console.print(Text.assemble((info.session_id, "bold"), f"  {info.length} events, status {info.status or '-'}{origin}"))
+        origin = (
+            f", forked from {info.parent} at {info.forked_at}"
+            if info.forked_at is not None
+            else (f", child of {info.parent}" if info.parent else "")
+        )
+        console.print(
+            Text.assemble((info.session_id, "bold"), f"  {info.length} events, status {info.status or '-'}{origin}")
+        )
     after, events = 0, []
     while True:
         page = store.select(args.session_id, gte=after, limit=500)

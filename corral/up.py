@@ -23,8 +23,12 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("up", help="start all three servers over HTTP on 127.0.0.1 (Ctrl-C stops)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "up",
+        help="start all three servers over HTTP on 127.0.0.1 (Ctrl-C stops)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", help="address to listen on (default $CORRAL_UP_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default $CORRAL_UP_PORT or 8750)")
     p.set_defaults(func=_up)
@@ -59,7 +63,15 @@ def _up(args: argparse.Namespace) -> int:
     write_up_state(home, base)
     try:
         routes = viewer_routes(built.store) if built.store is not None else []
-        app = http_app(built.servers, host=host, port=port, token=token, routes=routes, cookie_paths=COOKIE_PATHS, max_file_bytes=built.max_file_bytes)
+        app = http_app(
+            built.servers,
+            host=host,
+            port=port,
+            token=token,
+            routes=routes,
+            cookie_paths=COOKIE_PATHS,
+            max_file_bytes=built.max_file_bytes,
+        )
         stopped_by = asyncio.run(serve_until_stopped(app, sock, built, base, token, home))
     finally:
         clear_up_state(home)

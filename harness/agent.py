@@ -106,19 +106,34 @@ class Agent:
             await self.ensure_tools()
             await self.settle()
             if not self.needs_model():
-                self.view.note(f"the model has ended its turn; nothing to resume (`corral run \"...\" --session {self.log.session_id}` adds a message)")
+                self.view.note(
+                    f'the model has ended its turn; nothing to resume (`corral run "..." --session {self.log.session_id}` adds a message)'
+                )
             for _ in range(self.config.max_turns):
                 if not self.needs_model():
                     break
                 await self.step()
             else:
-                self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason=f"stopped after {self.config.max_turns} turns; `corral wake` continues")])
+                self.log.append(
+                    [
+                        ev(
+                            E.STATUS,
+                            status="idle",
+                            writer=self.log.writer,
+                            reason=f"stopped after {self.config.max_turns} turns; `corral wake` continues",
+                        )
+                    ]
+                )
                 return self.last_text()
         except WriterLost:
             raise
         except CorralError as err:
-            self.log.append([ev(E.ERROR, kind=err.kind, message=str(err), fatal=True, **_fault(err)),
-                             ev(E.STATUS, status="failed", writer=self.log.writer, reason=str(err))])
+            self.log.append(
+                [
+                    ev(E.ERROR, kind=err.kind, message=str(err), fatal=True, **_fault(err)),
+                    ev(E.STATUS, status="failed", writer=self.log.writer, reason=str(err)),
+                ]
+            )
             raise
         self.log.append([ev(E.STATUS, status="idle", writer=self.log.writer, reason=self.end_reason())])
         return self.last_text()
@@ -144,8 +159,15 @@ class Agent:
         self.view.response_done()
         if response.stop_reason == "refusal":  # nothing it started is acted on
             response.content = [b for b in response.content if b["type"] != "tool_use"]
-        written: list[Any] = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"]) for b in response.content if b["type"] == "text"]
-        written += [ev(E.TOOL_USE, message_id=response.message_id, id=b["id"], name=b["name"], input=b["input"]) for b in response.tool_uses()]
+        written: list[Any] = [
+            ev(E.AGENT_MESSAGE, message_id=response.message_id, text=b["text"])
+            for b in response.content
+            if b["type"] == "text"
+        ]
+        written += [
+            ev(E.TOOL_USE, message_id=response.message_id, id=b["id"], name=b["name"], input=b["input"])
+            for b in response.tool_uses()
+        ]
         if not written:  # an empty answer still ends the turn (else the loop would ask again and again)
             written = [ev(E.AGENT_MESSAGE, message_id=response.message_id, text="")]
         # Write-ahead: the response and its tool calls are durable before any tool runs.
@@ -169,11 +191,25 @@ class Agent:
         outcome = await self.tools.call(use["name"], use["input"], call_id=use["id"])
         duration = outcome.data.pop("duration_ms", round((time.perf_counter() - started) * 1000, 1))
         self.view.tool_end(use["name"], outcome, duration)
-        self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], content=[{"type": "text", "text": outcome.text or "(no output)"}],
-                            is_error=outcome.is_error, duration_ms=duration, **outcome.data), *outcome.events])
+        self.log.append(
+            [
+                ev(
+                    E.TOOL_RESULT,
+                    tool_use_id=use["id"],
+                    name=use["name"],
+                    content=[{"type": "text", "text": outcome.text or "(no output)"}],
+                    is_error=outcome.is_error,
+                    duration_ms=duration,
+                    **outcome.data,
+                ),
+                *outcome.events,
+            ]
+        )
 
     def over_budget(self, messages: list[dict[str, Any]]) -> bool:
-        return estimate_tokens(self.system, [t.api() for t in self.defs()], messages) >= self.config.context_budget_tokens
+        return (
+            estimate_tokens(self.system, [t.api() for t in self.defs()], messages) >= self.config.context_budget_tokens
+        )
 
     async def compact(self) -> bool:
         """Summarise everything before the latest exchange into a `context.compacted` event."""
@@ -188,7 +224,12 @@ class Agent:
         response = await self.retrying().respond(self.request(before, tool_choice={"type": "none"}), lambda _: None)
         start = self.log.compaction.data["start"] if self.log.compaction else 0
         todo = todo_at(self.log.compaction, self.log.tail, cut)
-        self.log.append([ev(E.COMPACTED, start=start, end=cut, summary=response.text(), todo=todo), self.span(response, "compaction")])
+        self.log.append(
+            [
+                ev(E.COMPACTED, start=start, end=cut, summary=response.text(), todo=todo),
+                self.span(response, "compaction"),
+            ]
+        )
         return True
 
     # -- waking ---------------------------------------------------------------------
@@ -206,8 +247,18 @@ class Agent:
                 await self.run_tool(use)
             else:
                 self.view.note(f"{use['name']} was interrupted; the model will be told")
-                self.log.append([ev(E.TOOL_RESULT, tool_use_id=use["id"], name=use["name"], is_error=True, interrupted=True,
-                                    content=[{"type": "text", "text": INTERRUPTED.format(name=use["name"])}])])
+                self.log.append(
+                    [
+                        ev(
+                            E.TOOL_RESULT,
+                            tool_use_id=use["id"],
+                            name=use["name"],
+                            is_error=True,
+                            interrupted=True,
+                            content=[{"type": "text", "text": INTERRUPTED.format(name=use["name"])}],
+                        )
+                    ]
+                )
 
     def needs_model(self) -> bool:
         for e in reversed(self.log.tail):
@@ -251,23 +302,53 @@ class Agent:
     async def record_retry(self, err: ModelUnavailable | ContextWindowExceeded, attempt: int, delay: float) -> None:
         """One failed attempt: shown as failed, recorded (never as a response), then retried."""
         self.view.attempt_failed(attempt, err.message, delay)
-        self.log.append([ev(E.ERROR, kind=err.kind, message=err.message, status=getattr(err, "status", None), attempt=attempt,
-                            retry_in_s=delay, fatal=False, **_fault(err))])
+        self.log.append(
+            [
+                ev(
+                    E.ERROR,
+                    kind=err.kind,
+                    message=err.message,
+                    status=getattr(err, "status", None),
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    fatal=False,
+                    **_fault(err),
+                )
+            ]
+        )
 
     def end_reason(self) -> str:
         """Why the turn ended, as the idle status says it: what the last response's stop_reason means."""
-        stop = next((e.data.get("stop_reason") for e in reversed(self.log.tail) if e.type == E.SPAN and e.data.get("purpose") == "turn"), None)
+        stop = next(
+            (
+                e.data.get("stop_reason")
+                for e in reversed(self.log.tail)
+                if e.type == E.SPAN and e.data.get("purpose") == "turn"
+            ),
+            None,
+        )
         again = f'`corral run "continue" --session {self.log.session_id}`'
         if stop == "max_tokens":
             return f"max_tokens: the answer was cut at {self.config.max_tokens} tokens; raise CORRAL_MAX_TOKENS, then {again}"
         if stop == "refusal":
-            return f"refusal: the model declined to go on; its tool calls were not run; {again} with a different request"
+            return (
+                f"refusal: the model declined to go on; its tool calls were not run; {again} with a different request"
+            )
         return stop or "end_turn"
 
     def span(self, response: ModelResponse, purpose: str) -> Any:
-        return ev(E.SPAN, message_id=response.message_id, purpose=purpose, model=self.config.model, latency_ms=response.latency_ms,
-                  ttft_ms=response.ttft_ms, attempts=response.attempts, stop_reason=response.stop_reason, usage=response.usage,
-                  cache_hit_rate=response.cache_hit_rate())
+        return ev(
+            E.SPAN,
+            message_id=response.message_id,
+            purpose=purpose,
+            model=self.config.model,
+            latency_ms=response.latency_ms,
+            ttft_ms=response.ttft_ms,
+            attempts=response.attempts,
+            stop_reason=response.stop_reason,
+            usage=response.usage,
+            cache_hit_rate=response.cache_hit_rate(),
+        )
 
     def last_text(self) -> str:
         for e in reversed(self.log.tail):

@@ -24,35 +24,56 @@ class HarnessSettings(SessionSettings):
     model: str = Field("claude-sonnet-4-6", description="the Claude model the harness calls")
     max_tokens: int = Field(8192, gt=0, description="max output tokens per model response")
     context_budget_tokens: int = Field(
-        150_000, gt=1000, description="when a request's input nears this many tokens, older events are compacted into a summary"
+        150_000,
+        gt=1000,
+        description="when a request's input nears this many tokens, older events are compacted into a summary",
     )
     anthropic_api_key: str = Field("", validation_alias=AliasChoices("ANTHROPIC_API_KEY"), repr=False)
     anthropic_base_url: str | None = Field(None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL"))
-    model_retries: int = Field(5, ge=0, description="retries of a model request on 429/5xx/overloaded/connection errors")
-    retry_base_s: float = Field(1.0, ge=0, description="first backoff delay; doubles per retry (a retry-after header wins)")
+    model_retries: int = Field(
+        5, ge=0, description="retries of a model request on 429/5xx/overloaded/connection errors"
+    )
+    retry_base_s: float = Field(
+        1.0, ge=0, description="first backoff delay; doubles per retry (a retry-after header wins)"
+    )
     model_timeout_s: float = Field(600.0, gt=0, description="timeout of one model request")
     model_idle_timeout_s: float = Field(
-        90.0, gt=0,
+        90.0,
+        gt=0,
         description="a model stream that delivers no bytes for this long is abandoned and retried; above the slowest first "
         "token of a full context window (tens of seconds), far below the SDK's 10 minutes",
     )
 
     extra_servers: dict[str, str] = Field(
-        default_factory=dict, description='JSON object name -> URL or command line of further MCP servers, e.g. {"git": "uvx mcp-server-git"}'
+        default_factory=dict,
+        description='JSON object name -> URL or command line of further MCP servers, e.g. {"git": "uvx mcp-server-git"}',
     )
     servers: Annotated[list[str], NoDecode] = Field(
-        list(DEFAULT_SERVERS), description="comma-separated MCP servers the harness connects to (of sandbox, session, credentials and CORRAL_EXTRA_SERVERS)"
+        list(DEFAULT_SERVERS),
+        description="comma-separated MCP servers the harness connects to (of sandbox, session, credentials and CORRAL_EXTRA_SERVERS)",
     )
-    sandbox_url: str = Field("", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio")
+    sandbox_url: str = Field(
+        "", description="streamable HTTP URL of the sandbox server; empty: launch `corral serve sandbox` over stdio"
+    )
     session_url: str = Field("", description="streamable HTTP URL of the session server; empty: stdio")
     credentials_url: str = Field("", description="streamable HTTP URL of the credential proxy; empty: stdio")
-    server_token: str = Field("", repr=False, description="bearer token for the HTTP servers (as printed by `corral up`)")
-    tool_timeout_s: float = Field(300.0, gt=0, description="timeout of one tool call; the call becomes a timeout tool error")
+    server_token: str = Field(
+        "", repr=False, description="bearer token for the HTTP servers (as printed by `corral up`)"
+    )
+    tool_timeout_s: float = Field(
+        300.0, gt=0, description="timeout of one tool call; the call becomes a timeout tool error"
+    )
     connect_timeout_s: float = Field(60.0, gt=0, description="how long connecting to one MCP server may take")
-    max_turns: int = Field(200, gt=0, description="model responses per `corral run`/`wake` before the harness stops (resumable)")
+    max_turns: int = Field(
+        200, gt=0, description="model responses per `corral run`/`wake` before the harness stops (resumable)"
+    )
     subagent_summary_chars: int = Field(2000, gt=0, description="longest summary a subagent returns to its parent")
-    eager_sandbox: bool = Field(False, description="provision a sandbox before the first model call (the benchmark's baseline); default lazy")
-    kill_after_appends: int = Field(0, ge=0, description="TEST HOOK: SIGKILL the harness right after its Nth append (crash tests)")
+    eager_sandbox: bool = Field(
+        False, description="provision a sandbox before the first model call (the benchmark's baseline); default lazy"
+    )
+    kill_after_appends: int = Field(
+        0, ge=0, description="TEST HOOK: SIGKILL the harness right after its Nth append (crash tests)"
+    )
 
     @field_validator("servers", mode="before")
     @classmethod
@@ -65,7 +86,9 @@ class HarnessSettings(SessionSettings):
         extra = info.data.get("extra_servers", {})  # declared above, so already validated
         unknown = [n for n in names if n not in DEFAULT_SERVERS and n not in extra]
         if unknown:
-            raise ValueError(f"unknown MCP server {unknown[0]!r}; known: {', '.join([*DEFAULT_SERVERS, *extra])} (add others to CORRAL_EXTRA_SERVERS)")
+            raise ValueError(
+                f"unknown MCP server {unknown[0]!r}; known: {', '.join([*DEFAULT_SERVERS, *extra])} (add others to CORRAL_EXTRA_SERVERS)"
+            )
         return names
 
     def server_targets(self) -> dict[str, str | list[str]]:

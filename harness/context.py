@@ -31,7 +31,9 @@ SUMMARY_PROMPT = (
 def todo_text(todo: list[dict[str, Any]]) -> str:
     marks = {"done": "x", "in_progress": "~"}
     lines = [f"[{marks.get(i.get('status', ''), ' ')}] {i.get('text', '')}" for i in todo]
-    return "Your plan (update it with the todo tool; finish every open item before ending your turn):\n" + "\n".join(lines)
+    return "Your plan (update it with the todo tool; finish every open item before ending your turn):\n" + "\n".join(
+        lines
+    )
 
 
 def summary_text(compaction: Event) -> str:
@@ -82,7 +84,11 @@ def build_messages(compaction: Event | None, tail: list[Event]) -> list[dict[str
             if results:
                 flush()
             order.append(e.data["id"])
-            _add(messages, "assistant", [{"type": "tool_use", "id": e.data["id"], "name": e.data["name"], "input": e.data["input"]}])
+            _add(
+                messages,
+                "assistant",
+                [{"type": "tool_use", "id": e.data["id"], "name": e.data["name"], "input": e.data["input"]}],
+            )
         elif e.type == TOOL_RESULT:
             if e.data.get("todo") is not None:
                 todo = e.data["todo"]
@@ -124,7 +130,11 @@ def estimate_tokens(*parts: Any) -> int:
 def compaction_cut(tail: list[Event]) -> int | None:
     """The position where compaction may end: the start of the last model response, so the
     latest exchange stays verbatim and no tool_use is separated from its result."""
-    starts = [i for i, e in enumerate(tail) if e.type in (AGENT_MESSAGE, TOOL_USE) and (i == 0 or tail[i - 1].type not in (AGENT_MESSAGE, TOOL_USE))]
+    starts = [
+        i
+        for i, e in enumerate(tail)
+        if e.type in (AGENT_MESSAGE, TOOL_USE) and (i == 0 or tail[i - 1].type not in (AGENT_MESSAGE, TOOL_USE))
+    ]
     if len(starts) < 2:
         return None  # nothing worth compacting yet
     return tail[starts[-1]].position

@@ -64,8 +64,20 @@ ERROR = "session.error"
 SPAN = "span.model_request"
 SANDBOX_PROVISIONED = "sandbox.provisioned"
 SANDBOX_LOST = "sandbox.lost"
-EVENT_TYPES = (STATUS, TOOLS, USER_MESSAGE, AGENT_MESSAGE, TOOL_USE, TOOL_RESULT, SUBAGENT, COMPACTED,
-               SANDBOX_PROVISIONED, SANDBOX_LOST, SPAN, ERROR)
+EVENT_TYPES = (
+    STATUS,
+    TOOLS,
+    USER_MESSAGE,
+    AGENT_MESSAGE,
+    TOOL_USE,
+    TOOL_RESULT,
+    SUBAGENT,
+    COMPACTED,
+    SANDBOX_PROVISIONED,
+    SANDBOX_LOST,
+    SPAN,
+    ERROR,
+)
 
 
 class WriterLost(Conflict):
@@ -85,7 +97,16 @@ class SessionLog:
     definitions and the events after the compaction, so a long session wakes fast.
     """
 
-    def __init__(self, store: EventStore, session_id: str, *, length: int, tail: list[Event], compaction: Event | None, tools: Event | None) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        session_id: str,
+        *,
+        length: int,
+        tail: list[Event],
+        compaction: Event | None,
+        tools: Event | None,
+    ) -> None:
         self.store = store
         self.session_id = session_id
         self.length = length
@@ -102,10 +123,14 @@ class SessionLog:
         tools = store.select(session_id, types=[TOOLS], desc=True, limit=1)
         start = compaction.data["end"] if compaction else 0
         tail = store.select(session_id, gte=start, lt=length)
-        return cls(store, session_id, length=length, tail=tail, compaction=compaction, tools=tools[0] if tools else None)
+        return cls(
+            store, session_id, length=length, tail=tail, compaction=compaction, tools=tools[0] if tools else None
+        )
 
     @classmethod
-    def create(cls, store: EventStore, *, metadata: dict[str, Any] | None = None, parent: str | None = None) -> SessionLog:
+    def create(
+        cls, store: EventStore, *, metadata: dict[str, Any] | None = None, parent: str | None = None
+    ) -> SessionLog:
         info = store.create(metadata or {}, parent)
         return cls(store, info.session_id, length=0, tail=[], compaction=None, tools=None)
 
@@ -113,10 +138,19 @@ class SessionLog:
         try:
             positions = self.store.append(self.session_id, events, expected_position=self.length)
         except Conflict as err:
-            raise WriterLost(f"session {self.session_id} was written by another harness (expected position {self.length}); this one stops without writing") from err
+            raise WriterLost(
+                f"session {self.session_id} was written by another harness (expected position {self.length}); this one stops without writing"
+            ) from err
         now = datetime.now(UTC)
         written = [
-            Event(session_id=self.session_id, position=p, event_id=e.event_id or "", type=e.type, data=e.data, created_at=now)
+            Event(
+                session_id=self.session_id,
+                position=p,
+                event_id=e.event_id or "",
+                type=e.type,
+                data=e.data,
+                created_at=now,
+            )
             for p, e in zip(positions, events, strict=True)
         ]
         self.length = max(self.length, positions[-1] + 1)

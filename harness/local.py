@@ -26,7 +26,10 @@ TODO = ToolDef(
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "properties": {"text": {"type": "string"}, "status": {"type": "string", "enum": ["pending", "in_progress", "done"]}},
+                    "properties": {
+                        "text": {"type": "string"},
+                        "status": {"type": "string", "enum": ["pending", "in_progress", "done"]},
+                    },
                     "required": ["text", "status"],
                 },
             }
@@ -40,7 +43,13 @@ SPAWN = ToolDef(
     "spawn_subagent",
     "Run an independent subtask in a subagent with a fresh context and the same tools. It returns a short summary of "
     "what it did. Several spawn_subagent calls in one response run in parallel.",
-    {"type": "object", "properties": {"task": {"type": "string", "description": "everything the subagent needs to know to do the subtask"}}, "required": ["task"]},
+    {
+        "type": "object",
+        "properties": {
+            "task": {"type": "string", "description": "everything the subagent needs to know to do the subtask"}
+        },
+        "required": ["task"],
+    },
     idempotent=True,  # a repeat resumes the child session recorded for the same call instead of starting another
 )
 
@@ -51,7 +60,9 @@ class TodoTools:
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         items = args.get("items")
-        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("text"), str) for i in items):
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("text"), str) for i in items
+        ):
             return ToolOutcome.error(InvalidArgument("todo needs items: a list of {text, status}"))
         plan = [{"text": i["text"], "status": i.get("status", "pending")} for i in items]
         left = sum(1 for i in plan if i["status"] != "done")
@@ -83,12 +94,19 @@ class Subagents:
             begun = child.compaction is not None or any(e.type == E.USER_MESSAGE for e in child.tail)
             first = None if begun else task  # killed before the child got its task: give it now
         else:
-            child = SessionLog.create(self.parent.store, metadata={"task": task[:200], "tool_use_id": call_id}, parent=self.parent.session_id)
+            child = SessionLog.create(
+                self.parent.store, metadata={"task": task[:200], "tool_use_id": call_id}, parent=self.parent.session_id
+            )
             self.parent.append([ev(E.SUBAGENT, tool_use_id=call_id, session_id=child.session_id, task=task)])
             first = task
         agent = self.make_agent(child, f"sub {child.session_id[-6:]}")
         try:
             text = await agent.run(first, reason="subagent")
         except CorralError as err:  # a failing child is the parent's tool error, not a crash
-            return ToolOutcome(f"subagent {child.session_id} failed: {err}", is_error=True, data={"subagent": child.session_id})
-        return ToolOutcome(cap(text or "(the subagent ended without a summary)", self.summary_chars), data={"subagent": child.session_id})
+            return ToolOutcome(
+                f"subagent {child.session_id} failed: {err}", is_error=True, data={"subagent": child.session_id}
+            )
+        return ToolOutcome(
+            cap(text or "(the subagent ended without a summary)", self.summary_chars),
+            data={"subagent": child.session_id},
+        )

@@ -40,7 +40,9 @@ def error_kind(text: str) -> str | None:
 def _outcome(result: Any) -> ToolOutcome:
     parts = []
     for block in result.content or []:
-        parts.append(block.text if getattr(block, "type", "") == "text" else f"[{getattr(block, 'type', 'content')} omitted]")
+        parts.append(
+            block.text if getattr(block, "type", "") == "text" else f"[{getattr(block, 'type', 'content')} omitted]"
+        )
     structured = result.structured_content if isinstance(result.structured_content, dict) else None
     if not parts and structured is not None:
         parts.append(json.dumps(structured))
@@ -56,9 +58,18 @@ class MCPTools:
     `target` is a URL (streamable HTTP), an argv (a stdio subprocess) or an `MCPServer`
     object (in memory: a server embedded in the same process, and tests)."""
 
-    def __init__(self, name: str, target: str | list[str] | MCPServer, *, task_group: TaskGroup, env: dict[str, str] | None = None,
-                 connect_timeout_s: float = 60.0, errlog: TextIO | None = None, token: str = "",
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        target: str | list[str] | MCPServer,
+        *,
+        task_group: TaskGroup,
+        env: dict[str, str] | None = None,
+        connect_timeout_s: float = 60.0,
+        errlog: TextIO | None = None,
+        token: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.name = name
         self._meta = meta  # sent with every call: e.g. the session id, so the sandbox server binds this session's default sandbox
         self.target = target
@@ -84,7 +95,9 @@ class MCPTools:
                 return streamable_http_client(self.target)
             import httpx2
 
-            http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {self._token}"}, timeout=httpx2.Timeout(30.0, read=300.0))
+            http = httpx2.AsyncClient(
+                headers={"Authorization": f"Bearer {self._token}"}, timeout=httpx2.Timeout(30.0, read=300.0)
+            )
             return streamable_http_client(self.target, http_client=http)
         params = StdioServerParameters(command=self.target[0], args=self.target[1:], env=self._env)
         return stdio_client(params, errlog=self._errlog) if self._errlog else stdio_client(params)
@@ -115,7 +128,10 @@ class MCPTools:
         if self._client is None:
             self.drop()
             why = f": {self._failure!r}" if self._failure else f" within {self._connect_timeout_s:g}s"
-            raise Unavailable(f"cannot connect to the {self.name} MCP server{why}", hint="it is restarted on the next call; check `corral serve` for that server")
+            raise Unavailable(
+                f"cannot connect to the {self.name} MCP server{why}",
+                hint="it is restarted on the next call; check `corral serve` for that server",
+            )
         return self._client
 
     def drop(self) -> None:
@@ -132,12 +148,16 @@ class MCPTools:
                 raise
             except Exception as err:  # boundary: a broken link or a misbehaving server while listing
                 self.drop()
-                raise Unavailable(f"cannot list the tools of the {self.name} MCP server: {type(err).__name__}: {err}") from err
+                raise Unavailable(
+                    f"cannot list the tools of the {self.name} MCP server: {type(err).__name__}: {err}"
+                ) from err
             self._listed = [
                 ToolDef(
                     t.name,
                     t.description or "",
-                    t.input_schema if isinstance(t.input_schema, dict) else t.input_schema.model_dump(by_alias=True, exclude_none=True),
+                    t.input_schema
+                    if isinstance(t.input_schema, dict)
+                    else t.input_schema.model_dump(by_alias=True, exclude_none=True),
                     read_only=bool(t.annotations and t.annotations.read_only_hint),
                     idempotent=bool(t.annotations and t.annotations.idempotent_hint),
                     destructive=bool(t.annotations and t.annotations.destructive_hint),
@@ -157,11 +177,18 @@ class MCPTools:
         except Exception as err:  # boundary: the connection broke mid-call (server died, stream closed)
             from mcp.shared.exceptions import MCPError
 
-            if isinstance(err, MCPError) and err.error.code not in (-32000, -32001):  # a protocol answer, not a dead link
-                return ToolOutcome.error(InvalidArgument(f"{name} was refused by the {self.name} server: {err.error.message}", hint=""))
+            if isinstance(err, MCPError) and err.error.code not in (
+                -32000,
+                -32001,
+            ):  # a protocol answer, not a dead link
+                return ToolOutcome.error(
+                    InvalidArgument(f"{name} was refused by the {self.name} server: {err.error.message}", hint="")
+                )
             self.drop()
-            return ToolOutcome.error(Unavailable(
-                f"the {self.name} MCP server went away during {name} ({type(err).__name__}: {err}); the outcome is unknown",
-                hint="it is being reconnected; check the state before retrying an action that changes things",
-            ))
+            return ToolOutcome.error(
+                Unavailable(
+                    f"the {self.name} MCP server went away during {name} ({type(err).__name__}: {err}); the outcome is unknown",
+                    hint="it is being reconnected; check the state before retrying an action that changes things",
+                )
+            )
         return _outcome(result)

@@ -55,18 +55,30 @@ STOP_REASONS = ("end_turn", "tool_use", "stop_sequence", "max_tokens", "refusal"
 
 # error.type as the API documents it -> retryable? (unknown types are treated as transient)
 ERROR_TYPES = {
-    "rate_limit_error": True, "api_error": True, "overloaded_error": True, "timeout_error": True,
-    "invalid_request_error": False, "authentication_error": False, "permission_error": False,
-    "not_found_error": False, "request_too_large": False, "billing_error": False,
+    "rate_limit_error": True,
+    "api_error": True,
+    "overloaded_error": True,
+    "timeout_error": True,
+    "invalid_request_error": False,
+    "authentication_error": False,
+    "permission_error": False,
+    "not_found_error": False,
+    "request_too_large": False,
+    "billing_error": False,
 }
 STATUS_OF = {"rate_limit_error": 429, "api_error": 500, "overloaded_error": 529, "timeout_error": 504}
 
 # The largest max_tokens each model family accepts (Anthropic's models overview), longest
 # prefix first. A tool call cut by max_tokens is retried with max_tokens doubled up to this.
 OUTPUT_LIMITS = (
-    ("claude-opus-4-6", 128_000), ("claude-opus-4-5", 64_000), ("claude-opus-4", 32_000),
-    ("claude-sonnet-4", 64_000), ("claude-haiku-4", 64_000), ("claude-3-7-sonnet", 64_000),
-    ("claude-3-5", 8_192), ("claude-3", 4_096),
+    ("claude-opus-4-6", 128_000),
+    ("claude-opus-4-5", 64_000),
+    ("claude-opus-4", 32_000),
+    ("claude-sonnet-4", 64_000),
+    ("claude-haiku-4", 64_000),
+    ("claude-3-7-sonnet", 64_000),
+    ("claude-3-5", 8_192),
+    ("claude-3", 4_096),
 )
 DEFAULT_OUTPUT_LIMIT = 32_000
 
@@ -112,8 +124,16 @@ class ModelUnavailable(Unavailable):
     failure, or a response that did not arrive whole. `fault` names which; `arrived` says what
     of the response came before it broke; `grow` asks for a larger max_tokens."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None, fault: str = "status",
-                 arrived: dict[str, Any] | None = None, grow: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        fault: str = "status",
+        arrived: dict[str, Any] | None = None,
+        grow: bool = False,
+    ) -> None:
         super().__init__(message, hint="the harness retries with backoff; `corral wake` resumes if it gave up")
         self.status = status
         self.retry_after = retry_after
@@ -146,20 +166,35 @@ class UnknownStopReason(_Unusable, Unavailable):
     default_hint = "the response was not acted on; upgrade corral, then `corral wake` asks again"
 
 
-def api_error(error_type: str, status: int, detail: str, retry_after: float | None = None, *, fault: str = "status",
-              arrived: dict[str, Any] | None = None) -> CorralError:
+def api_error(
+    error_type: str,
+    status: int,
+    detail: str,
+    retry_after: float | None = None,
+    *,
+    fault: str = "status",
+    arrived: dict[str, Any] | None = None,
+) -> CorralError:
     """One API error (an HTTP error body, or an `error` event mid-stream) as a Corral error."""
     retryable = ERROR_TYPES.get(error_type, True) if error_type else (status == 429 or status >= 500)
     where = f"Anthropic API {status}" if status != 200 else "Anthropic API (mid-stream)"
     label = f"{where} {error_type}: {detail}" if error_type else f"{where}: {detail}"
     if retryable:
-        return ModelUnavailable(label, status=STATUS_OF.get(error_type, status), retry_after=retry_after, fault=fault, arrived=arrived)
+        return ModelUnavailable(
+            label, status=STATUS_OF.get(error_type, status), retry_after=retry_after, fault=fault, arrived=arrived
+        )
     if error_type in ("authentication_error", "permission_error") or status in (401, 403):
-        hint = "check ANTHROPIC_API_KEY" if error_type == "authentication_error" or status == 401 else "this API key may not use this model or feature; check CORRAL_MODEL and the key's workspace"
+        hint = (
+            "check ANTHROPIC_API_KEY"
+            if error_type == "authentication_error" or status == 401
+            else "this API key may not use this model or feature; check CORRAL_MODEL and the key's workspace"
+        )
         return PolicyDenied(label, hint=hint)
     if error_type == "not_found_error":
         return InvalidArgument(label, hint="check CORRAL_MODEL and ANTHROPIC_BASE_URL")
-    return InvalidArgument(label, hint="the request was refused; the session log shows what was sent (`corral sessions show`)")
+    return InvalidArgument(
+        label, hint="the request was refused; the session log shows what was sent (`corral sessions show`)"
+    )
 
 
 class ModelClient(Protocol):
@@ -218,9 +253,16 @@ class Assembly:
     def arrived(self) -> dict[str, Any]:
         """What came before the stream broke, short enough for an error event."""
         text = "".join(b.get("text", "") for _, b in sorted(self.blocks.items()) if b.get("type") == "text")
-        return {"events": self.events, "message_id": self.message_id or None, "text": text[:200], "text_chars": len(text),
-                "tool_uses": [b.get("name") for _, b in sorted(self.blocks.items()) if b.get("type") == "tool_use"],
-                "open_blocks": len(self.open), "stop_reason": self.stop_reason, "message_stop": self.stopped}
+        return {
+            "events": self.events,
+            "message_id": self.message_id or None,
+            "text": text[:200],
+            "text_chars": len(text),
+            "tool_uses": [b.get("name") for _, b in sorted(self.blocks.items()) if b.get("type") == "tool_use"],
+            "open_blocks": len(self.open),
+            "stop_reason": self.stop_reason,
+            "message_stop": self.stopped,
+        }
 
     def whole(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The content blocks if the response is whole, else raise the failed attempt's error."""
@@ -246,7 +288,9 @@ class Assembly:
         try:
             value = json.loads(raw) if raw.strip() else {}
         except ValueError:
-            raise self.broken("invalid_tool_input", f"the {block.get('name')} input is not valid JSON: {raw[:80]!r}") from None
+            raise self.broken(
+                "invalid_tool_input", f"the {block.get('name')} input is not valid JSON: {raw[:80]!r}"
+            ) from None
         problem = _schema_problem(block.get("name", ""), value, tools)
         if problem:
             raise self.broken("invalid_tool_input", problem)
@@ -300,7 +344,9 @@ class AnthropicModel:
             # The read timeout bounds the wait for any next byte (headers, event, ping): a stalled stream.
             timeout = httpx2.Timeout(self.timeout_s, read=min(self.idle_timeout_s, self.timeout_s))
             http = anthropic.DefaultAsyncHttpxClient(timeout=timeout, event_hooks=hooks)
-            self._client = anthropic.AsyncAnthropic(api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=timeout, http_client=http)
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self.api_key, base_url=self.base_url, max_retries=0, timeout=timeout, http_client=http
+            )
         return self._client
 
     async def _sending(self, _request: Any) -> None:
@@ -320,7 +366,12 @@ class AnthropicModel:
             self._client = None
 
     async def respond(self, request: ModelRequest, on_text: TextSink) -> ModelResponse:
-        kwargs: dict[str, Any] = {"model": request.model, "max_tokens": request.max_tokens, "system": request.system, "messages": request.messages}
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "system": request.system,
+            "messages": request.messages,
+        }
         if request.tools:
             kwargs["tools"] = request.tools
         if request.tool_choice:
@@ -376,8 +427,14 @@ def _translate_status(err: Any, got: Assembly) -> CorralError:
     except ValueError:
         seconds = None
     mid_stream = got.events > 0 or status == 200
-    return api_error(str(error.get("type") or ""), status, detail, seconds,
-                     fault="stream_error" if mid_stream else "status", arrived=got.arrived() if mid_stream else None)
+    return api_error(
+        str(error.get("type") or ""),
+        status,
+        detail,
+        seconds,
+        fault="stream_error" if mid_stream else "status",
+        arrived=got.arrived() if mid_stream else None,
+    )
 
 
 RetryHook = Callable[[ModelUnavailable, int, float], Awaitable[None]]
@@ -405,7 +462,10 @@ class RetryingModel:
                     request = replace(request, max_tokens=_more_room(request))
                     delay = 0.0
                 else:
-                    delay = min(self.max_delay_s, err.retry_after if err.retry_after is not None else self.base_s * 2 ** (attempt - 1))
+                    delay = min(
+                        self.max_delay_s,
+                        err.retry_after if err.retry_after is not None else self.base_s * 2 ** (attempt - 1),
+                    )
                 await self.on_retry(err, attempt, delay)
                 await anyio.sleep(delay)
                 attempt += 1
@@ -417,6 +477,8 @@ class RetryingModel:
 def _more_room(request: ModelRequest) -> int:
     limit = max(output_limit(request.model), request.max_tokens)
     if request.max_tokens >= limit:
-        raise InvalidArgument(f"a tool call does not fit in {request.model}'s output limit of {limit} tokens",
-                              hint="ask for smaller steps (e.g. write a large file in parts)")
+        raise InvalidArgument(
+            f"a tool call does not fit in {request.model}'s output limit of {limit} tokens",
+            hint="ask for smaller steps (e.g. write a large file in parts)",
+        )
     return min(limit, request.max_tokens * 2)

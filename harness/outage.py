@@ -47,7 +47,9 @@ def ride_out(call: Callable[[], T], what: str, budget_s: float) -> T:
                     hint="bring PostgreSQL back, then `corral wake --detach SESSION` (or raise CORRAL_WORKER_OUTAGE_S)",
                 ) from err
             if not warned:
-                log.warning("%s: the session database is unreachable, waiting up to %gs: %s", what, budget_s, err.message)
+                log.warning(
+                    "%s: the session database is unreachable, waiting up to %gs: %s", what, budget_s, err.message
+                )
                 warned = True
             time.sleep(delay)
             delay = min(delay * 2, MAX_DELAY_S)
@@ -64,9 +66,15 @@ class SteadyStore:
         self._store = store
         self.budget_s = budget_s
 
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, **kwargs: Any) -> list[int]:
+    def append(
+        self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, **kwargs: Any
+    ) -> list[int]:
         keyed = [e if e.event_id is not None else e.model_copy(update={"event_id": new_id("evt_")}) for e in events]
-        return ride_out(lambda: self._store.append(session_id, keyed, expected_position, **kwargs), f"append to {session_id}", self.budget_s)
+        return ride_out(
+            lambda: self._store.append(session_id, keyed, expected_position, **kwargs),
+            f"append to {session_id}",
+            self.budget_s,
+        )
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)

@@ -87,7 +87,10 @@ def ensure_queue_schema(queue_url: str) -> None:
             if (conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone() or (None,))[0] is None:
                 conn.execute(procrastinate.schema.SchemaManager.get_schema())
     except psycopg.OperationalError as err:
-        raise Unavailable(f"cannot reach the job queue database: {' '.join(str(err).split())}", hint="check CORRAL_QUEUE_URL / CORRAL_SESSION_STORE") from err
+        raise Unavailable(
+            f"cannot reach the job queue database: {' '.join(str(err).split())}",
+            hint="check CORRAL_QUEUE_URL / CORRAL_SESSION_STORE",
+        ) from err
 
 
 def enqueue_session(session_id: str, queue_url: str) -> bool:
@@ -136,7 +139,9 @@ class LeasedStore:
     ends the process before anything else (the harness, procrastinate) can act on it.
     """
 
-    def __init__(self, store: EventStore | SteadyStore, session_id: str, token: int, on_fenced: Callable[[str], None]) -> None:
+    def __init__(
+        self, store: EventStore | SteadyStore, session_id: str, token: int, on_fenced: Callable[[str], None]
+    ) -> None:
         self._store = store
         self._session_id = session_id
         self._token = token
@@ -151,7 +156,15 @@ class LeasedStore:
             self._on_fenced(err.message)
             raise
 
-    def append_one(self, session_id: str, type: str, data: Any = None, *, expected_position: int | None = None, event_id: str | None = None) -> int:
+    def append_one(
+        self,
+        session_id: str,
+        type: str,
+        data: Any = None,
+        *,
+        expected_position: int | None = None,
+        event_id: str | None = None,
+    ) -> int:
         event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
         return self.append(session_id, [event], expected_position)[0]
 
@@ -198,7 +211,10 @@ class Runtime:
                 pruned = worker_id is not None and self.app is not None and not await worker_alive(self.app, worker_id)
             except Conflict as err:
                 self.fence(err.message)
-            except (Unavailable, pq_exceptions.ConnectorException) as err:  # a blip: the lease has two more renewals' worth of slack
+            except (
+                Unavailable,
+                pq_exceptions.ConnectorException,
+            ) as err:  # a blip: the lease has two more renewals' worth of slack
                 log.warning("could not renew the lease on %s: %s", session_id, err)
                 continue
             if pruned:
@@ -216,7 +232,12 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             try:
-                released = await asyncio.to_thread(ride_out, lambda: self.store.release_lease(session_id, token), f"release {session_id}", self.outage_s)
+                released = await asyncio.to_thread(
+                    ride_out,
+                    lambda: self.store.release_lease(session_id, token),
+                    f"release {session_id}",
+                    self.outage_s,
+                )
             except Unavailable as err:  # it expires on its own; the next worker waits that out
                 log.warning("could not release the lease on %s: %s", session_id, err)
             else:
@@ -262,14 +283,22 @@ async def wake_session(context: JobContext, session_id: str) -> None:
 
 
 async def worker_alive(app: procrastinate.App, worker_id: int) -> bool:
-    row = await app.connector.execute_query_one_async("SELECT count(*) AS n FROM procrastinate_workers WHERE id = %(id)s", id=worker_id)
+    row = await app.connector.execute_query_one_async(
+        "SELECT count(*) AS n FROM procrastinate_workers WHERE id = %(id)s", id=worker_id
+    )
     return bool(row["n"])
 
 
 # -- the reaper -----------------------------------------------------------------------------
 
 
-async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Worker, lease_s: float, every_s: float, store: EventStore | None = None) -> None:
+async def reap_stalled(
+    app: procrastinate.App,
+    worker: procrastinate.worker.Worker,
+    lease_s: float,
+    every_s: float,
+    store: EventStore | None = None,
+) -> None:
     """Hand the jobs of workers silent for `lease_s` back to the queue (runs in every worker).
 
     Silence only counts while the database could hear it: after this reaper failed to reach
@@ -289,7 +318,10 @@ async def reap_stalled(app: procrastinate.App, worker: procrastinate.worker.Work
                 await reap_once(app, lease_s, worker.worker_id)
                 if store is not None:
                     await resume_orphans(app, store)
-        except (psycopg.Error, pq_exceptions.ConnectorException) as err:  # a blip or an outage: judge nobody until it is over
+        except (
+            psycopg.Error,
+            pq_exceptions.ConnectorException,
+        ) as err:  # a blip or an outage: judge nobody until it is over
             if reachable_since is not None:
                 log.warning("stalled-job check failed: %s", err)
             reachable_since = None
@@ -382,7 +414,9 @@ async def resume_orphans(app: procrastinate.App, store: EventStore) -> list[str]
             info = await asyncio.to_thread(store.get, sid)
         except (Unavailable, LookupError):  # down again, or not a session of this store
             continue
-        live = info.lease is not None and datetime.datetime.fromisoformat(info.lease["expires_at"]) > datetime.datetime.now(datetime.UTC)
+        live = info.lease is not None and datetime.datetime.fromisoformat(
+            info.lease["expires_at"]
+        ) > datetime.datetime.now(datetime.UTC)
         if info.status != "running" or live:
             continue
         with contextlib.suppress(pq_exceptions.AlreadyEnqueued):
@@ -402,7 +436,9 @@ def load_body(spec: str) -> Body:
     return factory()
 
 
-async def run_worker(runtime: Runtime, queue_url: str, *, concurrency: int = 1, stop_grace_s: float = 10.0, poll_s: float = 0.5) -> None:
+async def run_worker(
+    runtime: Runtime, queue_url: str, *, concurrency: int = 1, stop_grace_s: float = 10.0, poll_s: float = 0.5
+) -> None:
     """Run jobs until SIGINT/SIGTERM; a stop hands unfinished sessions back after `stop_grace_s`."""
     ensure_queue_schema(queue_url)
     app = make_app(queue_url)

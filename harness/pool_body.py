@@ -20,7 +20,10 @@ from corral.servers.session import EventStore
 def harness_body() -> Body:
     settings = HarnessSettings()
     if not settings.anthropic_api_key:
-        raise InvalidArgument("ANTHROPIC_API_KEY is not set", hint="the workers call Claude: export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a gateway)")
+        raise InvalidArgument(
+            "ANTHROPIC_API_KEY is not set",
+            hint="the workers call Claude: export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for a gateway)",
+        )
     env = dict(os.environ)
     import anthropic  # noqa: F401 - a slow first import belongs at start-up, not inside the first job
 

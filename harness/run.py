@@ -58,12 +58,22 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
     return KillAfterAppends(store, settings.kill_after_appends) if settings.kill_after_appends else store  # type: ignore[return-value]
 
 
-def mcp_toolsets(settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: TextIO | None, log: SessionLog) -> list[Toolset]:
+def mcp_toolsets(
+    settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: TextIO | None, log: SessionLog
+) -> list[Toolset]:
     out: list[Toolset] = []
     known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
     for name, target in settings.server_targets().items():
-        conn = MCPTools(name, target, task_group=tg, env=env, connect_timeout_s=settings.connect_timeout_s, errlog=errlog,
-                        token=settings.server_token, meta={"corral/client": log.session_id})  # the session's hands follow it
+        conn = MCPTools(
+            name,
+            target,
+            task_group=tg,
+            env=env,
+            connect_timeout_s=settings.connect_timeout_s,
+            errlog=errlog,
+            token=settings.server_token,
+            meta={"corral/client": log.session_id},
+        )  # the session's hands follow it
         toolset: Toolset = Prefixed(conn, name)
         if name == "sandbox":
             toolset = SandboxLifecycle(toolset, known)
@@ -88,8 +98,13 @@ async def run_session(
     first_send = anyio.Event()
     own_model = None
     if model is None:
-        own_model = model = AnthropicModel(settings.anthropic_api_key, settings.anthropic_base_url, settings.model_timeout_s, first_send.set,
-                                   idle_timeout_s=settings.model_idle_timeout_s)
+        own_model = model = AnthropicModel(
+            settings.anthropic_api_key,
+            settings.anthropic_base_url,
+            settings.model_timeout_s,
+            first_send.set,
+            idle_timeout_s=settings.model_idle_timeout_s,
+        )
     if own_model is None:
         first_send.set()
     if own_model is not None:
@@ -97,11 +112,25 @@ async def run_session(
     owned = store is None
     store = open_harness_store(settings) if store is None else store
     try:
-        log = SessionLog.load(store, session_id) if session_id else SessionLog.create(store, metadata={"task": (task or "")[:200]})
+        log = (
+            SessionLog.load(store, session_id)
+            if session_id
+            else SessionLog.create(store, metadata={"task": (task or "")[:200]})
+        )
         view.session(log.session_id, resumed=session_id is not None)
         if on_session:
             on_session(log.session_id)
-        return await _run(settings, store, log, model, task=task, resumed=session_id is not None, view=view, env=env, first_send=first_send)
+        return await _run(
+            settings,
+            store,
+            log,
+            model,
+            task=task,
+            resumed=session_id is not None,
+            view=view,
+            env=env,
+            first_send=first_send,
+        )
     finally:
         if own_model is not None:
             with anyio.CancelScope(shield=True):
@@ -110,8 +139,18 @@ async def run_session(
             store.close()
 
 
-async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, model: ModelClient, *, task: str | None, resumed: bool,
-               view: View, env: dict[str, str] | None, first_send: anyio.Event) -> Outcome:
+async def _run(
+    settings: HarnessSettings,
+    store: EventStore,
+    log: SessionLog,
+    model: ModelClient,
+    *,
+    task: str | None,
+    resumed: bool,
+    view: View,
+    env: dict[str, str] | None,
+    first_send: anyio.Event,
+) -> Outcome:
     config = AgentConfig.of(settings)
     logs = settings.data_dir() / "logs"
     logs.mkdir(exist_ok=True)
@@ -121,7 +160,14 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
             servers = CachedListing(connected, tools_cache(settings), tg, first_send)
 
             def make_child(child: SessionLog, label: str) -> Agent:
-                return Agent(child, model, Router([servers, TodoTools()]), config, view.child(label), SUBAGENT_SYSTEM.format(session_id=child.session_id))
+                return Agent(
+                    child,
+                    model,
+                    Router([servers, TodoTools()]),
+                    config,
+                    view.child(label),
+                    SUBAGENT_SYSTEM.format(session_id=child.session_id),
+                )
 
             tools = Router([servers, TodoTools(), Subagents(log, make_child, settings.subagent_summary_chars)])
             agent = Agent(log, model, tools, config, view, SYSTEM.format(session_id=log.session_id))
@@ -130,7 +176,10 @@ async def _run(settings: HarnessSettings, store: EventStore, log: SessionLog, mo
             if settings.eager_sandbox:
                 provisioned = await tools.call("sandbox__provision", {})
                 if provisioned.is_error:
-                    raise Unavailable(f"eager provisioning failed: {provisioned.text}", hint="unset CORRAL_EAGER_SANDBOX to provision lazily")
+                    raise Unavailable(
+                        f"eager provisioning failed: {provisioned.text}",
+                        hint="unset CORRAL_EAGER_SANDBOX to provision lazily",
+                    )
             try:
                 text = await agent.run(task, reason="wake" if resumed and not task else "run")
             except anyio.get_cancelled_exc_class():
@@ -177,6 +226,8 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 def _stopped(log: SessionLog) -> None:
     try:
-        log.append([ev(E.STATUS, status="stopped", writer=log.writer, reason="interrupted by the user; `corral wake` resumes")])
+        log.append(
+            [ev(E.STATUS, status="stopped", writer=log.writer, reason="interrupted by the user; `corral wake` resumes")]
+        )
     except E.WriterLost:
         pass  # another harness owns the session now: nothing of ours to record

@@ -51,12 +51,26 @@ class ToolDef:
         return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
 
     def record(self) -> dict[str, Any]:
-        return {**self.api(), "annotations": {"read_only": self.read_only, "idempotent": self.idempotent, "destructive": self.destructive}}
+        return {
+            **self.api(),
+            "annotations": {
+                "read_only": self.read_only,
+                "idempotent": self.idempotent,
+                "destructive": self.destructive,
+            },
+        }
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> ToolDef:
         ann = data.get("annotations", {})
-        return cls(data["name"], data.get("description", ""), data["input_schema"], ann.get("read_only", False), ann.get("idempotent", False), ann.get("destructive", False))
+        return cls(
+            data["name"],
+            data.get("description", ""),
+            data["input_schema"],
+            ann.get("read_only", False),
+            ann.get("idempotent", False),
+            ann.get("destructive", False),
+        )
 
     @property
     def safe_to_rerun(self) -> bool:
@@ -147,7 +161,12 @@ class TimeLimited(Wrapper):
         with anyio.move_on_after(self.seconds) as scope:
             return await self.inner.call(name, args, call_id)
         assert scope.cancelled_caught
-        return ToolOutcome.error(Timeout(f"{name} did not finish within {self.seconds:g}s; its outcome is unknown", hint="check the state, then retry with a smaller step or a longer timeout"))
+        return ToolOutcome.error(
+            Timeout(
+                f"{name} did not finish within {self.seconds:g}s; its outcome is unknown",
+                hint="check the state, then retry with a smaller step or a longer timeout",
+            )
+        )
 
 
 class SandboxLifecycle(Wrapper):
@@ -163,14 +182,23 @@ class SandboxLifecycle(Wrapper):
         outcome = await self.inner.call(name, args, call_id)
         if outcome.is_error:
             if outcome.kind == SandboxLost.kind:
-                outcome.events.append(ev(SANDBOX_LOST, sandbox_id=args.get("sandbox_id"), tool_use_id=call_id, message=outcome.text[:500]))
+                outcome.events.append(
+                    ev(SANDBOX_LOST, sandbox_id=args.get("sandbox_id"), tool_use_id=call_id, message=outcome.text[:500])
+                )
             return outcome
         result = outcome.structured or {}
         sid = result.get("sandbox_id")
         if isinstance(sid, str) and sid not in self.known:
             self.known.add(sid)
-            outcome.events.append(ev(SANDBOX_PROVISIONED, sandbox_id=sid, tool_use_id=call_id, via=name,
-                                     **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result}))
+            outcome.events.append(
+                ev(
+                    SANDBOX_PROVISIONED,
+                    sandbox_id=sid,
+                    tool_use_id=call_id,
+                    via=name,
+                    **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result},
+                )
+            )
         return outcome
 
 
@@ -248,7 +276,9 @@ class Router:
                 continue
             for t in listed:
                 if owner.setdefault(t.name, ts) is not ts:  # which one would the model reach? refuse to guess
-                    raise InvalidArgument(f"two toolsets offer a tool named {t.name!r}", hint="give each MCP server its own name (prefix)")
+                    raise InvalidArgument(
+                        f"two toolsets offer a tool named {t.name!r}", hint="give each MCP server its own name (prefix)"
+                    )
                 out.append(t)
         self._owner.update(owner)
         return out
@@ -258,7 +288,9 @@ class Router:
             await self.tools()
         owner = self._owner.get(name)
         if owner is None:
-            return ToolOutcome.error(NotFound(f"there is no tool named {name!r}", hint="use one of the tools listed in this request"))
+            return ToolOutcome.error(
+                NotFound(f"there is no tool named {name!r}", hint="use one of the tools listed in this request")
+            )
         started = time.perf_counter()
         outcome = await owner.call(name, args, call_id)
         outcome.data.setdefault("duration_ms", round((time.perf_counter() - started) * 1000, 1))

@@ -89,7 +89,13 @@ class RichView:
         if not self.label and self.console.is_terminal and self._status is None:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            self._status = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console, transient=True)
+            self._status = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
             self._status.add_task(f"{name} running", total=None)
             self._status.start()
 
@@ -98,7 +104,9 @@ class RichView:
             self._status.stop()
             self._status = None
         colour = "red" if outcome.is_error else "green"
-        self.console.print(f"{self._prefix()}[{colour}]← {name}[/] [dim]({duration_ms / 1000:.1f}s) {short(outcome.text)}[/]")
+        self.console.print(
+            f"{self._prefix()}[{colour}]← {name}[/] [dim]({duration_ms / 1000:.1f}s) {short(outcome.text)}[/]"
+        )
 
     def note(self, message: str) -> None:
         self.console.print(f"{self._prefix()}[dim]· {short(message, 400)}[/]")
@@ -110,7 +118,9 @@ class RichView:
         """A response that broke: whatever streamed above it is discarded, not the answer."""
         discarded = ", the text above is discarded" if self._streaming else ""
         self.response_done()
-        self.console.print(f"{self._prefix()}[red]✗ attempt {attempt} failed{discarded}; retrying in {retry_in_s:.1f}s: {short(message, 300)}[/]")
+        self.console.print(
+            f"{self._prefix()}[red]✗ attempt {attempt} failed{discarded}; retrying in {retry_in_s:.1f}s: {short(message, 300)}[/]"
+        )
 
     def child(self, label: str) -> View:
         return RichView(self.console, label=label)

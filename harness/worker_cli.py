@@ -14,13 +14,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worker",
         help="work queued sessions (needs a postgresql:// session store)",
-        description=__doc__ + "\n\nSIGINT/SIGTERM stop it: running sessions get --stop-grace seconds to finish, then go back to the queue.",
+        description=__doc__
+        + "\n\nSIGINT/SIGTERM stop it: running sessions get --stop-grace seconds to finish, then go back to the queue.",
     )
     p.add_argument("--name", help="lease holder name shown by `corral sessions list` (default HOST:PID)")
     p.add_argument("--concurrency", type=int, help="sessions worked at once (default CORRAL_WORKER_CONCURRENCY, 1)")
     p.add_argument("--lease", type=float, metavar="SECONDS", help="lease timeout (default CORRAL_WORKER_LEASE_S, 15)")
     p.add_argument("--stop-grace", type=float, metavar="SECONDS", help="default CORRAL_WORKER_STOP_GRACE_S, 10")
-    p.add_argument("--body", default=DEFAULT_BODY, metavar="MODULE:FACTORY", help="what a job runs (default: the reference harness's wake)")
+    p.add_argument(
+        "--body",
+        default=DEFAULT_BODY,
+        metavar="MODULE:FACTORY",
+        help="what a job runs (default: the reference harness's wake)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every claim and release")
     p.set_defaults(func=_worker)
 
@@ -45,8 +51,18 @@ def _worker(args: argparse.Namespace) -> int:
     body = load_body(args.body)
     settings.store_dsn()  # many hosts share one store: refuse SQLite before opening anything
     store = settings.open_store()
-    runtime = Runtime(store=store, body=body, name=settings.worker_name, lease_s=settings.worker_lease_s, outage_s=settings.worker_outage_s)
-    print(f"corral worker {settings.worker_name}: lease {settings.worker_lease_s:g}s, rides out {settings.worker_outage_s:g}s of database outage, concurrency {settings.worker_concurrency}", file=sys.stderr, flush=True)
+    runtime = Runtime(
+        store=store,
+        body=body,
+        name=settings.worker_name,
+        lease_s=settings.worker_lease_s,
+        outage_s=settings.worker_outage_s,
+    )
+    print(
+        f"corral worker {settings.worker_name}: lease {settings.worker_lease_s:g}s, rides out {settings.worker_outage_s:g}s of database outage, concurrency {settings.worker_concurrency}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         asyncio.run(
             run_worker(

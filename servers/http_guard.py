@@ -109,7 +109,14 @@ class HTTPGuard:
         rest = urlencode([(k, v) for k, vs in query.items() if k != "token" for v in vs])
         response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), status_code=303)
         # Path "/": `/sessions.json` does not path-match a cookie for "/sessions"; only the viewer's paths accept it anyway.
-        response.set_cookie(self.cookie_name, self.viewers.start(), max_age=int(self.viewers.ttl_s), httponly=True, samesite="strict", path="/")
+        response.set_cookie(
+            self.cookie_name,
+            self.viewers.start(),
+            max_age=int(self.viewers.ttl_s),
+            httponly=True,
+            samesite="strict",
+            path="/",
+        )
         return response
 
     def _check(self, scope: Scope) -> PlainTextResponse | None:
@@ -122,10 +129,18 @@ class HTTPGuard:
         path: str = scope["path"]
         if self.token is None or path in self.open_paths or self._authorized(headers, path, scope["method"]):
             return None
-        if path.startswith(self.cookie_paths) and self.cookie_paths and "token=" in scope.get("query_string", b"").decode("latin-1"):
+        if (
+            path.startswith(self.cookie_paths)
+            and self.cookie_paths
+            and "token=" in scope.get("query_string", b"").decode("latin-1")
+        ):
             return None  # a login attempt: `_login` judges the token
         viewer = bool(self.cookie_paths) and path.startswith(self.cookie_paths)
-        how = "open the /sessions?token=... link `corral up` printed" if viewer else "send 'Authorization: Bearer <token>'"
+        how = (
+            "open the /sessions?token=... link `corral up` printed"
+            if viewer
+            else "send 'Authorization: Bearer <token>'"
+        )
         return PlainTextResponse(
             f"missing or wrong bearer token: {how} (the token is in $CORRAL_HOME/token)\n",
             status_code=401,
@@ -149,4 +164,3 @@ def _cookie(headers: Headers, name: str) -> str | None:
         return None
     morsel = jar.get(name)
     return morsel.value if morsel else None
-

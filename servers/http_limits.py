@@ -54,6 +54,7 @@ def request_bytes_for(max_file_bytes: int) -> int:
     """The largest HTTP body to accept: a base64 `write_file` of `max_file_bytes` (4 bytes per 3) plus its envelope."""
     return 4 * -(-max_file_bytes // 3) + ENVELOPE_BYTES
 
+
 _log = logging.getLogger("corral.http")
 
 
@@ -99,7 +100,9 @@ class GuardedH11(H11Protocol):
             self._drop(self, f"no complete request head within {HEADER_TIMEOUT_S:.0f} s")
 
     def _make_room(self) -> None:
-        idle = [c for c in self.connections if isinstance(c, GuardedH11) and c._waiting() and not c.transport.is_closing()]
+        idle = [
+            c for c in self.connections if isinstance(c, GuardedH11) and c._waiting() and not c.transport.is_closing()
+        ]
         victim = min(idle, key=lambda c: c._waiting_since) if idle else self
         self._drop(victim, f"more than {MAX_CONNECTIONS} connections")
 
@@ -110,7 +113,11 @@ class GuardedH11(H11Protocol):
         GuardedH11._dropped += 1
         now = conn.loop.time()
         if now - GuardedH11._last_notice >= NOTICE_EVERY_S:
-            _log.warning("closing connections that hold the door without a request (%s; %d so far); token holders are still served", why, GuardedH11._dropped)
+            _log.warning(
+                "closing connections that hold the door without a request (%s; %d so far); token holders are still served",
+                why,
+                GuardedH11._dropped,
+            )
             GuardedH11._last_notice = now
 
 

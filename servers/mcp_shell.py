@@ -121,7 +121,9 @@ def tool(
                 except Exception as err:
                     raise _translate(tool_name, err) from err
 
-        server.tool(name=tool_name, annotations=annotations, structured_output=structured, description=description)(wrapped)
+        server.tool(name=tool_name, annotations=annotations, structured_output=structured, description=description)(
+            wrapped
+        )
         # The advertised schema only (arguments are validated against the pydantic model):
         # the SDK offers no hook between building a tool and listing it.
         registered = server._tool_manager.get_tool(tool_name)
@@ -148,7 +150,9 @@ def _translate_argument_errors(server: MCPServer) -> None:
             cause = err.__cause__
             if isinstance(err, UnexpectedToolError) or not isinstance(cause, ValidationError):
                 raise
-            refused = InvalidArgument(_problems(cause), hint=f"call {name} with the arguments its input schema describes")
+            refused = InvalidArgument(
+                _problems(cause), hint=f"call {name} with the arguments its input schema describes"
+            )
             raise ToolError(f"Error executing tool {name}: {refused}") from cause
 
     server.call_tool = call_tool  # type: ignore[method-assign]
@@ -203,7 +207,9 @@ def http_app(
     security = transport_security(host, port)
     children: list[BaseRoute] = []
     for name, server in mounts.items():
-        sub = server.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host, max_request_body_size=body)
+        sub = server.streamable_http_app(
+            streamable_http_path="/mcp", transport_security=security, host=host, max_request_body_size=body
+        )
         children.append(Mount(f"/{name}", app=sub) if name else Mount("/", app=sub))
 
     @contextlib.asynccontextmanager
@@ -218,7 +224,14 @@ def http_app(
             yield
 
     app = Starlette(routes=[*routes, Route("/healthz", _healthz), *children], lifespan=lifespan)
-    guard = HTTPGuard(app, security=security, token=token, open_paths=open_paths, cookie_paths=cookie_paths, cookie_name=viewer_cookie(port))
+    guard = HTTPGuard(
+        app,
+        security=security,
+        token=token,
+        open_paths=open_paths,
+        cookie_paths=cookie_paths,
+        cookie_name=viewer_cookie(port),
+    )
     return guard  # type: ignore[return-value]
 
 

@@ -11,8 +11,16 @@ from corral.servers import SERVER_MODULES as SERVERS
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one MCP server (stdio by default)", description=__doc__)
     p.add_argument("server", choices=sorted(SERVERS), help="which server")
-    p.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at HOST:PORT instead of stdio, behind the install's bearer token ($CORRAL_HOME/token)")
-    p.add_argument("--no-token", action="store_true", help="with --http: accept requests without the token (any local process can then call the server)")
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve streamable HTTP at HOST:PORT instead of stdio, behind the install's bearer token ($CORRAL_HOME/token)",
+    )
+    p.add_argument(
+        "--no-token",
+        action="store_true",
+        help="with --http: accept requests without the token (any local process can then call the server)",
+    )
     p.set_defaults(func=_serve)
 
 

@@ -130,11 +130,15 @@ def refusal(line: str, err: ValidationError) -> JSONRPCError:
         return JSONRPCError(jsonrpc="2.0", id=None, error=ErrorData(code=PARSE_ERROR, message=f"Parse error: {why}"))
     found = raw.get("id") if isinstance(raw, dict) else None
     request_id = found if isinstance(found, int | str) and not isinstance(found, bool) else None
-    return JSONRPCError(jsonrpc="2.0", id=request_id, error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request: {why}"))
+    return JSONRPCError(
+        jsonrpc="2.0", id=request_id, error=ErrorData(code=INVALID_REQUEST, message=f"Invalid request: {why}")
+    )
 
 
 @contextlib.asynccontextmanager
-async def pipe_stdio_server() -> AsyncIterator[tuple[MemoryObjectReceiveStream[SessionMessage], MemoryObjectSendStream[SessionMessage]]]:
+async def pipe_stdio_server() -> AsyncIterator[
+    tuple[MemoryObjectReceiveStream[SessionMessage], MemoryObjectSendStream[SessionMessage]]
+]:
     """The (read_stream, write_stream) pair a server runs on, over non-blocking pipes."""
     with _wire_moved_aside() as (wire_in, wire_out):
         lines, out = PipeLines(wire_in), PipeWriter(wire_out)

@@ -101,7 +101,9 @@ def wait_until(ready: Callable[[], object], what: str, seconds: float = 30, ever
         time.sleep(every)
 
 
-async def until(ready: Callable[[], object | Awaitable[object]], what: str, seconds: float = 30, every: float = 0.05) -> None:
+async def until(
+    ready: Callable[[], object | Awaitable[object]], what: str, seconds: float = 30, every: float = 0.05
+) -> None:
     """`wait_until` for async tests: `ready` may be a coroutine function; the loop keeps running meanwhile."""
     deadline = time.monotonic() + seconds
     while True:

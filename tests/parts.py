@@ -37,13 +37,17 @@ def corral_exe() -> str:
     """The `corral` installed beside the Python running the tests: never whatever is on PATH."""
     beside = Path(sys.executable).parent / "corral"
     if not beside.exists():
-        raise RuntimeError(f"no corral console script beside {sys.executable}: pip install -e . into this Python's venv")
+        raise RuntimeError(
+            f"no corral console script beside {sys.executable}: pip install -e . into this Python's venv"
+        )
     return str(beside)
 
 
 def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        )
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(argv, -1, "", f"{argv[0]} did not finish in {timeout}s")
 
@@ -67,7 +71,9 @@ def _bwrap() -> str | None:
     setpriv = shutil.which("setpriv")
     drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 and setpriv else []
     ns = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try"]
-    done = _run([*drop, bwrap, *ns, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"])
+    done = _run(
+        [*drop, bwrap, *ns, "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    )
     if done.returncode != 0:
         return f"bwrap cannot start a sandbox: {_last_line(done)} ({USERNS})"
     return None

@@ -21,8 +21,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"corral": ROOT / "corral", "corral.servers": ROOT / "servers", "corral.harness": ROOT / "harness", "corral.vault": ROOT / "vault"}
-FRONT_DOOR = ("corral.cli", "corral.up", "corral.serving", "corral.frontdoor", "corral.mcp_config", "corral.sessions", "corral.viewer")
+FOLDERS = {
+    "corral": ROOT / "corral",
+    "corral.servers": ROOT / "servers",
+    "corral.harness": ROOT / "harness",
+    "corral.vault": ROOT / "vault",
+}
+FRONT_DOOR = (
+    "corral.cli",
+    "corral.up",
+    "corral.serving",
+    "corral.frontdoor",
+    "corral.mcp_config",
+    "corral.sessions",
+    "corral.viewer",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -90,7 +103,10 @@ def test_the_graph_sees_the_tree():
         (("corral.servers", "corral.vault", "corral.harness"), FRONT_DOOR),
         (("corral.harness",), ("corral.servers.sandbox", "corral.servers.credentials")),  # over MCP only
         (("corral.vault",), ("corral.servers",)),
-        (("corral.errors", "corral.config", "corral.auth"), ("corral.servers", "corral.harness", "corral.vault", *FRONT_DOOR)),
+        (
+            ("corral.errors", "corral.config", "corral.auth"),
+            ("corral.servers", "corral.harness", "corral.vault", *FRONT_DOOR),
+        ),
     ],
     ids=["no-front-door-below", "harness-over-mcp", "vault-below-servers", "kernel-at-the-bottom"],
 )
@@ -101,7 +117,10 @@ def test_no_upward_arrows(sources, forbidden):
 @pytest.mark.parametrize(
     ("interface", "implementations"),
     [
-        ("corral.servers.sandbox.backend", ("corral.servers.sandbox.bubblewrap", "corral.servers.sandbox.docker", "corral.servers.sandbox.e2b")),
+        (
+            "corral.servers.sandbox.backend",
+            ("corral.servers.sandbox.bubblewrap", "corral.servers.sandbox.docker", "corral.servers.sandbox.e2b"),
+        ),
         ("corral.servers.session.store", ("corral.servers.session.sqlite", "corral.servers.session.postgres")),
     ],
 )

@@ -40,7 +40,9 @@ def test_a_missing_part_skips_locally_with_one_line_and_fails_in_ci() -> None:
     reasons = {line.split(": ", 1)[1] for line in local.stdout.splitlines() if line.startswith("SKIPPED")}
     assert len(reasons) == 1, reasons  # one reason for every test of the part
     (reason,) = reasons
-    assert reason.startswith("needs a PostgreSQL server that accepts a connection:") and "start_postgres" in reason, reason
+    assert reason.startswith("needs a PostgreSQL server that accepts a connection:") and "start_postgres" in reason, (
+        reason
+    )
 
     ci = pytest_run(ci=True)
     assert counts(ci) == {"passed": got["passed"], "error": got["skipped"]}, ci.stdout

@@ -17,17 +17,36 @@ from corral.vault.policy import KINDS, Credential
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vault", help="manage credentials (secrets in a keyring, used only by the proxy)", description=__doc__)
+    p = sub.add_parser(
+        "vault", help="manage credentials (secrets in a keyring, used only by the proxy)", description=__doc__
+    )
     vsub = p.add_subparsers(dest="vault_command", metavar="ACTION", required=True)
 
     s = vsub.add_parser("set", help="add or replace a credential; the secret is read from stdin or a hidden prompt")
     s.add_argument("name")
     s.add_argument("--kind", choices=KINDS, default="bearer", help="how the secret is injected (default bearer)")
     s.add_argument("--host", action="append", required=True, help="allowed host, exact or *.example.com (repeatable)")
-    s.add_argument("--method", action="append", default=[], help="allowed HTTP method (repeatable; default GET, HEAD; git: GET, POST)")
-    s.add_argument("--port", action="append", type=int, default=[], help="allowed port (repeatable; default 443/80 by scheme)")
-    s.add_argument("--scheme", action="append", choices=["http", "https"], default=[], help="allowed scheme (repeatable; default https)")
-    s.add_argument("--allow-private", action="store_true", help="allow loopback/private/link-local upstream addresses (off by default)")
+    s.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        help="allowed HTTP method (repeatable; default GET, HEAD; git: GET, POST)",
+    )
+    s.add_argument(
+        "--port", action="append", type=int, default=[], help="allowed port (repeatable; default 443/80 by scheme)"
+    )
+    s.add_argument(
+        "--scheme",
+        action="append",
+        choices=["http", "https"],
+        default=[],
+        help="allowed scheme (repeatable; default https)",
+    )
+    s.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="allow loopback/private/link-local upstream addresses (off by default)",
+    )
     s.add_argument("--header", help="kind header: the header name, e.g. X-Api-Key")
     s.add_argument("--template", default="{secret}", help="kind header: the header value, e.g. 'token {secret}'")
     s.add_argument("--query-param", help="kind query: the query parameter name")
@@ -62,9 +81,18 @@ def _read_secret(name: str) -> str:
 def _set(args: argparse.Namespace) -> int:
     try:
         cred = Credential(
-            name=args.name, kind=args.kind, hosts=args.host, methods=args.method, ports=args.port,
-            schemes=args.scheme or ["https"], allow_private=args.allow_private, header=args.header,
-            template=args.template, query_param=args.query_param, username=args.username, description=args.description,
+            name=args.name,
+            kind=args.kind,
+            hosts=args.host,
+            methods=args.method,
+            ports=args.port,
+            schemes=args.scheme or ["https"],
+            allow_private=args.allow_private,
+            header=args.header,
+            template=args.template,
+            query_param=args.query_param,
+            username=args.username,
+            description=args.description,
         )
     except ValidationError as err:
         first = err.errors()[0]
@@ -87,7 +115,18 @@ def _list(args: argparse.Namespace) -> int:
         print("no credentials; add one with `corral vault set NAME --host HOST` (secret on stdin)")
         return 0
     rows = [("NAME", "KIND", "HOSTS", "METHODS", "PORTS", "PRIVATE", "DESCRIPTION")]
-    rows += [(c.name, c.kind, ",".join(c.hosts), ",".join(c.methods), ",".join(map(str, c.ports)), "yes" if c.allow_private else "no", c.description) for c in creds]
+    rows += [
+        (
+            c.name,
+            c.kind,
+            ",".join(c.hosts),
+            ",".join(c.methods),
+            ",".join(map(str, c.ports)),
+            "yes" if c.allow_private else "no",
+            c.description,
+        )
+        for c in creds
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         # widths leaves out the last column (not padded): zip stops before it

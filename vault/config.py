@@ -23,8 +23,12 @@ class VaultSettings(CoreSettings):
     )
     keyring_timeout_s: float = Field(5.0, gt=0, le=120, description="deadline of every keyring call")
     proxy_max_request_bytes: int = Field(1 << 20, gt=0, description="largest request body http_request accepts")
-    proxy_max_response_bytes: int = Field(1 << 20, gt=0, description="response body bytes returned; the rest is counted, not returned")
-    proxy_drain_bytes: int = Field(16 << 20, gt=0, description="response bytes read at most (to count totals) before giving up")
+    proxy_max_response_bytes: int = Field(
+        1 << 20, gt=0, description="response body bytes returned; the rest is counted, not returned"
+    )
+    proxy_drain_bytes: int = Field(
+        16 << 20, gt=0, description="response bytes read at most (to count totals) before giving up"
+    )
     proxy_timeout_s: float = Field(30.0, gt=0, le=600, description="default upstream timeout of http_request")
     git_socket: Path | None = Field(None, description="unix socket of the git gateway (default: see git_socket_path)")
     git_grant_ttl_s: int = Field(900, gt=0, le=86400, description="default lifetime of a git capability")

@@ -89,7 +89,10 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
         try:
             return json.loads(fernet.decrypt(blob))
         except InvalidToken:
-            raise Unavailable(f"{self.data_path} does not decrypt with {self.key_path}", hint="the key file was replaced; restore it or re-set every secret") from None
+            raise Unavailable(
+                f"{self.data_path} does not decrypt with {self.key_path}",
+                hint="the key file was replaced; restore it or re-set every secret",
+            ) from None
 
     def _save(self, fernet: Fernet, data: dict[str, dict[str, str]]) -> None:
         tmp = self.data_path.with_suffix(".tmp")
@@ -154,7 +157,10 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str) -> T:
 
     threading.Thread(target=runner, name=f"keyring:{what}", daemon=True).start()
     if not done.wait(timeout_s):
-        raise Timeout(f"the keyring did not answer {what} within {timeout_s:g}s", hint="check the OS keyring (D-Bus Secret Service) or raise CORRAL_KEYRING_TIMEOUT_S")
+        raise Timeout(
+            f"the keyring did not answer {what} within {timeout_s:g}s",
+            hint="check the OS keyring (D-Bus Secret Service) or raise CORRAL_KEYRING_TIMEOUT_S",
+        )
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -173,7 +179,10 @@ class TimedKeyring:
         except CorralError:
             raise
         except TimeoutError:  # the backend's own deadline (jeepney has one) fired before ours
-            raise Timeout(f"the keyring {backend_name(self.backend)} did not answer {what} in time", hint="check the OS keyring (D-Bus Secret Service)") from None
+            raise Timeout(
+                f"the keyring {backend_name(self.backend)} did not answer {what} in time",
+                hint="check the OS keyring (D-Bus Secret Service)",
+            ) from None
         except Exception as err:  # vendor boundary: D-Bus, keyring and OS errors become one kind
             raise Unavailable(f"keyring {backend_name(self.backend)} failed on {what}: {type(err).__name__}") from None
 
@@ -251,7 +260,9 @@ def os_keyrings(timeout_s: float) -> list[keyring.backend.KeyringBackend]:
     def probe() -> list[tuple[float, keyring.backend.KeyringBackend]]:
         found = keyring.backend.get_all_keyring()
         # OS keyrings only (keyring's own backends); third-party plugins are used only when named
-        ranked = [(_priority(b), b) for b in found if backend_name(b).startswith("keyring.backends.") and not is_insecure(b)]
+        ranked = [
+            (_priority(b), b) for b in found if backend_name(b).startswith("keyring.backends.") and not is_insecure(b)
+        ]
         return sorted((r for r in ranked if r[0] > 0), key=lambda r: r[0], reverse=True)
 
     return [b for _, b in call_with_deadline(probe, timeout_s, "backend detection")]
@@ -262,7 +273,10 @@ def load_class(path: str, vault_dir: Path) -> keyring.backend.KeyringBackend:
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise InvalidArgument(f"CORRAL_VAULT_BACKEND={path}: cannot load that keyring backend ({type(err).__name__})", hint="pip install the package that provides it, or use auto") from None
+        raise InvalidArgument(
+            f"CORRAL_VAULT_BACKEND={path}: cannot load that keyring backend ({type(err).__name__})",
+            hint="pip install the package that provides it, or use auto",
+        ) from None
     return cls(vault_dir) if cls is EncryptedFileKeyring else cls()
 
 
@@ -275,10 +289,15 @@ def choose_backend(setting: str, vault_dir: Path, timeout_s: float, bus_address:
         return _choose_auto(setting, vault_dir, timeout_s, bus_address)
     path = NAMED.get(setting, setting)
     if "." not in path:
-        raise InvalidArgument(f"CORRAL_VAULT_BACKEND={setting!r} is not a backend", hint="use auto, os, encrypted-file, plaintext, null or a keyring backend class path")
+        raise InvalidArgument(
+            f"CORRAL_VAULT_BACKEND={setting!r} is not a backend",
+            hint="use auto, os, encrypted-file, plaintext, null or a keyring backend class path",
+        )
     backend = load_class(path, vault_dir)
     insecure = is_insecure(backend)
-    why = f"CORRAL_VAULT_BACKEND={setting} names it" + (" (an insecure backend, used because you named it)" if insecure else "")
+    why = f"CORRAL_VAULT_BACKEND={setting} names it" + (
+        " (an insecure backend, used because you named it)" if insecure else ""
+    )
     return Choice(backend, backend_name(backend), why, insecure)
 
 
@@ -294,6 +313,17 @@ def _choose_auto(setting: str, vault_dir: Path, timeout_s: float, bus_address: s
         best = candidates[0]
         return Choice(best, backend_name(best), "an OS keyring is available (the best viable one keyring reports)")
     if setting == "os":
-        raise Unavailable("no OS keyring is available", hint="start a Secret Service (e.g. gnome-keyring) or use CORRAL_VAULT_BACKEND=encrypted-file")
-    reason = "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS unset)" if not bus_address else "no Secret Service or KWallet answers on D-Bus"
-    return Choice(EncryptedFileKeyring(vault_dir), "encrypted-file", f"headless machine: {reason}, so the encrypted file vault (key file mode 0600)")
+        raise Unavailable(
+            "no OS keyring is available",
+            hint="start a Secret Service (e.g. gnome-keyring) or use CORRAL_VAULT_BACKEND=encrypted-file",
+        )
+    reason = (
+        "no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS unset)"
+        if not bus_address
+        else "no Secret Service or KWallet answers on D-Bus"
+    )
+    return Choice(
+        EncryptedFileKeyring(vault_dir),
+        "encrypted-file",
+        f"headless machine: {reason}, so the encrypted file vault (key file mode 0600)",
+    )

@@ -61,7 +61,10 @@ def legacy_ipv4(host: str) -> str | None:
     if not 1 <= len(parts) <= 4 or not all(re.fullmatch(r"0x[0-9a-f]*|0[0-7]*|[1-9][0-9]*", p) for p in parts):
         return None
     try:
-        values = [int(p, 16) if p.startswith("0x") else int(p, 8) if p.startswith("0") and len(p) > 1 else int(p or "0") for p in parts]
+        values = [
+            int(p, 16) if p.startswith("0x") else int(p, 8) if p.startswith("0") and len(p) > 1 else int(p or "0")
+            for p in parts
+        ]
     except ValueError:
         return None
     *head, last = values

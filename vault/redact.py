@@ -72,10 +72,22 @@ def secret_forms(secret: str) -> tuple[set[bytes], set[bytes]]:
     as_json = json.dumps(secret)[1:-1]
     go_json = as_json.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     # JSON may also escape "/" as "\/" (PHP, some Java encoders) and "'" as \u0027; json.dumps never does.
-    exact = {raw, secret.encode("utf-16-le"), secret.encode("utf-16-be"), as_json.encode(), as_json.replace("/", "\\/").encode(), go_json.encode(), go_json.replace("'", "\\u0027").encode()}
+    exact = {
+        raw,
+        secret.encode("utf-16-le"),
+        secret.encode("utf-16-be"),
+        as_json.encode(),
+        as_json.replace("/", "\\/").encode(),
+        go_json.encode(),
+        go_json.replace("'", "\\u0027").encode(),
+    }
     exact |= _b64_cores(raw)
     folded = {quote(secret, safe="").encode(), quote_plus(secret).encode(), quote(secret).encode(), raw.hex().encode()}
-    folded |= {quote(secret, safe="-_.!~*'()").encode(), quote_plus(secret, safe="*").replace("~", "%7E").encode(), quote_plus(secret, safe="").replace("~", "%7E").encode()}
+    folded |= {
+        quote(secret, safe="-_.!~*'()").encode(),
+        quote_plus(secret, safe="*").replace("~", "%7E").encode(),
+        quote_plus(secret, safe="").replace("~", "%7E").encode(),
+    }
     return exact, folded
 
 
@@ -85,7 +97,13 @@ ANCHOR = 16  # bytes of each form the automaton holds (see `Redactor`)
 class View:
     """`data` as a decoder reads it, with each escape undone, and the way back to the original offsets."""
 
-    def __init__(self, data: bytes, escapes: re.Pattern[bytes] | None = None, decode: Callable[[bytes], bytes] | None = None, parent: View | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        escapes: re.Pattern[bytes] | None = None,
+        decode: Callable[[bytes], bytes] | None = None,
+        parent: View | None = None,
+    ) -> None:
         self.parent = parent
         # per escape: where its decoded bytes start and end in this view, where it was in the parent
         self.vstart: list[int] = []
@@ -125,8 +143,19 @@ class View:
         return self.parent.end(out) if self.parent else out
 
 
-_JSON_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|\\[\"\\/bfnrt]")
-_JSON_SIMPLE = {b'\\"': b'"', b"\\\\": b"\\", b"\\/": b"/", b"\\b": b"\b", b"\\f": b"\f", b"\\n": b"\n", b"\\r": b"\r", b"\\t": b"\t"}
+_JSON_ESCAPE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[0-9a-fA-F]{4}|\\[\"\\/bfnrt]"
+)
+_JSON_SIMPLE = {
+    b'\\"': b'"',
+    b"\\\\": b"\\",
+    b"\\/": b"/",
+    b"\\b": b"\b",
+    b"\\f": b"\f",
+    b"\\n": b"\n",
+    b"\\r": b"\r",
+    b"\\t": b"\t",
+}
 _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
 _PERCENT_PLUS = re.compile(rb"%[0-9a-fA-F]{2}|\+")
 
@@ -215,7 +244,9 @@ class Redactor:
             return []
         found: list[tuple[int, int]] = []
         for view in views(data, self._plus):
-            hits = self._matcher.find_matches_as_indexes(view.data.lower(), overlapping=True)  # ASCII folding: offsets stay put
+            hits = self._matcher.find_matches_as_indexes(
+                view.data.lower(), overlapping=True
+            )  # ASCII folding: offsets stay put
             size = len(view.data)
             found += [(view.start(s), view.end(min(size, s + self._reach[i]))) for i, s, _ in hits]
         return merge(found)

@@ -29,7 +29,9 @@ def check_secret(secret: str) -> str:
     """Refuse secrets that cannot be injected or redacted safely; never echo them."""
     secret = secret.strip("\r\n")
     if len(secret) < MIN_SECRET_CHARS:
-        raise InvalidArgument(f"the secret is {len(secret)} characters; at least {MIN_SECRET_CHARS} are required so redaction cannot mangle ordinary output")
+        raise InvalidArgument(
+            f"the secret is {len(secret)} characters; at least {MIN_SECRET_CHARS} are required so redaction cannot mangle ordinary output"
+        )
     if any(c in secret for c in "\r\n\0"):
         raise InvalidArgument("the secret contains CR, LF or NUL; it would reach a header")
     if not secret.isprintable():
@@ -87,13 +89,18 @@ class Vault:
         creds = self._read()
         if name not in creds:
             known = ", ".join(sorted(creds)) or "none"
-            raise NotFound(f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them")
+            raise NotFound(
+                f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them"
+            )
         return creds[name]
 
     def secret(self, name: str) -> str:
         value = self.keyring.get(name)
         if value is None:
-            raise NotFound(f"credential {name!r} has a policy but no secret in the keyring", hint=f"run `corral vault set {name} ...` again")
+            raise NotFound(
+                f"credential {name!r} has a policy but no secret in the keyring",
+                hint=f"run `corral vault set {name} ...` again",
+            )
         return value
 
     def set(self, credential: Credential, secret: str) -> None:

@@ -138,7 +138,14 @@ def _summarize(type_: str, data: Any) -> Line:
         return Line(kind, f"{label} {d.get('name', '')}".strip(), clip(_tidy(text_of(d.get("content", d)))), usage)
     if type_ == "span.model_request":
         figures = ", ".join(f"{k.replace('_input_tokens', '').replace('_tokens', '')} {v}" for k, v in usage.items())
-        head = " ".join(str(x) for x in (d.get("model"), f"{d['latency_ms']:.0f} ms" if isinstance(d.get("latency_ms"), int | float) else None) if x)
+        head = " ".join(
+            str(x)
+            for x in (
+                d.get("model"),
+                f"{d['latency_ms']:.0f} ms" if isinstance(d.get("latency_ms"), int | float) else None,
+            )
+            if x
+        )
         return Line("usage", "model request", " · ".join(x for x in (head, figures) if x) or clip(compact(d)), usage)
     if type_ == "session.tools" and isinstance(d.get("tools"), list):
         names = [str(t.get("name", "?")) for t in d["tools"] if isinstance(t, dict)]

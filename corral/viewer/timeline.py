@@ -30,7 +30,17 @@ STYLES = {
     "usage": "dim",
     "other": "dim",
 }
-ICONS = {"user": "▶", "model": "◆", "tool": "⚙", "result": "✓", "error": "✗", "sandbox": "▣", "status": "●", "usage": "∑", "other": "·"}
+ICONS = {
+    "user": "▶",
+    "model": "◆",
+    "tool": "⚙",
+    "result": "✓",
+    "error": "✗",
+    "sandbox": "▣",
+    "status": "●",
+    "usage": "∑",
+    "other": "·",
+}
 
 
 def _field(event: Any, name: str) -> Any:
@@ -45,7 +55,9 @@ def _elapsed(start: datetime | None, at: datetime) -> str:
 
 
 def _what(line: Line) -> str:
-    return f"{line.title.split(' ', 1)[1]} {line.text}" if line.title.startswith("tool ") else line.text  # the tool's name first
+    return (
+        f"{line.title.split(' ', 1)[1]} {line.text}" if line.title.startswith("tool ") else line.text
+    )  # the tool's name first
 
 
 def event_line(event: Any) -> Text:
@@ -54,7 +66,12 @@ def event_line(event: Any) -> Text:
     style = STYLES.get(line.kind, "")
     created = _field(event, "created_at")
     when = created.strftime("%H:%M:%S") if isinstance(created, datetime) else str(created)[11:19]
-    return Text.assemble((f"{_field(event, 'position'):>6} {when} ", "dim"), (ICONS.get(line.kind, "·") + " ", style), (f"{_field(event, 'type')}  ", style), _what(line))
+    return Text.assemble(
+        (f"{_field(event, 'position'):>6} {when} ", "dim"),
+        (ICONS.get(line.kind, "·") + " ", style),
+        (f"{_field(event, 'type')}  ", style),
+        _what(line),
+    )
 
 
 def render_timeline(events: Iterable[Any], session: Any = None) -> RenderableType:
@@ -74,13 +91,23 @@ def render_timeline(events: Iterable[Any], session: Any = None) -> RenderableTyp
         line = summarize(_field(event, "type"), _field(event, "data"))
         lines.append(line)
         style = STYLES.get(line.kind, "")
-        table.add_row(str(_field(event, "position")), _elapsed(start, created), Text(ICONS.get(line.kind, "·"), style=style), Text(_field(event, "type"), style=style), Text(_what(line)))
+        table.add_row(
+            str(_field(event, "position")),
+            _elapsed(start, created),
+            Text(ICONS.get(line.kind, "·"), style=style),
+            Text(_field(event, "type"), style=style),
+            Text(_what(line)),
+        )
     parts: list[RenderableType] = []
     if session is not None:
         sid = _field(session, "session_id")
         status = _field(session, "status") or "—"
         parent = _field(session, "parent")
-        parts.append(Text.assemble(("session ", "bold"), (sid, "bold cyan"), f"  status {status}", f"  parent {parent}" if parent else ""))
+        parts.append(
+            Text.assemble(
+                ("session ", "bold"), (sid, "bold cyan"), f"  status {status}", f"  parent {parent}" if parent else ""
+            )
+        )
     parts.append(table if lines else Text("(no events yet)", style="dim"))
     figures = totals(lines)
     if any(figures.values()):

@@ -63,7 +63,9 @@ def _session_json(info: Any) -> dict[str, Any]:
         "session_id": info.session_id,
         "created_at": info.created_at.isoformat(),
         "length": info.length,
-        "status": info.status if info.status is None or isinstance(info.status, str) else compact(info.status),  # stored data: any JSON
+        "status": info.status
+        if info.status is None or isinstance(info.status, str)
+        else compact(info.status),  # stored data: any JSON
         "parent": info.parent,
         "title": _title(info.metadata),
     }
@@ -132,7 +134,9 @@ def viewer_routes(store: EventStore) -> list[Route]:
         except CorralError as err:
             return JSONResponse({"error": str(err)}, status_code=503, headers=HEADERS)
         events.sort(key=lambda e: e.position)  # always oldest first, whichever end was read
-        return JSONResponse({"session": _session_json(info), "events": [_event_json(e) for e in events]}, headers=HEADERS)
+        return JSONResponse(
+            {"session": _session_json(info), "events": [_event_json(e) for e in events]}, headers=HEADERS
+        )
 
     return [
         Route("/sessions", page),

@@ -126,13 +126,18 @@ class GitGateway:
     async def forward(self, request: Request) -> Response:
         grant = self.grants.get(request.path_params["token"])
         if grant is None or grant.expires_at <= time.time():
-            return PlainTextResponse("corral: this git capability is unknown or expired; ask for a new one with git_access\n", status_code=403)
+            return PlainTextResponse(
+                "corral: this git capability is unknown or expired; ask for a new one with git_access\n",
+                status_code=403,
+            )
         rest = request.path_params["rest"]
         service = request.query_params.get("service")
         if rest not in ENDPOINTS or (rest == "info/refs" and service not in ("git-upload-pack", "git-receive-pack")):
             return PlainTextResponse("corral: only git smart HTTP endpoints are forwarded\n", status_code=404)
         if not grant.write and "git-receive-pack" in (rest, service):
-            return PlainTextResponse("corral: this capability is read-only (clone/fetch); ask git_access for write\n", status_code=403)
+            return PlainTextResponse(
+                "corral: this capability is read-only (clone/fetch); ask git_access for write\n", status_code=403
+            )
         method = "GET" if rest == "info/refs" else "POST"
         if request.method != method:
             return PlainTextResponse("corral: wrong method for this endpoint\n", status_code=405)
@@ -143,24 +148,41 @@ class GitGateway:
     async def _send(self, grant: Grant, method: str, url: str, headers: dict[str, str], request: Request) -> Response:
         start = time.monotonic()
         snap = await self.proxy.snapshot()
-        audit: dict[str, Any] = {"who": "git-gateway", "credential": grant.credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0, "via": "git"}
+        audit: dict[str, Any] = {
+            "who": "git-gateway",
+            "credential": grant.credential,
+            "method": method,
+            "host": None,
+            "path": None,
+            "status": None,
+            "bytes": 0,
+            "via": "git",
+        }
         try:
-            cred, target, ip, send_url, out_headers = await self.proxy.prepare(snap, audit, grant.credential, method, url, headers)
+            cred, target, ip, send_url, out_headers = await self.proxy.prepare(
+                snap, audit, grant.credential, method, url, headers
+            )
             if method == "POST":  # git's own negotiation for packfiles; a GET (info/refs) is decoded and redacted
                 out_headers.pop("Accept-Encoding", None)
                 if "accept-encoding" in request.headers:
                     out_headers["Accept-Encoding"] = request.headers["accept-encoding"]
             client = self.proxy.client(cred)
             content = request.stream() if method == "POST" else None
-            upstream = client.build_request(method, send_url, headers=out_headers, content=content, timeout=httpx.Timeout(60.0))
+            upstream = client.build_request(
+                method, send_url, headers=out_headers, content=content, timeout=httpx.Timeout(60.0)
+            )
             with pinned(target.pin_host, target.port, ip):
                 resp = await client.send(upstream, stream=True)
         except CorralError as err:
             self.proxy.audit_line(snap, audit, start, "denied" if err.kind != "unavailable" else "error", err.kind)
-            return PlainTextResponse(f"corral: {snap.redactor.text(str(err))}\n", status_code=403 if err.kind == "policy_denied" else 502)
+            return PlainTextResponse(
+                f"corral: {snap.redactor.text(str(err))}\n", status_code=403 if err.kind == "policy_denied" else 502
+            )
         except httpx.HTTPError as err:
             self.proxy.audit_line(snap, audit, start, "error", "unavailable")
-            return PlainTextResponse(f"corral: upstream failed: {snap.redactor.text(type(err).__name__)}\n", status_code=502)
+            return PlainTextResponse(
+                f"corral: upstream failed: {snap.redactor.text(type(err).__name__)}\n", status_code=502
+            )
         audit["status"] = resp.status_code
         out = {k: snap.redactor.text(v) for k, v in resp.headers.items() if k.lower() in PASS_RESPONSE}
         if not is_pack(method, resp):
@@ -177,7 +199,9 @@ class GitGateway:
 
         return StreamingResponse(body(), status_code=resp.status_code, headers=out, background=BackgroundTask(done))
 
-    async def _redacted(self, resp: httpx.Response, headers: dict[str, str], snap: Snapshot, audit: dict[str, Any], start: float) -> Response:
+    async def _redacted(
+        self, resp: httpx.Response, headers: dict[str, str], snap: Snapshot, audit: dict[str, Any], start: float
+    ) -> Response:
         """A response that is not a packfile: whole, decoded and redacted like http_request's."""
         try:
             body = await read_redacted(resp, snap.redactor, self.settings.proxy_drain_bytes)
@@ -193,7 +217,6 @@ class GitGateway:
         self.proxy.audit_line(snap, audit, start, "ok", None)
         headers.pop("content-encoding", None)  # decoded above
         return Response(body, status_code=resp.status_code, headers=headers)
-
 
     # -- lifecycle -------------------------------------------------------------------
     def _claim_socket(self) -> None:
@@ -222,9 +245,13 @@ class GitGateway:
         forwarder = self.socket_path.parent / "git_forwarder.py"  # the sandbox gets it with the socket
         forwarder.write_bytes(FORWARDER.read_bytes())
         forwarder.chmod(0o644)
-        config = uvicorn.Config(self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(
+            self.app(), uds=str(self.socket_path), log_level="warning", lifespan="off", access_log=False
+        )
         server = self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="corral-git-gateway", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve()), name="corral-git-gateway", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
@@ -242,4 +269,8 @@ class GitGateway:
 
 def is_pack(method: str, resp: httpx.Response) -> bool:
     """A git result stream (packfile): the one thing passed unredacted."""
-    return method == "POST" and 200 <= resp.status_code < 300 and resp.headers.get("content-type", "").startswith("application/x-git-")
+    return (
+        method == "POST"
+        and 200 <= resp.status_code < 300
+        and resp.headers.get("content-type", "").startswith("application/x-git-")
+    )

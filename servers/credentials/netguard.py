@@ -18,11 +18,23 @@ import httpx
 from corral.errors import InvalidArgument, PolicyDenied, Timeout, Unavailable
 from corral.vault.policy import Credential, host_matches, normalize_host
 
-__all__ = ["Resolver", "StaticResolver", "SystemResolver", "Target", "check_address", "has_ctl", "parse_target", "resolve_checked"]
+__all__ = [
+    "Resolver",
+    "StaticResolver",
+    "SystemResolver",
+    "Target",
+    "check_address",
+    "has_ctl",
+    "parse_target",
+    "resolve_checked",
+]
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Cloud metadata endpoints: refused even when a policy allows private addresses.
-METADATA = {ipaddress.ip_address(a) for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")}
+METADATA = {
+    ipaddress.ip_address(a)
+    for a in ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200", "168.63.129.16")
+}
 
 
 def has_ctl(text: str) -> bool:
@@ -67,13 +79,25 @@ def parse_target(raw: str) -> Target:
 
 def check_policy(cred: Credential, target: Target, method: str) -> None:
     if not host_matches(target.host, cred.hosts):
-        raise PolicyDenied(f"credential {cred.name!r} is not allowed for host {target.host!r}", hint=f"allowed hosts: {', '.join(cred.hosts)}")
+        raise PolicyDenied(
+            f"credential {cred.name!r} is not allowed for host {target.host!r}",
+            hint=f"allowed hosts: {', '.join(cred.hosts)}",
+        )
     if target.scheme not in cred.schemes:
-        raise PolicyDenied(f"credential {cred.name!r} is not allowed over {target.scheme}", hint=f"allowed schemes: {', '.join(cred.schemes)}")
+        raise PolicyDenied(
+            f"credential {cred.name!r} is not allowed over {target.scheme}",
+            hint=f"allowed schemes: {', '.join(cred.schemes)}",
+        )
     if target.port not in cred.ports:
-        raise PolicyDenied(f"credential {cred.name!r} is not allowed on port {target.port}", hint=f"allowed ports: {', '.join(map(str, cred.ports))}")
+        raise PolicyDenied(
+            f"credential {cred.name!r} is not allowed on port {target.port}",
+            hint=f"allowed ports: {', '.join(map(str, cred.ports))}",
+        )
     if method not in cred.methods:
-        raise PolicyDenied(f"credential {cred.name!r} does not allow method {method}", hint=f"allowed methods: {', '.join(cred.methods)}")
+        raise PolicyDenied(
+            f"credential {cred.name!r} does not allow method {method}",
+            hint=f"allowed methods: {', '.join(cred.methods)}",
+        )
 
 
 # IPv6 ranges that are never the public internet, whatever `is_global` says (Python 3.11 calls
@@ -122,7 +146,9 @@ def check_address(ip: IP, allow_private: bool) -> None:
         addresses += _embedded_v4(ip)
         # The operator picks where local-use NAT64 puts the IPv4 address: try every position.
         if ip in _NAT64_LOCAL and any(v4 in METADATA for v4 in _rfc6052(ip)):
-            raise PolicyDenied(f"address {ip} embeds a cloud metadata endpoint; it is never reachable through the proxy")
+            raise PolicyDenied(
+                f"address {ip} embeds a cloud metadata endpoint; it is never reachable through the proxy"
+            )
     for addr in addresses:
         if addr in METADATA:
             raise PolicyDenied(f"address {ip} is a cloud metadata endpoint; it is never reachable through the proxy")

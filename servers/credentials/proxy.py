@@ -49,10 +49,25 @@ __all__ = ["Proxy", "Snapshot", "Snapshots", "read_redacted"]
 
 log = logging.getLogger("corral.credentials")
 # Headers a client may not set: they would change where or how the request goes.
-FORBIDDEN = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "proxy-authorization", "proxy-connection", "expect"}
+FORBIDDEN = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-connection",
+    "expect",
+}
 DECODABLE = {"", "identity", "gzip", "x-gzip", "deflate"}  # encodings we decode (and so can redact inside)
 PIECE = 64 * 1024  # most decoded bytes produced per step: a gzip bomb inflates no faster than we count
-LIST_LIMIT, LIST_LIMIT_MAX = 25, 500  # list_credentials page: default, largest (a client validates each item against the schema: ~0.2-0.8 ms)
+LIST_LIMIT, LIST_LIMIT_MAX = (
+    25,
+    500,
+)  # list_credentials page: default, largest (a client validates each item against the schema: ~0.2-0.8 ms)
 DROPPED_RESPONSE = {"content-encoding", "content-length", "transfer-encoding"}  # the body we return is decoded
 
 
@@ -73,7 +88,10 @@ class Snapshot:
         stamp = vault.stamp()
         creds = {c.name: c for c in vault.list()}
         secrets = vault.secrets(creds.values())
-        listing = [CredentialInfo(**c.public(), has_secret=c.name in secrets) for c in sorted(creds.values(), key=lambda c: c.name)]
+        listing = [
+            CredentialInfo(**c.public(), has_secret=c.name in secrets)
+            for c in sorted(creds.values(), key=lambda c: c.name)
+        ]
         return cls(stamp, creds, secrets, Redactor(secrets.values()), listing, [c.name for c in listing])
 
     def page(self, limit: int, cursor: str | None) -> CredentialPage:
@@ -81,7 +99,9 @@ class Snapshot:
         start = bisect.bisect_right(self.names, cursor) if cursor else 0
         items = self.listing[start : start + limit]
         more = start + limit < len(self.listing)
-        return CredentialPage(credentials=items, next_cursor=items[-1].name if more and items else None, total=len(self.listing))
+        return CredentialPage(
+            credentials=items, next_cursor=items[-1].name if more and items else None, total=len(self.listing)
+        )
 
 
 class Snapshots:
@@ -106,7 +126,11 @@ class Snapshots:
 
 class Proxy:
     def __init__(
-        self, vault: Vault, settings: VaultSettings, resolver: Resolver | None = None, connector: httpcore.AsyncNetworkBackend | None = None,
+        self,
+        vault: Vault,
+        settings: VaultSettings,
+        resolver: Resolver | None = None,
+        connector: httpcore.AsyncNetworkBackend | None = None,
         snapshots: Snapshots | None = None,
     ) -> None:
         self.vault = vault
@@ -139,7 +163,10 @@ class Proxy:
         client = self._clients.get(key)
         if client is None:
             client = httpx.AsyncClient(
-                transport=PinnedTransport(self.connector), follow_redirects=False, trust_env=False, timeout=self.settings.proxy_timeout_s,
+                transport=PinnedTransport(self.connector),
+                follow_redirects=False,
+                trust_env=False,
+                timeout=self.settings.proxy_timeout_s,
                 cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # no state carried between callers
             )
             self._clients[key] = client
@@ -157,9 +184,28 @@ class Proxy:
             raise InvalidArgument(f"limit must be between 1 and {LIST_LIMIT_MAX}")
         return (await self.snapshot()).page(limit, cursor)
 
-    async def http_request(self, credential: str, method: str, url: str, headers: dict[str, str] | None = None, body: str | None = None, json: Any = None, timeout_s: float | None = None, *, who: str = "unknown") -> HttpResult:
+    async def http_request(
+        self,
+        credential: str,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        body: str | None = None,
+        json: Any = None,
+        timeout_s: float | None = None,
+        *,
+        who: str = "unknown",
+    ) -> HttpResult:
         start = time.monotonic()
-        audit: dict[str, Any] = {"who": who, "credential": credential, "method": method, "host": None, "path": None, "status": None, "bytes": 0}
+        audit: dict[str, Any] = {
+            "who": who,
+            "credential": credential,
+            "method": method,
+            "host": None,
+            "path": None,
+            "status": None,
+            "bytes": 0,
+        }
         try:
             snap = await self.snapshot()
         except CorralError as err:  # the keyring failed: nothing was sent, and there is no secret to redact
@@ -168,7 +214,13 @@ class Proxy:
         try:
             result = await self._request(snap, audit, credential, method, url, headers, body, json, timeout_s)
         except CorralError as err:
-            self.audit_line(snap, audit, start, "denied" if err.kind in ("policy_denied", "invalid_argument", "not_found") else "error", err.kind)
+            self.audit_line(
+                snap,
+                audit,
+                start,
+                "denied" if err.kind in ("policy_denied", "invalid_argument", "not_found") else "error",
+                err.kind,
+            )
             raise type(err)(snap.redactor.text(err.message), hint=snap.redactor.text(err.hint)) from None
         except Exception:  # a bug: still one audit line; the MCP shell logs it (redacted) and reports `unavailable`
             self.audit_line(snap, audit, start, "error", "unexpected")
@@ -176,14 +228,25 @@ class Proxy:
         self.audit_line(snap, audit, start, "ok", None)
         return HttpResult(**result)
 
-    def audit_line(self, snap: Snapshot | None, audit: dict[str, Any], start: float, outcome: str, error: str | None) -> None:
+    def audit_line(
+        self, snap: Snapshot | None, audit: dict[str, Any], start: float, outcome: str, error: str | None
+    ) -> None:
         audit.update(outcome=outcome, duration_ms=monotonic_ms(start))
         if error:
             audit["error"] = error
         self.audit.write(snap.redactor if snap else self.redactor(), **audit)
-        log.info("%r %r %s%s -> %s", audit["credential"], audit["method"], audit["host"] or "-", audit["path"] or "", audit["status"] or outcome)
+        log.info(
+            "%r %r %s%s -> %s",
+            audit["credential"],
+            audit["method"],
+            audit["host"] or "-",
+            audit["path"] or "",
+            audit["status"] or outcome,
+        )
 
-    async def prepare(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None) -> tuple[Credential, Target, str, httpx.URL, dict[str, str]]:
+    async def prepare(
+        self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None
+    ) -> tuple[Credential, Target, str, httpx.URL, dict[str, str]]:
         """Every check, then the secret: (credential, target, checked address, URL to send, headers to send)."""
         method = method.upper()
         if not TOKEN.match(method):
@@ -198,21 +261,39 @@ class Proxy:
         ip = await resolve_checked(target, self.resolver, cred.allow_private)
         secret = snap.secrets.get(cred.name)
         if secret is None:
-            raise Unavailable(f"credential {cred.name!r} has no secret in the keyring", hint=f"run `corral vault set {cred.name}` again")
+            raise Unavailable(
+                f"credential {cred.name!r} has no secret in the keyring",
+                hint=f"run `corral vault set {cred.name}` again",
+            )
         return cred, target, ip, inject(cred, secret, target, out_headers), out_headers
 
-    async def _request(self, snap: Snapshot, audit: dict, credential: str, method: str, url: str, headers: dict[str, str] | None, body: str | None, json: Any, timeout_s: float | None) -> dict[str, Any]:
+    async def _request(
+        self,
+        snap: Snapshot,
+        audit: dict,
+        credential: str,
+        method: str,
+        url: str,
+        headers: dict[str, str] | None,
+        body: str | None,
+        json: Any,
+        timeout_s: float | None,
+    ) -> dict[str, Any]:
         timeout = check_timeout(timeout_s, self.settings.proxy_timeout_s)
         headers = dict(headers or {})
         content = encode_body(body, json, headers, self.settings.proxy_max_request_bytes)
         cred, target, ip, send_url, out_headers = await self.prepare(snap, audit, credential, method, url, headers)
         try:
             with anyio.fail_after(timeout), pinned(target.pin_host, target.port, ip):
-                async with self.client(cred).stream(audit["method"], send_url, headers=out_headers, content=content, timeout=timeout) as resp:
+                async with self.client(cred).stream(
+                    audit["method"], send_url, headers=out_headers, content=content, timeout=timeout
+                ) as resp:
                     audit["status"] = resp.status_code
                     result = await read_response(resp, snap.redactor, self.settings)
         except TimeoutError:
-            raise Timeout(f"{target.host} did not answer within {timeout:g}s", hint="retry, or pass a larger timeout_s") from None
+            raise Timeout(
+                f"{target.host} did not answer within {timeout:g}s", hint="retry, or pass a larger timeout_s"
+            ) from None
         except httpx.TimeoutException as err:
             raise Timeout(f"{target.host} timed out: {err}", hint="retry, or pass a larger timeout_s") from None
         except httpx.HTTPError as err:
@@ -223,7 +304,9 @@ class Proxy:
     @staticmethod
     def _unknown(snap: Snapshot, name: str) -> CorralError:
         known = ", ".join(sorted(snap.credentials)) or "none"
-        return NotFound(f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them")
+        return NotFound(
+            f"no credential named {name!r}", hint=f"known credentials: {known}; list_credentials shows them"
+        )
 
 
 def check_timeout(timeout_s: float | None, default: float) -> float:
@@ -267,7 +350,10 @@ def encode_body(body: str | None, json: Any, headers: dict[str, str], cap: int) 
     else:
         return None
     if len(content) > cap:
-        raise InvalidArgument(f"the request body is {len(content)} bytes; the cap is {cap} (CORRAL_PROXY_MAX_REQUEST_BYTES)", hint="send a smaller body")
+        raise InvalidArgument(
+            f"the request body is {len(content)} bytes; the cap is {cap} (CORRAL_PROXY_MAX_REQUEST_BYTES)",
+            hint="send a smaller body",
+        )
     return content
 
 
@@ -298,7 +384,13 @@ async def read_response(resp: httpx.Response, redactor: Redactor, settings: Vaul
     if len(encodings) > 1 or not set(encodings) <= DECODABLE:
         # Compressed in a way we cannot decode means we cannot redact inside: withhold it.
         result["headers"] = redact_headers(headers, redactor)
-        result.update(body="", body_encoding="text", body_bytes=0, truncated=True, body_withheld=f"content-encoding {encoding!r} cannot be decoded for redaction")
+        result.update(
+            body="",
+            body_encoding="text",
+            body_bytes=0,
+            truncated=True,
+            body_withheld=f"content-encoding {encoding!r} cannot be decoded for redaction",
+        )
         return result
     cap, keep = settings.proxy_max_response_bytes, settings.proxy_max_response_bytes + redactor.longest
     buf, total, exact = bytearray(), 0, True
@@ -326,7 +418,9 @@ async def read_redacted(resp: httpx.Response, redactor: Redactor, limit: int) ->
     async for chunk in decoded(resp, encoding):
         buf += chunk
         if len(buf) > limit:
-            raise Unavailable(f"the upstream's answer is over {limit} bytes (CORRAL_PROXY_DRAIN_BYTES); too large to redact")
+            raise Unavailable(
+                f"the upstream's answer is over {limit} bytes (CORRAL_PROXY_DRAIN_BYTES); too large to redact"
+            )
     return await anyio.to_thread.run_sync(redactor.bytes, bytes(buf))
 
 
@@ -334,7 +428,9 @@ def redact_headers(headers: list[tuple[str, str]], redactor: Redactor) -> list[l
     return [[redactor.text(k), redactor.text(v)] for k, v in headers]
 
 
-def _finish(buf: bytes, cap: int, truncated: bool, headers: list[tuple[str, str]], redactor: Redactor) -> tuple[dict[str, Any], list[list[str]]]:
+def _finish(
+    buf: bytes, cap: int, truncated: bool, headers: list[tuple[str, str]], redactor: Redactor
+) -> tuple[dict[str, Any], list[list[str]]]:
     """The CPU half of `read_response` (runs in a worker thread)."""
     data = redactor.capped(buf, cap) if truncated else redactor.bytes(buf)
     return _body(data, truncated), redact_headers(headers, redactor)
@@ -352,7 +448,13 @@ async def decoded(resp: httpx.Response, encoding: str) -> AsyncIterator[bytes]:
     inflater: zlib._Decompress | None = None
     async for raw in resp.aiter_raw():
         if inflater is None:  # deflate is zlib-wrapped by the RFC, raw in practice (0x78 starts a zlib header)
-            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS if raw[:1] == b"\x78" else -zlib.MAX_WBITS
+            wbits = (
+                16 + zlib.MAX_WBITS
+                if encoding != "deflate"
+                else zlib.MAX_WBITS
+                if raw[:1] == b"\x78"
+                else -zlib.MAX_WBITS
+            )
             inflater = zlib.decompressobj(wbits)
         data = raw
         try:

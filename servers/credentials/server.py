@@ -38,8 +38,19 @@ INSTRUCTIONS = (
 # Loggers whose records may carry request details (httpcore traces request headers at DEBUG).
 # A logger's filter does not see its children's records, so children are named too.
 REDACTED_LOGGERS = (
-    "corral.credentials", "corral.servers", "httpx", "httpcore", "httpcore.connection", "httpcore.connection_pool",
-    "httpcore.http11", "httpcore.http2", "httpcore.proxy", "uvicorn", "uvicorn.error", "uvicorn.access", "mcp",
+    "corral.credentials",
+    "corral.servers",
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.connection_pool",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "mcp",
 )
 
 
@@ -76,7 +87,11 @@ class Redaction:
             logging.getLogger("corral.credentials").warning("vault not readable at start: %s", err)
 
     def install(self, handlers: list[logging.Handler] | None = None) -> Redaction:
-        existing = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}]
+        existing = [
+            n
+            for n in logging.root.manager.loggerDict
+            if n.split(".")[0] in {"corral", "httpx", "httpcore", "uvicorn", "mcp"}
+        ]
         targets: list[logging.Filterer] = [logging.getLogger(name) for name in {*REDACTED_LOGGERS, *existing}]
         for target in [*targets, *(handlers or [])]:
             target.addFilter(self.filter)
@@ -107,7 +122,10 @@ def client_name(ctx: Context | None) -> str:
 
 
 def build_server(
-    proxy: Proxy | None = None, gateway: GitGateway | None = None, *, lifespan: Callable[[MCPServer], AbstractAsyncContextManager[Running]] | None = None
+    proxy: Proxy | None = None,
+    gateway: GitGateway | None = None,
+    *,
+    lifespan: Callable[[MCPServer], AbstractAsyncContextManager[Running]] | None = None,
 ) -> MCPServer:
     """The tools over `proxy` (and `gateway`: git_access), or, with `lifespan`, over the `Running`
     it opens when the server starts (what `assemble` does; git_access is then always there)."""
@@ -116,7 +134,9 @@ def build_server(
     def running(ctx: Context | None) -> Running:
         if proxy is not None:
             return Running(proxy, gateway)
-        assert ctx is not None, "without a proxy the tools run in a server whose lifespan opened one, and it passes a Context"
+        assert ctx is not None, (
+            "without a proxy the tools run in a server whose lifespan opened one, and it passes a Context"
+        )
         # a bare Context types its lifespan_context as a dict; here it is what `lifespan` yielded
         return cast(Running, ctx.request_context.lifespan_context)
 
@@ -137,21 +157,27 @@ def build_server(
         credential: str = Field(description="credential name from list_credentials"),
         method: str = Field(description="HTTP method, e.g. GET or POST; must be allowed by the credential"),
         url: str = Field(description="absolute http(s) URL on one of the credential's allowed hosts"),
-        headers: dict[str, str] | None = Field(None, description="extra request headers; the credential's own header is set by the proxy"),
+        headers: dict[str, str] | None = Field(
+            None, description="extra request headers; the credential's own header is set by the proxy"
+        ),
         body: str | None = Field(None, description="request body as text"),
         json: Any = Field(None, description="request body as JSON (instead of body)"),
         timeout_s: float | None = Field(None, description="upstream timeout in seconds (default 30)"),
         ctx: Context | None = None,
     ) -> HttpResult:
         """Send an HTTP request with a stored credential added by the proxy; redirects are returned, not followed."""
-        return await running(ctx).proxy.http_request(credential, method, url, headers, body, json, timeout_s, who=client_name(ctx))
+        return await running(ctx).proxy.http_request(
+            credential, method, url, headers, body, json, timeout_s, who=client_name(ctx)
+        )
 
     if gateway is not None or lifespan is not None:
 
         @tool(server)
         async def git_access(
             credential: str = Field(description="a credential of kind git"),
-            repo_url: str = Field(description="the repository's http(s) URL, e.g. https://git.example.com/org/repo.git"),
+            repo_url: str = Field(
+                description="the repository's http(s) URL, e.g. https://git.example.com/org/repo.git"
+            ),
             access: Literal["read", "write"] = Field("read", description="read = clone/fetch; write = also push"),
             ttl_s: int | None = Field(None, description="lifetime of the capability in seconds (default 900)"),
             ctx: Context | None = None,
@@ -198,7 +224,9 @@ def _open(redaction: Redaction) -> Running:
     proxy = Proxy(vault, settings)
     redaction.add(proxy)
     logging.getLogger("corral.credentials").info("vault backend %s (%s)", choice.name, choice.why)
-    gateway_proxy = Proxy(vault, settings, snapshots=proxy.snapshots)  # its own Proxy (own loop), the same vault snapshot
+    gateway_proxy = Proxy(
+        vault, settings, snapshots=proxy.snapshots
+    )  # its own Proxy (own loop), the same vault snapshot
     redaction.add(gateway_proxy)
     gateway = GitGateway(gateway_proxy, settings)
     gateway.start()

@@ -34,14 +34,25 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
         self.inner = inner
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         pins = _PINS.get() or {}
         ip = pins.get((host.lower().rstrip("."), port))
         if ip is None:
             raise httpcore.ConnectError(f"refusing to connect to {host}:{port}: no checked address pinned")
-        return await self.inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+        return await self.inner.connect_tcp(
+            ip, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable | None = None
+    ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("unix sockets are not an upstream")
 
     async def sleep(self, seconds: float) -> None:
@@ -55,20 +66,33 @@ class LoopbackOnly(httpcore.AsyncNetworkBackend):
         self.inner = httpcore.AnyIOBackend()
         self.attempts: list[tuple[str, int]] = []
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         self.attempts.append((host, port))
         if host not in ("127.0.0.1", "::1"):
             raise httpcore.ConnectError(f"test connector: {host} is not loopback")
-        return await self.inner.connect_tcp(host, port, timeout=timeout, local_address=local_address, socket_options=socket_options)
+        return await self.inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable | None = None
+    ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("no unix sockets")
 
     async def sleep(self, seconds: float) -> None:
         await self.inner.sleep(seconds)
 
 
-def _map_error(err: httpcore.TimeoutException | httpcore.NetworkError | httpcore.ProtocolError | httpcore.UnsupportedProtocol) -> httpx.TransportError:
+def _map_error(
+    err: httpcore.TimeoutException | httpcore.NetworkError | httpcore.ProtocolError | httpcore.UnsupportedProtocol,
+) -> httpx.TransportError:
     if isinstance(err, httpcore.TimeoutException):
         return httpx.TimeoutException(str(err))
     if isinstance(err, httpcore.ConnectError):
@@ -99,7 +123,9 @@ class _Stream(httpx.AsyncByteStream):
 class PinnedTransport(httpx.AsyncBaseTransport):
     """httpx -> httpcore, with the pinning network backend; no proxies, no env."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, inner: httpcore.AsyncNetworkBackend | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context or ssl.create_default_context(),
             max_connections=50,
@@ -111,7 +137,12 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         req = httpcore.Request(
             method=request.method,
-            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path),
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
             headers=request.headers.raw,
             content=request.stream,
             extensions=request.extensions,
@@ -120,7 +151,9 @@ class PinnedTransport(httpx.AsyncBaseTransport):
             resp = await self._pool.handle_async_request(req)
         except _ERRORS as err:
             raise _map_error(err) from None
-        return httpx.Response(status_code=resp.status, headers=resp.headers, stream=_Stream(resp.stream), extensions=resp.extensions)
+        return httpx.Response(
+            status_code=resp.status, headers=resp.headers, stream=_Stream(resp.stream), extensions=resp.extensions
+        )
 
     async def aclose(self) -> None:
         await self._pool.aclose()

@@ -99,7 +99,9 @@ class ExecResult(_Model):
     stderr_bytes: int
     stdout_truncated: bool
     stderr_truncated: bool
-    notice: str | None = Field(None, description="something the caller should know, e.g. background processes were stopped")
+    notice: str | None = Field(
+        None, description="something the caller should know, e.g. background processes were stopped"
+    )
 
     @classmethod
     def of(cls, done: Any) -> ExecResult:
@@ -126,7 +128,9 @@ class FileData(_Model):
 class FileEntry(_Model):
     name: str = Field(description="path relative to the listed directory; bytes that are not UTF-8 show as U+FFFD")
     name_base64: str | None = Field(
-        None, exclude_if=lambda v: v is None, description="the name's exact bytes (base64), only when they are not UTF-8"
+        None,
+        exclude_if=lambda v: v is None,
+        description="the name's exact bytes (base64), only when they are not UTF-8",
     )
     type: Literal["file", "dir", "symlink", "other"]
     size: int
@@ -137,7 +141,9 @@ class FileEntry(_Model):
         try:
             return cls(name=raw.decode("utf-8"), type=type, size=size)
         except UnicodeDecodeError:
-            return cls(name=raw.decode("utf-8", "replace"), name_base64=base64.b64encode(raw).decode(), type=type, size=size)
+            return cls(
+                name=raw.decode("utf-8", "replace"), name_base64=base64.b64encode(raw).decode(), type=type, size=size
+            )
 
 
 class Listing(_Model):

@@ -97,7 +97,9 @@ SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 GROUP = "root:x:0:\nnogroup:x:65534:\n"
 # Template sandboxes: the host's /usr, where the tools that enter and bound a command come from.
 HOST_USR = "/.corral/host/usr"
-_LOADER = os.path.realpath("/lib64/ld-linux-x86-64.so.2" if os.path.exists("/lib64/ld-linux-x86-64.so.2") else "/lib/ld-linux-aarch64.so.1")
+_LOADER = os.path.realpath(
+    "/lib64/ld-linux-x86-64.so.2" if os.path.exists("/lib64/ld-linux-x86-64.so.2") else "/lib/ld-linux-aarch64.so.1"
+)
 HOST_LOADER = HOST_USR + _LOADER.removeprefix("/usr")
 HOST_LIBS = f"{HOST_USR}{os.path.dirname(_LOADER).removeprefix('/usr')}:{HOST_USR}/lib"
 # After a foreground command exits, how long to keep reading output a background child may hold open.
@@ -107,7 +109,9 @@ DRAIN_S = 0.2
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise Unavailable(f"{name} is not installed (util-linux)", hint="apt-get install util-linux, then start the server again")
+        raise Unavailable(
+            f"{name} is not installed (util-linux)", hint="apt-get install util-linux, then start the server again"
+        )
     return path
 
 
@@ -242,7 +246,10 @@ class BubblewrapBackend(Backend):
 
     def _rootfs(self, template: str) -> Path:
         if self.templates is None:
-            raise NotFound(f"no template {template!r}: this server has no templates", hint="omit template to use the host's userland")
+            raise NotFound(
+                f"no template {template!r}: this server has no templates",
+                hint="omit template to use the host's userland",
+            )
         return self.templates.rootfs(template)
 
     def _layered(self, spec: SandboxSpec) -> bool:
@@ -260,12 +267,16 @@ class BubblewrapBackend(Backend):
             return
         lower = self._rootfs(ref.spec.template or "").resolve()  # as `templates rm` finds it in mountinfo
         if any(c in f"{lower}{base}" for c in ",:\\"):
-            raise Unavailable(f"cannot mount a layer over {lower}: a path has ',' ':' or '\\'", hint="use plain directory names")
+            raise Unavailable(
+                f"cannot mount a layer over {lower}: a path has ',' ':' or '\\'", hint="use plain directory names"
+            )
         options = f"lowerdir={lower},upperdir={base}/layer/upper,workdir={base}/layer/work"
         # The syscall, not mount(8): a spawn costs a few ms of every provision + first execute.
         if _LIBC.mount(b"overlay", os.fsencode(base / "rootfs"), b"overlay", 0, options.encode()) != 0:
             err = ctypes.get_errno()
-            raise Unavailable(f"could not mount the sandbox's system layer: {os.strerror(err)}", hint="the server must run as root")
+            raise Unavailable(
+                f"could not mount the sandbox's system layer: {os.strerror(err)}", hint="the server must run as root"
+            )
 
     def _system(self, ref: SandboxRef) -> list[str]:
         """The sandbox's `/`: the host's system dirs, or a template's rootfs (its writable layer, else
@@ -283,12 +294,32 @@ class BubblewrapBackend(Backend):
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
         argv = self.cgroups.enter_argv(ref.id, init=True) if self.cgroups else []
-        argv += [*self._drop_to_uid(), self.bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-ipc"]
+        argv += [
+            *self._drop_to_uid(),
+            self.bwrap,
+            "--unshare-user",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--unshare-pid",
+            "--unshare-ipc",
+        ]
         argv += ["--unshare-uts", "--hostname", "sandbox", "--unshare-cgroup-try"]
         if spec.network == "none":
             argv.append("--unshare-net")
         argv += ["--as-pid-1", "--new-session", "--clearenv", *self._system(ref)]
-        argv += ["--bind", f"{base}/workspace", WORKDIR, "--bind", f"{base}/home", "/root", "--bind", f"{base}/tmp", "/tmp"]
+        argv += [
+            "--bind",
+            f"{base}/workspace",
+            WORKDIR,
+            "--bind",
+            f"{base}/home",
+            "/root",
+            "--bind",
+            f"{base}/tmp",
+            "/tmp",
+        ]
         for bind in self.config.extra_binds:
             argv += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.dest]
         ends_at = int(ref.data.get("ends_at") or time.time() + spec.ttl_s)
@@ -328,8 +359,12 @@ class BubblewrapBackend(Backend):
         if code != 1 or out or not err.startswith(("nsenter: ", "setpriv: ", "prlimit: ")):
             return
         if "change directory" in err:
-            raise InvalidArgument(f"cwd {_cwd(request.cwd)!r} does not exist in sandbox {ref.id}", hint="create it first, or omit cwd")
-        raise Unavailable(f"could not run the command in sandbox {ref.id}: {err.strip()}", hint="check the server log and settings")
+            raise InvalidArgument(
+                f"cwd {_cwd(request.cwd)!r} does not exist in sandbox {ref.id}", hint="create it first, or omit cwd"
+            )
+        raise Unavailable(
+            f"could not run the command in sandbox {ref.id}: {err.strip()}", hint="check the server log and settings"
+        )
 
     def _popen_user(self) -> PopenUser:
         # An empty environment for bwrap itself too: it is PID 1 inside, and the sandbox can
@@ -345,7 +380,9 @@ class BubblewrapBackend(Backend):
             return []
         return [self.setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
 
-    def _argv(self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False) -> list[str]:
+    def _argv(
+        self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False
+    ) -> list[str]:
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
@@ -387,7 +424,12 @@ class BubblewrapBackend(Backend):
         if meta.ended_at is None and reap is not None:  # ours and gone, not yet reaped: reap it now
             reap()
             fresh = Meta.load(directory)
-            meta.exit_code, meta.signal, meta.ended_at, meta.cpu_s = fresh.exit_code, fresh.signal, fresh.ended_at, fresh.cpu_s
+            meta.exit_code, meta.signal, meta.ended_at, meta.cpu_s = (
+                fresh.exit_code,
+                fresh.signal,
+                fresh.ended_at,
+                fresh.cpu_s,
+            )
         if meta.ended_at is None:
             meta.ended_at = time.time()
             meta.note = "it ended while the server was restarting: its exit code is unknown"
@@ -482,7 +524,11 @@ class BubblewrapBackend(Backend):
                             os.kill(pid, sig)
                     signalled.update(left)
                     await asyncio.sleep(0.01)
-                    left = [p for p in _group_members(child["pid"], init.init.pid) if p not in signalled or sig == signal.SIGKILL]
+                    left = [
+                        p
+                        for p in _group_members(child["pid"], init.init.pid)
+                        if p not in signalled or sig == signal.SIGKILL
+                    ]
                     if not left:
                         break
                 info.note = f"it had ended; signalled the {len(signalled)} processes of its group still running"

@@ -47,9 +47,7 @@ class Cgroups:
         for controller in CONTROLLERS:
             self.path(controller, sandbox_id).mkdir(parents=True, exist_ok=True)
         _write(memory / "memory.limit_in_bytes", spec.memory_mb << 20)
-        with contextlib.suppress(
-            OSError
-        ):  # swap accounting may be off: then there is no swap to escape to
+        with contextlib.suppress(OSError):  # swap accounting may be off: then there is no swap to escape to
             _write(memory / "memory.memsw.limit_in_bytes", spec.memory_mb << 20)
         # Each command also has one host-side holder (its nsenter) in the group: room for those.
         _write(self.path("pids", sandbox_id) / "pids.max", 2 * spec.max_processes + 8)
@@ -60,12 +58,8 @@ class Cgroups:
     def enter_argv(self, sandbox_id: str, *, init: bool = False) -> list[str]:
         """A prefix that puts what follows into the sandbox's groups before it runs; for the
         `init`, also out of the OOM killer's reach (it is tiny; losing it loses the sandbox)."""
-        joins = " && ".join(
-            f'echo $$ > "{self.path(c, sandbox_id)}/cgroup.procs"' for c in CONTROLLERS
-        )
-        spare = (
-            "{ echo -1000 > /proc/self/oom_score_adj; } 2>/dev/null; " if init else ""
-        )  # where allowed
+        joins = " && ".join(f'echo $$ > "{self.path(c, sandbox_id)}/cgroup.procs"' for c in CONTROLLERS)
+        spare = "{ echo -1000 > /proc/self/oom_score_adj; } 2>/dev/null; " if init else ""  # where allowed
         return ["/bin/sh", "-c", f'{joins} && {spare}exec "$@"', "sh"]
 
     async def remove(self, sandbox_id: str, timeout_s: float = 5.0) -> bool:
@@ -88,9 +82,7 @@ class Cgroups:
         return True
 
     def memory_peak(self, sandbox_id: str) -> int:
-        return int(
-            (self.path("memory", sandbox_id) / "memory.max_usage_in_bytes").read_text()
-        )
+        return int((self.path("memory", sandbox_id) / "memory.max_usage_in_bytes").read_text())
 
 
 def _kill_members(path: Path) -> None:
@@ -106,9 +98,7 @@ def _write(path: Path, value: int) -> None:
 
 def detect(base: Path = V1) -> Cgroups | None:
     """Per-sandbox cgroups if this server can make them (root, cgroup v1 controllers mounted)."""
-    if os.geteuid() != 0 or not all(
-        (base / c / "cgroup.procs").exists() for c in CONTROLLERS
-    ):
+    if os.geteuid() != 0 or not all((base / c / "cgroup.procs").exists() for c in CONTROLLERS):
         return None
     groups = Cgroups(base)
     try:

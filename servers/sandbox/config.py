@@ -42,7 +42,9 @@ class ExtraBind(_Model):
             source, _, rest = item.partition(":")
             dest, _, flag = rest.partition(":")
             if not source.startswith("/") or not dest.startswith("/") or flag not in ("", "rw", "ro"):
-                raise ValueError(f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]")
+                raise ValueError(
+                    f"bad CORRAL_SANDBOX_EXTRA_BINDS entry {item!r}; expected /host/path:/sandbox/path[:rw]"
+                )
             binds.append(cls(source=Path(source), dest=dest, writable=flag == "rw"))
         return binds
 
@@ -53,8 +55,12 @@ class BubblewrapConfig(_Model):
     run_as_uid: int | None = Field(None, description="host uid for sandboxes when the server is root (never root)")
     extra_binds: list[ExtraBind] = Field(default_factory=list)
     bwrap: str = "bwrap"
-    cgroups: bool = Field(True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can")
-    templates: Path | None = Field(None, description="where registered templates (root filesystems) live; None: no templates")
+    cgroups: bool = Field(
+        True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can"
+    )
+    templates: Path | None = Field(
+        None, description="where registered templates (root filesystems) live; None: no templates"
+    )
 
 
 class DockerConfig(_Model):
@@ -69,7 +75,9 @@ class E2BConfig(_Model):
     template: str | None = None
     api_key: str = ""
     request_timeout_s: float = 30.0
-    max_ttl_s: int = Field(3600, gt=0, description="longest sandbox lifetime the E2B tier allows; longer TTLs are clamped")
+    max_ttl_s: int = Field(
+        3600, gt=0, description="longest sandbox lifetime the E2B tier allows; longer TTLs are clamped"
+    )
 
 
 BackendConfig = Annotated[BubblewrapConfig | DockerConfig | E2BConfig, Field(discriminator="type")]
@@ -87,13 +95,31 @@ class SandboxSettings(CoreSettings):
     sandbox_image: str = Field(
         "", description="docker image or e2b template; empty: python:3.12-slim for docker, the e2b default template"
     )
-    sandbox_cpus: float = Field(1.0, gt=0, description="CPUs per sandbox (docker, e2b): the default and the most a client may ask")
-    sandbox_memory_mb: int = Field(1024, gt=0, description="memory per sandbox, the default and the most a client may ask; bubblewrap: address-space limit per process")
-    sandbox_disk_mb: int = Field(1024, gt=0, description="largest file a command may write (RLIMIT_FSIZE): the default and the most a client may ask")
-    sandbox_max_processes: int = Field(256, gt=0, description="processes/threads a sandbox may run at once (RLIMIT_NPROC)")
-    sandbox_ttl_s: int = Field(24 * 3600, gt=0, description="lifetime of a sandbox: the default and the most a client may ask")
-    sandbox_idle_timeout_s: int = Field(3600, gt=0, description="idle time after which a sandbox is reaped: the default and the most a client may ask")
-    sandbox_reap_interval_s: float = Field(30.0, gt=0, description="how often the server looks for idle/expired sandboxes")
+    sandbox_cpus: float = Field(
+        1.0, gt=0, description="CPUs per sandbox (docker, e2b): the default and the most a client may ask"
+    )
+    sandbox_memory_mb: int = Field(
+        1024,
+        gt=0,
+        description="memory per sandbox, the default and the most a client may ask; bubblewrap: address-space limit per process",
+    )
+    sandbox_disk_mb: int = Field(
+        1024,
+        gt=0,
+        description="largest file a command may write (RLIMIT_FSIZE): the default and the most a client may ask",
+    )
+    sandbox_max_processes: int = Field(
+        256, gt=0, description="processes/threads a sandbox may run at once (RLIMIT_NPROC)"
+    )
+    sandbox_ttl_s: int = Field(
+        24 * 3600, gt=0, description="lifetime of a sandbox: the default and the most a client may ask"
+    )
+    sandbox_idle_timeout_s: int = Field(
+        3600, gt=0, description="idle time after which a sandbox is reaped: the default and the most a client may ask"
+    )
+    sandbox_reap_interval_s: float = Field(
+        30.0, gt=0, description="how often the server looks for idle/expired sandboxes"
+    )
     sandbox_tombstone_retention_s: float = Field(
         7 * 86400,
         ge=0,
@@ -101,7 +127,9 @@ class SandboxSettings(CoreSettings):
         "a week covers a session woken after a weekend",
     )
     sandbox_progress_interval_s: float = Field(5.0, gt=0, description="how often a long execute reports progress")
-    sandbox_output_limit: int = Field(64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)")
+    sandbox_output_limit: int = Field(
+        64 * 1024, ge=1024, description="bytes kept per output stream (half head, half tail)"
+    )
     sandbox_read_limit: int = Field(1 << 20, gt=0, description="bytes read_file returns when no limit is given")
     sandbox_max_file_bytes: int = Field(
         64 << 20, gt=0, description="largest read_file slice / write_file content; larger files get no sha256"
@@ -143,7 +171,9 @@ class SandboxSettings(CoreSettings):
     def _parse_binds(cls, value: object) -> object:
         return ExtraBind.parse(value) if isinstance(value, str) else value
 
-    def spec(self, *, template: str | None = None, env: dict[str, str] | None = None, network: str = "none") -> SandboxSpec:
+    def spec(
+        self, *, template: str | None = None, env: dict[str, str] | None = None, network: str = "none"
+    ) -> SandboxSpec:
         """The recipe of a sandbox with the operator's limits (the only place they come from)."""
         return SandboxSpec(
             template=template or self.sandbox_image or None,

@@ -143,10 +143,16 @@ class DockerBackend(Backend):
                 [self.config.docker, *args], stdin=stdin, timeout_s=timeout_s, output_limit=256 << 20
             )
         except FileNotFoundError as err:
-            raise Unavailable("the docker CLI is not installed", hint="install docker (apt-get install docker.io)") from err
+            raise Unavailable(
+                "the docker CLI is not installed", hint="install docker (apt-get install docker.io)"
+            ) from err
         if done.timed_out:
             raise Unavailable(f"docker {args[0]} did not answer within {timeout_s:g}s", hint="check dockerd")
-        return done.returncode or 0, bytes(done.stdout.head + done.stdout.tail), bytes(done.stderr.head + done.stderr.tail)
+        return (
+            done.returncode or 0,
+            bytes(done.stdout.head + done.stdout.tail),
+            bytes(done.stderr.head + done.stderr.tail),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -190,11 +196,15 @@ class DockerBackend(Backend):
         args += [name, "/bin/sh", "-c", WRAP, token, request.command]
 
         async def kill_inside() -> None:
-            kill = f'kill -9 -$(cat /tmp/.corral-{token}.pid) 2>/dev/null; rm -f /tmp/.corral-{token}.pid'
+            kill = f"kill -9 -$(cat /tmp/.corral-{token}.pid) 2>/dev/null; rm -f /tmp/.corral-{token}.pid"
             await self._docker("exec", name, "/bin/sh", "-c", kill, timeout_s=15)
 
         done = await run_bounded(
-            args, stdin=request.stdin, timeout_s=request.timeout_s, output_limit=request.output_limit, on_timeout=kill_inside
+            args,
+            stdin=request.stdin,
+            timeout_s=request.timeout_s,
+            output_limit=request.output_limit,
+            on_timeout=kill_inside,
         )
         if done.returncode != 0 and not done.timed_out:
             await self._lost_unless_running(ref)
@@ -213,7 +223,9 @@ class DockerBackend(Backend):
         if code == 3:
             raise NotFound(f"no such file or directory: {where}")
         if code == 4:
-            raise PolicyDenied(f"path {where!r} resolves to {err.decode(errors='replace').strip()!r}, outside the workspace")
+            raise PolicyDenied(
+                f"path {where!r} resolves to {err.decode(errors='replace').strip()!r}, outside the workspace"
+            )
         if code in (5, 7):
             raise InvalidArgument(f"{where} is {'not a regular file' if code == 5 else 'a directory'}")
         await self._lost_unless_running(ref)
@@ -246,11 +258,21 @@ class DockerBackend(Backend):
     async def start_process(self, ref: SandboxRef, request: ExecRequest, process_id: str) -> ProcessInfo:
         running = [p for p in await self.list_processes(ref) if p.state == "running"]
         if len(running) >= ref.spec.max_processes:
-            raise Conflict(f"sandbox {ref.id} already runs {len(running)} background processes (its limit)", hint="kill_process some of them first")
-        args = ["exec", "-d", "-w", request.cwd if request.cwd and request.cwd.startswith("/") else f"{WORKDIR}/{request.cwd or ''}"]
+            raise Conflict(
+                f"sandbox {ref.id} already runs {len(running)} background processes (its limit)",
+                hint="kill_process some of them first",
+            )
+        args = [
+            "exec",
+            "-d",
+            "-w",
+            request.cwd if request.cwd and request.cwd.startswith("/") else f"{WORKDIR}/{request.cwd or ''}",
+        ]
         for key, value in request.env.items():
             args += ["-e", f"{key}={value}"]
-        code, _, err = await self._docker(*args, self._name(ref.id), "/bin/sh", "-c", BACKGROUND, process_id, request.command)
+        code, _, err = await self._docker(
+            *args, self._name(ref.id), "/bin/sh", "-c", BACKGROUND, process_id, request.command
+        )
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"could not start the background process: {err.decode(errors='replace').strip()}")
@@ -278,14 +300,19 @@ class DockerBackend(Backend):
         self, ref: SandboxRef, process_id: str, offset: int, stderr_offset: int, limit: int
     ) -> ProcessOutput:
         name = self._name(ref.id)
-        code, out, err = await self._docker("exec", name, "/bin/sh", "-c", OUTPUT, "corral", process_id, str(offset), str(stderr_offset), str(limit))
+        code, out, err = await self._docker(
+            "exec", name, "/bin/sh", "-c", OUTPUT, "corral", process_id, str(offset), str(stderr_offset), str(limit)
+        )
         if code == 3:
             raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
         head, _, body = out.partition(b"\n")
         total_out, total_err, running, exit_code = head.decode().split()
         if code in (5, 6):
             stream, start, total = ("stdout", offset, total_out) if code == 5 else ("stderr", stderr_offset, total_err)
-            raise InvalidArgument(f"{'offset' if code == 5 else 'stderr_offset'} {start} is past the end of {stream} ({total} bytes so far)", hint=f"pass an offset between 0 and {total}")
+            raise InvalidArgument(
+                f"{'offset' if code == 5 else 'stderr_offset'} {start} is past the end of {stream} ({total} bytes so far)",
+                hint=f"pass an offset between 0 and {total}",
+            )
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"could not read the output of {process_id}: {err.decode(errors='replace').strip()}")
@@ -305,7 +332,10 @@ class DockerBackend(Backend):
             raise NotFound(f"no process {process_id!r} in sandbox {ref.id}", hint="call processes to list them")
         [info] = await self.list_processes(ref, process_id)
         if code == 7:
-            raise Conflict(f"process {process_id} already ended ({info.state}, exit code {info.exit_code}); nothing was signalled", hint="call process_output to read what it wrote")
+            raise Conflict(
+                f"process {process_id} already ended ({info.state}, exit code {info.exit_code}); nothing was signalled",
+                hint="call process_output to read what it wrote",
+            )
         deadline = time.monotonic() + (2.0 if signal in ("TERM", "KILL", "INT", "HUP", "QUIT") else 0)
         while info.state == "running" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -319,7 +349,9 @@ class DockerBackend(Backend):
             return False
 
 
-def _info(sandbox_id: str, process_id: str, command: str, started: float, running: bool, exit_code: str, cpu_s: float) -> ProcessInfo:
+def _info(
+    sandbox_id: str, process_id: str, command: str, started: float, running: bool, exit_code: str, cpu_s: float
+) -> ProcessInfo:
     code = None if running or exit_code == "-" else int(exit_code)
     signal = signals.Signals(code - 128).name.removeprefix("SIG") if code and 128 < code <= 128 + 31 else None
     return ProcessInfo(

@@ -52,12 +52,8 @@ class ProcessInfo(_Model):
     process_id: str
     sandbox_id: str
     command: str
-    state: Literal["running", "exited", "killed"] = Field(
-        description="killed: ended by a signal"
-    )
-    exit_code: int | None = Field(
-        None, description="the exit status; for a signal, 128 + its number"
-    )
+    state: Literal["running", "exited", "killed"] = Field(description="killed: ended by a signal")
+    exit_code: int | None = Field(None, description="the exit status; for a signal, 128 + its number")
     signal: str | None = Field(None, description="the signal that ended it, e.g. TERM")
     started_at: str
     ended_at: str | None = None
@@ -74,14 +70,10 @@ class ProcessOutput(_Model):
     offset: int = Field(description="where this stdout slice starts")
     stderr_offset: int = Field(description="where this stderr slice starts")
     next_offset: int = Field(description="pass as offset to read on from here")
-    next_stderr_offset: int = Field(
-        description="pass as stderr_offset to read on from here"
-    )
+    next_stderr_offset: int = Field(description="pass as stderr_offset to read on from here")
     stdout_bytes: int = Field(description="everything written to stdout so far")
     stderr_bytes: int = Field(description="everything written to stderr so far")
-    dropped_bytes: int = Field(
-        0, description="bytes before the kept window that were asked for but are gone"
-    )
+    dropped_bytes: int = Field(0, description="bytes before the kept window that were asked for but are gone")
 
 
 class ProcessList(_Model):
@@ -95,9 +87,7 @@ class Meta(_Model):
     process_id: str
     command: str
     started_at: float
-    holder: dict = Field(
-        default_factory=dict, description="backend-specific: pids and start times"
-    )
+    holder: dict = Field(default_factory=dict, description="backend-specific: pids and start times")
     exit_code: int | None = None
     signal: str | None = None
     ended_at: float | None = None
@@ -127,9 +117,7 @@ class Meta(_Model):
             # re-raise it; a shell reports 128+N too. Keep the number; name the signal if plain.
             self.exit_code = code
 
-    def info(
-        self, sandbox_id: str, running: bool, cpu_s: float | None = None
-    ) -> ProcessInfo:
+    def info(self, sandbox_id: str, running: bool, cpu_s: float | None = None) -> ProcessInfo:
         if running:
             state = "running"
         else:
@@ -149,11 +137,7 @@ class Meta(_Model):
 
 
 def _iso(ts: float) -> str:
-    return (
-        datetime.fromtimestamp(ts, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_process_id(sandbox_id: str) -> str:

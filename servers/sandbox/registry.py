@@ -109,8 +109,19 @@ class Registry:
                 self._conn = None
 
     def _row(self, row: tuple) -> Record:
-        keys = ("id", "backend", "state", "label", "idempotency_key", "ref", "created_at", "expires_at",
-                "idle_timeout_s", "last_used_at", "reason")  # the columns of `sandboxes`, in order
+        keys = (
+            "id",
+            "backend",
+            "state",
+            "label",
+            "idempotency_key",
+            "ref",
+            "created_at",
+            "expires_at",
+            "idle_timeout_s",
+            "last_used_at",
+            "reason",
+        )  # the columns of `sandboxes`, in order
         data = dict(zip(keys, row, strict=True))
         data["ref"] = SandboxRef.model_validate_json(data["ref"])
         return Record(**data)
@@ -132,7 +143,8 @@ class Registry:
     def by_idempotency_key(self, backend: str, key: str) -> Record | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM sandboxes WHERE backend = ? AND idempotency_key = ? AND state = 'running'", (backend, key)
+                "SELECT * FROM sandboxes WHERE backend = ? AND idempotency_key = ? AND state = 'running'",
+                (backend, key),
             ).fetchone()
         return self._row(row) if row else None
 
@@ -165,14 +177,16 @@ class Registry:
         """Forget destroyed sandboxes that ended before `before`; returns how many."""
         with self._lock:
             return self._db.execute(
-                "DELETE FROM sandboxes WHERE backend = ? AND state = 'destroyed' AND last_used_at < ?", (backend, before)
+                "DELETE FROM sandboxes WHERE backend = ? AND state = 'destroyed' AND last_used_at < ?",
+                (backend, before),
             ).rowcount
 
     def all(self, backend: str, states: tuple[str, ...] = ("running", "lost", "destroyed")) -> list[Record]:
         marks = ",".join("?" * len(states))
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM sandboxes WHERE backend = ? AND state IN ({marks}) ORDER BY created_at", (backend, *states)
+                f"SELECT * FROM sandboxes WHERE backend = ? AND state IN ({marks}) ORDER BY created_at",
+                (backend, *states),
             ).fetchall()
         return [self._row(r) for r in rows]
 
@@ -184,14 +198,17 @@ class Registry:
         """Also stamps `last_used_at`: for a tombstone, when it ended (what `prune` goes by)."""
         with self._lock:
             self._db.execute(
-                "UPDATE sandboxes SET state = ?, reason = ?, last_used_at = ? WHERE id = ?", (state, reason, time.time(), sandbox_id)
+                "UPDATE sandboxes SET state = ?, reason = ?, last_used_at = ? WHERE id = ?",
+                (state, reason, time.time(), sandbox_id),
             )
 
     # -- default sandboxes bound to clients -------------------------------------------
 
     def bound(self, backend: str, client: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT sandbox_id FROM defaults WHERE backend = ? AND client = ?", (backend, client)).fetchone()
+            row = self._db.execute(
+                "SELECT sandbox_id FROM defaults WHERE backend = ? AND client = ?", (backend, client)
+            ).fetchone()
         return row[0] if row else None
 
     def bind(self, backend: str, client: str, sandbox_id: str) -> None:

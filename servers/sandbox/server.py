@@ -26,7 +26,9 @@ SandboxId = Annotated[
 ]
 ReadSandboxId = Annotated[
     str | None,
-    Field(description="the sandbox to read; omit it for your default sandbox (a read never provisions it: not_found until one exists)"),
+    Field(
+        description="the sandbox to read; omit it for your default sandbox (a read never provisions it: not_found until one exists)"
+    ),
 ]
 
 
@@ -59,7 +61,9 @@ def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: 
     try:
         from .e2b import E2BBackend
     except ModuleNotFoundError as err:
-        raise Unavailable(f"the e2b backend needs {err.name}, which is not installed", hint="pip install 'corral[e2b]'") from err
+        raise Unavailable(
+            f"the e2b backend needs {err.name}, which is not installed", hint="pip install 'corral[e2b]'"
+        ) from err
     return E2BBackend(config, **kwargs)
 
 
@@ -120,8 +124,18 @@ def build_server(
 def _register_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, open_world=True)
     async def provision(
-        template: Annotated[str | None, Field(description="docker image, e2b template, or a bubblewrap template the operator registered (by name); default from the server")] = None,
-        resources: Annotated[Resources | None, Field(description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s: each at most the server's limit (the default)")] = None,
+        template: Annotated[
+            str | None,
+            Field(
+                description="docker image, e2b template, or a bubblewrap template the operator registered (by name); default from the server"
+            ),
+        ] = None,
+        resources: Annotated[
+            Resources | None,
+            Field(
+                description="cpus, memory_mb, disk_mb, ttl_s, idle_timeout_s: each at most the server's limit (the default)"
+            ),
+        ] = None,
         env: Annotated[dict[str, str] | None, Field(description="environment variables of every command")] = None,
         network: Annotated[Literal["none", "full"], Field(description="'none' (default): no network at all")] = "none",
         label: Annotated[str | None, Field(description="a name for humans", max_length=200)] = None,
@@ -131,7 +145,12 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
     ) -> SandboxInfo:
         """Create a fresh sandbox; returns its sandbox_id, isolation, workdir and expiry."""
         return await service.provision(
-            template=template, resources=resources, env=env, network=network, label=label, idempotency_key=idempotency_key
+            template=template,
+            resources=resources,
+            env=env,
+            network=network,
+            label=label,
+            idempotency_key=idempotency_key,
         )
 
     cap_kib = service.settings.sandbox_output_limit // 1024
@@ -150,7 +169,9 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         ctx: Context,
         command: Annotated[str, Field(description="a bash command line, run in the workdir", min_length=1)],
         sandbox_id: SandboxId = None,
-        timeout_s: Annotated[float, Field(description="kill the command (all its processes) after this", gt=0, le=3600)] = 60,
+        timeout_s: Annotated[
+            float, Field(description="kill the command (all its processes) after this", gt=0, le=3600)
+        ] = 60,
         cwd: Annotated[str | None, Field(description="working directory; relative to the workdir")] = None,
         env: Annotated[dict[str, str] | None, Field(description="extra environment variables")] = None,
         stdin: Annotated[str | None, Field(description="text fed to the command's stdin")] = None,
@@ -170,7 +191,9 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         async def progress(elapsed: float, message: str) -> None:
             await ctx.report_progress(elapsed, timeout_s, message)
 
-        done = await service.execute(record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress)
+        done = await service.execute(
+            record, command, timeout_s=timeout_s, cwd=cwd, env=env, stdin=stdin, progress=progress
+        )
         return done.model_dump()  # an ExecOutcome
 
     @tool(server, read_only=True)
@@ -193,10 +216,15 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         content: Annotated[str, Field(description="the new content (text, or base64 with encoding='base64')")],
         sandbox_id: SandboxId = None,
         encoding: Annotated[Literal["text", "base64"], Field(description="how content is encoded")] = "text",
-        mode: Annotated[str | None, Field(description="octal permission bits, e.g. '0755'", pattern=r"^0?[0-7]{3,4}$")] = None,
+        mode: Annotated[
+            str | None, Field(description="octal permission bits, e.g. '0755'", pattern=r"^0?[0-7]{3,4}$")
+        ] = None,
         if_sha256: Annotated[
             str | None,
-            Field(description="write only if the file's current sha256 is this (compare-and-swap)", pattern=r"^[0-9a-fA-F]{64}$"),
+            Field(
+                description="write only if the file's current sha256 is this (compare-and-swap)",
+                pattern=r"^[0-9a-fA-F]{64}$",
+            ),
         ] = None,
     ) -> FileWritten:
         """Create or replace a file atomically; returns its size and sha256."""
@@ -208,7 +236,9 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         ctx: Context,
         path: Annotated[str | None, Field(description="directory to list; default the workdir")] = None,
         sandbox_id: ReadSandboxId = None,
-        depth: Annotated[int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)] = 1,
+        depth: Annotated[
+            int, Field(description="1 lists the directory itself, 2 also its subdirectories, ...", ge=1, le=20)
+        ] = 1,
         max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
     ) -> FileListing:
         """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
@@ -242,7 +272,9 @@ def _register_process_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, read_only=True)
     async def process_output(
         process_id: ProcessId,
-        offset: Annotated[int, Field(description="first stdout byte to return (next_offset of the last call)", ge=0)] = 0,
+        offset: Annotated[
+            int, Field(description="first stdout byte to return (next_offset of the last call)", ge=0)
+        ] = 0,
         stderr_offset: Annotated[int, Field(description="first stderr byte to return", ge=0)] = 0,
         limit: Annotated[int | None, Field(description="most bytes to return per stream", ge=1)] = None,
     ) -> ProcessOutput:

@@ -56,11 +56,20 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cpus: float | None = Field(None, gt=0, le=64, description="CPUs (docker, e2b; bubblewrap does not cap CPU share); at most the server's limit")
+    cpus: float | None = Field(
+        None,
+        gt=0,
+        le=64,
+        description="CPUs (docker, e2b; bubblewrap does not cap CPU share); at most the server's limit",
+    )
     memory_mb: int | None = Field(None, gt=0, le=1 << 20, description="memory in MiB; at most the server's limit")
-    disk_mb: int | None = Field(None, gt=0, le=1 << 20, description="largest file a command may write, MiB; at most the server's limit")
+    disk_mb: int | None = Field(
+        None, gt=0, le=1 << 20, description="largest file a command may write, MiB; at most the server's limit"
+    )
     ttl_s: int | None = Field(None, gt=0, le=30 * 86400, description="lifetime in seconds; at most the server's limit")
-    idle_timeout_s: int | None = Field(None, gt=0, le=30 * 86400, description="reaped after this long unused; at most the server's limit")
+    idle_timeout_s: int | None = Field(
+        None, gt=0, le=30 * 86400, description="reaped after this long unused; at most the server's limit"
+    )
 
 
 def iso(ts: float) -> str:
@@ -82,7 +91,9 @@ class SandboxService:
         self._defaults: dict[str, str] = {}  # client key -> its lazy default sandbox
         self._busy: Counter[str] = Counter()  # sandbox id -> calls in flight (never reaped while busy)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._key_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # idempotency key / client default -> (lock, [users])
+        self._key_locks: dict[
+            str, tuple[asyncio.Lock, list[int]]
+        ] = {}  # idempotency key / client default -> (lock, [users])
         self._file_slots: dict[str, asyncio.Semaphore] = {}  # sandbox id -> its file operations' slots
         self._serving = 0  # transports running the server now (see `running`)
         self._reaper: asyncio.Task[None] | None = None
@@ -91,13 +102,19 @@ class SandboxService:
 
     def _spec(self, template: str | None, resources: Resources, env: dict[str, str], network: str) -> SandboxSpec:
         """The operator's limits, lowered where the client asked: they are ceilings, never raised."""
-        if template is not None and (template.startswith("-") or not template.strip() or any(c.isspace() or c == "\0" for c in template)):
+        if template is not None and (
+            template.startswith("-") or not template.strip() or any(c.isspace() or c == "\0" for c in template)
+        ):
             # Never a flag on a backend's command line (`docker run --privileged`), on any backend.
-            raise InvalidArgument(f"template {template!r} looks like a flag, not a name", hint="name a template or image")
+            raise InvalidArgument(
+                f"template {template!r} looks like a flag, not a name", hint="name a template or image"
+            )
         spec = self.settings.spec(template=template, env=env, network=network)
         ceilings = {**spec.model_dump(), "idle_timeout_s": self.settings.sandbox_idle_timeout_s}
         asked = resources.model_dump(exclude_none=True)
-        over = [f"{key}={value:g} (at most {ceilings[key]:g})" for key, value in asked.items() if value > ceilings[key]]  # :g: 2.0 -> 2
+        over = [
+            f"{key}={value:g} (at most {ceilings[key]:g})" for key, value in asked.items() if value > ceilings[key]
+        ]  # :g: 2.0 -> 2
         if over:
             raise InvalidArgument(
                 f"resources above this server's limits: {', '.join(over)}; nothing was provisioned",
@@ -164,7 +181,9 @@ class SandboxService:
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes, or provision a new one")
         if record.state != "running":
-            raise SandboxLost(f"sandbox {sandbox_id} is {record.state}" + (f" ({record.reason})" if record.reason else ""))
+            raise SandboxLost(
+                f"sandbox {sandbox_id} is {record.state}" + (f" ({record.reason})" if record.reason else "")
+            )
         if time.time() >= record.expires_at:
             await self._reap(record, "expired")
             raise SandboxLost(f"sandbox {sandbox_id} expired")
@@ -294,7 +313,9 @@ class SandboxService:
         full = workspace_path(path, self.backend.workdir)
         limit = min(self.settings.sandbox_read_limit if limit is None else limit, self.settings.sandbox_max_file_bytes)
         got = await self._file_op(
-            record, self.backend.read(record.ref, full, offset, limit, self.settings.sandbox_max_file_bytes), f"read_file {full}"
+            record,
+            self.backend.read(record.ref, full, offset, limit, self.settings.sandbox_max_file_bytes),
+            f"read_file {full}",
         )
         if encoding == "base64":
             content = base64.b64encode(got.data).decode()
@@ -333,12 +354,18 @@ class SandboxService:
         bits = int(mode, 8) if mode else None
         lock = self._locks.setdefault(record.id, asyncio.Lock())
         async with lock:  # compare-and-swap: no other tool call writes in between
-            await self._file_op(record, self.backend.write(record.ref, full, data, bits, if_sha256), f"write_file {full}")
+            await self._file_op(
+                record, self.backend.write(record.ref, full, data, bits, if_sha256), f"write_file {full}"
+            )
         return FileWritten(sandbox_id=record.id, path=full, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    async def list_files(self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000) -> FileListing:
+    async def list_files(
+        self, record: Record, path: str | None, *, depth: int = 1, max_entries: int = 1000
+    ) -> FileListing:
         full = workspace_path(path, self.backend.workdir)
-        listing = await self._file_op(record, self.backend.list(record.ref, full, depth, max_entries), f"list_files {full}")
+        listing = await self._file_op(
+            record, self.backend.list(record.ref, full, depth, max_entries), f"list_files {full}"
+        )
         return FileListing(sandbox_id=record.id, path=full, entries=listing.entries, truncated=listing.truncated)
 
     async def destroy(self, sandbox_id: str, keep_workspace: bool = False) -> Destroyed:
@@ -355,7 +382,9 @@ class SandboxService:
         records = self.registry.page(self.backend.name, _decode_cursor(cursor) if cursor else None, limit + 1)
         more, records = len(records) > limit, records[:limit]
         return SandboxList(
-            sandboxes=[ListedSandbox(**self.describe(r).model_dump(), last_used_at=iso(r.last_used_at)) for r in records],
+            sandboxes=[
+                ListedSandbox(**self.describe(r).model_dump(), last_used_at=iso(r.last_used_at)) for r in records
+            ],
             next_cursor=_encode_cursor(records[-1]) if more else None,
         )
 
@@ -364,7 +393,9 @@ class SandboxService:
     async def start_process(
         self, record: Record, command: str, *, cwd: str | None = None, env: dict[str, str] | None = None
     ) -> ProcessInfo:
-        request = ExecRequest(command=command, cwd=cwd, env=_check_env(env), output_limit=self.settings.sandbox_output_limit)
+        request = ExecRequest(
+            command=command, cwd=cwd, env=_check_env(env), output_limit=self.settings.sandbox_output_limit
+        )
         process_id = new_process_id(record.id)
         return await self._guard(record, self.backend.start_process(record.ref, request, process_id))
 
@@ -463,7 +494,9 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         created_at, sandbox_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return float(created_at), str(sandbox_id)
     except (ValueError, TypeError) as err:
-        raise InvalidArgument("cursor is not one list_sandboxes returned", hint="pass next_cursor as it came, or omit it") from err
+        raise InvalidArgument(
+            "cursor is not one list_sandboxes returned", hint="pass next_cursor as it came, or omit it"
+        ) from err
 
 
 def _release(slots: asyncio.Semaphore, done: asyncio.Future[Any]) -> None:

@@ -6,4 +6,14 @@ The library's face: what the harness, the worker pool and the front door use.
 from corral.servers.session.config import SessionSettings, open_store
 from corral.servers.session.store import Event, EventStore, Lease, LeaseLost, NewEvent, SessionInfo, new_id
 
-__all__ = ["Event", "EventStore", "Lease", "LeaseLost", "NewEvent", "SessionInfo", "SessionSettings", "new_id", "open_store"]
+__all__ = [
+    "Event",
+    "EventStore",
+    "Lease",
+    "LeaseLost",
+    "NewEvent",
+    "SessionInfo",
+    "SessionSettings",
+    "new_id",
+    "open_store",
+]

@@ -49,7 +49,9 @@ def open_store(url: str, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, **op
         try:
             from corral.servers.session.postgres import PostgresEventStore
         except ModuleNotFoundError as err:
-            raise Unavailable(f"the PostgreSQL store needs {err.name}, which is not installed", hint="pip install 'corral[postgres]'") from err
+            raise Unavailable(
+                f"the PostgreSQL store needs {err.name}, which is not installed", hint="pip install 'corral[postgres]'"
+            ) from err
         return PostgresEventStore(url, max_event_bytes=max_event_bytes, **options)
     from corral.servers.session.sqlite import SQLiteEventStore
 

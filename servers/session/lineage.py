@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
-SelectRange = Callable[[str, int, "int | None", "int | None"], Iterable[T]]  # (owner, lo, hi, want) -> its rows in [lo, hi)
+SelectRange = Callable[
+    [str, int, "int | None", "int | None"], Iterable[T]
+]  # (owner, lo, hi, want) -> its rows in [lo, hi)
 
 
 class Node(NamedTuple):
@@ -126,7 +128,9 @@ def owner(start: Node, x: int, node: Callable[[str], Node]) -> Node:
     return start if top is None or top.below is None else node(top.below)
 
 
-def spans(start: Node, gte: int, lt: int | None, desc: bool, node: Callable[[str], Node]) -> Iterator[tuple[str, int, int | None]]:
+def spans(
+    start: Node, gte: int, lt: int | None, desc: bool, node: Callable[[str], Node]
+) -> Iterator[tuple[str, int, int | None]]:
     """(owner, lo, hi) of [gte, lt) in read order, found one at a time (a read that stops early looks no further)."""
     if lt is not None and lt <= gte:
         return
@@ -148,7 +152,15 @@ def spans(start: Node, gte: int, lt: int | None, desc: bool, node: Callable[[str
         x = top.key
 
 
-def read(start: Node, gte: int, lt: int | None, desc: bool, limit: int | None, select_range: SelectRange[T], node: Callable[[str], Node]) -> list[T]:
+def read(
+    start: Node,
+    gte: int,
+    lt: int | None,
+    desc: bool,
+    limit: int | None,
+    select_range: SelectRange[T],
+    node: Callable[[str], Node],
+) -> list[T]:
     """Up to `limit` items of [gte, lt) of `start`'s view in read order, one `select_range` per span."""
     out: list[T] = []
     for owner_id, lo, hi in spans(start, gte, lt, desc, node):
@@ -171,7 +183,13 @@ def visible(start: Node, rows: Iterable[tuple[Any, ...]], node: Callable[[str], 
     return found
 
 
-def status_at(start: Node, at: int, select_status: SelectRange[Any], status_of: Callable[[Any], str | None], node: Callable[[str], Node]) -> str | None:
+def status_at(
+    start: Node,
+    at: int,
+    select_status: SelectRange[Any],
+    status_of: Callable[[Any], str | None],
+    node: Callable[[str], Node],
+) -> str | None:
     """The status of `start`'s view below position `at`, from one range read.
 
     `select_status` reads session.status events, newest first. Only the owner of position
@@ -190,7 +208,12 @@ def fork(session_id: str, at: int, source: Node, status: str | None, node: Calla
     return link(session_id, at, below, status, node)
 
 
-def backfill(rows: Iterable[tuple[str, str | None, int | None]], select_status: SelectRange[Any], status_of: Callable[[Any], str | None], nodes: Nodes) -> Iterator[Node]:
+def backfill(
+    rows: Iterable[tuple[str, str | None, int | None]],
+    select_status: SelectRange[Any],
+    status_of: Callable[[Any], str | None],
+    nodes: Nodes,
+) -> Iterator[Node]:
     """The node of each row (session_id, parent, forked_at), for a database made before nodes were kept.
 
     `rows` in creation order: a parent is always created before its forks, so each
@@ -201,4 +224,6 @@ def backfill(rows: Iterable[tuple[str, str | None, int | None]], select_status: 
             yield nodes.remember(root(sid))
             continue
         source = nodes(parent)
-        yield nodes.remember(fork(sid, forked_at, source, status_at(source, forked_at, select_status, status_of, nodes), nodes))
+        yield nodes.remember(
+            fork(sid, forked_at, source, status_at(source, forked_at, select_status, status_of, nodes), nodes)
+        )

@@ -103,7 +103,9 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636F7272616C  # pg_advisory_xact_lock key ("corral"): one migrator at a time
 
-SESSION_COLUMNS = "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
+SESSION_COLUMNS = (
+    "session_id, metadata, parent, forked_at, created_at, length, status, lease_owner, lease_token, lease_expires_at"
+)
 EVENT_COLUMNS = "session_id, position, event_id, type, data, created_at"
 NODE_SELECT = "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM corral_sessions WHERE session_id = %s"
 DOWN_HINT = "the session database is unreachable (restarting, failing over, or down); retry in a few seconds"
@@ -223,7 +225,9 @@ class PostgresEventStore(EventStore):
             return _one(conn.execute("SELECT max(version) FROM corral_schema_version").fetchone())[0]
 
     def _info(self, conn: psycopg.Connection, session_id: str, *, lock: bool = False) -> SessionInfo:
-        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (" FOR NO KEY UPDATE" if lock else "")
+        query = f"SELECT {SESSION_COLUMNS} FROM corral_sessions WHERE session_id = %s" + (
+            " FOR NO KEY UPDATE" if lock else ""
+        )
         row = conn.execute(query, (session_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
@@ -238,32 +242,47 @@ class PostgresEventStore(EventStore):
     def _fill_nodes(self, conn: psycopg.Connection) -> None:
         """Version 2 kept no lineage node on the row: compute each once, oldest session first."""
         rows = conn.execute("SELECT session_id, parent, forked_at FROM corral_sessions ORDER BY seq").fetchall()
-        found = lineage.backfill(rows, self._range(conn, "", [rules.STATUS_EVENT], True), rules.status_of, lineage.Nodes(partial(self._node, conn)))
+        found = lineage.backfill(
+            rows,
+            self._range(conn, "", [rules.STATUS_EVENT], True),
+            rules.status_of,
+            lineage.Nodes(partial(self._node, conn)),
+        )
         for node in found:
             conn.execute(
                 "UPDATE corral_sessions SET below = %s, jump = %s, rank = %s, base_status = %s WHERE session_id = %s",
                 (node.below, node.jump, node.rank, node.base_status, node.session_id),
             )
 
-    def _range(self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+    def _range(
+        self, conn: psycopg.Connection, reader: str, types: Sequence[str] | None, desc: bool
+    ) -> Callable[[str, int, int | None, int | None], list[Event]]:
         """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
         def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
-            query, params = rules.range_query(f"SELECT {EVENT_COLUMNS} FROM corral_events", "%s", owner, lo, hi, want, types, desc)
+            query, params = rules.range_query(
+                f"SELECT {EVENT_COLUMNS} FROM corral_events", "%s", owner, lo, hi, want, types, desc
+            )
             return [_event(reader, row) for row in conn.execute(query, params)]
 
         return select_range
 
-    def _stored_ids(self, conn: psycopg.Connection, session_id: str, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    def _stored_ids(
+        self, conn: psycopg.Connection, session_id: str, event_ids: list[str]
+    ) -> dict[str, tuple[Any, ...]]:
         """event_id -> row, for those of `event_ids` this session's view shows (one index seek per id)."""
-        rows = conn.execute(f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE event_id = ANY(%s)", (event_ids,)).fetchall()
+        rows = conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM corral_events WHERE event_id = ANY(%s)", (event_ids,)
+        ).fetchall()
         nodes = self._nodes.nodes(partial(self._node, conn))
         start = nodes(session_id)  # NotFound for an unknown session, found ids or not
         return lineage.visible(start, rows, nodes)
 
     # -- the verbs --------------------------------------------------------------------
 
-    def create(self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None) -> SessionInfo:
+    def create(
+        self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None
+    ) -> SessionInfo:
         meta = encode_data(metadata or {}, self.max_event_bytes)
         sid = session_id or new_id("ses_")
         with self._tx() as conn:
@@ -281,11 +300,27 @@ class PostgresEventStore(EventStore):
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._tx() as conn:
             source = self._info(conn, session_id)
-            node = rules.plan_fork(source, at, self._nodes.nodes(partial(self._node, conn)), self._range(conn, "", [rules.STATUS_EVENT], True))
+            node = rules.plan_fork(
+                source,
+                at,
+                self._nodes.nodes(partial(self._node, conn)),
+                self._range(conn, "", [rules.STATUS_EVENT], True),
+            )
             row = conn.execute(
                 "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length, status, below, jump, rank, base_status) "
                 f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {SESSION_COLUMNS}",
-                (node.session_id, meta, session_id, at, at, node.base_status, node.below, node.jump, node.rank, node.base_status),
+                (
+                    node.session_id,
+                    meta,
+                    session_id,
+                    at,
+                    at,
+                    node.base_status,
+                    node.below,
+                    node.jump,
+                    node.rank,
+                    node.base_status,
+                ),
             ).fetchone()
             return _row_info(_one(row))
 
@@ -295,11 +330,20 @@ class PostgresEventStore(EventStore):
 
     def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
         check_range(None, None, limit)
-        query, params = rules.sessions_query(f"SELECT {SESSION_COLUMNS} FROM corral_sessions", "%s", parent, "seq", limit)
+        query, params = rules.sessions_query(
+            f"SELECT {SESSION_COLUMNS} FROM corral_sessions", "%s", parent, "seq", limit
+        )
         with self._tx() as conn:
             return [_row_info(r) for r in conn.execute(query, params).fetchall()]
 
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
+    def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_position: int | None = None,
+        *,
+        lease: int | None = None,
+    ) -> list[int]:
         encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         with self._tx() as conn:
             info = self._info(conn, session_id, lock=True)  # appends to this session queue here
@@ -307,7 +351,9 @@ class PostgresEventStore(EventStore):
                 rules.check_lease(session_id, lease, *rules.lease_holder(info))
             given = rules.given_ids(events)
             prior = {eid: row[1] for eid, row in self._stored_ids(conn, session_id, given).items()} if given else {}
-            plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
+            plan = rules.plan_append(
+                session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position
+            )
             if not plan.rows:
                 return plan.positions
             try:
@@ -318,10 +364,22 @@ class PostgresEventStore(EventStore):
                     )
             except psycopg.errors.UniqueViolation as err:  # defends against a writer that bypassed the row lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            conn.execute("UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s", (plan.length, plan.status, session_id))
+            conn.execute(
+                "UPDATE corral_sessions SET length = %s, status = %s WHERE session_id = %s",
+                (plan.length, plan.status, session_id),
+            )
             return plan.positions
 
-    def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
+    def select(
+        self,
+        session_id: str,
+        *,
+        gte: int | None = None,
+        lt: int | None = None,
+        types: Sequence[str] | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> list[Event]:
         check_range(gte, lt, limit)
         with self._tx() as conn:
             nodes = self._nodes.nodes(partial(self._node, conn))
@@ -344,9 +402,17 @@ class PostgresEventStore(EventStore):
             info = self._info(conn, session_id, lock=True)
             held = info.lease
             if held is not None and held["worker"] != owner:
-                live = _one(conn.execute("SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s", (session_id,)).fetchone())[0]
+                live = _one(
+                    conn.execute(
+                        "SELECT lease_expires_at > clock_timestamp() FROM corral_sessions WHERE session_id = %s",
+                        (session_id,),
+                    ).fetchone()
+                )[0]
                 if live:
-                    raise Conflict(f"session {session_id} is leased to {held['worker']} until {held['expires_at']}", hint="wait for the lease to expire or be released")
+                    raise Conflict(
+                        f"session {session_id} is leased to {held['worker']} until {held['expires_at']}",
+                        hint="wait for the lease to expire or be released",
+                    )
             row = conn.execute(
                 "UPDATE corral_sessions SET lease_owner = %s, lease_token = lease_token + 1, "
                 "lease_expires_at = clock_timestamp() + make_interval(secs => %s) WHERE session_id = %s "

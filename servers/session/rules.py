@@ -25,7 +25,16 @@ from corral.servers.session.store import LeaseLost, NewEvent, SessionInfo, encod
 STATUS_EVENT = "session.status"
 
 
-def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, want: int | None, types: Sequence[str] | None, desc: bool) -> tuple[str, list[Any]]:
+def range_query(
+    select: str,
+    mark: str,
+    owner: str,
+    lo: int,
+    hi: int | None,
+    want: int | None,
+    types: Sequence[str] | None,
+    desc: bool,
+) -> tuple[str, list[Any]]:
     """The SQL (with `mark` placeholders) and parameters for one owner's rows in [lo, hi): an index range scan."""
     sql = f"{select} WHERE session_id = {mark} AND position >= {mark}"
     params: list[Any] = [owner, lo]
@@ -42,16 +51,22 @@ def range_query(select: str, mark: str, owner: str, lo: int, hi: int | None, wan
     return sql, params
 
 
-def plan_fork(source: SessionInfo, at: int, nodes: lineage.Nodes, select_status: lineage.SelectRange[Any]) -> lineage.Node:
+def plan_fork(
+    source: SessionInfo, at: int, nodes: lineage.Nodes, select_status: lineage.SelectRange[Any]
+) -> lineage.Node:
     """The lineage node of a new fork of `source` at `at`; its `base_status` is the status it starts with."""
     if not 0 <= at <= source.length:
-        raise InvalidArgument(f"fork position {at} is out of range: session {source.session_id} has {source.length} events (0..{source.length})")
+        raise InvalidArgument(
+            f"fork position {at} is out of range: session {source.session_id} has {source.length} events (0..{source.length})"
+        )
     start = nodes(source.session_id)
     status = source.status if at == source.length else lineage.status_at(start, at, select_status, status_of, nodes)
     return lineage.fork(new_id("ses_"), at, start, status, nodes)
 
 
-def sessions_query(select: str, mark: str, parent: str | None, order: str, limit: int, *, parent_column: str = "parent") -> tuple[str, list[Any]]:
+def sessions_query(
+    select: str, mark: str, parent: str | None, order: str, limit: int, *, parent_column: str = "parent"
+) -> tuple[str, list[Any]]:
     """The SQL and parameters listing sessions (a parent's only, if given), newest first."""
     sql, params = select, []
     if parent is not None:
@@ -64,7 +79,16 @@ def info_from_row(row: Sequence[Any], when: Callable[[Any], datetime]) -> Sessio
     """A session row (id, metadata, parent, forked_at, created_at, length, status, lease owner, token, expiry)."""
     sid, metadata, parent, forked_at, created_at, length, status, owner, token, expires = row
     lease = None if owner is None else {"worker": owner, "token": token, "expires_at": when(expires).isoformat()}
-    return SessionInfo(session_id=sid, metadata=json.loads(metadata), parent=parent, forked_at=forked_at, created_at=when(created_at), length=length, status=status, lease=lease)
+    return SessionInfo(
+        session_id=sid,
+        metadata=json.loads(metadata),
+        parent=parent,
+        forked_at=forked_at,
+        created_at=when(created_at),
+        length=length,
+        status=status,
+        lease=lease,
+    )
 
 
 # -- status ------------------------------------------------------------------------------
@@ -151,5 +175,7 @@ def plan_append(
         if event.type == STATUS_EVENT:
             plan.status = status_of(event.data)
     if plan.rows and expected_position is not None and expected_position != length:
-        raise Conflict(f"expected position {expected_position} but session {session_id} has {length} events; nothing was written")
+        raise Conflict(
+            f"expected position {expected_position} but session {session_id} has {length} events; nothing was written"
+        )
     return plan

@@ -39,7 +39,9 @@ class Emitted(BaseModel):
 
 class EventsPage(BaseModel):
     events: list[Event]
-    next_after: int | None = Field(description="pass as `after` to read the next page; null when nothing was returned and no cursor was given")
+    next_after: int | None = Field(
+        description="pass as `after` to read the next page; null when nothing was returned and no cursor was given"
+    )
 
 
 class Sessions(BaseModel):
@@ -74,8 +76,12 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
 
     @tool(server, idempotent=False)
     def create_session(
-        metadata: Annotated[dict[str, Any] | None, Field(description="free-form JSON object kept with the session (title, task, ...)")] = None,
-        parent: Annotated[str | None, Field(description="id of the session this one belongs to (e.g. a subagent's parent)")] = None,
+        metadata: Annotated[
+            dict[str, Any] | None, Field(description="free-form JSON object kept with the session (title, task, ...)")
+        ] = None,
+        parent: Annotated[
+            str | None, Field(description="id of the session this one belongs to (e.g. a subagent's parent)")
+        ] = None,
     ) -> Created:
         """Create a new, empty session."""
         return Created(session_id=store.create(metadata, parent).session_id)
@@ -85,16 +91,29 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
         session_id: SessionId,
         type: Annotated[str, Field(description="{domain}.{action}, e.g. user.message, agent.tool_result")],
         data: Annotated[Any, Field(description="the event's payload: any JSON value")] = None,
-        expected_position: Annotated[int | None, Field(description="the position this event must get (the session's current length); a mismatch is a conflict and nothing is written")] = None,
-        event_id: Annotated[str | None, Field(description="idempotency key: re-sending an event_id already stored returns its original position")] = None,
+        expected_position: Annotated[
+            int | None,
+            Field(
+                description="the position this event must get (the session's current length); a mismatch is a conflict and nothing is written"
+            ),
+        ] = None,
+        event_id: Annotated[
+            str | None,
+            Field(description="idempotency key: re-sending an event_id already stored returns its original position"),
+        ] = None,
     ) -> Emitted:
         """Append one event to a session."""
-        return Emitted(position=store.append_one(session_id, type, data, expected_position=expected_position, event_id=event_id))
+        return Emitted(
+            position=store.append_one(session_id, type, data, expected_position=expected_position, event_id=event_id)
+        )
 
     @tool(server, read_only=True, structured=False)
     def get_events(
         session_id: SessionId,
-        after: Annotated[int | None, Field(description="cursor: with order=asc, events after this position; with order=desc, events before it")] = None,
+        after: Annotated[
+            int | None,
+            Field(description="cursor: with order=asc, events after this position; with order=desc, events before it"),
+        ] = None,
         limit: Annotated[int, Field(description=f"at most this many events (0..{MAX_PAGE})")] = 100,
         types: Annotated[list[str] | None, Field(description="only events of these types")] = None,
         order: Annotated[Literal["asc", "desc"], Field(description="asc: oldest first; desc: newest first")] = "asc",
@@ -104,7 +123,10 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
         if after is not None and after < -1:
             raise InvalidArgument(f"after {after} is out of range (use -1 or omit it to start at the beginning)")
         if after is not None and after >= MAX_POSITION:
-            raise InvalidArgument(f"after {after} is out of range: positions are below {MAX_POSITION}", hint="pass next_after from the previous page")
+            raise InvalidArgument(
+                f"after {after} is out of range: positions are below {MAX_POSITION}",
+                hint="pass next_after from the previous page",
+            )
         if order == "asc":
             events = store.select(session_id, gte=None if after is None else after + 1, types=types, limit=limit)
         else:
@@ -121,7 +143,9 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
         if start < 0 or end < start:
             raise InvalidArgument(f"bad range [{start}, {end}): need 0 <= start <= end")
         if end - start > MAX_PAGE:
-            raise InvalidArgument(f"range [{start}, {end}) spans {end - start} events, over {MAX_PAGE}", hint="read it in pages")
+            raise InvalidArgument(
+                f"range [{start}, {end}) spans {end - start} events, over {MAX_PAGE}", hint="read it in pages"
+            )
         length = store.length(session_id)
         if start > length:
             raise InvalidArgument(f"start {start} is past the end of session {session_id} ({length} events)")

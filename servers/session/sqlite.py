@@ -75,13 +75,22 @@ CREATE TABLE leases (
 """
 # 1 -> 2: length, status and the lineage node move onto the session row (filled in by
 # `_fill_rows`); event ids are indexed first, so a re-sent id is found in one seek.
-ADDED_IN_2 = ("length INTEGER NOT NULL DEFAULT 0", "status TEXT", "below TEXT", "jump TEXT", "rank INTEGER NOT NULL DEFAULT 0", "base_status TEXT")
+ADDED_IN_2 = (
+    "length INTEGER NOT NULL DEFAULT 0",
+    "status TEXT",
+    "below TEXT",
+    "jump TEXT",
+    "rank INTEGER NOT NULL DEFAULT 0",
+    "base_status TEXT",
+)
 MIGRATE_1 = [
     *(f"ALTER TABLE sessions ADD COLUMN {column}" for column in ADDED_IN_2),
     "DROP INDEX events_event_id",
     "CREATE UNIQUE INDEX events_event_id ON events (event_id, session_id)",
 ]
-NODE_SELECT = "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM sessions WHERE session_id = ?"
+NODE_SELECT = (
+    "SELECT session_id, COALESCE(forked_at, 0), below, jump, rank, base_status FROM sessions WHERE session_id = ?"
+)
 COLUMNS = "session_id, position, event_id, type, data, created_at"
 SESSION_SELECT = (
     "SELECT s.session_id, s.metadata, s.parent, s.forked_at, s.created_at, s.length, s.status, l.owner, l.token, l.expires_at "
@@ -95,11 +104,20 @@ def _ts(value: float) -> datetime:
 
 def _event(reader: str, row: tuple[Any, ...]) -> Event:
     _, pos, eid, typ, data, created = row
-    return Event(session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created))
+    return Event(
+        session_id=reader, position=pos, event_id=eid, type=typ, data=json.loads(data), created_at=_ts(created)
+    )
 
 
 class SQLiteEventStore(EventStore):
-    def __init__(self, path: str | os.PathLike[str], *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, synchronous: str = "NORMAL", busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        synchronous: str = "NORMAL",
+        busy_timeout_s: float = 30.0,
+    ) -> None:
         self.path = Path(path)
         self.max_event_bytes = max_event_bytes
         try:
@@ -113,7 +131,10 @@ class SQLiteEventStore(EventStore):
             with self._write() as db:
                 self._migrate(db)
         except (sqlite3.Error, OSError) as err:
-            raise Unavailable(f"cannot open the session database {path}: {err}", hint="check the path and its permissions (CORRAL_SESSION_STORE / CORRAL_HOME)") from err
+            raise Unavailable(
+                f"cannot open the session database {path}: {err}",
+                hint="check the path and its permissions (CORRAL_SESSION_STORE / CORRAL_HOME)",
+            ) from err
         self._lock = threading.RLock()
         self._nodes = lineage.NodeCache()
 
@@ -136,14 +157,19 @@ class SQLiteEventStore(EventStore):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise Unavailable("no space left on device", hint=f"free space under {self.path.resolve().parent}") from err
+                raise Unavailable(
+                    "no space left on device", hint=f"free space under {self.path.resolve().parent}"
+                ) from err
             raise
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         """Create the schema, or bring one an older corral made up to date (under the write lock)."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise Unavailable(f"the session database {self.path} has schema version {version}, newer than this corral ({SCHEMA_VERSION})", hint="upgrade corral")
+            raise Unavailable(
+                f"the session database {self.path} has schema version {version}, newer than this corral ({SCHEMA_VERSION})",
+                hint="upgrade corral",
+            )
         fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sessions'").fetchone()[0] == 0
         if fresh:
             for statement in SCHEMA.split(";"):
@@ -184,7 +210,9 @@ class SQLiteEventStore(EventStore):
             raise NotFound(f"session {session_id!r} not found", hint="list_sessions shows the sessions there are")
         return lineage.Node(*row)
 
-    def _range(self, reader: str, types: Sequence[str] | None, desc: bool) -> Callable[[str, int, int | None, int | None], list[Event]]:
+    def _range(
+        self, reader: str, types: Sequence[str] | None, desc: bool
+    ) -> Callable[[str, int, int | None, int | None], list[Event]]:
         """SELECT one owner's rows in [lo, hi), shown as `reader`'s events."""
 
         def select_range(owner: str, lo: int, hi: int | None, want: int | None) -> list[Event]:
@@ -195,21 +223,28 @@ class SQLiteEventStore(EventStore):
 
     def _stored_ids(self, session_id: str, event_ids: list[str]) -> dict[str, tuple[Any, ...]]:
         """event_id -> row, for those of `event_ids` this session's view shows (one index seek per id)."""
-        rows = self._db.execute(f"SELECT {COLUMNS} FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(event_ids),)).fetchall()
+        rows = self._db.execute(
+            f"SELECT {COLUMNS} FROM events WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(event_ids),)
+        ).fetchall()
         nodes = self._nodes.nodes(self._node)
         start = nodes(session_id)  # NotFound for an unknown session, found ids or not
         return lineage.visible(start, rows, nodes)
 
     # -- the verbs --------------------------------------------------------------------
 
-    def create(self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None) -> SessionInfo:
+    def create(
+        self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None
+    ) -> SessionInfo:
         meta = encode_data(metadata or {}, self.max_event_bytes)
         sid = session_id or new_id("ses_")
         with self._lock, self._write() as db:
             if parent is not None:
                 self._info(parent)
             try:
-                db.execute("INSERT INTO sessions (session_id, metadata, parent, created_at, jump) VALUES (?, ?, ?, ?, ?)", (sid, meta, parent, time.time(), sid))
+                db.execute(
+                    "INSERT INTO sessions (session_id, metadata, parent, created_at, jump) VALUES (?, ?, ?, ?, ?)",
+                    (sid, meta, parent, time.time(), sid),
+                )
             except sqlite3.IntegrityError as err:
                 raise Conflict(f"session {sid!r} already exists") from err
             return self._info(sid)
@@ -218,11 +253,25 @@ class SQLiteEventStore(EventStore):
         meta = encode_data(metadata or {}, self.max_event_bytes)
         with self._lock, self._write() as db:
             source = self._info(session_id)
-            node = rules.plan_fork(source, at, self._nodes.nodes(self._node), self._range("", [rules.STATUS_EVENT], True))
+            node = rules.plan_fork(
+                source, at, self._nodes.nodes(self._node), self._range("", [rules.STATUS_EVENT], True)
+            )
             db.execute(
                 "INSERT INTO sessions (session_id, metadata, parent, forked_at, created_at, length, status, below, jump, rank, base_status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (node.session_id, meta, session_id, at, time.time(), at, node.base_status, node.below, node.jump, node.rank, node.base_status),
+                (
+                    node.session_id,
+                    meta,
+                    session_id,
+                    at,
+                    time.time(),
+                    at,
+                    node.base_status,
+                    node.below,
+                    node.jump,
+                    node.rank,
+                    node.base_status,
+                ),
             )
             return self._info(node.session_id)
 
@@ -232,11 +281,20 @@ class SQLiteEventStore(EventStore):
 
     def sessions(self, limit: int = 100, parent: str | None = None) -> list[SessionInfo]:
         check_range(None, None, limit)
-        query, params = rules.sessions_query(SESSION_SELECT, "?", parent, "s.created_at", limit, parent_column="s.parent")
+        query, params = rules.sessions_query(
+            SESSION_SELECT, "?", parent, "s.created_at", limit, parent_column="s.parent"
+        )
         with self._lock:
             return [rules.info_from_row(r, _ts) for r in self._db.execute(query, params).fetchall()]
 
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
+    def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_position: int | None = None,
+        *,
+        lease: int | None = None,
+    ) -> list[int]:
         encoded = rules.encode_batch(events, expected_position, self.max_event_bytes)
         now = time.time()
         with self._lock, self._write() as db:
@@ -245,17 +303,34 @@ class SQLiteEventStore(EventStore):
                 rules.check_lease(session_id, lease, *rules.lease_holder(info))
             given = rules.given_ids(events)
             prior = {eid: row[1] for eid, row in self._stored_ids(session_id, given).items()} if given else {}
-            plan = rules.plan_append(session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position)
+            plan = rules.plan_append(
+                session_id, encoded, prior, length=info.length, status=info.status, expected_position=expected_position
+            )
             if not plan.rows:
                 return plan.positions
             try:
-                db.executemany(f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", [(session_id, *row, now) for row in plan.rows])
+                db.executemany(
+                    f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(session_id, *row, now) for row in plan.rows],
+                )
             except sqlite3.IntegrityError as err:  # defends against a writer that bypassed the lock
                 raise Conflict(f"concurrent append to session {session_id}; nothing was written") from err
-            db.execute("UPDATE sessions SET length = ?, status = ? WHERE session_id = ?", (plan.length, plan.status, session_id))
+            db.execute(
+                "UPDATE sessions SET length = ?, status = ? WHERE session_id = ?",
+                (plan.length, plan.status, session_id),
+            )
             return plan.positions
 
-    def select(self, session_id: str, *, gte: int | None = None, lt: int | None = None, types: Sequence[str] | None = None, desc: bool = False, limit: int | None = None) -> list[Event]:
+    def select(
+        self,
+        session_id: str,
+        *,
+        gte: int | None = None,
+        lt: int | None = None,
+        types: Sequence[str] | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> list[Event]:
         check_range(gte, lt, limit)
         with self._lock:
             nodes = self._nodes.nodes(self._node)
@@ -274,7 +349,9 @@ class SQLiteEventStore(EventStore):
     # -- leases (fencing tokens for the worker pool) --------------------------------------
 
     def _lease(self, session_id: str) -> tuple[str | None, int, float | None]:
-        row = self._db.execute("SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT owner, token, expires_at FROM leases WHERE session_id = ?", (session_id,)
+        ).fetchone()
         return row or (None, 0, None)
 
     def acquire_lease(self, session_id: str, owner: str, ttl_s: float) -> Lease:
@@ -283,7 +360,10 @@ class SQLiteEventStore(EventStore):
             held_by, token, expires = self._lease(session_id)
             now = time.time()
             if held_by is not None and held_by != owner and expires is not None and expires > now:
-                raise Conflict(f"session {session_id} is leased to {held_by} until {_ts(expires).isoformat()}", hint="wait for the lease to expire or be released")
+                raise Conflict(
+                    f"session {session_id} is leased to {held_by} until {_ts(expires).isoformat()}",
+                    hint="wait for the lease to expire or be released",
+                )
             db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", (session_id, owner, token + 1, now + ttl_s))
             return Lease(session_id=session_id, owner=owner, token=token + 1, expires_at=_ts(now + ttl_s))
 
@@ -297,5 +377,10 @@ class SQLiteEventStore(EventStore):
 
     def release_lease(self, session_id: str, token: int) -> bool:
         with self._lock, self._write() as db:
-            return db.execute("UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?", (session_id, token)).rowcount == 1
-
+            return (
+                db.execute(
+                    "UPDATE leases SET owner = NULL, expires_at = NULL WHERE session_id = ? AND token = ?",
+                    (session_id, token),
+                ).rowcount
+                == 1
+            )

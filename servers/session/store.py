@@ -39,7 +39,9 @@ class NewEvent(BaseModel):
 
     type: str = Field(pattern=TYPE_PATTERN, max_length=200, description="{domain}.{action}, e.g. user.message")
     data: Any = Field(default_factory=dict, description="any JSON value")
-    event_id: str | None = Field(None, min_length=1, max_length=200, description="idempotency key; generated when omitted")
+    event_id: str | None = Field(
+        None, min_length=1, max_length=200, description="idempotency key; generated when omitted"
+    )
 
 
 class Event(BaseModel):
@@ -54,11 +56,15 @@ class Event(BaseModel):
 class SessionInfo(BaseModel):
     session_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-    parent: str | None = Field(None, description="session this one was started from (a subagent's parent, or a fork's source)")
+    parent: str | None = Field(
+        None, description="session this one was started from (a subagent's parent, or a fork's source)"
+    )
     forked_at: int | None = Field(None, description="for a fork: it shares the parent's events below this position")
     created_at: datetime
     length: int = 0
-    status: str | None = Field(None, description="the data.status of the latest session.status event (a non-string one as its JSON text)")
+    status: str | None = Field(
+        None, description="the data.status of the latest session.status event (a non-string one as its JSON text)"
+    )
     lease: dict[str, Any] | None = None
 
 
@@ -120,7 +126,9 @@ class EventStore(ABC):
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
 
     @abstractmethod
-    def create(self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None) -> SessionInfo:
+    def create(
+        self, metadata: dict[str, Any] | None = None, parent: str | None = None, session_id: str | None = None
+    ) -> SessionInfo:
         """A new, empty session (linked to `parent` if given, sharing none of its events)."""
 
     @abstractmethod
@@ -136,7 +144,14 @@ class EventStore(ABC):
         """Sessions, newest first."""
 
     @abstractmethod
-    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None, *, lease: int | None = None) -> list[int]:
+    def append(
+        self,
+        session_id: str,
+        events: Sequence[NewEvent],
+        expected_position: int | None = None,
+        *,
+        lease: int | None = None,
+    ) -> list[int]:
         """Append `events` atomically; return their positions.
 
         `expected_position` is the position the first new event must get (the session's
@@ -181,7 +196,14 @@ class EventStore(ABC):
     # Conveniences built on the verbs ------------------------------------------------
 
     def append_one(
-        self, session_id: str, type: str, data: Any = None, *, expected_position: int | None = None, event_id: str | None = None, lease: int | None = None
+        self,
+        session_id: str,
+        type: str,
+        data: Any = None,
+        *,
+        expected_position: int | None = None,
+        event_id: str | None = None,
+        lease: int | None = None,
     ) -> int:
         event = NewEvent(type=type, data={} if data is None else data, event_id=event_id)
         return self.append(session_id, [event], expected_position, lease=lease)[0]

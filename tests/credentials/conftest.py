@@ -52,7 +52,11 @@ def leaks() -> list[str]:
         e, f = secret_forms(secret)
         exact |= e
         folded |= f
-    patterns = [re.compile("|".join(re.escape(x.decode("latin-1")) for x in forms), flags) for forms, flags in ((exact, 0), (folded, re.IGNORECASE)) if forms]
+    patterns = [
+        re.compile("|".join(re.escape(x.decode("latin-1")) for x in forms), flags)
+        for forms, flags in ((exact, 0), (folded, re.IGNORECASE))
+        if forms
+    ]
     haystacks = {"output": OUTPUTS, "log": LOG_LINES, "audit": [p.read_text() for p in AUDIT_FILES if p.exists()]}
     return [
         f"{where}: ...{text[max(0, found.start() - 100) : found.end()]}"
@@ -93,13 +97,26 @@ def upstream(shared_upstream):
 
 class Env:
     def __init__(self, tmp: Path, upstream: Upstream, template: Path | None = None) -> None:
-        self.settings = VaultSettings(home=tmp / "home", vault_backend="encrypted-file", proxy_max_request_bytes=4096, proxy_max_response_bytes=2048)
+        self.settings = VaultSettings(
+            home=tmp / "home",
+            vault_backend="encrypted-file",
+            proxy_max_request_bytes=4096,
+            proxy_max_response_bytes=2048,
+        )
         if template is not None:  # a copy of the session's seeded vault: same secrets, no re-encryption per test
             shutil.copytree(template / "home", tmp / "home")
         self.vault, _ = open_vault(self.settings, None)
         self.upstream = upstream
         self.connector = LoopbackOnly()
-        self.resolver = StaticResolver({"api.test": ["127.0.0.1"], "rebind.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "10.0.0.1"], "xn--bcher-kva.test": ["127.0.0.1"], "bucher.test": ["127.0.0.1"]})
+        self.resolver = StaticResolver(
+            {
+                "api.test": ["127.0.0.1"],
+                "rebind.test": ["127.0.0.1"],
+                "mixed.test": ["127.0.0.1", "10.0.0.1"],
+                "xn--bcher-kva.test": ["127.0.0.1"],
+                "bucher.test": ["127.0.0.1"],
+            }
+        )
         self.secrets: dict[str, str] = dict(_SEEDED)
         self.redaction = Redaction().install()  # what a server owns; removed when the test ends (fixture `env`)
         AUDIT_FILES.append(self.vault.directory / "audit.jsonl")
@@ -108,11 +125,44 @@ class Env:
 
     def seed(self) -> None:
         base = {"schemes": ["http"], "ports": [self.upstream.port], "methods": ["GET", "POST"]}
-        self.add(Credential(name="echo", kind="bearer", hosts=["127.0.0.1", "api.test"], allow_private=True, description="echo upstream", **base))
-        self.add(Credential(name="strict", kind="bearer", hosts=["api.test", "rebind.test", "mixed.test"], allow_private=False, **base))
-        self.add(Credential(name="hdr", kind="header", header="X-Api-Key", template="key={secret}", hosts=["127.0.0.1"], allow_private=True, **base))
-        self.add(Credential(name="basic", kind="basic", username="bob", hosts=["127.0.0.1"], allow_private=True, **base))
-        self.add(Credential(name="query", kind="query", query_param="api_key", hosts=["127.0.0.1"], allow_private=True, **base))
+        self.add(
+            Credential(
+                name="echo",
+                kind="bearer",
+                hosts=["127.0.0.1", "api.test"],
+                allow_private=True,
+                description="echo upstream",
+                **base,
+            )
+        )
+        self.add(
+            Credential(
+                name="strict",
+                kind="bearer",
+                hosts=["api.test", "rebind.test", "mixed.test"],
+                allow_private=False,
+                **base,
+            )
+        )
+        self.add(
+            Credential(
+                name="hdr",
+                kind="header",
+                header="X-Api-Key",
+                template="key={secret}",
+                hosts=["127.0.0.1"],
+                allow_private=True,
+                **base,
+            )
+        )
+        self.add(
+            Credential(name="basic", kind="basic", username="bob", hosts=["127.0.0.1"], allow_private=True, **base)
+        )
+        self.add(
+            Credential(
+                name="query", kind="query", query_param="api_key", hosts=["127.0.0.1"], allow_private=True, **base
+            )
+        )
 
     def add(self, cred: Credential) -> None:
         self.secrets[cred.name] = new_secret(f"sk-{cred.name}")

@@ -33,6 +33,7 @@ def assert_clean(env, *texts: str) -> None:
 
 # -- injection and redaction ------------------------------------------------------------
 
+
 async def test_bearer_injected_and_echo_redacted_in_body_and_headers(mcp, env):
     out = await mcp.ok("http_request", req("echo", env.upstream.url("/echo")))
     assert env.upstream.seen[-1]["headers"]["Authorization"] == f"Bearer {env.secrets['echo']}"
@@ -42,7 +43,9 @@ async def test_bearer_injected_and_echo_redacted_in_body_and_headers(mcp, env):
     assert_clean(env, json.dumps(out))
 
 
-@pytest.mark.parametrize("path", ["/echo-b64", "/echo-hex", "/echo-gzip", "/echo-chunked?size=3", "/echo-chunked?size=1"])
+@pytest.mark.parametrize(
+    "path", ["/echo-b64", "/echo-hex", "/echo-gzip", "/echo-chunked?size=3", "/echo-chunked?size=1"]
+)
 async def test_echo_in_every_encoding_is_redacted(mcp, env, path):
     out = await mcp.ok("http_request", req("echo", env.upstream.url(path)))
     assert out["status"] == 200
@@ -61,7 +64,18 @@ async def test_secret_as_real_encoders_write_it_is_redacted(mcp, env, form):
     from corral.vault.policy import Credential
     from tests.credentials.conftest import SECRETS
 
-    env.vault.set(Credential(name="odd", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), ODD_SECRET)
+    env.vault.set(
+        Credential(
+            name="odd",
+            kind="query",
+            query_param="k",
+            hosts=["127.0.0.1"],
+            schemes=["http"],
+            ports=[env.upstream.port],
+            allow_private=True,
+        ),
+        ODD_SECRET,
+    )
     env.secrets["odd"] = ODD_SECRET
     SECRETS.append(ODD_SECRET)
     out = await mcp.ok("http_request", req("odd", env.upstream.url(f"/reflect?form={quote(form)}")))
@@ -98,7 +112,9 @@ async def test_query_kind_replaces_client_param(mcp, env):
 
 @pytest.mark.parametrize("name", ["Authorization", "authorization", "AUTHORIZATION"])
 async def test_client_authorization_is_replaced_never_passed(mcp, env, name):
-    await mcp.ok("http_request", req("echo", env.upstream.url("/echo"), headers={name: "Bearer attacker", "X-Ok": "yes"}))
+    await mcp.ok(
+        "http_request", req("echo", env.upstream.url("/echo"), headers={name: "Bearer attacker", "X-Ok": "yes"})
+    )
     seen = env.upstream.seen[-1]["headers"]
     auths = [v for k, v in seen.items() if k.lower() == "authorization"]
     assert auths == [f"Bearer {env.secrets['echo']}"] and seen["X-Ok"] == "yes"
@@ -164,9 +180,15 @@ async def test_no_cookies_carried_between_requests(mcp, env):
 
 # -- redirects ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("code", "to"),
-    [("302", "http://evil.test/steal"), ("307", "http://127.0.0.1:1/other-port"), ("302", "http://127.0.0.1:{port}/echo"), ("307", "https://api.test/x")],
+    [
+        ("302", "http://evil.test/steal"),
+        ("307", "http://127.0.0.1:1/other-port"),
+        ("302", "http://127.0.0.1:{port}/echo"),
+        ("307", "https://api.test/x"),
+    ],
 )
 async def test_redirects_are_returned_never_followed(mcp, env, code, to):
     to = to.format(port=env.upstream.port)
@@ -178,6 +200,7 @@ async def test_redirects_are_returned_never_followed(mcp, env, code, to):
 
 
 # -- where requests may go ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("url", "kind"),
@@ -247,7 +270,19 @@ async def test_name_resolving_to_loopback_refused_when_private_not_allowed(mcp, 
     assert env.upstream.seen == [] and env.connector.attempts == []
 
 
-@pytest.mark.parametrize("address", ["::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:192.168.1.1", "64:ff9b:1::7f00:1", "64:ff9b:1::a00:1", "fec0::1", "fec0:1::5"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",
+        "::10.0.0.1",
+        "::ffff:0:127.0.0.1",
+        "::ffff:0:192.168.1.1",
+        "64:ff9b:1::7f00:1",
+        "64:ff9b:1::a00:1",
+        "fec0::1",
+        "fec0:1::5",
+    ],
+)
 async def test_ipv6_forms_of_internal_addresses_refused(mcp, env, address):
     """A name answering with IPv6 that embeds an internal IPv4 (or is site-local) is refused
     for a policy without private addresses; the static resolver keeps it on this machine."""
@@ -310,16 +345,26 @@ async def test_real_system_resolver_localhost_refused(env):
 
 @pytest.mark.parametrize(
     ("url_host", "allowed"),
-    [("bücher.test", True), ("BÜCHER.test.", True), ("xn--bcher-kva.test", True), ("bucher.test", False), ("b\u00fc\u0441her.test", False)],
+    [
+        ("bücher.test", True),
+        ("BÜCHER.test.", True),
+        ("xn--bcher-kva.test", True),
+        ("bucher.test", False),
+        ("b\u00fc\u0441her.test", False),
+    ],
 )
 async def test_idna_hosts_match_by_punycode_only(mcp, env, url_host, allowed):
     from corral.vault.policy import Credential
 
-    env.add(Credential(name="idn", hosts=["bücher.test"], schemes=["http"], ports=[env.upstream.port], allow_private=True))
+    env.add(
+        Credential(name="idn", hosts=["bücher.test"], schemes=["http"], ports=[env.upstream.port], allow_private=True)
+    )
     call = req("idn", f"http://{url_host}:{env.upstream.port}/echo")
     if allowed:
         out = await mcp.ok("http_request", call)
-        assert json.loads(out["body"])["headers"]["Host"].replace(".:", ":") == f"xn--bcher-kva.test:{env.upstream.port}"
+        assert (
+            json.loads(out["body"])["headers"]["Host"].replace(".:", ":") == f"xn--bcher-kva.test:{env.upstream.port}"
+        )
     else:  # a look-alike (ASCII u, Cyrillic es) is another host
         text = await mcp.error("http_request", call)
         assert text.startswith("policy_denied") and env.upstream.seen == []
@@ -332,6 +377,7 @@ async def test_client_copy_of_a_custom_credential_header_is_replaced(mcp, env):
 
 
 # -- CR/LF and other header injection -------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "args",
@@ -368,6 +414,7 @@ async def test_percent_encoded_crlf_stays_encoded(mcp, env):
 
 # -- policy ----------------------------------------------------------------------------------
 
+
 async def test_unknown_credential(mcp, env):
     text = await mcp.error("http_request", req("nope", env.upstream.url("/echo")))
     assert text.startswith("not_found") and "echo" in text  # names the known ones
@@ -390,7 +437,10 @@ async def test_body_over_cap_or_ambiguous_refused(mcp, env, args):
 
 async def test_body_and_json_are_sent(mcp, env):
     await mcp.ok("http_request", req("echo", env.upstream.url("/echo"), method="POST", json={"a": 1}))
-    assert env.upstream.seen[-1]["body"] == b'{"a": 1}' and env.upstream.seen[-1]["headers"]["Content-Type"] == "application/json"
+    assert (
+        env.upstream.seen[-1]["body"] == b'{"a": 1}'
+        and env.upstream.seen[-1]["headers"]["Content-Type"] == "application/json"
+    )
     await mcp.ok("http_request", req("echo", env.upstream.url("/echo"), method="POST", body="hello"))
     assert env.upstream.seen[-1]["body"] == b"hello"
 
@@ -403,13 +453,24 @@ async def test_upstream_timeout_is_a_timeout_error(mcp, env):
 async def test_upstream_down_is_unavailable_and_redacted(mcp, env):
     from corral.vault.policy import Credential
 
-    env.add(Credential(name="down", kind="query", query_param="k", hosts=["127.0.0.1"], schemes=["http"], ports=[9], allow_private=True))
+    env.add(
+        Credential(
+            name="down",
+            kind="query",
+            query_param="k",
+            hosts=["127.0.0.1"],
+            schemes=["http"],
+            ports=[9],
+            allow_private=True,
+        )
+    )
     text = await mcp.error("http_request", req("down", "http://127.0.0.1:9/x"))
     assert text.startswith("unavailable")
     assert_clean(env, text)
 
 
 # -- listing and audit -------------------------------------------------------------------------
+
 
 async def test_list_credentials_never_shows_values(mcp, env):
     out = await mcp.ok("list_credentials")
@@ -429,7 +490,9 @@ async def test_annotations_are_honest(mcp):
 
 async def test_tools_declare_output_schemas(mcp):
     tools = {t.name: t.output_schema for t in (await mcp.client.list_tools()).tools}
-    assert {"status", "headers", "body", "body_encoding", "body_bytes", "truncated"} <= set(tools["http_request"]["properties"])
+    assert {"status", "headers", "body", "body_encoding", "body_bytes", "truncated"} <= set(
+        tools["http_request"]["properties"]
+    )
     assert {"credentials", "next_cursor", "total"} <= set(tools["list_credentials"]["properties"])
 
 
@@ -453,7 +516,9 @@ async def test_vault_changes_are_picked_up_without_restart(mcp, env):
 
     text = await mcp.error("http_request", req("late", env.upstream.url("/echo")))
     assert text.startswith("not_found")
-    env.add(Credential(name="late", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True))
+    env.add(
+        Credential(name="late", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True)
+    )
     out = await mcp.ok("http_request", req("late", env.upstream.url("/echo")))
     assert env.upstream.seen[-1]["headers"]["Authorization"] == f"Bearer {env.secrets['late']}"
     assert_clean(env, json.dumps(out))

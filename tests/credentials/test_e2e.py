@@ -44,17 +44,27 @@ async def call(client: Client, name: str, args: dict) -> tuple[bool, str, dict |
 
 async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
     errlog = tmp_path / "server-stderr.log"
-    params = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env=server_env(env))
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "corral.cli", "serve", "credentials"], env=server_env(env)
+    )
     with errlog.open("w") as err:
         async with Client(stdio_client(params, errlog=err)) as client:
             names = {t.name for t in (await client.list_tools()).tools}
             assert {"list_credentials", "http_request", "git_access"} <= names
-            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-gzip")})
+            is_error, _, out = await call(
+                client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-gzip")}
+            )
             assert not is_error and out["status"] == 200
             assert json.loads(out["body"])["headers"]["Authorization"] == "Bearer [REDACTED]"
-            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo")})
+            is_error, _, out = await call(
+                client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo")}
+            )
             assert not is_error and ["x-echo-auth", "Bearer [REDACTED]"] in out["headers"]
-            is_error, text, _ = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo") + "\r\nX: 1"})
+            is_error, text, _ = await call(
+                client,
+                "http_request",
+                {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo") + "\r\nX: 1"},
+            )
             assert is_error and "invalid_argument" in text
     assert env.upstream.seen[0]["headers"]["Authorization"] == f"Bearer {env.secrets['echo']}"
     LOG_LINES.append(errlog.read_text())
@@ -64,7 +74,14 @@ async def test_stdio_end_to_end_injects_and_redacts(env, tmp_path):
     assert "Bearer [REDACTED]" in log and env.secrets["echo"] not in log
 
 
-TARGETS = ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "10.0.0.1", "metadata.google.internal", "example.com"]
+TARGETS = [
+    "169.254.169.254",
+    "2852039166",
+    "[::ffff:169.254.169.254]",
+    "10.0.0.1",
+    "metadata.google.internal",
+    "example.com",
+]
 
 
 @pytest.mark.requires("netns")
@@ -73,11 +90,19 @@ async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
 
     for i, host in enumerate(TARGETS):
         env.add(Credential(name=f"wide{i}", hosts=[host], schemes=["http"], ports=[80]))
-    params = StdioServerParameters(command="unshare", args=[*UNSHARE_NET, sys.executable, "-m", "corral.cli", "serve", "credentials"], env=server_env(env))
+    params = StdioServerParameters(
+        command="unshare",
+        args=[*UNSHARE_NET, sys.executable, "-m", "corral.cli", "serve", "credentials"],
+        env=server_env(env),
+    )
     with (tmp_path / "stderr.log").open("w") as err:
         async with Client(stdio_client(params, errlog=err)) as client:
             for i, host in enumerate(TARGETS):
-                is_error, text, _ = await call(client, "http_request", {"credential": f"wide{i}", "method": "GET", "url": f"http://{host}/latest/meta-data/"})
+                is_error, text, _ = await call(
+                    client,
+                    "http_request",
+                    {"credential": f"wide{i}", "method": "GET", "url": f"http://{host}/latest/meta-data/"},
+                )
                 assert is_error
                 # private/metadata addresses are refused by policy; public names cannot even resolve in the empty namespace
                 expected = "unavailable" if host in ("metadata.google.internal", "example.com") else "policy_denied"
@@ -85,21 +110,28 @@ async def test_stdio_in_empty_netns_refuses_off_machine_targets(env, tmp_path):
     LOG_LINES.append((tmp_path / "stderr.log").read_text())
 
 
-
-
 async def test_streamable_http_end_to_end(env, tmp_path):
     """`corral serve credentials --http`: the same tools over streamable HTTP on loopback."""
     port = free_port()
     errlog = (tmp_path / "http-stderr.log").open("w")
     proc = subprocess.Popen(  # returns at once; the server outlives this statement
-        [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env(env), stdout=subprocess.DEVNULL, stderr=errlog
+        [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"],
+        env=server_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=errlog,
     )
     try:
         wait_listening(port, proc)
         async with bearer_client(f"http://127.0.0.1:{port}/mcp", env.settings.home) as client:
-            is_error, _, out = await call(client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-b64")})
+            is_error, _, out = await call(
+                client, "http_request", {"credential": "echo", "method": "GET", "url": env.upstream.url("/echo-b64")}
+            )
             assert not is_error and out["status"] == 200 and "[REDACTED]" in out["body"]
-            is_error, text, _ = await call(client, "http_request", {"credential": "strict", "method": "GET", "url": f"http://127.0.0.1:{env.upstream.port}/"})
+            is_error, text, _ = await call(
+                client,
+                "http_request",
+                {"credential": "strict", "method": "GET", "url": f"http://127.0.0.1:{env.upstream.port}/"},
+            )
             assert is_error and "policy_denied" in text
     finally:
         proc.terminate()

@@ -32,7 +32,15 @@ pytestmark = pytest.mark.anyio
 
 def git(*args: str, cwd: Path | None = None) -> str:
     env = {"PATH": os.environ["PATH"], "HOME": str(cwd or "/tmp"), "GIT_CONFIG_NOSYSTEM": "1"}
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -70,7 +78,9 @@ def sandbox_backend(needs_bwrap):
 async def run(backend, ref, command: str, timeout_s: float = 90):
     from corral.servers.sandbox.backend import ExecRequest
 
-    return await backend.execute(ref, ExecRequest(command=command, timeout_s=timeout_s, env={"GIT_TERMINAL_PROMPT": "0"}))
+    return await backend.execute(
+        ref, ExecRequest(command=command, timeout_s=timeout_s, env={"GIT_TERMINAL_PROMPT": "0"})
+    )
 
 
 def scan_for_secret(root: Path, secret: str) -> list[str]:
@@ -93,17 +103,37 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
     backend, sockdir, sandbox_root = sandbox_backend
     secret = new_secret("ghp")
     with GitServer(repo, secret) as upstream:
-        env.vault.set(Credential(name="repo", kind="git", hosts=["127.0.0.1"], schemes=["http"], ports=[upstream.port], allow_private=True), secret)
+        env.vault.set(
+            Credential(
+                name="repo",
+                kind="git",
+                hosts=["127.0.0.1"],
+                schemes=["http"],
+                ports=[upstream.port],
+                allow_private=True,
+            ),
+            secret,
+        )
         proxy = Proxy(env.vault, env.settings, connector=env.connector)
         env.redaction.add(proxy)
-        gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=sockdir / "git.sock")
+        gateway = GitGateway(
+            Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=sockdir / "git.sock"
+        )
         gateway.start()
         try:
             repo_url = f"http://127.0.0.1:{upstream.port}/repo.git"
             async with Client(build_server(proxy, gateway)) as client:
                 grants = {}
                 for access, ttl in (("write", 300), ("read", 300), ("short", 1)):
-                    result = await client.call_tool("git_access", {"credential": "repo", "repo_url": repo_url, "access": "read" if access == "short" else access, "ttl_s": ttl})
+                    result = await client.call_tool(
+                        "git_access",
+                        {
+                            "credential": "repo",
+                            "repo_url": repo_url,
+                            "access": "read" if access == "short" else access,
+                            "ttl_s": ttl,
+                        },
+                    )
                     assert not result.is_error, result.content[0].text
                     OUTPUTS.append(result.content[0].text)
                     grants[access] = result.structured_content["remote_url"]
@@ -129,19 +159,30 @@ async def test_sandbox_clones_fetches_pushes_without_the_secret(env, repo, sandb
             done = await run(backend, ref, script)
             assert done.exit_code == 0, done.stderr
             assert done.stdout.split() == ["from-sandbox", "seed"]
-            assert git("--git-dir", str(repo / "repo.git"), "log", "--format=%s", "main").split() == ["from-sandbox", "seed"]
+            assert git("--git-dir", str(repo / "repo.git"), "log", "--format=%s", "main").split() == [
+                "from-sandbox",
+                "seed",
+            ]
             assert upstream.seen and all(s["auth"] == upstream.server.expected for s in upstream.seen)
 
             # A read capability clones but cannot push; an expired one does nothing.
-            done = await run(backend, ref, f"set -e; {fwd} git clone -q {grants['read']} ro; cd ro; git -c user.name=s -c user.email=s@s commit -q --allow-empty -m nope; {fwd} git push -q origin HEAD:main")
+            done = await run(
+                backend,
+                ref,
+                f"set -e; {fwd} git clone -q {grants['read']} ro; cd ro; git -c user.name=s -c user.email=s@s commit -q --allow-empty -m nope; {fwd} git push -q origin HEAD:main",
+            )
             assert done.exit_code != 0 and "read-only" in done.stderr
             await anyio.sleep(1.2)
             done = await run(backend, ref, f"{fwd} git clone -q {grants['short']} expired")
             assert done.exit_code != 0 and "expired" in done.stderr
 
             # No byte of the secret in the sandbox: files, environment, process arguments.
-            probe = await run(backend, ref, "cat /proc/1/environ; env; cat /proc/*/cmdline; cat /workspace/work/.git/config", 30)
-            assert grants["write"].split("/")[3] in probe.stdout  # the capability is there: it is what the sandbox holds
+            probe = await run(
+                backend, ref, "cat /proc/1/environ; env; cat /proc/*/cmdline; cat /workspace/work/.git/config", 30
+            )
+            assert (
+                grants["write"].split("/")[3] in probe.stdout
+            )  # the capability is there: it is what the sandbox holds
             for text in (probe.stdout, probe.stderr, done.stdout, done.stderr):
                 assert secret not in text
             assert (sandbox_root / "sbxgit" / "tmp" / "procdump").stat().st_size > 0
@@ -159,13 +200,27 @@ async def test_gateway_refuses_bad_tokens_and_non_git_paths(env, tmp_path):
     from corral.servers.credentials.proxy import Proxy
 
     secret = new_secret("ghp")
-    env.vault.set(Credential(name="repo", kind="git", hosts=["127.0.0.1"], schemes=["http"], ports=[env.upstream.port], allow_private=True), secret)
-    gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=tmp_path / "run" / "git.sock")
+    env.vault.set(
+        Credential(
+            name="repo",
+            kind="git",
+            hosts=["127.0.0.1"],
+            schemes=["http"],
+            ports=[env.upstream.port],
+            allow_private=True,
+        ),
+        secret,
+    )
+    gateway = GitGateway(
+        Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=tmp_path / "run" / "git.sock"
+    )
     gateway.start()
     try:
         grant = await gateway.grant("repo", env.upstream.url("/repo.git"), "read", 60)
         token = grant.remote_url.split("/")[3]
-        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw"
+        ) as c:
             assert (await c.get("/not-a-token/repo/info/refs?service=git-upload-pack")).status_code == 403
             assert (await c.get(f"/{token}/repo/objects/info/packs")).status_code == 404  # dumb protocol / other paths
             assert (await c.get(f"/{token}/repo/info/refs?service=git-receive-pack")).status_code == 403  # read grant
@@ -208,7 +263,12 @@ class Reflecting(BaseHTTPRequestHandler):
         repo = self.path.split("/")[1]
         status, ctype, body, extra = {
             "r401": (401, "text/plain", reflected, {}),
-            "r200": (200, "application/x-git-upload-pack-advertisement", b"001e# service=git-upload-pack\n0000" + reflected, {}),
+            "r200": (
+                200,
+                "application/x-git-upload-pack-advertisement",
+                b"001e# service=git-upload-pack\n0000" + reflected,
+                {},
+            ),
             "rgz": (401, "text/html", gzip.compress(reflected), {"Content-Encoding": "gzip"}),
             "r500": (500, "text/plain", reflected, {}),
             "rhtml": (200, "text/html", reflected, {}),
@@ -223,10 +283,17 @@ class Reflecting(BaseHTTPRequestHandler):
     do_GET = do_POST = _handle
 
 
-@pytest.mark.parametrize(("repo", "method", "redacted"), [
-    ("r401", "GET", True), ("r200", "GET", True), ("rgz", "GET", True), ("r500", "POST", True), ("rhtml", "POST", True),
-    ("rpack", "POST", False),  # the packfile stream: documented as passed unredacted
-])
+@pytest.mark.parametrize(
+    ("repo", "method", "redacted"),
+    [
+        ("r401", "GET", True),
+        ("r200", "GET", True),
+        ("rgz", "GET", True),
+        ("r500", "POST", True),
+        ("rhtml", "POST", True),
+        ("rpack", "POST", False),  # the packfile stream: documented as passed unredacted
+    ],
+)
 async def test_gateway_redacts_everything_but_packfiles(env, tmp_path, repo, method, redacted):
     from corral.servers.credentials.gateway import GitGateway
     from corral.servers.credentials.proxy import Proxy
@@ -234,17 +301,38 @@ async def test_gateway_redacts_everything_but_packfiles(env, tmp_path, repo, met
     secret = new_secret("ghp")
     token_b64 = base64.b64encode(f"x-access-token:{secret}".encode()).decode()
     with Upstream(Reflecting) as upstream:
-        env.vault.set(Credential(name="repo", kind="git", username="x-access-token", hosts=["127.0.0.1"], schemes=["http"], ports=[upstream.port], allow_private=True), secret)
-        gateway = GitGateway(Proxy(env.vault, env.settings, connector=env.connector), env.settings, socket_path=tmp_path / "run" / "git.sock")
+        env.vault.set(
+            Credential(
+                name="repo",
+                kind="git",
+                username="x-access-token",
+                hosts=["127.0.0.1"],
+                schemes=["http"],
+                ports=[upstream.port],
+                allow_private=True,
+            ),
+            secret,
+        )
+        gateway = GitGateway(
+            Proxy(env.vault, env.settings, connector=env.connector),
+            env.settings,
+            socket_path=tmp_path / "run" / "git.sock",
+        )
         gateway.start()
         try:
             grant = await gateway.grant("repo", upstream.url(f"/{repo}/x.git"), "read", 60)
             token = grant.remote_url.split("/")[3]
-            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw") as c:
+            async with httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(gateway.socket_path)), base_url="http://gw"
+            ) as c:
                 if method == "GET":
                     resp = await c.get(f"/{token}/x/info/refs?service=git-upload-pack")
                 else:
-                    resp = await c.post(f"/{token}/x/git-upload-pack", content=b"0000", headers={"Content-Type": "application/x-git-upload-pack-request"})
+                    resp = await c.post(
+                        f"/{token}/x/git-upload-pack",
+                        content=b"0000",
+                        headers={"Content-Type": "application/x-git-upload-pack-request"},
+                    )
         finally:
             gateway.stop()
     body = resp.content

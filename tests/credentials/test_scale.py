@@ -28,7 +28,9 @@ MANY = 1000
 
 def add_many(env, n: int = MANY) -> None:
     base = {"hosts": ["127.0.0.1"], "schemes": ["http"], "ports": [env.upstream.port], "allow_private": True}
-    env.vault.set_many([(Credential(name=f"bulk-{i:04d}", **base), f"bulk-{secrets.token_urlsafe(24)}") for i in range(n)])
+    env.vault.set_many(
+        [(Credential(name=f"bulk-{i:04d}", **base), f"bulk-{secrets.token_urlsafe(24)}") for i in range(n)]
+    )
 
 
 async def timed(client: Client, name: str, args: dict | None = None) -> float:
@@ -50,7 +52,10 @@ async def test_a_large_response_does_not_stall_another_clients_list_credentials(
     server_env = {**e2e_env(env), "CORRAL_LOG_LEVEL": "WARNING", "CORRAL_PROXY_MAX_RESPONSE_BYTES": str(1 << 20)}
     errlog = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen(  # returns at once; the server outlives this statement
-        [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"], env=server_env, stdout=subprocess.DEVNULL, stderr=errlog
+        [sys.executable, "-m", "corral.cli", "serve", "credentials", "--http", f"127.0.0.1:{port}"],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=errlog,
     )
     done = threading.Event()
 
@@ -77,7 +82,9 @@ async def test_a_large_response_does_not_stall_another_clients_list_credentials(
     base = statistics.median(idle)
     assert len(during) >= 3, "the large requests finished before the listing could be measured"
     delay = max(during) - base
-    print(f"list_credentials: idle median {base * 1000:.1f} ms, worst during large requests {max(during) * 1000:.1f} ms ({len(during)} calls)")
+    print(
+        f"list_credentials: idle median {base * 1000:.1f} ms, worst during large requests {max(during) * 1000:.1f} ms ({len(during)} calls)"
+    )
     # generous: the machine running the tests is shared and loaded; the stall this guards against took seconds
     assert delay < 0.75, f"list_credentials was held up {delay * 1000:.0f} ms by another client's http_request"
 

@@ -30,8 +30,17 @@ class Handler(BaseHTTPRequestHandler):
     def _echo(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
-        self.server.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body})
-        return json.dumps({"method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body.decode("utf-8", "replace")}).encode()
+        self.server.seen.append(
+            {"method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body}
+        )
+        return json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": dict(self.headers.items()),
+                "body": body.decode("utf-8", "replace"),
+            }
+        ).encode()
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -49,7 +58,11 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/echo":
             self._send(200, echo, {"Content-Type": "application/json", "X-Echo-Auth": auth})
         elif url.path == "/echo-b64":
-            self._send(200, base64.b64encode(echo) + b"\n" + base64.urlsafe_b64encode(echo), {"X-Echo-B64": base64.b64encode(auth.encode()).decode()})
+            self._send(
+                200,
+                base64.b64encode(echo) + b"\n" + base64.urlsafe_b64encode(echo),
+                {"X-Echo-B64": base64.b64encode(auth.encode()).decode()},
+            )
         elif url.path == "/echo-hex":
             self._send(200, echo.hex().encode() + b"\n" + echo.hex().upper().encode())
         elif url.path == "/echo-gzip":

@@ -29,7 +29,14 @@ def script(prefix: str, upstream_port: int) -> Script:
             TASK: [
                 Turn([tool(f"{prefix}sandbox__execute", {"command": "echo corral-cc > note.txt && cat note.txt"})]),
                 Turn([tool(f"{prefix}sandbox__read_file", {"path": "note.txt"})]),
-                Turn([tool(f"{prefix}credentials__http_request", {"credential": "echo", "method": "GET", "url": f"http://127.0.0.1:{upstream_port}/probe"})]),
+                Turn(
+                    [
+                        tool(
+                            f"{prefix}credentials__http_request",
+                            {"credential": "echo", "method": "GET", "url": f"http://127.0.0.1:{upstream_port}/probe"},
+                        )
+                    ]
+                ),
                 Turn([text("all three tools answered")]),
             ]
         }
@@ -43,7 +50,9 @@ def upstream(port: int, secret: str) -> ThreadingHTTPServer:
 
         def do_GET(self) -> None:  # http.server's naming
             authorised = self.headers.get("Authorization") == f"Bearer {secret}"
-            body = (f"upstream-ok; you sent {self.headers.get('Authorization')}" if authorised else "no secret").encode()
+            body = (
+                f"upstream-ok; you sent {self.headers.get('Authorization')}" if authorised else "no secret"
+            ).encode()
             self.send_response(200 if authorised else 401)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -55,7 +64,13 @@ def upstream(port: int, secret: str) -> ThreadingHTTPServer:
 
 
 def main() -> None:
-    workdir, api_port, upstream_port, secret, prefix = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    workdir, api_port, upstream_port, secret, prefix = (
+        Path(sys.argv[1]),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        sys.argv[4],
+        sys.argv[5],
+    )
     log = (workdir / "requests.jsonl").open("a", encoding="utf-8")
     lock = threading.Lock()
 

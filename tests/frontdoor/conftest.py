@@ -33,7 +33,12 @@ def make_env(root: Path) -> dict[str, str]:
     home.mkdir()
     env.update(HOME=str(home), CORRAL_HOME=str(home / "corral"), PYTHONUNBUFFERED="1")
     # Claude Code: no auto-update, telemetry or other traffic of its own.
-    env.update(DISABLE_AUTOUPDATER="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1")
+    env.update(
+        DISABLE_AUTOUPDATER="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_TELEMETRY="1",
+        DISABLE_ERROR_REPORTING="1",
+    )
     return env
 
 
@@ -115,7 +120,11 @@ class Netns:
         self.root = os.geteuid() == 0
         self.holder = subprocess.Popen(["unshare", *UNSHARE_NET, "sleep", "3600"], stdin=subprocess.DEVNULL)
         ours = os.readlink("/proc/self/ns/net")
-        wait_until(lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours, "unshare to make the network namespace", seconds=10)
+        wait_until(
+            lambda: os.readlink(f"/proc/{self.holder.pid}/ns/net") != ours,
+            "unshare to make the network namespace",
+            seconds=10,
+        )
         subprocess.run([*self.prefix, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
 
     @property
@@ -137,10 +146,14 @@ def netns(needs_netns) -> Iterator[Netns]:
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 90, **kw) -> subprocess.CompletedProcess[str]:
     """A command with a hard timeout; its output goes in the assertion message when it fails."""
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, **kw)
+    return subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False, **kw
+    )
 
 
-def corral(*args: str, env: dict[str, str], timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def corral(
+    *args: str, env: dict[str, str], timeout: float = 60, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return run([*(prefix or []), CORRAL, *args], env, timeout)
 
 
@@ -151,4 +164,3 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stderr
     assert len(lines) == 1, f"expected one line on stderr, got:\n{done.stderr}"
     return lines[0]
-

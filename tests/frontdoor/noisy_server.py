@@ -17,7 +17,9 @@ server = MCPServer("noisy")
 def shout(text: str) -> str:
     """Print to stdout from Python and from a child process, then answer."""
     print(f"python says {text}", flush=True)
-    subprocess.run(["sh", "-c", f"echo child says {text}; cat"], check=True, timeout=10)  # `cat`: stdin must be EOF, not the wire
+    subprocess.run(
+        ["sh", "-c", f"echo child says {text}; cat"], check=True, timeout=10
+    )  # `cat`: stdin must be EOF, not the wire
     return f"heard {text}"
 
 

@@ -28,7 +28,12 @@ from tests.conftest import free_port, wait_listening
 from tests.frontdoor.conftest import CORRAL, make_env, token_of
 
 pytestmark = pytest.mark.anyio
-INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
 
 
 class RawStdio:
@@ -36,7 +41,9 @@ class RawStdio:
 
     def __init__(self, name: str, env: dict[str, str], errlog: Path) -> None:
         self.err = errlog.open("w")
-        self.proc = subprocess.Popen([CORRAL, "serve", name], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err)
+        self.proc = subprocess.Popen(
+            [CORRAL, "serve", name], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err
+        )
         self.lines: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
         assert self.ask(json.dumps(INIT).encode())["id"] == 0
@@ -56,7 +63,16 @@ class RawStdio:
             raise AssertionError(f"no answer within {seconds}s to {line[:80]!r}{exited}") from None
 
     def call(self, request_id: int, tool: str, arguments: dict) -> dict:
-        return self.ask(json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}).encode())
+        return self.ask(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {"name": tool, "arguments": arguments},
+                }
+            ).encode()
+        )
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -66,9 +82,15 @@ class RawStdio:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:
-    sandboxes = Path(tempfile.gettempdir()) / "corral-test-sandboxes"  # the sandbox uid must traverse it (tmp_path is 0700)
+    sandboxes = (
+        Path(tempfile.gettempdir()) / "corral-test-sandboxes"
+    )  # the sandbox uid must traverse it (tmp_path is 0700)
     sandboxes.mkdir(mode=0o711, exist_ok=True)
-    env = {**make_env(tmp_path), "CORRAL_VAULT_BACKEND": "encrypted-file", "CORRAL_SANDBOX_DIR": str(sandboxes / tmp_path.name)}
+    env = {
+        **make_env(tmp_path),
+        "CORRAL_VAULT_BACKEND": "encrypted-file",
+        "CORRAL_SANDBOX_DIR": str(sandboxes / tmp_path.name),
+    }
     started: list[RawStdio] = []
 
     def start(name: str) -> RawStdio:
@@ -96,7 +118,9 @@ def test_stdio_answers_every_line_it_cannot_use_and_keeps_serving(serve) -> None
         assert answer["error"]["message"].startswith("Invalid request: "), answer
     for line in (b"this is not json", b'{"jsonrpc":"2.0","id":5,', b"\xff\xfe{", b"[" * 100_000):
         answer = raw.ask(line)
-        assert answer == {"jsonrpc": "2.0", "id": None, "error": answer["error"]} and answer["error"]["code"] == -32700, answer
+        assert (
+            answer == {"jsonrpc": "2.0", "id": None, "error": answer["error"]} and answer["error"]["code"] == -32700
+        ), answer
     ok = raw.call(6, "list_sessions", {"limit": 5})  # still in step: the next answer is this call's
     assert ok["id"] == 6 and ok["result"]["isError"] is False, ok
 
@@ -104,8 +128,16 @@ def test_stdio_answers_every_line_it_cannot_use_and_keeps_serving(serve) -> None
 @pytest.mark.requires("bwrap")  # `corral serve sandbox` starts on bubblewrap
 def test_wrong_and_missing_arguments_are_invalid_argument_on_every_server(serve) -> None:
     calls = {
-        "session": ("get_events", {"session_id": 5, "after": "x"}, ["session_id: Input should be a valid string (got 5)", "after: Input should be a valid integer"]),
-        "sandbox": ("execute", {"timeout_s": "soon"}, ["command is missing", "timeout_s: Input should be a valid number"]),
+        "session": (
+            "get_events",
+            {"session_id": 5, "after": "x"},
+            ["session_id: Input should be a valid string (got 5)", "after: Input should be a valid integer"],
+        ),
+        "sandbox": (
+            "execute",
+            {"timeout_s": "soon"},
+            ["command is missing", "timeout_s: Input should be a valid number"],
+        ),
         "credentials": ("http_request", {"credential": "c", "method": "GET"}, ["url is missing"]),
     }
     for request_id, (name, (tool, arguments, said)) in enumerate(calls.items()):
@@ -114,7 +146,11 @@ def test_wrong_and_missing_arguments_are_invalid_argument_on_every_server(serve)
         text = answer["result"]["content"][0]["text"]
         assert text.startswith(f"Error executing tool {tool}: invalid_argument: "), text
         assert all(s in text for s in said), text
-        assert text.endswith(f"(call {tool} with the arguments its input schema describes)") and "pydantic" not in text and "\n" not in text, text
+        assert (
+            text.endswith(f"(call {tool} with the arguments its input schema describes)")
+            and "pydantic" not in text
+            and "\n" not in text
+        ), text
 
 
 async def test_numbers_past_a_position_are_invalid_argument(tmp_path: Path) -> None:
@@ -134,19 +170,35 @@ async def test_numbers_past_a_position_are_invalid_argument(tmp_path: Path) -> N
 def test_http_answers_the_same_bad_arguments_the_same_way(tmp_path: Path) -> None:
     env = make_env(tmp_path)
     port = free_port()
-    proc = subprocess.Popen([CORRAL, "serve", "session", "--http", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [CORRAL, "serve", "session", "--http", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_listening(port, proc)
-        headers = {"Authorization": f"Bearer {token_of(env)}", "Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        headers = {
+            "Authorization": f"Bearer {token_of(env)}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=20) as http:
             init = http.post("/mcp", json=INIT)
             session = {"mcp-session-id": init.headers["mcp-session-id"]} if "mcp-session-id" in init.headers else {}
             http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
-            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_events", "arguments": {"session_id": "s", "after": "x"}}}
+            body = {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "get_events", "arguments": {"session_id": "s", "after": "x"}},
+            }
             answer = http.post("/mcp", json=body, headers=session)
         data = next(json.loads(line[5:]) for line in answer.text.splitlines() if line.startswith("data:"))
         text = data["result"]["content"][0]["text"]
-        assert text.startswith("Error executing tool get_events: invalid_argument: after: Input should be a valid integer"), text
+        assert text.startswith(
+            "Error executing tool get_events: invalid_argument: after: Input should be a valid integer"
+        ), text
     finally:
         proc.terminate()
         proc.wait(20)

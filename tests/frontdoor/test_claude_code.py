@@ -29,8 +29,20 @@ PREFIX = "mcp__corral-"
 def _api(netns: Netns, env: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
     api_port, upstream_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [*netns.prefix, sys.executable, "-m", "tests.frontdoor.claude_api", str(workdir), str(api_port), str(upstream_port), SECRET, PREFIX],
-        env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+        [
+            *netns.prefix,
+            sys.executable,
+            "-m",
+            "tests.frontdoor.claude_api",
+            str(workdir),
+            str(api_port),
+            str(upstream_port),
+            SECRET,
+            PREFIX,
+        ],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
     while not (workdir / "ready").exists():
@@ -41,8 +53,25 @@ def _api(netns: Netns, env: dict[str, str], workdir: Path) -> tuple[subprocess.P
 
 def _vault_credential(env: dict[str, str], upstream_port: int) -> None:
     done = subprocess.run(
-        [CORRAL, "vault", "set", "echo", "--host", "127.0.0.1", "--scheme", "http", "--port", str(upstream_port), "--allow-private"],
-        env=env, input=SECRET, capture_output=True, text=True, timeout=60, check=False,
+        [
+            CORRAL,
+            "vault",
+            "set",
+            "echo",
+            "--host",
+            "127.0.0.1",
+            "--scheme",
+            "http",
+            "--port",
+            str(upstream_port),
+            "--allow-private",
+        ],
+        env=env,
+        input=SECRET,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
 
@@ -65,16 +94,22 @@ def _tool_results(requests: list[dict]) -> dict[str, str]:
 
 @pytest.mark.requires("claude", "bwrap")
 @pytest.mark.parametrize("transport", ["stdio", "http"])
-def test_claude_code_calls_corral_tools_on_its_first_request(corral_env: dict[str, str], netns: Netns, tmp_path: Path, transport: str) -> None:
+def test_claude_code_calls_corral_tools_on_its_first_request(
+    corral_env: dict[str, str], netns: Netns, tmp_path: Path, transport: str
+) -> None:
     exe = claude()
     workdir = tmp_path / "api"
     workdir.mkdir()
     api, api_port, upstream_port = _api(netns, corral_env, workdir)
-    env = {**corral_env, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{api_port}", "ANTHROPIC_API_KEY": "sk-ant-test",
-           # How long Claude Code waits for `alwaysLoad` servers before its first request (default 5 s).
-           # A server answers in about 1 s here; the margin is for a loaded CI machine. Without
-           # `alwaysLoad` Claude Code does not wait at all, whatever this says, and the test fails.
-           "MCP_CONNECT_TIMEOUT_MS": "30000"}
+    env = {
+        **corral_env,
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+        "ANTHROPIC_API_KEY": "sk-ant-test",
+        # How long Claude Code waits for `alwaysLoad` servers before its first request (default 5 s).
+        # A server answers in about 1 s here; the margin is for a loaded CI machine. Without
+        # `alwaysLoad` Claude Code does not wait at all, whatever this says, and the test fails.
+        "MCP_CONNECT_TIMEOUT_MS": "30000",
+    }
     up = None
     try:
         _vault_credential(env, upstream_port)
@@ -86,8 +121,19 @@ def test_claude_code_calls_corral_tools_on_its_first_request(corral_env: dict[st
         applied = corral("mcp-config", "claude-code", "--apply", *servers, env=env, prefix=netns.prefix, timeout=120)
         assert applied.returncode == 0, applied.stderr
         done = run(
-            [*netns.prefix, exe, "-p", f"{TASK}: use the sandbox and the echo credential", "--allowedTools", f"{PREFIX}sandbox,{PREFIX}credentials", "--output-format", "json"],
-            env, timeout=180, cwd=env["HOME"],
+            [
+                *netns.prefix,
+                exe,
+                "-p",
+                f"{TASK}: use the sandbox and the echo credential",
+                "--allowedTools",
+                f"{PREFIX}sandbox,{PREFIX}credentials",
+                "--output-format",
+                "json",
+            ],
+            env,
+            timeout=180,
+            cwd=env["HOME"],
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert json.loads(done.stdout)["result"] == "all three tools answered", done.stdout
@@ -99,7 +145,9 @@ def test_claude_code_calls_corral_tools_on_its_first_request(corral_env: dict[st
     requests = [json.loads(line) for line in (workdir / "requests.jsonl").read_text().splitlines()]
     with_tools = [r for r in requests if r.get("tools")]
     first = {t["name"] for t in with_tools[0]["tools"]}
-    assert {f"{PREFIX}sandbox__execute", f"{PREFIX}credentials__http_request"} <= first, sorted(first)  # loaded before the first request
+    assert {f"{PREFIX}sandbox__execute", f"{PREFIX}credentials__http_request"} <= first, sorted(
+        first
+    )  # loaded before the first request
     results = _tool_results(requests)
     assert json.loads(results[f"{PREFIX}sandbox__execute"])["stdout"] == "corral-cc\n", results
     assert json.loads(results[f"{PREFIX}sandbox__read_file"])["content"] == "corral-cc\n", results

@@ -36,7 +36,10 @@ def inspector() -> str:
 
 def connected(listing: str) -> dict[str, bool]:
     """`claude mcp list` lines: 'corral-session: <command or url> - ✔ Connected'."""
-    return {m.group(1): "Connected" in m.group(2) and "Failed" not in m.group(2) for m in re.finditer(r"^(corral-\w+): (.*)$", listing, re.MULTILINE)}
+    return {
+        m.group(1): "Connected" in m.group(2) and "Failed" not in m.group(2)
+        for m in re.finditer(r"^(corral-\w+): (.*)$", listing, re.MULTILINE)
+    }
 
 
 @pytest.mark.requires("claude", "bwrap")
@@ -61,7 +64,9 @@ def recording_claude(exe: str, folder: Path) -> tuple[str, Path]:
 
 
 @pytest.mark.requires("claude", "bwrap")
-def test_claude_code_http_servers_connect_with_the_token(corral_env: dict[str, str], netns: Netns, tmp_path: Path) -> None:
+def test_claude_code_http_servers_connect_with_the_token(
+    corral_env: dict[str, str], netns: Netns, tmp_path: Path
+) -> None:
     exe = claude()
     port = free_port()
     up = start_up({**corral_env, "CORRAL_UP_PORT": str(port)}, port, prefix=netns.prefix)
@@ -80,7 +85,12 @@ def test_claude_code_http_servers_connect_with_the_token(corral_env: dict[str, s
         # Project scope: the .mcp.json people commit holds no token either, and the command says it is shared.
         project = tmp_path / "project"
         project.mkdir()
-        shared = run([*netns.prefix, CORRAL, "mcp-config", "claude-code", "--http", "--apply", "--scope", "project"], env, timeout=120, cwd=str(project))
+        shared = run(
+            [*netns.prefix, CORRAL, "mcp-config", "claude-code", "--http", "--apply", "--scope", "project"],
+            env,
+            timeout=120,
+            cwd=str(project),
+        )
         assert shared.returncode == 0, shared.stderr
         assert "project scope" in shared.stderr and ".mcp.json" in shared.stderr
         mcp_json = (project / ".mcp.json").read_text()
@@ -103,7 +113,16 @@ def test_inspector_over_stdio(corral_env: dict[str, str], netns: Netns, server: 
     tools = {t["name"] for t in inspect(netns, corral_env, target, "--method", "tools/list")["tools"]}
     tool, pairs, expect = CALLS[server]
     assert tool in tools
-    result = inspect(netns, corral_env, target, "--method", "tools/call", "--tool-name", tool, *(["--tool-arg", *pairs] if pairs else []))
+    result = inspect(
+        netns,
+        corral_env,
+        target,
+        "--method",
+        "tools/call",
+        "--tool-name",
+        tool,
+        *(["--tool-arg", *pairs] if pairs else []),
+    )
     assert result["isError"] is False and expect in json.dumps(result), result
 
 
@@ -119,10 +138,32 @@ def test_inspector_over_http_with_the_bearer_header(corral_env: dict[str, str], 
             tools = {t["name"] for t in inspect(netns, corral_env, target, "--method", "tools/list")["tools"]}
             tool, pairs, expect = CALLS[server]
             assert tool in tools
-            result = inspect(netns, corral_env, target, "--method", "tools/call", "--tool-name", tool, *(["--tool-arg", *pairs] if pairs else []))
+            result = inspect(
+                netns,
+                corral_env,
+                target,
+                "--method",
+                "tools/call",
+                "--tool-name",
+                tool,
+                *(["--tool-arg", *pairs] if pairs else []),
+            )
             assert result["isError"] is False and expect in json.dumps(result), result
         # Without the header the Inspector is turned away.
-        refused = run([*netns.prefix, inspector(), "--cli", f"http://127.0.0.1:{port}/session/mcp", "--transport", "http", "--method", "tools/list"], corral_env, timeout=90)
+        refused = run(
+            [
+                *netns.prefix,
+                inspector(),
+                "--cli",
+                f"http://127.0.0.1:{port}/session/mcp",
+                "--transport",
+                "http",
+                "--method",
+                "tools/list",
+            ],
+            corral_env,
+            timeout=90,
+        )
         assert refused.returncode != 0 and "missing or wrong bearer token" in refused.stdout + refused.stderr
     finally:
         assert up.stop() == 0

@@ -40,7 +40,9 @@ def test_unknown_server_name_and_bad_arguments_are_usage_errors(corral_env: dict
     assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_log_level_debug_shows_the_traceback_of_an_unexpected_error_for_every_command(corral_env: dict[str, str], tmp_path: Path) -> None:
+def test_log_level_debug_shows_the_traceback_of_an_unexpected_error_for_every_command(
+    corral_env: dict[str, str], tmp_path: Path
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env = {**corral_env, "CORRAL_HOME": str(blocker / "corral")}  # the data dir cannot be made: not a Corral error
@@ -57,6 +59,16 @@ def test_a_bad_log_level_is_one_invalid_argument_line(corral_env: dict[str, str]
 
 
 def test_an_unknown_harness_server_is_invalid_argument(corral_env: dict[str, str]) -> None:
-    env = {**corral_env, "CORRAL_SERVERS": "sandbox,sandbx", "ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    env = {
+        **corral_env,
+        "CORRAL_SERVERS": "sandbox,sandbx",
+        "ANTHROPIC_API_KEY": "sk-ant-test",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+    }
     line = one_line_error(corral("run", "hi", env=env))
-    assert line.startswith("corral: invalid_argument:") and "CORRAL_SERVERS" in line and "'sandbx'" in line and "CORRAL_EXTRA_SERVERS" in line
+    assert (
+        line.startswith("corral: invalid_argument:")
+        and "CORRAL_SERVERS" in line
+        and "'sandbx'" in line
+        and "CORRAL_EXTRA_SERVERS" in line
+    )

@@ -15,7 +15,14 @@ from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 
 
 def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProcess) -> None:
-    script = Script({"VIEWER-TASK": [Turn([text("Counting."), tool("sandbox__execute", {"command": "echo 42"})]), Turn([text("The answer is 42.")])]})
+    script = Script(
+        {
+            "VIEWER-TASK": [
+                Turn([text("Counting."), tool("sandbox__execute", {"command": "echo 42"})]),
+                Turn([text("The answer is 42.")]),
+            ]
+        }
+    )
     token = token_of(up.env)
     with FakeAnthropic(script) as fake:
         env = {
@@ -30,7 +37,9 @@ def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProces
     assert done.returncode == 0, done.stderr + done.stdout
     sid = re.search(r"ses_[0-9a-f]+", done.stdout + done.stderr).group(0)
 
-    events = httpx.get(f"{up.base}/sessions/{sid}/events.json", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()["events"]
+    events = httpx.get(
+        f"{up.base}/sessions/{sid}/events.json", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).json()["events"]
     by_kind = {}
     for e in events:
         by_kind.setdefault(e["kind"], []).append(e)
@@ -43,5 +52,9 @@ def test_a_harness_run_through_corral_up_reads_well_in_both_viewers(up: UpProces
     shown = corral("sessions", "show", sid, env={**up.env, "COLUMNS": "160"})
     assert shown.returncode == 0, shown.stderr
     assert "The answer is 42." in shown.stdout and "sandbox__execute" in shown.stdout
-    assert re.search(r"tokens: in \d+  out [1-9]\d*  cache read [1-9]\d*", shown.stdout), shown.stdout  # the 2nd request read the cache
-    assert re.search(r"agent.tool_result\s+\{\"sandbox_id\": \"sbx_\w+\", \"exit_code\": 0, \"stdout\": \"42\\n\"", shown.stdout), shown.stdout
+    assert re.search(r"tokens: in \d+  out [1-9]\d*  cache read [1-9]\d*", shown.stdout), (
+        shown.stdout
+    )  # the 2nd request read the cache
+    assert re.search(
+        r"agent.tool_result\s+\{\"sandbox_id\": \"sbx_\w+\", \"exit_code\": 0, \"stdout\": \"42\\n\"", shown.stdout
+    ), shown.stdout

@@ -37,14 +37,24 @@ def test_json_http_config_points_at_corral_up_with_the_token(corral_env: dict[st
     assert done.returncode == 0, done.stderr
     token = token_of(corral_env)  # made on first use, the one `corral up` will check
     entry = json.loads(done.stdout)["mcpServers"]["corral-session"]
-    assert entry == {"type": "http", "url": "http://127.0.0.1:9123/session/mcp", "headers": {"Authorization": f"Bearer {token}"}}
+    assert entry == {
+        "type": "http",
+        "url": "http://127.0.0.1:9123/session/mcp",
+        "headers": {"Authorization": f"Bearer {token}"},
+    }
 
 
-async def test_claude_desktop_apply_merges_keeps_others_and_the_result_launches(corral_env: dict[str, str], tmp_path: Path) -> None:
+async def test_claude_desktop_apply_merges_keeps_others_and_the_result_launches(
+    corral_env: dict[str, str], tmp_path: Path
+) -> None:
     path = tmp_path / "Claude" / "claude_desktop_config.json"
     path.parent.mkdir()
     other = {"command": "/usr/bin/other-server", "args": ["--x"]}
-    path.write_text(json.dumps({"globalShortcut": "Ctrl+Space", "mcpServers": {"other": other, "corral-session": {"command": "stale"}}}))
+    path.write_text(
+        json.dumps(
+            {"globalShortcut": "Ctrl+Space", "mcpServers": {"other": other, "corral-session": {"command": "stale"}}}
+        )
+    )
     for _ in range(2):  # twice: idempotent
         done = corral("mcp-config", "claude-desktop", "--apply", "--config-file", str(path), env=corral_env)
         assert done.returncode == 0, done.stderr
@@ -56,7 +66,9 @@ async def test_claude_desktop_apply_merges_keeps_others_and_the_result_launches(
     assert json.loads(path.with_name(path.name + ".bak").read_text())["mcpServers"]["other"] == other
     # Launch the session server exactly as Claude Desktop would, from the file.
     entry = config["mcpServers"]["corral-session"]
-    params = StdioServerParameters(command=entry["command"], args=entry["args"], env={**entry["env"], "PATH": corral_env["PATH"]})
+    params = StdioServerParameters(
+        command=entry["command"], args=entry["args"], env={**entry["env"], "PATH": corral_env["PATH"]}
+    )
     async with Client(params) as client:
         tools = {t.name for t in (await client.list_tools()).tools}
     assert {"create_session", "emit_event", "get_events"} <= tools
@@ -125,7 +137,9 @@ def test_check_says_why_a_client_cannot_connect(corral_env: dict[str, str]) -> N
     up = start_up({**corral_env, "CORRAL_UP_PORT": str(port)}, port)
     try:  # a client holding another install's token
         other = {**corral_env, "CORRAL_HOME": corral_env["CORRAL_HOME"] + "-other"}
-        wrong = corral("mcp-config", "json", "--http", "--check", "--port", str(port), "--servers", "sandbox", env=other)
+        wrong = corral(
+            "mcp-config", "json", "--http", "--check", "--port", str(port), "--servers", "sandbox", env=other
+        )
         assert wrong.returncode == 1 and "refused the bearer token (401)" in wrong.stderr, wrong.stderr
     finally:
         assert up.stop() == 0
@@ -150,7 +164,9 @@ def test_no_database_password_in_printed_entries_or_claude_code_arguments(corral
         done = corral("mcp-config", client, env=env)
         assert done.returncode == 0, done.stderr
         assert "s3cret" not in done.stdout, done.stdout
-        assert "${CORRAL_SESSION_STORE}" in done.stdout and "${CORRAL_QUEUE_URL}" in done.stdout  # Claude Code expands these
+        assert (
+            "${CORRAL_SESSION_STORE}" in done.stdout and "${CORRAL_QUEUE_URL}" in done.stdout
+        )  # Claude Code expands these
         assert "CORRAL_SESSION_STORE holds a password" in done.stderr
     entry = json.loads(corral("mcp-config", "json", env=env).stdout)["mcpServers"]["corral-session"]
     assert entry["env"]["CORRAL_SESSION_STORE"] == "${CORRAL_SESSION_STORE}"
@@ -169,7 +185,9 @@ def test_claude_desktop_file_is_private_and_keeps_no_password(corral_env: dict[s
         assert stat.S_IMODE(written.stat().st_mode) == 0o600, written
         assert "s3cret" not in written.read_text()
     entry = json.loads(path.read_text())["mcpServers"]["corral-session"]
-    assert entry["env"]["CORRAL_SESSION_STORE"] == "postgresql://corral@127.0.0.1:5432/corral"  # Claude Desktop expands nothing
+    assert (
+        entry["env"]["CORRAL_SESSION_STORE"] == "postgresql://corral@127.0.0.1:5432/corral"
+    )  # Claude Desktop expands nothing
 
 
 def test_claude_code_http_commands_carry_no_token(corral_env: dict[str, str]) -> None:

@@ -25,7 +25,10 @@ pytestmark = pytest.mark.anyio
 
 def noisy(transport: str) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "tests.frontdoor.noisy_server", transport], cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+        command=sys.executable,
+        args=["-m", "tests.frontdoor.noisy_server", transport],
+        cwd=str(ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -47,8 +50,13 @@ def test_stray_output_goes_to_stderr(tmp_path):
     notified = '{"jsonrpc":"2.0","method":"notifications/initialized"}'
     call = '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"shout","arguments":{"text":"x"}}}'
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.frontdoor.noisy_server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp_path / "err", "w"),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+        [sys.executable, "-m", "tests.frontdoor.noisy_server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "err", "w"),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
     )
     try:
         proc.stdin.write("\n".join([init, notified, call]) + "\n")
@@ -107,8 +115,25 @@ def test_a_full_pipe_waits_instead_of_blocking_or_dropping():
 def test_a_terminal_or_file_is_not_made_non_blocking(tmp_path):
     probe = "from corral.servers.stdio_pipes import wire_is_pipes; import sys; sys.stderr.write(str(wire_is_pipes()))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    piped = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.PIPE, capture_output=True, env=env, text=True, timeout=60, check=False)
+    piped = subprocess.run(
+        [sys.executable, "-c", probe],
+        stdin=subprocess.PIPE,
+        capture_output=True,
+        env=env,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert piped.stderr == "True"
     with open(tmp_path / "file", "w") as f:
-        filed = subprocess.run([sys.executable, "-c", probe], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.PIPE, env=env, text=True, timeout=60, check=False)
+        filed = subprocess.run(
+            [sys.executable, "-c", probe],
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert filed.stderr == "False"

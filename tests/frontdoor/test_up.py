@@ -44,7 +44,11 @@ async def test_up_serves_every_server_over_http_with_the_token(up: UpProcess) ->
         assert f"✓ {name:<12} {up.base}/{name}/mcp" in up.output, up.output
     # The printed client config is exact: the URLs and the token of this run.
     config = json.loads(up.output[up.output.index('{\n  "mcpServers"') : up.output.rindex("}") + 1])
-    assert config["mcpServers"]["corral-sandbox"] == {"type": "http", "url": f"{up.base}/sandbox/mcp", "headers": {"Authorization": f"Bearer {token}"}}
+    assert config["mcpServers"]["corral-sandbox"] == {
+        "type": "http",
+        "url": f"{up.base}/sandbox/mcp",
+        "headers": {"Authorization": f"Bearer {token}"},
+    }
 
     async with mcp_client(f"{up.base}/session/mcp", token) as client:
         created = await client.call_tool("create_session", {"metadata": {"title": "from the test"}})
@@ -67,7 +71,9 @@ async def test_long_execute_sends_progress_over_http(up: UpProcess) -> None:
         seen.append((progress, total, message))
 
     async with mcp_client(f"{up.base}/sandbox/mcp", token_of(up.env)) as client:
-        result = await client.call_tool("execute", {"command": "sleep 1.5; echo done", "timeout_s": 30}, progress_callback=on_progress)
+        result = await client.call_tool(
+            "execute", {"command": "sleep 1.5; echo done", "timeout_s": 30}, progress_callback=on_progress
+        )
     assert not result.is_error, result
     assert result.structured_content["stdout"] == "done\n"
     assert len(seen) >= 2, seen  # every 0.3 s (CORRAL_SANDBOX_PROGRESS_INTERVAL_S) of a 1.5 s command
@@ -80,13 +86,34 @@ async def test_sandboxes_of_up_reach_its_git_gateway_through_the_forwarder(up: U
     # the gateway's directory at /run/corral itself; `run_git_with` must work as returned.
     closed = free_port()  # the "upstream": a loopback port nothing listens on
     added = subprocess.run(
-        [CORRAL, "vault", "set", "gitrepo", "--kind", "git", "--host", "127.0.0.1", "--scheme", "http", "--port", str(closed), "--allow-private"],
-        input="not-a-real-token-0123456789", env=up.env, capture_output=True, text=True, timeout=60, check=False,
+        [
+            CORRAL,
+            "vault",
+            "set",
+            "gitrepo",
+            "--kind",
+            "git",
+            "--host",
+            "127.0.0.1",
+            "--scheme",
+            "http",
+            "--port",
+            str(closed),
+            "--allow-private",
+        ],
+        input="not-a-real-token-0123456789",
+        env=up.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert added.returncode == 0, added.stderr
     token = token_of(up.env)
     async with mcp_client(f"{up.base}/credentials/mcp", token) as client:
-        grant = await client.call_tool("git_access", {"credential": "gitrepo", "repo_url": f"http://127.0.0.1:{closed}/org/repo.git"})
+        grant = await client.call_tool(
+            "git_access", {"credential": "gitrepo", "repo_url": f"http://127.0.0.1:{closed}/org/repo.git"}
+        )
     assert not grant.is_error, grant.content[0].text
     remote, prefix = grant.structured_content["remote_url"], grant.structured_content["run_git_with"]
     probe = (
@@ -101,25 +128,38 @@ async def test_sandboxes_of_up_reach_its_git_gateway_through_the_forwarder(up: U
     assert not result.is_error, result.content[0].text
     out = result.structured_content["stdout"].splitlines()
     assert len(out) == 2, result.structured_content  # nothing at /run/corral: the gateway is not mounted
-    assert out[0].startswith("502 corral: upstream failed"), result.structured_content  # capability good, forwarded, nothing listening
+    assert out[0].startswith("502 corral: upstream failed"), (
+        result.structured_content
+    )  # capability good, forwarded, nothing listening
     assert out[1].startswith("403 corral: this git capability is unknown"), result.structured_content
 
 
 def test_no_token_wrong_token_foreign_origin_and_host_are_refused(up: UpProcess) -> None:
     token = token_of(up.env)
     good = {"Authorization": f"Bearer {token}"}
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
     mcp_headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     with httpx.Client(base_url=up.base, timeout=10) as http:
         for name in SERVERS:
             assert http.post(f"/{name}/mcp", json=init, headers=mcp_headers).status_code == 401
-            wrong = http.post(f"/{name}/mcp", json=init, headers={**mcp_headers, "Authorization": "Bearer " + "x" * len(token)})
+            wrong = http.post(
+                f"/{name}/mcp", json=init, headers={**mcp_headers, "Authorization": "Bearer " + "x" * len(token)}
+            )
             assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
             # A web page elsewhere calling us from the user's browser: refused even with the token.
-            evil = http.post(f"/{name}/mcp", json=init, headers={**mcp_headers, **good, "Origin": "http://evil.example"})
+            evil = http.post(
+                f"/{name}/mcp", json=init, headers={**mcp_headers, **good, "Origin": "http://evil.example"}
+            )
             assert evil.status_code == 403
             # DNS rebinding: a foreign name that resolves to 127.0.0.1.
-            rebound = http.post(f"/{name}/mcp", json=init, headers={**mcp_headers, **good, "Host": f"evil.example:{up.port}"})
+            rebound = http.post(
+                f"/{name}/mcp", json=init, headers={**mcp_headers, **good, "Host": f"evil.example:{up.port}"}
+            )
             assert rebound.status_code == 421
             ok = http.post(f"/{name}/mcp", json=init, headers={**mcp_headers, **good, "Origin": up.base})
             assert ok.status_code == 200, ok.text
@@ -154,8 +194,20 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_free_the_port(corral_env: dict[str,
     with httpx.Client(timeout=10) as http:  # an open MCP session must not hold the shutdown up
         http.post(
             f"{up.base}/session/mcp",
-            json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}},
-            headers={"Authorization": f"Bearer {token_of(corral_env)}", "Accept": "application/json, text/event-stream"},
+            json={
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "t", "version": "0"},
+                },
+            },
+            headers={
+                "Authorization": f"Bearer {token_of(corral_env)}",
+                "Accept": "application/json, text/event-stream",
+            },
         )
     assert (Path(corral_env["CORRAL_HOME"]) / "up.json").exists()  # where `mcp-config --http` finds this run
     started = time.monotonic()
@@ -192,7 +244,9 @@ def test_unreachable_postgres_is_one_line_with_what_to_do(corral_env: dict[str, 
 def test_bad_settings_are_one_line_naming_the_variable(corral_env: dict[str, str]) -> None:
     line = one_line_error(corral("up", env={**corral_env, "CORRAL_UP_PORT": "eighty"}, timeout=30))
     assert "CORRAL_UP_PORT='eighty'" in line
-    line = one_line_error(corral("up", "--port", str(free_port()), env={**corral_env, "CORRAL_LOG_LEVEL": "loud"}, timeout=30))
+    line = one_line_error(
+        corral("up", "--port", str(free_port()), env={**corral_env, "CORRAL_LOG_LEVEL": "loud"}, timeout=30)
+    )
     assert "CORRAL_LOG_LEVEL='loud'" in line and "DEBUG, INFO" in line
 
 
@@ -220,9 +274,19 @@ async def test_write_file_up_to_the_sandbox_limit_passes_over_http(up: UpProcess
     data = bytes(range(256)) * (limit // 256)  # exactly `limit` bytes, base64 as a client must send binary
     assert len(data) == limit
     async with mcp_client(f"{up.base}/sandbox/mcp", token_of(up.env)) as client:
-        written = await client.call_tool("write_file", {"path": "big.bin", "content": base64.b64encode(data).decode(), "encoding": "base64"})
+        written = await client.call_tool(
+            "write_file", {"path": "big.bin", "content": base64.b64encode(data).decode(), "encoding": "base64"}
+        )
         assert not written.is_error, written.content[0].text[:300]
-        assert written.structured_content["size"] == limit and written.structured_content["sha256"] == hashlib.sha256(data).hexdigest()
-        over = await client.call_tool("write_file", {"path": "bigger.bin", "content": base64.b64encode(data + b"x").decode(), "encoding": "base64"})
-        assert over.is_error and "invalid_argument: content is" in over.content[0].text and "up to" in over.content[0].text, over.content[0].text[:300]
+        assert (
+            written.structured_content["size"] == limit
+            and written.structured_content["sha256"] == hashlib.sha256(data).hexdigest()
+        )
+        over = await client.call_tool(
+            "write_file",
+            {"path": "bigger.bin", "content": base64.b64encode(data + b"x").decode(), "encoding": "base64"},
+        )
+        assert (
+            over.is_error and "invalid_argument: content is" in over.content[0].text and "up to" in over.content[0].text
+        ), over.content[0].text[:300]
         await client.call_tool("execute", {"command": "rm -f big.bin"})

@@ -16,11 +16,17 @@ from tests.parts import CHROMIUM
 pytestmark = pytest.mark.anyio
 # Headless, and nothing but loopback: every other host fails to resolve and goes to a dead proxy.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--no-first-run", "--disable-sync", "--disable-quic", "--proxy-server=127.0.0.1:9",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--proxy-server=127.0.0.1:9",
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
 ]
-XSS = '<img src=x onerror="document.title=\'pwned\'">'
+XSS = "<img src=x onerror=\"document.title='pwned'\">"
 
 
 async def emit(client, session_id: str, type_: str, data: dict) -> int:
@@ -55,21 +61,54 @@ async def test_web_viewer_lists_sessions_and_follows_one_live(up: UpProcess) -> 
                 await expect(row).to_contain_text("seen in a browser", timeout=10_000)
                 await row.locator("a").click()
                 await expect(page).to_have_url(f"{up.base}/sessions/{sid}")
-                await expect(page.locator("tr.event[data-position='0']")).to_contain_text("count the files", timeout=10_000)
+                await expect(page.locator("tr.event[data-position='0']")).to_contain_text(
+                    "count the files", timeout=10_000
+                )
 
                 # Appended while the page is open: it shows up without a reload.
-                await emit(client, sid, "span.model_request", {"usage": {"input_tokens": 1200, "output_tokens": 80, "cache_read_input_tokens": 900, "cache_creation_input_tokens": 300}})
-                await emit(client, sid, "agent.message", {"content": [{"type": "text", "text": "Let me look."}, {"type": "tool_use", "id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}}]})
-                await emit(client, sid, "agent.tool_use", {"id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}})
+                await emit(
+                    client,
+                    sid,
+                    "span.model_request",
+                    {
+                        "usage": {
+                            "input_tokens": 1200,
+                            "output_tokens": 80,
+                            "cache_read_input_tokens": 900,
+                            "cache_creation_input_tokens": 300,
+                        }
+                    },
+                )
+                await emit(
+                    client,
+                    sid,
+                    "agent.message",
+                    {
+                        "content": [
+                            {"type": "text", "text": "Let me look."},
+                            {"type": "tool_use", "id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}},
+                        ]
+                    },
+                )
+                await emit(
+                    client, sid, "agent.tool_use", {"id": "tu1", "name": "execute", "input": {"command": "ls | wc -l"}}
+                )
                 await emit(client, sid, "sandbox.provisioned", {"sandbox_id": "sbx_1", "backend": "bubblewrap"})
-                await emit(client, sid, "agent.tool_result", {"tool_use_id": "tu1", "content": "sandbox_lost: gone", "is_error": True})
+                await emit(
+                    client,
+                    sid,
+                    "agent.tool_result",
+                    {"tool_use_id": "tu1", "content": "sandbox_lost: gone", "is_error": True},
+                )
                 await emit(client, sid, "agent.message", {"text": XSS})
                 await expect(page.locator("tr.event")).to_have_count(7, timeout=10_000)
                 await expect(page.locator("tr.event.usage")).to_contain_text("input 1200")
                 await expect(page.locator("tr.event.tool")).to_contain_text("ls | wc -l")
                 await expect(page.locator("tr.event.sandbox")).to_contain_text("sbx_1")
                 await expect(page.locator("tr.event.error")).to_contain_text("sandbox_lost: gone")
-                await expect(page.locator("#figures")).to_contain_text("in 1200 · out 80 · cache read 900 · cache write 300")
+                await expect(page.locator("#figures")).to_contain_text(
+                    "in 1200 · out 80 · cache read 900 · cache write 300"
+                )
                 # Event data is shown as text, never run as markup.
                 await expect(page.locator("tr.event[data-position='6']")).to_contain_text(XSS)
                 assert await page.locator("#rows img").count() == 0
@@ -105,7 +144,12 @@ async def test_terminal_timeline_of_a_session(up: UpProcess) -> None:
 
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+}
 
 
 def viewer_login(up: UpProcess, http: httpx.Client) -> str:
@@ -137,7 +181,12 @@ def test_the_viewer_cookie_is_its_own_read_only_credential(up: UpProcess) -> Non
         assert value != viewer_login(up, http)  # each login is a fresh random value
         for name in ("session", "sandbox", "credentials"):  # the MCP endpoints never take it, in any form
             assert http.post(f"/{name}/mcp", json=INIT, headers={**MCP_HEADERS, **jar}).status_code == 401
-            assert http.post(f"/{name}/mcp", json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {value}"}).status_code == 401
+            assert (
+                http.post(
+                    f"/{name}/mcp", json=INIT, headers={**MCP_HEADERS, "Authorization": f"Bearer {value}"}
+                ).status_code
+                == 401
+            )
         # Read-only: only GET/HEAD pass with it.
         assert http.post("/sessions.json", headers=jar).status_code == 401
         # The token itself in a cookie (what the old viewer set) is no credential, under any name.

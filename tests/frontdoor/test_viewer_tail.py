@@ -30,14 +30,22 @@ MILLION = 1_000_000
 def fill(store: EventStore, sid: str, n: int, chunk: int = 20_000) -> None:
     """`n` readable events, appended in big batches (the fastest way through the store)."""
     for start in range(0, n, chunk):
-        store.append(sid, [NewEvent(type="agent.message", data={"text": f"event number {i}"}) for i in range(start, min(n, start + chunk))])
+        store.append(
+            sid,
+            [
+                NewEvent(type="agent.message", data={"text": f"event number {i}"})
+                for i in range(start, min(n, start + chunk))
+            ],
+        )
 
 
 @contextmanager
 def viewer(store: EventStore) -> Iterator[str]:
     """The viewer's routes on a loopback port; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -69,15 +77,22 @@ def test_events_json_reads_the_tail_pages_back_and_follows(tmp_path: Path) -> No
         with viewer(store) as base, httpx.Client(base_url=base, timeout=10) as http:
             url = f"/sessions/{sid}/events.json"
             tail = http.get(url).json()
-            assert positions(tail["events"]) == list(range(1200 - PAGE_LIMIT, 1200)) and tail["session"]["length"] == 1200
+            assert (
+                positions(tail["events"]) == list(range(1200 - PAGE_LIMIT, 1200)) and tail["session"]["length"] == 1200
+            )
             assert positions(http.get(url, params={"before": 700}).json()["events"]) == list(range(200, 700))
             assert positions(http.get(url, params={"before": 200}).json()["events"]) == list(range(200))
             assert http.get(url, params={"before": 0}).json()["events"] == []
             assert positions(http.get(url, params={"after": 1197}).json()["events"]) == [1198, 1199]
-            assert positions(http.get(url, params={"after": -1}).json()["events"]) == list(range(PAGE_LIMIT))  # from the start, as before
+            assert positions(http.get(url, params={"after": -1}).json()["events"]) == list(
+                range(PAGE_LIMIT)
+            )  # from the start, as before
             for bad in ({"before": "x"}, {"after": "1.5"}, {"before": -1}, {"before": 5, "after": 1}):
                 answer = http.get(url, params=bad)
-                assert answer.status_code == 400 and answer.json()["error"].startswith("invalid_argument"), (bad, answer.text)
+                assert answer.status_code == 400 and answer.json()["error"].startswith("invalid_argument"), (
+                    bad,
+                    answer.text,
+                )
             assert http.get("/sessions/ses_nope/events.json").status_code == 404
     finally:
         store.close()
@@ -112,12 +127,16 @@ async def test_a_million_event_session_opens_at_its_tail_at_once(big: tuple[Even
                 earlier = page.locator("#earlier")
                 await earlier.click()
                 await expect(rows).to_have_count(2 * PAGE_LIMIT)
-                await expect(page.locator(f"tr.event[data-position='{MILLION - 2 * PAGE_LIMIT}']")).to_contain_text(f"event number {MILLION - 2 * PAGE_LIMIT}")
+                await expect(page.locator(f"tr.event[data-position='{MILLION - 2 * PAGE_LIMIT}']")).to_contain_text(
+                    f"event number {MILLION - 2 * PAGE_LIMIT}"
+                )
                 assert await rows.first.get_attribute("data-position") == str(MILLION - 2 * PAGE_LIMIT)
 
                 # Live events still appear, below the tail.
                 store.append_one(sid, "agent.message", {"text": "written while the page is open"})
-                await expect(page.locator(f"tr.event[data-position='{MILLION}']")).to_contain_text("written while the page is open", timeout=10_000)
+                await expect(page.locator(f"tr.event[data-position='{MILLION}']")).to_contain_text(
+                    "written while the page is open", timeout=10_000
+                )
                 assert await rows.last.get_attribute("data-position") == str(MILLION)
             finally:
                 await browser.close()

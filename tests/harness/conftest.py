@@ -56,4 +56,6 @@ def settings_from(env: dict[str, str], **over: Any) -> HarnessSettings:
 
 
 def corral(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )

@@ -89,7 +89,13 @@ class ApiError:
     retry_after: float | None = None
 
     def body(self) -> dict[str, Any]:
-        kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+        kinds = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            429: "rate_limit_error",
+            500: "api_error",
+            529: "overloaded_error",
+        }
         kind = self.type or kinds.get(self.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": self.message or kind.replace("_", " ")}}
 
@@ -160,7 +166,9 @@ class Script:
     def turns_so_far(body: dict[str, Any]) -> int:
         """Assistant turns before this request, counting those a compaction summary stands for."""
         found = re.search(r"\[fake-turns:(\d+)\]", first_user_text(body))
-        return (int(found.group(1)) if found else 0) + sum(1 for m in body.get("messages", []) if m["role"] == "assistant")
+        return (int(found.group(1)) if found else 0) + sum(
+            1 for m in body.get("messages", []) if m["role"] == "assistant"
+        )
 
     def reply(self, body: dict[str, Any], key: tuple[str, int | str], nth: int) -> Reply:
         conv, turn = key
@@ -217,11 +225,23 @@ class _Cache:
             read = max((tokens for digest, tokens in marks if digest in self.seen), default=0)
             written = max(0, max((tokens for _, tokens in marks), default=0) - read)
             self.seen.update(digest for digest, _ in marks)
-        return {"input_tokens": total - read - written, "output_tokens": output_tokens, "cache_read_input_tokens": read, "cache_creation_input_tokens": written}
+        return {
+            "input_tokens": total - read - written,
+            "output_tokens": output_tokens,
+            "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": written,
+        }
 
 
 class FakeAnthropic:
-    def __init__(self, script: Script, *, delay_s: float = 0.0, on_request: Callable[[Request], None] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        script: Script,
+        *,
+        delay_s: float = 0.0,
+        on_request: Callable[[Request], None] | None = None,
+        port: int = 0,
+    ) -> None:
         self.script = script
         self.delay_s = delay_s
         self.on_request = on_request
@@ -275,8 +295,16 @@ class FakeAnthropic:
         stop = turn.stop_reason or ("tool_use" if any(b["type"] == "tool_use" for b in content) else "end_turn")
         out_tokens = max(1, len(json.dumps(content)) // 4)
         req.usage = self._cache.usage(body, out_tokens)
-        return {"id": self._next_id("msg_fake"), "type": "message", "role": "assistant", "model": body.get("model", "fake"),
-                "content": content, "stop_reason": stop, "stop_sequence": None, "usage": req.usage}
+        return {
+            "id": self._next_id("msg_fake"),
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", "fake"),
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": req.usage,
+        }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -330,7 +358,11 @@ class FakeAnthropic:
                 if cut:
                     message["stop_reason"] = "max_tokens"
                 fault = Fault("bad_json") if cut else reply.fault
-                if fault is not None and fault.kind == "bad_json" and not any(b["type"] == "tool_use" for b in message["content"]):
+                if (
+                    fault is not None
+                    and fault.kind == "bad_json"
+                    and not any(b["type"] == "tool_use" for b in message["content"])
+                ):
                     fault = None  # no tool input to break: the reply goes out whole
                 if body.get("stream"):
                     req.whole = self._stream(message, fault) and fault is None
@@ -385,12 +417,25 @@ def _events(message: dict[str, Any], fault: Fault | None) -> list[tuple[str, dic
     kind = fault.kind if fault else None
     usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
-    out: list[tuple[str, dict[str, Any]]] = [("message_start", {"type": "message_start", "message": start}), ("ping", {"type": "ping"})]
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("ping", {"type": "ping"}),
+    ]
     for i, block in enumerate(message["content"]):
         if block["type"] == "text":
-            out.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}))
+            out.append(
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             for piece in re.findall(r"\S+\s*|\s+", block["text"]) or [""]:
-                out.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}}))
+                out.append(
+                    (
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}},
+                    )
+                )
         else:
             empty = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
             out.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": empty}))
@@ -398,14 +443,33 @@ def _events(message: dict[str, Any], fault: Fault | None) -> list[tuple[str, dic
             if kind == "bad_json":
                 raw = raw[: len(raw) // 2]
             for j in range(0, len(raw), 40):
-                out.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {"type": "input_json_delta", "partial_json": raw[j:j + 40]}}))
+                out.append(
+                    (
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "input_json_delta", "partial_json": raw[j : j + 40]},
+                        },
+                    )
+                )
         out.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
-    out.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                                  "usage": {"output_tokens": usage["output_tokens"]}}))
+    out.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        )
+    )
     out.append(("message_stop", {"type": "message_stop"}))
     if kind == "error_event":
         assert fault is not None
-        out = out[: max(2, len(out) // 2)] + [("error", {"type": "error", "error": {"type": fault.error_type, "message": fault.message}})]
+        out = out[: max(2, len(out) // 2)] + [
+            ("error", {"type": "error", "error": {"type": fault.error_type, "message": fault.message}})
+        ]
     elif kind == "no_message_stop":
         out = out[:-1]
     return out

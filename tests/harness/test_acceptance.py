@@ -56,8 +56,21 @@ def real_env(env: dict[str, str], needs_bwrap) -> Iterator[dict[str, str]]:
 
 
 def add_credential(env: dict[str, str], port: int, *, allow_private: bool) -> None:
-    args = ["vault", "set", "api", "--host", "127.0.0.1", "--scheme", "http", "--port", str(port), "--method", "GET",
-            "--description", "the test API"] + (["--allow-private"] if allow_private else [])
+    args = [
+        "vault",
+        "set",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--scheme",
+        "http",
+        "--port",
+        str(port),
+        "--method",
+        "GET",
+        "--description",
+        "the test API",
+    ] + (["--allow-private"] if allow_private else [])
     p = subprocess.run([*corral_cmd(), *args], env=env, input=SECRET, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
 
@@ -90,18 +103,27 @@ def result_json(body: dict[str, Any]) -> dict[str, Any]:
 def test_run_provisions_writes_runs_uses_a_credential_and_spawns_a_subagent(real_env: dict[str, str]) -> None:
     with Upstream() as upstream:
         add_credential(real_env, int(upstream.url("/").split(":")[2].split("/")[0]), allow_private=True)
-        script = Script({
-            "ACCEPT-TASK": [
-                Turn([text("Let me plan."), tool("todo", PLAN)]),
-                Turn([tool("sandbox__write_file", {"path": "answer.sh", "content": "echo $((6 * 7))\n"})]),
-                Turn([tool("sandbox__execute", {"command": "sh answer.sh"})]),
-                Turn([tool("credentials__list_credentials", {}),
-                      tool("credentials__http_request", {"credential": "api", "method": "GET", "url": upstream.url("/echo")})]),
-                Turn([tool("spawn_subagent", {"task": "ACCEPT-SUB: look at the sandbox files"})]),
-                Turn([text("Finished: the script printed 42, the API answered, the subagent saw the file.")]),
-            ],
-            "ACCEPT-SUB": [Turn([tool("sandbox__list_files", {})]), Turn([text("the sandbox has answer.sh")])],
-        })
+        script = Script(
+            {
+                "ACCEPT-TASK": [
+                    Turn([text("Let me plan."), tool("todo", PLAN)]),
+                    Turn([tool("sandbox__write_file", {"path": "answer.sh", "content": "echo $((6 * 7))\n"})]),
+                    Turn([tool("sandbox__execute", {"command": "sh answer.sh"})]),
+                    Turn(
+                        [
+                            tool("credentials__list_credentials", {}),
+                            tool(
+                                "credentials__http_request",
+                                {"credential": "api", "method": "GET", "url": upstream.url("/echo")},
+                            ),
+                        ]
+                    ),
+                    Turn([tool("spawn_subagent", {"task": "ACCEPT-SUB: look at the sandbox files"})]),
+                    Turn([text("Finished: the script printed 42, the API answered, the subagent saw the file.")]),
+                ],
+                "ACCEPT-SUB": [Turn([tool("sandbox__list_files", {})]), Turn([text("the sandbox has answer.sh")])],
+            }
+        )
         at_first_request: list[int] = []
 
         def observe(req: Request) -> None:
@@ -129,7 +151,9 @@ def test_run_provisions_writes_runs_uses_a_credential_and_spawns_a_subagent(real
     assert "answer.sh" in listed["content"][0]["text"]
     assert max(fake.counts.values()) == 1
     provisioned = [e.data for e in log if e.type == "sandbox.provisioned"]
-    assert len(provisioned) == 1 and provisioned[0]["via"] == "sandbox__write_file"  # lazily, by the first call that needed it
+    assert (
+        len(provisioned) == 1 and provisioned[0]["via"] == "sandbox__write_file"
+    )  # lazily, by the first call that needed it
 
 
 def test_a_refused_credential_is_told_to_the_model(real_env: dict[str, str]) -> None:
@@ -141,10 +165,21 @@ def test_a_refused_credential_is_told_to_the_model(real_env: dict[str, str]) -> 
             seen.append(last_result(body))
             return Turn([text("The credential was refused; I will not retry.")])
 
-        script = Script({"REFUSE-TASK": [
-            Turn([tool("credentials__http_request", {"credential": "api", "method": "GET", "url": upstream.url("/echo")})]),
-            react,
-        ]})
+        script = Script(
+            {
+                "REFUSE-TASK": [
+                    Turn(
+                        [
+                            tool(
+                                "credentials__http_request",
+                                {"credential": "api", "method": "GET", "url": upstream.url("/echo")},
+                            )
+                        ]
+                    ),
+                    react,
+                ]
+            }
+        )
         with FakeAnthropic(script) as fake:
             p = corral(["run", "REFUSE-TASK"], {**real_env, **fake.env()}, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
@@ -177,18 +212,36 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
         return Turn([tool("sandbox__provision", {})])
 
     def rerun(body: dict[str, Any]) -> Turn:
-        return Turn([tool("sandbox__execute", {"sandbox_id": result_json(body)["sandbox_id"], "command": "echo recovered"})])
+        return Turn(
+            [tool("sandbox__execute", {"sandbox_id": result_json(body)["sandbox_id"], "command": "echo recovered"})]
+        )
 
-    script = Script({"LOST-TASK": [Turn([tool("sandbox__provision", {})]), run_long, reprovision, rerun, Turn([text("re-provisioned and finished")])]})
+    script = Script(
+        {
+            "LOST-TASK": [
+                Turn([tool("sandbox__provision", {})]),
+                run_long,
+                reprovision,
+                rerun,
+                Turn([text("re-provisioned and finished")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         p = corral(["run", "LOST-TASK"], {**real_env, **fake.env()}, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     log = read_log(real_env, session_id(p.stdout))
     assert_valid_history(log)
     execs = [e.data for e in log if e.type == "agent.tool_result" and e.data["name"] == "sandbox__execute"]
-    assert execs[0]["is_error"] and "sandbox_lost" in execs[0]["content"][0]["text"] and execs[0]["duration_ms"] < 25_000
+    assert (
+        execs[0]["is_error"] and "sandbox_lost" in execs[0]["content"][0]["text"] and execs[0]["duration_ms"] < 25_000
+    )
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
-    assert [e.type for e in log if e.type.startswith("sandbox.")] == ["sandbox.provisioned", "sandbox.lost", "sandbox.provisioned"]
+    assert [e.type for e in log if e.type.startswith("sandbox.")] == [
+        "sandbox.provisioned",
+        "sandbox.lost",
+        "sandbox.provisioned",
+    ]
     assert max(fake.counts.values()) == 1
 
 
@@ -200,8 +253,15 @@ def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dic
     from tests.harness.conftest import ROOT
 
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "corral.cli", "up", "--port", str(port)], env=real_env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "up", "--port", str(port)],
+        env=real_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         token_file = Path(real_env["CORRAL_HOME"]) / "token"
         deadline = time.time() + 90
@@ -213,13 +273,22 @@ def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dic
             except OSError:
                 time.sleep(0.3)
         base = f"http://127.0.0.1:{port}"
-        e = {**real_env, "CORRAL_SANDBOX_URL": f"{base}/sandbox/mcp", "CORRAL_SESSION_URL": f"{base}/session/mcp",
-             "CORRAL_CREDENTIALS_URL": f"{base}/credentials/mcp", "CORRAL_SERVER_TOKEN": token_file.read_text().strip()}
-        script = Script({"HTTP-TASK": [
-            Turn([tool("sandbox__execute", {"command": "echo over-http"})]),
-            Turn([tool("credentials__list_credentials", {}), tool("session__list_sessions", {})]),
-            Turn([text("all three answered over HTTP")]),
-        ]})
+        e = {
+            **real_env,
+            "CORRAL_SANDBOX_URL": f"{base}/sandbox/mcp",
+            "CORRAL_SESSION_URL": f"{base}/session/mcp",
+            "CORRAL_CREDENTIALS_URL": f"{base}/credentials/mcp",
+            "CORRAL_SERVER_TOKEN": token_file.read_text().strip(),
+        }
+        script = Script(
+            {
+                "HTTP-TASK": [
+                    Turn([tool("sandbox__execute", {"command": "echo over-http"})]),
+                    Turn([tool("credentials__list_credentials", {}), tool("session__list_sessions", {})]),
+                    Turn([text("all three answered over HTTP")]),
+                ]
+            }
+        )
         with FakeAnthropic(script) as fake:
             p = corral(["run", "HTTP-TASK"], {**e, **fake.env()}, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
@@ -229,7 +298,16 @@ def test_run_over_streamable_http_against_corral_up_with_its_token(real_env: dic
         assert json.loads(results["sandbox__execute"]["content"][0]["text"])["stdout"].strip() == "over-http"
         assert_valid_history(log)
         # a wrong token is refused: the model is told the server is unavailable, the run still ends cleanly
-        with FakeAnthropic(Script({"BADTOKEN": [Turn([tool("sandbox__execute", {"command": "true"})]), Turn([text("could not reach it")])]})) as fake:
+        with FakeAnthropic(
+            Script(
+                {
+                    "BADTOKEN": [
+                        Turn([tool("sandbox__execute", {"command": "true"})]),
+                        Turn([text("could not reach it")]),
+                    ]
+                }
+            )
+        ) as fake:
             p = corral(["run", "BADTOKEN"], {**e, **fake.env(), "CORRAL_SERVER_TOKEN": "wrong"}, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         failed = next(x.data for x in read_log(real_env, session_id(p.stdout)) if x.type == "agent.tool_result")
@@ -247,7 +325,10 @@ def test_every_response_first_breaks_yet_each_command_runs_once(real_env: dict[s
     different fault each), the task still completes and each step's command runs exactly once."""
     step = "echo ran >> runs.txt; wc -l < runs.txt"
     steps = [
-        (Turn([text("Writing the step."), tool("sandbox__write_file", {"path": "step.sh", "content": step + "\n"})]), Fault("drop")),
+        (
+            Turn([text("Writing the step."), tool("sandbox__write_file", {"path": "step.sh", "content": step + "\n"})]),
+            Fault("drop"),
+        ),
         (Turn([tool("sandbox__execute", {"command": "sh step.sh"})]), Fault("error_event")),
         (Turn([tool("sandbox__execute", {"command": "sh step.sh"})], needs_tokens=10_000), None),  # cut by max_tokens
         (Turn([tool("sandbox__execute", {"command": "sh step.sh"})]), Fault("bad_json")),
@@ -256,17 +337,30 @@ def test_every_response_first_breaks_yet_each_command_runs_once(real_env: dict[s
     ]
     script = Script({"FLAKY-TASK": [[replace(t, fault=f), t] if f else t for t, f in steps]})
     with FakeAnthropic(script) as fake:
-        p = corral(["run", "FLAKY-TASK: run the step three times"], {**real_env, **fake.env(), "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}, timeout=300)
+        p = corral(
+            ["run", "FLAKY-TASK: run the step three times"],
+            {**real_env, **fake.env(), "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"},
+            timeout=300,
+        )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("✗ attempt 1 failed") == 6
     log = read_log(real_env, session_id(p.stdout))
     assert_valid_history(log)
     results = [e.data for e in log if e.type == "agent.tool_result"]
     assert not [r for r in results if r["is_error"]], results
-    assert [json.loads(r["content"][0]["text"])["stdout"].strip() for r in results if r["name"] == "sandbox__execute"] == ["1", "2", "3"]
+    assert [
+        json.loads(r["content"][0]["text"])["stdout"].strip() for r in results if r["name"] == "sandbox__execute"
+    ] == ["1", "2", "3"]
     assert "ran\nran\nran" in results[-1]["content"][0]["text"].replace("\\n", "\n")
     failed = [e.data["fault"] for e in log if e.type == "session.error"]
-    assert failed == ["dropped", "stream_error", "max_tokens_in_tool_use", "invalid_tool_input", "stalled", "no_message_stop"]
+    assert failed == [
+        "dropped",
+        "stream_error",
+        "max_tokens_in_tool_use",
+        "invalid_tool_input",
+        "stalled",
+        "no_message_stop",
+    ]
     assert fake.invalid == [] and len([r for r in fake.requests if r.whole]) == len(steps)
 
 

@@ -47,11 +47,20 @@ def test_ctrl_c_stops_cleanly_and_the_session_resumes(env: dict[str, str], toolb
     from tests.harness.fake_anthropic import Script, Turn, text, tool
     from tests.harness.test_crash import assert_valid_history, read_log
 
-    script = Script({"SIGINT-TASK": [Turn([tool("toolbox__slow", {"seconds": 30})]), Turn([text("finished after the wake")])]})
+    script = Script(
+        {"SIGINT-TASK": [Turn([tool("toolbox__slow", {"seconds": 30})]), Turn([text("finished after the wake")])]}
+    )
     with FakeAnthropic(script) as fake:
         e = {**env, **fake.env()}
-        p = subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "SIGINT-TASK"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "run", "SIGINT-TASK"],
+            env=e,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         wait_until((toolbox_dir / "slow.txt").exists, "the slow tool to be running", seconds=60)
         os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         out, err = p.communicate(timeout=60)

@@ -18,11 +18,17 @@ pytestmark = pytest.mark.anyio
 
 
 def strip(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**m, "content": [{k: v for k, v in b.items() if k != "cache_control"} for b in m["content"]]} for m in messages]
+    return [
+        {**m, "content": [{k: v for k, v in b.items() if k != "cache_control"} for b in m["content"]]} for m in messages
+    ]
 
 
 async def test_requests_are_append_only_cache_stable_and_show_the_plan(env: dict[str, str]) -> None:
-    turns = [Turn([text("Plan first."), tool("todo", PLAN)])] + [Turn([tool("toolbox__count_lines", {})]) for _ in range(5)] + [Turn([text("done")])]
+    turns = (
+        [Turn([text("Plan first."), tool("todo", PLAN)])]
+        + [Turn([tool("toolbox__count_lines", {})]) for _ in range(5)]
+        + [Turn([text("done")])]
+    )
     with FakeAnthropic(Script({"CACHE-TASK": turns})) as fake:
         e = {**env, **fake.env()}
         out = await run_session(settings_from(e), task="CACHE-TASK", session_id=None, view=NullView(), env=e)
@@ -38,7 +44,11 @@ async def test_requests_are_append_only_cache_stable_and_show_the_plan(env: dict
     # the plan is shown after every tool result from the todo call on
     for body in bodies[1:]:
         last = body["messages"][-1]["content"]
-        assert last[-1]["type"] == "text" and last[-1]["text"].startswith("Your plan") and "[~] append a line" in last[-1]["text"]
+        assert (
+            last[-1]["type"] == "text"
+            and last[-1]["text"].startswith("Your plan")
+            and "[~] append a line" in last[-1]["text"]
+        )
 
 
 def sid_from(body: dict[str, Any]) -> str:
@@ -53,7 +63,13 @@ async def test_compaction_summarises_and_the_originals_stay_readable(env: dict[s
     e = {**env, "CORRAL_SERVERS": "toolbox,session"}
     with FakeAnthropic(Script({"COMPACT-TASK": turns})) as fake:
         e.update(fake.env())
-        out = await run_session(settings_from(e, context_budget_tokens=4000), task="COMPACT-TASK: the original request", session_id=None, view=NullView(), env=e)
+        out = await run_session(
+            settings_from(e, context_budget_tokens=4000),
+            task="COMPACT-TASK: the original request",
+            session_id=None,
+            view=NullView(),
+            env=e,
+        )
     assert out.text == "reread the originals; done"
     log = read_log(env, out.session_id)
     assert_valid_history(log)
@@ -67,5 +83,8 @@ async def test_compaction_summarises_and_the_originals_stay_readable(env: dict[s
     names = {t["name"] for t in last["tools"]}
     assert {"session__get_events", "session__slice", "session__rewind"} <= names and "session__emit_event" not in names
     slice_result = next(x for x in log if x.type == "agent.tool_result" and x.data["name"] == "session__slice")
-    assert not slice_result.data["is_error"] and "COMPACT-TASK: the original request" in slice_result.data["content"][0]["text"]  # ...but stay readable
+    assert (
+        not slice_result.data["is_error"]
+        and "COMPACT-TASK: the original request" in slice_result.data["content"][0]["text"]
+    )  # ...but stay readable
     assert len(str(last)) < len(str(fake.requests[-3].body)) + 8000

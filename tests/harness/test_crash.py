@@ -46,7 +46,9 @@ def assert_valid_history(log: list[Event]) -> None:
     assert len(spans) == len(set(spans))
 
 
-def assert_done(env: dict[str, str], sid: str, toolbox_dir: Path, fake: FakeAnthropic, repeats_allowed: int = 0) -> None:
+def assert_done(
+    env: dict[str, str], sid: str, toolbox_dir: Path, fake: FakeAnthropic, repeats_allowed: int = 0
+) -> None:
     log = read_log(env, sid)
     assert_valid_history(log)
     for child in children(env, sid):
@@ -80,12 +82,16 @@ def test_sigkill_at_every_event_boundary_then_wake(env: dict[str, str], toolbox_
         assert kills > 15  # every boundary of the task was a crash point
         assert_done(env, sid, toolbox_dir, fake)
         interrupted = [e for e in read_log(env, sid) if e.type == "agent.tool_result" and e.data.get("interrupted")]
-        assert [e.data["name"] for e in interrupted] == ["toolbox__append_line"]  # killed after its tool_use was written
+        assert [e.data["name"] for e in interrupted] == [
+            "toolbox__append_line"
+        ]  # killed after its tool_use was written
         lines = toolbox_dir / "lines.txt"
         assert not lines.exists() or "main-1" not in lines.read_text()  # it never ran, and was not re-run
 
 
-def killed_in_flight_then_woken(env: dict[str, str], script: Script, key: tuple[str, int], nth: int, **extra: str) -> tuple[FakeAnthropic, str]:
+def killed_in_flight_then_woken(
+    env: dict[str, str], script: Script, key: tuple[str, int], nth: int, **extra: str
+) -> tuple[FakeAnthropic, str]:
     """`corral run` SIGKILLed as the `nth` request for `key` arrives (its answer is never read), then `corral wake`."""
     proc: list[subprocess.Popen[str]] = []
 
@@ -95,7 +101,16 @@ def killed_in_flight_then_woken(env: dict[str, str], script: Script, key: tuple[
 
     with FakeAnthropic(script, on_request=kill) as fake:
         e = {**env, **fake.env(), **extra}
-        proc.append(subprocess.Popen([sys.executable, "-m", "corral.cli", "run", "CRASH-TASK go"], env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        proc.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "corral.cli", "run", "CRASH-TASK go"],
+                env=e,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
         out, err = proc[0].communicate(timeout=120)
         assert proc[0].returncode == -signal.SIGKILL, err
         sid = session_id(out)
@@ -104,7 +119,9 @@ def killed_in_flight_then_woken(env: dict[str, str], script: Script, key: tuple[
     return fake, sid
 
 
-def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(env: dict[str, str], toolbox_dir: Path) -> None:
+def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(
+    env: dict[str, str], toolbox_dir: Path
+) -> None:
     fake, sid = killed_in_flight_then_woken(env, multi_tool_task(), ("CRASH-TASK", 2), 1)
     assert fake.counts[("CRASH-TASK", 2)] == 2  # asked again: its answer was never recorded
     assert_done(env, sid, toolbox_dir, fake, repeats_allowed=1)
@@ -113,7 +130,13 @@ def test_killed_while_waiting_for_the_model_repeats_only_the_unrecorded_call(env
 
 def faults_in_turn(script: Script) -> Script:
     """Each scripted turn first answers broken, a different fault per turn (see test_faults), then whole."""
-    faults = [Fault("drop"), Fault("error_event"), Fault("bad_json"), Fault("no_message_stop"), Fault("stall", stall_s=20.0)]
+    faults = [
+        Fault("drop"),
+        Fault("error_event"),
+        Fault("bad_json"),
+        Fault("no_message_stop"),
+        Fault("stall", stall_s=20.0),
+    ]
     convs: dict[str, list[Any]] = {}
     n = 0
     for name, turns in script.conversations.items():
@@ -137,7 +160,9 @@ def assert_faults_recorded(env: dict[str, str], sid: str, fake: FakeAnthropic, k
     assert not [r for r in results if r["is_error"] and not r.get("interrupted")], results  # no partial input ever ran
 
 
-def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(env: dict[str, str], toolbox_dir: Path) -> None:
+def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(
+    env: dict[str, str], toolbox_dir: Path
+) -> None:
     """The crash matrix with faults: each failed attempt is an append, so the harness is also killed
     right after recording one; the wake retries it, and nothing is duplicated or lost."""
     with FakeAnthropic(faults_in_turn(multi_tool_task())) as fake:
@@ -162,7 +187,9 @@ def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(e
 
 def test_killed_during_a_retried_attempt_then_woken(env: dict[str, str], toolbox_dir: Path) -> None:
     """SIGKILL while the retry of a broken response is in flight: the wake asks again, once."""
-    fake, sid = killed_in_flight_then_woken(env, faults_in_turn(multi_tool_task()), ("CRASH-TASK", 1), 2, CORRAL_MODEL_IDLE_TIMEOUT_S="1")
+    fake, sid = killed_in_flight_then_woken(
+        env, faults_in_turn(multi_tool_task()), ("CRASH-TASK", 1), 2, CORRAL_MODEL_IDLE_TIMEOUT_S="1"
+    )
     assert fake.counts[("CRASH-TASK", 1)] == 3  # broken, killed in flight, whole
     assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
     assert_faults_recorded(env, sid, fake, killed_in_flight=1)  # the answer the killed harness never read

@@ -43,11 +43,15 @@ FAULTS = {
 
 def broken_first(script: Script, fault: Fault | None = None, **turn: Any) -> Script:
     """Every scripted turn answers its first request broken (by `fault`, or as `turn` says), then whole."""
-    convs = {name: [[replace(t, fault=fault, **turn), t] for t in turns] for name, turns in script.conversations.items()}
+    convs = {
+        name: [[replace(t, fault=fault, **turn), t] for t in turns] for name, turns in script.conversations.items()
+    }
     return Script(convs, script.summary)  # type: ignore[arg-type]
 
 
-async def run(env: dict[str, str], fake: FakeAnthropic, task: str, session_id: str | None = None, **over: Any) -> tuple[str, str]:
+async def run(
+    env: dict[str, str], fake: FakeAnthropic, task: str, session_id: str | None = None, **over: Any
+) -> tuple[str, str]:
     e = {**env, **fake.env()}
     out = await run_session(settings_from(e, **over), task=task, session_id=session_id, view=NullView(), env=e)
     return out.session_id, out.text
@@ -67,7 +71,10 @@ def assert_each_step_once(env: dict[str, str], sid: str, toolbox_dir: Path, fake
     assert [c.split(" pid=")[0] for c in calls] == ["append_line main-1", "put k", "append_line child-1"]
     results = [e.data for e in every if e.type == "agent.tool_result"]
     assert results and not [r for r in results if r["is_error"]], results  # no call ever got partial input
-    assert [e.data["text"] for e in log if e.type == "agent.message"] == ["Planning.", "All done."]  # nothing from a broken attempt
+    assert [e.data["text"] for e in log if e.type == "agent.message"] == [
+        "Planning.",
+        "All done.",
+    ]  # nothing from a broken attempt
     assert fake.invalid == []  # the provider never saw an invalid history
     whole = [r.key for r in fake.requests if r.whole]
     assert len(whole) == len(set(whole)), "a whole response was asked for twice"
@@ -75,7 +82,9 @@ def assert_each_step_once(env: dict[str, str], sid: str, toolbox_dir: Path, fake
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-async def test_every_broken_response_is_retried_never_acted_on(name: str, env: dict[str, str], toolbox_dir: Path) -> None:
+async def test_every_broken_response_is_retried_never_acted_on(
+    name: str, env: dict[str, str], toolbox_dir: Path
+) -> None:
     fault, recorded = FAULTS[name]
     with FakeAnthropic(broken_first(multi_tool_task(), fault)) as fake:
         started = time.monotonic()
@@ -128,10 +137,17 @@ async def test_a_tool_call_that_never_fits_is_fatal_and_never_run(env: dict[str,
 
 
 async def test_an_input_the_tool_schema_refuses_is_a_failed_attempt(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"SCHEMA-TASK": [
-        [Turn([tool("toolbox__append_line", {"txt": "wrong key"})]), Turn([tool("toolbox__append_line", {"text": "right"})])],
-        Turn([text("ok")]),
-    ]})
+    script = Script(
+        {
+            "SCHEMA-TASK": [
+                [
+                    Turn([tool("toolbox__append_line", {"txt": "wrong key"})]),
+                    Turn([tool("toolbox__append_line", {"text": "right"})]),
+                ],
+                Turn([text("ok")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         sid, _ = await run(env, fake, "SCHEMA-TASK")
     [failed] = failed_attempts(read_log(env, sid))
@@ -139,13 +155,27 @@ async def test_an_input_the_tool_schema_refuses_is_a_failed_attempt(env: dict[st
     assert (toolbox_dir / "lines.txt").read_text() == "right\n"
 
 
-@pytest.mark.parametrize(("error_type", "raised", "says"), [
-    ("invalid_request_error", InvalidArgument, "the session log shows what was sent"),
-    ("authentication_error", PolicyDenied, "check ANTHROPIC_API_KEY"),
-    ("permission_error", PolicyDenied, "may not use this model"),
-])
-async def test_a_fatal_error_event_mid_stream_stops_with_the_api_message(error_type: str, raised: type, says: str, env: dict[str, str]) -> None:
-    script = Script({"FATAL-TASK": [Turn([text("partial text " * 20)], fault=Fault("error_event", error_type=error_type, message="API SAYS WHY"))]})
+@pytest.mark.parametrize(
+    ("error_type", "raised", "says"),
+    [
+        ("invalid_request_error", InvalidArgument, "the session log shows what was sent"),
+        ("authentication_error", PolicyDenied, "check ANTHROPIC_API_KEY"),
+        ("permission_error", PolicyDenied, "may not use this model"),
+    ],
+)
+async def test_a_fatal_error_event_mid_stream_stops_with_the_api_message(
+    error_type: str, raised: type, says: str, env: dict[str, str]
+) -> None:
+    script = Script(
+        {
+            "FATAL-TASK": [
+                Turn(
+                    [text("partial text " * 20)],
+                    fault=Fault("error_event", error_type=error_type, message="API SAYS WHY"),
+                )
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         with pytest.raises(raised) as caught:
             await run(env, fake, "FATAL-TASK")
@@ -168,10 +198,15 @@ def read_log_all(env: dict[str, str]) -> list[Event]:
 
 async def test_retries_exhausted_then_wake_retries_the_failed_attempt(env: dict[str, str], toolbox_dir: Path) -> None:
     """A session whose last write was a failed attempt resumes, on wake, by retrying it."""
-    script = Script({"WAKE-FAULT": [
-        [Turn([tool("toolbox__append_line", {"text": "once"})], fault=Fault("drop"))] * 2 + [Turn([tool("toolbox__append_line", {"text": "once"})])],
-        Turn([text("finished")]),
-    ]})
+    script = Script(
+        {
+            "WAKE-FAULT": [
+                [Turn([tool("toolbox__append_line", {"text": "once"})], fault=Fault("drop"))] * 2
+                + [Turn([tool("toolbox__append_line", {"text": "once"})])],
+                Turn([text("finished")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         with pytest.raises(Exception, match="incomplete response"):
             await run(env, fake, "WAKE-FAULT", model_retries=1)
@@ -189,14 +224,18 @@ async def test_retries_exhausted_then_wake_retries_the_failed_attempt(env: dict[
 def test_the_terminal_shows_a_failed_attempt_as_failed(env: dict[str, str]) -> None:
     from tests.harness.conftest import corral
 
-    script = Script({"VIEW-TASK": [[Turn([text("PARTIAL " * 300)], fault=Fault("drop")), Turn([text("THE REAL ANSWER")])]]})
+    script = Script(
+        {"VIEW-TASK": [[Turn([text("PARTIAL " * 300)], fault=Fault("drop")), Turn([text("THE REAL ANSWER")])]]}
+    )
     with FakeAnthropic(script) as fake:
         p = corral(["run", "VIEW-TASK"], {**env, **fake.env()})
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "PARTIAL" in out  # it streamed...
     failed = out.index("✗ attempt 1 failed")
-    assert out.index("PARTIAL") < failed < out.index("THE REAL ANSWER")  # ...and is then marked failed, before the answer
+    assert (
+        out.index("PARTIAL") < failed < out.index("THE REAL ANSWER")
+    )  # ...and is then marked failed, before the answer
     assert "✗ attempt 1 failed, the text above is discarded; retrying in" in out
 
 
@@ -214,7 +253,9 @@ def test_both_viewers_show_a_failed_attempt_as_failed(env: dict[str, str]) -> No
     from tests.harness.conftest import corral
     from tests.harness.test_cli import session_id
 
-    script = Script({"SEEN-TASK": [[Turn([text("HALF AN ANSWER " * 100)], fault=Fault("drop")), Turn([text("whole answer")])]]})
+    script = Script(
+        {"SEEN-TASK": [[Turn([text("HALF AN ANSWER " * 100)], fault=Fault("drop")), Turn([text("whole answer")])]]}
+    )
     with FakeAnthropic(script) as fake:
         p = corral(["run", "SEEN-TASK"], {**env, **fake.env()})
     assert p.returncode == 0, p.stderr
@@ -222,11 +263,16 @@ def test_both_viewers_show_a_failed_attempt_as_failed(env: dict[str, str]) -> No
     shown = corral(["sessions", "show", sid], {**env, "COLUMNS": "200"})
     assert shown.returncode == 0, shown.stderr
     flat = " ".join(shown.stdout.split())
-    assert re.search(r"✗ session\.error dropped: incomplete response.* — discarded, not the answer: \d+ chars of text — retry in", flat), flat
+    assert re.search(
+        r"✗ session\.error dropped: incomplete response.* — discarded, not the answer: \d+ chars of text — retry in",
+        flat,
+    ), flat
 
     store = open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(Starlette(routes=viewer_routes(store)), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -24,11 +24,15 @@ def events(env: dict[str, str], sid: str) -> list:
 
 
 async def test_write_ahead_run_records_response_before_tool_results(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"TASK-A": [
-        Turn([text("I will add a line."), tool("toolbox__append_line", {"text": "hello"})]),
-        Turn([tool("toolbox__count_lines", {})]),
-        Turn([text("Done: one line.")]),
-    ]})
+    script = Script(
+        {
+            "TASK-A": [
+                Turn([text("I will add a line."), tool("toolbox__append_line", {"text": "hello"})]),
+                Turn([tool("toolbox__count_lines", {})]),
+                Turn([text("Done: one line.")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         s = settings_from({**env, **fake.env()})
         out = await run_session(s, task="TASK-A please", session_id=None, view=NullView(), env={**env, **fake.env()})
@@ -42,7 +46,12 @@ async def test_write_ahead_run_records_response_before_tool_results(env: dict[st
     span = next(e for e in log if e.type == "span.model_request")
     assert use.position < result.position and span.position < result.position
     assert result.data["tool_use_id"] == use.data["id"] and not result.data["is_error"]
-    assert set(span.data["usage"]) == {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"}
+    assert set(span.data["usage"]) == {
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    }
     assert log[-1].data["status"] == "idle"
     assert dict(fake.counts) == {("TASK-A", 0): 1, ("TASK-A", 1): 1, ("TASK-A", 2): 1}
 

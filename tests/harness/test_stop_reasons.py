@@ -22,7 +22,9 @@ from tests.harness.test_faults import failed_attempts, read_log_all
 pytestmark = pytest.mark.anyio
 
 
-async def run(env: dict[str, str], script: Script, task: str | None, session_id: str | None = None, **over: Any) -> tuple[str, str, FakeAnthropic]:
+async def run(
+    env: dict[str, str], script: Script, task: str | None, session_id: str | None = None, **over: Any
+) -> tuple[str, str, FakeAnthropic]:
     with FakeAnthropic(script) as fake:
         e = {**env, **fake.env()}
         out = await run_session(settings_from(e, **over), task=task, session_id=session_id, view=NullView(), env=e)
@@ -35,21 +37,40 @@ def status(env: dict[str, str], sid: str) -> dict[str, Any]:
 
 
 async def test_stop_sequence_ends_the_turn(env: dict[str, str]) -> None:
-    sid, answer, fake = await run(env, Script({"SEQ": [Turn([text("stopped at the sequence")], stop_reason="stop_sequence"), Turn([text("x")])]}), "SEQ")
+    sid, answer, fake = await run(
+        env,
+        Script({"SEQ": [Turn([text("stopped at the sequence")], stop_reason="stop_sequence"), Turn([text("x")])]}),
+        "SEQ",
+    )
     assert answer == "stopped at the sequence" and sum(fake.counts.values()) == 1
     assert status(env, sid) == {**status(env, sid), "status": "idle", "reason": "stop_sequence"}
 
 
 async def test_a_text_answer_cut_by_max_tokens_is_recorded_and_reported(env: dict[str, str]) -> None:
-    sid, answer, fake = await run(env, Script({"CUT": [Turn([text("the answer is long and")], stop_reason="max_tokens"), Turn([text("x")])]}), "CUT")
+    sid, answer, fake = await run(
+        env,
+        Script({"CUT": [Turn([text("the answer is long and")], stop_reason="max_tokens"), Turn([text("x")])]}),
+        "CUT",
+    )
     assert answer == "the answer is long and" and sum(fake.counts.values()) == 1  # reported, not continued
     s = status(env, sid)
-    assert s["status"] == "idle" and s["reason"].startswith("max_tokens: the answer was cut at 8192 tokens; raise CORRAL_MAX_TOKENS")
+    assert s["status"] == "idle" and s["reason"].startswith(
+        "max_tokens: the answer was cut at 8192 tokens; raise CORRAL_MAX_TOKENS"
+    )
     assert f"--session {sid}" in s["reason"]
 
 
 async def test_a_refusal_is_recorded_and_nothing_it_started_runs(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"REFUSE": [Turn([text("I can't help with that."), tool("toolbox__append_line", {"text": "no"})], stop_reason="refusal")]})
+    script = Script(
+        {
+            "REFUSE": [
+                Turn(
+                    [text("I can't help with that."), tool("toolbox__append_line", {"text": "no"})],
+                    stop_reason="refusal",
+                )
+            ]
+        }
+    )
     sid, answer, fake = await run(env, script, "REFUSE")
     assert answer == "I can't help with that."
     log = read_log(env, sid)
@@ -68,18 +89,29 @@ async def test_pause_turn_is_sent_back_so_the_model_continues(env: dict[str, str
         seen.append(body["messages"][-1])
         return Turn([text("and finished.")])
 
-    sid, answer, _ = await run(env, Script({"PAUSE": [Turn([text("Working on it")], stop_reason="pause_turn"), resume]}), "PAUSE")
+    sid, answer, _ = await run(
+        env, Script({"PAUSE": [Turn([text("Working on it")], stop_reason="pause_turn"), resume]}), "PAUSE"
+    )
     assert answer == "and finished."
-    assert seen[0]["role"] == "assistant" and seen[0]["content"][0]["text"] == "Working on it"  # its own turn, sent back
+    assert (
+        seen[0]["role"] == "assistant" and seen[0]["content"][0]["text"] == "Working on it"
+    )  # its own turn, sent back
     assert_valid_history(read_log(env, sid))
 
 
 async def test_context_window_exceeded_compacts_then_asks_again(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"WINDOW": [
-        Turn([tool("toolbox__count_lines", {})]),
-        Turn([tool("toolbox__count_lines", {})]),
-        [Turn([text("cut off by the window")], stop_reason="model_context_window_exceeded"), Turn([text("done after compacting")])],
-    ]})
+    script = Script(
+        {
+            "WINDOW": [
+                Turn([tool("toolbox__count_lines", {})]),
+                Turn([tool("toolbox__count_lines", {})]),
+                [
+                    Turn([text("cut off by the window")], stop_reason="model_context_window_exceeded"),
+                    Turn([text("done after compacting")]),
+                ],
+            ]
+        }
+    )
     sid, answer, fake = await run(env, script, "WINDOW")
     assert answer == "done after compacting"
     log = read_log(env, sid)
@@ -91,14 +123,22 @@ async def test_context_window_exceeded_compacts_then_asks_again(env: dict[str, s
     assert "cut off by the window" not in [e.data.get("text") for e in log if e.type == "agent.message"]
 
 
-async def test_an_unknown_stop_reason_is_recorded_and_surfaced_not_acted_on(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"NEW": [Turn([text("hm"), tool("toolbox__append_line", {"text": "guess"})], stop_reason="brand_new_reason")]})
+async def test_an_unknown_stop_reason_is_recorded_and_surfaced_not_acted_on(
+    env: dict[str, str], toolbox_dir: Path
+) -> None:
+    script = Script(
+        {"NEW": [Turn([text("hm"), tool("toolbox__append_line", {"text": "guess"})], stop_reason="brand_new_reason")]}
+    )
     with pytest.raises(UnknownStopReason, match="brand_new_reason"):
         await run(env, script, "NEW")
     [sid] = {e.session_id for e in read_log_all(env)}
     log = read_log(env, sid)
     assert [e.type for e in log if e.type.startswith("agent.")] == []
     fatal = next(e.data for e in log if e.type == "session.error")
-    assert fatal["fatal"] and fatal["fault"] == "unknown_stop_reason" and fatal["arrived"]["tool_uses"] == ["toolbox__append_line"]
+    assert (
+        fatal["fatal"]
+        and fatal["fault"] == "unknown_stop_reason"
+        and fatal["arrived"]["tool_uses"] == ["toolbox__append_line"]
+    )
     assert status(env, sid)["status"] == "failed"
     assert not (toolbox_dir / "lines.txt").exists()

@@ -32,18 +32,26 @@ def results(env: dict[str, str], sid: str) -> list[dict]:
 
 
 async def test_dead_server_is_a_tool_error_and_is_reconnected(env: dict[str, str], toolbox_dir: Path) -> None:
-    script = Script({"DEAD-TASK": [
-        Turn([tool("toolbox__put", {"key": "a", "value": "1"})]),
-        Turn([tool("toolbox__crash", {})]),
-        Turn([tool("toolbox__put", {"key": "b", "value": "2"})]),
-        Turn([text("recovered")]),
-    ]})
+    script = Script(
+        {
+            "DEAD-TASK": [
+                Turn([tool("toolbox__put", {"key": "a", "value": "1"})]),
+                Turn([tool("toolbox__crash", {})]),
+                Turn([tool("toolbox__put", {"key": "b", "value": "2"})]),
+                Turn([text("recovered")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         e = {**env, **fake.env()}
         out = await run_session(settings_from(e), task="DEAD-TASK", session_id=None, view=NullView(), env=e)
     assert out.text == "recovered"
     put_a, crash, put_b = results(env, out.session_id)
-    assert crash["is_error"] and crash["content"][0]["text"].startswith("unavailable:") and "went away" in crash["content"][0]["text"]
+    assert (
+        crash["is_error"]
+        and crash["content"][0]["text"].startswith("unavailable:")
+        and "went away" in crash["content"][0]["text"]
+    )
     assert not put_b["is_error"] and (toolbox_dir / "kv" / "b").read_text() == "2"
     pids = [line.split("pid=")[1] for line in (toolbox_dir / "calls.txt").read_text().splitlines()]
     assert pids[0] == pids[1] != pids[2]  # a new server process answered after the crash
@@ -53,31 +61,46 @@ async def test_dead_server_is_a_tool_error_and_is_reconnected(env: dict[str, str
 
 
 async def test_timeout_and_unknown_tool_are_tool_errors(env: dict[str, str]) -> None:
-    script = Script({"SLOW-TASK": [
-        Turn([tool("toolbox__slow", {"seconds": 20})]),
-        Turn([tool("nowhere__nothing", {})]),
-        Turn([text("coped")]),
-    ]})
+    script = Script(
+        {
+            "SLOW-TASK": [
+                Turn([tool("toolbox__slow", {"seconds": 20})]),
+                Turn([tool("nowhere__nothing", {})]),
+                Turn([text("coped")]),
+            ]
+        }
+    )
     with FakeAnthropic(script) as fake:
         e = {**env, **fake.env()}
-        out = await run_session(settings_from(e, tool_timeout_s=1.0), task="SLOW-TASK", session_id=None, view=NullView(), env=e)
+        out = await run_session(
+            settings_from(e, tool_timeout_s=1.0), task="SLOW-TASK", session_id=None, view=NullView(), env=e
+        )
     assert out.text == "coped"
     slow, unknown = results(env, out.session_id)
     assert slow["is_error"] and slow["content"][0]["text"].startswith("timeout:") and slow["duration_ms"] < 10_000
     assert unknown["is_error"] and unknown["content"][0]["text"].startswith("not_found:")
 
 
-async def test_subagents_run_in_parallel_in_linked_sessions_and_a_failing_one_is_a_tool_error(env: dict[str, str]) -> None:
-    script = Script({
-        "PARENT-TASK": [
-            Turn([tool("spawn_subagent", {"task": "SUB-A count"}), tool("spawn_subagent", {"task": "SUB-B count"}),
-                  tool("spawn_subagent", {"task": "SUB-FAIL break"})]),
-            Turn([text("parent done")]),
-        ],
-        "SUB-A": [Turn([tool("toolbox__count_lines", {})], delay_s=1.5), Turn([text("A found 0 lines")])],
-        "SUB-B": [Turn([tool("toolbox__count_lines", {})], delay_s=1.5), Turn([text("B found 0 lines")])],
-        "SUB-FAIL": [ApiError(400, message="fake: this child's request is refused")],
-    })
+async def test_subagents_run_in_parallel_in_linked_sessions_and_a_failing_one_is_a_tool_error(
+    env: dict[str, str],
+) -> None:
+    script = Script(
+        {
+            "PARENT-TASK": [
+                Turn(
+                    [
+                        tool("spawn_subagent", {"task": "SUB-A count"}),
+                        tool("spawn_subagent", {"task": "SUB-B count"}),
+                        tool("spawn_subagent", {"task": "SUB-FAIL break"}),
+                    ]
+                ),
+                Turn([text("parent done")]),
+            ],
+            "SUB-A": [Turn([tool("toolbox__count_lines", {})], delay_s=1.5), Turn([text("A found 0 lines")])],
+            "SUB-B": [Turn([tool("toolbox__count_lines", {})], delay_s=1.5), Turn([text("B found 0 lines")])],
+            "SUB-FAIL": [ApiError(400, message="fake: this child's request is refused")],
+        }
+    )
     with FakeAnthropic(script) as fake:
         e = {**env, **fake.env()}
         out = await run_session(settings_from(e), task="PARENT-TASK", session_id=None, view=NullView(), env=e)

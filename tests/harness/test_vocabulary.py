@@ -19,7 +19,12 @@ def test_the_docstring_table_lists_exactly_the_event_types() -> None:
 def test_the_docs_table_lists_exactly_the_event_types() -> None:
     page = (ROOT / "docs" / "harness.md").read_text()
     section = page.split("## Event vocabulary", 1)[1].split("\n#", 1)[0]
-    documented = [t for row in section.splitlines() if row.startswith("| `") for t in re.findall(r"`([a-z_]+\.[a-z_]+)`", row.split("|")[1])]
+    documented = [
+        t
+        for row in section.splitlines()
+        if row.startswith("| `")
+        for t in re.findall(r"`([a-z_]+\.[a-z_]+)`", row.split("|")[1])
+    ]
     assert sorted(documented) == sorted(events.EVENT_TYPES)
 
 

@@ -15,16 +15,10 @@ def bwrap_pids(sandbox_id: str, parent: int | None = None) -> list[int]:
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            ppid = int(
-                Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            )
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if (
-            argv[0].endswith(b"bwrap")
-            and any(sandbox_id.encode() in a for a in argv)
-            and parent in (None, ppid)
-        ):
+        if argv[0].endswith(b"bwrap") and any(sandbox_id.encode() in a for a in argv) and parent in (None, ppid):
             pids.append(int(entry))
     return pids
 

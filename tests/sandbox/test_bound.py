@@ -22,9 +22,7 @@ async def test_the_default_sandbox_survives_a_server_restart(harness: Harness) -
     again = harness.restart()
     async with again.client() as c:
         assert (await call(c, "read_file", path="f.txt"))["content"] == "mine"
-        other = await c.call_tool(
-            "read_file", {"path": "f.txt"}, meta={"corral/client": "ses_other"}
-        )
+        other = await c.call_tool("read_file", {"path": "f.txt"}, meta={"corral/client": "ses_other"})
         assert other.structured_content["content"] == "theirs"
         assert len((await call(c, "list_sandboxes"))["sandboxes"]) == 2
 
@@ -34,16 +32,12 @@ async def test_a_bound_sandbox_that_is_gone_says_so_once_then_a_fresh_one(
 ) -> None:
     async with harness.client() as c:
         sid = (await call(c, "write_file", path="f.txt", content="x"))["sandbox_id"]
-    harness.service.registry.set_state(
-        sid, "destroyed", "idle"
-    )  # the reaper took it while nobody looked
+    harness.service.registry.set_state(sid, "destroyed", "idle")  # the reaper took it while nobody looked
     again = harness.restart()
     async with again.client() as c:
         text = await fail(c, "read_file", "sandbox_lost", path="f.txt")
         assert sid in text and "fresh" in text
         fresh = await call(c, "execute", command="ls")
         assert fresh["sandbox_id"] != sid and fresh["stdout"] == ""
-        await call(
-            c, "destroy", sandbox_id=fresh["sandbox_id"]
-        )  # destroyed by request: no complaint next time
+        await call(c, "destroy", sandbox_id=fresh["sandbox_id"])  # destroyed by request: no complaint next time
         assert (await call(c, "execute", command="echo new"))["stdout"] == "new\n"

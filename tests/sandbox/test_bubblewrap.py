@@ -28,10 +28,18 @@ def test_extra_binds_are_parsed_where_they_are_read(monkeypatch: pytest.MonkeyPa
     ]
     for bad in ("relative:/x", "/x:relative", "/x:/y:maybe"):
         env = {**os.environ, "CORRAL_HOME": str(tmp_path), "CORRAL_SANDBOX_EXTRA_BINDS": bad}
-        out = subprocess.run([sys.executable, "-m", "corral.cli", "serve", "sandbox"], env=env, capture_output=True,
-                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [sys.executable, "-m", "corral.cli", "serve", "sandbox"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         assert out.returncode == 1, out.stderr
-        assert out.stderr.startswith("corral: invalid_argument:") and "CORRAL_SANDBOX_EXTRA_BINDS" in out.stderr, out.stderr
+        assert out.stderr.startswith("corral: invalid_argument:") and "CORRAL_SANDBOX_EXTRA_BINDS" in out.stderr, (
+            out.stderr
+        )
         assert bad.split(":")[0] in out.stderr and "Traceback" not in out.stderr
 
 
@@ -92,7 +100,6 @@ async def test_the_server_closes_its_backend_and_registry_when_it_stops(settings
     """Resources live as long as the server's MCP lifespan: closed when the last transport ends."""
     from corral.servers.sandbox.bubblewrap import BubblewrapBackend
     from corral.servers.sandbox.server import backend_config, build_server
-
 
     class Observed(BubblewrapBackend):  # the real backend, counting its close() calls
         closed = 0

@@ -39,7 +39,14 @@ async def _drive_every_tool(c: Client) -> None:
     sid = box["sandbox_id"]
     r = await call(c, "execute", sandbox_id=sid, command="echo hi; echo oops >&2; exit 4")
     assert (r["exit_code"], r["stdout"], r["stderr"]) == (4, "hi\n", "oops\n")
-    w = await call(c, "write_file", sandbox_id=sid, path="d/f.bin", content=base64.b64encode(b"\x00\xff").decode(), encoding="base64")
+    w = await call(
+        c,
+        "write_file",
+        sandbox_id=sid,
+        path="d/f.bin",
+        content=base64.b64encode(b"\x00\xff").decode(),
+        encoding="base64",
+    )
     assert (await call(c, "read_file", sandbox_id=sid, path="d/f.bin", encoding="base64"))["sha256"] == w["sha256"]
     assert [e["name"] for e in (await call(c, "list_files", sandbox_id=sid, depth=2))["entries"]] == ["d", "d/f.bin"]
     await fail(c, "read_file", "policy_denied", sandbox_id=sid, path="../../etc/passwd")
@@ -99,9 +106,9 @@ def test_missing_bwrap_says_what_to_install(settings, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"  # a PATH without bwrap
     bin_dir.mkdir()
     env = {**_env(settings), "PATH": str(bin_dir)}
-    done = subprocess.run([CORRAL, "serve", "sandbox"], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [CORRAL, "serve", "sandbox"], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "apt-get install bubblewrap" in lines[0] and "Traceback" not in done.stderr
-
-

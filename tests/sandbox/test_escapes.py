@@ -74,7 +74,9 @@ async def test_host_environment_is_invisible(iso: Harness, monkeypatch: pytest.M
 
 async def test_proc_shows_only_sandbox_processes(iso: Harness) -> None:
     async with iso.client() as c:
-        r = await call(c, "execute", command="ls /proc | grep -E '^[0-9]+$' | wc -l; cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        r = await call(
+            c, "execute", command="ls /proc | grep -E '^[0-9]+$' | wc -l; cat /proc/[0-9]*/cmdline | tr '\\0' ' '"
+        )
         count, cmdlines = r["stdout"].split("\n", 1)
         assert int(count) <= 8, r["stdout"]
         assert "pytest" not in cmdlines and "dockerd" not in cmdlines
@@ -160,7 +162,9 @@ async def test_memory_hog_is_bounded(iso: Harness) -> None:
 async def test_two_gigabyte_write_is_bounded(iso: Harness) -> None:
     async with iso.client() as c:
         sid = (await call(c, "provision", resources={"disk_mb": 8}))["sandbox_id"]
-        r = await call(c, "execute", sandbox_id=sid, command="head -c 2000000000 /dev/zero > big; echo rc=$?; wc -c < big")
+        r = await call(
+            c, "execute", sandbox_id=sid, command="head -c 2000000000 /dev/zero > big; echo rc=$?; wc -c < big"
+        )
         rc, size = r["stdout"].split()
         assert rc != "rc=0" and int(size) <= 8 << 20, r
         big = base64.b64encode(b"\0" * (9 << 20)).decode()  # more than the sandbox's 8 MiB

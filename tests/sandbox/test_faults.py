@@ -26,7 +26,9 @@ pytestmark = pytest.mark.anyio
 async def _kill_mid_command(h: Harness, c: Client, kill: Callable[[str], None]) -> str:
     lost = (await call(c, "provision"))["sandbox_id"]
     other = (await call(c, "provision"))["sandbox_id"]
-    running = asyncio.create_task(c.call_tool("execute", {"sandbox_id": lost, "command": "touch started; sleep 30; echo never"}))
+    running = asyncio.create_task(
+        c.call_tool("execute", {"sandbox_id": lost, "command": "touch started; sleep 30; echo never"})
+    )
 
     async def started() -> bool:
         return not (await c.call_tool("read_file", {"sandbox_id": lost, "path": "started"})).is_error
@@ -76,7 +78,9 @@ async def test_docker_container_killed(settings, docker_image: str) -> None:
 
     async with h.client() as c:
         lost = await _kill_mid_command(h, c, kill)
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=corral.sandbox={lost}"], capture_output=True, text=True)
+    left = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=corral.sandbox={lost}"], capture_output=True, text=True
+    )
     assert left.stdout.strip() == ""  # reaped: no container left behind
 
 

@@ -64,7 +64,9 @@ async def test_a_file_call_past_its_deadline_is_a_timeout(iso: Harness) -> None:
     hasty = Harness(iso.kind, iso.settings.model_copy(update={"sandbox_file_timeout_s": 0.01}))
     async with hasty.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
-        await call(c, "execute", sandbox_id=sid, command=f"head -c {iso.settings.sandbox_max_file_bytes} /dev/zero > blob")
+        await call(
+            c, "execute", sandbox_id=sid, command=f"head -c {iso.settings.sandbox_max_file_bytes} /dev/zero > blob"
+        )
         text = await fail(c, "read_file", "timeout", sandbox_id=sid, path="blob", limit=1)
         assert "did not finish within 0.01s" in text
         await call(c, "destroy", sandbox_id=sid)

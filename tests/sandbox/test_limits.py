@@ -24,7 +24,11 @@ def settings(settings: SandboxSettings) -> SandboxSettings:
 async def test_a_client_cannot_raise_the_operators_limits(iso: Harness) -> None:
     async with iso.client() as c:
         text = await fail(c, "provision", "invalid_argument", resources={"memory_mb": 4096, "ttl_s": 90000, "cpus": 2})
-        assert "memory_mb=4096 (at most 64)" in text and "ttl_s=90000 (at most 600)" in text and "cpus=2 (at most 1)" in text
+        assert (
+            "memory_mb=4096 (at most 64)" in text
+            and "ttl_s=90000 (at most 600)" in text
+            and "cpus=2 (at most 1)" in text
+        )
         assert (await call(c, "list_sandboxes"))["sandboxes"] == []  # nothing was provisioned
         # the ceiling is also the default; a command allocating past it fails
         full = (await call(c, "provision"))["sandbox_id"]
@@ -32,6 +36,8 @@ async def test_a_client_cannot_raise_the_operators_limits(iso: Harness) -> None:
         assert (await call(c, "execute", sandbox_id=full, command=ALLOCATE_100M, timeout_s=60))["exit_code"] != 0
         # lowering works, up to and including the ceiling
         lower = await call(c, "provision", resources={"memory_mb": 64, "ttl_s": 60})
-        assert (await call(c, "execute", sandbox_id=lower["sandbox_id"], command=ALLOCATE_100M, timeout_s=60))["exit_code"] != 0
+        assert (await call(c, "execute", sandbox_id=lower["sandbox_id"], command=ALLOCATE_100M, timeout_s=60))[
+            "exit_code"
+        ] != 0
         for sid in (full, lower["sandbox_id"]):
             await call(c, "destroy", sandbox_id=sid)

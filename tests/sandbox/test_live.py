@@ -22,9 +22,7 @@ FETCH = "python3 -c \"import urllib.request,sys; print(urllib.request.urlopen('h
 
 
 def _init_pid(h: Harness, sandbox_id: str) -> int:
-    return json.loads((h.settings.sandbox_dir / sandbox_id / "init.json").read_text())[
-        "init"
-    ]["pid"]
+    return json.loads((h.settings.sandbox_dir / sandbox_id / "init.json").read_text())["init"]["pid"]
 
 
 async def test_a_server_started_in_one_call_answers_the_next(bw: Harness) -> None:
@@ -36,12 +34,8 @@ async def test_a_server_started_in_one_call_answers_the_next(bw: Harness) -> Non
             sandbox_id=sid,
             command=SERVE.format(port=8080) + " sleep 0.5; echo started",
         )
-        assert started["stdout"] == "started\n" and started["duration_ms"] < 3000, (
-            started
-        )
-        r = await call(
-            c, "execute", sandbox_id=sid, command=FETCH.format(port=8080), timeout_s=20
-        )
+        assert started["stdout"] == "started\n" and started["duration_ms"] < 3000, started
+        r = await call(c, "execute", sandbox_id=sid, command=FETCH.format(port=8080), timeout_s=20)
         assert r["stdout"].strip() == "200", r
         # Another sandbox has its own network: nothing listens there.
         other = (await call(c, "provision"))["sandbox_id"]
@@ -59,9 +53,7 @@ async def test_timeout_kills_its_command_and_nothing_else(bw: Harness) -> None:
     marker = f"{700 + uuid.uuid4().int % 99}.25"
     async with bw.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
-        await call(
-            c, "execute", sandbox_id=sid, command=f"sleep {marker} >/dev/null 2>&1 &"
-        )
+        await call(c, "execute", sandbox_id=sid, command=f"sleep {marker} >/dev/null 2>&1 &")
         r = await call(
             c,
             "execute",
@@ -76,11 +68,7 @@ async def test_timeout_kills_its_command_and_nothing_else(bw: Harness) -> None:
             sandbox_id=sid,
             command="cat /proc/[0-9]*/cmdline | tr '\\0' ' '",
         )
-        assert (
-            f"sleep {marker}" in ps["stdout"]
-            and "sleep 600" not in ps["stdout"]
-            and "sleep 601" not in ps["stdout"]
-        )
+        assert f"sleep {marker}" in ps["stdout"] and "sleep 600" not in ps["stdout"] and "sleep 601" not in ps["stdout"]
 
 
 async def test_orphans_are_reaped(bw: Harness) -> None:
@@ -110,9 +98,7 @@ async def test_init_killed_from_outside_is_sandbox_lost_promptly(bw: Harness) ->
         start = time.monotonic()
         await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="echo hi")
         assert time.monotonic() - start < 5
-        await fail(
-            c, "execute", "sandbox_lost", sandbox_id=sid, command="echo hi"
-        )  # stays lost
+        await fail(c, "execute", "sandbox_lost", sandbox_id=sid, command="echo hi")  # stays lost
 
 
 async def test_a_restarted_server_readopts_the_live_sandbox(bw: Harness) -> None:
@@ -148,17 +134,13 @@ async def test_a_restart_after_the_init_died_says_processes_were_stopped(
             sandbox_id=sid,
             command="echo kept > f; sleep 1000 >/dev/null 2>&1 &",
         )
-    os.kill(
-        _init_pid(bw, sid), signal.SIGKILL
-    )  # e.g. the host rebooted while the server was down
+    os.kill(_init_pid(bw, sid), signal.SIGKILL)  # e.g. the host rebooted while the server was down
     await asyncio.sleep(0.2)
     again = bw.restart()
     async with again.client() as c:
         r = await call(c, "execute", sandbox_id=sid, command="cat f")
         assert r["stdout"] == "kept\n" and "stopped" in r["notice"], r
-        assert (await call(c, "execute", sandbox_id=sid, command="echo next"))[
-            "notice"
-        ] is None
+        assert (await call(c, "execute", sandbox_id=sid, command="echo next"))["notice"] is None
 
 
 async def test_destroy_leaves_no_process_behind(bw: Harness) -> None:
@@ -173,7 +155,5 @@ async def test_destroy_leaves_no_process_behind(bw: Harness) -> None:
         )
         assert len(host_pids(f"sleep\0{marker}".encode())) == 3
         await call(c, "destroy", sandbox_id=sid)
-    assert (
-        host_pids(f"sleep\0{marker}".encode()) == [] and host_pids(sid.encode()) == []
-    )
+    assert host_pids(f"sleep\0{marker}".encode()) == [] and host_pids(sid.encode()) == []
     assert not (bw.settings.sandbox_dir / sid).exists()

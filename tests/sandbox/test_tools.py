@@ -22,7 +22,9 @@ async def test_execute_returns_streams_exit_code_and_duration(harness: Harness) 
         r = await call(c, "execute", sandbox_id=box["sandbox_id"], command="echo out; echo err >&2; exit 3")
         assert (r["exit_code"], r["stdout"], r["stderr"], r["timed_out"]) == (3, "out\n", "err\n", False)
         assert r["stdout_bytes"] == 4 and not r["stdout_truncated"] and r["duration_ms"] >= 0
-        r = await call(c, "execute", sandbox_id=box["sandbox_id"], command="echo $GREETING; pwd", env={"GREETING": "hi"})
+        r = await call(
+            c, "execute", sandbox_id=box["sandbox_id"], command="echo $GREETING; pwd", env={"GREETING": "hi"}
+        )
         assert r["stdout"] == f"hi\n{box['workdir']}\n"
 
 
@@ -31,7 +33,9 @@ async def test_stdin_cwd_and_sandbox_env(harness: Harness) -> None:
         box = await call(c, "provision", env={"FROM_PROVISION": "yes"})
         sid = box["sandbox_id"]
         await call(c, "execute", sandbox_id=sid, command="mkdir -p sub")
-        r = await call(c, "execute", sandbox_id=sid, command="cat; echo $FROM_PROVISION; pwd", stdin="piped\n", cwd="sub")
+        r = await call(
+            c, "execute", sandbox_id=sid, command="cat; echo $FROM_PROVISION; pwd", stdin="piped\n", cwd="sub"
+        )
         assert r["stdout"] == f"piped\nyes\n{box['workdir']}/sub\n"
 
 
@@ -49,15 +53,26 @@ async def test_file_round_trips_text_binary_offsets(harness: Harness) -> None:
     blob = bytes(range(256)) * 3
     async with harness.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
-        w = await call(c, "write_file", sandbox_id=sid, path="dir/deep/bin.dat", content=base64.b64encode(blob).decode(), encoding="base64")
+        w = await call(
+            c,
+            "write_file",
+            sandbox_id=sid,
+            path="dir/deep/bin.dat",
+            content=base64.b64encode(blob).decode(),
+            encoding="base64",
+        )
         assert w["size"] == len(blob) and w["sha256"] == hashlib.sha256(blob).hexdigest()
         r = await call(c, "read_file", sandbox_id=sid, path="dir/deep/bin.dat", encoding="base64")
         assert base64.b64decode(r["content"]) == blob and r["sha256"] == w["sha256"] and r["size"] == len(blob)
-        part = await call(c, "read_file", sandbox_id=sid, path="dir/deep/bin.dat", encoding="base64", offset=10, limit=5)
+        part = await call(
+            c, "read_file", sandbox_id=sid, path="dir/deep/bin.dat", encoding="base64", offset=10, limit=5
+        )
         assert base64.b64decode(part["content"]) == blob[10:15] and part["truncated"] and part["size"] == len(blob)
         await call(c, "write_file", sandbox_id=sid, path="t.txt", content="héllo\n")
         assert (await call(c, "execute", sandbox_id=sid, command="cat t.txt"))["stdout"] == "héllo\n"
-        await fail(c, "read_file", "invalid_argument", sandbox_id=sid, path="dir/deep/bin.dat")  # not UTF-8: says use base64
+        await fail(
+            c, "read_file", "invalid_argument", sandbox_id=sid, path="dir/deep/bin.dat"
+        )  # not UTF-8: says use base64
 
 
 async def test_write_mode_makes_executable(harness: Harness) -> None:
@@ -72,7 +87,9 @@ async def test_compare_and_swap_write(harness: Harness) -> None:
         sid = (await call(c, "provision"))["sandbox_id"]
         v1 = await call(c, "write_file", sandbox_id=sid, path="cas.txt", content="v1")
         v2 = await call(c, "write_file", sandbox_id=sid, path="cas.txt", content="v2", if_sha256=v1["sha256"])
-        text = await fail(c, "write_file", "conflict", sandbox_id=sid, path="cas.txt", content="v3", if_sha256=v1["sha256"])
+        text = await fail(
+            c, "write_file", "conflict", sandbox_id=sid, path="cas.txt", content="v3", if_sha256=v1["sha256"]
+        )
         assert v2["sha256"] in text
         assert (await call(c, "read_file", sandbox_id=sid, path="cas.txt"))["content"] == "v2"  # nothing lost
         await fail(c, "write_file", "conflict", sandbox_id=sid, path="new.txt", content="x", if_sha256=v1["sha256"])
@@ -83,7 +100,15 @@ async def test_invalid_base64_writes_nothing(harness: Harness) -> None:
     async with harness.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         await call(c, "write_file", sandbox_id=sid, path="keep.bin", content="original")
-        await fail(c, "write_file", "invalid_argument", sandbox_id=sid, path="keep.bin", content="!!not*base64", encoding="base64")
+        await fail(
+            c,
+            "write_file",
+            "invalid_argument",
+            sandbox_id=sid,
+            path="keep.bin",
+            content="!!not*base64",
+            encoding="base64",
+        )
         assert (await call(c, "read_file", sandbox_id=sid, path="keep.bin"))["content"] == "original"
 
 
@@ -92,7 +117,12 @@ async def test_list_files_depth_and_max_entries(harness: Harness) -> None:
         sid = (await call(c, "provision"))["sandbox_id"]
         await call(c, "execute", sandbox_id=sid, command="mkdir -p a/b && echo 123 > a/b/c.txt && touch z1 z2 z3")
         top = await call(c, "list_files", sandbox_id=sid)
-        assert [(e["name"], e["type"]) for e in top["entries"]] == [("a", "dir"), ("z1", "file"), ("z2", "file"), ("z3", "file")]
+        assert [(e["name"], e["type"]) for e in top["entries"]] == [
+            ("a", "dir"),
+            ("z1", "file"),
+            ("z2", "file"),
+            ("z3", "file"),
+        ]
         deep = await call(c, "list_files", sandbox_id=sid, path="a", depth=3)
         assert {"name": "b/c.txt", "type": "file", "size": 4} in deep["entries"] and not deep["truncated"]
         cut = await call(c, "list_files", sandbox_id=sid, max_entries=2)
@@ -332,7 +362,10 @@ async def test_a_sweep_never_stalls_the_event_loop(settings) -> None:
     from corral.servers.sandbox.backend import SandboxRef
 
     row = SandboxRef(id="x", spec=spec).model_dump_json()
-    rows = [(f"sbx_old{i:09d}", "bubblewrap", "destroyed", None, None, row, old, old, 1.0, old, None) for i in range(200_000)]
+    rows = [
+        (f"sbx_old{i:09d}", "bubblewrap", "destroyed", None, None, row, old, old, 1.0, old, None)
+        for i in range(200_000)
+    ]
     db = h.service.registry._db
     db.execute("BEGIN")
     db.executemany("INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)

@@ -34,7 +34,9 @@ def positions(store: EventStore, sid: str) -> list[int]:
 
 
 def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 class StoreContract:
@@ -245,8 +247,12 @@ class StoreContract:
                 gte = rng.randint(0, len(want))
                 lt = rng.randint(gte, len(want))
                 limit = rng.choice([None, 1, 3])
-                assert [e.event_id for e in store.select(sid, gte=gte, lt=lt, limit=limit)] == [w[0] for w in want[gte:lt]][:limit]
-                assert [e.event_id for e in store.select(sid, lt=lt, desc=True, limit=limit)] == [w[0] for w in reversed(want[:lt])][:limit]
+                assert [e.event_id for e in store.select(sid, gte=gte, lt=lt, limit=limit)] == [
+                    w[0] for w in want[gte:lt]
+                ][:limit]
+                assert [e.event_id for e in store.select(sid, lt=lt, desc=True, limit=limit)] == [
+                    w[0] for w in reversed(want[:lt])
+                ][:limit]
             if want:  # an id of its view is found (and not re-written); one from elsewhere is not
                 i = rng.randrange(len(want))
                 assert store.find_event(sid, want[i][0]).position == i
@@ -289,7 +295,13 @@ class StoreContract:
             print(conflicts)
         """
         procs = [
-            subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), store_url, sid, str(w)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(code), store_url, sid, str(w)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for w in range(4)
         ]
         outs = [p.communicate(timeout=120) for p in procs]
@@ -312,7 +324,9 @@ class StoreContract:
                 print(pos, flush=True)
             time.sleep(60)
         """
-        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), store_url, sid], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), store_url, sid], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
         acknowledged = -1
         for line in proc.stdout:
             acknowledged = int(line)

@@ -35,7 +35,9 @@ async def test_emit_event_while_postgres_stops_and_returns(private_pg):  # noqa:
             n = 0
             while not done.is_set():
                 started = time.monotonic()
-                result = await client.call_tool("emit_event", {"session_id": sid, "type": "test.tick", "data": {"n": n}})
+                result = await client.call_tool(
+                    "emit_event", {"session_id": sid, "type": "test.tick", "data": {"n": n}}
+                )
                 calls.append((started, time.monotonic() - started, result.is_error, result.content[0].text))
                 n += 1
                 await anyio.sleep(0.05)
@@ -65,5 +67,7 @@ async def test_emit_event_while_postgres_stops_and_returns(private_pg):  # noqa:
     events = store.select(sid)
     store.close()
     assert [e.position for e in events] == list(range(len(events)))
-    assert set(acknowledged) <= {e.position for e in events if e.type == "test.tick"}, "an acknowledged event is missing"
+    assert set(acknowledged) <= {e.position for e in events if e.type == "test.tick"}, (
+        "an acknowledged event is missing"
+    )
     assert events[-1].type == "test.after"

@@ -51,7 +51,16 @@ async def test_a_non_string_status_does_not_break_the_session_listing(client):
 
 async def test_tools_and_annotations_are_honest(client):
     tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"create_session", "emit_event", "get_events", "slice", "rewind", "fork", "get_session", "list_sessions"}
+    assert set(tools) == {
+        "create_session",
+        "emit_event",
+        "get_events",
+        "slice",
+        "rewind",
+        "fork",
+        "get_session",
+        "list_sessions",
+    }
     for name in ("get_events", "slice", "rewind", "get_session", "list_sessions"):
         assert tools[name].annotations.read_only_hint is True, name
     for name in ("create_session", "emit_event", "fork"):
@@ -71,7 +80,10 @@ async def test_a_session_life_through_the_tools(client):
     newest = await call(client, "get_events", session_id=sid, order="desc", limit=2)
     assert [e["position"] for e in newest["events"]] == [4, 3]
     assert [e["position"] for e in (await call(client, "slice", session_id=sid, start=1, end=3))["events"]] == [1, 2]
-    assert [e["position"] for e in (await call(client, "rewind", session_id=sid, before=4, count=2))["events"]] == [2, 3]
+    assert [e["position"] for e in (await call(client, "rewind", session_id=sid, before=4, count=2))["events"]] == [
+        2,
+        3,
+    ]
     info = await call(client, "get_session", session_id=sid)
     assert info["length"] == 5 and info["metadata"] == {"task": "demo"}
     assert sid in [s["session_id"] for s in (await call(client, "list_sessions"))["sessions"]]
@@ -93,8 +105,12 @@ async def test_rewind_by_event_id_and_fork(client):
 
 async def test_idempotent_and_conflicting_emits(client, store):
     sid = (await call(client, "create_session"))["session_id"]
-    first = await call(client, "emit_event", session_id=sid, type="user.message", data={"t": "hi"}, event_id="u1", expected_position=0)
-    again = await call(client, "emit_event", session_id=sid, type="user.message", data={"t": "hi"}, event_id="u1", expected_position=0)
+    first = await call(
+        client, "emit_event", session_id=sid, type="user.message", data={"t": "hi"}, event_id="u1", expected_position=0
+    )
+    again = await call(
+        client, "emit_event", session_id=sid, type="user.message", data={"t": "hi"}, event_id="u1", expected_position=0
+    )
     assert first == again == {"position": 0}
     text = await error(client, "emit_event", session_id=sid, type="user.message", data={}, expected_position=0)
     assert "conflict:" in text and "nothing was written" in text
@@ -115,9 +131,19 @@ async def test_idempotent_and_conflicting_emits(client, store):
         ("rewind", {"session_id": "SID", "before": "no-such-event"}, "not_found", "no-such-event"),
         ("rewind", {"session_id": "SID", "before": 1, "count": 0}, "invalid_argument", "count"),
         ("fork", {"session_id": "SID", "at": 7}, "invalid_argument", "out of range"),
-        ("emit_event", {"session_id": "SID", "type": "nodomain", "data": {}}, "invalid_argument", "type: String should match"),
+        (
+            "emit_event",
+            {"session_id": "SID", "type": "nodomain", "data": {}},
+            "invalid_argument",
+            "type: String should match",
+        ),
         ("emit_event", {"session_id": "SID", "type": "a.b", "data": {"blob": "x" * 5000}}, "invalid_argument", "limit"),
-        ("emit_event", {"session_id": "SID", "type": "a.b", "data": {}, "expected_position": -1}, "invalid_argument", "negative"),
+        (
+            "emit_event",
+            {"session_id": "SID", "type": "a.b", "data": {}, "expected_position": -1},
+            "invalid_argument",
+            "negative",
+        ),
     ],
 )
 async def test_bad_input_is_a_clear_error_and_loses_nothing(client, store, name, args, kind, words):

@@ -60,7 +60,9 @@ def test_an_old_schema_is_migrated_in_place_keeping_its_data(pg_schema_url):  # 
         conn.execute(MIGRATIONS[0])
         conn.execute("INSERT INTO corral_schema_version VALUES (1)")
         conn.execute("INSERT INTO corral_sessions (session_id, metadata, length) VALUES ('old', '{}', 1)")
-        conn.execute("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES ('old', 0, 'e0', 'user.message', '{\"text\": \"hi\"}')")
+        conn.execute(
+            "INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES ('old', 0, 'e0', 'user.message', '{\"text\": \"hi\"}')"
+        )
     store = open_store(pg_schema_url)
     try:
         assert store.schema_version() == SCHEMA_VERSION > 1
@@ -70,7 +72,10 @@ def test_an_old_schema_is_migrated_in_place_keeping_its_data(pg_schema_url):  # 
     finally:
         store.close()
     with psycopg.connect(pg_schema_url) as conn:
-        tokens = [r[0] for r in conn.execute("SELECT lease_token FROM corral_events WHERE session_id = 'old' ORDER BY position")]
+        tokens = [
+            r[0]
+            for r in conn.execute("SELECT lease_token FROM corral_events WHERE session_id = 'old' ORDER BY position")
+        ]
     assert tokens == [None, lease.token]
 
 
@@ -83,13 +88,21 @@ def test_forks_a_version_2_store_made_read_through_their_lineage(pg_schema_url):
             conn.execute(MIGRATIONS[version - 1])
             conn.execute("INSERT INTO corral_schema_version VALUES (%s)", (version,))
         for sid, parent, at, length in (("root", None, None, 3), ("fork", "root", 2, 3), ("deeper", "fork", 3, 3)):
-            conn.execute("INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length) VALUES (%s, '{}', %s, %s, %s)", (sid, parent, at, length))
+            conn.execute(
+                "INSERT INTO corral_sessions (session_id, metadata, parent, forked_at, length) VALUES (%s, '{}', %s, %s, %s)",
+                (sid, parent, at, length),
+            )
         for sid, pos in (("root", 0), ("root", 1), ("root", 2), ("fork", 2)):
-            conn.execute("INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, 'x.y', %s)", (sid, pos, f"{sid}{pos}", f'{{"i": "{sid}{pos}"}}'))
+            conn.execute(
+                "INSERT INTO corral_events (session_id, position, event_id, type, data) VALUES (%s, %s, %s, 'x.y', %s)",
+                (sid, pos, f"{sid}{pos}", f'{{"i": "{sid}{pos}"}}'),
+            )
     store = open_store(pg_schema_url)
     try:
         assert [e.data["i"] for e in store.select("deeper")] == ["root0", "root1", "fork2"]
-        assert store.find_event("deeper", "root1").position == 1 and store.append("deeper", [NewEvent(type="x.y", data={}, event_id="fork2")]) == [2]
+        assert store.find_event("deeper", "root1").position == 1 and store.append(
+            "deeper", [NewEvent(type="x.y", data={}, event_id="fork2")]
+        ) == [2]
     finally:
         store.close()
 
@@ -111,9 +124,13 @@ def test_slices_are_index_seeks(pg_schema_url):  # noqa: F811
         store.close()
     with psycopg.connect(pg_schema_url) as conn:
         conn.execute("ANALYZE corral_events")
-        plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN SELECT * FROM corral_events WHERE session_id = %s AND position >= 1500 AND position < 1600 ORDER BY position", (sid,)
-        ))
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT * FROM corral_events WHERE session_id = %s AND position >= 1500 AND position < 1600 ORDER BY position",
+                (sid,),
+            )
+        )
     # An index range scan (plain or bitmap) over the primary key, never a table scan.
     assert "Index Cond" in plan and "corral_events_pkey" in plan and "Seq Scan" not in plan, plan
 
@@ -142,12 +159,20 @@ def test_a_process_paused_inside_a_transaction_does_not_block_the_session(pg_sch
     # waited on it forever (a CI run saw the next worker never take the lease over).
     store = open_store(pg_schema_url)
     sid = store.create().session_id
-    child = subprocess.Popen([sys.executable, "-c", PAUSE_IN_A_TRANSACTION, pg_schema_url, sid], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_IN_A_TRANSACTION, pg_schema_url, sid],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         written: list[int] = []
         started = time.monotonic()
-        writer = threading.Thread(target=lambda: written.extend(store.append(sid, [NewEvent(type="user.message", data={})])), daemon=True)
+        writer = threading.Thread(
+            target=lambda: written.extend(store.append(sid, [NewEvent(type="user.message", data={})])), daemon=True
+        )
         writer.start()
         writer.join(timeout=10)
         waited = time.monotonic() - started
@@ -182,17 +207,26 @@ async def test_the_session_tools_over_postgres(pg_schema_url):  # noqa: F811
     store = open_store(pg_schema_url)
     try:
         async with Client(build_server(store)) as client:
+
             async def call(name, **args):
                 result = await client.call_tool(name, args)
-                return result.is_error, (json.loads(result.content[0].text) if not result.is_error else result.content[0].text)
+                return result.is_error, (
+                    json.loads(result.content[0].text) if not result.is_error else result.content[0].text
+                )
 
             _, created = await call("create_session", metadata={"title": "pg"})
             sid = created["session_id"]
-            assert (await call("emit_event", session_id=sid, type="user.message", data={"text": "hi"}, expected_position=0))[1]["position"] == 0
-            is_error, text = await call("emit_event", session_id=sid, type="user.message", data={"text": "again"}, expected_position=0)
+            assert (
+                await call("emit_event", session_id=sid, type="user.message", data={"text": "hi"}, expected_position=0)
+            )[1]["position"] == 0
+            is_error, text = await call(
+                "emit_event", session_id=sid, type="user.message", data={"text": "again"}, expected_position=0
+            )
             assert is_error and "conflict" in text
             lease = store.acquire_lease(sid, "worker-x", ttl_s=30)
             _, info = await call("get_session", session_id=sid)
-            assert info["length"] == 1 and info["lease"]["worker"] == "worker-x" and info["lease"]["token"] == lease.token
+            assert (
+                info["length"] == 1 and info["lease"]["worker"] == "worker-x" and info["lease"]["token"] == lease.token
+            )
     finally:
         store.close()

@@ -70,7 +70,9 @@ def test_a_database_an_older_corral_made_opens_and_works(tmp_path):
         assert got == {"root": (3, "3"), "fork": (3, "running"), "deeper": (3, "running"), "empty": (0, None)}
         assert [e.data["i"] for e in store.select("deeper", types=["user.message", "agent.message"])] == [1, 20]
         assert store.get("root").lease["token"] == 4 and store.get("root").metadata == {"title": "old"}
-        assert store.append("deeper", [NewEvent(type="x.y", data={}), NewEvent(type="x.y", data={}, event_id="r1")]) == [3, 1]
+        assert store.append(
+            "deeper", [NewEvent(type="x.y", data={}), NewEvent(type="x.y", data={}, event_id="r1")]
+        ) == [3, 1]
         assert store.fork("deeper", 4).length == 4 and store.find_event("deeper", "f2").position == 2
     finally:
         store.close()
@@ -91,8 +93,14 @@ def small_disk(tmp_path):
     """A 2 MiB tmpfs of our own, to fill up."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
-    require("a tmpfs mount (needs root)", mounted.returncode == 0, mounted.stderr.strip() or f"mount exited {mounted.returncode}")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
+    )
+    require(
+        "a tmpfs mount (needs root)",
+        mounted.returncode == 0,
+        mounted.stderr.strip() or f"mount exited {mounted.returncode}",
+    )
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -111,17 +119,23 @@ async def test_a_full_disk_is_named_and_appends_resume_once_space_is_freed(small
     try:
         async with Client(build_server(store)) as client:
             for i in range(2000):
-                result = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": i, "pad": "x" * 900}})
+                result = await client.call_tool(
+                    "emit_event", {"session_id": sid, "type": "user.message", "data": {"i": i, "pad": "x" * 900}}
+                )
                 if result.is_error:
                     break
                 acknowledged.append(result.structured_content["position"])
             assert result.is_error, "the disk never filled up"
-            assert result.content[0].text.endswith(f"unavailable: no space left on device (free space under {small_disk})")
+            assert result.content[0].text.endswith(
+                f"unavailable: no space left on device (free space under {small_disk})"
+            )
             assert len(acknowledged) > 10 and acknowledged == list(range(len(acknowledged)))
             again = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": -1}})
             assert again.is_error and "no space left on device" in again.content[0].text
             filler.unlink()  # space is freed: the same store, not reopened, takes appends again
-            resumed = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": "after"}})
+            resumed = await client.call_tool(
+                "emit_event", {"session_id": sid, "type": "user.message", "data": {"i": "after"}}
+            )
             assert not resumed.is_error, resumed.content
             assert resumed.structured_content["position"] == len(acknowledged)
     finally:

@@ -30,7 +30,9 @@ def corral(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 async def exercise(client: Client) -> str:
-    sid = json.loads((await client.call_tool("create_session", {"metadata": {"via": "e2e"}})).content[0].text)["session_id"]
+    sid = json.loads((await client.call_tool("create_session", {"metadata": {"via": "e2e"}})).content[0].text)[
+        "session_id"
+    ]
     for i in range(3):
         r = await client.call_tool("emit_event", {"session_id": sid, "type": "user.message", "data": {"i": i}})
         assert not r.is_error
@@ -42,7 +44,9 @@ async def exercise(client: Client) -> str:
 
 
 async def test_over_stdio(home):
-    params = StdioServerParameters(command=sys.executable, args=["-m", "corral.cli", "serve", "session"], env={**os.environ})
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "corral.cli", "serve", "session"], env={**os.environ}
+    )
     async with Client(params) as client:
         sid = await exercise(client)
     store = open_store(str(home / "sessions.db"))
@@ -51,7 +55,9 @@ async def test_over_stdio(home):
 
 async def test_over_streamable_http(home):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.PIPE
+    )
     try:
         wait_listening(port, proc)
         async with bearer_client(f"http://127.0.0.1:{port}/mcp", home) as client:
@@ -66,18 +72,34 @@ def test_http_refuses_no_token_and_a_foreign_host_or_origin(home):
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "serve", "session", "--http", f"127.0.0.1:{port}"],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_listening(port, proc)
-        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "0"},
+            },
+        }
         headers = {"Accept": "application/json, text/event-stream"}
         anonymous = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=headers)
         assert anonymous.status_code == 401
         headers["Authorization"] = f"Bearer {(home / 'token').read_text().strip()}"
         assert httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=headers).status_code == 200
-        rebinding = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Host": "evil.example:80"})
+        rebinding = httpx.post(
+            f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Host": "evil.example:80"}
+        )
         assert rebinding.status_code == 421
-        foreign = httpx.post(f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Origin": "http://evil.example"})
+        foreign = httpx.post(
+            f"http://127.0.0.1:{port}/mcp", json=body, headers={**headers, "Origin": "http://evil.example"}
+        )
         assert foreign.status_code == 403
     finally:
         proc.terminate()
@@ -99,7 +121,10 @@ def test_cli_list_show_fork_and_errors(home):
     forked = corral("sessions", "fork", sid, "--at", "1")
     child = forked.stdout.strip()
     assert forked.returncode == 0 and [e.data["text"] for e in store.select(child)] == ["write a haiku"]
-    for args, words in ((("sessions", "show", "ses_missing"), "not_found"), (("sessions", "fork", sid, "--at", "9"), "invalid_argument")):
+    for args, words in (
+        (("sessions", "show", "ses_missing"), "not_found"),
+        (("sessions", "fork", sid, "--at", "9"), "invalid_argument"),
+    ):
         bad = corral(*args)
         assert bad.returncode != 0 and words in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
@@ -109,7 +134,11 @@ def test_cli_tail_follows_new_events(home):
     store = open_store(str(home / "sessions.db"))
     sid = store.create().session_id
     store.append_one(sid, "user.message", {"text": "before"})
-    proc = subprocess.Popen([sys.executable, "-m", "corral.cli", "sessions", "tail", sid, "--interval", "0.05"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral.cli", "sessions", "tail", sid, "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "before" in proc.stdout.readline()
         store.append_one(sid, "agent.message", {"text": "live one"})
@@ -126,7 +155,9 @@ def test_cli_list_says_why_a_session_failed_and_how_many_tries_it_took(home):
     sid = store.create({"title": "flaky"}).session_id
     why = "unavailable: append: the session database stayed unreachable for over 300s"
     for status in ("running", "failed", "running", "failed"):
-        store.append_one(sid, "session.status", {"status": status, "writer": "w", "reason": why if status == "failed" else "wake"})
+        store.append_one(
+            sid, "session.status", {"status": status, "writer": "w", "reason": why if status == "failed" else "wake"}
+        )
     done = store.create({"title": "fine"}).session_id
     store.append_one(done, "session.status", {"status": "running", "writer": "w", "reason": "run"})
     store.append_one(done, "session.status", {"status": "idle", "writer": "w", "reason": "end_turn"})

@@ -34,7 +34,9 @@ class Cli:
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
 
-    def __call__(self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         with self.monkeypatch.context() as mp:
             for key, value in (extra_env or {}).items():
                 mp.setenv(key, value)
@@ -47,10 +49,17 @@ class Cli:
             out = self.capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
-    def sub(self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    def sub(
+        self, *args: str, stdin: str = "", extra_env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "corral.cli", "vault", *args],
-            input=stdin, capture_output=True, text=True, timeout=timeout, env={**self.env, **(extra_env or {})}, check=False,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(extra_env or {})},
+            check=False,
         )
 
     @property

@@ -20,14 +20,43 @@ def stored_files(cli) -> bytes:
 
 
 def test_set_list_rm_roundtrip_never_shows_the_value(cli):
-    done = cli.sub("set", "gh", "--host", "api.github.com", "--host", "*.githubusercontent.com", "--method", "post", "--description", "GitHub", stdin=SECRET + "\n")
+    done = cli.sub(
+        "set",
+        "gh",
+        "--host",
+        "api.github.com",
+        "--host",
+        "*.githubusercontent.com",
+        "--method",
+        "post",
+        "--description",
+        "GitHub",
+        stdin=SECRET + "\n",
+    )
     assert done.returncode == 0, done.stderr
     assert SECRET not in done.stdout + done.stderr
 
     listed = cli("list")
-    assert listed.returncode == 0 and "gh" in listed.stdout and "api.github.com" in listed.stdout and SECRET not in listed.stdout
+    assert (
+        listed.returncode == 0
+        and "gh" in listed.stdout
+        and "api.github.com" in listed.stdout
+        and SECRET not in listed.stdout
+    )
     data = json.loads(cli("list", "--json").stdout)
-    assert data == [{"name": "gh", "kind": "bearer", "hosts": ["*.githubusercontent.com", "api.github.com"], "methods": ["POST"], "ports": [443], "schemes": ["https"], "allow_private": False, "template": "{secret}", "description": "GitHub"}]
+    assert data == [
+        {
+            "name": "gh",
+            "kind": "bearer",
+            "hosts": ["*.githubusercontent.com", "api.github.com"],
+            "methods": ["POST"],
+            "ports": [443],
+            "schemes": ["https"],
+            "allow_private": False,
+            "template": "{secret}",
+            "description": "GitHub",
+        }
+    ]
 
     raw = stored_files(cli)  # encrypted at rest: no raw, base64 or hex copy in any vault file
     for form in (SECRET.encode(), base64.b64encode(SECRET.encode()), SECRET.encode().hex().encode()):
@@ -48,7 +77,10 @@ def test_secret_never_from_argv(cli):
     assert not (cli.vault_dir / "credentials.json").exists()
 
 
-@pytest.mark.parametrize(("secret", "why"), [("short", "at least 8"), ("", "at least 8"), ("abcd\nefghijkl", "CR, LF"), ("abc\x01defghijk", "control")])
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [("short", "at least 8"), ("", "at least 8"), ("abcd\nefghijkl", "CR, LF"), ("abc\x01defghijk", "control")],
+)
 def test_bad_secrets_refused_and_nothing_stored(cli, secret, why):
     done = cli("set", "x", "--host", "a.example.com", stdin=secret)
     assert done.returncode == 1 and done.stderr.startswith("corral: invalid_argument") and why in done.stderr
@@ -80,7 +112,11 @@ def test_hidden_prompt_when_stdin_is_a_terminal(cli):
 
     pid, fd = pty.fork()
     if pid == 0:  # child: the CLI, with the pty as its controlling terminal
-        os.execve(sys.executable, [sys.executable, "-m", "corral.cli", "vault", "set", "tty", "--host", "a.example.com"], cli.env)
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "corral.cli", "vault", "set", "tty", "--host", "a.example.com"],
+            cli.env,
+        )
     screen = b""
     deadline = time.monotonic() + 60
     while b"input hidden" not in screen and time.monotonic() < deadline:
@@ -128,7 +164,11 @@ def test_corrupt_policy_file_is_one_clear_error(cli):
     cli("set", "gh", "--host", "api.github.com", stdin=SECRET)
     (cli.vault_dir / "credentials.json").write_text("{not json")
     done = cli("list")
-    assert done.returncode == 1 and done.stderr.startswith("corral: unavailable: cannot read") and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 1
+        and done.stderr.startswith("corral: unavailable: cannot read")
+        and "Traceback" not in done.stderr
+    )
 
 
 def test_replaced_key_fails_closed(cli):

@@ -40,7 +40,9 @@ def test_normalize_host(raw, norm):
     assert normalize_host(raw) == norm
 
 
-@pytest.mark.parametrize("bad", ["", "a..b", "%61pi.com", "a_b.com", "fe80::1%eth0", "a.com/x", "user@a.com", "1.2.3.256", "-a.com"])
+@pytest.mark.parametrize(
+    "bad", ["", "a..b", "%61pi.com", "a_b.com", "fe80::1%eth0", "a.com/x", "user@a.com", "1.2.3.256", "-a.com"]
+)
 def test_normalize_host_refuses(bad):
     with pytest.raises(ValueError):
         normalize_host(bad)
@@ -48,7 +50,14 @@ def test_normalize_host_refuses(bad):
 
 @pytest.mark.parametrize(
     ("host", "ok"),
-    [("api.example.com", True), ("a.b.example.com", True), ("example.com", False), ("evilexample.com", False), ("example.com.evil", False), ("api.example.com.evil.net", False)],
+    [
+        ("api.example.com", True),
+        ("a.b.example.com", True),
+        ("example.com", False),
+        ("evilexample.com", False),
+        ("example.com.evil", False),
+        ("api.example.com.evil.net", False),
+    ],
 )
 def test_wildcard_matching(host, ok):
     cred = Credential(name="w", hosts=["*.example.com", "exact.org"])
@@ -73,7 +82,15 @@ def test_redactor_finds_base64_at_every_alignment(prefix):
 
 @pytest.mark.parametrize(
     "form",
-    [SECRET, quote(SECRET, safe=""), quote_plus(SECRET), quote(SECRET, safe="").lower(), SECRET.encode().hex(), SECRET.encode().hex().upper(), '"' + SECRET.replace("/", "\\/") + '"'],
+    [
+        SECRET,
+        quote(SECRET, safe=""),
+        quote_plus(SECRET),
+        quote(SECRET, safe="").lower(),
+        SECRET.encode().hex(),
+        SECRET.encode().hex().upper(),
+        '"' + SECRET.replace("/", "\\/") + '"',
+    ],
 )
 def test_redactor_forms(form):
     assert SECRET not in Redactor([SECRET]).text(f"<{form}>")
@@ -112,7 +129,9 @@ def test_encrypted_file_keyring_through_keyrings_interface(tmp_path):
 
 def test_encrypted_file_keyring_concurrent_writers_lose_nothing(tmp_path):
     ring = EncryptedFileKeyring(tmp_path)
-    threads = [threading.Thread(target=ring.set_password, args=("corral", f"k{i}", f"value-{i:08d}")) for i in range(16)]
+    threads = [
+        threading.Thread(target=ring.set_password, args=("corral", f"k{i}", f"value-{i:08d}")) for i in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -172,7 +191,13 @@ def test_secrets_sharing_a_long_prefix_are_each_redacted_whole():
     each redacted to their own end, in every form, side by side and overlapping."""
     short, long = "sk-proj-AAAAAAAAAAAA-one", "sk-proj-AAAAAAAAAAAA-and-a-much-longer-second-secret"
     r = Redactor([short, long])
-    for text in (f"{short} {long}", f"{long}{short}", base64.b64encode(f"u:{long}".encode()).decode(), long.encode().hex(), quote(long, safe="")):
+    for text in (
+        f"{short} {long}",
+        f"{long}{short}",
+        base64.b64encode(f"u:{long}".encode()).decode(),
+        long.encode().hex(),
+        quote(long, safe=""),
+    ):
         out = r.text(f"<{text}>")
         assert "[REDACTED]" in out and "second" not in out and "AAAAAAAA" not in out, out
         assert "7365636f6e64" not in out  # "second" in hex

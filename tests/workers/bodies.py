@@ -25,7 +25,11 @@ def scripted():
         for i in range(done, steps):
             await asyncio.sleep(step_s)
             position = start + (i - done)
-            store.append(session_id, [NewEvent(type="work.step", data={"i": i, "worker": me}, event_id=f"{session_id}-step-{i}")], position)
+            store.append(
+                session_id,
+                [NewEvent(type="work.step", data={"i": i, "worker": me}, event_id=f"{session_id}-step-{i}")],
+                position,
+            )
         store.append(session_id, [NewEvent(type="session.status", data={"status": "idle", "worker": me})])
 
     return body

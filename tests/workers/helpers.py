@@ -20,15 +20,42 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     """One `corral worker` process (its own process group, stderr in a file)."""
 
-    def __init__(self, url: str, name: str, tmp: Path, *, lease: float = 3.0, body: str = "tests.workers.bodies:scripted", env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        tmp: Path,
+        *,
+        lease: float = 3.0,
+        body: str = "tests.workers.bodies:scripted",
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.log_path = tmp / f"{name}.log"
         full_env = {**os.environ, "CORRAL_SESSION_STORE": url, "PYTHONPATH": str(ROOT), **(env or {})}
         full_env.pop("CORRAL_QUEUE_URL", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "corral.cli", "worker", "-v", "--name", name, "--lease", str(lease), "--body", body, *extra],
-                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "corral.cli",
+                    "worker",
+                    "-v",
+                    "--name",
+                    name,
+                    "--lease",
+                    str(lease),
+                    "--body",
+                    body,
+                    *extra,
+                ],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.pid = self.proc.pid
         self.restarted = False  # set by a test acting as the supervisor

@@ -39,13 +39,17 @@ class Cluster:
         self._run("initdb", "-D", str(self.dir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
 
     def _run(self, tool: str, *args: str) -> None:
-        done = subprocess.run([*self._as, str(BIN / tool), *args], capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [*self._as, str(BIN / tool), *args], capture_output=True, text=True, timeout=120, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed: {done.stdout}{done.stderr}")
 
     def _ctl(self, *args: str) -> None:
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        self._run("pg_ctl", "-D", str(self.dir), "-o", opts, "-l", str(self.dir / "server.log"), "-w", "-t", "60", *args)
+        self._run(
+            "pg_ctl", "-D", str(self.dir), "-o", opts, "-l", str(self.dir / "server.log"), "-w", "-t", "60", *args
+        )
 
     def start(self) -> float:
         self._ctl("start")
@@ -65,7 +69,12 @@ class Cluster:
         return self.start()
 
     def running(self) -> bool:
-        return subprocess.run([*self._as, str(BIN / "pg_ctl"), "-D", str(self.dir), "status"], capture_output=True, check=False).returncode == 0
+        return (
+            subprocess.run(
+                [*self._as, str(BIN / "pg_ctl"), "-D", str(self.dir), "status"], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
 
 
 @pytest.fixture(scope="module")

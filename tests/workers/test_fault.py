@@ -41,8 +41,6 @@ def script() -> Script:
     return Script({f"FAULT-{i:02d}:": turns(i) for i in range(SESSIONS)})
 
 
-
-
 def mid_session(store: EventStore, pool: list[Worker], spare: Worker | None = None) -> Worker | None:
     """A live worker (other than `spare`) that holds a session's lease right now."""
     held = {(s.lease or {}).get("worker") for s in store.sessions(limit=SESSIONS)}
@@ -62,7 +60,12 @@ def assert_valid_history(log: list[Event]) -> None:
 def assert_writes_in_lease_order(url: str, sid: str) -> None:
     """From the log itself: no event was written under a lease older than one already used."""
     with psycopg.connect(url) as conn:
-        tokens = [r[0] for r in conn.execute("SELECT lease_token FROM corral_events WHERE session_id = %s ORDER BY position", (sid,))]
+        tokens = [
+            r[0]
+            for r in conn.execute(
+                "SELECT lease_token FROM corral_events WHERE session_id = %s ORDER BY position", (sid,)
+            )
+        ]
     leased = [t for t in tokens if t is not None]
     assert leased == sorted(leased), f"{sid}: written under leases {leased}"
     assert tokens[0] is None and len(leased) == len(tokens) - 1, "every event but the user's came from a worker's lease"
@@ -102,8 +105,16 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
     pool: list[Worker] = []
     deaths: dict[str, float] = {}
     with FakeAnthropic(script(), delay_s=0.15) as fake:
+
         def start(name: str) -> Worker:
-            w = Worker(pg_schema_url, name, tmp_path, lease=LEASE, body="corral.harness.pool_body:harness_body", env=harness_env(tmp_path, fake, name))
+            w = Worker(
+                pg_schema_url,
+                name,
+                tmp_path,
+                lease=LEASE,
+                body="corral.harness.pool_body:harness_body",
+                env=harness_env(tmp_path, fake, name),
+            )
             pool.append(w)
             return w
 
@@ -124,11 +135,15 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
                 return sum(store.get(s).status == "idle" for s in sids)
 
             wait_until("some sessions done", lambda: idle() >= 3, timeout=120)
-            killed: Worker = wait_until("a worker mid-session", lambda: mid_session(store, pool), timeout=60, every=0.02)  # type: ignore[assignment]
+            killed: Worker = wait_until(
+                "a worker mid-session", lambda: mid_session(store, pool), timeout=60, every=0.02
+            )  # type: ignore[assignment]
             deaths[killed.name] = killed.signal(signal.SIGKILL)
             killed.wait()
             wait_until("more sessions done", lambda: idle() >= 8, timeout=120)
-            stopped: Worker = wait_until("another worker mid-session", lambda: mid_session(store, pool, killed), timeout=60, every=0.02)  # type: ignore[assignment]
+            stopped: Worker = wait_until(
+                "another worker mid-session", lambda: mid_session(store, pool, killed), timeout=60, every=0.02
+            )  # type: ignore[assignment]
             stopped.signal(signal.SIGTERM)  # its session goes back to the queue; its journal has every release
             # 0; or 75 if a loaded machine delayed its heartbeat past the lease first.
             assert stopped.wait(timeout=60) in (0, FENCED_EXIT), stopped.log()[-3000:]
@@ -151,7 +166,9 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
         # No recorded model call requested again: nothing asked for turn t after its response was logged.
         spans = [e for e in log if e.type == "span.model_request"]
         for turn, span in enumerate(spans):
-            late = [r for r in requests if r.key == (f"FAULT-{i:02d}:", turn) and r.received > span.created_at.timestamp()]
+            late = [
+                r for r in requests if r.key == (f"FAULT-{i:02d}:", turn) and r.received > span.created_at.timestamp()
+            ]
             assert not late, f"session {i} turn {turn} was requested again after it was recorded"
         # The harness's own claims in the log never interleave either.
         writers = [e.data["writer"] for e in log if e.type == "session.status" and e.data.get("status") == "running"]
@@ -159,4 +176,6 @@ def test_three_workers_twenty_sessions_one_killed_one_restarted(pg_schema_url, t
         assert_writes_in_lease_order(pg_schema_url, sid)
     assert_never_two_at_once(pool, deaths)
     assert "claimed session" in again.log(), "the restarted worker took work"
-    assert "handed session" in "".join(w.log() for w in pool), "the killed worker's session was handed back by the reaper"
+    assert "handed session" in "".join(w.log() for w in pool), (
+        "the killed worker's session was handed back by the reaper"
+    )

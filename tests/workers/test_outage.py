@@ -68,10 +68,14 @@ def run_fleet_through(cluster, tmp_path, fault) -> dict:
             sids = [submit(store, url, f"OUTAGE-{i}: write two lines") for i in range(SESSIONS)]
             for name in ("a", "b", "c"):
                 env = {**harness_env(tmp_path, fake, name), "CORRAL_WORKER_OUTAGE_S": "120"}
-                pool.append(Worker(url, name, tmp_path, lease=LEASE, body="corral.harness.pool_body:harness_body", env=env))
+                pool.append(
+                    Worker(url, name, tmp_path, lease=LEASE, body="corral.harness.pool_body:harness_body", env=env)
+                )
             wait_until("a tool ran", lambda: lines.exists() and lines.read_text().strip(), timeout=120, every=0.02)
             back_at = fault(cluster)
-            wait_until("every session idle", lambda: all(store.get(s).status == "idle" for s in sids), timeout=240, every=0.25)
+            wait_until(
+                "every session idle", lambda: all(store.get(s).status == "idle" for s in sids), timeout=240, every=0.25
+            )
             alive = [w.name for w in pool if w.proc.poll() is None]
         finally:
             logs = {w.name: w.log() for w in pool}
@@ -80,19 +84,35 @@ def run_fleet_through(cluster, tmp_path, fault) -> dict:
         requests = list(fake.requests)
     histories = {sid: store.select(sid) for sid in sids}
     store.close()
-    return {"sids": sids, "histories": histories, "alive": alive, "logs": logs, "lines": lines.read_text().splitlines(), "requests": requests, "back_at": back_at}
+    return {
+        "sids": sids,
+        "histories": histories,
+        "alive": alive,
+        "logs": logs,
+        "lines": lines.read_text().splitlines(),
+        "requests": requests,
+        "back_at": back_at,
+    }
 
 
 def check(outcome: dict) -> None:
     assert outcome["alive"] == ["a", "b", "c"], {k: v[-3000:] for k, v in outcome["logs"].items()}
-    assert sorted(outcome["lines"]) == sorted(f"s{i}-{x}" for i in range(SESSIONS) for x in "ab"), "each command ran exactly once"
+    assert sorted(outcome["lines"]) == sorted(f"s{i}-{x}" for i in range(SESSIONS) for x in "ab"), (
+        "each command ran exactly once"
+    )
     for i, sid in enumerate(outcome["sids"]):
         log = outcome["histories"][sid]
         assert_valid_history(log)
         assert [e.data["text"] for e in log if e.type == "agent.message"][-1] == f"done {i}"
-        assert not [e for e in log if e.type == "session.status" and e.data.get("status") == "failed"], f"session {i} failed on the way"
+        assert not [e for e in log if e.type == "session.status" and e.data.get("status") == "failed"], (
+            f"session {i} failed on the way"
+        )
         for turn, span in enumerate(e for e in log if e.type == "span.model_request"):
-            late = [r for r in outcome["requests"] if r.key == (f"OUTAGE-{i}:", turn) and r.received > span.created_at.timestamp()]
+            late = [
+                r
+                for r in outcome["requests"]
+                if r.key == (f"OUTAGE-{i}:", turn) and r.received > span.created_at.timestamp()
+            ]
             assert not late, f"session {i} turn {turn} was requested again after it was recorded"
 
 

@@ -49,7 +49,9 @@ def workers(pg_schema_url, tmp_path):  # noqa: F811
     yield start
     for w in started:
         w.stop()
-        print(f"--- worker {w.name} (pid {w.pid}, exit {w.proc.returncode}) ---\n{w.log()[-4000:]}")  # shown when the test failed
+        print(
+            f"--- worker {w.name} (pid {w.pid}, exit {w.proc.returncode}) ---\n{w.log()[-4000:]}"
+        )  # shown when the test failed
 
 
 def jobs(url: str) -> list[tuple]:
@@ -73,10 +75,17 @@ def test_workers_complete_every_session_and_show_their_lease(store, workers, pg_
     held = wait_until("a lease", lambda: next((s.lease for s in store.sessions() if s.lease), None), timeout=30)
     assert held["worker"] in ("alpha", "beta")
     listing = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "sessions", "list"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "corral.cli", "sessions", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "CORRAL_SESSION_STORE": pg_schema_url},
     )
-    assert listing.returncode == 0 and ("alpha" in listing.stdout or "beta" in listing.stdout), listing.stdout + listing.stderr
+    assert listing.returncode == 0 and ("alpha" in listing.stdout or "beta" in listing.stdout), (
+        listing.stdout + listing.stderr
+    )
     wait_until("every session idle", lambda: all(store.get(s).status == "idle" for s in sids), timeout=60)
     for sid in sids:
         assert_worked_in_turns(store, sid, 12)
@@ -115,7 +124,9 @@ def test_a_paused_worker_that_lost_its_session_exits_without_writing(store, work
     wait_until("a few steps", lambda: len(steps(store, sid)) >= 3, timeout=30)
     paused.signal(signal.SIGSTOP)
     other = workers("other", env=env)
-    wait_until("the other worker's lease", lambda: (store.get(sid).lease or {}).get("worker") == "other", timeout=LEASE + 30)
+    wait_until(
+        "the other worker's lease", lambda: (store.get(sid).lease or {}).get("worker") == "other", timeout=LEASE + 30
+    )
     wait_until("a step by the other worker", lambda: steps(store, sid)[-1][1] != steps(store, sid)[0][1], timeout=10)
     paused.signal(signal.SIGCONT)  # it wakes up mid-session, holding a lease that is no longer its own
     assert paused.wait(timeout=30) == FENCED_EXIT, paused.log()
@@ -143,16 +154,31 @@ def test_sigterm_hands_an_unfinished_session_to_another_worker(store, workers, p
 
 def test_a_worker_without_postgres_is_one_clear_error(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "corral.cli", "worker"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "corral.cli", "worker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "CORRAL_SESSION_STORE": f"sqlite:///{tmp_path / 's.db'}", "CORRAL_QUEUE_URL": ""},
     )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == ["corral: invalid_argument: the worker pool needs PostgreSQL (set CORRAL_SESSION_STORE (or CORRAL_QUEUE_URL) to postgresql://USER:PASSWORD@HOST/DB)"]
+    assert out.stderr.strip().splitlines() == [
+        "corral: invalid_argument: the worker pool needs PostgreSQL (set CORRAL_SESSION_STORE (or CORRAL_QUEUE_URL) to postgresql://USER:PASSWORD@HOST/DB)"
+    ]
 
 
 def test_run_detach_queues_the_session_for_the_workers(store, workers, pg_schema_url):  # noqa: F811
     env = {**os.environ, "CORRAL_SESSION_STORE": pg_schema_url, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "say hi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "run", "--detach", "say hi"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     sid = out.stdout.strip()
     assert [(e.type, e.data) for e in store.select(sid)] == [("user.message", {"text": "say hi"})]
@@ -164,7 +190,15 @@ def test_run_detach_queues_the_session_for_the_workers(store, workers, pg_schema
 
 def test_run_detach_without_postgres_is_one_clear_error(tmp_path):
     env = {**os.environ, "CORRAL_SESSION_STORE": f"sqlite:///{tmp_path / 's.db'}", "CORRAL_QUEUE_URL": ""}
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "run", "--detach", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "run", "--detach", "x"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 1 and "needs PostgreSQL" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "s.db").exists(), "nothing was written"
 
@@ -199,10 +233,26 @@ def test_a_live_worker_keeps_a_session_longer_than_its_lease(store, workers, pg_
 def test_wake_detach_queues_an_existing_session_and_refuses_an_unknown_one(store, pg_schema_url):  # noqa: F811
     env = {**os.environ, "CORRAL_SESSION_STORE": pg_schema_url, "PYTHONPATH": str(ROOT)}
     sid = store.create().session_id
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "wake", "--detach", sid], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "wake", "--detach", sid],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0 and out.stdout.strip() == sid, out.stderr
     assert jobs(pg_schema_url) == [(sid, sid, "todo")]
-    out = subprocess.run([sys.executable, "-m", "corral.cli", "wake", "--detach", "ses_nope"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "wake", "--detach", "ses_nope"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 1 and out.stderr.startswith("corral: not_found: session 'ses_nope' not found"), out.stderr
     assert len(jobs(pg_schema_url)) == 1
 
@@ -215,4 +265,6 @@ def test_a_session_a_failed_job_left_running_is_resumed_by_the_pool(store, worke
     wait_until("the session done after its job failed", lambda: store.get(sid).status == "idle", timeout=60)
     assert [i for i, _, _ in steps(store, sid)] == [0, 1, 2]
     assert "resuming session " + sid in w.log()
-    assert sorted(status for _, _, status in jobs(pg_schema_url)) == ["failed"], "the failed job stays, the resumed one succeeded (deleted)"
+    assert sorted(status for _, _, status in jobs(pg_schema_url)) == ["failed"], (
+        "the failed job stays, the resumed one succeeded (deleted)"
+    )

@@ -69,7 +69,9 @@ def test_a_job_that_ends_after_its_lease_was_taken_fences_before_the_queue_hears
     async def body(leased, session_id):
         await asyncio.sleep(0.1)  # stalled past its lease...
         store.acquire_lease(session_id, "heir", ttl_s=30)  # ...and taken over behind this job's back
-        raise Unavailable("PostgreSQL session store unreachable: terminating connection due to idle-in-transaction timeout")
+        raise Unavailable(
+            "PostgreSQL session store unreachable: terminating connection due to idle-in-transaction timeout"
+        )
 
     runtime = Runtime(store=store, body=body, name="me", lease_s=0.05, exit_process=exits.append)
     runtime.keep = lambda *_: asyncio.sleep(30)  # type: ignore[method-assign] # renewals would fence first: this is about the end
