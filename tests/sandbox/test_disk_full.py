@@ -21,6 +21,11 @@ async def test_provision_on_a_full_disk_is_named_and_works_again_once_space_is_f
     small_disk: Path, tmp_path: Path
 ) -> None:
     FakeCloud.reset()
+    earlier = set(FakeCloud.vms)  # other tests' fake VMs
+
+    def running() -> set[str]:
+        return {vm for vm, box in FakeCloud.vms.items() if box.running and vm not in earlier}
+
     settings = SandboxSettings(home=small_disk, sandbox_dir=tmp_path / "sandboxes", sandbox_reap_interval_s=3600)
     h = Harness("e2b", settings)
     registry_dir = h.service.registry.path.parent
@@ -37,9 +42,7 @@ async def test_provision_on_a_full_disk_is_named_and_works_again_once_space_is_f
         assert result.content[0].text.endswith(
             f"unavailable: no space left on device (free space under {registry_dir})"
         )
-        assert sum(box.running for box in FakeCloud.vms.values()) == len(acknowledged), (
-            "an unrecorded sandbox was left running"
-        )
+        assert len(running()) == len(acknowledged), "an unrecorded sandbox was left running"
         filler.unlink()  # space is freed: the same server provisions again
         again = await call(c, "provision")
         listed = await call(c, "list_sandboxes")
@@ -48,5 +51,5 @@ async def test_provision_on_a_full_disk_is_named_and_works_again_once_space_is_f
     async with restarted.client() as c:
         listed = await call(c, "list_sandboxes")
     assert [s["sandbox_id"] for s in listed["sandboxes"]] == [*acknowledged, again["sandbox_id"]]
-    for box in FakeCloud.vms.values():
-        box.running = False
+    for vm in running():
+        FakeCloud.vms[vm].running = False
