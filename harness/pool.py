@@ -250,7 +250,6 @@ class Runtime:
                     self.fence(f"lease {token} on session {session_id} was taken over while this job ran")
                 log.info("released session %s (lease %d)", session_id, token)
 
-
     def record_failure(self, leased: LeasedStore, session_id: str, start: int, err: BaseException) -> None:
         """Say in the session's log why its job failed, unless the harness already did.
 
@@ -425,10 +424,11 @@ async def resume_orphans(app: procrastinate.App, store: EventStore) -> list[str]
         sid = row["session_id"]
         try:
             info = await asyncio.to_thread(store.get, sid)
+            resumable = info.status == "running" or (info.status == "failed" and await asyncio.to_thread(failed_by_worker, store, sid))
         except (Unavailable, LookupError):  # down again, or not a session of this store
             continue
         live = info.lease is not None and datetime.datetime.fromisoformat(info.lease["expires_at"]) > datetime.datetime.now(datetime.UTC)
-        if live or not (info.status == "running" or (info.status == "failed" and await asyncio.to_thread(failed_by_worker, store, sid))):
+        if live or not resumable:
             continue
         with contextlib.suppress(pq_exceptions.AlreadyEnqueued):
             await app.configure_task(TASK, lock=sid, queueing_lock=sid).defer_async(session_id=sid)
