@@ -51,9 +51,11 @@ from procrastinate import exceptions as pq_exceptions
 from procrastinate.job_context import JobContext
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
-from corral.errors import Conflict, Unavailable
+from corral.errors import Conflict, CorralError, Unavailable
 from corral.harness.outage import SteadyStore, ride_out
 from corral.servers.session import EventStore, LeaseLost, NewEvent
+from corral.servers.session.postgres import StoreRefused
+from corral.servers.session.rules import STATUS_EVENT
 
 log = logging.getLogger("corral.worker")
 
@@ -117,19 +119,44 @@ class HandBack(BaseRetryStrategy):
     """Retry a job that could not run yet (lease busy), was cut short by a worker's shutdown,
     or met a database outage longer than the worker rides out (then with backoff, to 60 s).
 
-    Anything else the harness raised is final: the session log says what happened, and a
-    new user message queues the session again.
+    Anything else is final (`final`): the session log says what happened, and a new user
+    message queues the session again.
     """
 
     def get_retry_decision(self, *, exception: BaseException, job: procrastinate.jobs.Job) -> RetryDecision | None:
         if isinstance(exception, SessionBusy | pq_exceptions.JobAborted | asyncio.CancelledError):
             return RetryDecision(retry_in={"seconds": 1})
-        if isinstance(exception, Unavailable | pq_exceptions.ConnectorException):
+        if isinstance(exception, Unavailable | pq_exceptions.ConnectorException) and not final(exception):
             return RetryDecision(retry_in={"seconds": min(60, 2 ** min(job.attempts, 6))})
         return None
 
 
 # -- one job --------------------------------------------------------------------------------
+
+
+def final(err: BaseException) -> bool:
+    """Whether `err` ends a job for good: not a busy lease, a stop, a lost lease (the worker
+    fences), or an outage (the store down, the queue unreachable): a bug, a schema mismatch,
+    a refused login, an error the harness met."""
+    if isinstance(err, StoreRefused):
+        return True
+    transient = SessionBusy | LeaseLost | Unavailable | pq_exceptions.ConnectorException | pq_exceptions.JobAborted
+    return not isinstance(err, transient | asyncio.CancelledError)
+
+
+def failure(err: BaseException, worker: str) -> NewEvent:
+    """The `session.status` failed event a worker writes for a job that died of `err`."""
+    kind = err.kind if isinstance(err, CorralError) else type(err).__name__
+    message = err.message if isinstance(err, CorralError) else str(err)
+    data = {
+        "status": "failed",
+        "writer": f"worker {worker}",
+        "by": "worker",
+        "kind": kind,
+        "message": message,
+        "reason": f"{kind}: {message}",
+    }
+    return NewEvent(type=STATUS_EVENT, data=data)
 
 
 class LeasedStore:
@@ -225,8 +252,14 @@ class Runtime:
         log.info("claimed session %s (lease %d)", session_id, token)
         keeper = asyncio.create_task(self.keep(session_id, token, worker_id))
         leased = LeasedStore(SteadyStore(self.store, self.outage_s), session_id, token, self.fence)
+        start = 0  # the log's length when the job began: what it writes comes after
         try:
+            start = await asyncio.to_thread(leased.length, session_id)
             await in_own_loop(lambda: self.body(leased, session_id))  # type: ignore[arg-type]
+        except Exception as err:
+            if final(err):
+                await asyncio.to_thread(self.record_failure, leased, session_id, start, err)
+            raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,6 +277,22 @@ class Runtime:
                 if not released:  # taken over while we ran: the job is another worker's now
                     self.fence(f"lease {token} on session {session_id} was taken over while this job ran")
                 log.info("released session %s (lease %d)", session_id, token)
+
+    def record_failure(self, leased: LeasedStore, session_id: str, start: int, err: BaseException) -> None:
+        """Say in the session's log why its job failed, unless the harness already did.
+
+        Best effort: the job fails anyway, and the worker's log keeps the reason when the
+        store cannot take it (it refused our login, or the lease was lost meanwhile).
+        """
+        log.error("job for session %s failed: %s: %s", session_id, type(err).__name__, err)
+        if isinstance(err, StoreRefused):
+            return  # nothing can be written with credentials the server refuses
+        try:
+            recorded = leased.select(session_id, gte=start, types=[STATUS_EVENT])
+            if not any(e.data.get("status") == "failed" for e in recorded):  # the harness records its own failures
+                leased.append(session_id, [failure(err, self.name)])
+        except (CorralError, LeaseLost) as second:
+            log.error("could not record the failure in session %s: %s", session_id, second)
 
 
 async def in_own_loop(make: Callable[[], Awaitable[None]]) -> None:
@@ -403,26 +452,36 @@ HAVING bool_and(status NOT IN ('todo', 'doing')) AND count(*) FILTER (WHERE stat
 """
 
 
+def failed_by_worker(store: EventStore, session_id: str) -> bool:
+    """Whether the session's last status is a failure its worker recorded (`failure`), e.g.
+    a bug outside the harness: worth another try (up to RESUME_LIMIT failed jobs)."""
+    last = store.select(session_id, types=[STATUS_EVENT], desc=True, limit=1)
+    return bool(last) and last[0].data.get("by") == "worker"
+
+
 async def resume_orphans(app: procrastinate.App, store: EventStore) -> list[str]:
-    """Queue again each session a failed job left `running` (its harness recorded no outcome)
-    with no live lease and nothing queued: e.g. its job died of an error outside the harness.
-    A session the harness marked `failed` stays so: its log says why."""
+    """Queue again each session a failed job left `running` (its harness recorded no outcome),
+    or `failed` by its worker (`failure`: an error outside the harness), with no live lease
+    and nothing queued. A session the harness marked `failed` stays so: its log says why."""
     resumed: list[str] = []
     for row in await app.connector.execute_query_all_async(ORPHANS, queue=QUEUE, limit=RESUME_LIMIT):
         sid = row["session_id"]
         try:
             info = await asyncio.to_thread(store.get, sid)
+            resumable = info.status == "running" or (
+                info.status == "failed" and await asyncio.to_thread(failed_by_worker, store, sid)
+            )
         except (Unavailable, LookupError):  # down again, or not a session of this store
             continue
         live = info.lease is not None and datetime.datetime.fromisoformat(
             info.lease["expires_at"]
         ) > datetime.datetime.now(datetime.UTC)
-        if info.status != "running" or live:
+        if live or not resumable:
             continue
         with contextlib.suppress(pq_exceptions.AlreadyEnqueued):
             await app.configure_task(TASK, lock=sid, queueing_lock=sid).defer_async(session_id=sid)
             resumed.append(sid)
-            log.warning("resuming session %s: its last job failed and left it running", sid)
+            log.warning("resuming session %s: its last job failed and left it %s", sid, info.status)
     return resumed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -128,6 +129,30 @@ def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 30) -> No
                 return
         time.sleep(0.1)
     raise AssertionError(f"the server never listened on {port}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MiB tmpfs of our own, to fill up (`fill_disk`)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
+    )
+    require(
+        "a tmpfs mount (needs root)",
+        mounted.returncode == 0,
+        mounted.stderr.strip() or f"mount exited {mounted.returncode}",
+    )
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Take all of `disk`'s free space but `leave` bytes; unlink the returned file to free it again."""
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - leave))
+    return filler
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import keyring.backend
 import keyring.errors
 from cryptography.fernet import Fernet, InvalidToken
 
+from corral.diskfull import naming_disk_full, write_atomically
 from corral.errors import CorralError, InvalidArgument, Timeout, Unavailable
 
 __all__ = ["INSECURE_NAMES", "Choice", "EncryptedFileKeyring", "TimedKeyring", "choose_backend"]
@@ -69,8 +70,14 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
                     hint=f"run `chmod 600 {self.key_path}` if nobody else read it; otherwise rotate every secret",
                 ) from None
             return Fernet(self.key_path.read_bytes().strip())
-        with os.fdopen(fd, "wb") as out:
-            out.write(Fernet.generate_key())
+        try:  # a key file left empty (a full disk) would lock the vault for good: none or a whole one
+            with naming_disk_full(self.directory), os.fdopen(fd, "wb") as out:
+                out.write(Fernet.generate_key())
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            self.key_path.unlink(missing_ok=True)
+            raise
         return Fernet(self.key_path.read_bytes().strip())
 
     @contextlib.contextmanager
@@ -95,13 +102,7 @@ class EncryptedFileKeyring(keyring.backend.KeyringBackend):
             ) from None
 
     def _save(self, fernet: Fernet, data: dict[str, dict[str, str]]) -> None:
-        tmp = self.data_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(fernet.encrypt(json.dumps(data).encode()))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.data_path)
+        write_atomically(self.data_path, fernet.encrypt(json.dumps(data).encode()))
 
     def get_password(self, service: str, username: str) -> str | None:
         with self._locked():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from corral.diskfull import write_atomically
 from corral.errors import InvalidArgument, NotFound, Unavailable
 from corral.vault.keyrings import TimedKeyring
 from corral.vault.policy import Credential
@@ -74,13 +75,7 @@ class Vault:
 
     def _write(self, creds: dict[str, Credential]) -> None:
         data = {"version": 1, "credentials": {n: c.model_dump(exclude_none=True) for n, c in sorted(creds.items())}}
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(data, indent=2).encode())
 
     def list(self) -> list[Credential]:
         return sorted(self._read().values(), key=lambda c: c.name)

@@ -9,13 +9,17 @@ ended). Every query a tool or the reaper makes is served by an index, and listin
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
+
+from corral.diskfull import naming_disk_full
 
 from .backend import SandboxRef
 
@@ -89,10 +93,11 @@ class Registry:
         self._open()
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        with naming_disk_full(self.path.parent):
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
         self._conn = db
         return db
 
@@ -101,6 +106,13 @@ class Registry:
         """The connection; a registry closed at a server's shutdown reopens if it is used again
         (an in-process server is run again by its next client)."""
         return self._conn or self._open()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write under the lock; a full disk is named (each statement commits alone, so a
+        failed one leaves nothing behind, and the next write after space is freed succeeds)."""
+        with self._lock, naming_disk_full(self.path.parent):
+            yield
 
     def close(self) -> None:
         with self._lock:
@@ -127,7 +139,7 @@ class Registry:
         return Record(**data)
 
     def add(self, record: Record) -> None:
-        with self._lock:
+        with self._writing():
             self._db.execute(
                 "INSERT INTO sandboxes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (record.id, record.backend, record.state, record.label, record.idempotency_key,
@@ -175,7 +187,7 @@ class Registry:
 
     def prune(self, backend: str, before: float) -> int:
         """Forget destroyed sandboxes that ended before `before`; returns how many."""
-        with self._lock:
+        with self._writing():
             return self._db.execute(
                 "DELETE FROM sandboxes WHERE backend = ? AND state = 'destroyed' AND last_used_at < ?",
                 (backend, before),
@@ -191,12 +203,12 @@ class Registry:
         return [self._row(r) for r in rows]
 
     def touch(self, sandbox_id: str, now: float | None = None) -> None:
-        with self._lock:
+        with self._writing():
             self._db.execute("UPDATE sandboxes SET last_used_at = ? WHERE id = ?", (now or time.time(), sandbox_id))
 
     def set_state(self, sandbox_id: str, state: State, reason: str | None = None) -> None:
         """Also stamps `last_used_at`: for a tombstone, when it ended (what `prune` goes by)."""
-        with self._lock:
+        with self._writing():
             self._db.execute(
                 "UPDATE sandboxes SET state = ?, reason = ?, last_used_at = ? WHERE id = ?",
                 (state, reason, time.time(), sandbox_id),
@@ -212,9 +224,9 @@ class Registry:
         return row[0] if row else None
 
     def bind(self, backend: str, client: str, sandbox_id: str) -> None:
-        with self._lock:
+        with self._writing():
             self._db.execute("INSERT OR REPLACE INTO defaults VALUES (?,?,?)", (backend, client, sandbox_id))
 
     def unbind(self, sandbox_id: str) -> None:
-        with self._lock:
+        with self._writing():
             self._db.execute("DELETE FROM defaults WHERE sandbox_id = ?", (sandbox_id,))

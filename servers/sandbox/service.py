@@ -154,7 +154,11 @@ class SandboxService:
                 idle_timeout_s=resources.idle_timeout_s or self.settings.sandbox_idle_timeout_s,
                 last_used_at=now,
             )
-            self.registry.add(record)
+            try:
+                self.registry.add(record)
+            except Exception:  # unrecorded, nobody could reach or reap it (a full disk): take it down
+                await self.backend.destroy(ref)
+                raise
         log.info("provisioned %s on %s", sandbox_id, self.backend.name)
         return self.describe(record)
 

@@ -121,6 +121,28 @@ class StoreDown(Unavailable):
     default_hint = DOWN_HINT
 
 
+class StoreRefused(Unavailable):
+    """The server answered, and refused us: bad credentials, no such role or database.
+
+    Not an outage: retrying the same call will not help until a person fixes the
+    configuration, so a worker fails the session at once, saying why.
+    """
+
+    default_hint = "check the user, password and database in CORRAL_SESSION_STORE (and the server's pg_hba.conf)"
+
+
+# What the server says when it refuses a login (connection errors carry no SQLSTATE in psycopg).
+_REFUSALS = ("authentication failed", "no pg_hba.conf entry", "does not exist")
+
+
+def refused(err: psycopg.Error) -> bool:
+    """True when `err` is the server refusing these credentials, not the server being away."""
+    state = getattr(err, "sqlstate", None) or ""
+    if state.startswith("28") or state == "3D000":  # invalid authorization; invalid catalog name
+        return True
+    return not state and any(text in str(err) for text in _REFUSALS)
+
+
 class PostgresEventStore(EventStore):
     def __init__(
         self,
@@ -175,12 +197,15 @@ class PostgresEventStore(EventStore):
         except psycopg_pool.PoolTimeout as err:
             raise self._down(f"no PostgreSQL connection: {_one_line(err)}") from err
         except psycopg.OperationalError as err:
+            if refused(err):
+                raise StoreRefused(f"the PostgreSQL session store refused this login: {_one_line(err)}") from err
             raise self._down(f"PostgreSQL session store unreachable: {_one_line(err)}") from err
         self._down_since = None
 
     def _borrow(self, stack: ExitStack) -> psycopg.Connection:
         """A pooled connection: a short wait, then, if none came, ask the server itself
-        whether it is down (answer now) or the pool is just busy (wait the full time)."""
+        whether it is down (answer now), refuses us (say so now: no wait will help), or the
+        pool is just busy (wait the full time)."""
         try:
             return stack.enter_context(self._pool.connection(timeout=self._down_wait_s))
         except psycopg_pool.PoolTimeout:
@@ -189,9 +214,12 @@ class PostgresEventStore(EventStore):
         return stack.enter_context(self._pool.connection(timeout=self._wait_s))
 
     def _reachable(self) -> bool:
+        """Whether a fresh connection gets through; a refused login raises (it is not an outage)."""
         try:
             psycopg.connect(self.url, connect_timeout=2).close()
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as err:
+            if refused(err):
+                raise
             return False
         return True
 

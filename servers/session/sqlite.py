@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from corral.diskfull import disk_full, is_disk_full
 from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import lineage, rules
 from corral.servers.session.store import (
@@ -156,10 +157,8 @@ class SQLiteEventStore(EventStore):
         except BaseException as err:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            if isinstance(err, sqlite3.OperationalError) and err.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                raise Unavailable(
-                    "no space left on device", hint=f"free space under {self.path.resolve().parent}"
-                ) from err
+            if is_disk_full(err):
+                raise disk_full(self.path.resolve().parent) from err
             raise
 
     def _migrate(self, db: sqlite3.Connection) -> None:

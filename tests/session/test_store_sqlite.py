@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-import subprocess
 
 import pytest
 
 from corral.errors import Unavailable
 from corral.servers.session import NewEvent, open_store
-from tests.conftest import require
+from tests.conftest import fill_disk
 from tests.session.contract import StoreContract
 
 
@@ -88,23 +86,6 @@ def test_a_newer_database_is_refused_not_downgraded(tmp_path):
         open_store(str(path))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs of our own, to fill up."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False
-    )
-    require(
-        "a tmpfs mount (needs root)",
-        mounted.returncode == 0,
-        mounted.stderr.strip() or f"mount exited {mounted.returncode}",
-    )
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.anyio
 async def test_a_full_disk_is_named_and_appends_resume_once_space_is_freed(small_disk):
     from mcp.client import Client
@@ -113,8 +94,7 @@ async def test_a_full_disk_is_named_and_appends_resume_once_space_is_freed(small
 
     store = open_store(str(small_disk / "sessions.db"))
     sid = store.create().session_id
-    filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - (256 << 10)))  # leave a little room
+    filler = fill_disk(small_disk, leave=256 << 10)  # leave a little room
     acknowledged: list[int] = []
     try:
         async with Client(build_server(store)) as client:

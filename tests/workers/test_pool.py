@@ -265,6 +265,10 @@ def test_a_session_a_failed_job_left_running_is_resumed_by_the_pool(store, worke
     wait_until("the session done after its job failed", lambda: store.get(sid).status == "idle", timeout=60)
     assert [i for i, _, _ in steps(store, sid)] == [0, 1, 2]
     assert "resuming session " + sid in w.log()
+    failed = [e.data for e in store.select(sid, types=["session.status"]) if e.data.get("status") == "failed"]
+    assert [(d["kind"], d["message"], d["writer"]) for d in failed] == [
+        ("RuntimeError", "a bug outside the harness", "worker solo")
+    ]
     assert sorted(status for _, _, status in jobs(pg_schema_url)) == ["failed"], (
         "the failed job stays, the resumed one succeeded (deleted)"
     )

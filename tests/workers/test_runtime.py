@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from corral.errors import Unavailable
-from corral.harness.pool import FENCED_EXIT, LeasedStore, Runtime, in_own_loop
+from corral.errors import InvalidArgument, Timeout, Unavailable
+from corral.harness.outage import OutageTooLong, ride_out
+from corral.harness.pool import FENCED_EXIT, HandBack, LeasedStore, Runtime, in_own_loop
 from corral.servers.session import LeaseLost, NewEvent, open_store
+from corral.servers.session.postgres import StoreRefused
 
 
 @pytest.fixture
@@ -119,3 +121,66 @@ def test_a_body_error_comes_back_to_the_worker():
 
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(in_own_loop(body))
+
+
+def status_events(store, sid) -> list[dict]:
+    return [e.data for e in store.select(sid, types=["session.status"])]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "message"),
+    [
+        (RuntimeError("a bug outside the harness"), "RuntimeError", "a bug outside the harness"),
+        (
+            InvalidArgument("the session log has schema version 9, this worker reads 2"),
+            "invalid_argument",
+            "the session log has schema version 9, this worker reads 2",
+        ),
+    ],
+)
+def test_a_job_that_dies_outside_the_harness_records_why_in_the_log_before_it_fails(store, error, kind, message):
+    sid = store.create().session_id
+
+    async def body(leased, session_id):
+        leased.append(session_id, [NewEvent(type="session.status", data={"status": "running"})])
+        raise error
+
+    runtime = Runtime(store=store, body=body, name="w1", lease_s=5)
+    with pytest.raises(type(error)):
+        asyncio.run(runtime.work(sid, None))
+    last = status_events(store, sid)[-1]
+    assert (last["status"], last["kind"], last["message"]) == ("failed", kind, message)
+    assert last["reason"] == f"{kind}: {message}" and last["writer"] == "worker w1"
+    assert store.get(sid).status == "failed" and store.get(sid).lease is None
+    assert HandBack().get_retry_decision(exception=error, job=None) is None  # type: ignore[arg-type]  # final: not retried
+
+
+def test_a_failure_the_harness_recorded_is_not_recorded_twice_and_an_outage_fails_nothing(store):
+    sid = store.create().session_id
+
+    async def harness_failed(leased, session_id):
+        leased.append(
+            session_id,
+            [NewEvent(type="session.status", data={"status": "failed", "reason": "timeout: the model did not answer"})],
+        )
+        raise Timeout("the model did not answer")
+
+    with pytest.raises(Timeout):
+        asyncio.run(Runtime(store=store, body=harness_failed, name="w1", lease_s=5).work(sid, None))
+    assert [d["status"] for d in status_events(store, sid)] == ["failed"]
+
+    other = store.create().session_id
+
+    async def outage(leased, session_id):
+        raise OutageTooLong("append: the session database stayed unreachable for over 300s")
+
+    with pytest.raises(OutageTooLong):
+        asyncio.run(Runtime(store=store, body=outage, name="w1", lease_s=5).work(other, None))
+    assert status_events(store, other) == []  # weather: the job is retried, the session is not failed
+
+
+def test_a_refused_login_is_final_not_an_outage():
+    refused = StoreRefused("the PostgreSQL session store refused this login: password authentication failed")
+    assert HandBack().get_retry_decision(exception=refused, job=None) is None  # type: ignore[arg-type]
+    with pytest.raises(StoreRefused):  # not ridden out for the outage budget: raised at once
+        ride_out(lambda: (_ for _ in ()).throw(refused), "append", budget_s=300)
