@@ -116,7 +116,7 @@ def harness(backend_kind: str, settings: SandboxSettings) -> Iterator[Harness]:
 
 
 @pytest.fixture
-def bw(settings: SandboxSettings) -> Iterator[Harness]:
+def bw(settings: SandboxSettings, needs_bwrap: None) -> Iterator[Harness]:
     """A server over bubblewrap only (live-sandbox behaviour)."""
     h = Harness("bubblewrap", settings)
     yield h
