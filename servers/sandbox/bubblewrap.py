@@ -57,6 +57,8 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .checkpoints import tree
+from .checkpoints.manifest import Manifest
 from .config import BubblewrapConfig
 from .live import (
     INIT_SCRIPT,
@@ -552,6 +554,39 @@ class BubblewrapBackend(Backend):
 
     async def active(self, ref: SandboxRef) -> bool:
         return any(self._running(meta) for meta, _ in self._metas(ref))
+
+    # -- checkpoints: the sandbox's dirs, read and written host side -------------------
+
+    def _areas(self, ref: SandboxRef) -> dict[str, Path]:
+        base = self._dir(ref.id)
+        areas = {"workspace": base / "workspace", "home": base / "home"}
+        if (base / "layer" / "upper").is_dir():  # the writable system layer: what the sandbox changed of `/`
+            areas["system"] = base / "layer" / "upper"
+        return areas
+
+    async def snapshot(
+        self, ref: SandboxRef, sink: tree.BlobSink, previous: tree.StatCache | None, max_files: int
+    ) -> tree.Scan:
+        if not (self._dir(ref.id) / "workspace").is_dir():
+            raise SandboxLost(f"sandbox {ref.id} is gone: its workspace no longer exists")
+        return await asyncio.to_thread(tree.scan, self._areas(ref), sink, previous, max_files)
+
+    async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: tree.BlobSource) -> tree.StatCache:
+        """Stop its processes, unmount its layer (an overlay's upper dir must not change under it),
+        then replace every area's content; the next command starts a new init."""
+        await self._stop(ref.id)
+        (self._dir(ref.id) / "init.json").unlink(missing_ok=True)  # stopped on purpose: no "while away" notice
+        self._notices.pop(ref.id, None)
+        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")
+        areas = self._areas(ref)
+
+        def work() -> tree.StatCache:
+            for directory in areas.values():
+                tree.empty(directory)
+            tree.restore(areas, manifest, source, self.uid)
+            return tree.prime(areas, manifest)
+
+        return await asyncio.to_thread(work)
 
     # -- files (host side, resolved inside the workspace) ---------------------------------
 
