@@ -14,6 +14,7 @@ Running processes are not part of a checkpoint: an in-place restore stops them.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from pathlib import Path
@@ -51,12 +52,14 @@ class CheckpointInfo(_Model):
     files_changed: int = Field(description="added or changed since the previous checkpoint")
     bytes_added: int = Field(description="new content stored (content already stored anywhere is not stored again)")
     duration_ms: int | None = Field(None, description="how long taking it took (absent in listings)")
-    skipped: list[str] = Field(default_factory=list, description="what was not captured (sockets, device nodes)")
+    skipped: builtins.list[str] = Field(
+        default_factory=list, description="what was not captured (sockets, device nodes)"
+    )
 
 
 class CheckpointList(_Model):
     sandbox_id: str
-    checkpoints: list[CheckpointInfo] = Field(description="oldest first")
+    checkpoints: builtins.list[CheckpointInfo] = Field(description="oldest first")
 
 
 class Restored(_Model):
@@ -72,7 +75,9 @@ def _iso(ts: float) -> str:
     return iso(ts)
 
 
-def info(record: CheckpointRecord, duration_ms: int | None = None, skipped: list[str] | None = None) -> CheckpointInfo:
+def info(
+    record: CheckpointRecord, duration_ms: int | None = None, skipped: builtins.list[str] | None = None
+) -> CheckpointInfo:
     return CheckpointInfo(
         checkpoint_id=record.id,
         sandbox_id=record.sandbox_id,
@@ -241,7 +246,7 @@ class Checkpointer:
         except NotFound:
             return None
 
-    def forget(self, sandbox_ids: list[str]) -> None:
+    def forget(self, sandbox_ids: builtins.list[str]) -> None:
         for sandbox_id in sandbox_ids:
             self._caches.pop(sandbox_id, None)
             self._locks.pop(sandbox_id, None)

@@ -79,14 +79,11 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
             path = f"{area}/{rel}"
             key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
             seen = previous.get(path)
-            if seen is not None and seen[0] == key:
-                entry = seen[1]
-            else:
-                entry = _entry(root / rel, st, sink, out)
-                if entry is None:
-                    continue
-                if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
-                    out.files_changed += 1
+            entry = seen[1] if seen is not None and seen[0] == key else _entry(root / rel, st, sink, out)
+            if entry is None:
+                continue
+            if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+                out.files_changed += 1
             out.manifest[path] = entry
             out.cache[path] = (key, entry)
     return out
