@@ -169,6 +169,8 @@ class BubblewrapBackend(Backend):
             for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
                 (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
             os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
+            if (self._rootfs(spec.template or "") / "etc" / "apt" / "apt.conf.d").is_dir():
+                _apt_as_root(base / "layer" / "upper", self.uid)
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
@@ -623,6 +625,21 @@ MNT_DETACH = 2
 def _unmount(path: Path) -> None:
     if os.path.ismount(path) and _LIBC.umount2(os.fsencode(path), 0) != 0:
         _LIBC.umount2(os.fsencode(path), MNT_DETACH)  # busy: detach it now, gone when free
+
+
+# The sandbox's user namespace maps one uid (its root): apt cannot drop to `_apt` for downloads.
+APT_CONF = 'APT::Sandbox::User "root";\n'
+
+
+def _apt_as_root(upper: Path, uid: int) -> None:
+    """Tell apt in a template sandbox to download as root (the only uid there is), in the
+    sandbox's own layer: the template is untouched."""
+    conf = upper / "etc" / "apt" / "apt.conf.d"
+    conf.mkdir(parents=True, mode=0o755)
+    for path in (upper / "etc", upper / "etc" / "apt", conf):
+        os.chown(path, uid, uid)
+    (conf / "00corral-sandbox").write_text(APT_CONF)
+    os.chown(conf / "00corral-sandbox", uid, uid)
 
 
 def _as_is(path: str) -> list[str]:
