@@ -47,6 +47,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         run_as_uid=settings.sandbox_run_as_uid,
         extra_binds=list(settings.sandbox_extra_binds),
         templates=settings.templates_dir(),
+        fast_enter=settings.sandbox_fast_enter,
     )
 
 
