@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,11 +17,13 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from corral.servers.session import Event
+from tests.conftest import wait_until
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.harness.test_acceptance import corral_cmd, real_env, sandboxes  # noqa: F401 (a fixture)
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
+from tests.sandbox.procs import host_pids
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +84,20 @@ def step_results(log: list[Event], step: int) -> list[dict[str, Any]]:
     ]
 
 
+def servers_of(home: str) -> list[int]:
+    """Sandbox server processes of the install at `home` still alive (a killed harness's stdio
+    server must end with its stdin, not linger)."""
+    mine = f"CORRAL_HOME={home}".encode()
+    pids = []
+    for pid in host_pids(b"serve\0sandbox"):
+        try:
+            if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
 def kill_point(log: list[Event]) -> str:
     """Where a killed harness stopped: its last append of progress, named by type (and step)."""
     last = [e for e in log if e.type not in ("session.status", "span.model_request", "sandbox.provisioned")][-1]
@@ -138,6 +155,7 @@ def test_sigkill_at_every_boundary_keeps_the_sandbox_its_files_and_its_server(re
     assert len(provisioned) == 1 and sandboxes(env) == 1, provisioned  # one sandbox, never a fresh one
     assert {d[0]["sandbox_id"] for d in done} == set(provisioned)
     started = done[3][0]["process_id"]
+    wait_until(lambda: not servers_of(env["CORRAL_HOME"]), "every killed harness's sandbox server to exit")
 
     async def the_server_outlives_every_harness() -> None:
         # a new stdio sandbox server, as the next `corral wake` would start, asked as the session
