@@ -1,13 +1,19 @@
 """Issue 10's crash test of the workspace: `corral run` of a task that writes files and starts a
-background HTTP server in its default sandbox (real bubblewrap, the sandbox server over stdio as
-`corral run` launches it) is SIGKILLed at every event boundary and woken each time with
-`corral wake`. After every wake the session finds the same sandbox, its files and its server,
-and the task completes. Then a restarted stdio client finds the sandbox's files and server too."""
+background HTTP server in its default sandbox (real bubblewrap) is SIGKILLed at every event
+boundary and woken each time with `corral wake`. After every wake the session finds the same
+sandbox, its files and its server, and the task completes.
+
+Two deployments: the sandbox server over stdio, launched by each harness and ending with it (as
+`corral run` does by default: every wake talks to a new server), and one `corral serve sandbox
+--http` that outlives every harness (as `corral up` runs it)."""
 
 from __future__ import annotations
 
 import json
 import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +22,9 @@ import pytest
 from mcp import StdioServerParameters
 from mcp.client import Client
 
+from corral.auth import load_or_create_token
 from corral.servers.session import Event
-from tests.conftest import wait_until
+from tests.conftest import bearer_client, free_port, wait_listening, wait_until
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.harness.test_acceptance import corral_cmd, real_env, sandboxes  # noqa: F401 (a fixture)
@@ -136,8 +143,40 @@ async def call(c: Client, tool: str, sid: str, **args: Any) -> dict[str, Any]:
     return result.structured_content
 
 
-def test_sigkill_at_every_boundary_keeps_the_sandbox_its_files_and_its_server(real_env: dict[str, str]) -> None:  # noqa: F811
+@pytest.fixture(params=["stdio", "http"])
+def deployment(request: pytest.FixtureRequest, real_env: dict[str, str]) -> Iterator[tuple[dict[str, str], Any]]:  # noqa: F811
+    """The harness's environment, and how to reach the sandbox server after the task: a new stdio
+    server (as the next `corral wake` would start) or the one HTTP server every harness used."""
     env = {**real_env, "CORRAL_SERVERS": "sandbox"}
+    if request.param == "stdio":
+        command, *args = corral_cmd()
+        yield env, lambda: Client(StdioServerParameters(command=command, args=[*args, "serve", "sandbox"], env=env))
+        return
+    port = free_port()
+    server = subprocess.Popen(
+        [*corral_cmd(), "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port, server)
+        url = f"http://127.0.0.1:{port}/mcp"
+        token = load_or_create_token(Path(env["CORRAL_HOME"]))
+        yield (
+            {**env, "CORRAL_SANDBOX_URL": url, "CORRAL_SERVER_TOKEN": token},
+            lambda: bearer_client(url, env["CORRAL_HOME"]),
+        )
+        assert server.poll() is None, "the HTTP sandbox server died"
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_sigkill_at_every_boundary_keeps_the_sandbox_its_files_and_its_server(
+    deployment: tuple[dict[str, str], Any],
+) -> None:
+    env, sandbox_client = deployment
     with FakeAnthropic(Script({"WS-TASK": [next_step] * 30})) as fake:
         sid, killed = run_killed_at_every_boundary({**env, **fake.env()})
         assert fake.invalid == []
@@ -154,13 +193,15 @@ def test_sigkill_at_every_boundary_keeps_the_sandbox_its_files_and_its_server(re
     provisioned = [e.data["sandbox_id"] for e in log if e.type == "sandbox.provisioned"]
     assert len(provisioned) == 1 and sandboxes(env) == 1, provisioned  # one sandbox, never a fresh one
     assert {d[0]["sandbox_id"] for d in done} == set(provisioned)
+    with sqlite3.connect(Path(env["CORRAL_HOME"]) / "sandboxes" / "registry-bubblewrap.db") as db:
+        bound = db.execute("SELECT client, sandbox_id FROM defaults").fetchall()
+    assert bound == [(f"meta:{sid}", provisioned[0])]  # bound to the session, not to a server's lifetime
     started = done[3][0]["process_id"]
-    wait_until(lambda: not servers_of(env["CORRAL_HOME"]), "every killed harness's sandbox server to exit")
+    stays = 1 if "CORRAL_SANDBOX_URL" in env else 0  # the HTTP server; no killed harness's stdio server
+    wait_until(lambda: len(servers_of(env["CORRAL_HOME"])) == stays, "every killed harness's sandbox server to exit")
 
     async def the_server_outlives_every_harness() -> None:
-        # a new stdio sandbox server, as the next `corral wake` would start, asked as the session
-        params = StdioServerParameters(command=corral_cmd()[0], args=[*corral_cmd()[1:], "serve", "sandbox"], env=env)
-        async with Client(params) as c:
+        async with sandbox_client() as c:  # asked as the session
             procs = (await call(c, "processes", sid))["processes"]
             assert [(p["process_id"], p["command"], p["state"]) for p in procs] == [(started, SERVE, "running")]
             again = await call(c, "execute", sid, command="python3 check.py")
