@@ -159,6 +159,12 @@ class SandboxSettings(CoreSettings):
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
+    sandbox_client_key: str = Field(
+        "",
+        max_length=200,
+        description="the default sandbox's key for clients that send none (a stdio server serves one client): "
+        "`corral mcp-config --workspace-key KEY` sets it per project; empty: one default sandbox per CORRAL_HOME",
+    )
     sandbox_fast_enter: bool = Field(
         True,
         description="bubblewrap: build a small C helper (corral-enter, with the machine's `cc`) that enters a live "

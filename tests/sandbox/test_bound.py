@@ -3,6 +3,8 @@ restart of the server (and of the client), and a bound sandbox that is gone says
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,38 @@ async def test_a_restarted_stdio_client_reads_the_file_it_wrote(settings: Sandbo
         procs = (await call(c, "processes"))["processes"]
         assert [(p["process_id"], p["state"]) for p in procs] == [(started["process_id"], "running")]
         await call(c, "destroy", sandbox_id=wrote["sandbox_id"])
+
+
+async def test_a_workspace_key_gives_each_project_its_own_default(settings: SandboxSettings, tmp_path: Path) -> None:
+    """`corral mcp-config --workspace-key KEY` puts CORRAL_SANDBOX_CLIENT_KEY in a stdio server's
+    env: clients of one CORRAL_HOME but different projects get different default sandboxes, and a
+    restarted client of a project gets that project's."""
+    project = tmp_path / "project"
+    project.mkdir()
+    config = subprocess.run(
+        [CORRAL, "mcp-config", "json", "--servers", "sandbox", "--workspace-key", "proj-a"],
+        capture_output=True, text=True, env=serve_env(settings), timeout=60,
+    )  # fmt: skip
+    assert config.returncode == 0, config.stderr
+    entry = json.loads(config.stdout)["mcpServers"]["corral-sandbox"]
+    assert entry["env"]["CORRAL_SANDBOX_CLIENT_KEY"] == "proj-a"
+
+    def params(key: str | None) -> StdioServerParameters:
+        extra = {"CORRAL_SANDBOX_CLIENT_KEY": key} if key else {}
+        return StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=serve_env(settings, **extra))
+
+    async with Client(params("proj-a")) as c:
+        a = await call(c, "write_file", path="which.txt", content="a")
+    async with Client(params("proj-b")) as c:
+        b = await call(c, "execute", command="cat which.txt 2>/dev/null || echo none")
+        assert b["stdout"] == "none\n" and b["sandbox_id"] != a["sandbox_id"]
+    async with Client(params(None)) as c:
+        assert (await call(c, "execute", command="ls"))["sandbox_id"] not in (a["sandbox_id"], b["sandbox_id"])
+    async with Client(params("proj-a")) as c:
+        again = await call(c, "read_file", path="which.txt")
+        assert (again["sandbox_id"], again["content"]) == (a["sandbox_id"], "a")
+    bad = subprocess.run(
+        [CORRAL, "mcp-config", "json", "--workspace-key", " "], capture_output=True, text=True,
+        env=serve_env(settings), timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "invalid_argument:" in bad.stderr
