@@ -1,0 +1,340 @@
+"""Checkpoints every host can restore: blobs and manifests in PostgreSQL (`CORRAL_CHECKPOINT_STORE=postgresql://...`).
+
+Why PostgreSQL rather than an S3-compatible store: every host that shares a session store
+already reaches this database (so a session picked up on another host finds its
+workspace with no new service to run, secure or back up); one transaction commits a
+checkpoint's manifest delta together with its references to the blobs it needs, so a
+listed checkpoint always has all its content (an object store has no transaction: it
+would need a second index and a repair pass after every crash); and the garbage
+collector's race with a checkpoint in flight on another host is settled by row locks,
+not by clocks. What S3 does better, cheap bulk storage of huge trees, matters less here:
+blobs are deduplicated, a checkpoint stores only what changed, and a cap bounds the total.
+
+Layout (tables prefixed `corral_ckpt_`, created idempotently under an advisory lock and
+versioned in `corral_ckpt_schema_version`, beside the session store's tables):
+
+- `blobs(digest PK, size, stored_at)` and `blob_chunks(digest, seq, data)`: a blob is
+  its row plus 4 MiB chunks, streamed in with COPY and out through a server-side cursor,
+  so a 2 GB file never sits in memory. Both are written in one transaction: a blob row
+  exists only with all its chunks.
+- `checkpoints(id PK, seq, sandbox_id, created_at, record, delta)`: the record as JSON.
+- `refs(checkpoint_id -> checkpoints ON DELETE CASCADE, digest -> blobs)`: the foreign key
+  is the database's guarantee that a committed checkpoint's blobs exist.
+
+The race across hosts. `put_blob` of a digest already stored refreshes its `stored_at`,
+and `gc` removes only blobs older than the grace that no ref names. `gc` locks its
+candidates (`FOR UPDATE SKIP LOCKED`) and deletes them in a second statement that looks
+at the refs again, so a checkpoint that committed in between keeps its blobs; a commit
+whose blob went meanwhile fails its foreign key check, and the checkpoint is refused
+cleanly (nothing stored) instead of listed with a hole.
+
+The storage cap is the database's total (every host shares it); `usage` is read at most
+once a second, plus what this process added since.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from corral.errors import Conflict, NotFound, Unavailable
+from corral.servers.session.postgres import _configure, _one_line, refused
+
+from .store import GRACE_S, CheckpointRecord, CheckpointStore
+
+__all__ = ["CHUNK", "PostgresCheckpointStore"]
+
+CHUNK = 4 << 20
+GC_BATCH = 1000
+USAGE_TTL_S = 1.0
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE corral_ckpt_blobs (
+        digest    TEXT PRIMARY KEY,
+        size      BIGINT NOT NULL,
+        stored_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+    );
+    CREATE TABLE corral_ckpt_blob_chunks (
+        digest TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        data   BYTEA NOT NULL,
+        PRIMARY KEY (digest, seq)
+    );
+    ALTER TABLE corral_ckpt_blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    CREATE TABLE corral_ckpt_checkpoints (
+        id         TEXT PRIMARY KEY,
+        seq        BIGSERIAL NOT NULL,
+        sandbox_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        record     TEXT NOT NULL,
+        delta      BYTEA NOT NULL
+    );
+    CREATE INDEX corral_ckpt_checkpoints_sandbox ON corral_ckpt_checkpoints (sandbox_id, created_at, seq);
+    CREATE TABLE corral_ckpt_refs (
+        checkpoint_id TEXT NOT NULL REFERENCES corral_ckpt_checkpoints (id) ON DELETE CASCADE,
+        digest        TEXT NOT NULL REFERENCES corral_ckpt_blobs (digest),
+        PRIMARY KEY (digest, checkpoint_id)
+    );
+    CREATE INDEX corral_ckpt_refs_checkpoint ON corral_ckpt_refs (checkpoint_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+MIGRATION_LOCK = 0x636B7074  # pg_advisory_xact_lock key ("ckpt"): one migrator at a time
+IDLE_TX_TIMEOUT_MS = 60_000  # a host paused mid-transaction must not hold blob locks forever
+HINT = "check CORRAL_CHECKPOINT_STORE (postgresql://USER:PASSWORD@HOST:PORT/DB) and that the server is up"
+
+
+class PostgresCheckpointStore(CheckpointStore):
+    def __init__(self, url: str, cap_bytes: int, *, staging: Path, max_connections: int = 4) -> None:
+        super().__init__(cap_bytes)
+        self.url = url
+        self.staging = staging
+        staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in staging.iterdir():  # what a crash left half-read (ours alone: the dir is per host)
+            stale.unlink(missing_ok=True)
+        self._usage: tuple[float, int] | None = None  # (monotonic time read, bytes)
+        self._added = 0  # bytes this process stored since that read
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            timeout=10.0,
+            check=psycopg_pool.ConnectionPool.check_connection,
+            reconnect_timeout=2.0,
+            configure=partial(_configure, idle_tx_timeout_ms=IDLE_TX_TIMEOUT_MS),
+            open=False,
+            name="corral-checkpoints",
+        )
+        try:
+            psycopg.connect(url, connect_timeout=10).close()  # fails fast, saying why
+            self._pool.open(wait=True, timeout=10.0)
+            self._migrate()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+            self._pool.close()
+            raise Unavailable(f"cannot open the PostgreSQL checkpoint store: {_one_line(err)}", hint=HINT) from err
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection; an unreachable server becomes `Unavailable`."""
+        try:
+            with ExitStack() as stack:
+                yield stack.enter_context(self._pool.connection())
+        except psycopg_pool.PoolTimeout as err:
+            raise Unavailable(f"no connection to the PostgreSQL checkpoint store: {_one_line(err)}", hint=HINT) from err
+        except psycopg.OperationalError as err:
+            why = "refused this login" if refused(err) else "is unreachable"
+            raise Unavailable(f"the PostgreSQL checkpoint store {why}: {_one_line(err)}", hint=HINT) from err
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS corral_ckpt_schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM corral_ckpt_schema_version").fetchone()
+            current = (row[0] if row else None) or 0
+            if current > SCHEMA_VERSION:
+                raise Unavailable(
+                    f"the checkpoint tables have schema version {current}, newer than this corral ({SCHEMA_VERSION})",
+                    hint="upgrade corral",
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                conn.execute(MIGRATIONS[version - 1])
+                conn.execute("INSERT INTO corral_ckpt_schema_version (version) VALUES (%s)", (version,))
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def put_blob(self, digest: str, data: bytes | Path) -> int:
+        """Insert the blob's row and chunks in one transaction, or refresh the row that is there."""
+        try:
+            size = data.stat().st_size if isinstance(data, Path) else len(data)
+            while True:
+                with self._tx() as conn:
+                    fresh = conn.execute(
+                        "INSERT INTO corral_ckpt_blobs (digest, size) VALUES (%s, %s) ON CONFLICT DO NOTHING "
+                        "RETURNING 1",
+                        (digest, size),
+                    ).fetchone()
+                    if fresh:
+                        _write_chunks(conn, digest, data)
+                        break
+                    # Stored already (by anyone): fresh again, so a gc running now keeps it for this checkpoint.
+                    touched = conn.execute(
+                        "UPDATE corral_ckpt_blobs SET stored_at = clock_timestamp() WHERE digest = %s", (digest,)
+                    ).rowcount
+                    if touched:
+                        return 0
+                # A gc removed it between the two statements: store it again.
+        finally:
+            if isinstance(data, Path):
+                data.unlink(missing_ok=True)
+        with self._lock:
+            self._added += size
+        return size
+
+    def copy_blob(self, digest: str, fd: int) -> None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT size FROM corral_ckpt_blobs WHERE digest = %s", (digest,)).fetchone()
+            if row is None:
+                raise NotFound(f"checkpoint content {digest[:12]} is missing from the store")
+            with conn.cursor(name="blob") as cur:  # server-side: one chunk in memory at a time
+                cur.itersize = 2
+                cur.execute("SELECT data FROM corral_ckpt_blob_chunks WHERE digest = %s ORDER BY seq", (digest,))
+                for (chunk,) in cur:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def commit(self, record: CheckpointRecord, raw_delta: bytes, blobs: set[str]) -> None:
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    "INSERT INTO corral_ckpt_checkpoints (id, sandbox_id, created_at, record, delta) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (record.id, record.sandbox_id, record.created_at, record.model_dump_json(), raw_delta),
+                )
+                if blobs:  # the foreign key locks each blob (FOR KEY SHARE) and refuses one that is gone
+                    conn.execute(
+                        "INSERT INTO corral_ckpt_refs (checkpoint_id, digest) SELECT %s, unnest(%s::text[]) "
+                        "ON CONFLICT DO NOTHING",
+                        (record.id, sorted(blobs)),
+                    )
+        except psycopg.errors.ForeignKeyViolation as err:
+            raise Conflict(
+                "content of this checkpoint was garbage-collected (on some host) while it was being taken; "
+                "nothing was stored",
+                hint="take the checkpoint again",
+            ) from err
+        with self._lock:
+            self._added += len(raw_delta)
+
+    def get(self, checkpoint_id: str) -> CheckpointRecord | None:
+        with self._tx() as conn:
+            row = conn.execute("SELECT record FROM corral_ckpt_checkpoints WHERE id = %s", (checkpoint_id,)).fetchone()
+        return CheckpointRecord.model_validate_json(row[0]) if row else None
+
+    def raw_delta(self, checkpoint_id: str) -> bytes:
+        with self._tx() as conn:
+            row = conn.execute("SELECT delta FROM corral_ckpt_checkpoints WHERE id = %s", (checkpoint_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no checkpoint {checkpoint_id!r}")
+        return bytes(row[0])
+
+    def list(self, sandbox_id: str) -> list[CheckpointRecord]:
+        return self._records(sandbox_id, "")
+
+    def latest(self, sandbox_id: str) -> CheckpointRecord | None:
+        found = self._records(sandbox_id, " DESC", limit=1)
+        return found[0] if found else None
+
+    def _records(self, sandbox_id: str, order: str, limit: int | None = None) -> list[CheckpointRecord]:
+        query = sql.SQL(
+            "SELECT record FROM corral_ckpt_checkpoints WHERE sandbox_id = %s ORDER BY created_at{o}, seq{o}"
+        ).format(o=sql.SQL(order))
+        if limit is not None:
+            query += sql.SQL(" LIMIT {}").format(limit)
+        with self._tx() as conn:
+            rows = conn.execute(query, (sandbox_id,)).fetchall()
+        return [CheckpointRecord.model_validate_json(r[0]) for r in rows]
+
+    def delete_sandboxes(self, sandbox_ids: list[str]) -> int:
+        with self._tx() as conn:  # their refs go with them (ON DELETE CASCADE)
+            rows = conn.execute(
+                "DELETE FROM corral_ckpt_checkpoints WHERE sandbox_id = ANY(%s) RETURNING octet_length(delta)",
+                (sandbox_ids,),
+            ).fetchall()
+        with self._lock:
+            self._manifests.clear()
+            self._added -= sum(r[0] for r in rows)
+        return len(rows)
+
+    def idle_sandboxes(self, before: float) -> list[str]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT sandbox_id FROM corral_ckpt_checkpoints GROUP BY sandbox_id HAVING max(created_at) < %s",
+                (before,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- space ------------------------------------------------------------------------
+
+    def gc(self, grace_s: float = GRACE_S) -> int:
+        """Remove unreferenced blobs older than the grace, a batch per transaction."""
+        freed = 0
+        while True:
+            with self._tx() as conn:
+                # Lock the candidates: a commit referencing one now waits for us (and then finds it gone).
+                candidates = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT digest FROM corral_ckpt_blobs b WHERE stored_at < clock_timestamp() - "
+                        "make_interval(secs => %s) AND NOT EXISTS (SELECT 1 FROM corral_ckpt_refs r "
+                        "WHERE r.digest = b.digest) LIMIT %s FOR UPDATE SKIP LOCKED",
+                        (grace_s, GC_BATCH),
+                    )
+                ]
+                if not candidates:
+                    break
+                # A new statement sees refs committed since the first one looked: those blobs stay.
+                gone = conn.execute(
+                    "DELETE FROM corral_ckpt_blobs b WHERE digest = ANY(%s) AND NOT EXISTS "
+                    "(SELECT 1 FROM corral_ckpt_refs r WHERE r.digest = b.digest) RETURNING digest, size",
+                    (candidates,),
+                ).fetchall()
+                conn.execute("DELETE FROM corral_ckpt_blob_chunks WHERE digest = ANY(%s)", ([g[0] for g in gone],))
+            freed += sum(g[1] for g in gone)
+            if len(candidates) < GC_BATCH:
+                break
+        with self._lock:
+            self._added -= freed
+        return freed
+
+    def usage(self) -> int:
+        with self._lock:
+            cached = self._usage
+            if cached is not None and time.monotonic() - cached[0] < USAGE_TTL_S:
+                return cached[1] + self._added
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT (SELECT COALESCE(sum(size), 0) FROM corral_ckpt_blobs) + "
+                "(SELECT COALESCE(sum(octet_length(delta)), 0) FROM corral_ckpt_checkpoints)"
+            ).fetchone()
+        total = int(row[0]) if row else 0
+        with self._lock:
+            self._usage, self._added = (time.monotonic(), total), 0
+        return total
+
+
+def _write_chunks(conn: psycopg.Connection, digest: str, data: bytes | Path) -> None:
+    """The blob's bytes as CHUNK-sized rows, streamed with binary COPY (a file never whole in memory)."""
+    with conn.cursor().copy("COPY corral_ckpt_blob_chunks (digest, seq, data) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(["text", "int4", "bytea"])
+        for seq, chunk in enumerate(_chunks(data)):
+            copy.write_row((digest, seq, chunk))
+
+
+def _chunks(data: bytes | Path) -> Iterator[bytes]:
+    if isinstance(data, bytes):
+        for start in range(0, len(data), CHUNK):
+            yield data[start : start + CHUNK]
+        return
+    with data.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
