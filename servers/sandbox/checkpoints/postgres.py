@@ -193,7 +193,7 @@ class PostgresCheckpointStore(CheckpointStore):
             if row is None:
                 raise NotFound(f"checkpoint content {digest[:12]} is missing from the store")
             with conn.cursor(name="blob") as cur:  # server-side: one chunk in memory at a time
-                cur.itersize = 2
+                cur.itersize = 1
                 cur.execute("SELECT data FROM corral_ckpt_blob_chunks WHERE digest = %s ORDER BY seq", (digest,))
                 for (chunk,) in cur:
                     view = memoryview(chunk)
