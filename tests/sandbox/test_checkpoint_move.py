@@ -20,24 +20,33 @@ pytestmark = [pytest.mark.anyio, pytest.mark.requires("bwrap"), pytest.mark.requ
 SESSION = {"corral/client": "sess-1"}
 
 
-def host(name: str, tmp_path: Path, sandbox_root: Path, store_url: str) -> Harness:
-    return Harness(
-        "bubblewrap",
-        SandboxSettings(
-            home=tmp_path / name / "home",
-            sandbox_dir=sandbox_root / name,
-            sandbox_reap_interval_s=3600,
-            checkpoint_store=store_url,
-        ),
-    )
+class Hosts:
+    """Sandbox servers, each configured from its own environment as `corral serve sandbox` is:
+    its own CORRAL_HOME and sandbox root (so its own registry), plus what the test sets."""
+
+    def __init__(self, tmp_path: Path, sandbox_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tmp_path, self.sandbox_root, self.monkeypatch = tmp_path, sandbox_root, monkeypatch
+        self.started: list[Harness] = []
+        for name in ("CORRAL_CHECKPOINT_STORE", "CORRAL_SESSION_STORE"):
+            monkeypatch.delenv(name, raising=False)
+
+    def start(self, name: str, **env: str) -> Harness:
+        with self.monkeypatch.context() as patch:
+            patch.setenv("CORRAL_HOME", str(self.tmp_path / name / "home"))
+            patch.setenv("CORRAL_SANDBOX_DIR", str(self.sandbox_root / name))
+            patch.setenv("CORRAL_SANDBOX_REAP_INTERVAL_S", "3600")
+            for key, value in env.items():
+                patch.setenv(key, value)
+            started = Harness("bubblewrap", SandboxSettings())
+        self.started.append(started)
+        return started
 
 
 @pytest.fixture
-def hosts(tmp_path: Path, sandbox_root: Path, pg_schema_url: str) -> Iterator[tuple[Harness, Harness]]:  # noqa: F811
-    a = host("a", tmp_path, sandbox_root, pg_schema_url)
-    b = host("b", tmp_path, sandbox_root, pg_schema_url)
-    yield a, b
-    for h in (a, b):
+def hosts(tmp_path: Path, sandbox_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
+    made = Hosts(tmp_path, sandbox_root, monkeypatch)
+    yield made
+    for h in made.started:
         _cleanup(h)
         if h.service.checkpoints is not None:
             h.service.checkpoints.store.close()
@@ -54,8 +63,9 @@ async def die(h: Harness) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def test_a_session_moved_to_another_host_continues_with_its_files(hosts: tuple[Harness, Harness]) -> None:
-    a, b = hosts
+async def test_a_session_moved_to_another_host_continues_with_its_files(hosts: Hosts, pg_schema_url: str) -> None:  # noqa: F811
+    a = hosts.start("a", CORRAL_CHECKPOINT_STORE=pg_schema_url)
+    b = hosts.start("b", CORRAL_CHECKPOINT_STORE=pg_schema_url)
     async with a.client() as c:
         made = await c.call_tool(
             "execute",
@@ -84,8 +94,12 @@ async def test_a_session_moved_to_another_host_continues_with_its_files(hosts: t
         assert not again.structured_content.get("notice")
 
 
-async def test_restore_by_id_on_another_host_and_an_unknown_id(hosts: tuple[Harness, Harness]) -> None:
-    a, b = hosts
+async def test_hosts_sharing_a_postgresql_session_store_share_checkpoints_by_default(
+    hosts: Hosts,
+    pg_schema_url: str,  # noqa: F811
+) -> None:
+    a = hosts.start("a", CORRAL_SESSION_STORE=pg_schema_url)  # as a worker or `corral up` on each host
+    b = hosts.start("b", CORRAL_SESSION_STORE=pg_schema_url)
     async with a.client() as c:
         await call(c, "write_file", path="data/report.md", content="# results\n")
         ckpt = (await call(c, "checkpoint"))["checkpoint_id"]
@@ -98,3 +112,18 @@ async def test_restore_by_id_on_another_host_and_an_unknown_id(hosts: tuple[Harn
         assert read["content"] == "# results\n"
         text = await fail(c, "restore", "not_found", checkpoint_id="ckpt_00000000000000000000")
         assert "ckpt_00000000000000000000" in text
+
+
+async def test_local_keeps_checkpoints_on_the_host_even_with_a_postgresql_session_store(
+    hosts: Hosts,
+    pg_schema_url: str,  # noqa: F811
+) -> None:
+    a = hosts.start("a", CORRAL_SESSION_STORE=pg_schema_url, CORRAL_CHECKPOINT_STORE="local")
+    b = hosts.start("b", CORRAL_SESSION_STORE=pg_schema_url, CORRAL_CHECKPOINT_STORE="local")
+    async with a.client() as c:
+        await call(c, "write_file", path="f.txt", content="here only")
+        ckpt = (await call(c, "checkpoint"))["checkpoint_id"]
+        restored = await call(c, "restore", checkpoint_id=ckpt)  # on its own host it is there
+        assert (await call(c, "read_file", path="f.txt", sandbox_id=restored["sandbox_id"]))["content"] == "here only"
+    async with b.client() as c:
+        await fail(c, "restore", "not_found", checkpoint_id=ckpt)

@@ -90,7 +90,10 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636B7074  # pg_advisory_xact_lock key ("ckpt"): one migrator at a time
 IDLE_TX_TIMEOUT_MS = 60_000  # a host paused mid-transaction must not hold blob locks forever
-HINT = "check CORRAL_CHECKPOINT_STORE (postgresql://USER:PASSWORD@HOST:PORT/DB) and that the server is up"
+HINT = (
+    "check CORRAL_CHECKPOINT_STORE (or CORRAL_SESSION_STORE, whose PostgreSQL database it defaults to) "
+    "and that the server is up"
+)
 
 
 class PostgresCheckpointStore(CheckpointStore):
