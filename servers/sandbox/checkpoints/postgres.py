@@ -38,7 +38,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -46,7 +45,7 @@ import psycopg_pool
 from psycopg import sql
 
 from corral.errors import Conflict, NotFound, Unavailable
-from corral.servers.session.postgres import _configure, _one_line, refused
+from corral.servers.session.postgres import _one_line, refused
 
 from .store import GRACE_S, CheckpointRecord, CheckpointStore
 
@@ -89,7 +88,8 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636B7074  # pg_advisory_xact_lock key ("ckpt"): one migrator at a time
-IDLE_TX_TIMEOUT_MS = 60_000  # a host paused mid-transaction must not hold blob locks forever
+IDLE_TX_TIMEOUT_MS = 60_000
+CHECK_AFTER_S = 2.0  # a host paused mid-transaction must not hold blob locks forever
 HINT = (
     "check CORRAL_CHECKPOINT_STORE (or CORRAL_SESSION_STORE, whose PostgreSQL database it defaults to) "
     "and that the server is up"
@@ -105,15 +105,16 @@ class PostgresCheckpointStore(CheckpointStore):
         for stale in staging.iterdir():  # what a crash left half-read (ours alone: the dir is per host)
             stale.unlink(missing_ok=True)
         self._usage: tuple[float, int] | None = None  # (monotonic time read, bytes)
+        self._used: dict[int, float] = {}  # id(connection) -> when it last answered (monotonic)
         self._added = 0  # bytes this process stored since that read
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
             max_size=max_connections,
             timeout=10.0,
-            check=psycopg_pool.ConnectionPool.check_connection,
+            check=self._check,
             reconnect_timeout=2.0,
-            configure=partial(_configure, idle_tx_timeout_ms=IDLE_TX_TIMEOUT_MS),
+            configure=_autocommit,
             open=False,
             name="corral-checkpoints",
         )
@@ -131,19 +132,29 @@ class PostgresCheckpointStore(CheckpointStore):
     # -- plumbing ---------------------------------------------------------------------
 
     @contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a pooled connection; an unreachable server becomes `Unavailable`."""
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in autocommit mode (one statement, one round trip; several
+        statements that must hold together go in `conn.transaction()`); an unreachable
+        server becomes `Unavailable`."""
         try:
             with ExitStack() as stack:
-                yield stack.enter_context(self._pool.connection())
+                conn = stack.enter_context(self._pool.connection())
+                yield conn
+                self._used[id(conn)] = time.monotonic()
         except psycopg_pool.PoolTimeout as err:
             raise Unavailable(f"no connection to the PostgreSQL checkpoint store: {_one_line(err)}", hint=HINT) from err
         except psycopg.OperationalError as err:
             why = "refused this login" if refused(err) else "is unreachable"
             raise Unavailable(f"the PostgreSQL checkpoint store {why}: {_one_line(err)}", hint=HINT) from err
 
+    def _check(self, conn: psycopg.Connection) -> None:
+        """Ask the server about a connection idle a while (a restart may have cut it), not one
+        in use a moment ago: a restore of 10,000 files borrows one per file."""
+        if time.monotonic() - self._used.get(id(conn), float("-inf")) > CHECK_AFTER_S:
+            psycopg_pool.ConnectionPool.check_connection(conn)
+
     def _migrate(self) -> None:
-        with self._pool.connection() as conn:
+        with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS corral_ckpt_schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT max(version) FROM corral_ckpt_schema_version").fetchone()
@@ -163,24 +174,15 @@ class PostgresCheckpointStore(CheckpointStore):
     # -- blobs ------------------------------------------------------------------------
 
     def put_blob(self, digest: str, data: bytes | Path) -> int:
-        """Insert the blob's row and chunks in one transaction, or refresh the row that is there."""
+        """Insert the blob's row and chunks at once, or refresh the row that is there."""
         try:
             size = data.stat().st_size if isinstance(data, Path) else len(data)
-            while True:
-                with self._tx() as conn:
-                    fresh = conn.execute(
-                        "INSERT INTO corral_ckpt_blobs (digest, size) VALUES (%s, %s) ON CONFLICT DO NOTHING "
-                        "RETURNING 1",
-                        (digest, size),
-                    ).fetchone()
-                    if fresh:
-                        _write_chunks(conn, digest, data)
-                        break
-                    # Stored already (by anyone): fresh again, so a gc running now keeps it for this checkpoint.
-                    touched = conn.execute(
+            while not self._insert(digest, size, data):
+                # Stored already (by anyone): fresh again, so a gc running now keeps it for this checkpoint.
+                with self._conn() as conn:
+                    if conn.execute(
                         "UPDATE corral_ckpt_blobs SET stored_at = clock_timestamp() WHERE digest = %s", (digest,)
-                    ).rowcount
-                    if touched:
+                    ).rowcount:
                         return 0
                 # A gc removed it between the two statements: store it again.
         finally:
@@ -190,35 +192,74 @@ class PostgresCheckpointStore(CheckpointStore):
             self._added += size
         return size
 
+    def _insert(self, digest: str, size: int, data: bytes | Path) -> bool:
+        """Store a blob that is not there; False if it is (a row with all its chunks, or none)."""
+        with self._conn() as conn:
+            if isinstance(data, bytes) and size <= CHUNK:  # the common case: one statement
+                return bool(
+                    conn.execute(
+                        "WITH b AS (INSERT INTO corral_ckpt_blobs (digest, size) VALUES (%s, %s) "
+                        "ON CONFLICT DO NOTHING RETURNING digest) "
+                        "INSERT INTO corral_ckpt_blob_chunks (digest, seq, data) SELECT digest, 0, %s FROM b",
+                        (digest, size, data),
+                    ).rowcount
+                )
+            with conn.transaction():
+                if not conn.execute(
+                    "INSERT INTO corral_ckpt_blobs (digest, size) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+                    (digest, size),
+                ).fetchone():
+                    return False
+                _write_chunks(conn, digest, data)
+                return True
+
     def copy_blob(self, digest: str, fd: int) -> None:
-        with self._tx() as conn:
-            row = conn.execute("SELECT size FROM corral_ckpt_blobs WHERE digest = %s", (digest,)).fetchone()
+        """Chunk by chunk (one in memory at a time); a blob of one chunk is one query."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT b.size, c.data FROM corral_ckpt_blobs b LEFT JOIN corral_ckpt_blob_chunks c "
+                "ON c.digest = b.digest AND c.seq = 0 WHERE b.digest = %s",
+                (digest,),
+            ).fetchone()
             if row is None:
                 raise NotFound(f"checkpoint content {digest[:12]} is missing from the store")
-            with conn.cursor(name="blob") as cur:  # server-side: one chunk in memory at a time
-                cur.itersize = 1
-                cur.execute("SELECT data FROM corral_ckpt_blob_chunks WHERE digest = %s ORDER BY seq", (digest,))
-                for (chunk,) in cur:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+            size, chunk, seq, written = row[0], row[1], 0, 0
+            while written < size:
+                if chunk is None:
+                    raise NotFound(f"checkpoint content {digest[:12]} is incomplete in the store (chunk {seq})")
+                view = memoryview(chunk)
+                written += len(view)
+                while view:
+                    view = view[os.write(fd, view) :]
+                seq += 1
+                if written < size:
+                    found = conn.execute(
+                        "SELECT data FROM corral_ckpt_blob_chunks WHERE digest = %s AND seq = %s", (digest, seq)
+                    ).fetchone()
+                    chunk = found[0] if found else None
 
     # -- checkpoints ------------------------------------------------------------------
 
     def commit(self, record: CheckpointRecord, raw_delta: bytes, blobs: set[str]) -> None:
+        """One statement, so one transaction: the row and its refs. The refs' foreign key locks
+        each blob (FOR KEY SHARE) and refuses one that is gone."""
         try:
-            with self._tx() as conn:
+            with self._conn() as conn, conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit TO on")  # a listed checkpoint survives a crash
                 conn.execute(
-                    "INSERT INTO corral_ckpt_checkpoints (id, sandbox_id, created_at, record, delta) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    (record.id, record.sandbox_id, record.created_at, record.model_dump_json(), raw_delta),
+                    "WITH c AS (INSERT INTO corral_ckpt_checkpoints (id, sandbox_id, created_at, record, delta) "
+                    "VALUES (%s, %s, %s, %s, %s) RETURNING id) "
+                    "INSERT INTO corral_ckpt_refs (checkpoint_id, digest) SELECT c.id, d FROM c, unnest(%s::text[]) d "
+                    "ON CONFLICT DO NOTHING",
+                    (
+                        record.id,
+                        record.sandbox_id,
+                        record.created_at,
+                        record.model_dump_json(),
+                        raw_delta,
+                        sorted(blobs),
+                    ),
                 )
-                if blobs:  # the foreign key locks each blob (FOR KEY SHARE) and refuses one that is gone
-                    conn.execute(
-                        "INSERT INTO corral_ckpt_refs (checkpoint_id, digest) SELECT %s, unnest(%s::text[]) "
-                        "ON CONFLICT DO NOTHING",
-                        (record.id, sorted(blobs)),
-                    )
         except psycopg.errors.ForeignKeyViolation as err:
             raise Conflict(
                 "content of this checkpoint was garbage-collected (on some host) while it was being taken; "
@@ -229,12 +270,12 @@ class PostgresCheckpointStore(CheckpointStore):
             self._added += len(raw_delta)
 
     def get(self, checkpoint_id: str) -> CheckpointRecord | None:
-        with self._tx() as conn:
+        with self._conn() as conn:
             row = conn.execute("SELECT record FROM corral_ckpt_checkpoints WHERE id = %s", (checkpoint_id,)).fetchone()
         return CheckpointRecord.model_validate_json(row[0]) if row else None
 
     def raw_delta(self, checkpoint_id: str) -> bytes:
-        with self._tx() as conn:
+        with self._conn() as conn:
             row = conn.execute("SELECT delta FROM corral_ckpt_checkpoints WHERE id = %s", (checkpoint_id,)).fetchone()
         if row is None:
             raise NotFound(f"no checkpoint {checkpoint_id!r}")
@@ -253,12 +294,12 @@ class PostgresCheckpointStore(CheckpointStore):
         ).format(o=sql.SQL(order))
         if limit is not None:
             query += sql.SQL(" LIMIT {}").format(limit)
-        with self._tx() as conn:
+        with self._conn() as conn:
             rows = conn.execute(query, (sandbox_id,)).fetchall()
         return [CheckpointRecord.model_validate_json(r[0]) for r in rows]
 
     def delete_sandboxes(self, sandbox_ids: list[str]) -> int:
-        with self._tx() as conn:  # their refs go with them (ON DELETE CASCADE)
+        with self._conn() as conn:  # their refs go with them (ON DELETE CASCADE)
             rows = conn.execute(
                 "DELETE FROM corral_ckpt_checkpoints WHERE sandbox_id = ANY(%s) RETURNING octet_length(delta)",
                 (sandbox_ids,),
@@ -269,7 +310,7 @@ class PostgresCheckpointStore(CheckpointStore):
         return len(rows)
 
     def idle_sandboxes(self, before: float) -> list[str]:
-        with self._tx() as conn:
+        with self._conn() as conn:
             rows = conn.execute(
                 "SELECT sandbox_id FROM corral_ckpt_checkpoints GROUP BY sandbox_id HAVING max(created_at) < %s",
                 (before,),
@@ -282,7 +323,7 @@ class PostgresCheckpointStore(CheckpointStore):
         """Remove unreferenced blobs older than the grace, a batch per transaction."""
         freed = 0
         while True:
-            with self._tx() as conn:
+            with self._conn() as conn, conn.transaction():
                 # Lock the candidates: a commit referencing one now waits for us (and then finds it gone).
                 candidates = [
                     r[0]
@@ -314,7 +355,7 @@ class PostgresCheckpointStore(CheckpointStore):
             cached = self._usage
             if cached is not None and time.monotonic() - cached[0] < USAGE_TTL_S:
                 return cached[1] + self._added
-        with self._tx() as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 "SELECT (SELECT COALESCE(sum(size), 0) FROM corral_ckpt_blobs) + "
                 "(SELECT COALESCE(sum(octet_length(delta)), 0) FROM corral_ckpt_checkpoints)"
@@ -323,6 +364,17 @@ class PostgresCheckpointStore(CheckpointStore):
         with self._lock:
             self._usage, self._added = (time.monotonic(), total), 0
         return total
+
+
+def _autocommit(conn: psycopg.Connection) -> None:
+    """Autocommit, and no WAL flush per blob: a checkpoint's commit flushes (synchronously) the
+    log up to itself, so every blob stored before it is durable when it is."""
+    conn.autocommit = True
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+        "set_config('synchronous_commit', 'off', false)",
+        (str(IDLE_TX_TIMEOUT_MS),),
+    )
 
 
 def _write_chunks(conn: psycopg.Connection, digest: str, data: bytes | Path) -> None:
