@@ -14,9 +14,9 @@ Layout (tables prefixed `corral_ckpt_`, created idempotently under an advisory l
 versioned in `corral_ckpt_schema_version`, beside the session store's tables):
 
 - `blobs(digest PK, size, stored_at)` and `blob_chunks(digest, seq, data)`: a blob is
-  its row plus 4 MiB chunks, streamed in with COPY and out through a server-side cursor,
-  so a 2 GB file never sits in memory. Both are written in one transaction: a blob row
-  exists only with all its chunks.
+  its row plus 4 MiB chunks, streamed in with binary COPY and read back a chunk per query,
+  so a 2 GB file never sits in memory. Row and chunks are written in one transaction (a
+  file of one chunk: one statement), so a blob row exists only with all its chunks.
 - `checkpoints(id PK, seq, sandbox_id, created_at, record, delta)`: the record as JSON.
 - `refs(checkpoint_id -> checkpoints ON DELETE CASCADE, digest -> blobs)`: the foreign key
   is the database's guarantee that a committed checkpoint's blobs exist.
@@ -27,6 +27,10 @@ candidates (`FOR UPDATE SKIP LOCKED`) and deletes them in a second statement tha
 at the refs again, so a checkpoint that committed in between keeps its blobs; a commit
 whose blob went meanwhile fails its foreign key check, and the checkpoint is refused
 cleanly (nothing stored) instead of listed with a hole.
+
+Speed: a blob costs one round trip and no WAL flush of its own (connections run in
+autocommit with `synchronous_commit` off); the checkpoint's commit is synchronous, and
+flushing the log up to it makes every blob stored before it durable too.
 
 The storage cap is the database's total (every host shares it); `usage` is read at most
 once a second, plus what this process added since.
@@ -68,7 +72,6 @@ MIGRATIONS: list[str] = [
         data   BYTEA NOT NULL,
         PRIMARY KEY (digest, seq)
     );
-    ALTER TABLE corral_ckpt_blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     CREATE TABLE corral_ckpt_checkpoints (
         id         TEXT PRIMARY KEY,
         seq        BIGSERIAL NOT NULL,
