@@ -4,16 +4,22 @@ host A, whose host then dies, continues on host B with its files restored from t
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mcp import StdioServerParameters
+from mcp.client import Client
 
 from corral.servers.sandbox.config import SandboxSettings
+from tests.parts import corral_exe
 from tests.session.pg import pg_schema_url  # noqa: F401 - fixture
 
 from .conftest import Harness, _cleanup, call, fail
+from .procs import kill_sandboxes_under
 
 pytestmark = [pytest.mark.anyio, pytest.mark.requires("bwrap"), pytest.mark.requires("postgres")]
 
@@ -127,3 +133,43 @@ async def test_local_keeps_checkpoints_on_the_host_even_with_a_postgresql_sessio
         assert (await call(c, "read_file", path="f.txt", sandbox_id=restored["sandbox_id"]))["content"] == "here only"
     async with b.client() as c:
         await fail(c, "restore", "not_found", checkpoint_id=ckpt)
+
+
+async def test_corral_serve_sandbox_spawned_as_a_worker_does_restores_a_moved_session(
+    tmp_path: Path,
+    sandbox_root: Path,
+    pg_schema_url: str,  # noqa: F811
+) -> None:
+    """Over real stdio, the server a worker spawns with its own environment (so with its
+    CORRAL_SESSION_STORE): checkpoints go to PostgreSQL with no CORRAL_CHECKPOINT_STORE set."""
+    roots = {name: sandbox_root / f"{name}-{uuid.uuid4().hex[:8]}" for name in ("a", "b")}
+
+    def spawned(name: str) -> Client:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "CORRAL_HOME": str(tmp_path / name),
+            "CORRAL_SANDBOX_DIR": str(roots[name]),
+            "CORRAL_SESSION_STORE": pg_schema_url,
+        }
+        return Client(StdioServerParameters(command=corral_exe(), args=["serve", "sandbox"], env=env))
+
+    try:
+        async with spawned("a") as c:
+            wrote = await c.call_tool("execute", {"command": "echo from-a > state.txt"}, meta=SESSION)
+            assert not wrote.is_error, wrote.content[0].text
+            taken = await c.call_tool("checkpoint", {}, meta=SESSION)
+            assert not taken.is_error, taken.content[0].text
+            ckpt = taken.structured_content["checkpoint_id"]
+        kill_sandboxes_under(roots["a"])  # host a dies: its sandboxes and its disk are gone
+        shutil.rmtree(roots["a"], ignore_errors=True)
+        shutil.rmtree(tmp_path / "a", ignore_errors=True)
+        async with spawned("b") as c:
+            moved = await c.call_tool(
+                "execute", {"command": "cat state.txt"}, meta={**SESSION, "corral/checkpoint": ckpt}
+            )
+            assert not moved.is_error, moved.content[0].text
+            assert moved.structured_content["stdout"] == "from-a\n"
+            assert f"restored from checkpoint {ckpt}" in moved.structured_content["notice"]
+    finally:
+        for root in roots.values():
+            kill_sandboxes_under(root)
