@@ -91,8 +91,9 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636B7074  # pg_advisory_xact_lock key ("ckpt"): one migrator at a time
-IDLE_TX_TIMEOUT_MS = 60_000
-CHECK_AFTER_S = 2.0  # a host paused mid-transaction must not hold blob locks forever
+IDLE_TX_TIMEOUT_MS = 60_000  # a host paused mid-transaction must not hold blob locks forever
+CHECK_AFTER_S = 2.0  # a pooled connection idle longer is asked whether it still works
+DOWN_WAIT_S = 1.0  # no pooled connection within this: ask the server itself whether it is there
 HINT = (
     "check CORRAL_CHECKPOINT_STORE (or CORRAL_SESSION_STORE, whose PostgreSQL database it defaults to) "
     "and that the server is up"
@@ -141,7 +142,7 @@ class PostgresCheckpointStore(CheckpointStore):
         server becomes `Unavailable`."""
         try:
             with ExitStack() as stack:
-                conn = stack.enter_context(self._pool.connection())
+                conn = self._borrow(stack)
                 yield conn
                 self._used[id(conn)] = time.monotonic()
         except psycopg_pool.PoolTimeout as err:
@@ -149,6 +150,15 @@ class PostgresCheckpointStore(CheckpointStore):
         except psycopg.OperationalError as err:
             why = "refused this login" if refused(err) else "is unreachable"
             raise Unavailable(f"the PostgreSQL checkpoint store {why}: {_one_line(err)}", hint=HINT) from err
+
+    def _borrow(self, stack: ExitStack) -> psycopg.Connection:
+        """A pooled connection; none within a second: a server that is down (or refuses us)
+        is said at once, a busy pool is waited for."""
+        try:
+            return stack.enter_context(self._pool.connection(timeout=DOWN_WAIT_S))
+        except psycopg_pool.PoolTimeout:
+            psycopg.connect(self.url, connect_timeout=2).close()  # raises OperationalError if it is away
+        return stack.enter_context(self._pool.connection())
 
     def _check(self, conn: psycopg.Connection) -> None:
         """Ask the server about a connection idle a while (a restart may have cut it), not one
