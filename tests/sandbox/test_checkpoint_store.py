@@ -284,3 +284,18 @@ def test_gc_racing_commits_on_another_host_never_leaves_a_hole(two_hosts, tmp_pa
     for saved in a.list("sbx_a"):
         for entry in a.manifest(saved.id).values():
             assert digest_of(read(a, entry.ref or "", tmp_path)) == entry.ref
+
+
+@pytest.mark.requires("postgres")
+def test_tables_of_a_newer_corral_are_refused(pg_schema_url: str, tmp_path: Path) -> None:  # noqa: F811
+    import psycopg
+
+    from corral.errors import Unavailable
+
+    first = open_store(pg_schema_url, tmp_path / "a", CAP)  # makes the tables
+    assert first is not None
+    first.close()
+    with psycopg.connect(pg_schema_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO corral_ckpt_schema_version VALUES (99)")
+    with pytest.raises(Unavailable, match="checkpoint tables have schema version 99, newer than this corral"):
+        open_store(pg_schema_url, tmp_path / "b", CAP)

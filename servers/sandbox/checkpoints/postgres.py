@@ -49,7 +49,7 @@ import psycopg_pool
 from psycopg import sql
 
 from corral.errors import Conflict, NotFound, Unavailable
-from corral.servers.session.postgres import _one_line, refused
+from corral.servers.session.postgres import _one_line, migrate, refused
 
 from .store import GRACE_S, CheckpointRecord, CheckpointStore
 
@@ -89,7 +89,6 @@ MIGRATIONS: list[str] = [
     CREATE INDEX corral_ckpt_refs_checkpoint ON corral_ckpt_refs (checkpoint_id);
     """,
 ]
-SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x636B7074  # pg_advisory_xact_lock key ("ckpt"): one migrator at a time
 IDLE_TX_TIMEOUT_MS = 60_000  # a host paused mid-transaction must not hold blob locks forever
 CHECK_AFTER_S = 2.0  # a pooled connection idle longer is asked whether it still works
@@ -168,18 +167,13 @@ class PostgresCheckpointStore(CheckpointStore):
 
     def _migrate(self) -> None:
         with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS corral_ckpt_schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM corral_ckpt_schema_version").fetchone()
-            current = (row[0] if row else None) or 0
-            if current > SCHEMA_VERSION:
-                raise Unavailable(
-                    f"the checkpoint tables have schema version {current}, newer than this corral ({SCHEMA_VERSION})",
-                    hint="upgrade corral",
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                conn.execute(MIGRATIONS[version - 1])
-                conn.execute("INSERT INTO corral_ckpt_schema_version (version) VALUES (%s)", (version,))
+            migrate(
+                conn,
+                table="corral_ckpt_schema_version",
+                lock=MIGRATION_LOCK,
+                migrations=MIGRATIONS,
+                what="the checkpoint tables",
+            )
 
     def close(self) -> None:
         self._pool.close()
