@@ -297,5 +297,5 @@ def test_tables_of_a_newer_corral_are_refused(pg_schema_url: str, tmp_path: Path
     first.close()
     with psycopg.connect(pg_schema_url, autocommit=True) as conn:
         conn.execute("INSERT INTO corral_ckpt_schema_version VALUES (99)")
-    with pytest.raises(Unavailable, match="checkpoint tables have schema version 99, newer than this corral"):
+    with pytest.raises(Unavailable, match="the checkpoint store has schema version 99, newer than this corral"):
         open_store(pg_schema_url, tmp_path / "b", CAP)

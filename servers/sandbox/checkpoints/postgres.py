@@ -172,7 +172,7 @@ class PostgresCheckpointStore(CheckpointStore):
                 table="corral_ckpt_schema_version",
                 lock=MIGRATION_LOCK,
                 migrations=MIGRATIONS,
-                what="the checkpoint tables",
+                what="the checkpoint store",
             )
 
     def close(self) -> None:
