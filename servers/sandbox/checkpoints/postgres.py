@@ -248,8 +248,8 @@ class PostgresCheckpointStore(CheckpointStore):
     # -- checkpoints ------------------------------------------------------------------
 
     def commit(self, record: CheckpointRecord, raw_delta: bytes, blobs: set[str]) -> None:
-        """One statement, so one transaction: the row and its refs. The refs' foreign key locks
-        each blob (FOR KEY SHARE) and refuses one that is gone."""
+        """One transaction, flushed before it returns: the row and its refs (one statement).
+        The refs' foreign key locks each blob (FOR KEY SHARE) and refuses one that is gone."""
         try:
             with self._conn() as conn, conn.transaction():
                 conn.execute("SET LOCAL synchronous_commit TO on")  # a listed checkpoint survives a crash
