@@ -299,3 +299,71 @@ def test_tables_of_a_newer_corral_are_refused(pg_schema_url: str, tmp_path: Path
         conn.execute("INSERT INTO corral_ckpt_schema_version VALUES (99)")
     with pytest.raises(Unavailable, match="the checkpoint store has schema version 99, newer than this corral"):
         open_store(pg_schema_url, tmp_path / "b", CAP)
+
+
+CRASHING_PUT = """
+import hashlib, os, sys
+from pathlib import Path
+from corral.servers.sandbox.checkpoints import open_store
+store = open_store(sys.argv[1], Path(sys.argv[2]), 1 << 40)
+staged = store.staging / "big"
+with staged.open("wb") as f:
+    for _ in range(256):
+        f.write(os.urandom(1 << 20))
+digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+print(digest, flush=True)
+store.put_blob(digest, staged)
+"""
+
+
+@pytest.mark.requires("postgres")
+def test_a_host_killed_while_storing_a_big_blob_leaves_no_torn_blob(pg_schema_url: str, tmp_path: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import wait_until
+
+    app = f"ckpt-crash-{uuid.uuid4().hex[:8]}"
+    url = f"{pg_schema_url}&application_name={app}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_PUT, url, str(tmp_path / "child")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        digest = (child.stdout.readline() if child.stdout else "").strip()
+        assert len(digest) == 64, f"the child did not start: {child.poll()}"
+        with psycopg.connect(pg_schema_url, autocommit=True) as conn:
+
+            def copying() -> bool:  # mid-COPY: some chunks sent, the blob not committed
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND query LIKE 'COPY%%' "
+                    "AND state IN ('active', 'idle in transaction')",
+                    (app,),
+                ).fetchone()
+                return bool(row and row[0])
+
+            wait_until(copying, "the child to be storing the blob")
+            child.kill()
+            child.wait(timeout=30)
+            wait_until(
+                lambda: (
+                    not conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+                    ).fetchone()[0]
+                ),
+                "the server to end the dead host's session",
+            )
+            assert conn.execute("SELECT count(*) FROM corral_ckpt_blobs").fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM corral_ckpt_blob_chunks").fetchone()[0] == 0
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    store = open_store(pg_schema_url, tmp_path / "survivor", CAP)
+    assert store is not None
+    try:
+        with pytest.raises(NotFound):  # never half there: another host stores it whole again
+            read(store, digest, tmp_path)
+    finally:
+        store.close()
