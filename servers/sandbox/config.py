@@ -215,7 +215,7 @@ class SandboxSettings(CoreSettings):
         """The checkpoint store to open (`checkpoints.open_store`): the setting, else a PostgreSQL
         session store's database, else this host's ('')."""
         if self.checkpoint_store:
-            return "" if self.checkpoint_store == "local" else self.checkpoint_store
+            return self.checkpoint_store
         return self.session_store if self.session_store.startswith(("postgresql://", "postgres://")) else ""
 
     def sandboxes_dir(self) -> Path:
