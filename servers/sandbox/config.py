@@ -172,14 +172,19 @@ class SandboxSettings(CoreSettings):
     )
     checkpoint_store: str = Field(
         "",
-        description="where checkpoints (workspace snapshots) live: empty for $CORRAL_HOME/checkpoints (this host), "
-        "postgresql://USER@HOST/DB to share them between hosts (a session moved to another host restores from it), "
-        "or 'off' for no checkpoints",
+        description="where checkpoints (workspace snapshots) live: empty for the session store's database when "
+        "CORRAL_SESSION_STORE is postgresql:// (every host sharing the log can restore them: a session moved to "
+        "another host continues with its files), else $CORRAL_HOME/sandboxes/checkpoints (this host); 'local' for "
+        "this host's even then, a directory, postgresql://USER@HOST/DB for another database, or 'off' for none",
+    )
+    session_store: str = Field(
+        "", description="the session log's store (see Session log): a postgresql:// one also holds the checkpoints"
     )
     checkpoint_max_mb: int = Field(
         10240,
         gt=0,
-        description="storage cap of the checkpoint store (blobs and manifests): past it, checkpoint refuses",
+        description="storage cap of the checkpoint store (blobs and manifests; a PostgreSQL store: its total over "
+        "every host): past it, checkpoint refuses",
     )
     checkpoint_max_files: int = Field(
         200_000, gt=0, description="most files (and dirs) one checkpoint captures: past it, checkpoint refuses"
@@ -217,6 +222,13 @@ class SandboxSettings(CoreSettings):
             network=network,
             ttl_s=self.sandbox_ttl_s,
         )
+
+    def checkpoint_store_url(self) -> str:
+        """The checkpoint store to open (`checkpoints.open_store`): the setting, else a PostgreSQL
+        session store's database, else this host's ('')."""
+        if self.checkpoint_store:
+            return self.checkpoint_store
+        return self.session_store if self.session_store.startswith(("postgresql://", "postgres://")) else ""
 
     def sandboxes_dir(self) -> Path:
         """Where the registry lives: always in the data dir."""

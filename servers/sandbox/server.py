@@ -115,7 +115,7 @@ def build_server(
     backend = backend or make_backend(backend_config(settings))
     registry = Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db")
     store = checkpoints.open_store(
-        settings.checkpoint_store, settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
+        settings.checkpoint_store_url(), settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
     )
     service = SandboxService(backend, registry, settings, store)
 
