@@ -38,6 +38,7 @@ once a second, plus what this process added since.
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Iterator
@@ -288,14 +289,14 @@ class PostgresCheckpointStore(CheckpointStore):
             raise NotFound(f"no checkpoint {checkpoint_id!r}")
         return bytes(row[0])
 
-    def list(self, sandbox_id: str) -> list[CheckpointRecord]:
+    def list(self, sandbox_id: str) -> builtins.list[CheckpointRecord]:
         return self._records(sandbox_id, "")
 
     def latest(self, sandbox_id: str) -> CheckpointRecord | None:
         found = self._records(sandbox_id, " DESC", limit=1)
         return found[0] if found else None
 
-    def _records(self, sandbox_id: str, order: str, limit: int | None = None) -> list[CheckpointRecord]:
+    def _records(self, sandbox_id: str, order: str, limit: int | None = None) -> builtins.list[CheckpointRecord]:
         query = sql.SQL(
             "SELECT record FROM corral_ckpt_checkpoints WHERE sandbox_id = %s ORDER BY created_at{o}, seq{o}"
         ).format(o=sql.SQL(order))
@@ -305,7 +306,7 @@ class PostgresCheckpointStore(CheckpointStore):
             rows = conn.execute(query, (sandbox_id,)).fetchall()
         return [CheckpointRecord.model_validate_json(r[0]) for r in rows]
 
-    def delete_sandboxes(self, sandbox_ids: list[str]) -> int:
+    def delete_sandboxes(self, sandbox_ids: builtins.list[str]) -> int:
         with self._conn() as conn:  # their refs go with them (ON DELETE CASCADE)
             rows = conn.execute(
                 "DELETE FROM corral_ckpt_checkpoints WHERE sandbox_id = ANY(%s) RETURNING octet_length(delta)",
@@ -316,7 +317,7 @@ class PostgresCheckpointStore(CheckpointStore):
             self._added -= sum(r[0] for r in rows)
         return len(rows)
 
-    def idle_sandboxes(self, before: float) -> list[str]:
+    def idle_sandboxes(self, before: float) -> builtins.list[str]:
         with self._conn() as conn:
             rows = conn.execute(
                 "SELECT sandbox_id FROM corral_ckpt_checkpoints GROUP BY sandbox_id HAVING max(created_at) < %s",
