@@ -18,6 +18,9 @@ import asyncio
 import builtins  # `DockerBackend.list` shadows the type in the class body
 import secrets
 import signal as signals
+import stat
+import subprocess
+import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -31,6 +34,7 @@ from corral.errors import (
     Unavailable,
 )
 
+from . import docker_checkpoints as ckpt
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -43,6 +47,8 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .checkpoints.manifest import Entry, Manifest, check_path
+from .checkpoints.tree import BlobSink, BlobSource, Scan, StatCache, too_many_files
 from .config import DockerConfig
 from .process import run_bounded
 from .processes import ProcessInfo, ProcessOutput, Signal
@@ -124,6 +130,7 @@ KILL = f"""d="{PROCS}/$1"; [ -e "$d/pid" ] || exit 3
 kill -$2 -- -$p 2>/dev/null || kill -$2 $p
 """
 
+WHITEOUT_KEY = (0, 0, 0, 0)  # a deleted image file has no stat: it stays deleted, or shows up as changed
 _KINDS = {"directory": "dir", "regular file": "file", "regular empty file": "file", "symbolic link": "symlink"}
 
 
@@ -158,6 +165,13 @@ class DockerBackend(Backend):
 
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
         name = self._name(sandbox_id)
+        code, out, err = await self._docker(*self._run_args(sandbox_id, spec, name), timeout_s=120)
+        if code != 0:
+            await self._docker("rm", "-f", name)
+            raise Unavailable(f"docker could not start the sandbox: {err.decode(errors='replace').strip()}")
+        return SandboxRef(id=sandbox_id, spec=spec, data={"container": out.decode().strip()})
+
+    def _run_args(self, sandbox_id: str, spec: SandboxSpec, name: str) -> list[str]:
         args = ["run", "-d", "--name", name, "--label", f"{self.config.label}={sandbox_id}", "--hostname", "sandbox"]
         args += ["--network", "none" if spec.network == "none" else "bridge"]
         args += ["--cpus", f"{spec.cpus:g}", "--memory", f"{spec.memory_mb}m", "--memory-swap", f"{spec.memory_mb}m"]
@@ -165,12 +179,7 @@ class DockerBackend(Backend):
         args += ["--security-opt", "no-new-privileges", "--workdir", WORKDIR]
         for key, value in spec.env.items():
             args += ["--env", f"{key}={value}"]
-        args += ["--entrypoint", "/bin/sh", spec.template or self.config.image, "-c", IDLE]
-        code, out, err = await self._docker(*args, timeout_s=120)
-        if code != 0:
-            await self._docker("rm", "-f", name)
-            raise Unavailable(f"docker could not start the sandbox: {err.decode(errors='replace').strip()}")
-        return SandboxRef(id=sandbox_id, spec=spec, data={"container": out.decode().strip()})
+        return args + ["--entrypoint", "/bin/sh", spec.template or self.config.image, "-c", IDLE]
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         # keep_workspace has no meaning here: the workspace lives in the container.
@@ -347,6 +356,169 @@ class DockerBackend(Backend):
             return any(p.state == "running" for p in await self.list_processes(ref))
         except (SandboxLost, Unavailable):
             return False
+
+    # -- checkpoints: the container's writable layer (see docker_checkpoints.py) ---------------
+
+    async def _changes(self, ref: SandboxRef) -> builtins.list[ckpt.Change]:
+        code, out, err = await self._docker("diff", self._name(ref.id))
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"docker diff failed: {err.decode(errors='replace').strip()}")
+        return [c for c in ckpt.parse_diff(out) if ckpt.manifest_path(c.path) is not None]
+
+    async def _stats(self, ref: SandboxRef, paths: builtins.list[str]) -> builtins.list[ckpt.Stat | None]:
+        if not paths:
+            return []
+        code, out, err = await self._docker(
+            "exec", "-i", self._name(ref.id), "/bin/sh", "-c", ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT,
+            stdin=ckpt.nul_list(paths), timeout_s=300,
+        )  # fmt: skip
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not stat the sandbox's files: {err.decode(errors='replace').strip()}")
+        return ckpt.parse_stats(out, len(paths))
+
+    async def snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache | None, max_files: int) -> Scan:
+        for attempt in range(3):  # a file that changed between stat and tar fails the stream: again
+            try:
+                return await self._snapshot(ref, sink, previous or {}, max_files)
+            except Unavailable:
+                if attempt == 2:
+                    raise
+                await self._lost_unless_running(ref)
+        raise AssertionError("unreachable")
+
+    async def _snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache, max_files: int) -> Scan:
+        changes = await self._changes(ref)
+        if len(changes) > max_files:
+            raise too_many_files(max_files)
+        stats = await self._stats(ref, [c.path for c in changes])
+        out, unread = Scan(), {}
+        for change, st in zip(changes, stats, strict=True):
+            path = ckpt.manifest_path(change.path)
+            assert path is not None
+            if st is None:  # gone: deleted from the image (a whiteout), or removed since the diff
+                if change.kind == "D":
+                    self._keep(out, previous, path, WHITEOUT_KEY, Entry("w", 0, 0, 0))
+                continue
+            seen = previous.get(path)
+            if seen is not None and seen[0] == st.key:
+                out.manifest[path], out.cache[path] = seen[1], seen
+                continue
+            entry = ckpt.entry_of(st)
+            if entry is not None:
+                if change.kind == "D" and entry.type == "d":  # an image dir deleted, then made anew
+                    entry = entry._replace(type="D")
+                self._keep(out, previous, path, st.key, entry)
+            elif stat.S_ISREG(st.mode) or stat.S_ISLNK(st.mode):
+                unread[change.path] = st
+            else:
+                out.skipped.append(
+                    f"{change.path}: a {'socket' if stat.S_ISSOCK(st.mode) else 'device node'} (not captured)"
+                )
+        if unread:
+            await asyncio.to_thread(self._read_files, ref, unread, sink, previous, out)
+        return out
+
+    def _read_files(
+        self, ref: SandboxRef, unread: dict[str, ckpt.Stat], sink: BlobSink, previous: StatCache, out: Scan
+    ) -> None:
+        argv = [self.config.docker, "exec", "-i", self._name(ref.id), "/bin/sh", "-c", ckpt.TAR_ALL]
+        with ckpt.streaming(argv, ckpt.nul_list(["." + p for p in unread]), timeout_s=3600) as stream:
+            for where, entry, fresh in ckpt.read_tar(stream, unread, sink, out):
+                path = ckpt.manifest_path(where)
+                assert path is not None
+                # Written between stat and tar: kept, but never matched, so the next checkpoint rereads it.
+                key = unread[where].key if fresh else (-1, -1, -1, -1)
+                self._keep(out, previous, path, key, entry)
+
+    @staticmethod
+    def _keep(out: Scan, previous: StatCache, path: str, key: tuple[int, int, int, int], entry: Entry) -> None:
+        seen = previous.get(path)
+        if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+            out.files_changed += 1
+        out.manifest[path], out.cache[path] = entry, (key, entry)
+
+    async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: BlobSource) -> StatCache:
+        """Make the container exactly its image plus `manifest`.
+
+        Its processes are stopped by replacing the container with a new one of the same image
+        and spec (not `docker restart`, nor killing all but init): the new container holds
+        exactly the image, so whatever changed since the checkpoint (files added, image files
+        changed or deleted) is undone without reading the image. A container that changed
+        nothing (a sandbox just made for this restore) is kept, its processes killed."""
+        for path in manifest:
+            check_path(path)
+        ckpt.check_tree(manifest)
+        if await self._changes(ref):
+            await self._replace_container(ref)
+        else:
+            await self._docker("exec", self._name(ref.id), "/bin/sh", "-c", "kill -9 -1 2>/dev/null; true")
+        name = self._name(ref.id)
+        gone = [ckpt.container_path(p) for p, e in manifest.items() if e.type in ("w", "D")]
+        if gone:
+            code, _, err = await self._docker(
+                "exec", "-i", name, "/bin/sh", "-c", "exec xargs -0 -r rm -rf --", stdin=ckpt.nul_list(gone)
+            )
+            if code != 0:
+                raise Unavailable(
+                    f"could not remove what the checkpoint deleted: {err.decode(errors='replace').strip()}"
+                )
+        await asyncio.to_thread(self._write_files, name, manifest, source)
+        written = [p for p, e in manifest.items() if e.type != "w"]
+        stats = await self._stats(ref, [ckpt.container_path(p) for p in written])
+        cache = {p: (st.key, manifest[p]) for p, st in zip(written, stats, strict=True) if st is not None}
+        return cache | {p: (WHITEOUT_KEY, e) for p, e in manifest.items() if e.type == "w"}
+
+    def _write_files(self, name: str, manifest: Manifest, source: BlobSource) -> None:
+        laid = ckpt.sparse_files(manifest)
+        if laid:
+            with tempfile.TemporaryFile() as data:
+                args = ckpt.lay_sparse(manifest, laid, source, data)
+                argv = [self.config.docker, "exec", "-i", name, "/bin/sh", "-c", ckpt.LAY_SPARSE, "corral", *args]
+                done = subprocess.run(argv, stdin=data, capture_output=True, timeout=3600)
+            if done.returncode != 0:
+                raise Unavailable(
+                    f"could not write the checkpoint's sparse files: {done.stderr.decode(errors='replace')}"
+                )
+        proc = subprocess.Popen(
+            [self.config.docker, "cp", "-", f"{name}:/"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            with proc.stdin:
+                ckpt.write_tar(proc.stdin, manifest, source, laid)
+        except BrokenPipeError:
+            pass
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            err = proc.stderr.read()
+            code = proc.wait()
+        if code != 0:
+            raise Unavailable(
+                f"docker cp could not write the checkpoint's files: {err.decode(errors='replace').strip()}"
+            )
+        if laid:
+            subprocess.run(
+                [self.config.docker, "exec", name, "rm", "-f", "--", *laid.values()], capture_output=True, timeout=60
+            )
+
+    async def _replace_container(self, ref: SandboxRef) -> None:
+        """A new container of the same spec under the same name; the old one kept until it runs."""
+        name = self._name(ref.id)
+        old = f"{name}-replaced-{secrets.token_hex(4)}"
+        code, _, err = await self._docker("rename", name, old)
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not replace the sandbox's container: {err.decode(errors='replace').strip()}")
+        code, _, err = await self._docker(*self._run_args(ref.id, ref.spec, name), timeout_s=120)
+        if code != 0:
+            await self._docker("rm", "-f", name)
+            await self._docker("rename", old, name)
+            raise Unavailable(f"docker could not start the restored sandbox: {err.decode(errors='replace').strip()}")
+        await self._docker("rm", "-f", "-v", old)
 
 
 def _info(

@@ -1,0 +1,320 @@
+"""Checkpoints of a docker sandbox: what its container changed of its image.
+
+Capture: `docker diff` names every path the container added (A), changed (C) or deleted (D)
+relative to its image: its writable layer, so the workspace, /root and any software it
+installed. One `docker exec` stats them all (busybox `stat` is enough); a path whose stat key
+(inode, ctime, size, mtime) equals the previous checkpoint's keeps its entry unread, and the
+files and symlinks left come out in one `tar` stream, hashed here as they arrive. A D path
+that no longer exists is a whiteout (`w`); one that exists is an opaque dir (`D`: an image dir
+deleted and made anew, which docker reports as a deletion, its new children as additions).
+
+Restore writes a manifest into a container that holds exactly its image (see
+`DockerBackend.restore_files`): whiteouts and opaque dirs are removed inside, then everything
+else goes in one tar stream built here, which the daemon unpacks inside the container
+(`docker cp -`: no tools needed inside, never a path outside the container's root; it keeps
+modes, nanosecond mtimes, symlinks and fifos).
+
+Not captured: what docker manages (/etc/hosts, /etc/hostname, /etc/resolv.conf, /proc, /sys,
+/dev) and the backend's own bookkeeping under /tmp (background process records). Owners are
+not kept (restored files belong to root, as everything the sandbox runs does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import subprocess
+import tarfile
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from corral.errors import InvalidArgument, Unavailable
+
+from .checkpoints.manifest import Entry, Manifest
+from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan
+
+__all__ = [
+    "Change",
+    "Stat",
+    "container_path",
+    "manifest_path",
+    "parse_diff",
+    "parse_stats",
+    "read_tar",
+    "streaming",
+    "write_tar",
+]
+
+MANAGED = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/.dockerenv")
+AREA_ROOTS = (("/workspace", "workspace"), ("/root", "home"))
+_ROOT_OF = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
+
+# A batch of paths (as arguments) -> one line each, in order: the stat fields, or "-" for a
+# path gone meanwhile. One `stat` for the batch; one per path only when one is missing.
+STAT_FORMAT = "%f %s %i %Y %y %Z %z"
+STAT = r"""m=$(stat -c "$0" -- "$@" 2>/dev/null) && [ "$(printf '%s\n' "$m" | wc -l)" -eq "$#" ] || m=
+if [ -n "$m" ]; then printf '%s\n' "$m"; else for f; do stat -c "$0" -- "$f" 2>/dev/null || echo -; done; fi"""
+# NUL-separated paths on stdin -> STAT's lines.
+STAT_ALL = 'exec xargs -0 -r sh -c "$0" "$1"'
+# NUL-separated paths on stdin (relative to /, each "./..."): one tar stream of them (xargs may
+# run tar more than once: the stream is then several archives back to back).
+TAR_ALL = "cd / && exec xargs -0 -r tar -c -f -"
+
+
+class Change(NamedTuple):
+    kind: str  # A, C or D
+    path: str  # absolute, in the container
+
+
+class Stat(NamedTuple):
+    mode: int  # st_mode (type and permissions)
+    size: int
+    key: tuple[int, int, int, int]  # (inode, ctime ns, size, mtime ns): unchanged file, same key
+    mtime_ns: int
+
+
+def parse_diff(out: bytes) -> list[Change]:
+    """`docker diff`'s lines. Docker prints names raw, so a line that does not start like a
+    change continues the previous name (which held a newline)."""
+    found: list[Change] = []
+    for line in out.removesuffix(b"\n").split(b"\n"):
+        if line[:1] in (b"A", b"C", b"D") and line[1:3] == b" /":
+            found.append(Change(chr(line[0]), os.fsdecode(line[2:])))
+        elif found:
+            found[-1] = found[-1]._replace(path=found[-1].path + "\n" + os.fsdecode(line))
+    return found
+
+
+def manifest_path(path: str) -> str | None:
+    """The manifest path of a container path; None for an area's root and what is not captured."""
+    if path.startswith("/tmp/.corral") or any(path == m or path.startswith(m + "/") for m in MANAGED):
+        return None
+    for root, area in AREA_ROOTS:
+        if path == root:
+            return None
+        if path.startswith(root + "/"):
+            return f"{area}/{path[len(root) + 1 :]}"
+    return "system" + path
+
+
+def container_path(path: str) -> str:
+    area, _, rel = path.partition("/")
+    return _ROOT_OF[area] + rel
+
+
+def nul_list(paths: list[str]) -> bytes:
+    return b"".join(os.fsencode(p) + b"\0" for p in paths)
+
+
+def parse_stats(out: bytes, count: int) -> list[Stat | None]:
+    lines = out.decode().splitlines()
+    if len(lines) != count:
+        raise Unavailable(f"stat of the sandbox's changed files gave {len(lines)} lines for {count} paths")
+    return [None if line == "-" else _stat(line) for line in lines]
+
+
+def _stat(line: str) -> Stat:
+    raw, size, ino, mtime_s, _, mtime_hms, _, ctime_s, _, ctime_hms, _ = line.split(" ")
+    mtime, ctime = _ns(mtime_s, mtime_hms), _ns(ctime_s, ctime_hms)
+    return Stat(int(raw, 16), int(size), (int(ino), ctime, int(size), mtime), mtime)
+
+
+def _ns(seconds: str, clock: str) -> int:
+    """Epoch nanoseconds from busybox's whole seconds (%Y) and the fraction of its clock (%y)."""
+    fraction = clock.partition(".")[2]
+    return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+def entry_of(st: Stat) -> Entry | None:
+    """The entry of a dir or fifo (nothing to read); None for what needs its content or is skipped."""
+    mode = stat.S_IMODE(st.mode)
+    if stat.S_ISDIR(st.mode):
+        return Entry("d", mode, 0, st.mtime_ns)
+    if stat.S_ISFIFO(st.mode):
+        return Entry("p", mode, 0, st.mtime_ns)
+    return None
+
+
+# -- capture: the tar stream out of the container ----------------------------------------------
+
+
+def read_tar(stream: IO[bytes], stats: dict[str, Stat], sink: BlobSink, out: Scan) -> Iterator[tuple[str, Entry, bool]]:
+    """(container path, entry, whether its stat key still holds) for each file and symlink in
+    `stream`. An entry is what tar read; when that differs from the stat taken before (written
+    meanwhile), the key is stale and the next checkpoint reads the file again."""
+    linked: dict[str, Entry] = {}
+    with tarfile.open(fileobj=stream, mode="r|", ignore_zeros=True) as tar:
+        for member in tar:
+            path = "/" + (member.name[2:] if member.name.startswith("./") else member.name).lstrip("/")
+            st = stats.get(path)
+            if st is None:
+                continue
+            if member.issym():
+                entry = Entry("l", 0o777, 0, st.mtime_ns, member.linkname)
+            elif member.islnk():  # a hard link to a file earlier in this archive: its content
+                target = linked.get("/" + member.linkname.removeprefix("./").lstrip("/"))
+                if target is None:
+                    continue
+                entry = target._replace(mode=stat.S_IMODE(st.mode), mtime_ns=st.mtime_ns)
+            elif member.isfile():
+                fileobj = tar.extractfile(member)
+                assert fileobj is not None
+                digest, size, extents, data = _take(fileobj, sink)
+                out.bytes_added += sink.put_blob(digest, data)
+                entry = Entry("f", member.mode & 0o7777, size, st.mtime_ns, digest, extents)
+                linked[path] = entry
+            else:
+                continue
+            fresh = int(member.mtime) == st.mtime_ns // 1_000_000_000 and (entry.type != "f" or entry.size == st.size)
+            if not fresh:
+                entry = entry._replace(mtime_ns=int(member.mtime) * 1_000_000_000)
+            yield path, entry, fresh
+
+
+def _take(fileobj: IO[bytes], sink: BlobSink) -> tuple[str, int, tuple[tuple[int, int], ...] | None, bytes | Path]:
+    """Hash a file's bytes; small ones in memory, large ones through a staging file keeping only
+    their non-zero chunks (tar carries a sparse file's holes as zeros: they become holes again)."""
+    hasher = hashlib.sha256()
+    first = fileobj.read(SMALL + 1)
+    if len(first) <= SMALL:
+        hasher.update(first)
+        return hasher.hexdigest(), len(first), None, first
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    staged = tempfile.NamedTemporaryFile(dir=sink.staging, prefix="blob-", delete=False)
+    with staged:
+        pending = first
+        while True:
+            if len(pending) < CHUNK:  # whole, aligned chunks: a hole is a chunk of zeros
+                pending += fileobj.read(CHUNK - len(pending))
+            chunk, pending = pending[:CHUNK], pending[CHUNK:]
+            if not chunk:
+                break
+            if chunk.count(0) != len(chunk):
+                hasher.update(chunk)
+                staged.write(chunk)
+                if extents and extents[-1][0] + extents[-1][1] == offset:
+                    extents[-1] = (extents[-1][0], extents[-1][1] + len(chunk))
+                else:
+                    extents.append((offset, len(chunk)))
+            offset += len(chunk)
+    if extents == [(0, offset)]:  # no hole: a plain file
+        return hasher.hexdigest(), offset, None, Path(staged.name)
+    return hasher.hexdigest(), offset, tuple(extents), Path(staged.name)
+
+
+# -- restore: the tar stream into the container ----------------------------------------------
+
+
+def check_tree(manifest: Manifest) -> None:
+    """Refuse a manifest that puts a path under one of its own non-directories (a symlink)."""
+    for path in manifest:
+        parent = path.rpartition("/")[0]
+        above = manifest.get(parent)
+        if above is not None and above.type not in ("d", "D"):
+            raise InvalidArgument(f"a checkpoint manifest puts {path!r} under a non-directory; nothing was restored")
+
+
+def write_tar(stream: IO[bytes], manifest: Manifest, source: BlobSource, laid: dict[str, str]) -> None:
+    """Every entry but whiteouts as a tar stream rooted at `/`, parents first. A sparse file,
+    already laid inside at `laid[path]`, is a hard link to it: the daemon's unpacker writes
+    holes as zeros, a link keeps them (and takes the entry's mode and mtime)."""
+    with (
+        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        tempfile.TemporaryFile() as blob,
+    ):
+        for path in sorted(manifest):
+            entry = manifest[path]
+            if entry.type == "w":
+                continue
+            info = tarfile.TarInfo(container_path(path).lstrip("/"))
+            info.mode, info.uid, info.gid, info.uname, info.gname = entry.mode, 0, 0, "root", "root"
+            seconds, ns = divmod(entry.mtime_ns, 1_000_000_000)
+            info.mtime = seconds
+            if ns:
+                info.pax_headers = {"mtime": f"{seconds}.{ns:09d}"}
+            info.type = _TAR_TYPES[entry.type]
+            if entry.type == "l":
+                info.linkname = entry.ref or ""
+            if path in laid:
+                info.type, info.linkname = tarfile.LNKTYPE, laid[path].lstrip("/")
+            if info.type != tarfile.REGTYPE:
+                tar.addfile(info)
+                continue
+            blob.seek(0)
+            blob.truncate()
+            source.copy_blob(entry.ref or "", blob.fileno())
+            info.size = entry.size
+            blob.seek(0)
+            tar.addfile(info, blob)
+
+
+_TAR_TYPES = {
+    "f": tarfile.REGTYPE,
+    "d": tarfile.DIRTYPE,
+    "D": tarfile.DIRTYPE,
+    "l": tarfile.SYMTYPE,
+    "p": tarfile.FIFOTYPE,
+}
+# Lay sparse files: args are, per file, its path, size, extent count, then offset and length of
+# each extent; stdin holds their blobs back to back. dd reads exactly each extent's bytes and
+# writes them at its offset: what lies between stays a hole.
+LAY_SPARSE = r"""while [ $# -gt 0 ]; do f=$1; rm -f -- "$f"; truncate -s "$2" "$f" || exit 1; n=$3; shift 3
+while [ "$n" -gt 0 ]; do
+dd of="$f" bs=65536 seek="$1" oflag=seek_bytes conv=notrunc count="$2" iflag=count_bytes,fullblock status=none || exit 1
+shift 2; n=$((n - 1)); done; done"""
+
+
+def sparse_files(manifest: Manifest) -> dict[str, str]:
+    """Where each sparse file is laid before the tar links it in place (bookkeeping: never captured)."""
+    found = sorted(p for p, e in manifest.items() if e.type == "f" and e.extents is not None)
+    return {path: f"/tmp/.corral-sparse-{i}" for i, path in enumerate(found)}
+
+
+def lay_sparse(manifest: Manifest, laid: dict[str, str], source: BlobSource, data: IO[bytes]) -> list[str]:
+    """LAY_SPARSE's arguments; the blobs go to `data` (its stdin)."""
+    args: list[str] = []
+    for path, where in laid.items():
+        entry = manifest[path]
+        extents = entry.extents or ()
+        args += [where, str(entry.size), str(len(extents))] + [str(n) for extent in extents for n in extent]
+        source.copy_blob(entry.ref or "", data.fileno())
+    data.seek(0)
+    return args
+
+
+@contextlib.contextmanager
+def streaming(argv: list[str], feed: bytes, timeout_s: float) -> Iterator[IO[bytes]]:
+    """Run `argv` with `feed` on its stdin (written by a thread: a long list must not block while
+    its output waits to be read) and yield its stdout as a stream (a tar of any size is never
+    held whole). A failed exit or a stream past `timeout_s` raise `Unavailable`."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            proc.stdin.write(feed)
+            proc.stdin.close()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        yield proc.stdout
+        proc.stdout.read()  # what the reader left: let the process finish
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        timer.cancel()
+        err = proc.stderr.read()
+        code = proc.wait()
+        writer.join()
+    if code != 0:
+        raise Unavailable(f"{argv[1]} {argv[-1][:40]!r} failed ({code}): {err.decode(errors='replace').strip()}")

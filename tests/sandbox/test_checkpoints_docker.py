@@ -1,0 +1,132 @@
+"""Checkpoints of docker sandboxes (what the container changed of its image: workspace, /root
+and the rest of its writable layer) through an MCP client; E2B says it cannot take them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from mcp.client import Client
+
+from corral.servers.sandbox.config import SandboxSettings
+
+from .conftest import Harness, _cleanup, call, fail
+
+pytestmark = pytest.mark.anyio
+
+# Every kind of entry, in the workspace, in /root and in the image's own dirs (a file changed,
+# one deleted, software installed); only busybox inside.
+MAKE = (
+    "mkdir -p src/pkg empty && echo 'print(1)' > src/pkg/main.py && printf 'x' > src/one && chmod 0751 src/one"
+    " && ln -s /etc/passwd out-link && ln -s src/pkg rel-link && mkfifo pipe && printf 'a\\nb' > 'name with spaces'"
+    " && truncate -s 5M sparse && printf tail >> sparse && echo home > /root/.profile-test && chmod 0700 empty"
+    " && rm /bin/vi && mkdir -p /usr/local/bin && echo tool > /usr/local/bin/mytool && chmod 0755 /usr/local/bin/mytool"
+    " && echo 'extra:x:1000:1000::/:/bin/sh' >> /etc/passwd"
+)
+# What a restore must reproduce: type, mode, size, link target and content hash of everything.
+LISTING = (
+    "cd /workspace && find . /root /usr /etc/passwd | sort | while IFS= read -r p; do stat -c '%F %a %s %N' \"$p\"; done"
+    " && find . /root /usr /etc/passwd -type f -exec sha256sum {} + | sort && du -k sparse | cut -f1 && ls /bin/vi 2>&1"
+)
+
+
+@pytest.fixture
+def dk(settings: SandboxSettings, docker_image: str) -> Iterator[Harness]:
+    h = Harness("docker", settings)
+    yield h
+    _cleanup(h)
+
+
+async def _state(c: Client, sid: str) -> str:
+    out = await call(c, "execute", sandbox_id=sid, command=LISTING)
+    assert out["exit_code"] == 1, out  # `ls /bin/vi` fails: it was deleted
+    return out["stdout"]
+
+
+async def _run(c: Client, sid: str, command: str) -> str:
+    out = await call(c, "execute", sandbox_id=sid, command=command)
+    assert out["exit_code"] == 0, out
+    return out["stdout"]
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_restores_exactly_into_a_new_sandbox(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await _run(c, sid, MAKE)
+        first = await _state(c, sid)
+        assert "No such file" in first and "/usr/local/bin/mytool" in first  # sanity: the listing sees both
+        one = await call(c, "checkpoint", sandbox_id=sid, label="made")
+        assert one["files"] >= 14 and one["files_changed"] == one["files"], one
+        await _run(c, sid, "rm -r src/pkg && echo new > new.txt && chmod 600 src/one && rm /root/.profile-test && rm /bin/ls")
+        later = await _state(c, sid)
+        two = await call(c, "checkpoint", sandbox_id=sid)
+        assert two["parent"] == one["checkpoint_id"] and two["bytes_added"] == 4, two
+        assert two["files_changed"] == 3, two  # new.txt, src/one, the whiteout of /bin/ls (deletions are not counted)
+        restored = await call(c, "restore", checkpoint_id=one["checkpoint_id"])
+        new = restored["sandbox_id"]
+        assert new != sid and not restored["in_place"]
+        assert await _state(c, new) == first
+        assert int(first.splitlines()[-2]) < 1024, "a sparse file comes back sparse"
+        assert await _state(c, sid) == later, "the original is untouched"
+        again = await call(c, "checkpoint", sandbox_id=new)
+        assert again["files_changed"] == 0 and again["bytes_added"] == 0, "a restore primes the next checkpoint"
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_reads_and_stores_only_what_changed(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await _run(c, sid, "mkdir d && for i in $(seq 300); do head -c 2000 /dev/urandom > d/f$i; done")
+        full = await call(c, "checkpoint", sandbox_id=sid)
+        assert full["bytes_added"] >= 600_000 and full["files_changed"] == 301, full
+        await _run(c, sid, "echo changed > d/f7")
+        step = await call(c, "checkpoint", sandbox_id=sid)
+        assert step["files_changed"] == 1 and step["bytes_added"] == 8, step
+        same = await call(c, "checkpoint", sandbox_id=sid)
+        assert same["files_changed"] == 0 and same["bytes_added"] == 0, same
+        other = (await call(c, "provision"))["sandbox_id"]
+        await _run(c, other, "echo changed > copy")
+        assert (await call(c, "checkpoint", sandbox_id=other))["bytes_added"] == 0, "stored once"
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_restore_in_place_stops_processes_and_undoes_later_changes(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "write_file", sandbox_id=sid, path="a.txt", content="v1")
+        await _run(c, sid, "echo one >> /etc/passwd")
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        await call(c, "write_file", sandbox_id=sid, path="a.txt", content="v2")
+        await call(c, "write_file", sandbox_id=sid, path="b.txt", content="later")
+        # Image files changed or deleted after the checkpoint come back as the image has them.
+        await _run(c, sid, "echo two >> /etc/passwd && rm /bin/tar && echo x > /etc/group && mkdir /opt")
+        await call(c, "execute", sandbox_id=sid, command="sleep 600", background=True)
+        back = await call(c, "restore", checkpoint_id=one["checkpoint_id"], in_place=True)
+        assert back["sandbox_id"] == sid and back["in_place"] and "stopped" in back["notice"]
+        out = await _run(
+            c, sid, "cat a.txt; ls; tail -1 /etc/passwd; ls /bin/tar; grep -c root /etc/group; ls -d /opt 2>&1; ps"
+        )
+        assert out.startswith("v1a.txt\none\n/bin/tar\n1\n"), out
+        assert "No such file" in out and "sleep 600" not in out, out
+        after = await call(c, "checkpoint", sandbox_id=sid)
+        assert after["files_changed"] == 0, after
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_is_taken_of_a_lost_sandbox_as_lost(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        import subprocess
+
+        subprocess.run(["docker", "rm", "-f", f"corral-{sid}"], capture_output=True, timeout=60, check=True)
+        await fail(c, "checkpoint", "sandbox_lost", sandbox_id=sid)
+
+
+async def test_e2b_says_it_cannot_take_checkpoints(settings: SandboxSettings) -> None:
+    h = Harness("e2b", settings)
+    async with h.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        text = await fail(c, "checkpoint", "invalid_argument", sandbox_id=sid)
+        assert "e2b backend cannot take checkpoints" in text, text
+        assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
