@@ -360,7 +360,7 @@ class DockerBackend(Backend):
     # -- checkpoints: the container's writable layer (see docker_checkpoints.py) ---------------
 
     async def _changes(self, ref: SandboxRef) -> builtins.list[ckpt.Change]:
-        code, out, err = await self._docker("diff", self._name(ref.id))
+        code, out, err = await self._docker("diff", self._name(ref.id), timeout_s=300)
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"docker diff failed: {err.decode(errors='replace').strip()}")
@@ -382,7 +382,7 @@ class DockerBackend(Backend):
         for attempt in range(3):  # a file that changed between stat and tar fails the stream: again
             try:
                 return await self._snapshot(ref, sink, previous or {}, max_files)
-            except Unavailable:
+            except ckpt.StreamFailed:
                 if attempt == 2:
                     raise
                 await self._lost_unless_running(ref)
@@ -450,6 +450,8 @@ class DockerBackend(Backend):
         for path in manifest:
             check_path(path)
         ckpt.check_tree(manifest)
+        # What docker manages (/proc, /etc/hosts...) is never captured: a manifest naming it is not ours.
+        manifest = {p: e for p, e in manifest.items() if ckpt.manifest_path(ckpt.container_path(p)) == p}
         if await self._changes(ref):
             await self._replace_container(ref)
         else:

@@ -41,6 +41,7 @@ from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan
 __all__ = [
     "Change",
     "Stat",
+    "StreamFailed",
     "container_path",
     "manifest_path",
     "parse_diff",
@@ -292,7 +293,7 @@ def lay_sparse(manifest: Manifest, laid: dict[str, str], source: BlobSource, dat
 def streaming(argv: list[str], feed: bytes, timeout_s: float) -> Iterator[IO[bytes]]:
     """Run `argv` with `feed` on its stdin (written by a thread: a long list must not block while
     its output waits to be read) and yield its stdout as a stream (a tar of any size is never
-    held whole). A failed exit or a stream past `timeout_s` raise `Unavailable`."""
+    held whole). A failed exit or a stream past `timeout_s` raise `StreamFailed`."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
@@ -305,16 +306,25 @@ def streaming(argv: list[str], feed: bytes, timeout_s: float) -> Iterator[IO[byt
     writer.start()
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
+    torn = None
     try:
         yield proc.stdout
         proc.stdout.read()  # what the reader left: let the process finish
+    except (tarfile.TarError, EOFError) as err:  # cut short: the process failed midway
+        proc.kill()
+        torn = err
     except BaseException:
         proc.kill()
         raise
     finally:
         timer.cancel()
-        err = proc.stderr.read()
+        out = proc.stderr.read()
         code = proc.wait()
         writer.join()
-    if code != 0:
-        raise Unavailable(f"{argv[1]} {argv[-1][:40]!r} failed ({code}): {err.decode(errors='replace').strip()}")
+    if code != 0 or torn is not None:
+        why = out.decode(errors="replace").strip() or str(torn)
+        raise StreamFailed(f"reading the sandbox's changed files failed ({code}): {why}")
+
+
+class StreamFailed(Unavailable):
+    """The tar stream out of the container failed: most often a file changed while it was read."""

@@ -58,7 +58,9 @@ async def test_a_docker_checkpoint_restores_exactly_into_a_new_sandbox(dk: Harne
         assert "No such file" in first and "/usr/local/bin/mytool" in first  # sanity: the listing sees both
         one = await call(c, "checkpoint", sandbox_id=sid, label="made")
         assert one["files"] >= 14 and one["files_changed"] == one["files"], one
-        await _run(c, sid, "rm -r src/pkg && echo new > new.txt && chmod 600 src/one && rm /root/.profile-test && rm /bin/ls")
+        await _run(
+            c, sid, "rm -r src/pkg && echo new > new.txt && chmod 600 src/one && rm /root/.profile-test && rm /bin/ls"
+        )
         later = await _state(c, sid)
         two = await call(c, "checkpoint", sandbox_id=sid)
         assert two["parent"] == one["checkpoint_id"] and two["bytes_added"] == 4, two
@@ -121,6 +123,41 @@ async def test_a_docker_checkpoint_is_taken_of_a_lost_sandbox_as_lost(dk: Harnes
 
         subprocess.run(["docker", "rm", "-f", f"corral-{sid}"], capture_output=True, timeout=60, check=True)
         await fail(c, "checkpoint", "sandbox_lost", sandbox_id=sid)
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_keeps_odd_names_hard_links_and_a_remade_image_dir(dk: Harness) -> None:
+    # /bin deleted and made anew (an opaque dir: docker reports it deleted), a name holding a
+    # newline (docker diff prints it raw), two hard links to one changed file.
+    make = (
+        "printf one > \"$(printf 'new\\nline')\" && echo same > h1 && ln h1 h2 && cp /bin/busybox /busybox"
+        " && /busybox rm -rf /bin && /busybox mkdir /bin && /busybox --install -s /bin && echo kept > /bin/mine"
+    )
+    look = "cat \"$(printf 'new\\nline')\" h1 h2 /bin/mine; readlink /bin/sh; ls /bin | wc -l; ls -a /bin | grep -c vi"
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await _run(c, sid, make)
+        before = await _run(c, sid, look)
+        assert before == "onesame\nsame\nkept\n/busybox\n" + before.split("/busybox\n")[1], before
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        new = (await call(c, "restore", checkpoint_id=one["checkpoint_id"]))["sandbox_id"]
+        assert await _run(c, new, look) == before
+        await _run(c, sid, "rm /bin/mine h2")
+        await call(c, "restore", checkpoint_id=one["checkpoint_id"], in_place=True)
+        assert await _run(c, sid, look) == before
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_past_the_file_cap_is_refused(settings: SandboxSettings, docker_image: str) -> None:
+    h = Harness("docker", settings.model_copy(update={"checkpoint_max_files": 20}))
+    try:
+        async with h.client() as c:
+            sid = (await call(c, "provision"))["sandbox_id"]
+            await _run(c, sid, "for i in $(seq 30); do echo $i > f$i; done")
+            assert "too many to checkpoint" in await fail(c, "checkpoint", "invalid_argument", sandbox_id=sid)
+            assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
+    finally:
+        _cleanup(h)
 
 
 async def test_e2b_says_it_cannot_take_checkpoints(settings: SandboxSettings) -> None:
