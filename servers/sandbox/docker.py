@@ -364,7 +364,8 @@ class DockerBackend(Backend):
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"docker diff failed: {err.decode(errors='replace').strip()}")
-        return [c for c in ckpt.parse_diff(out) if ckpt.manifest_path(c.path) is not None]
+        found = {c.path: c for c in reversed(ckpt.parse_diff(out)) if ckpt.manifest_path(c.path) is not None}
+        return list(reversed(found.values()))  # once each: docker may list a deletion twice
 
     async def _stats(self, ref: SandboxRef, paths: builtins.list[str]) -> builtins.list[ckpt.Stat | None]:
         if not paths:
