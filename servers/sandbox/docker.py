@@ -367,13 +367,17 @@ class DockerBackend(Backend):
         found = {c.path: c for c in reversed(ckpt.parse_diff(out)) if ckpt.manifest_path(c.path) is not None}
         return list(reversed(found.values()))  # once each: docker may list a deletion twice
 
-    async def _stats(self, ref: SandboxRef, paths: builtins.list[str]) -> builtins.list[ckpt.Stat | None]:
-        if not paths:
-            return []
-        code, out, err = await self._docker(
-            "exec", "-i", self._name(ref.id), "/bin/sh", "-c", ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT,
-            stdin=ckpt.nul_list(paths), timeout_s=300,
-        )  # fmt: skip
+    def _exec(self, ref: SandboxRef, script: str, *args: str) -> ckpt.Started:
+        return ckpt.Started([self.config.docker, "exec", "-i", self._name(ref.id), "/bin/sh", "-c", script, *args])
+
+    async def _stats(
+        self, ref: SandboxRef, paths: builtins.list[str], started: ckpt.Started | None = None
+    ) -> builtins.list[ckpt.Stat | None]:
+        started = started or self._exec(ref, ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT)
+        try:
+            code, out, err = await asyncio.to_thread(started.run, ckpt.nul_list(paths), 300)
+        finally:
+            started.close()
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"could not stat the sandbox's files: {err.decode(errors='replace').strip()}")
@@ -390,10 +394,28 @@ class DockerBackend(Backend):
         raise AssertionError("unreachable")
 
     async def _snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache, max_files: int) -> Scan:
+        # The stat and tar execs start now, their start-up overlapping `docker diff`; they wait for their lists.
+        stat_exec = self._exec(ref, ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT)
+        tar_exec = self._exec(ref, ckpt.TAR_ALL)
+        try:
+            return await self._scan(ref, sink, previous, max_files, stat_exec, tar_exec)
+        finally:
+            stat_exec.close()
+            tar_exec.close()
+
+    async def _scan(
+        self,
+        ref: SandboxRef,
+        sink: BlobSink,
+        previous: StatCache,
+        max_files: int,
+        stat_exec: ckpt.Started,
+        tar_exec: ckpt.Started,
+    ) -> Scan:
         changes = await self._changes(ref)
         if len(changes) > max_files:
             raise too_many_files(max_files)
-        stats = await self._stats(ref, [c.path for c in changes])
+        stats = await self._stats(ref, [c.path for c in changes], stat_exec)
         out, unread = Scan(), {}
         for change, st in zip(changes, stats, strict=True):
             path = ckpt.manifest_path(change.path)
@@ -418,14 +440,13 @@ class DockerBackend(Backend):
                     f"{change.path}: a {'socket' if stat.S_ISSOCK(st.mode) else 'device node'} (not captured)"
                 )
         if unread:
-            await asyncio.to_thread(self._read_files, ref, unread, sink, previous, out)
+            await asyncio.to_thread(self._read_files, tar_exec, unread, sink, previous, out)
         return out
 
     def _read_files(
-        self, ref: SandboxRef, unread: dict[str, ckpt.Stat], sink: BlobSink, previous: StatCache, out: Scan
+        self, tar_exec: ckpt.Started, unread: dict[str, ckpt.Stat], sink: BlobSink, previous: StatCache, out: Scan
     ) -> None:
-        argv = [self.config.docker, "exec", "-i", self._name(ref.id), "/bin/sh", "-c", ckpt.TAR_ALL]
-        with ckpt.streaming(argv, ckpt.nul_list(["." + p for p in unread]), timeout_s=3600) as stream:
+        with tar_exec.stream(ckpt.nul_list(["." + p for p in unread]), timeout_s=3600) as stream:
             for where, entry, fresh in ckpt.read_tar(stream, unread, sink, out):
                 path = ckpt.manifest_path(where)
                 assert path is not None

@@ -41,13 +41,13 @@ from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan
 __all__ = [
     "Change",
     "Stat",
+    "Started",
     "StreamFailed",
     "container_path",
     "manifest_path",
     "parse_diff",
     "parse_stats",
     "read_tar",
-    "streaming",
     "write_tar",
 ]
 
@@ -289,41 +289,67 @@ def lay_sparse(manifest: Manifest, laid: dict[str, str], source: BlobSource, dat
     return args
 
 
-@contextlib.contextmanager
-def streaming(argv: list[str], feed: bytes, timeout_s: float) -> Iterator[IO[bytes]]:
-    """Run `argv` with `feed` on its stdin (written by a thread: a long list must not block while
-    its output waits to be read) and yield its stdout as a stream (a tar of any size is never
-    held whole). A failed exit or a stream past `timeout_s` raise `StreamFailed`."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+class Started:
+    """A process started before its input is known, so that its start-up (a `docker exec` costs
+    tens of milliseconds) overlaps the calls before it. Fed once: `run` or `stream`; `close` ends it."""
 
-    def write() -> None:
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            proc.stdin.write(feed)
-            proc.stdin.close()
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    timer = threading.Timer(timeout_s, proc.kill)
-    timer.start()
-    torn = None
-    try:
-        yield proc.stdout
-        proc.stdout.read()  # what the reader left: let the process finish
-    except (tarfile.TarError, EOFError) as err:  # cut short: the process failed midway
-        proc.kill()
-        torn = err
-    except BaseException:
-        proc.kill()
-        raise
-    finally:
-        timer.cancel()
-        out = proc.stderr.read()
-        code = proc.wait()
-        writer.join()
-    if code != 0 or torn is not None:
-        why = out.decode(errors="replace").strip() or str(torn)
-        raise StreamFailed(f"reading the sandbox's changed files failed ({code}): {why}")
+    def run(self, feed: bytes, timeout_s: float) -> tuple[int, bytes, bytes]:
+        try:
+            out, err = self.proc.communicate(feed, timeout=timeout_s)
+        except subprocess.TimeoutExpired as timeout:
+            self.close()
+            raise Unavailable(f"{self.argv[1]} {self.argv[2]} did not finish within {timeout_s:g}s") from timeout
+        return self.proc.returncode, out, err
+
+    @contextlib.contextmanager
+    def stream(self, feed: bytes, timeout_s: float) -> Iterator[IO[bytes]]:
+        """`feed` on stdin (written by a thread: a long list must not block while its output
+        waits to be read); stdout as a stream (a tar of any size is never held whole). A failed
+        exit, a cut stream or one past `timeout_s` raise `StreamFailed`."""
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+        def write() -> None:
+            with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+                proc.stdin.write(feed)
+                proc.stdin.close()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        timer = threading.Timer(timeout_s, proc.kill)
+        timer.start()
+        torn = None
+        try:
+            yield proc.stdout
+            proc.stdout.read()  # what the reader left: let the process finish
+        except (tarfile.TarError, EOFError) as err:  # cut short: the process failed midway
+            proc.kill()
+            torn = err
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            timer.cancel()
+            out = proc.stderr.read()
+            code = proc.wait()
+            writer.join()
+        if code != 0 or torn is not None:
+            why = out.decode(errors="replace").strip() or str(torn)
+            raise StreamFailed(f"reading the sandbox's changed files failed ({code}): {why}")
+
+    def close(self) -> None:
+        """End it if it still runs (a call before it failed); a no-op once it has finished."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 class StreamFailed(Unavailable):
