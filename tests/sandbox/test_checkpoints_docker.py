@@ -92,6 +92,30 @@ async def test_a_docker_restore_in_place_stops_processes_and_undoes_later_change
 
 
 @pytest.mark.requires("docker")
+async def test_a_docker_restore_in_place_of_an_unchanged_sandbox_still_stops_its_processes(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        await call(c, "execute", sandbox_id=sid, command="sleep 600", background=True)
+        back = await call(c, "restore", checkpoint_id=one["checkpoint_id"], in_place=True)
+        assert "stopped" in back["notice"]
+        assert "sleep 600" not in await _run(c, sid, "ps")
+
+
+@pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_taken_while_a_process_writes_is_consistent_per_file(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command="while :; do echo line >> log; done", background=True)
+        taken = [await call(c, "checkpoint", sandbox_id=sid) for _ in range(3)]
+        assert all(t["files"] >= 1 for t in taken), taken
+        new = (await call(c, "restore", checkpoint_id=taken[-1]["checkpoint_id"]))["sandbox_id"]
+        out = await _run(c, new, "wc -c < log; grep -vc '^line$' log; true")
+        size, others = out.split()
+        assert int(size) > 0 and int(size) % 5 == 0 and others == "0", out  # whole lines, as tar read them
+
+
+@pytest.mark.requires("docker")
 async def test_a_docker_checkpoint_is_taken_of_a_lost_sandbox_as_lost(dk: Harness) -> None:
     async with dk.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
