@@ -18,9 +18,6 @@ import asyncio
 import builtins  # `DockerBackend.list` shadows the type in the class body
 import secrets
 import signal as signals
-import stat
-import subprocess
-import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -47,7 +44,7 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
-from .checkpoints.manifest import Entry, Manifest, check_path
+from .checkpoints.manifest import Manifest, check_path
 from .checkpoints.tree import BlobSink, BlobSource, Scan, StatCache, too_many_files
 from .config import DockerConfig
 from .process import run_bounded
@@ -130,7 +127,6 @@ KILL = f"""d="{PROCS}/$1"; [ -e "$d/pid" ] || exit 3
 kill -$2 -- -$p 2>/dev/null || kill -$2 $p
 """
 
-WHITEOUT_KEY = (0, 0, 0, 0)  # a deleted image file has no stat: it stays deleted, or shows up as changed
 _KINDS = {"directory": "dir", "regular file": "file", "regular empty file": "file", "symbolic link": "symlink"}
 
 
@@ -416,50 +412,11 @@ class DockerBackend(Backend):
         if len(changes) > max_files:
             raise too_many_files(max_files)
         stats = await self._stats(ref, [c.path for c in changes], stat_exec)
-        out, unread = Scan(), {}
-        for change, st in zip(changes, stats, strict=True):
-            path = ckpt.manifest_path(change.path)
-            assert path is not None
-            if st is None:  # gone: deleted from the image (a whiteout), or removed since the diff
-                if change.kind == "D":
-                    self._keep(out, previous, path, WHITEOUT_KEY, Entry("w", 0, 0, 0))
-                continue
-            seen = previous.get(path)
-            if seen is not None and seen[0] == st.key:
-                out.manifest[path], out.cache[path] = seen[1], seen
-                continue
-            entry = ckpt.entry_of(st)
-            if entry is not None:
-                if change.kind == "D" and entry.type == "d":  # an image dir deleted, then made anew
-                    entry = entry._replace(type="D")
-                self._keep(out, previous, path, st.key, entry)
-            elif stat.S_ISREG(st.mode) or stat.S_ISLNK(st.mode):
-                unread[change.path] = st
-            else:
-                out.skipped.append(
-                    f"{change.path}: a {'socket' if stat.S_ISSOCK(st.mode) else 'device node'} (not captured)"
-                )
+        out = Scan()
+        unread = ckpt.classify(changes, stats, previous, out)
         if unread:
-            await asyncio.to_thread(self._read_files, tar_exec, unread, sink, previous, out)
+            await asyncio.to_thread(ckpt.read_files, tar_exec, unread, sink, previous, out)
         return out
-
-    def _read_files(
-        self, tar_exec: ckpt.Started, unread: dict[str, ckpt.Stat], sink: BlobSink, previous: StatCache, out: Scan
-    ) -> None:
-        with tar_exec.stream(ckpt.nul_list(["." + p for p in unread]), timeout_s=3600) as stream:
-            for where, entry, fresh in ckpt.read_tar(stream, unread, sink, out):
-                path = ckpt.manifest_path(where)
-                assert path is not None
-                # Written between stat and tar: kept, but never matched, so the next checkpoint rereads it.
-                key = unread[where].key if fresh else (-1, -1, -1, -1)
-                self._keep(out, previous, path, key, entry)
-
-    @staticmethod
-    def _keep(out: Scan, previous: StatCache, path: str, key: tuple[int, int, int, int], entry: Entry) -> None:
-        seen = previous.get(path)
-        if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
-            out.files_changed += 1
-        out.manifest[path], out.cache[path] = entry, (key, entry)
 
     async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: BlobSource) -> StatCache:
         """Make the container exactly its image plus `manifest`.
@@ -488,46 +445,11 @@ class DockerBackend(Backend):
                 raise Unavailable(
                     f"could not remove what the checkpoint deleted: {err.decode(errors='replace').strip()}"
                 )
-        await asyncio.to_thread(self._write_files, name, manifest, source)
+        await asyncio.to_thread(ckpt.write_files, self.config.docker, name, manifest, source)
         written = [p for p, e in manifest.items() if e.type != "w"]
         stats = await self._stats(ref, [ckpt.container_path(p) for p in written])
         cache = {p: (st.key, manifest[p]) for p, st in zip(written, stats, strict=True) if st is not None}
-        return cache | {p: (WHITEOUT_KEY, e) for p, e in manifest.items() if e.type == "w"}
-
-    def _write_files(self, name: str, manifest: Manifest, source: BlobSource) -> None:
-        laid = ckpt.sparse_files(manifest)
-        if laid:
-            with tempfile.TemporaryFile() as data:
-                args = ckpt.lay_sparse(manifest, laid, source, data)
-                argv = [self.config.docker, "exec", "-i", name, "/bin/sh", "-c", ckpt.LAY_SPARSE, "corral", *args]
-                done = subprocess.run(argv, stdin=data, capture_output=True, timeout=3600)
-            if done.returncode != 0:
-                raise Unavailable(
-                    f"could not write the checkpoint's sparse files: {done.stderr.decode(errors='replace')}"
-                )
-        proc = subprocess.Popen(
-            [self.config.docker, "cp", "-", f"{name}:/"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert proc.stdin is not None and proc.stderr is not None
-        try:
-            with proc.stdin:
-                ckpt.write_tar(proc.stdin, manifest, source, laid)
-        except BrokenPipeError:
-            pass
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            err = proc.stderr.read()
-            code = proc.wait()
-        if code != 0:
-            raise Unavailable(
-                f"docker cp could not write the checkpoint's files: {err.decode(errors='replace').strip()}"
-            )
-        if laid:
-            subprocess.run(
-                [self.config.docker, "exec", name, "rm", "-f", "--", *laid.values()], capture_output=True, timeout=60
-            )
+        return cache | {p: (ckpt.WHITEOUT_KEY, e) for p, e in manifest.items() if e.type == "w"}
 
     async def _replace_container(self, ref: SandboxRef) -> None:
         """A new container of the same spec under the same name; the old one kept until it runs."""

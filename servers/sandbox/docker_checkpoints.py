@@ -31,24 +31,32 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from corral.errors import InvalidArgument, Unavailable
 
 from .checkpoints.manifest import Entry, Manifest
-from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan
+from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan, StatCache
 
 __all__ = [
+    "STAT",
+    "STAT_ALL",
+    "STAT_FORMAT",
+    "TAR_ALL",
+    "WHITEOUT_KEY",
     "Change",
     "Stat",
     "Started",
     "StreamFailed",
+    "check_tree",
+    "classify",
     "container_path",
     "manifest_path",
+    "nul_list",
     "parse_diff",
     "parse_stats",
-    "read_tar",
-    "write_tar",
+    "read_files",
+    "write_files",
 ]
 
 MANAGED = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/.dockerenv")
@@ -141,7 +149,57 @@ def entry_of(st: Stat) -> Entry | None:
     return None
 
 
-# -- capture: the tar stream out of the container ----------------------------------------------
+# -- capture ---------------------------------------------------------------------------------
+
+WHITEOUT_KEY = (0, 0, 0, 0)  # a deleted image file has no stat: it stays deleted, or shows up as changed
+_STALE = (-1, -1, -1, -1)  # never matches: the next checkpoint reads the file again
+
+
+def classify(changes: list[Change], stats: list[Stat | None], previous: StatCache, out: Scan) -> dict[str, Stat]:
+    """Keep in `out` every change whose entry needs no reading (unchanged since `previous`, a
+    dir, a fifo, a whiteout); return the files and symlinks left to read (container path -> stat)."""
+    unread: dict[str, Stat] = {}
+    for change, st in zip(changes, stats, strict=True):
+        path = manifest_path(change.path)
+        assert path is not None
+        if st is None:  # gone: deleted from the image (a whiteout), or removed since the diff
+            if change.kind == "D":
+                keep(out, previous, path, WHITEOUT_KEY, Entry("w", 0, 0, 0))
+            continue
+        seen = previous.get(path)
+        if seen is not None and seen[0] == st.key:
+            out.manifest[path], out.cache[path] = seen[1], seen
+            continue
+        entry = entry_of(st)
+        if entry is not None:
+            if change.kind == "D" and entry.type == "d":  # an image dir deleted, then made anew
+                entry = entry._replace(type="D")
+            keep(out, previous, path, st.key, entry)
+        elif stat.S_ISREG(st.mode) or stat.S_ISLNK(st.mode):
+            unread[change.path] = st
+        else:
+            kind = "socket" if stat.S_ISSOCK(st.mode) else "device node"
+            out.skipped.append(f"{change.path}: a {kind} (not captured)")
+    return unread
+
+
+def keep(out: Scan, previous: StatCache, path: str, key: tuple[int, int, int, int], entry: Entry) -> None:
+    seen = previous.get(path)
+    if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+        out.files_changed += 1
+    out.manifest[path], out.cache[path] = entry, (key, entry)
+
+
+def read_files(tar_exec: Started, unread: dict[str, Stat], sink: BlobSink, previous: StatCache, out: Scan) -> None:
+    """Read the files and symlinks of `unread` out of the container in one tar stream."""
+    with tar_exec.stream(nul_list(["." + p for p in unread]), timeout_s=3600) as stream:
+        for where, entry, fresh in read_tar(stream, unread, sink, out):
+            path = manifest_path(where)
+            assert path is not None
+            keep(out, previous, path, unread[where].key if fresh else _STALE, entry)
+
+
+# -- capture: reading the tar stream out of the container ----------------------------------------------
 
 
 def read_tar(stream: IO[bytes], stats: dict[str, Stat], sink: BlobSink, out: Scan) -> Iterator[tuple[str, Entry, bool]]:
@@ -185,28 +243,39 @@ def _take(fileobj: IO[bytes], sink: BlobSink) -> tuple[str, int, tuple[tuple[int
     if len(first) <= SMALL:
         hasher.update(first)
         return hasher.hexdigest(), len(first), None, first
-    extents: list[tuple[int, int]] = []
-    offset = 0
     staged = tempfile.NamedTemporaryFile(dir=sink.staging, prefix="blob-", delete=False)
-    with staged:
-        pending = first
-        while True:
-            if len(pending) < CHUNK:  # whole, aligned chunks: a hole is a chunk of zeros
-                pending += fileobj.read(CHUNK - len(pending))
-            chunk, pending = pending[:CHUNK], pending[CHUNK:]
-            if not chunk:
-                break
-            if chunk.count(0) != len(chunk):
-                hasher.update(chunk)
-                staged.write(chunk)
-                if extents and extents[-1][0] + extents[-1][1] == offset:
-                    extents[-1] = (extents[-1][0], extents[-1][1] + len(chunk))
-                else:
-                    extents.append((offset, len(chunk)))
-            offset += len(chunk)
+    try:
+        with staged:
+            offset, extents = _copy_data(first, fileobj, staged, hasher)
+    except BaseException:
+        Path(staged.name).unlink(missing_ok=True)
+        raise
     if extents == [(0, offset)]:  # no hole: a plain file
         return hasher.hexdigest(), offset, None, Path(staged.name)
-    return hasher.hexdigest(), offset, tuple(extents), Path(staged.name)
+    # All zeros: one empty extent at the end (an empty tuple would read back as "not sparse").
+    return hasher.hexdigest(), offset, tuple(extents) or ((offset, 0),), Path(staged.name)
+
+
+def _copy_data(first: bytes, fileobj: IO[bytes], staged: IO[bytes], hasher: Any) -> tuple[int, list[tuple[int, int]]]:
+    """Copy the non-zero chunks of `first` + `fileobj` to `staged`; returns (size, data extents)."""
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    pending = first
+    while True:
+        if len(pending) < CHUNK:  # whole, aligned chunks: a hole is a chunk of zeros
+            pending += fileobj.read(CHUNK - len(pending))
+        chunk, pending = pending[:CHUNK], pending[CHUNK:]
+        if not chunk:
+            break
+        if chunk.count(0) != len(chunk):
+            hasher.update(chunk)
+            staged.write(chunk)
+            if extents and extents[-1][0] + extents[-1][1] == offset:
+                extents[-1] = (extents[-1][0], extents[-1][1] + len(chunk))
+            else:
+                extents.append((offset, len(chunk)))
+        offset += len(chunk)
+    return offset, extents
 
 
 # -- restore: the tar stream into the container ----------------------------------------------
@@ -287,6 +356,41 @@ def lay_sparse(manifest: Manifest, laid: dict[str, str], source: BlobSource, dat
         source.copy_blob(entry.ref or "", data.fileno())
     data.seek(0)
     return args
+
+
+def write_files(docker: str, name: str, manifest: Manifest, source: BlobSource) -> None:
+    """Sparse files laid first (LAY_SPARSE), then everything in one `docker cp -` stream."""
+    laid = sparse_files(manifest)
+    try:
+        if laid:
+            with tempfile.TemporaryFile() as data:
+                args = lay_sparse(manifest, laid, source, data)
+                argv = [docker, "exec", "-i", name, "/bin/sh", "-c", LAY_SPARSE, "corral", *args]
+                done = subprocess.run(argv, stdin=data, capture_output=True, timeout=3600)
+            if done.returncode != 0:
+                raise Unavailable(
+                    f"could not write the checkpoint's sparse files: {done.stderr.decode(errors='replace')}"
+                )
+        proc = subprocess.Popen([docker, "cp", "-", f"{name}:/"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            with proc.stdin:
+                write_tar(proc.stdin, manifest, source, laid)
+        except BrokenPipeError:
+            pass  # docker cp gave up: its exit code and message say why
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            err = proc.stderr.read()
+            code = proc.wait()
+        if code != 0:
+            raise Unavailable(
+                f"docker cp could not write the checkpoint's files: {err.decode(errors='replace').strip()}"
+            )
+    finally:
+        if laid:
+            subprocess.run([docker, "exec", name, "rm", "-f", "--", *laid.values()], capture_output=True, timeout=60)
 
 
 class Started:
