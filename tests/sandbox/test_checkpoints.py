@@ -129,8 +129,8 @@ async def _run(c: Client, command: str, meta: dict[str, str]) -> dict:
     return result.structured_content
 
 
-async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkpoint(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkpoint(iso: Harness) -> None:
+    async with iso.client() as c:
         parent = await _run(c, "echo step1 > f", _meta("ses_parent"))
         one = await c.call_tool("checkpoint", {}, meta=_meta("ses_parent"))
         ckpt = one.structured_content["checkpoint_id"]
@@ -146,8 +146,8 @@ async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkp
         assert fresh["stdout"] == "" and fresh["sandbox_id"] not in (parent["sandbox_id"], child["sandbox_id"])
 
 
-async def test_a_default_sandbox_ahead_of_its_log_is_put_back(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_a_default_sandbox_ahead_of_its_log_is_put_back(iso: Harness) -> None:
+    async with iso.client() as c:
         await _run(c, "echo kept > f", _meta("ses_a"))
         ckpt = (await c.call_tool("checkpoint", {}, meta=_meta("ses_a"))).structured_content["checkpoint_id"]
         # Work the log never recorded (the harness died before writing its checkpoint event).
