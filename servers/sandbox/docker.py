@@ -436,15 +436,12 @@ class DockerBackend(Backend):
         else:
             await self._docker("exec", self._name(ref.id), "/bin/sh", "-c", "kill -9 -1 2>/dev/null; true")
         name = self._name(ref.id)
-        gone = [ckpt.container_path(p) for p, e in manifest.items() if e.type in ("w", "D")]
-        if gone:
-            code, _, err = await self._docker(
-                "exec", "-i", name, "/bin/sh", "-c", "exec xargs -0 -r rm -rf --", stdin=ckpt.nul_list(gone)
-            )
-            if code != 0:
-                raise Unavailable(
-                    f"could not remove what the checkpoint deleted: {err.decode(errors='replace').strip()}"
-                )
+        code, _, err = await self._docker(
+            "exec", "-i", name, "/bin/sh", "-c", ckpt.PREPARE_ALL, ckpt.PREPARE, stdin=ckpt.preparations(manifest)
+        )
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not make way for the checkpoint's files: {err.decode(errors='replace').strip()}")
         await asyncio.to_thread(ckpt.write_files, self.config.docker, name, manifest, source)
         written = [p for p, e in manifest.items() if e.type != "w"]
         stats = await self._stats(ref, [ckpt.container_path(p) for p in written])

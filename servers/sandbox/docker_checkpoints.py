@@ -42,6 +42,8 @@ __all__ = [
     "STAT",
     "STAT_ALL",
     "STAT_FORMAT",
+    "PREPARE",
+    "PREPARE_ALL",
     "TAR_ALL",
     "WHITEOUT_KEY",
     "Change",
@@ -55,6 +57,7 @@ __all__ = [
     "nul_list",
     "parse_diff",
     "parse_stats",
+    "preparations",
     "read_files",
     "write_files",
 ]
@@ -338,6 +341,23 @@ LAY_SPARSE = r"""while [ $# -gt 0 ]; do f=$1; rm -f -- "$f"; truncate -s "$2" "$
 while [ "$n" -gt 0 ]; do
 dd of="$f" bs=65536 seek="$1" oflag=seek_bytes conv=notrunc count="$2" iflag=count_bytes,fullblock status=none || exit 1
 shift 2; n=$((n - 1)); done; done"""
+
+
+# Make way for a manifest in a container that holds its image: each argument is an entry's type
+# letter then its path ("w/bin/vi"). Deletions (w) and remade dirs (D) go, and so does an image
+# entry of another kind than the manifest's (docker cp will not put a dir over a file, or back).
+PREPARE = r"""for a; do t=${a%"${a#?}"}; p=${a#?}
+case $t in
+w|D) rm -rf -- "$p" ;;
+d) if [ -L "$p" ] || { [ -e "$p" ] && [ ! -d "$p" ]; }; then rm -f -- "$p"; fi ;;
+*) if [ -d "$p" ] && [ ! -L "$p" ]; then rm -rf -- "$p"; fi ;;
+esac; done"""
+PREPARE_ALL = 'exec xargs -0 -r sh -c "$0" sh'
+
+
+def preparations(manifest: Manifest) -> bytes:
+    """PREPARE's arguments, NUL-separated, parents first."""
+    return nul_list([manifest[p].type + container_path(p) for p in sorted(manifest)])
 
 
 def sparse_files(manifest: Manifest) -> dict[str, str]:

@@ -15,15 +15,16 @@ from .conftest import Harness, _cleanup, call, fail
 pytestmark = pytest.mark.anyio
 
 # The system layer (test_checkpoints.py covers the workspace on both backends): an image file
-# changed, one deleted, software installed, a file in /root.
+# changed, one deleted, software installed, a file in /root, image files that became dirs.
 MAKE = (
     "rm /bin/vi && mkdir -p /usr/local/bin && echo tool > /usr/local/bin/mytool && chmod 0755 /usr/local/bin/mytool"
     " && echo 'extra:x:1000:1000::/:/bin/sh' >> /etc/passwd && echo home > /root/.profile-test && echo w > in-workspace"
+    " && rm /bin/cal && mkdir /bin/cal && echo in > /bin/cal/inner && rm /etc/mtab && mkdir /etc/mtab"
 )
 # What a restore must reproduce: type, mode, size, link target and content hash of everything.
 LISTING = (
-    "find /workspace /root /usr /etc/passwd | sort | while IFS= read -r p; do stat -c '%F %a %s %N' \"$p\"; done"
-    " && find /workspace /root /usr /etc/passwd -type f -exec sha256sum {} + | sort && ls /bin/vi 2>&1"
+    "find /workspace /root /usr /etc/passwd /etc/mtab /bin/cal | sort | while IFS= read -r p; do stat -c '%F %a %s %N' \"$p\"; done"
+    " && find /workspace /root /usr /etc/passwd /bin/cal -type f -exec sha256sum {} + | sort && ls /bin/vi 2>&1"
 )
 
 
