@@ -360,7 +360,16 @@ class DockerBackend(Backend):
         if code != 0:
             await self._lost_unless_running(ref)
             raise Unavailable(f"docker diff failed: {err.decode(errors='replace').strip()}")
-        found = {c.path: c for c in reversed(ckpt.parse_diff(out)) if ckpt.manifest_path(c.path) is not None}
+        changes = ckpt.parse_diff(out)
+        roots = ckpt.mangled(changes)
+        if roots:
+            started = self._exec(ref, ckpt.EACH, ckpt.FIND)
+            try:
+                _, listed, _ = await asyncio.to_thread(started.run, ckpt.nul_list(roots), 300)
+            finally:
+                started.close()
+            changes = ckpt.unmangle(changes, listed)
+        found = {c.path: c for c in reversed(changes) if ckpt.manifest_path(c.path) is not None}
         return list(reversed(found.values()))  # once each: docker may list a deletion twice
 
     def _exec(self, ref: SandboxRef, script: str, *args: str) -> ckpt.Started:
@@ -437,7 +446,7 @@ class DockerBackend(Backend):
             await self._docker("exec", self._name(ref.id), "/bin/sh", "-c", "kill -9 -1 2>/dev/null; true")
         name = self._name(ref.id)
         code, _, err = await self._docker(
-            "exec", "-i", name, "/bin/sh", "-c", ckpt.PREPARE_ALL, ckpt.PREPARE, stdin=ckpt.preparations(manifest)
+            "exec", "-i", name, "/bin/sh", "-c", ckpt.EACH, ckpt.PREPARE, stdin=ckpt.preparations(manifest)
         )
         if code != 0:
             await self._lost_unless_running(ref)

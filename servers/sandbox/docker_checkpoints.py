@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -43,7 +44,8 @@ __all__ = [
     "STAT_ALL",
     "STAT_FORMAT",
     "PREPARE",
-    "PREPARE_ALL",
+    "EACH",
+    "FIND",
     "TAR_ALL",
     "WHITEOUT_KEY",
     "Change",
@@ -53,12 +55,14 @@ __all__ = [
     "check_tree",
     "classify",
     "container_path",
+    "mangled",
     "manifest_path",
     "nul_list",
     "parse_diff",
     "parse_stats",
     "preparations",
     "read_files",
+    "unmangle",
     "write_files",
 ]
 
@@ -73,6 +77,10 @@ STAT = r"""m=$(stat -c "$0" -- "$@" 2>/dev/null) && [ "$(printf '%s\n' "$m" | wc
 if [ -n "$m" ]; then printf '%s\n' "$m"; else for f; do stat -c "$0" -- "$f" 2>/dev/null || echo -; done; fi"""
 # NUL-separated paths on stdin -> STAT's lines.
 STAT_ALL = 'exec xargs -0 -r sh -c "$0" "$1"'
+# Runs the script given as $0 over the NUL-separated arguments on stdin (in batches).
+EACH = 'exec xargs -0 -r sh -c "$0" sh'
+# Every path under the given dirs, NUL-terminated: names exactly as the file system holds them.
+FIND = 'find "$@" -xdev -print0'
 # NUL-separated paths on stdin (relative to /, each "./..."): one tar stream of them (xargs may
 # run tar more than once: the stream is then several archives back to back).
 TAR_ALL = "cd / && exec xargs -0 -r tar -c -f -"
@@ -100,6 +108,35 @@ def parse_diff(out: bytes) -> list[Change]:
         elif found:
             found[-1] = found[-1]._replace(path=found[-1].path + "\n" + os.fsdecode(line))
     return found
+
+
+def mangled(changes: list[Change]) -> list[str]:
+    """Dirs to list to find the real names of `changes` whose name is not UTF-8: docker passes
+    names through JSON, which replaces each byte that is not UTF-8 with U+FFFD."""
+    roots = set()
+    for change in changes:
+        if "\ufffd" in change.path and change.kind != "D":  # a deleted name cannot be listed: lost
+            roots.add(change.path[: change.path.index("\ufffd")].rpartition("/")[0] or "/")
+    return sorted(roots)
+
+
+def unmangle(changes: list[Change], found: bytes) -> list[Change]:
+    """`changes` with each mangled name replaced by the real names (`found`: FIND's output) it stands for."""
+    real: dict[str, list[str]] = {}
+    for raw in found.split(b"\0")[:-1]:
+        real.setdefault(_fold(raw.decode("utf-8", "replace")), []).append(os.fsdecode(raw))
+    out = []
+    for change in changes:
+        if "\ufffd" not in change.path:
+            out.append(change)
+        else:
+            out += [change._replace(path=path) for path in real.get(_fold(change.path), [])]
+    return out
+
+
+def _fold(name: str) -> str:
+    """Go writes one U+FFFD per bad byte, Python one per bad sequence: compare runs as one."""
+    return re.sub("\ufffd+", "\ufffd", name)
 
 
 def manifest_path(path: str) -> str | None:
@@ -352,7 +389,6 @@ w|D) rm -rf -- "$p" ;;
 d) if [ -L "$p" ] || { [ -e "$p" ] && [ ! -d "$p" ]; }; then rm -f -- "$p"; fi ;;
 *) if [ -d "$p" ] && [ ! -L "$p" ]; then rm -rf -- "$p"; fi ;;
 esac; done"""
-PREPARE_ALL = 'exec xargs -0 -r sh -c "$0" sh'
 
 
 def preparations(manifest: Manifest) -> bytes:

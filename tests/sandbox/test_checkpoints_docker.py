@@ -129,18 +129,18 @@ async def test_a_docker_checkpoint_is_taken_of_a_lost_sandbox_as_lost(dk: Harnes
 @pytest.mark.requires("docker")
 async def test_a_docker_checkpoint_keeps_odd_names_hard_links_and_a_remade_image_dir(dk: Harness) -> None:
     # /bin deleted and made anew (an opaque dir for overlayfs), a name holding a newline (docker
-    # diff prints it raw), two hard links to one changed file, large files: dense and all zeros.
+    # diff prints it raw) and one that is not UTF-8, two hard links to one changed file, large files: dense and all zeros.
     make = (
-        "printf one > \"$(printf 'new\\nline')\" && echo same > h1 && ln h1 h2 && cp /bin/busybox /busybox"
+        "printf one > \"$(printf 'new\\nline')\" && printf two > \"$(printf 'bad\\377name')\" && echo same > h1 && ln h1 h2 && cp /bin/busybox /busybox"
         " && /busybox rm -rf /bin && /busybox mkdir /bin && /busybox --install -s /bin && echo kept > /bin/mine && rm /bin/vi"
         " && head -c 2500000 /dev/urandom > big && head -c 3000000 /dev/zero > zeros"
     )
-    look = "cat \"$(printf 'new\\nline')\" h1 h2 /bin/mine; readlink /bin/sh; ls /bin | wc -l; ls /bin/vi 2>&1; ls -a /bin | grep -c vi; sha256sum big zeros; true"
+    look = "cat \"$(printf 'new\\nline')\" \"$(printf 'bad\\377name')\" h1 h2 /bin/mine; readlink /bin/sh; ls /bin | wc -l; ls /bin/vi 2>&1; ls -a /bin | grep -c vi; sha256sum big zeros; true"
     async with dk.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         await _run(c, sid, make)
         before = await _run(c, sid, look)
-        assert before == "onesame\nsame\nkept\n/busybox\n" + before.split("/busybox\n")[1], before
+        assert before == "onetwosame\nsame\nkept\n/busybox\n" + before.split("/busybox\n")[1], before
         one = await call(c, "checkpoint", sandbox_id=sid)
         new = (await call(c, "restore", checkpoint_id=one["checkpoint_id"]))["sandbox_id"]
         assert await _run(c, new, look) == before
