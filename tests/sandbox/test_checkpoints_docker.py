@@ -117,6 +117,17 @@ async def test_a_docker_checkpoint_taken_while_a_process_writes_is_consistent_pe
 
 
 @pytest.mark.requires("docker")
+async def test_a_docker_checkpoint_skips_device_nodes_with_a_note(dk: Harness) -> None:
+    async with dk.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await _run(c, sid, "mknod null c 1 3 && echo kept > f")
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        assert one["skipped"] == ["/workspace/null: a device node (not captured)"], one
+        new = (await call(c, "restore", checkpoint_id=one["checkpoint_id"]))["sandbox_id"]
+        assert await _run(c, new, "ls") == "f\n"
+
+
+@pytest.mark.requires("docker")
 async def test_a_docker_checkpoint_is_taken_of_a_lost_sandbox_as_lost(dk: Harness) -> None:
     async with dk.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
