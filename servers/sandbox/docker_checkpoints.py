@@ -5,18 +5,23 @@ relative to its image: its writable layer, so the workspace, /root and any softw
 installed. One `docker exec` stats them all (busybox `stat` is enough); a path whose stat key
 (inode, ctime, size, mtime) equals the previous checkpoint's keeps its entry unread, and the
 files and symlinks left come out in one `tar` stream, hashed here as they arrive. A D path
-that no longer exists is a whiteout (`w`); one that exists is an opaque dir (`D`: an image dir
-deleted and made anew, which docker reports as a deletion, its new children as additions).
+that no longer exists is a whiteout (`w`); should docker report an existing dir as deleted
+(an overlay dir deleted and made anew), it is kept as an opaque dir (`D`). Docker prints
+names raw (a newline continues a name) but replaces bytes that are not UTF-8: those names are
+found again by listing their dir inside. Tar carries a sparse file's holes as zeros (read
+time follows its apparent size); chunks of zeros become holes again.
 
 Restore writes a manifest into a container that holds exactly its image (see
-`DockerBackend.restore_files`): whiteouts and opaque dirs are removed inside, then everything
-else goes in one tar stream built here, which the daemon unpacks inside the container
-(`docker cp -`: no tools needed inside, never a path outside the container's root; it keeps
-modes, nanosecond mtimes, symlinks and fifos).
+`DockerBackend.restore_files`): deletions, remade dirs and image entries of another kind are
+removed inside (PREPARE), sparse files laid with `dd` (LAY_SPARSE), then everything goes in
+one tar stream built here, which the daemon unpacks inside the container (`docker cp -`: no
+tools needed inside, never a path outside the container's root; it keeps modes, nanosecond
+mtimes, symlinks and fifos).
 
 Not captured: what docker manages (/etc/hosts, /etc/hostname, /etc/resolv.conf, /proc, /sys,
-/dev) and the backend's own bookkeeping under /tmp (background process records). Owners are
-not kept (restored files belong to root, as everything the sandbox runs does).
+/dev), the backend's own bookkeeping under /tmp (background process records), sockets and
+device nodes (noted in `skipped`). Owners are not kept (restored files belong to root, as
+everything the sandbox runs does); hard links come back as separate files.
 """
 
 from __future__ import annotations
