@@ -434,7 +434,8 @@ class DockerBackend(Backend):
         and spec (not `docker restart`, nor killing all but init): the new container holds
         exactly the image, so whatever changed since the checkpoint (files added, image files
         changed or deleted) is undone without reading the image. A container that changed
-        nothing (a sandbox just made for this restore) is kept, its processes killed."""
+        nothing (a sandbox just made for this restore) is kept, its processes killed. The new
+        container has a new id (`ref.data["container"]` only informs: everything finds it by name)."""
         for path in manifest:
             check_path(path)
         ckpt.check_tree(manifest)
