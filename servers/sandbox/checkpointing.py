@@ -14,22 +14,41 @@ Running processes are not part of a checkpoint: an in-place restore stops them.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
 
+from .backend import Backend, Destroyed, SandboxInfo, iso
 from .checkpoints.manifest import Manifest, blobs_of, delta, encode
 from .checkpoints.store import CheckpointRecord, CheckpointStore, new_checkpoint_id
 from .checkpoints.tree import StatCache
+from .config import SandboxSettings
 from .registry import Record
 
-if TYPE_CHECKING:
-    from .service import SandboxService
+T = TypeVar("T")
+
+
+class Host(Protocol):
+    """What checkpointing needs of the sandbox service (`service.SandboxService`)."""
+
+    backend: Backend
+    settings: SandboxSettings
+
+    async def provision(self, *, template: str | None = None, label: str | None = None) -> SandboxInfo: ...
+
+    async def resolve(self, sandbox_id: str | None, client: str) -> Record: ...
+
+    async def destroy(self, sandbox_id: str) -> Destroyed: ...
+
+    async def _guard(self, record: Record, work: Awaitable[T]) -> T: ...
+
 
 __all__ = ["CheckpointInfo", "CheckpointList", "Checkpointer", "Restored"]
 
@@ -51,12 +70,14 @@ class CheckpointInfo(_Model):
     files_changed: int = Field(description="added or changed since the previous checkpoint")
     bytes_added: int = Field(description="new content stored (content already stored anywhere is not stored again)")
     duration_ms: int | None = Field(None, description="how long taking it took (absent in listings)")
-    skipped: list[str] = Field(default_factory=list, description="what was not captured (sockets, device nodes)")
+    skipped: builtins.list[str] = Field(
+        default_factory=list, description="what was not captured (sockets, device nodes)"
+    )
 
 
 class CheckpointList(_Model):
     sandbox_id: str
-    checkpoints: list[CheckpointInfo] = Field(description="oldest first")
+    checkpoints: builtins.list[CheckpointInfo] = Field(description="oldest first")
 
 
 class Restored(_Model):
@@ -66,20 +87,16 @@ class Restored(_Model):
     notice: str | None = Field(None, description="what the caller should know (processes were stopped)")
 
 
-def _iso(ts: float) -> str:
-    from .service import iso
-
-    return iso(ts)
-
-
-def info(record: CheckpointRecord, duration_ms: int | None = None, skipped: list[str] | None = None) -> CheckpointInfo:
+def info(
+    record: CheckpointRecord, duration_ms: int | None = None, skipped: builtins.list[str] | None = None
+) -> CheckpointInfo:
     return CheckpointInfo(
         checkpoint_id=record.id,
         sandbox_id=record.sandbox_id,
         label=record.label,
         parent=record.parent,
         restored_from=record.restored_from,
-        created_at=_iso(record.created_at),
+        created_at=iso(record.created_at),
         files=record.files,
         files_changed=record.files_changed,
         bytes_added=record.bytes_added,
@@ -112,7 +129,7 @@ class _Capped:
 
 
 class Checkpointer:
-    def __init__(self, service: SandboxService, store: CheckpointStore) -> None:
+    def __init__(self, service: Host, store: CheckpointStore) -> None:
         self.service = service
         self.store = store
         self.backend = service.backend
@@ -241,7 +258,7 @@ class Checkpointer:
         except NotFound:
             return None
 
-    def forget(self, sandbox_ids: list[str]) -> None:
+    def forget(self, sandbox_ids: builtins.list[str]) -> None:
         for sandbox_id in sandbox_ids:
             self._caches.pop(sandbox_id, None)
             self._locks.pop(sandbox_id, None)

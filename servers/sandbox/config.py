@@ -58,6 +58,7 @@ class BubblewrapConfig(_Model):
     cgroups: bool = Field(
         True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can"
     )
+    fast_enter: bool = Field(True, description="enter sandboxes through corral-enter where a C compiler builds it")
     templates: Path | None = Field(
         None, description="where registered templates (root filesystems) live; None: no templates"
     )
@@ -157,6 +158,17 @@ class SandboxSettings(CoreSettings):
         default_factory=list,
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
+    )
+    sandbox_client_key: str = Field(
+        "",
+        max_length=200,
+        description="the default sandbox's key for clients that send none (a stdio server serves one client): "
+        "`corral mcp-config --workspace-key KEY` sets it per project; empty: one default sandbox per CORRAL_HOME",
+    )
+    sandbox_fast_enter: bool = Field(
+        True,
+        description="bubblewrap: build a small C helper (corral-enter, with the machine's `cc`) that enters a live "
+        "sandbox in one exec; without a compiler, or off, commands enter through nsenter, setpriv, env and prlimit",
     )
     checkpoint_store: str = Field(
         "",

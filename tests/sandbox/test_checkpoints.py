@@ -5,7 +5,10 @@ caller whose log names a checkpoint gets its default sandbox in that state. The 
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from mcp.client import Client
 from tests.parts import TEST_IMAGE
 
 from .conftest import Harness, call, fail
-from .test_templates import corral, templates_dir, tpl  # noqa: F401 - fixtures
+from .test_templates import DEBIAN_TREE, corral, templates_dir, tpl  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +192,69 @@ async def test_a_template_sandbox_checkpoints_its_system_layer(
         assert gone.returncode == 0, gone.stderr
         text = await fail(c, "restore", "not_found", checkpoint_id=one["checkpoint_id"])
         assert "'box'" in text and "not registered" in text
+
+
+def _deb(tmp_path: Path) -> bytes:
+    """A tiny Debian package, built here (no network): installs /usr/bin/corral-hello."""
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "DEBIAN/control").write_text(
+        "Package: corral-hello\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@localhost>\nDescription: test\n"
+    )
+    tool = root / "usr/bin/corral-hello"
+    tool.write_text("#!/bin/sh\necho hello from a package\n")
+    tool.chmod(0o755)
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(tmp_path / "p.deb")], check=True)
+    return (tmp_path / "p.deb").read_bytes()
+
+
+@pytest.mark.requires("bwrap")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the writable system layer is an overlay the server mounts as root")
+@pytest.mark.skipif(
+    not DEBIAN_TREE.is_dir(), reason=f"no Debian minbase tree at {DEBIAN_TREE} (debootstrap needs the network)"
+)
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb (Debian's dpkg) builds the test package")
+async def test_apt_get_installs_a_package_that_a_checkpoint_keeps(
+    tpl: Harness,  # noqa: F811
+    templates_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    added = corral(templates_dir, tmp_path, "sandbox", "templates", "add", "debian", "--from-rootfs", str(DEBIAN_TREE))
+    assert added.returncode == 0, added.stderr
+    async with tpl.client() as c:
+        sid = (await call(c, "provision", template="debian"))["sandbox_id"]
+        deb = base64.b64encode(_deb(tmp_path)).decode()
+        await call(c, "write_file", sandbox_id=sid, path="hello.deb", content=deb, encoding="base64")
+        # What an agent types: plain apt-get, as the sandbox's root.
+        done = await call(c, "execute", sandbox_id=sid, command="apt-get install -y ./hello.deb", timeout_s=180)
+        assert done["exit_code"] == 0, done
+        use = "corral-hello && dpkg -s corral-hello | grep Status"
+        assert (await call(c, "execute", sandbox_id=sid, command=use))["stdout"] == (
+            "hello from a package\nStatus: install ok installed\n"
+        )
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        again = await call(c, "restore", checkpoint_id=one["checkpoint_id"])
+        kept = await call(c, "execute", sandbox_id=again["sandbox_id"], command=use)
+        assert kept["stdout"].startswith("hello from a package"), kept
+    assert not os.path.exists("/usr/bin/corral-hello"), "the host is unchanged"
+    assert not (templates_dir / "debian/rootfs/usr/bin/corral-hello").exists(), "and so is the template"
+
+
+async def test_a_checkpoint_never_follows_a_directory_swapped_for_a_symlink(bw: Harness) -> None:
+    """The scan runs while the sandbox does: a directory it keeps replacing with a symlink to
+    `/` (the host's root, seen from the server) must be captured as what it is at that
+    instant, never walked into."""
+    swap = "while true; do mkdir -p d/x; rm -rf d; ln -s / d; rm -f d; done"
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command=swap, background=True)
+        taken = [(await call(c, "checkpoint", sandbox_id=sid))["checkpoint_id"] for _ in range(100)]
+        store = bw.service.checkpoints.store
+        seen = set()
+        for checkpoint_id in taken:
+            for path, entry in store.manifest(checkpoint_id).items():
+                if path.startswith("workspace/d"):
+                    seen.add(entry.type)
+                    assert path in ("workspace/d", "workspace/d/x"), f"walked out of the sandbox: {path}"
+    assert seen, "the race was never caught: the test checked nothing"

@@ -8,6 +8,7 @@ transaction), and `refs` says which checkpoints need it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shutil
@@ -132,7 +133,7 @@ class LocalCheckpointStore(CheckpointStore):
             raise NotFound(f"no checkpoint {checkpoint_id!r}")
         return bytes(row[0])
 
-    def list(self, sandbox_id: str) -> list[CheckpointRecord]:
+    def list(self, sandbox_id: str) -> builtins.list[CheckpointRecord]:
         rows = self._db.execute(
             "SELECT record FROM checkpoints WHERE sandbox_id = ? ORDER BY created_at, rowid", (sandbox_id,)
         ).fetchall()
@@ -145,7 +146,7 @@ class LocalCheckpointStore(CheckpointStore):
         ).fetchone()
         return CheckpointRecord.model_validate_json(row[0]) if row else None
 
-    def delete_sandboxes(self, sandbox_ids: list[str]) -> int:
+    def delete_sandboxes(self, sandbox_ids: builtins.list[str]) -> int:
         gone = 0
         with self._tx() as db:
             for sandbox_id in sandbox_ids:
@@ -156,7 +157,7 @@ class LocalCheckpointStore(CheckpointStore):
             self._manifests.clear()
         return gone
 
-    def idle_sandboxes(self, before: float) -> list[str]:
+    def idle_sandboxes(self, before: float) -> builtins.list[str]:
         rows = self._db.execute(
             "SELECT sandbox_id FROM checkpoints GROUP BY sandbox_id HAVING MAX(created_at) < ?", (before,)
         ).fetchall()

@@ -15,6 +15,7 @@ with a full manifest), so deleting a sandbox's checkpoints never strands another
 
 from __future__ import annotations
 
+import builtins
 import secrets
 import threading
 from abc import ABC, abstractmethod
@@ -85,15 +86,15 @@ class CheckpointStore(ABC):
     def raw_delta(self, checkpoint_id: str) -> bytes: ...
 
     @abstractmethod
-    def list(self, sandbox_id: str) -> list[CheckpointRecord]:
+    def list(self, sandbox_id: str) -> builtins.list[CheckpointRecord]:
         """The sandbox's checkpoints, oldest first."""
 
     @abstractmethod
-    def delete_sandboxes(self, sandbox_ids: list[str]) -> int:
+    def delete_sandboxes(self, sandbox_ids: builtins.list[str]) -> int:
         """Forget every checkpoint of these sandboxes; returns how many."""
 
     @abstractmethod
-    def idle_sandboxes(self, before: float) -> list[str]:
+    def idle_sandboxes(self, before: float) -> builtins.list[str]:
         """Sandboxes whose newest checkpoint is older than `before`."""
 
     @abstractmethod
@@ -127,7 +128,7 @@ class CheckpointStore(ABC):
             if (known := self._manifests.get(checkpoint_id)) is not None:
                 self._manifests.move_to_end(checkpoint_id)
                 return known
-        chain: list[Delta] = []
+        chain: builtins.list[Delta] = []
         current: str | None = checkpoint_id
         while current is not None:
             with self._lock:
