@@ -19,8 +19,8 @@ tools needed inside, never a path outside the container's root; it keeps modes, 
 mtimes, symlinks and fifos).
 
 Not captured: what docker manages (/etc/hosts, /etc/hostname, /etc/resolv.conf, /proc, /sys,
-/dev), the backend's own bookkeeping under /tmp (background process records), sockets and
-device nodes (noted in `skipped`). Owners are not kept (restored files belong to root, as
+/dev), /tmp (as on bubblewrap; the backend's own bookkeeping lives there), sockets and device
+nodes (noted in `skipped`). Owners are not kept (restored files belong to root, as
 everything the sandbox runs does); hard links come back as separate files.
 """
 
@@ -71,7 +71,9 @@ __all__ = [
     "write_files",
 ]
 
-MANAGED = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/.dockerenv")
+# Not captured: what docker manages, and /tmp (as on bubblewrap, where it is not kept either; the
+# backend's own bookkeeping lives there: background process records, pid files).
+MANAGED = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/.dockerenv", "/tmp")
 AREA_ROOTS = (("/workspace", "workspace"), ("/root", "home"))
 _ROOT_OF = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
 
@@ -146,7 +148,7 @@ def _fold(name: str) -> str:
 
 def manifest_path(path: str) -> str | None:
     """The manifest path of a container path; None for an area's root and what is not captured."""
-    if path.startswith("/tmp/.corral") or any(path == m or path.startswith(m + "/") for m in MANAGED):
+    if any(path == m or path.startswith(m + "/") for m in MANAGED):
         return None
     for root, area in AREA_ROOTS:
         if path == root:
