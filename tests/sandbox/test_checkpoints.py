@@ -1,6 +1,7 @@
 """Checkpoints through an MCP client: a checkpoint holds exactly the sandbox's files, the next
 one stores only what changed, restore gives them back (a new sandbox, or in place), and a
-caller whose log names a checkpoint gets its default sandbox in that state."""
+caller whose log names a checkpoint gets its default sandbox in that state. The tests that take
+`iso` run on bubblewrap and docker; test_checkpoints_docker.py has docker's own."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ MAKE = (
     " && truncate -s 5M sparse && printf tail >> sparse && echo home > /root/.profile-test && chmod 0700 empty"
 )
 # What a restore must reproduce: type, mode, size, link target and content hash of everything.
+# Portable: GNU tools (bubblewrap runs the host's) and busybox (the docker test image).
 LISTING = (
-    "cd /workspace && find . /root/.profile-test -printf '%y %m %s %l %p\\n' | sort"
+    "cd /workspace && find . /root/.profile-test | sort | while IFS= read -r p; do stat -c '%F %a %s %N' \"$p\"; done"
     " && find . -type f -exec sha256sum {} + | sort && du -k sparse | cut -f1"
 )
 
@@ -39,8 +41,8 @@ async def _state(c: Client, sid: str) -> str:
     return out["stdout"]
 
 
-async def test_restore_gives_back_exactly_the_checkpointed_files(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_restore_gives_back_exactly_the_checkpointed_files(iso: Harness) -> None:
+    async with iso.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         assert (await call(c, "execute", sandbox_id=sid, command=MAKE))["exit_code"] == 0
         first = await _state(c, sid)
@@ -61,8 +63,8 @@ async def test_restore_gives_back_exactly_the_checkpointed_files(bw: Harness) ->
         assert [x["checkpoint_id"] for x in listed["checkpoints"]] == [one["checkpoint_id"], two["checkpoint_id"]]
 
 
-async def test_an_incremental_checkpoint_reads_and_stores_only_what_changed(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_an_incremental_checkpoint_reads_and_stores_only_what_changed(iso: Harness) -> None:
+    async with iso.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         make = "mkdir d && for i in $(seq 300); do head -c 2000 /dev/urandom > d/f$i; done"
         await call(c, "execute", sandbox_id=sid, command=make)
@@ -79,8 +81,8 @@ async def test_an_incremental_checkpoint_reads_and_stores_only_what_changed(bw: 
         assert (await call(c, "checkpoint", sandbox_id=other))["bytes_added"] == 0
 
 
-async def test_restore_in_place_rolls_back_and_stops_processes(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_restore_in_place_rolls_back_and_stops_processes(iso: Harness) -> None:
+    async with iso.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         await call(c, "write_file", sandbox_id=sid, path="a.txt", content="v1")
         one = await call(c, "checkpoint", sandbox_id=sid)
@@ -89,14 +91,14 @@ async def test_restore_in_place_rolls_back_and_stops_processes(bw: Harness) -> N
         await call(c, "execute", sandbox_id=sid, command="sleep 600", background=True)
         back = await call(c, "restore", checkpoint_id=one["checkpoint_id"], in_place=True)
         assert back["sandbox_id"] == sid and back["in_place"] and "stopped" in back["notice"]
-        out = await call(c, "execute", sandbox_id=sid, command="cat a.txt; ls; pgrep -cf 'slee[p] 600' || true")
+        out = await call(c, "execute", sandbox_id=sid, command="cat a.txt; ls; pgrep -f 'slee[p] 600' | wc -l")
         assert out["stdout"] == "v1a.txt\n0\n", out
         after = await call(c, "checkpoint", sandbox_id=sid)
         assert after["files_changed"] == 0, "a restore primes the next checkpoint: nothing to reread"
 
 
-async def test_bad_checkpoint_ids_are_clear_errors(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_bad_checkpoint_ids_are_clear_errors(iso: Harness) -> None:
+    async with iso.client() as c:
         assert "no checkpoint" in await fail(c, "restore", "not_found", checkpoint_id="ckpt_00000000000000000000")
         assert "no checkpoint" in await fail(c, "restore", "not_found", checkpoint_id="../../etc/passwd")
         sid = (await call(c, "provision"))["sandbox_id"]
@@ -130,8 +132,8 @@ async def _run(c: Client, command: str, meta: dict[str, str]) -> dict:
     return result.structured_content
 
 
-async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkpoint(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkpoint(iso: Harness) -> None:
+    async with iso.client() as c:
         parent = await _run(c, "echo step1 > f", _meta("ses_parent"))
         one = await c.call_tool("checkpoint", {}, meta=_meta("ses_parent"))
         ckpt = one.structured_content["checkpoint_id"]
@@ -147,8 +149,8 @@ async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkp
         assert fresh["stdout"] == "" and fresh["sandbox_id"] not in (parent["sandbox_id"], child["sandbox_id"])
 
 
-async def test_a_default_sandbox_ahead_of_its_log_is_put_back(bw: Harness) -> None:
-    async with bw.client() as c:
+async def test_a_default_sandbox_ahead_of_its_log_is_put_back(iso: Harness) -> None:
+    async with iso.client() as c:
         await _run(c, "echo kept > f", _meta("ses_a"))
         ckpt = (await c.call_tool("checkpoint", {}, meta=_meta("ses_a"))).structured_content["checkpoint_id"]
         # Work the log never recorded (the harness died before writing its checkpoint event).
