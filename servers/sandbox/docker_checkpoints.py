@@ -479,11 +479,12 @@ class Started:
         exit, a cut stream or one past `timeout_s` raise `StreamFailed`."""
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        stdin = proc.stdin
 
         def write() -> None:
             with contextlib.suppress(BrokenPipeError, ValueError, OSError):
-                proc.stdin.write(feed)
-                proc.stdin.close()
+                stdin.write(feed)
+                stdin.close()
 
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
