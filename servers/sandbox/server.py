@@ -45,6 +45,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         run_as_uid=settings.sandbox_run_as_uid,
         extra_binds=list(settings.sandbox_extra_binds),
         templates=settings.templates_dir(),
+        system_layer=settings.sandbox_system_layer,
     )
 
 
