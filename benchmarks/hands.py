@@ -4,7 +4,9 @@
 
 - MCP `execute true` in a live sandbox (stdio client -> `corral serve sandbox`) vs a bare
   `bwrap ... true` spawn of the same sandbox's recipe from Python (target: at or below);
-- provision + first execute p50/p99 (in-process service: the init starts on first use);
+- provision + first execute p50/p99 (in-process service: the init starts on first use), with
+  the default sandbox's writable system layer (as root) beside a read-only system
+  (`--only-layer` measures just these two);
 - background start -> first output line seen through `process_output`, p50;
 - host RSS of an idle live sandbox (outer bwrap + init + its sleep);
 - N live sandboxes each running a background HTTP server: how many answer from inside;
@@ -213,10 +215,28 @@ async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
     return {"ok": ok, "count": count, "start_all_s": started, "all_answered_s": wall}
 
 
+def add_layer_row(table: Table, first: list[float], plain: list[float]) -> None:
+    layered = "writable system layer" if os.geteuid() == 0 else "read-only system (not root: no layer)"
+    f50, f99, p50, p99 = (
+        statistics.median(first),
+        percentile(first, 99),
+        statistics.median(plain),
+        percentile(plain, 99),
+    )
+    table.add(
+        f"provision + first execute, {layered}: p50 / p99",
+        f"{f50:.1f} / {f99:.1f} ms",
+        f"read-only system {p50:.1f} / {p99:.1f} ms",
+        "<= 25 / 60",
+        f50 <= 25 and f99 <= 60,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="samples per latency figure")
     parser.add_argument("--only-template", action="store_true", help="only the template figure and its baseline")
+    parser.add_argument("--only-layer", action="store_true", help="only provision + first execute, layer on and off")
     parser.add_argument(
         "--boxes",
         type=int,
@@ -236,8 +256,14 @@ async def main() -> None:
         "CORRAL_SANDBOX_DIR": str(sandbox_dir),
     }
     try:
+        first = await first_execute(settings, args.n)  # with the writable system layer, as root
+        plain = await first_execute(settings.model_copy(update={"sandbox_system_layer": False}), args.n)
+        if args.only_layer:
+            table = Table("hands")
+            add_layer_row(table, first, plain)
+            table.save({"load_average": os.getloadavg()})
+            return
         userland = add_template(settings)
-        first = await first_execute(settings, args.n)
         templated = await first_execute(settings, args.n, template="bench")
         if not args.only_template:
             live, raw = await live_vs_bare(settings, env, args.n)
@@ -284,6 +310,7 @@ async def main() -> None:
         "<= 25 / 60",
         f50 <= 25 and f99 <= 60,
     )
+    add_layer_row(table, first, plain)
     b50 = statistics.median(bg)
     table.add(
         "background start -> first output line (MCP): p50",

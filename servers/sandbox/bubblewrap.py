@@ -5,8 +5,9 @@ Layout of a sandbox `<root>/<id>/`: `workspace/` (mounted at /workspace, the wor
 background processes: host side only, see `processes.py`).
 
 On first use a sandbox gets its init (`live.py`): one `bwrap` with new user, pid, ipc,
-uts, cgroup and (unless `network: full`) net namespaces; the host's system dirs mounted
-read-only, only a safe subset of /etc, no host environment (`--clearenv`). Every command
+uts, cgroup and (unless `network: full`) net namespaces; the host's system dirs (as root:
+the sandbox's own copy-on-write layer over them, `hostlayer.py`; else read-only), only a
+safe subset of /etc, no host environment (`--clearenv`). Every command
 then joins those namespaces (`nsenter`), drops all capabilities (`setpriv`), gets only the
 sandbox's environment (`env -i`: nothing the client sends ever reaches a host-side
 process) and runs under `prlimit` (address space, processes, file size, CPU time), as
