@@ -141,7 +141,9 @@ class BubblewrapBackend(Backend):
         self.system_args = _system_args(self.etc)
         self.empty = _empty_file(self.root)
         # As root: the default sandbox's writable system (None: a read-only one, see hostlayer.py).
-        self.hostlayer = hostlayer.open_layer(self.uid if config.system_layer else None, self.root, self.etc)
+        # Its commands run the host's tools from /.corral/host/usr: that needs a merged-/usr host.
+        layer = config.system_layer and _LOADER.startswith("/usr/")
+        self.hostlayer = hostlayer.open_layer(self.uid if layer else None, self.root, self.etc)
         self._inits: dict[str, Init] = {}  # sandbox id -> its init, started or adopted by this process
         self._popens: dict[int, subprocess.Popen] = {}  # our children, kept until reaped
         self._starting: dict[str, asyncio.Lock] = {}
