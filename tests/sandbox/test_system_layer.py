@@ -144,6 +144,16 @@ async def test_destroy_discards_the_layer_and_leaves_the_host_intact(layered: Ha
     assert snapshot() == before and os.access("/usr/bin/true", os.X_OK), "the host's /usr is intact"
 
 
+async def test_destroy_keeping_the_workspace_discards_the_layer(layered: Harness) -> None:
+    async with layered.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command="echo mine > notes.txt && echo x > /etc/foo")
+        await call(c, "destroy", sandbox_id=sid, keep_workspace=True)
+    base = layered.settings.sandbox_dir / sid
+    assert (base / "workspace" / "notes.txt").read_text() == "mine\n"
+    assert not (base / "layer").exists() and not (base / "rootfs").exists() and mounts_under(base) == []
+
+
 async def test_the_tools_that_join_a_sandbox_are_never_the_sandbox_s(layered: Harness) -> None:
     """They run with capabilities in the sandbox's namespace until they drop them: a layer that
     replaces setpriv or preloads a library must not run its code there."""
