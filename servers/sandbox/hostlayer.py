@@ -12,6 +12,7 @@ vanish with the server. Each sandbox gets its own overlays on top, upper dirs in
 The sandbox's `/` is an overlay over a small skeleton (`<root>/.system-<fingerprint>`: the
 safe /etc copy, the host's /bin, /lib... symlinks, empty /var, /opt, mountpoints) and each
 host system dir (/usr; /bin, /lib... where they are real dirs) an overlay mounted inside it.
+The overlays are volatile (never synced on the sandbox's behalf, see `_overlay`).
 Needs root and a kernel with id-mapped mounts and overlay layers given by fd (6.13+); where
 that is missing the sandbox keeps a read-only system (`open_layer` returns None).
 """
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 428, 429, 430, 431, 432, 442
 OPEN_TREE_CLONE, AT_EMPTY_PATH, AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, -100, 4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP = 0x1, 0x100000
-FSCONFIG_SET_STRING, FSCONFIG_SET_FD, FSCONFIG_CMD_CREATE = 1, 5, 6
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_SET_FD, FSCONFIG_CMD_CREATE = 0, 1, 5, 6
 FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC, MNT_DETACH = 1, 1, 2
 # Top-level dirs a Debian-like userland expects; the host's are never shown.
 SKELETON_DIRS = ("root", "tmp", "workspace", "proc", "dev", "opt", "srv", "mnt", "home", "run", "var/lib",
@@ -100,6 +101,9 @@ class HostLayer:
                 upper, work = base / "layer" / "upper" / name, base / "layer" / "work" / name
                 for path in (upper, work):
                     path.mkdir(mode=0o755, parents=True, exist_ok=True)
+                # A volatile overlay leaves this mark and refuses to mount again while it is there;
+                # we are re-mounting after a reboot (nothing is mounted here): the upper dir is ours.
+                shutil.rmtree(work / "work" / "incompat" / "volatile", ignore_errors=True)
                 os.chown(upper, self.uid, self.uid)  # the top of this system dir is root's inside
                 _overlay(lower, upper, work, target if d == "/" else target / d.lstrip("/"))
         except OSError as err:
@@ -171,6 +175,11 @@ def _overlay(lower: int, upper: Path, work: Path, target: Path) -> None:
         _sys("fsconfig lowerdir+", SYS_FSCONFIG, fs, FSCONFIG_SET_FD, b"lowerdir+", None, lower)
         _sys("fsconfig upperdir", SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, b"upperdir", os.fsencode(upper), 0)
         _sys("fsconfig workdir", SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, b"workdir", os.fsencode(work), 0)
+        # No syncs of the upper layer: an unmount (every destroy) need not wait for the host's disk
+        # (tens to hundreds of ms under load), and a sandbox's fsync/syncfs cannot make the host's
+        # whole filesystem sync. Writeback still happens; a host crash may lose the last seconds of
+        # system-layer changes (the workspace is not in the layer).
+        _sys("fsconfig volatile", SYS_FSCONFIG, fs, FSCONFIG_SET_FLAG, b"volatile", None, 0)
         _sys("fsconfig create", SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
         mnt = _sys("fsmount", SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0)
     finally:

@@ -167,11 +167,14 @@ async def test_the_tools_that_join_a_sandbox_are_never_the_sandbox_s(layered: Ha
         assert "No such file" in after["stderr"] and after["stdout"].split()[-1] == "0000000000000000", after
 
 
-async def test_the_layer_outlives_a_reboot(layered: Harness) -> None:
+async def test_the_layer_outlives_a_server_restart_and_a_reboot(layered: Harness) -> None:
     async with layered.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
         await call(c, "execute", sandbox_id=sid, command="echo kept > /etc/kept && touch /usr/local/bin/kept")
     base = layered.settings.sandbox_dir / sid
+    async with layered.restart().client() as c:  # the init lives on: its layer stays mounted
+        r = await call(c, "execute", sandbox_id=sid, command="cat /etc/kept")
+        assert r["stdout"] == "kept\n" and r["notice"] is None, r
     init = json.loads((base / "init.json").read_text())["init"]["pid"]
     os.kill(init, signal.SIGKILL)  # the host rebooted while the server was down: no init, no mount
     await until(lambda: not Path(f"/proc/{init}").exists(), "the init is gone", seconds=10)
