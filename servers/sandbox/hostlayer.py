@@ -5,8 +5,8 @@ the host, so a plain overlay over /usr would refuse every copy-up. The server (r
 gives the overlay *id-mapped* lower layers: clones of the host's dirs on which a file owned
 by host uid 0 appears owned by the sandbox uid (a mount's id-mapping through a user
 namespace whose uid 0 is the sandbox uid). Those clones are read-only and detached: never
-attached to any path, so nothing on the host can write or delete through them, and they
-vanish with the server. Each sandbox gets its own overlays on top, upper dirs in
+attached to any path, so nothing on the host can write or delete through them; they live
+as long as the server and the overlays built on them hold them. Each sandbox gets its own overlays on top, upper dirs in
 `<sandbox>/layer/`, so uid 0 inside may change any system file and only its layer changes.
 
 The sandbox's `/` is an overlay over a small skeleton (`<root>/.system-<fingerprint>`: the
