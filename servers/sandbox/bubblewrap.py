@@ -246,6 +246,8 @@ class BubblewrapBackend(Backend):
                 self.cgroups.create(ref.id, ref.spec)
             if self._layered(ref.spec):
                 await asyncio.to_thread(self._mount_layer, ref)
+            elif os.path.ismount(self._dir(ref.id) / "rootfs"):  # its layer, from before the operator turned it off
+                await asyncio.to_thread(hostlayer.unmount_under, self._dir(ref.id) / "rootfs")
             init, proc = await start_init(
                 self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
             )
@@ -407,8 +409,10 @@ class BubblewrapBackend(Backend):
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
-        # A template has not our tools, a writable layer may have changed them: run the host's.
-        host = _host_tool if spec.template is not None or self._layered(spec) else _as_is
+        # A template has not our tools, a writable layer may have changed them: run the host's. Asked of
+        # the sandbox, not of the settings: an init a previous server started keeps the system it had.
+        layered = spec.template is not None or os.path.ismount(self._dir(sandbox_id) / "rootfs")
+        host = _host_tool if layered else _as_is
         argv += host(drop_caps(self.setpriv)[0]) + drop_caps(self.setpriv)[1:]
         env = {**BASE_ENV, **spec.env, **request.env}
         argv += [*host(self.env), "-i", "--", *(f"{k}={v}" for k, v in env.items())]

@@ -188,6 +188,25 @@ async def test_the_layer_outlives_a_server_restart_and_a_reboot(layered: Harness
     assert not base.exists() and mounts_under(base) == []
 
 
+async def test_a_live_sandbox_keeps_its_system_when_the_operator_turns_the_layer_on_or_off(layered: Harness) -> None:
+    """A restarted server re-adopts live inits started under the other setting: each goes on
+    with the system it had, and the tools that join a layered one are still the host's."""
+    # The same registry (its fixture destroys what is left): one server, restarted with the other setting.
+    off = Harness("bubblewrap", layered.settings.model_copy(update={"sandbox_system_layer": False}))
+    async with off.client() as c:
+        plain = (await call(c, "provision"))["sandbox_id"]
+        assert (await call(c, "execute", sandbox_id=plain, command="echo up"))["stdout"] == "up\n"
+    async with layered.restart().client() as c:
+        r = await call(c, "execute", sandbox_id=plain, command="touch /usr/local/bin/x 2>&1; echo ran")
+        assert "Read-only file system" in r["stdout"] and r["stdout"].endswith("ran\n"), r
+        sid = (await call(c, "provision"))["sandbox_id"]
+        trap = "printf '#!/bin/sh\\ntouch /tmp/pwned\\n' > /usr/bin/setpriv && chmod +x /usr/bin/setpriv"
+        assert (await call(c, "execute", sandbox_id=sid, command=trap))["exit_code"] == 0
+    async with off.restart().client() as c:
+        r = await call(c, "execute", sandbox_id=sid, command="ls /tmp/pwned; echo ran")
+        assert "No such file" in r["stderr"] and r["stdout"] == "ran\n", r
+
+
 async def test_without_the_layer_the_system_is_read_only(read_only: Harness) -> None:
     async with read_only.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
