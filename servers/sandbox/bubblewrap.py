@@ -176,7 +176,7 @@ class BubblewrapBackend(Backend):
             for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
                 (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
             os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
-            if (self._rootfs(spec.template or "") / "etc" / "apt" / "apt.conf.d").is_dir():
+            if spec.template is not None and (self._rootfs(spec.template) / "etc/apt/apt.conf.d").is_dir():
                 _apt_as_root(base / "layer" / "upper", self.uid)
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})

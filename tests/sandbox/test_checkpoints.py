@@ -258,3 +258,28 @@ async def test_a_checkpoint_never_follows_a_directory_swapped_for_a_symlink(bw: 
                     seen.add(entry.type)
                     assert path in ("workspace/d", "workspace/d/x"), f"walked out of the sandbox: {path}"
     assert seen, "the race was never caught: the test checked nothing"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the writable system layer is an overlay the server mounts as root")
+async def test_the_default_sandboxs_system_layer_is_checkpointed(bw: Harness) -> None:
+    """The host-userland sandbox's own layer: installed tools, /etc edits and deletions of host
+    files come back with a restore (new or in place), and the host never changes."""
+    if bw.backend.hostlayer is None:
+        pytest.skip("this kernel gives sandboxes a read-only system (no id-mapped mounts)")
+    change = (
+        "printf '#!/bin/sh\\necho mine\\n' > /usr/local/bin/mytool && chmod 755 /usr/local/bin/mytool"
+        " && echo 'setting=1' > /etc/corral-test.conf && rm /usr/bin/true"
+    )
+    look = "mytool; cat /etc/corral-test.conf; ls /usr/bin/true 2>&1 | grep -c 'No such'"
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        assert (await call(c, "execute", sandbox_id=sid, command=change))["exit_code"] == 0
+        before = (await call(c, "execute", sandbox_id=sid, command=look))["stdout"]
+        assert before == "mine\nsetting=1\n1\n", before
+        one = await call(c, "checkpoint", sandbox_id=sid)
+        fresh = await call(c, "restore", checkpoint_id=one["checkpoint_id"])
+        assert (await call(c, "execute", sandbox_id=fresh["sandbox_id"], command=look))["stdout"] == before
+        await call(c, "execute", sandbox_id=sid, command="rm /usr/local/bin/mytool /etc/corral-test.conf")
+        await call(c, "restore", checkpoint_id=one["checkpoint_id"], in_place=True)
+        assert (await call(c, "execute", sandbox_id=sid, command=look))["stdout"] == before
+    assert os.path.exists("/usr/bin/true") and not os.path.exists("/etc/corral-test.conf")
