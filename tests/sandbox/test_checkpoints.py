@@ -69,7 +69,7 @@ async def test_an_incremental_checkpoint_reads_and_stores_only_what_changed(iso:
         make = "mkdir d && for i in $(seq 300); do head -c 2000 /dev/urandom > d/f$i; done"
         await call(c, "execute", sandbox_id=sid, command=make)
         full = await call(c, "checkpoint", sandbox_id=sid)
-        assert full["bytes_added"] >= 600_000 and full["files_changed"] == 301, full
+        assert full["bytes_added"] >= 600_000 and full["files_changed"] >= 301, full  # + a system layer's dirs
         await call(c, "execute", sandbox_id=sid, command="echo changed > d/f7")
         step = await call(c, "checkpoint", sandbox_id=sid)
         assert step["files_changed"] == 1 and step["bytes_added"] == 8, step
@@ -84,6 +84,7 @@ async def test_an_incremental_checkpoint_reads_and_stores_only_what_changed(iso:
 async def test_restore_in_place_rolls_back_and_stops_processes(iso: Harness) -> None:
     async with iso.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command="true")  # started: its system layer (if any) is made
         await call(c, "write_file", sandbox_id=sid, path="a.txt", content="v1")
         one = await call(c, "checkpoint", sandbox_id=sid)
         await call(c, "write_file", sandbox_id=sid, path="a.txt", content="v2")
