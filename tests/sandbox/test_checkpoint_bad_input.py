@@ -16,7 +16,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,12 +65,17 @@ def local_root(settings: SandboxSettings) -> Path:
 
 
 @pytest.fixture
-def capped(request: pytest.FixtureRequest, settings: SandboxSettings, needs_bwrap: None) -> Iterator[Harness]:
-    """A bubblewrap server whose settings the test overrides (`@pytest.mark.settings(...)`)."""
-    marker = request.node.get_closest_marker("settings")
-    h = Harness("bubblewrap", settings.model_copy(update=marker.kwargs if marker else {}))
-    yield h
-    _cleanup(h)
+def server(settings: SandboxSettings, needs_bwrap: None) -> Iterator[Callable[..., Harness]]:
+    """Bubblewrap servers with settings the test overrides: `server(checkpoint_max_mb=1)`."""
+    made: list[Harness] = []
+
+    def make(**overrides: object) -> Harness:
+        made.append(Harness("bubblewrap", settings.model_copy(update=overrides)))
+        return made[-1]
+
+    yield make
+    for h in made:
+        _cleanup(h)
 
 
 # -- ids ---------------------------------------------------------------------------------
@@ -149,3 +154,36 @@ async def test_restore_of_a_checkpoint_whose_template_was_removed_names_the_temp
         templates.add("box", rootfs=source, owner=owner(h))
         back = (await call(c, "restore", checkpoint_id=ckpt))["sandbox_id"]
         assert (await call(c, "execute", sandbox_id=back, command="cat note.txt"))["stdout"] == "on-box\n"
+
+
+# -- a 2 GB sparse file ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [False, True], ids=["all-hole", "with-data"])
+async def test_a_2gb_sparse_file_costs_seconds_and_only_its_data(server: Callable[..., Harness], data: bool) -> None:
+    bw = server(sandbox_disk_mb=4096)  # the file size limit (RLIMIT_FSIZE) counts holes
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        make = "truncate -s 2G big"
+        if data:  # a few data extents in the hole: at the start, at 1 GiB, at the end
+            make += (
+                " && printf head | dd of=big conv=notrunc 2>/dev/null"
+                " && printf middle | dd of=big bs=1 seek=1073741824 conv=notrunc 2>/dev/null"
+                " && printf tail | dd of=big bs=1 seek=2147483644 conv=notrunc 2>/dev/null"
+            )
+        assert (await call(c, "execute", sandbox_id=sid, command=make))["exit_code"] == 0
+        started = time.monotonic()
+        taken = await call(c, "checkpoint", sandbox_id=sid)
+        assert time.monotonic() - started < 10, taken
+        assert taken["bytes_added"] < 1 << 20, taken  # the data extents (a few KiB), not 2 GiB of zeros
+        stored = sum(p.stat().st_size for p in blob_files(local_root(bw.settings)).values())
+        assert stored < 1 << 20, stored
+        started = time.monotonic()
+        back = (await call(c, "restore", checkpoint_id=taken["checkpoint_id"]))["sandbox_id"]
+        assert time.monotonic() - started < 10
+        st = (workspace(bw, back) / "big").stat()
+        assert st.st_size == 2 * GIB and st.st_blocks * 512 < 1 << 20, st  # sparse again
+        if data:
+            read = "dd if=big bs=1 count=4 2>/dev/null; dd if=big bs=1 skip=1073741824 count=6 2>/dev/null"
+            read += "; dd if=big bs=1 skip=2147483644 2>/dev/null"
+            assert (await call(c, "execute", sandbox_id=back, command=read))["stdout"] == "headmiddletail"

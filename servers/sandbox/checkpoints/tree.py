@@ -173,7 +173,7 @@ def _read(
     staged = tempfile.NamedTemporaryFile(dir=sink.staging, prefix="blob-", delete=False)
     size = 0
     with staged:
-        for offset, length in extents or [(0, -1)]:
+        for offset, length in [(0, -1)] if extents is None else extents:  # () is all hole: nothing to read
             os.lseek(fd, offset, os.SEEK_SET)
             left = length
             while left:
