@@ -187,3 +187,64 @@ async def test_a_2gb_sparse_file_costs_seconds_and_only_its_data(server: Callabl
             read = "dd if=big bs=1 count=4 2>/dev/null; dd if=big bs=1 skip=1073741824 count=6 2>/dev/null"
             read += "; dd if=big bs=1 skip=2147483644 2>/dev/null"
             assert (await call(c, "execute", sandbox_id=back, command=read))["stdout"] == "headmiddletail"
+
+
+# -- 100,000 files, and the caps -------------------------------------------------------
+
+MANY = "python3 -c \"import os; os.mkdir('many'); [open(f'many/{i}', 'w').write(f'file {i}\\n') for i in range(100000)]\""
+
+
+async def test_100000_small_files_are_captured_in_bounded_time(bw: Harness) -> None:
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        assert (await call(c, "execute", sandbox_id=sid, command=MANY, timeout_s=120))["exit_code"] == 0
+        started = time.monotonic()
+        first = await call(c, "checkpoint", sandbox_id=sid)
+        assert time.monotonic() - started < 60, first
+        assert first["files"] == 100001 and first["files_changed"] == 100001, first
+        content = sum(len(f"file {i}\n") for i in range(100000))
+        assert content <= first["bytes_added"] <= content + 4096, first  # the bytes, once each
+        await call(c, "execute", sandbox_id=sid, command="echo changed > many/7")
+        started = time.monotonic()
+        second = await call(c, "checkpoint", sandbox_id=sid)
+        assert time.monotonic() - started < 20, second  # unchanged files are not read again
+        assert (second["files_changed"], second["bytes_added"]) == (1, len("changed\n")), second
+
+
+async def test_past_the_file_cap_a_clear_error_and_nothing_stored(server: Callable[..., Harness]) -> None:
+    bw = server(checkpoint_max_files=1000)
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        assert (await call(c, "execute", sandbox_id=sid, command=MANY, timeout_s=120))["exit_code"] == 0
+        started = time.monotonic()
+        text = await fail(c, "checkpoint", "invalid_argument", sandbox_id=sid)
+        assert time.monotonic() - started < 30
+        assert "more than 1000 files" in text and "nothing was stored" in text, text
+        assert "CORRAL_CHECKPOINT_MAX_FILES" in text, text
+        assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
+        assert blob_files(local_root(bw.settings)) == {}, "a refused checkpoint stored content"
+        assert store_of(bw).usage() == 0
+        # The sandbox is untouched, and once it is smaller a checkpoint is taken.
+        await call(c, "execute", sandbox_id=sid, command="rm -r many && echo small > small.txt")
+        assert (await call(c, "checkpoint", sandbox_id=sid))["files"] == 1
+
+
+async def test_past_the_storage_cap_a_clear_error_and_no_half_checkpoint(server: Callable[..., Harness]) -> None:
+    bw = server(checkpoint_max_mb=1)
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        make = "for f in a b c d; do head -c 400000 /dev/urandom > $f.bin; done; sha256sum *.bin"
+        made = await call(c, "execute", sandbox_id=sid, command=make)
+        text = await fail(c, "checkpoint", "unavailable", sandbox_id=sid)
+        assert "checkpoint store is full" in text and "no checkpoint was taken" in text, text
+        assert "CORRAL_CHECKPOINT_MAX_MB" in text, text
+        assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
+        assert referenced(local_root(bw.settings)) == set()  # no checkpoint row, no references
+        again = await call(c, "execute", sandbox_id=sid, command="sha256sum *.bin")
+        assert again["stdout"] == made["stdout"]  # the sandbox is unchanged
+        # The content stored before the refusal belongs to no checkpoint: gc frees it, and a
+        # checkpoint that fits is taken.
+        store_of(bw).gc(grace_s=0)
+        assert blob_files(local_root(bw.settings)) == {}
+        await call(c, "execute", sandbox_id=sid, command="rm c.bin d.bin")
+        assert (await call(c, "checkpoint", sandbox_id=sid))["files"] == 2

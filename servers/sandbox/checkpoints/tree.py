@@ -67,29 +67,38 @@ class Scan:
 def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = None, max_files: int = 1 << 20) -> Scan:
     """The manifest of `areas` (name -> host dir); new content goes to `sink`."""
     out, previous = Scan(), previous or {}
+    for area, root, rel, st in _listing(areas, max_files):
+        path = f"{area}/{rel}"
+        key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
+        seen = previous.get(path)
+        if seen is not None and seen[0] == key:
+            entry = seen[1]
+        else:
+            entry = _entry(root / rel, path, st, sink, out)
+            if entry is None:
+                continue
+            if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+                out.files_changed += 1
+        out.manifest[path] = entry
+        out.cache[path] = (key, entry)
+    return out
+
+
+def _listing(areas: dict[str, Path], max_files: int) -> list[tuple[str, Path, str, os.stat_result]]:
+    """Every (area, root, relative path, lstat), counted before any content is read: a tree
+    past the cap is refused having stored nothing."""
+    found = []
     for area, root in areas.items():
         if not root.is_dir():
             continue
         for rel, st in _walk(root):
-            if len(out.manifest) >= max_files:
+            if len(found) >= max_files:
                 raise InvalidArgument(
                     f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
                     hint="delete what you do not need (build caches, node_modules), or raise CORRAL_CHECKPOINT_MAX_FILES",
                 )
-            path = f"{area}/{rel}"
-            key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
-            seen = previous.get(path)
-            if seen is not None and seen[0] == key:
-                entry = seen[1]
-            else:
-                entry = _entry(root / rel, st, sink, out)
-                if entry is None:
-                    continue
-                if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
-                    out.files_changed += 1
-            out.manifest[path] = entry
-            out.cache[path] = (key, entry)
-    return out
+            found.append((area, root, rel, st))
+    return found
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -112,7 +121,8 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 stack.append(sub)
 
 
-def _entry(path: Path, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+def _entry(path: Path, name: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+    """The entry of the file at host `path` (manifest path `name`); None when it is not captured."""
     mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
     if stat.S_ISDIR(st.st_mode):
         opaque = False
@@ -129,7 +139,7 @@ def _entry(path: Path, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry |
     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
         return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
     if not stat.S_ISREG(st.st_mode):
-        out.skipped.append(f"{path.name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
+        out.skipped.append(f"{name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
         return None
     return _file(path, sink, out)
 
