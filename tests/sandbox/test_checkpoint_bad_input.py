@@ -248,3 +248,78 @@ async def test_past_the_storage_cap_a_clear_error_and_no_half_checkpoint(server:
         assert blob_files(local_root(bw.settings)) == {}
         await call(c, "execute", sandbox_id=sid, command="rm c.bin d.bin")
         assert (await call(c, "checkpoint", sandbox_id=sid))["files"] == 2
+
+
+# -- what a workspace may hold: links out, FIFOs, sockets, device nodes ----------------
+
+
+async def test_symlinks_pointing_outside_are_captured_as_links_never_followed(bw: Harness) -> None:
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        links = "ln -s /etc/shadow shadow && ln -s ../../.. up && ln -s /etc/passwd ~/passwd && mkdir d"
+        assert (await call(c, "execute", sandbox_id=sid, command=links))["exit_code"] == 0
+        taken = await call(c, "checkpoint", sandbox_id=sid)
+        assert taken["bytes_added"] == 0, taken  # links and a dir: no content read through them
+        host_files = [Path(p).read_bytes() for p in ("/etc/shadow", "/etc/passwd") if os.access(p, os.R_OK)]
+        for blob in blob_files(local_root(bw.settings)).values():
+            assert blob.read_bytes() not in host_files, f"a host file was copied into the store: {blob}"
+        back = (await call(c, "restore", checkpoint_id=taken["checkpoint_id"]))["sandbox_id"]
+        ws, home = workspace(bw, back), bw.settings.sandbox_dir / back / "home"
+        assert os.readlink(ws / "shadow") == "/etc/shadow" and os.readlink(ws / "up") == "../../.."
+        assert os.readlink(home / "passwd") == "/etc/passwd"
+        out = await call(c, "execute", sandbox_id=back, command="readlink shadow up ~/passwd; ls -d d")
+        assert out["stdout"] == "/etc/shadow\n../../..\n/etc/passwd\nd\n", out
+
+
+async def test_a_forged_manifest_cannot_write_through_a_link(bw: Harness, tmp_path: Path) -> None:
+    """A shared store someone else can write: a file under a link is refused, nothing written outside."""
+    from corral.servers.sandbox.checkpoints.manifest import Delta, Entry, encode
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        real = await call(c, "checkpoint", sandbox_id=sid)
+        store = store_of(bw)
+        record = store.get(real["checkpoint_id"])
+        assert record is not None
+        empty_blob = hashlib.sha256(b"").hexdigest()
+        store.put_blob(empty_blob, b"")
+        forged = Delta(
+            put={
+                "workspace/esc": Entry("l", 0o777, 0, 0, str(outside)),
+                "workspace/esc/pwned": Entry("f", 0o644, 0, 0, empty_blob),
+            },
+            delete=[],
+            full=True,
+        )
+        bad = record.model_copy(update={"id": "ckpt_" + "f0" * 10, "parent": None, "depth": 0})
+        store.commit(bad, encode(forged), {empty_blob})
+        text = await fail(c, "restore", "invalid_argument", checkpoint_id=bad.id)
+        assert "under a non-directory" in text, text
+    assert list(outside.iterdir()) == []
+
+
+async def test_fifos_are_captured_sockets_and_device_nodes_skipped_with_a_note(bw: Harness) -> None:
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        ws = workspace(bw, sid)
+        await call(c, "execute", sandbox_id=sid, command="mkfifo pipe && chmod 640 pipe && echo data > plain")
+        serve = "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind('sock'); s.listen(); time.sleep(600)"
+        await call(c, "execute", sandbox_id=sid, command=f'python3 -c "{serve}"', background=True)
+        await until(lambda: (ws / "sock").exists(), "the socket server bound its socket")
+        # A sandbox cannot make device nodes (no capabilities); one the host put there is skipped.
+        os.mknod(ws / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(ws / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+        taken = await call(c, "checkpoint", sandbox_id=sid)
+        assert sorted(taken["skipped"]) == [
+            "workspace/loop: a device node (not captured)",
+            "workspace/null: a device node (not captured)",
+            "workspace/sock: a socket (not captured)",
+        ], taken
+        back = (await call(c, "restore", checkpoint_id=taken["checkpoint_id"]))["sandbox_id"]
+        restored = workspace(bw, back)
+        assert sorted(p.name for p in restored.iterdir()) == ["pipe", "plain"]
+        st = (restored / "pipe").lstat()
+        assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640, st
+        assert (await call(c, "read_file", sandbox_id=back, path="plain"))["content"] == "data\n"
