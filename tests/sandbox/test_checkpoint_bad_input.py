@@ -323,3 +323,42 @@ async def test_fifos_are_captured_sockets_and_device_nodes_skipped_with_a_note(b
         st = (restored / "pipe").lstat()
         assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640, st
         assert (await call(c, "read_file", sandbox_id=back, path="plain"))["content"] == "data\n"
+
+
+# -- a file rewritten while it is captured ---------------------------------------------
+
+PAD = "x" * 200
+WRITER = (
+    "i=0; while true; do i=$((i+1)); for f in a b c; do "
+    f'echo "$f version $i {PAD}" > $f.txt; done; done'
+)
+
+
+async def test_a_checkpoint_while_a_process_rewrites_files_holds_whole_versions(bw: Harness) -> None:
+    """Each file restored is one version the writer wrote (or the empty file its `>` leaves for
+    an instant), never a mix; each manifest entry agrees with the bytes stored for it."""
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "write_file", sandbox_id=sid, path="still.txt", content="still\n")
+        await call(c, "execute", sandbox_id=sid, command=WRITER, background=True)
+        await until(lambda: (workspace(bw, sid) / "c.txt").exists(), "the writer wrote")
+        store, seen = store_of(bw), set()
+        for _ in range(5):
+            taken = await call(c, "checkpoint", sandbox_id=sid)
+            manifest = store.manifest(taken["checkpoint_id"])
+            assert {p for p in manifest if p.startswith("workspace/")} == {
+                "workspace/still.txt", "workspace/a.txt", "workspace/b.txt", "workspace/c.txt"
+            }  # fmt: skip
+            back = (await call(c, "restore", checkpoint_id=taken["checkpoint_id"]))["sandbox_id"]
+            for name in ("a", "b", "c"):
+                entry = manifest[f"workspace/{name}.txt"]
+                data = (workspace(bw, back) / f"{name}.txt").read_bytes()
+                assert (len(data), hashlib.sha256(data).hexdigest()) == (entry.size, entry.ref), entry
+                text = data.decode()
+                words = text.split(" ")
+                whole = len(words) == 4 and words[:2] == [name, "version"] and words[2].isdigit()
+                assert text == "" or (whole and words[3] == PAD + "\n"), f"{name}.txt is torn: {text!r}"
+                seen.add(text)
+            assert (workspace(bw, back) / "still.txt").read_text() == "still\n"
+            await call(c, "destroy", sandbox_id=back)
+        assert len(seen) > 3, seen  # the writer was writing all along
