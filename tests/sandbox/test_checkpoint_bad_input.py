@@ -362,3 +362,84 @@ async def test_a_checkpoint_while_a_process_rewrites_files_holds_whole_versions(
             assert (workspace(bw, back) / "still.txt").read_text() == "still\n"
             await call(c, "destroy", sandbox_id=back)
         assert len(seen) > 3, seen  # the writer was writing all along
+
+
+# -- a server killed mid-checkpoint ----------------------------------------------------
+
+BIG_TREE = (
+    "python3 -c \"import os; os.mkdir('big'); "
+    "[open(f'big/{i}', 'wb').write(os.urandom(65536)) for i in range(2000)]\""
+)
+
+
+def _rpc(proc: subprocess.Popen, message: dict) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(message).encode() + b"\n")
+    proc.stdin.flush()
+
+
+def _start_checkpoint_then_kill(env: dict[str, str], sid: str, store_root: Path, log: Path) -> int:
+    """A real `corral serve sandbox` over stdio, asked for a checkpoint of `sid`, killed with
+    SIGKILL as soon as the checkpoint has stored its first content. Returns how many blobs it stored."""
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [corral_exe(), "serve", "sandbox"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env
+        )
+    try:
+        assert proc.stdout is not None
+        _rpc(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})  # fmt: skip
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        _rpc(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        _rpc(proc, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                    "params": {"name": "checkpoint", "arguments": {"sandbox_id": sid}}})  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not blob_files(store_root) and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()  # if an assertion above failed: never leave it running
+        proc.wait(timeout=30)
+    return len(blob_files(store_root))
+
+
+async def test_a_server_killed_mid_checkpoint_leaves_a_consistent_store(settings: SandboxSettings, tmp_path: Path, needs_bwrap: None) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CORRAL_HOME": str(settings.home),
+           "CORRAL_SANDBOX_DIR": str(settings.sandbox_dir)}  # fmt: skip
+    params = StdioServerParameters(command=corral_exe(), args=["serve", "sandbox"], env=env)
+    root = local_root(settings)
+    async with Client(params) as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        made = await call(c, "execute", sandbox_id=sid, command=BIG_TREE, timeout_s=120)
+        assert made["exit_code"] == 0, made
+    stored = await asyncio.to_thread(_start_checkpoint_then_kill, env, sid, root, tmp_path / "server.log")
+    assert 0 < stored < 2000, f"the kill came too late: {stored} blobs were stored"
+
+    store = LocalCheckpointStore(root, 1 << 40)  # what the next server opens
+    try:
+        assert store._db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert store.list(sid) == [] and referenced(root) == set()  # the half checkpoint is no checkpoint
+        assert list(store.staging.iterdir()) == []  # half-written blob files were cleared at open
+        for digest, path in blob_files(root).items():  # every blob whole: renamed into place, never torn
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, path
+    finally:
+        store.close()
+
+    async with Client(params) as c:
+        assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
+        await call(c, "execute", sandbox_id=sid, command="rm -r big && echo after > after.txt")
+        taken = await call(c, "checkpoint", sandbox_id=sid)
+        assert (taken["files"], taken["files_changed"]) == (1, 1), taken
+        assert [k["checkpoint_id"] for k in (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"]] == [
+            taken["checkpoint_id"]
+        ]
+        store = LocalCheckpointStore(root, 1 << 40)
+        try:
+            assert store.gc(grace_s=0) >= stored * 65536  # the orphans of the killed checkpoint
+        finally:
+            store.close()
+        assert set(blob_files(root)) == referenced(root) != set()
+        back = (await call(c, "restore", checkpoint_id=taken["checkpoint_id"]))["sandbox_id"]
+        assert (await call(c, "read_file", sandbox_id=back, path="after.txt"))["content"] == "after\n"
+        for box in (sid, back):
+            await call(c, "destroy", sandbox_id=box)
