@@ -24,7 +24,7 @@ from mcp import StdioServerParameters
 from mcp.client import Client
 
 from corral.servers.sandbox.checkpoints.local import LocalCheckpointStore
-from corral.servers.sandbox.checkpoints.store import CheckpointRecord, CheckpointStore
+from corral.servers.sandbox.checkpoints.store import CheckpointStore
 from corral.servers.sandbox.config import SandboxSettings
 from corral.servers.sandbox.templates import TemplateStore
 from tests.conftest import until
@@ -86,7 +86,13 @@ async def test_unknown_malformed_and_foreign_ids_are_not_found_and_lose_nothing(
         sid = (await call(c, "provision"))["sandbox_id"]
         await call(c, "write_file", sandbox_id=sid, path="kept.txt", content="kept\n")
         good = (await call(c, "checkpoint", sandbox_id=sid, label="good"))["checkpoint_id"]
-        for bad in ("ckpt_00000000000000000000", "../../etc/passwd", "", "ckpt_'; DROP TABLE checkpoints; --", "x" * 5000):
+        for bad in (
+            "ckpt_00000000000000000000",
+            "../../etc/passwd",
+            "",
+            "ckpt_'; DROP TABLE checkpoints; --",
+            "x" * 5000,
+        ):
             text = await fail(c, "restore", "not_found", checkpoint_id=bad)
             assert "no checkpoint" in text and "list_checkpoints" in text, text
         # A checkpoint another backend wrote into a shared store: never restored by this one.
@@ -114,7 +120,9 @@ def owner(h: Harness) -> int | None:
 
 
 @pytest.fixture
-def tpl(settings: SandboxSettings, sandbox_root: Path, needs_bwrap: None) -> Iterator[tuple[Harness, TemplateStore, Path]]:
+def tpl(
+    settings: SandboxSettings, sandbox_root: Path, needs_bwrap: None
+) -> Iterator[tuple[Harness, TemplateStore, Path]]:
     """A server with templates, and a tiny busybox root filesystem registered as `box`."""
     busybox = shutil.which("busybox")
     if busybox is None:
@@ -191,7 +199,9 @@ async def test_a_2gb_sparse_file_costs_seconds_and_only_its_data(server: Callabl
 
 # -- 100,000 files, and the caps -------------------------------------------------------
 
-MANY = "python3 -c \"import os; os.mkdir('many'); [open(f'many/{i}', 'w').write(f'file {i}\\n') for i in range(100000)]\""
+MANY = (
+    "python3 -c \"import os; os.mkdir('many'); [open(f'many/{i}', 'w').write(f'file {i}\\n') for i in range(100000)]\""
+)
 
 
 async def test_100000_small_files_are_captured_in_bounded_time(bw: Harness) -> None:
@@ -328,10 +338,7 @@ async def test_fifos_are_captured_sockets_and_device_nodes_skipped_with_a_note(b
 # -- a file rewritten while it is captured ---------------------------------------------
 
 PAD = "x" * 200
-WRITER = (
-    "i=0; while true; do i=$((i+1)); for f in a b c; do "
-    f'echo "$f version $i {PAD}" > $f.txt; done; done'
-)
+WRITER = f'i=0; while true; do i=$((i+1)); for f in a b c; do echo "$f version $i {PAD}" > $f.txt; done; done'
 
 
 async def test_a_checkpoint_while_a_process_rewrites_files_holds_whole_versions(bw: Harness) -> None:
@@ -367,8 +374,7 @@ async def test_a_checkpoint_while_a_process_rewrites_files_holds_whole_versions(
 # -- a server killed mid-checkpoint ----------------------------------------------------
 
 BIG_TREE = (
-    "python3 -c \"import os; os.mkdir('big'); "
-    "[open(f'big/{i}', 'wb').write(os.urandom(65536)) for i in range(2000)]\""
+    "python3 -c \"import os; os.mkdir('big'); [open(f'big/{i}', 'wb').write(os.urandom(65536)) for i in range(2000)]\""
 )
 
 
@@ -403,7 +409,9 @@ def _start_checkpoint_then_kill(env: dict[str, str], sid: str, store_root: Path,
     return len(blob_files(store_root))
 
 
-async def test_a_server_killed_mid_checkpoint_leaves_a_consistent_store(settings: SandboxSettings, tmp_path: Path, needs_bwrap: None) -> None:
+async def test_a_server_killed_mid_checkpoint_leaves_a_consistent_store(
+    settings: SandboxSettings, tmp_path: Path, needs_bwrap: None
+) -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CORRAL_HOME": str(settings.home),
            "CORRAL_SANDBOX_DIR": str(settings.sandbox_dir)}  # fmt: skip
     params = StdioServerParameters(command=corral_exe(), args=["serve", "sandbox"], env=env)
@@ -443,3 +451,38 @@ async def test_a_server_killed_mid_checkpoint_leaves_a_consistent_store(settings
         assert (await call(c, "read_file", sandbox_id=back, path="after.txt"))["content"] == "after\n"
         for box in (sid, back):
             await call(c, "destroy", sandbox_id=box)
+
+
+# -- garbage collection ----------------------------------------------------------------
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_past_retention_a_sandboxs_unique_blobs_are_freed_and_shared_ones_kept(
+    server: Callable[..., Harness],
+) -> None:
+    h = server(checkpoint_retention_s=0)
+    root = local_root(h.settings)
+    async with h.client() as c:
+        a = (await call(c, "provision"))["sandbox_id"]
+        b = (await call(c, "provision"))["sandbox_id"]
+        for box, own in ((a, "only in a\n"), (b, "only in b\n")):
+            await call(c, "write_file", sandbox_id=box, path="shared.txt", content="in both\n")
+            await call(c, "write_file", sandbox_id=box, path="own.txt", content=own)
+            await call(c, "checkpoint", sandbox_id=box)
+        kept_b = (await call(c, "list_checkpoints", sandbox_id=b))["checkpoints"]
+        assert set(blob_files(root)) == {sha("in both\n"), sha("only in a\n"), sha("only in b\n")}
+        await call(c, "destroy", sandbox_id=a)
+        old = time.time() - 2 * 3600  # older than gc's grace, which keeps blobs of checkpoints being written
+        for path in blob_files(root).values():
+            os.utime(path, (old, old))
+        await h.service.sweep()
+        assert set(blob_files(root)) == {sha("in both\n"), sha("only in b\n")}
+        assert (await call(c, "list_checkpoints", sandbox_id=a))["checkpoints"] == []
+        # A running sandbox's checkpoints are kept, whatever their age, and restore whole.
+        assert (await call(c, "list_checkpoints", sandbox_id=b))["checkpoints"] == kept_b
+        back = (await call(c, "restore", checkpoint_id=kept_b[0]["checkpoint_id"]))["sandbox_id"]
+        out = await call(c, "execute", sandbox_id=back, command="cat shared.txt own.txt")
+        assert out["stdout"] == "in both\nonly in b\n", out
