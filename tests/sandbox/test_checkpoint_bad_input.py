@@ -486,3 +486,23 @@ async def test_past_retention_a_sandboxs_unique_blobs_are_freed_and_shared_ones_
         back = (await call(c, "restore", checkpoint_id=kept_b[0]["checkpoint_id"]))["sandbox_id"]
         out = await call(c, "execute", sandbox_id=back, command="cat shared.txt own.txt")
         assert out["stdout"] == "in both\nonly in b\n", out
+
+
+async def test_a_directory_swapped_for_a_link_during_a_checkpoint_is_never_followed(bw: Harness) -> None:
+    """The sandbox races the scan: `d` is a directory holding `passwd` one instant, a link to
+    the host's `/etc` the next. Whatever the timing, no host file reaches the store."""
+    host = Path("/etc/passwd").read_bytes()
+    swap = "mkdir -p d && echo mine > d/passwd && while true; do mv d d.x; ln -s /etc d; rm d; mv d.x d; done"
+    many = "mkdir m && cd m && seq 3000 | xargs touch"  # a long walk between seeing `d` and entering it
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command=many)
+        await call(c, "execute", sandbox_id=sid, command=swap, background=True)
+        await until(lambda: (workspace(bw, sid) / "d.x").exists(), "the swapper ran")
+        for _ in range(40):
+            taken = await call(c, "checkpoint", sandbox_id=sid)
+            manifest = store_of(bw).manifest(taken["checkpoint_id"])
+            ours = {"workspace/d", "workspace/d.x", "workspace/d/passwd", "workspace/d.x/passwd", "workspace/m"}
+            assert {p for p in manifest if not p.startswith("workspace/m/")} <= ours, sorted(manifest)[:20]
+        for blob in blob_files(local_root(bw.settings)).values():
+            assert blob.read_bytes() != host, "a host file was read through a swapped link"

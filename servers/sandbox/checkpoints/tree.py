@@ -65,97 +65,149 @@ class Scan:
 
 
 def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = None, max_files: int = 1 << 20) -> Scan:
-    """The manifest of `areas` (name -> host dir); new content goes to `sink`."""
-    out, previous = Scan(), previous or {}
-    for area, root, rel, st in _listing(areas, max_files):
-        path = f"{area}/{rel}"
-        key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
-        seen = previous.get(path)
-        if seen is not None and seen[0] == key:
-            entry = seen[1]
-        else:
-            entry = _entry(root / rel, path, st, sink, out)
-            if entry is None:
-                continue
-            if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
-                out.files_changed += 1
-        out.manifest[path] = entry
-        out.cache[path] = (key, entry)
-    return out
+    """The manifest of `areas` (name -> host dir); new content goes to `sink`.
 
-
-def _listing(areas: dict[str, Path], max_files: int) -> list[tuple[str, Path, str, os.stat_result]]:
-    """Every (area, root, relative path, lstat), counted before any content is read: a tree
-    past the cap is refused having stored nothing."""
-    found = []
+    Entries whose stat is what the previous scan saw are taken as they were; the others are
+    read once the walk has counted the tree (past `max_files` nothing is stored)."""
+    out, previous, count = Scan(), previous or {}, 0
+    todo: list[tuple[_Dirs, str, str, os.stat_result, tuple[int, int, int, int]]] = []
     for area, root in areas.items():
         if not root.is_dir():
             continue
+        dirs = _Dirs(root)
         for rel, st in _walk(root):
-            if len(found) >= max_files:
+            count += 1
+            if count > max_files:
                 raise InvalidArgument(
                     f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
                     hint="delete what you do not need (build caches, node_modules), or raise CORRAL_CHECKPOINT_MAX_FILES",
                 )
-            found.append((area, root, rel, st))
-    return found
+            path = f"{area}/{rel}"
+            key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
+            seen = previous.get(path)
+            if seen is not None and seen[0] == key:
+                out.manifest[path] = seen[1]
+                out.cache[path] = seen
+            else:
+                todo.append((dirs, rel, path, st, key))
+    try:
+        for dirs, rel, path, st, key in todo:
+            entry = _entry(dirs, rel, path, st, sink, out)
+            if entry is None:
+                continue
+            seen = previous.get(path)
+            if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+                out.files_changed += 1
+            out.manifest[path] = entry
+            out.cache[path] = (key, entry)
+    finally:
+        for dirs in {id(t[0]): t[0] for t in todo}.values():
+            dirs.close()
+    return out
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL)  # removed, or swapped for another kind
+
+
+class _Dirs:
+    """Directory fds of one area, each opened from the area's root one component at a time
+    with `O_NOFOLLOW`: the sandbox may swap a directory for a link to a host path at any
+    moment, and then the open fails instead of following it. The last one opened is kept
+    (files come grouped by directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.rel: str | None = None
+        self.fd = -1
+
+    def open(self, rel: str) -> int:
+        if rel == self.rel:
+            return self.fd
+        self.close()
+        fd = os.open(self.root, _DIR)
+        try:
+            for part in rel.split("/") if rel else ():
+                inner = os.open(part, _DIR, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        self.rel, self.fd = rel, fd
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.rel, self.fd = None, -1
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of everything under `root`, parents first; never through a symlink."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            entries = list(os.scandir(root / rel if rel else root))
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # removed while we walked: it is simply not in this checkpoint
-        for item in entries:
-            sub = f"{rel}/{item.name}" if rel else item.name
+    dirs, stack = _Dirs(root), [""]
+    try:
+        while stack:
+            rel = stack.pop()
             try:
-                st = item.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield sub, st
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(sub)
+                fd = dirs.open(rel)
+                with os.scandir(fd) as listing:
+                    found = []
+                    for item in listing:  # stat'ed while `fd` is open: fstatat, relative to it
+                        with contextlib.suppress(FileNotFoundError):
+                            found.append((item.name, item.stat(follow_symlinks=False)))
+            except OSError as err:
+                if err.errno in _GONE:
+                    continue  # removed or replaced while we walked: it is not in this checkpoint
+                raise
+            for name, st in found:
+                sub = f"{rel}/{name}" if rel else name
+                yield sub, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(sub)
+    finally:
+        dirs.close()
 
 
-def _entry(path: Path, name: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
-    """The entry of the file at host `path` (manifest path `name`); None when it is not captured."""
+def _entry(dirs: _Dirs, rel: str, name: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+    """The entry of `rel` in its area (manifest path `name`), read through a directory fd
+    opened beneath the area's root; None when it is not captured (or vanished meanwhile)."""
     mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-    if stat.S_ISDIR(st.st_mode):
-        opaque = False
-        with contextlib.suppress(OSError):
-            opaque = os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"
-        return Entry("D" if opaque else "d", mode, 0, mtime)
-    if stat.S_ISLNK(st.st_mode):
-        try:
-            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(path)))
-        except FileNotFoundError:
+    parent, _, base = rel.rpartition("/")
+    try:
+        dfd = dirs.open(parent)
+        if stat.S_ISDIR(st.st_mode):
+            opaque = False
+            with contextlib.suppress(OSError):
+                inner = os.open(base, _DIR, dir_fd=dfd)
+                try:
+                    opaque = os.getxattr(inner, OPAQUE) == b"y"
+                finally:
+                    os.close(inner)
+            return Entry("D" if opaque else "d", mode, 0, mtime)
+        if stat.S_ISLNK(st.st_mode):
+            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(base, dir_fd=dfd)))
+        if stat.S_ISFIFO(st.st_mode):
+            return Entry("p", mode, 0, mtime)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
+        if not stat.S_ISREG(st.st_mode):
+            out.skipped.append(f"{name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
             return None
-    if stat.S_ISFIFO(st.st_mode):
-        return Entry("p", mode, 0, mtime)
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
-    if not stat.S_ISREG(st.st_mode):
-        out.skipped.append(f"{name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
-        return None
-    return _file(path, sink, out)
+        return _file(dfd, base, sink, out)
+    except OSError as err:
+        if err.errno in _GONE:
+            return None
+        raise
 
 
-def _file(path: Path, sink: BlobSink, out: Scan) -> Entry | None:
+def _file(dfd: int, base: str, sink: BlobSink, out: Scan) -> Entry | None:
     for _ in range(3):  # written meanwhile: read it again, so the entry and the bytes agree
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            if err.errno == errno.ELOOP:  # replaced by a symlink meanwhile
-                return None
-            raise
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):  # swapped for a FIFO or a directory meanwhile
+                return None
             digest, size, extents, data = _read(fd, before, sink)
             after = os.fstat(fd)
         finally:
