@@ -52,6 +52,10 @@ def timed_ms(argv: list[str]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def du_bytes(path: Path) -> int:
     """Bytes a tree takes on disk (blocks, not apparent sizes)."""
     return int(subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
@@ -69,8 +73,15 @@ def fill(files: int, mb: int) -> str:
     )
 
 
-def copies(ws: Path, scratch: Path, rounds: int) -> tuple[list[float], list[float]]:
-    """Baselines: `cp -a` and `tar -cf` of the workspace, on the same file system as the store."""
+def copies(ws: Path, scratch: Path, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """Baselines: `cp -a` and `tar -cf` of the workspace, on the same file system as the store;
+    and `find` printing the fields a checkpoint compares (inode, ctime, size, mtime) of every
+    entry: the floor of any scan that stats the whole tree."""
+    stats = []
+    for _ in range(10):
+        start = time.perf_counter()
+        subprocess.run(["find", str(ws), "-printf", "%i %C@ %s %T@\\n"], check=True, stdout=subprocess.DEVNULL)
+        stats.append((time.perf_counter() - start) * 1000)
     cp, tar = [], []
     for _ in range(rounds):
         target = scratch / "copy"
@@ -78,7 +89,7 @@ def copies(ws: Path, scratch: Path, rounds: int) -> tuple[list[float], list[floa
         shutil.rmtree(target)
         tar.append(timed_ms(["tar", "-cf", str(scratch / "ws.tar"), "-C", str(ws), "."]))
         (scratch / "ws.tar").unlink()
-    return cp, tar
+    return cp, tar, stats
 
 
 async def run(args: argparse.Namespace, settings: SandboxSettings, scratch: Path) -> Table:
@@ -93,7 +104,7 @@ async def run(args: argparse.Namespace, settings: SandboxSettings, scratch: Path
     ws = settings.sandbox_dir / sid / "workspace"
     tree_bytes, tree_disk = apparent_bytes(ws), du_bytes(ws)
     print(f"  workspace: {sum(len(f) for _, _, f in os.walk(ws))} files, {tree_bytes / 1e6:.1f} MB", flush=True)
-    cp, tar = copies(ws, scratch, args.rounds)
+    cp, tar, stats = copies(ws, scratch, args.rounds)
 
     first, restore, first_server, steps, steps_server = [], [], [], [], []
     for last in [False] * (args.rounds - 1) + [True]:  # an empty store each round: every file is read
@@ -134,6 +145,7 @@ async def run(args: argparse.Namespace, settings: SandboxSettings, scratch: Path
         "<= 50 ms", s50 <= 50,
     )  # fmt: skip
     table.add("incremental checkpoint, one file changed: p95", f"{s95:.1f} ms", f"tar -cf {tar50:.0f} ms")
+    table.add("  floor: find stat'ing every entry, p50", f"{percentile(stats, 50):.1f} ms", "load " + load())
     table.add(
         "  (server side: duration_ms p50)", f"{percentile(steps_server, 50):.1f} ms",
         f"first checkpoint {percentile(first_server, 50):.0f} ms",
