@@ -74,22 +74,23 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
     for area, root in areas.items():
         if not root.is_dir():
             continue
-        dirs = _Dirs(root)
-        for rel, st in _walk(root):
-            count += 1
+        dirs, skip = _Dirs(root), len(area) + 1
+        for where, found in _walk(root, area):  # per directory: few Python steps per entry
+            count += len(found)
             if count > max_files:
                 raise InvalidArgument(
                     f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
                     hint="delete what you do not need (build caches, node_modules), or raise CORRAL_CHECKPOINT_MAX_FILES",
                 )
-            path = f"{area}/{rel}"
-            key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
-            seen = previous.get(path)
-            if seen is not None and seen[0] == key:
-                out.manifest[path] = seen[1]
-                out.cache[path] = seen
-            else:
-                todo.append((dirs, rel, path, st, key))
+            for name, st in found:
+                path = f"{where}/{name}"
+                key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
+                seen = previous.get(path)
+                if seen is not None and seen[0] == key:
+                    out.manifest[path] = seen[1]
+                    out.cache[path] = seen
+                else:
+                    todo.append((dirs, path[skip:], path, st, key))
     try:
         for dirs, rel, path, st, key in todo:
             entry = _entry(dirs, rel, path, st, sink, out)
@@ -143,28 +144,29 @@ class _Dirs:
         self.rel, self.fd = None, -1
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under `root`, parents first; never through a symlink."""
-    dirs, stack = _Dirs(root), [""]
+def _walk(root: Path, area: str) -> Iterator[tuple[str, list[tuple[str, os.stat_result]]]]:
+    """Per directory under `root`, parents first: its path (`area/...`) and the (name, lstat)
+    of what it holds; never through a symlink."""
+    dirs, stack, skip = _Dirs(root), [area], len(area) + 1
     try:
         while stack:
-            rel = stack.pop()
+            where = stack.pop()
+            found = []
             try:
-                fd = dirs.open(rel)
-                with os.scandir(fd) as listing:
-                    found = []
-                    for item in listing:  # stat'ed while `fd` is open: fstatat, relative to it
-                        with contextlib.suppress(FileNotFoundError):
-                            found.append((item.name, item.stat(follow_symlinks=False)))
+                with os.scandir(dirs.open(where[skip:])) as listing:
+                    for item in listing:  # stat'ed while the dir fd is open: fstatat, relative to it
+                        try:
+                            st = item.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        found.append((item.name, st))
+                        if stat.S_ISDIR(st.st_mode):
+                            stack.append(f"{where}/{item.name}")
             except OSError as err:
                 if err.errno in _GONE:
                     continue  # removed or replaced while we walked: it is not in this checkpoint
                 raise
-            for name, st in found:
-                sub = f"{rel}/{name}" if rel else name
-                yield sub, st
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(sub)
+            yield where, found
     finally:
         dirs.close()
 
