@@ -1,6 +1,8 @@
 """Capture a sandbox's directories on the host into a manifest and blobs, and lay them back.
 
-`scan` walks each area without ever following a symlink. A file whose (inode, ctime, size,
+`scan` walks each area without ever following a symlink, even one the sandbox swaps in for a
+directory mid-walk: every directory is opened beneath the area's root with `O_NOFOLLOW` and its
+entries are stat'ed and read relative to that fd. A file whose (inode, ctime, size,
 mtime) equal what the previous scan saw keeps its entry unread: an incremental checkpoint
 reads only what changed. A file is hashed while it is copied, in one pass, and stat'ed
 before and after: one that changed meanwhile (a background process writing it) is read
