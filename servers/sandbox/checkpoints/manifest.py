@@ -133,4 +133,6 @@ def _entry(raw: list) -> Entry:
     kind, mode, size, mtime, ref, extents = (list(raw) + [None, None])[:6]
     if kind not in TYPES or not isinstance(mode, int) or not isinstance(size, int) or size < 0:
         raise ValueError(f"bad entry {raw!r}")
-    return Entry(kind, mode & 0o7777, size, int(mtime), ref, tuple(tuple(x) for x in extents) if extents else None)
+    return Entry(
+        kind, mode & 0o7777, size, int(mtime), ref, tuple(tuple(x) for x in extents) if extents is not None else None
+    )

@@ -1,6 +1,8 @@
 """Capture a sandbox's directories on the host into a manifest and blobs, and lay them back.
 
-`scan` walks each area without ever following a symlink. A file whose (inode, ctime, size,
+`scan` walks each area without ever following a symlink, even one the sandbox swaps in for a
+directory mid-walk: every directory is opened beneath the area's root with `O_NOFOLLOW` and its
+entries are stat'ed and read relative to that fd. A file whose (inode, ctime, size,
 mtime) equal what the previous scan saw keeps its entry unread: an incremental checkpoint
 reads only what changed. A file is hashed while it is copied, in one pass, and stat'ed
 before and after: one that changed meanwhile (a background process writing it) is read
@@ -65,22 +67,42 @@ class Scan:
 
 
 def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = None, max_files: int = 1 << 20) -> Scan:
-    """The manifest of `areas` (name -> host dir); new content goes to `sink`."""
-    out, previous = Scan(), previous or {}
+    """The manifest of `areas` (name -> host dir); new content goes to `sink`.
+
+    Entries whose stat is what the previous scan saw are taken as they were; the others are
+    read once the walk has counted the tree (past `max_files` nothing is stored)."""
+    out, previous, count = Scan(), previous or {}, 0
+    todo: list[tuple[_Dirs, str, str, os.stat_result, tuple[int, int, int, int]]] = []
     for area, root in areas.items():
-        for rel, st, parent in _walk(root):
-            if len(out.manifest) >= max_files:
+        if not root.is_dir():
+            continue
+        dirs, skip = _Dirs(root), len(area) + 1
+        for where, found in _walk(root, area):  # per directory: few Python steps per entry
+            count += len(found)
+            if count > max_files:
                 raise too_many_files(max_files)
-            path = f"{area}/{rel}"
-            key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
-            seen = previous.get(path)
-            entry = seen[1] if seen is not None and seen[0] == key else _entry(parent, rel, st, sink, out)
+            for name, st in found:
+                path = f"{where}/{name}"
+                key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
+                seen = previous.get(path)
+                if seen is not None and seen[0] == key:
+                    out.manifest[path] = seen[1]
+                    out.cache[path] = seen
+                else:
+                    todo.append((dirs, path[skip:], path, st, key))
+    try:
+        for dirs, rel, path, st, key in todo:
+            entry = _entry(dirs, rel, path, st, sink, out)
             if entry is None:
                 continue
+            seen = previous.get(path)
             if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
                 out.files_changed += 1
             out.manifest[path] = entry
             out.cache[path] = (key, entry)
+    finally:
+        for dirs in {id(t[0]): t[0] for t in todo}.values():
+            dirs.close()
     return out
 
 
@@ -91,84 +113,108 @@ def too_many_files(max_files: int) -> InvalidArgument:
     )
 
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_DEPTH = 512
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL)  # removed, or swapped for another kind
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result, int]]:
-    """(relative path, lstat, fd of its parent dir) of everything under `root`, parents first.
+class _Dirs:
+    """Directory fds of one area, each opened from the area's root one component at a time
+    with `O_NOFOLLOW`: the sandbox may swap a directory for a link to a host path at any
+    moment, and then the open fails instead of following it. The last one opened is kept
+    (files come grouped by directory)."""
 
-    Every step is relative to an open directory and refuses symlinks (`O_NOFOLLOW`): the
-    sandbox's processes run while we walk, and one that swaps a directory for a symlink to
-    the host's /etc must find us reading its symlink, never the host's files."""
-    try:
-        top = os.open(root, DIR_FLAGS)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    stack: list[tuple[str, int, Iterator[os.DirEntry[str]]]] = [("", top, os.scandir(top))]
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.rel: str | None = None
+        self.fd = -1
+
+    def open(self, rel: str) -> int:
+        if rel == self.rel:
+            return self.fd
+        self.close()
+        fd = os.open(self.root, _DIR)
+        try:
+            for part in rel.split("/") if rel else ():
+                inner = os.open(part, _DIR, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        self.rel, self.fd = rel, fd
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.rel, self.fd = None, -1
+
+
+def _walk(root: Path, area: str) -> Iterator[tuple[str, list[tuple[str, os.stat_result]]]]:
+    """Per directory under `root`, parents first: its path (`area/...`) and the (name, lstat)
+    of what it holds; never through a symlink."""
+    dirs, stack, skip = _Dirs(root), [area], len(area) + 1
     try:
         while stack:
-            rel, fd, entries = stack[-1]
-            item = next(entries, None)
-            if item is None:
-                stack.pop()
-                os.close(fd)
-                continue
-            sub = f"{rel}/{item.name}" if rel else item.name
+            where = stack.pop()
+            found = []
             try:
-                st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            yield sub, st, fd
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            if len(stack) >= MAX_DEPTH:
-                raise InvalidArgument(f"{sub[:200]}... is nested more than {MAX_DEPTH} directories deep: not captured")
-            try:
-                child = os.open(item.name, DIR_FLAGS, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError, OSError):
-                continue  # replaced meanwhile (ELOOP: by a symlink): what it was is not captured
-            stack.append((sub, child, os.scandir(child)))
+                with os.scandir(dirs.open(where[skip:])) as listing:
+                    for item in listing:  # stat'ed while the dir fd is open: fstatat, relative to it
+                        try:
+                            st = item.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        found.append((item.name, st))
+                        if stat.S_ISDIR(st.st_mode):
+                            stack.append(f"{where}/{item.name}")
+            except OSError as err:
+                if err.errno in _GONE:
+                    continue  # removed or replaced while we walked: it is not in this checkpoint
+                raise
+            yield where, found
     finally:
-        for _, fd, _ in stack:
-            os.close(fd)
+        dirs.close()
 
 
-def _entry(parent: int, rel: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
-    name = rel.rpartition("/")[2]
+def _entry(dirs: _Dirs, rel: str, name: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+    """The entry of `rel` in its area (manifest path `name`), read through a directory fd
+    opened beneath the area's root; None when it is not captured (or vanished meanwhile)."""
     mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-    if stat.S_ISDIR(st.st_mode):
-        opaque = False
-        with contextlib.suppress(OSError):  # through the open parent, not following the name
-            opaque = os.getxattr(f"/proc/self/fd/{parent}/{name}", OPAQUE, follow_symlinks=False) == b"y"
-        return Entry("D" if opaque else "d", mode, 0, mtime)
-    if stat.S_ISLNK(st.st_mode):
-        try:
-            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(name, dir_fd=parent)))
-        except OSError:  # gone, or no longer a symlink: not in this checkpoint
+    parent, _, base = rel.rpartition("/")
+    try:
+        dfd = dirs.open(parent)
+        if stat.S_ISDIR(st.st_mode):
+            opaque = False
+            with contextlib.suppress(OSError):
+                inner = os.open(base, _DIR, dir_fd=dfd)
+                try:
+                    opaque = os.getxattr(inner, OPAQUE) == b"y"
+                finally:
+                    os.close(inner)
+            return Entry("D" if opaque else "d", mode, 0, mtime)
+        if stat.S_ISLNK(st.st_mode):
+            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(base, dir_fd=dfd)))
+        if stat.S_ISFIFO(st.st_mode):
+            return Entry("p", mode, 0, mtime)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
+        if not stat.S_ISREG(st.st_mode):
+            out.skipped.append(f"{name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
             return None
-    if stat.S_ISFIFO(st.st_mode):
-        return Entry("p", mode, 0, mtime)
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-        return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
-    if not stat.S_ISREG(st.st_mode):
-        kind = "socket" if stat.S_ISSOCK(st.st_mode) else "device node"
-        out.skipped.append(f"{rel}: a {kind} (not captured)")
-        return None
-    return _file(parent, name, sink, out)
+        return _file(dfd, base, sink, out)
+    except OSError as err:
+        if err.errno in _GONE:
+            return None
+        raise
 
 
-def _file(parent: int, name: str, sink: BlobSink, out: Scan) -> Entry | None:
+def _file(dfd: int, base: str, sink: BlobSink, out: Scan) -> Entry | None:
     for attempt in range(3):  # written meanwhile: read it again, so the entry and the bytes agree
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):  # gone, or swapped for a link or a device
-                return None
-            raise
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
         try:
             before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode):  # swapped for a FIFO or device between lstat and open
+            if not stat.S_ISREG(before.st_mode):  # swapped for a FIFO or a directory meanwhile
                 return None
             digest, size, extents, data = _read(fd, before, sink)
             after = os.fstat(fd)
@@ -197,7 +243,7 @@ def _read(
     staged = tempfile.NamedTemporaryFile(dir=sink.staging, prefix="blob-", delete=False)
     size = 0
     with staged:
-        for offset, length in extents or [(0, -1)]:
+        for offset, length in [(0, -1)] if extents is None else extents:  # () is all hole: nothing to read
             os.lseek(fd, offset, os.SEEK_SET)
             left = length
             while left:
