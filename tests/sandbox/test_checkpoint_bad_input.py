@@ -197,6 +197,14 @@ async def test_a_2gb_sparse_file_costs_seconds_and_only_its_data(server: Callabl
             assert (await call(c, "execute", sandbox_id=back, command=read))["stdout"] == "headmiddletail"
 
 
+def layer_dirs(where: Harness | SandboxSettings, sid: str) -> set[str]:
+    """The empty top dirs of a default sandbox's writable system layer (one per host system dir,
+    made at its first command; none without a layer): a checkpoint holds them too."""
+    settings = where.settings if isinstance(where, Harness) else where
+    upper = settings.sandbox_dir / sid / "layer" / "upper"
+    return {f"system/{name}" for name in os.listdir(upper)} if upper.is_dir() else set()
+
+
 # -- 100,000 files, and the caps -------------------------------------------------------
 
 MANY = (
@@ -224,7 +232,8 @@ async def test_100000_small_files_past_the_file_cap_and_within_it(server: Callab
         started = time.monotonic()
         first = await call(c, "checkpoint", sandbox_id=sid)
         assert time.monotonic() - started < 60, first
-        assert first["files"] == 100001 and first["files_changed"] == 100001, first
+        n = 100001 + len(layer_dirs(bw, sid))
+        assert first["files"] == n and first["files_changed"] == n, first
         content = sum(len(f"file {i}\n") for i in range(100000))
         assert first["bytes_added"] == content, first  # the bytes, once each
         await call(c, "execute", sandbox_id=sid, command="echo changed > many/7")
@@ -254,7 +263,7 @@ async def test_past_the_storage_cap_a_clear_error_and_no_half_checkpoint(server:
         store_of(bw).gc(grace_s=0)
         assert blob_files(local_root(bw.settings)) == {}
         await call(c, "execute", sandbox_id=sid, command="rm c.bin d.bin")
-        assert (await call(c, "checkpoint", sandbox_id=sid))["files"] == 2
+        assert (await call(c, "checkpoint", sandbox_id=sid))["files"] == 2 + len(layer_dirs(bw, sid))
 
 
 # -- what a workspace may hold: links out, FIFOs, sockets, device nodes ----------------
@@ -434,7 +443,8 @@ async def test_a_server_killed_mid_checkpoint_leaves_a_consistent_store(
         assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
         await call(c, "execute", sandbox_id=sid, command="rm -r big && echo after > after.txt")
         taken = await call(c, "checkpoint", sandbox_id=sid)
-        assert (taken["files"], taken["files_changed"]) == (1, 1), taken
+        n = 1 + len(layer_dirs(settings, sid))
+        assert (taken["files"], taken["files_changed"]) == (n, n), taken
         assert [k["checkpoint_id"] for k in (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"]] == [
             taken["checkpoint_id"]
         ]
@@ -500,6 +510,7 @@ async def test_a_directory_swapped_for_a_link_during_a_checkpoint_is_never_follo
             taken = await call(c, "checkpoint", sandbox_id=sid)
             manifest = store_of(bw).manifest(taken["checkpoint_id"])
             ours = {"workspace/d", "workspace/d.x", "workspace/d/passwd", "workspace/d.x/passwd", "workspace/m"}
+            ours |= layer_dirs(bw, sid)  # a system layer's empty top dirs (nothing under them)
             assert {p for p in manifest if not p.startswith("workspace/m/")} <= ours, sorted(manifest)[:20]
         for blob in blob_files(local_root(bw.settings)).values():
             assert blob.read_bytes() != host, "a host file was read through a swapped link"
