@@ -173,7 +173,12 @@ def _diff(args: argparse.Namespace) -> int:
     manifests = []
     for position in (args.at, args.to):
         checkpoint_id = _checkpoint_at(events, args.session_id, position)
-        if checkpoint_id is not None and kept.get(checkpoint_id) is None:
+        record = kept.get(checkpoint_id) if checkpoint_id is not None else None
+        if record is not None and record.native is not None:
+            raise InvalidArgument(
+                f"checkpoint {checkpoint_id} is a snapshot E2B keeps: Corral holds no list of its files to compare"
+            )
+        if checkpoint_id is not None and record is None:
             raise NotFound(
                 f"checkpoint {checkpoint_id} (position {position}) is not in this host's checkpoint store",
                 hint="run on the host that took it, or set CORRAL_CHECKPOINT_STORE to the shared store",

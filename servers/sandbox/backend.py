@@ -297,6 +297,17 @@ class Backend(ABC):
 
     # -- checkpoints (a backend without them says so) -----------------------------------
 
+    # A provider that snapshots whole sandboxes itself (e2b): a checkpoint is its snapshot, which
+    # a new sandbox starts from (`provision(template=snapshot id)`); no manifest, no in-place restore.
+    native_checkpoints = False
+
+    async def snapshot_native(self, ref: SandboxRef) -> str:
+        """The provider's snapshot of the sandbox's files; returns its id (a template to start from)."""
+        raise InvalidArgument(f"the {self.name} backend has no snapshots of its own")
+
+    async def delete_native(self, snapshot_id: str) -> None:  # noqa: B027 - only native backends have any
+        """Delete a provider snapshot (gone already is fine)."""
+
     async def snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache | None, max_files: int) -> Scan:
         """The manifest of the sandbox's files (workspace, home, writable system layer); new content to `sink`."""
         raise InvalidArgument(

@@ -145,6 +145,10 @@ class Checkpointer:
         started = time.monotonic()
         async with self._lock(record.id):
             parent = await asyncio.to_thread(self.head, record.id)
+            if self.backend.native_checkpoints:  # the provider keeps the files: we keep its snapshot's id
+                snapshot = await self.service._guard(record, self.backend.snapshot_native(record.ref))
+                saved = await asyncio.to_thread(self._commit, record, parent, {}, label, 0, 0, None, snapshot)
+                return info(saved, round((time.monotonic() - started) * 1000))
             cached = self._caches.get(record.id)
             previous = cached[1] if cached and parent and cached[0] == parent.id else None
             sink = _Capped(self.store)
@@ -167,6 +171,7 @@ class Checkpointer:
         changed: int,
         added: int,
         restored_from: str | None,
+        native: str | None = None,
     ) -> CheckpointRecord:
         full = self.store.next_is_full(parent)
         old = self.store.manifest(parent.id) if parent and not full else None
@@ -184,6 +189,7 @@ class Checkpointer:
             files_changed=changed,
             bytes_added=added,
             restored_from=restored_from,
+            native=native,
         )
         self.store.commit(saved, encode(step), blobs_of(step.put.values()))
         self.store.remember(saved.id, manifest)
@@ -196,6 +202,8 @@ class Checkpointer:
 
     async def restore(self, checkpoint_id: str, *, in_place: bool = False, label: str | None = None) -> Restored:
         saved = await asyncio.to_thread(self.store.require, checkpoint_id, self.backend.name)
+        if self.backend.native_checkpoints:
+            return await self._restore_native(saved, in_place=in_place, label=label)
         if in_place:
             record = await self.service.resolve(saved.sandbox_id, "")  # sandbox_lost if it is gone
         else:
@@ -218,6 +226,28 @@ class Checkpointer:
         if in_place:
             notice = f"sandbox {record.id} is back at checkpoint {checkpoint_id}; its processes were stopped"
         return Restored(sandbox_id=record.id, checkpoint_id=checkpoint_id, in_place=in_place, notice=notice)
+
+    async def _restore_native(self, saved: CheckpointRecord, *, in_place: bool, label: str | None) -> Restored:
+        """A provider snapshot (e2b) starts a new sandbox; it cannot roll one back."""
+        if in_place:
+            raise InvalidArgument(
+                f"the {self.backend.name} backend restores a checkpoint into a new sandbox only",
+                hint="call restore with in_place=false",
+            )
+        snapshot = await asyncio.to_thread(self._native_of, saved)
+        made = await self.service.provision(template=snapshot, label=label or f"restored {saved.id}")
+        record = await self.service.resolve(made.sandbox_id, "")
+        await asyncio.to_thread(self._commit, record, None, {}, None, 0, 0, saved.id)
+        return Restored(sandbox_id=record.id, checkpoint_id=saved.id, in_place=False)
+
+    def _native_of(self, saved: CheckpointRecord) -> str:
+        """The provider snapshot holding a checkpoint's files (a restore's checkpoint names its source)."""
+        seen: CheckpointRecord | None = saved
+        while seen is not None and seen.native is None and seen.restored_from:
+            seen = self.store.get(seen.restored_from)
+        if seen is None or seen.native is None:
+            raise NotFound(f"checkpoint {saved.id}'s snapshot is gone (its source was deleted)")
+        return seen.native
 
     async def rewind(self, record: Record, saved: CheckpointRecord) -> None:
         """Put `record` (a caller's default sandbox) back to `saved`, which its log names."""
@@ -264,11 +294,13 @@ class Checkpointer:
             self._locks.pop(sandbox_id, None)
             self._heads.pop(sandbox_id, None)
 
-    def prune(self, before: float, running: set[str]) -> int:
-        """Delete the checkpoints of sandboxes no longer running whose last one is older than `before`."""
+    def prune(self, before: float, running: set[str]) -> builtins.list[str]:
+        """Delete the checkpoints of sandboxes no longer running whose last one is older than
+        `before`; returns the provider snapshots (e2b) they held, for the caller to delete."""
         stale = [s for s in self.store.idle_sandboxes(before) if s not in running]
+        natives = [c.native for s in stale for c in self.store.list(s) if c.native]
         gone = self.store.delete_sandboxes(stale) if stale else 0
         if gone or time.monotonic() - self._gc_at > 3600:  # also what a crash left: blobs of no checkpoint
             self.store.gc()
             self._gc_at = time.monotonic()
-        return gone
+        return natives

@@ -188,6 +188,24 @@ class E2BBackend(Backend):
         self._live[ref.id] = sbx
         return sbx
 
+    # -- checkpoints: E2B's own snapshots ---------------------------------------------------
+
+    native_checkpoints = True
+
+    async def snapshot_native(self, ref: SandboxRef) -> str:
+        """A filesystem snapshot (no memory: processes are not part of a checkpoint, as on every
+        backend); E2B pauses the sandbox while it takes it. A new sandbox starts from its id."""
+        await self._sandbox(ref)  # lost if it is gone
+        work = self.cls.create_snapshot(ref.data["e2b_id"], mode="filesystem", **self._opts())
+        info = await self._call(ref, work, f"snapshotting sandbox {ref.id}")
+        return str(info.snapshot_id)
+
+    async def delete_native(self, snapshot_id: str) -> None:
+        try:
+            await self.cls.delete_snapshot(snapshot_id, **self._opts())  # False when already gone: fine
+        except Exception as err:
+            raise await self._translate(err, f"deleting snapshot {snapshot_id}") from err
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:

@@ -225,7 +225,13 @@ class SandboxService:
             saved = self.checkpoints.known(checkpoint) if self.checkpoints and checkpoint else None
             if known and (record := self.registry.get(known)) and record.state == "running":
                 self._defaults[client] = known
-                if saved is not None and self.checkpoints and not self.checkpoints.holds(known, saved.id):
+                native = self.backend.native_checkpoints  # a provider snapshot cannot roll a sandbox back
+                if (
+                    saved is not None
+                    and self.checkpoints
+                    and not native
+                    and not self.checkpoints.holds(known, saved.id)
+                ):
                     await self.checkpoints.rewind(record, saved)
                     self._notices[known] = (
                         f"the workspace was put back to checkpoint {saved.id}, the state your session's log names; "
@@ -478,7 +484,11 @@ class SandboxService:
         if self.checkpoints is not None:
             running = {r.id for r in await asyncio.to_thread(self.registry.running, self.backend.name)}
             before = now - self.settings.checkpoint_retention_s
-            await asyncio.to_thread(self.checkpoints.prune, before, running)
+            for snapshot in await asyncio.to_thread(self.checkpoints.prune, before, running):
+                try:
+                    await self.backend.delete_native(snapshot)
+                except CorralError as err:  # kept at the provider; the operator sees which
+                    log.warning("could not delete %s snapshot %s: %s", self.backend.name, snapshot, err)
         for record in await asyncio.to_thread(self.registry.reapable, self.backend.name, now):
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):

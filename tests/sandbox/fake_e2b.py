@@ -50,6 +50,7 @@ from e2b import (
     FileType,
     SandboxInfo,
     SandboxNotFoundException,
+    SnapshotInfo,
     WriteInfo,
 )
 from e2b.api import ApiClient, handle_api_exception
@@ -145,6 +146,7 @@ def _kill_sessions(sessions: set[int]) -> None:
 
 class FakeCloud:
     vms: dict[str, _VM] = {}
+    snapshots: dict[str, Path] = {}  # snapshot id -> a copy of the VM's files (a filesystem snapshot)
     api_keys: list[str | None] = []
     revoked_keys: set[str] = {"e2b_revoked_key"}
     max_ttl_s = 3600  # the Hobby tier's limit (Pro: 86400)
@@ -427,8 +429,34 @@ class FakeAsyncSandbox:
         if timeout > FakeCloud.max_ttl_s:
             raise api_error(400, f"Timeout cannot be greater than {FakeCloud.max_ttl_s // 3600} hours")
         sandbox_id = f"fake{secrets.token_hex(4)}"
-        FakeCloud.vms[sandbox_id] = _VM(envs, allow_internet_access, timeout)
+        vm = _VM(envs, allow_internet_access, timeout)
+        if template in FakeCloud.snapshots:  # a sandbox started from a snapshot has its files
+            shutil.copytree(FakeCloud.snapshots[template], vm.root, symlinks=True, dirs_exist_ok=True)
+        FakeCloud.vms[sandbox_id] = vm
         return cls(sandbox_id)
+
+    @classmethod
+    async def create_snapshot(
+        cls, sandbox_id: str, name: str | None = None, *, mode: str | None = None, **opts: Any
+    ) -> SnapshotInfo:
+        """`AsyncSandbox.create_snapshot(sandbox_id, mode=...)`: its files (the fake keeps no memory)."""
+        _check_key(opts)
+        FakeCloud._raise_fault("create_snapshot")
+        vm = _running_vm(sandbox_id, lambda: SandboxNotFoundException(f"Sandbox {sandbox_id} not found"))
+        snapshot_id = f"snap{secrets.token_hex(4)}:default"
+        copy = Path(tempfile.mkdtemp(prefix="fake-e2b-snap-"))
+        shutil.copytree(vm.root, copy, symlinks=True, dirs_exist_ok=True)
+        FakeCloud.snapshots[snapshot_id] = copy
+        return SnapshotInfo(snapshot_id=snapshot_id, names=[snapshot_id])
+
+    @classmethod
+    async def delete_snapshot(cls, snapshot_id: str, **opts: Any) -> bool:
+        _check_key(opts)
+        copy = FakeCloud.snapshots.pop(snapshot_id, None)
+        if copy is None:
+            return False
+        shutil.rmtree(copy, ignore_errors=True)
+        return True
 
     @classmethod
     async def connect(

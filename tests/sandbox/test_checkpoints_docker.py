@@ -173,10 +173,41 @@ async def test_a_docker_checkpoint_past_the_file_cap_is_refused(settings: Sandbo
         _cleanup(h)
 
 
-async def test_e2b_says_it_cannot_take_checkpoints(settings: SandboxSettings) -> None:
-    h = Harness("e2b", settings)
+async def test_e2b_checkpoints_are_its_own_snapshots(settings: SandboxSettings) -> None:
+    """E2B snapshots whole sandboxes itself: a checkpoint is a filesystem snapshot (recorded with
+    its id), restore starts a new sandbox from it, in place is refused, and the retention sweep
+    deletes the snapshot at E2B (against the fake that honours the SDK's interface)."""
+    from .fake_e2b import FakeCloud
+
+    h = Harness("e2b", settings.model_copy(update={"checkpoint_retention_s": 0}))
     async with h.client() as c:
         sid = (await call(c, "provision"))["sandbox_id"]
-        text = await fail(c, "checkpoint", "invalid_argument", sandbox_id=sid)
-        assert "e2b backend cannot take checkpoints" in text, text
-        assert (await call(c, "list_checkpoints", sandbox_id=sid))["checkpoints"] == []
+        await call(c, "write_file", sandbox_id=sid, path="notes.txt", content="step one")
+        one = await call(c, "checkpoint", sandbox_id=sid, label="one")
+        assert one["files"] == 0 and one["bytes_added"] == 0, "the files are E2B's, not in our store"
+        await call(c, "write_file", sandbox_id=sid, path="notes.txt", content="step two")
+        text = await fail(c, "restore", "invalid_argument", checkpoint_id=one["checkpoint_id"], in_place=True)
+        assert "new sandbox only" in text
+        new = (await call(c, "restore", checkpoint_id=one["checkpoint_id"]))["sandbox_id"]
+        assert new != sid
+        assert (await call(c, "read_file", sandbox_id=new, path="notes.txt"))["content"] == "step one"
+        assert (await call(c, "read_file", sandbox_id=sid, path="notes.txt"))["content"] == "step two"
+        # A forked caller whose log names the checkpoint starts in that state, in a sandbox of its own.
+        forked = await c.call_tool(
+            "read_file",
+            {"path": "notes.txt"},
+            meta={"corral/client": "ses_child", "corral/checkpoint": one["checkpoint_id"]},
+        )
+        assert forked.is_error  # a read never provisions: the first write or execute does
+        made = await c.call_tool(
+            "execute",
+            {"command": "cat notes.txt"},
+            meta={"corral/client": "ses_child", "corral/checkpoint": one["checkpoint_id"]},
+        )
+        assert made.structured_content["stdout"] == "step one", made.structured_content
+        snapshots = set(FakeCloud.snapshots)
+        assert len(snapshots) == 1
+        for box in (sid, new, made.structured_content["sandbox_id"]):
+            await call(c, "destroy", sandbox_id=box)
+        await h.service.sweep()  # retention 0: the destroyed sandboxes' checkpoints go, and E2B's snapshot
+        assert not snapshots & set(FakeCloud.snapshots)

@@ -54,6 +54,7 @@ class CheckpointRecord(BaseModel):
     files_changed: int
     bytes_added: int
     restored_from: str | None = Field(None, description="the checkpoint this one is a copy of (a restore)")
+    native: str | None = Field(None, description="the provider's own snapshot id (e2b), which holds the files")
 
 
 class CheckpointStore(ABC):
