@@ -72,6 +72,7 @@ class AgentConfig:
     max_turns: int = _default("max_turns")
     retries: int = _default("model_retries")
     retry_base_s: float = _default("retry_base_s")
+    checkpoints: str = _default("checkpoints")
 
     @classmethod
     def of(cls, settings: HarnessSettings) -> AgentConfig:
@@ -82,6 +83,7 @@ class AgentConfig:
             max_turns=settings.max_turns,
             retries=settings.model_retries,
             retry_base_s=settings.retry_base_s,
+            checkpoints=settings.checkpoints,
         )
 
 

@@ -9,6 +9,8 @@
      │    │                     model reads its session, never writes it)
      │    ├── TimeLimited       a per-call timeout becomes a `timeout` tool error
      │    ├── SandboxLifecycle  records sandbox.provisioned / sandbox.lost events
+     │    ├── Checkpointing     checkpoints a sandbox after a call that may change it and records
+     │    │                     sandbox.checkpoint (`harness/checkpoints.py`)
      │    └── CachedListing     answers tools() from the last run's saved listing
      └── Router          the union of toolsets, dispatching by name (a name offered twice is refused)
 
