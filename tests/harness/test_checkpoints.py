@@ -1,0 +1,200 @@
+"""The harness checkpoints the sandbox after each call that may change it (issue 11): the
+`sandbox.checkpoint` event is in the same append as the tool result, read-only calls take
+none, every call carries the log's latest default-sandbox checkpoint as `_meta`
+`corral/checkpoint`, and CORRAL_CHECKPOINTS=off does none of it. Against `tests/harness/cpbox.py`
+(a real MCP server over stdio that records what it was sent) and the fake Anthropic API."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.harness.run import run_session
+from corral.harness.view import NullView
+from corral.servers.session import EventStore, NewEvent, open_store
+from tests.harness.conftest import settings_from
+from tests.harness.cpbox import calls
+from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def cp_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    box = tmp_path / "cpbox"
+    box.mkdir()
+    return {
+        **env,
+        "CORRAL_SERVERS": "cpbox",
+        "CORRAL_EXTRA_SERVERS": f'{{"cpbox": "{sys.executable} -m tests.harness.cpbox"}}',
+        "CPBOX_DIR": str(box),
+    }
+
+
+class Recording:
+    """The store, remembering the event types of each append (to see what was written together)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self.appends: list[list[str]] = []
+
+    def append(self, session_id: str, events: Sequence[NewEvent], expected_position: int | None = None) -> list[int]:
+        self.appends.append([e.type for e in events])
+        return self._store.append(session_id, events, expected_position)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def open_db(env: dict[str, str]) -> EventStore:
+    return open_store(str(Path(env["CORRAL_HOME"]) / "sessions.db"))
+
+
+async def run(
+    env: dict[str, str], script: Script, task: str | None, session_id: str | None = None
+) -> tuple[str, Recording]:
+    store = Recording(open_db(env))
+    try:
+        with FakeAnthropic(script) as fake:
+            e = {**env, **fake.env()}
+            out = await run_session(
+                settings_from(e),
+                task=task,
+                session_id=session_id,
+                view=NullView(),
+                env=e,
+                store=store,  # type: ignore[arg-type]
+            )
+        return out.session_id, store
+    finally:
+        store.close()
+
+
+def checkpoint_events(env: dict[str, str], sid: str) -> list[Any]:
+    store = open_db(env)
+    try:
+        return store.select(sid, types=["sandbox.checkpoint"])
+    finally:
+        store.close()
+
+
+def write(path: str, **extra: str) -> dict[str, Any]:
+    return tool("cpbox__write", {"path": path, "content": path.upper(), **extra})
+
+
+STEPS = Script(
+    {
+        "CP-TASK": [
+            Turn([write("a.txt")]),
+            Turn([tool("cpbox__read", {"path": "a.txt"})]),
+            Turn([write("b.txt", sandbox_id="sbx_other")]),
+            Turn([write("c.txt")]),
+            Turn([text("done")]),
+            Turn([write("d.txt")]),  # a second run of the session ("more")
+            Turn([text("more done")]),
+        ],
+    }
+)
+
+
+async def test_a_changing_call_is_checkpointed_in_the_same_append_as_its_result(cp_env: dict[str, str]) -> None:
+    sid, store = await run(cp_env, STEPS, "CP-TASK go")
+    asked = [(c["tool"], c["args"].get("sandbox_id"), c["checkpoint"]) for c in calls(Path(cp_env["CPBOX_DIR"]))]
+    cps = checkpoint_events(cp_env, sid)
+    first, other, third = (e.data for e in cps)
+    assert asked == [
+        ("write", None, None),  # nothing checkpointed yet: no corral/checkpoint
+        ("checkpoint", "sbx_default", None),
+        ("read", None, first["checkpoint_id"]),  # read-only: no checkpoint after it
+        ("write", "sbx_other", first["checkpoint_id"]),
+        ("checkpoint", "sbx_other", first["checkpoint_id"]),
+        ("write", None, first["checkpoint_id"]),  # another sandbox's checkpoint is not the default's
+        ("checkpoint", "sbx_default", first["checkpoint_id"]),
+    ]
+    assert [(d["sandbox_id"], d["default"]) for d in (first, other, third)] == [
+        ("sbx_default", True),
+        ("sbx_other", False),
+        ("sbx_default", True),
+    ]
+    assert all(d["at"] and d["tool_use_id"].startswith("toolu_") for d in (first, other, third))
+    # each checkpoint went to the log in the very append that wrote its tool result
+    results = [a for a in store.appends if "agent.tool_result" in a]
+    assert results == [
+        ["agent.tool_result", "sandbox.checkpoint"],
+        ["agent.tool_result"],
+        ["agent.tool_result", "sandbox.checkpoint"],
+        ["agent.tool_result", "sandbox.checkpoint"],
+    ]
+
+    # a later run of the same session starts from the log: its first call names the latest default checkpoint
+    await run(cp_env, STEPS, "more", session_id=sid)
+    later = calls(Path(cp_env["CPBOX_DIR"]))[7]
+    assert (later["tool"], later["checkpoint"]) == ("write", third["checkpoint_id"])
+
+
+async def test_a_fork_child_sends_the_checkpoint_it_inherits(cp_env: dict[str, str]) -> None:
+    sid, _ = await run(cp_env, STEPS, "CP-TASK go")
+    first = checkpoint_events(cp_env, sid)[0]
+    store = open_db(cp_env)
+    try:  # fork after the first checkpoint, before the second write: the child owns none of its own
+        child = store.fork(sid, first.position + 1).session_id
+    finally:
+        store.close()
+    (Path(cp_env["CPBOX_DIR"]) / "calls.jsonl").unlink()
+    await run(cp_env, STEPS, None, session_id=child)
+    asked = calls(Path(cp_env["CPBOX_DIR"]))
+    assert (asked[0]["tool"], asked[0]["client"], asked[0]["checkpoint"]) == (
+        "read",
+        child,
+        first.data["checkpoint_id"],
+    )
+
+
+async def test_off_takes_no_checkpoint_and_sends_no_checkpoint_meta(cp_env: dict[str, str]) -> None:
+    sid, _ = await run({**cp_env, "CORRAL_CHECKPOINTS": "off"}, STEPS, "CP-TASK go")
+    asked = calls(Path(cp_env["CPBOX_DIR"]))
+    assert [c["tool"] for c in asked] == ["write", "read", "write", "write"]
+    assert all(c["checkpoint"] is None for c in asked)
+    assert checkpoint_events(cp_env, sid) == []
+
+
+async def test_a_server_without_checkpoints_is_asked_once_and_the_steps_go_on(cp_env: dict[str, str]) -> None:
+    sid, _ = await run({**cp_env, "CPBOX_UNSUPPORTED": "1"}, STEPS, "CP-TASK go")
+    asked = calls(Path(cp_env["CPBOX_DIR"]))
+    assert [c["tool"] for c in asked] == ["write", "checkpoint", "read", "write", "write"]
+    assert checkpoint_events(cp_env, sid) == []
+    store = open_db(cp_env)
+    try:
+        results = [e.data for e in store.select(sid, types=["agent.tool_result"])]
+    finally:
+        store.close()
+    assert [r["is_error"] for r in results] == [False] * 4
+
+
+async def test_a_subagent_s_checkpoint_is_carried_into_the_parent_s_log(cp_env: dict[str, str]) -> None:
+    script = Script(
+        {
+            "CP-PARENT": [
+                Turn([write("a.txt")]),
+                Turn([tool("spawn_subagent", {"task": "CP-CHILD: write b"})]),
+                Turn([text("parent done")]),
+            ],
+            "CP-CHILD": [Turn([write("b.txt")]), Turn([text("child wrote b")])],
+        }
+    )
+    sid, _ = await run(cp_env, script, "CP-PARENT go")
+    store = open_db(cp_env)
+    try:
+        spawned = store.select(sid, types=["agent.subagent"])[0].data
+        mine = [e.data for e in store.select(sid, types=["sandbox.checkpoint"])]
+        childs = [e.data for e in store.select(spawned["session_id"], types=["sandbox.checkpoint"])]
+    finally:
+        store.close()
+    assert len(mine) == 2 and len(childs) == 1
+    # the parent's log names the files the child left, so a wake of the parent does not roll them back
+    assert mine[1]["checkpoint_id"] == childs[0]["checkpoint_id"]
+    assert mine[1]["tool_use_id"] == spawned["tool_use_id"] and mine[1]["default"]
