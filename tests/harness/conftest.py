@@ -40,6 +40,19 @@ def env(tmp_path: Path, toolbox_dir: Path) -> dict[str, str]:
     return e
 
 
+@pytest.fixture
+def cp_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The harness with only `tests/harness/cpbox.py`, a sandbox-shaped server that records its calls."""
+    box = tmp_path / "cpbox"
+    box.mkdir()
+    return {
+        **env,
+        "CORRAL_SERVERS": "cpbox",
+        "CORRAL_EXTRA_SERVERS": f'{{"cpbox": "{sys.executable} -m tests.harness.cpbox"}}',
+        "CPBOX_DIR": str(box),
+    }
+
+
 def settings_from(env: dict[str, str], **over: Any) -> HarnessSettings:
     """Settings as the CLI would read them from `env` (tests run in-process too)."""
     old = os.environ.copy()

@@ -6,7 +6,6 @@ none, every call carries the log's latest default-sandbox checkpoint as `_meta`
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,6 @@ from tests.harness.cpbox import calls
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def cp_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    box = tmp_path / "cpbox"
-    box.mkdir()
-    return {
-        **env,
-        "CORRAL_SERVERS": "cpbox",
-        "CORRAL_EXTRA_SERVERS": f'{{"cpbox": "{sys.executable} -m tests.harness.cpbox"}}',
-        "CPBOX_DIR": str(box),
-    }
 
 
 class Recording:
