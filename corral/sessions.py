@@ -1,4 +1,4 @@
-"""`corral sessions list | show ID | tail ID | fork ID --at N`."""
+"""`corral sessions list | show ID | tail ID | fork ID --at N | diff ID --at A --to B`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from corral.servers.session import Event
+from corral.servers.session import Event, EventStore
 from corral.servers.session.workspace import workspace_at, workspace_note
 
 
@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     fork.add_argument("session_id")
     fork.add_argument("--at", type=int, required=True, help="the new session shares the events below this position")
     fork.set_defaults(func=_fork)
+    diff = verbs.add_parser("diff", help="which workspace files changed between two positions (their checkpoints)")
+    diff.add_argument("session_id")
+    diff.add_argument("--at", type=int, required=True, help="from the workspace as of this position")
+    diff.add_argument("--to", type=int, required=True, help="to the workspace as of this position")
+    diff.add_argument("--json", action="store_true", help="one JSON object per changed path")
+    diff.set_defaults(func=_diff)
 
 
 def _store():
@@ -147,4 +153,42 @@ def _fork(args: argparse.Namespace) -> int:
     child = store.fork(args.session_id, args.at)
     print(child.session_id)
     print(workspace_note(args.at, workspace_at(store, child.session_id, args.at)), file=sys.stderr)
+    return 0
+
+
+# The sandbox's paths as a manifest names them (area/relative path) -> as the sandbox sees them.
+_AREA_ROOTS = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
+_MARKS = {"added": "+", "changed": "M", "deleted": "-"}
+
+
+def _checkpoint_at(store: EventStore, session_id: str, position: int) -> str | None:
+    """The workspace as of `position`: the default sandbox's last `sandbox.checkpoint` at or before it."""
+    workspace = workspace_at(store, session_id, position + 1)
+    return workspace.checkpoint_id if workspace else None
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from corral.errors import InvalidArgument, NotFound
+    from corral.servers.sandbox import checkpoints
+    from corral.servers.sandbox.checkpoints.manifest import changes
+    from corral.servers.sandbox.config import SandboxSettings
+
+    events = _store()
+    settings = SandboxSettings()
+    kept = checkpoints.open_store(settings.checkpoint_store, settings.sandboxes_dir(), settings.checkpoint_max_mb << 20)
+    if kept is None:
+        raise InvalidArgument("checkpoints are off here (CORRAL_CHECKPOINT_STORE=off)")
+    manifests = []
+    for position in (args.at, args.to):
+        checkpoint_id = _checkpoint_at(events, args.session_id, position)
+        if checkpoint_id is not None and kept.get(checkpoint_id) is None:
+            raise NotFound(
+                f"checkpoint {checkpoint_id} (position {position}) is not in this host's checkpoint store",
+                hint="run on the host that took it, or set CORRAL_CHECKPOINT_STORE to the shared store",
+            )
+        manifests.append(kept.manifest(checkpoint_id) if checkpoint_id else {})
+    for change in changes(*manifests):
+        area, _, rel = change.path.partition("/")
+        path = _AREA_ROOTS[area] + rel
+        print(json.dumps({"path": path, "change": change.what}) if args.json else f"{_MARKS[change.what]} {path}")
     return 0

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 
+from .checkpoints.manifest import Manifest
+from .checkpoints.tree import BlobSink, BlobSource, Scan, StatCache
 from .processes import ProcessInfo, ProcessOutput, Signal
 
 __all__ = [
@@ -290,6 +292,20 @@ class Backend(ABC):
     async def active(self, ref: SandboxRef) -> bool:
         """Whether the sandbox is working on its own (a background process runs): not idle."""
         return False
+
+    # -- checkpoints (a backend without them says so) -----------------------------------
+
+    async def snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache | None, max_files: int) -> Scan:
+        """The manifest of the sandbox's files (workspace, home, writable system layer); new content to `sink`."""
+        raise InvalidArgument(
+            f"the {self.name} backend cannot take checkpoints",
+            hint="use the bubblewrap or docker backend for checkpoints, fork and restore",
+        )
+
+    async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: BlobSource) -> StatCache:
+        """Stop the sandbox's processes and make its files exactly `manifest`; returns the stat cache
+        of what it wrote (so the next checkpoint reads nothing it restored)."""
+        raise InvalidArgument(f"the {self.name} backend cannot restore checkpoints")
 
 
 def sha_state(actual: str | None, *, exists: bool) -> str:

@@ -57,6 +57,8 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .checkpoints import tree
+from .checkpoints.manifest import Manifest
 from .config import BubblewrapConfig
 from .live import (
     INIT_SCRIPT,
@@ -167,6 +169,8 @@ class BubblewrapBackend(Backend):
             for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
                 (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
             os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
+            if (self._rootfs(spec.template or "") / "etc" / "apt" / "apt.conf.d").is_dir():
+                _apt_as_root(base / "layer" / "upper", self.uid)
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
@@ -553,6 +557,39 @@ class BubblewrapBackend(Backend):
     async def active(self, ref: SandboxRef) -> bool:
         return any(self._running(meta) for meta, _ in self._metas(ref))
 
+    # -- checkpoints: the sandbox's dirs, read and written host side -------------------
+
+    def _areas(self, ref: SandboxRef) -> dict[str, Path]:
+        base = self._dir(ref.id)
+        areas = {"workspace": base / "workspace", "home": base / "home"}
+        if (base / "layer" / "upper").is_dir():  # the writable system layer: what the sandbox changed of `/`
+            areas["system"] = base / "layer" / "upper"
+        return areas
+
+    async def snapshot(
+        self, ref: SandboxRef, sink: tree.BlobSink, previous: tree.StatCache | None, max_files: int
+    ) -> tree.Scan:
+        if not (self._dir(ref.id) / "workspace").is_dir():
+            raise SandboxLost(f"sandbox {ref.id} is gone: its workspace no longer exists")
+        return await asyncio.to_thread(tree.scan, self._areas(ref), sink, previous, max_files)
+
+    async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: tree.BlobSource) -> tree.StatCache:
+        """Stop its processes, unmount its layer (an overlay's upper dir must not change under it),
+        then replace every area's content; the next command starts a new init."""
+        await self._stop(ref.id)
+        (self._dir(ref.id) / "init.json").unlink(missing_ok=True)  # stopped on purpose: no "while away" notice
+        self._notices.pop(ref.id, None)
+        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")
+        areas = self._areas(ref)
+
+        def work() -> tree.StatCache:
+            for directory in areas.values():
+                tree.empty(directory)
+            tree.restore(areas, manifest, source, self.uid)
+            return tree.prime(areas, manifest)
+
+        return await asyncio.to_thread(work)
+
     # -- files (host side, resolved inside the workspace) ---------------------------------
 
     @contextmanager
@@ -588,6 +625,21 @@ MNT_DETACH = 2
 def _unmount(path: Path) -> None:
     if os.path.ismount(path) and _LIBC.umount2(os.fsencode(path), 0) != 0:
         _LIBC.umount2(os.fsencode(path), MNT_DETACH)  # busy: detach it now, gone when free
+
+
+# The sandbox's user namespace maps one uid (its root): apt cannot drop to `_apt` for downloads.
+APT_CONF = 'APT::Sandbox::User "root";\n'
+
+
+def _apt_as_root(upper: Path, uid: int) -> None:
+    """Tell apt in a template sandbox to download as root (the only uid there is), in the
+    sandbox's own layer: the template is untouched."""
+    conf = upper / "etc" / "apt" / "apt.conf.d"
+    conf.mkdir(parents=True, mode=0o755)
+    for path in (upper / "etc", upper / "etc" / "apt", conf):
+        os.chown(path, uid, uid)
+    (conf / "00corral-sandbox").write_text(APT_CONF)
+    os.chown(conf / "00corral-sandbox", uid, uid)
 
 
 def _as_is(path: str) -> list[str]:

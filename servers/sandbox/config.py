@@ -158,6 +158,26 @@ class SandboxSettings(CoreSettings):
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
+    checkpoint_store: str = Field(
+        "",
+        description="where checkpoints (workspace snapshots) live: empty for $CORRAL_HOME/checkpoints (this host), "
+        "postgresql://USER@HOST/DB to share them between hosts (a session moved to another host restores from it), "
+        "or 'off' for no checkpoints",
+    )
+    checkpoint_max_mb: int = Field(
+        10240,
+        gt=0,
+        description="storage cap of the checkpoint store (blobs and manifests): past it, checkpoint refuses",
+    )
+    checkpoint_max_files: int = Field(
+        200_000, gt=0, description="most files (and dirs) one checkpoint captures: past it, checkpoint refuses"
+    )
+    checkpoint_retention_s: float = Field(
+        30 * 86400,
+        ge=0,
+        description="checkpoints of a sandbox no longer running are deleted this long after its last one "
+        "(forks of older positions then start with a fresh sandbox)",
+    )
     e2b_api_key: str = Field("", validation_alias="E2B_API_KEY", description="E2B API key (e2b backend)")
     e2b_max_ttl_s: int = Field(
         3600,

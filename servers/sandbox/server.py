@@ -12,7 +12,9 @@ from pydantic import Field
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
+from . import checkpoints
 from .backend import Backend, Destroyed, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
+from .checkpointing import CheckpointInfo, CheckpointList, Restored
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
 from .processes import ProcessInfo, ProcessList, ProcessOutput, Signal
 from .registry import Registry
@@ -70,6 +72,7 @@ def make_backend(config: BubblewrapConfig | DockerConfig | E2BConfig, **kwargs: 
 ProcessId = Annotated[str, Field(description="a process_id from execute(background=true) or processes")]
 
 CLIENT_META_KEY = "corral/client"
+CHECKPOINT_META_KEY = "corral/checkpoint"
 
 
 def _client(ctx: Context) -> str:
@@ -91,13 +94,27 @@ def _client(ctx: Context) -> str:
     return "default"
 
 
+def _checkpoint(ctx: Context) -> str | None:
+    """The checkpoint the caller's log says its default sandbox holds (`_meta corral/checkpoint`)."""
+    meta: Mapping[str, Any] = ctx.request_context.meta or {}
+    value = meta.get(CHECKPOINT_META_KEY)
+    return value if isinstance(value, str) and value.startswith("ckpt_") and len(value) < 100 else None
+
+
+async def _resolve(service: SandboxService, ctx: Context, sandbox_id: str | None, *, create: bool = True) -> Any:
+    return await service.resolve(sandbox_id, _client(ctx), create=create, checkpoint=_checkpoint(ctx))
+
+
 def build_server(
     settings: SandboxSettings, backend: Backend | None = None, *, reap: bool = True
 ) -> tuple[MCPServer, SandboxService]:
     """The server and the service behind it; `backend` overrides the one `settings` names."""
     backend = backend or make_backend(backend_config(settings))
     registry = Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db")
-    service = SandboxService(backend, registry, settings)
+    store = checkpoints.open_store(
+        settings.checkpoint_store, settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
+    )
+    service = SandboxService(backend, registry, settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
@@ -118,6 +135,7 @@ def build_server(
     )
     _register_tools(server, service)
     _register_process_tools(server, service)
+    _register_checkpoint_tools(server, service)
     return server, service
 
 
@@ -184,7 +202,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         With background=true it keeps running after the call: read it with process_output, stop it with kill_process."""
         if background and stdin is not None:
             raise InvalidArgument("stdin cannot be given to a background process", hint="write a file and redirect it")
-        record = await service.resolve(sandbox_id, _client(ctx))
+        record = await _resolve(service, ctx, sandbox_id)
         if background:
             return (await service.start_process(record, command, cwd=cwd, env=env)).model_dump()  # a ProcessInfo
 
@@ -206,7 +224,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         encoding: Annotated[Literal["text", "base64"], Field(description="'base64' for binary files")] = "text",
     ) -> FileRead:
         """Read a file; returns content, size and sha256 (of the whole file, for if_sha256)."""
-        record = await service.resolve(sandbox_id, _client(ctx), create=False)
+        record = await _resolve(service, ctx, sandbox_id, create=False)
         return await service.read_file(record, path, offset=offset, limit=limit, encoding=encoding)
 
     @tool(server, destructive=True)
@@ -228,7 +246,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         ] = None,
     ) -> FileWritten:
         """Create or replace a file atomically; returns its size and sha256."""
-        record = await service.resolve(sandbox_id, _client(ctx))
+        record = await _resolve(service, ctx, sandbox_id)
         return await service.write_file(record, path, content, encoding=encoding, mode=mode, if_sha256=if_sha256)
 
     @tool(server, read_only=True)
@@ -242,7 +260,7 @@ def _register_tools(server: MCPServer, service: SandboxService) -> None:
         max_entries: Annotated[int, Field(description="stop after this many entries", ge=1, le=100_000)] = 1000,
     ) -> FileListing:
         """List a directory; returns entries (name, type, size) and whether max_entries cut it short."""
-        record = await service.resolve(sandbox_id, _client(ctx), create=False)
+        record = await _resolve(service, ctx, sandbox_id, create=False)
         return await service.list_files(record, path, depth=depth, max_entries=max_entries)
 
     @tool(server, destructive=True, idempotent=True)
@@ -266,7 +284,7 @@ def _register_process_tools(server: MCPServer, service: SandboxService) -> None:
     @tool(server, read_only=True)
     async def processes(ctx: Context, sandbox_id: SandboxId = None) -> ProcessList:
         """List the sandbox's background processes: process_id, command, state, exit_code, started, cpu seconds."""
-        record = await service.resolve(sandbox_id, _client(ctx))
+        record = await _resolve(service, ctx, sandbox_id)
         return ProcessList(sandbox_id=record.id, processes=await service.processes(record))
 
     @tool(server, read_only=True)
@@ -288,6 +306,53 @@ def _register_process_tools(server: MCPServer, service: SandboxService) -> None:
     ) -> ProcessInfo:
         """Signal a background process (and what it started); returns its state after."""
         return await service.kill_process(process_id, signal)
+
+
+def _checkpointer(service: SandboxService) -> Any:
+    if service.checkpoints is None:
+        raise InvalidArgument(
+            "checkpoints are off on this server (CORRAL_CHECKPOINT_STORE=off)", hint="ask the operator to turn them on"
+        )
+    return service.checkpoints
+
+
+def _register_checkpoint_tools(server: MCPServer, service: SandboxService) -> None:
+    @tool(server)
+    async def checkpoint(
+        ctx: Context,
+        sandbox_id: SandboxId = None,
+        label: Annotated[str | None, Field(description="a name for humans", max_length=200)] = None,
+    ) -> CheckpointInfo:
+        """Capture the sandbox's files (workspace, home, installed software) as a checkpoint to restore later.
+
+        Incremental: only what changed since its last checkpoint is read and stored. Running
+        processes are not part of a checkpoint."""
+        record = await _resolve(service, ctx, sandbox_id)
+        return await _checkpointer(service).checkpoint(record, label)
+
+    @tool(server, read_only=True)
+    async def list_checkpoints(ctx: Context, sandbox_id: ReadSandboxId = None) -> CheckpointList:
+        """List a sandbox's checkpoints, oldest first: id, label, created, files, bytes added."""
+        checkpointer = _checkpointer(service)
+        if sandbox_id is not None and (known := service.registry.get(sandbox_id)) is not None:
+            if known.backend == service.backend.name:  # a destroyed sandbox's checkpoints are still listed
+                return await checkpointer.list(known)
+        return await checkpointer.list(await _resolve(service, ctx, sandbox_id, create=False))
+
+    @tool(server, destructive=True)
+    async def restore(
+        checkpoint_id: Annotated[str, Field(description="a checkpoint_id from checkpoint or list_checkpoints")],
+        in_place: Annotated[
+            bool,
+            Field(
+                description="roll the checkpoint's own sandbox back (its processes are stopped) instead of a new one"
+            ),
+        ] = False,
+    ) -> Restored:
+        """Give a sandbox exactly a checkpoint's files: a new sandbox (default), or the same one rolled back.
+
+        Processes are not restored: a new sandbox starts with none; in place, they are stopped."""
+        return await _checkpointer(service).restore(checkpoint_id, in_place=in_place)
 
 
 def run(http: str | None = None, token: str | None = None, stdio: str = "pipes") -> None:

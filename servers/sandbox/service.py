@@ -40,6 +40,8 @@ from .backend import (
     SandboxSpec,
     workspace_path,
 )  # fmt: skip
+from .checkpointing import Checkpointer
+from .checkpoints.store import CheckpointStore
 from .config import SandboxSettings
 from .processes import ProcessInfo, ProcessOutput, Signal, new_process_id, sandbox_of
 from .registry import Record, Registry
@@ -84,8 +86,16 @@ def _check_env(env: dict[str, str] | None) -> dict[str, str]:
 
 
 class SandboxService:
-    def __init__(self, backend: Backend, registry: Registry, settings: SandboxSettings) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        settings: SandboxSettings,
+        checkpoints: CheckpointStore | None = None,
+    ) -> None:
         self.backend = backend
+        self.checkpoints = Checkpointer(self, checkpoints) if checkpoints is not None else None
+        self._notices: dict[str, str] = {}  # sandbox id -> what its next execute should say
         self.registry = registry
         self.settings = settings
         self._defaults: dict[str, str] = {}  # client key -> its lazy default sandbox
@@ -176,11 +186,17 @@ class SandboxService:
             workdir=self.backend.workdir,
         )
 
-    async def resolve(self, sandbox_id: str | None, client: str, *, create: bool = True) -> Record:
+    async def resolve(
+        self, sandbox_id: str | None, client: str, *, create: bool = True, checkpoint: str | None = None
+    ) -> Record:
         """The record a call acts on: the given sandbox, or the caller's default, made now if
-        needed unless `create` is False (a read-only tool changes nothing, not even that)."""
+        needed unless `create` is False (a read-only tool changes nothing, not even that).
+
+        `checkpoint` is the state the caller's log says its default sandbox holds: a default
+        sandbox that is missing (a forked session, another host) is restored from it, and one
+        whose last checkpoint is another is put back to it."""
         if sandbox_id is None:
-            sandbox_id = await self._default_for(client, create=create)
+            sandbox_id = await self._default_for(client, create=create, checkpoint=checkpoint)
         record = self.registry.get(sandbox_id)
         if record is None or record.backend != self.backend.name:
             raise NotFound(f"no sandbox {sandbox_id!r}", hint="call list_sandboxes, or provision a new one")
@@ -206,13 +222,29 @@ class SandboxService:
             if not users[0]:
                 del self._key_locks[key]
 
-    async def _default_for(self, client: str, *, create: bool = True) -> str:
+    async def _default_for(self, client: str, *, create: bool = True, checkpoint: str | None = None) -> str:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
             known = self._defaults.get(client) or self.registry.bound(self.backend.name, client)
+            saved = self.checkpoints.known(checkpoint) if self.checkpoints and checkpoint else None
             if known and (record := self.registry.get(known)) and record.state == "running":
                 self._defaults[client] = known
+                if saved is not None and self.checkpoints and not self.checkpoints.holds(known, saved.id):
+                    await self.checkpoints.rewind(record, saved)
+                    self._notices[known] = (
+                        f"the workspace was put back to checkpoint {saved.id}, the state your session's log names; "
+                        "its processes were stopped"
+                    )
                 return known
+            if saved is not None and self.checkpoints and create:  # a fork, a move to this host, a lost sandbox
+                restored = await self.checkpoints.restore(saved.id, label="default")
+                self._defaults[client] = restored.sandbox_id
+                self.registry.bind(self.backend.name, client, restored.sandbox_id)
+                self._notices[restored.sandbox_id] = (
+                    f"this sandbox was restored from checkpoint {saved.id}, the state your session's log names "
+                    "(files only: background processes are not part of a checkpoint)"
+                )
+                return restored.sandbox_id
             if known:
                 self._forget_default(known)
                 if record is not None and record.reason != "destroyed by request":
@@ -294,6 +326,8 @@ class SandboxService:
         )
         task = asyncio.ensure_future(self._guard(record, self.backend.execute(record.ref, request)))
         result = await task if progress is None else await self._with_progress(record, task, timeout_s, progress)
+        if (notice := self._notices.pop(record.id, None)) is not None:
+            result.notice = f"{notice}; {result.notice}" if result.notice else notice
         return ExecOutcome(sandbox_id=record.id, **result.model_dump())
 
     async def _with_progress(self, record: Record, task: asyncio.Future, timeout_s: float, progress: Progress) -> Any:
@@ -434,6 +468,9 @@ class SandboxService:
         self._forget_default(record.id)
         self._locks.pop(record.id, None)
         self._file_slots.pop(record.id, None)
+        self._notices.pop(record.id, None)
+        if self.checkpoints is not None:  # its checkpoints stay: the session's log names them (see prune)
+            self.checkpoints.forget([record.id])
         log.info("sandbox %s destroyed: %s", record.id, reason)
 
     async def sweep(self) -> list[str]:
@@ -442,6 +479,10 @@ class SandboxService:
         now, reaped = time.time(), []
         retention = self.settings.sandbox_tombstone_retention_s
         await asyncio.to_thread(self.registry.prune, self.backend.name, now - retention)
+        if self.checkpoints is not None:
+            running = {r.id for r in await asyncio.to_thread(self.registry.running, self.backend.name)}
+            before = now - self.settings.checkpoint_retention_s
+            await asyncio.to_thread(self.checkpoints.prune, before, running)
         for record in await asyncio.to_thread(self.registry.reapable, self.backend.name, now):
             reason = record.reapable(now)
             if reason is None or self._busy.get(record.id):
@@ -479,6 +520,8 @@ class SandboxService:
             self._reaper = None
         await self.backend.close()
         self.registry.close()
+        if self.checkpoints is not None:
+            self.checkpoints.store.close()
 
     async def reap_forever(self) -> None:
         while True:
