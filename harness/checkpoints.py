@@ -14,6 +14,7 @@ checkpoints are unsupported (E2B) is not asked again.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ CHECKPOINT_META_KEY = "corral/checkpoint"
 CHECKPOINT_TOOL = "checkpoint"
 NEVER_AFTER = {CHECKPOINT_TOOL, "destroy"}  # a checkpoint of a checkpoint, or of a sandbox just destroyed
 _PAGE = 100
+# How a server without checkpoints answers (a backend without them, e.g. E2B; or the store turned off).
+_UNSUPPORTED = re.compile(r"cannot take checkpoints|checkpoints are off|unsupported|not supported", re.IGNORECASE)
 
 
 @dataclass
@@ -135,7 +138,7 @@ class Checkpointing(Wrapper):
         result = taken.structured or {}
         checkpoint_id = result.get("checkpoint_id")
         if taken.is_error or not isinstance(checkpoint_id, str):
-            if "unsupported" in taken.text.lower() or "not supported" in taken.text.lower():
+            if _UNSUPPORTED.search(taken.text):
                 self.unsupported = True  # asked once: this server has no checkpoints (E2B)
                 log.warning("the sandbox server has no checkpoints, so none are recorded: %s", taken.text[:300])
             else:  # the tool call itself succeeded; its result just names no state of the files

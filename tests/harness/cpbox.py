@@ -73,9 +73,9 @@ def checkpoint(ctx: Context, sandbox_id: str | None = None, label: str | None = 
     """Checkpoint the sandbox's files."""
     _record(ctx, "checkpoint", {"sandbox_id": sandbox_id})
     if os.environ.get("CPBOX_UNSUPPORTED"):
-        raise InvalidArgument("checkpoints are unsupported on the e2b backend", hint="use bubblewrap or docker")
+        raise InvalidArgument("the e2b backend cannot take checkpoints", hint="use the bubblewrap backend")
     return {
-        "checkpoint_id": f"cp_{secrets.token_hex(6)}",
+        "checkpoint_id": f"ckpt_{secrets.token_hex(6)}",
         "sandbox_id": sandbox_id or DEFAULT,
         "label": label,
         "parent": None,
