@@ -192,14 +192,15 @@ class SandboxLifecycle(Wrapper):
         sid = result.get("sandbox_id")
         if isinstance(sid, str) and sid not in self.known:
             self.known.add(sid)
-            outcome.events.append(
+            outcome.events.insert(  # first: before a checkpoint of the sandbox it names
+                0,
                 ev(
                     SANDBOX_PROVISIONED,
                     sandbox_id=sid,
                     tool_use_id=call_id,
                     via=name,
                     **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result},
-                )
+                ),
             )
         return outcome
 

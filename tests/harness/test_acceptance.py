@@ -239,9 +239,14 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
     assert [e.type for e in log if e.type.startswith("sandbox.")] == [
         "sandbox.provisioned",
-        "sandbox.lost",
+        "sandbox.checkpoint",
+        "sandbox.lost",  # no checkpoint of a lost sandbox
         "sandbox.provisioned",
+        "sandbox.checkpoint",
+        "sandbox.checkpoint",
     ]
+    # sandboxes the model provisioned itself are not its default: a fork would not restore them as such
+    assert [e.data["default"] for e in log if e.type == "sandbox.checkpoint"] == [False, False, False]
     assert max(fake.counts.values()) == 1
 
 
