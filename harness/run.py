@@ -84,13 +84,15 @@ def mcp_toolsets(
             token=settings.server_token,
             meta=meta,
         )
+        # Each MCP call on its own clock: a checkpoint after a call never eats into the call's time.
+        timed = TimeLimited(conn, settings.tool_timeout_s)
         # Any server listing a `checkpoint` tool is a sandbox server (Checkpointing asks its listing).
-        toolset: Toolset = Prefixed(Checkpointing(conn, checkpoints), name)
+        toolset: Toolset = Prefixed(Checkpointing(timed, checkpoints), name)
         if name == "sandbox":
             toolset = SandboxLifecycle(toolset, known)
         if name == "session":
             toolset = read_only(toolset)  # the model reads its log; only the harness writes it (one writer)
-        out.append(TimeLimited(toolset, settings.tool_timeout_s))
+        out.append(toolset)
     return out
 
 

@@ -6,7 +6,8 @@ Run over stdio with `python3 -m tests.harness.cpbox`; state goes to $CPBOX_DIR.
     read(path, sandbox_id?)             read-only
     provision()                         a new sandbox (no sandbox_id parameter)
     checkpoint(sandbox_id?, label?)     the checkpoint tool's result shape; with CPBOX_UNSUPPORTED
-                                        set it fails as a backend without checkpoints does
+                                        set it fails as a backend without checkpoints does;
+                                        CPBOX_CHECKPOINT_S makes it that slow
 Every call appends {tool, args, client, checkpoint} to calls.jsonl (client and checkpoint
 are the call's `_meta` `corral/client` and `corral/checkpoint`).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +74,7 @@ def provision(ctx: Context) -> dict[str, Any]:
 def checkpoint(ctx: Context, sandbox_id: str | None = None, label: str | None = None) -> dict[str, Any]:
     """Checkpoint the sandbox's files."""
     _record(ctx, "checkpoint", {"sandbox_id": sandbox_id})
+    time.sleep(float(os.environ.get("CPBOX_CHECKPOINT_S", "0")))  # a slow checkpoint
     if os.environ.get("CPBOX_UNSUPPORTED"):
         raise InvalidArgument("the e2b backend cannot take checkpoints", hint="use the bubblewrap backend")
     return {

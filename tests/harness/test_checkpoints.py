@@ -185,3 +185,19 @@ async def test_a_subagent_s_checkpoint_is_carried_into_the_parent_s_log(cp_env: 
     # the parent's log names the files the child left, so a wake of the parent does not roll them back
     assert mine[1]["checkpoint_id"] == childs[0]["checkpoint_id"]
     assert mine[1]["tool_use_id"] == spawned["tool_use_id"] and mine[1]["default"]
+
+
+async def test_a_slow_checkpoint_does_not_turn_its_call_into_a_timeout(cp_env: dict[str, str]) -> None:
+    """The tool call and the checkpoint after it each have the tool timeout: a call that finished is never
+    reported as timed out because its checkpoint was slow (the checkpoint is left out, and logged)."""
+    script = Script({"CP-SLOW": [Turn([write("a.txt")]), Turn([text("done")])]})
+    env = {**cp_env, "CPBOX_CHECKPOINT_S": "1.5", "CORRAL_TOOL_TIMEOUT_S": "1"}
+    sid, _ = await run(env, script, "CP-SLOW go")
+    store = open_db(cp_env)
+    try:
+        (result,) = [e.data for e in store.select(sid, types=["agent.tool_result"])]
+    finally:
+        store.close()
+    assert not result["is_error"], result
+    assert [c["tool"] for c in calls(Path(cp_env["CPBOX_DIR"]))] == ["write", "checkpoint"]
+    assert checkpoint_events(cp_env, sid) == []
