@@ -116,9 +116,12 @@ class Checkpointing(Wrapper):
             sandbox_id = self.state.default_sandbox  # a failed call on the default sandbox: checkpoint what it left
         if sandbox_id is None:
             return outcome  # nothing known to checkpoint (a call that failed before it found a sandbox)
-        event = await self._checkpoint(sandbox_id, call_id, default)
-        if event is not None:
-            outcome.events.append(event)
+
+        async def later() -> list[Any]:  # the agent awaits it, while its next model request runs
+            event = await self._checkpoint(sandbox_id, call_id, default)
+            return [] if event is None else [event]
+
+        outcome.later = later
         return outcome
 
     async def _changing_tool(self, name: str) -> ToolDef | None:

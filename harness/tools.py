@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,6 +87,9 @@ class ToolOutcome:
     events: list[Any] = field(default_factory=list)  # further NewEvents appended with the result (same append)
     kind: str | None = None  # an error's kind (`corral.errors.KINDS`), when it has one
     structured: dict[str, Any] | None = None  # the server's structured result, when it sent one
+    # Further events still being made (a checkpoint after the call): awaited before the result is
+    # appended, and never raising; the agent may overlap that wait with its next model request.
+    later: Callable[[], Awaitable[list[Any]]] | None = None
 
     @classmethod
     def error(cls, err: CorralError) -> ToolOutcome:

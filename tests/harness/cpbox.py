@@ -8,7 +8,7 @@ Run over stdio with `python3 -m tests.harness.cpbox`; state goes to $CPBOX_DIR.
     checkpoint(sandbox_id?, label?)     the checkpoint tool's result shape; with CPBOX_UNSUPPORTED
                                         set it fails as a backend without checkpoints does;
                                         CPBOX_CHECKPOINT_S makes it that slow
-Every call appends {tool, args, client, checkpoint} to calls.jsonl (client and checkpoint
+Every call appends {tool, args, client, checkpoint, t} to calls.jsonl (client and checkpoint
 are the call's `_meta` `corral/client` and `corral/checkpoint`).
 """
 
@@ -40,6 +40,7 @@ def _record(ctx: Context, name: str, args: dict[str, Any]) -> None:
         "args": args,
         "client": meta.get("corral/client"),
         "checkpoint": meta.get("corral/checkpoint"),
+        "t": time.time(),
     }
     with open(DIR / "calls.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")

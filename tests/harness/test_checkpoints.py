@@ -6,6 +6,7 @@ none, every call carries the log's latest default-sandbox checkpoint as `_meta`
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import pytest
 from corral.harness.run import run_session
 from corral.harness.view import NullView
 from corral.servers.session import EventStore, NewEvent, open_store
-from tests.harness.conftest import settings_from
+from tests.harness.conftest import corral, settings_from
 from tests.harness.cpbox import calls
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
+from tests.harness.test_cli import session_id
+from tests.harness.test_crash import assert_valid_history, faults_in_turn, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -42,12 +45,15 @@ def open_db(env: dict[str, str]) -> EventStore:
 
 
 async def run(
-    env: dict[str, str], script: Script, task: str | None, session_id: str | None = None
+    env: dict[str, str], script: Script, task: str | None, session_id: str | None = None, fake: list[Any] | None = None
 ) -> tuple[str, Recording]:
+    """One run in-process; `fake` (a list) receives the fake API, to read its requests after."""
     store = Recording(open_db(env))
     try:
-        with FakeAnthropic(script) as fake:
-            e = {**env, **fake.env()}
+        with FakeAnthropic(script) as api:
+            if fake is not None:
+                fake.append(api)
+            e = {**env, **api.env()}
             out = await run_session(
                 settings_from(e),
                 task=task,
@@ -201,3 +207,73 @@ async def test_a_slow_checkpoint_does_not_turn_its_call_into_a_timeout(cp_env: d
     assert not result["is_error"], result
     assert [c["tool"] for c in calls(Path(cp_env["CPBOX_DIR"]))] == ["write", "checkpoint"]
     assert checkpoint_events(cp_env, sid) == []
+
+
+async def test_the_last_call_s_checkpoint_overlaps_the_next_model_request(cp_env: dict[str, str]) -> None:
+    """A step costs the longer of checkpoint and model request, not their sum; the log order stays
+    write-ahead: the result and its checkpoint (one append) before the next response."""
+    script = Script({"CP-OVERLAP": [Turn([write("a.txt")]), Turn([write("b.txt")]), Turn([text("done")])]})
+    fakes: list[Any] = []
+    sid, store = await run({**cp_env, "CPBOX_CHECKPOINT_S": "1.5"}, script, "CP-OVERLAP go", fake=fakes)
+    taken = [c["t"] for c in calls(Path(cp_env["CPBOX_DIR"])) if c["tool"] == "checkpoint"]
+    asked = [r.received for r in fakes[0].requests]
+    assert len(taken) == 2 and len(asked) == 3
+    for checkpoint_started, next_request in zip(taken, asked[1:], strict=True):
+        assert next_request < checkpoint_started + 1.0  # asked while the 1.5 s checkpoint ran, not after it
+    assert [a for a in store.appends if "agent.tool_result" in a or "span.model_request" in a] == [
+        ["agent.tool_use", "span.model_request"],
+        ["agent.tool_result", "sandbox.checkpoint"],
+        ["agent.tool_use", "span.model_request"],
+        ["agent.tool_result", "sandbox.checkpoint"],
+        ["agent.message", "span.model_request"],
+    ]
+    assert len(checkpoint_events(cp_env, sid)) == 2
+
+
+def test_sigkill_at_every_boundary_with_checkpoints_and_broken_responses(cp_env: dict[str, str]) -> None:
+    """The crash matrix over checkpointed calls whose next response first breaks (a failed attempt
+    is an append too, made while a checkpoint may still be pending): killed after every append and
+    woken, the log stays valid, every checkpoint sits right after its own tool result (one append),
+    and every wake sends the latest default checkpoint its log holds."""
+    script = faults_in_turn(
+        Script(
+            {
+                "CP-CRASH": [
+                    Turn([write("a.txt")]),
+                    Turn([write("b.txt", sandbox_id="sbx_other")]),
+                    Turn([tool("cpbox__read", {"path": "a.txt"})]),
+                    Turn([write("c.txt")]),
+                    Turn([text("All done.")]),
+                ]
+            }
+        )
+    )
+    with FakeAnthropic(script) as fake:
+        e = {**cp_env, **fake.env(), "CORRAL_KILL_AFTER_APPENDS": "1", "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
+        p = corral(["run", "CP-CRASH go"], e)
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        sid = session_id(p.stdout)
+        for _ in range(60):
+            p = corral(["wake", sid], e)
+            if p.returncode == 0:
+                break
+            assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert fake.invalid == []
+    log = read_log(cp_env, sid)
+    assert_valid_history(log)
+    assert [ev.data["text"] for ev in log if ev.type == "agent.message"][-1] == "All done."
+    for ev in log:
+        if ev.type == "sandbox.checkpoint":
+            before = log[ev.position - 1]
+            assert before.type == "agent.tool_result" and before.data["tool_use_id"] == ev.data["tool_use_id"]
+            assert before.created_at == ev.created_at  # written by the same append
+    # each call sent the newest default checkpoint its log held before the call's tool_use (none before the first)
+    latest, expected = None, {}
+    for ev in log:
+        if ev.type == "sandbox.checkpoint" and ev.data["default"]:
+            latest = ev.data["checkpoint_id"]
+        if ev.type == "agent.tool_use":
+            expected[ev.data["input"]["path"]] = latest  # each path is used by one call of the script
+    sent = {c["args"]["path"]: c["checkpoint"] for c in calls(Path(cp_env["CPBOX_DIR"])) if c["tool"] != "checkpoint"}
+    assert sent and all(expected[path] == checkpoint for path, checkpoint in sent.items()), (sent, expected)
