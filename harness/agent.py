@@ -3,6 +3,10 @@
     step() = compact if near the budget -> query() the model (one write-ahead append)
              -> execute() its tool calls (one append per result)
 
+A result that waits for a checkpoint (`harness/checkpoints.py`) is appended with it; for the
+response's last call that wait overlaps the next model request (`respond_flushing`), whose
+response is appended only after the result.
+
 Only a whole response is ever written or acted on (`model.py` judges that); each failed
 attempt is one non-fatal `session.error` and the same request is sent again. What each
 stop_reason does:
