@@ -25,6 +25,7 @@ AREAS = [
     "credentials",
     "flat",
     "harness",
+    "checkpoints_harness",
     "workers",
     "frontdoor",
     "tooldefs",

@@ -6,7 +6,6 @@ none, every call carries the log's latest default-sandbox checkpoint as `_meta`
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ import pytest
 from corral.harness.run import run_session
 from corral.harness.view import NullView
 from corral.servers.session import EventStore, NewEvent, open_store
-from tests.harness.conftest import corral, settings_from
+from tests.harness.conftest import settings_from
 from tests.harness.cpbox import calls
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
-from tests.harness.test_cli import session_id
-from tests.harness.test_crash import assert_valid_history, faults_in_turn, read_log
+from tests.harness.test_crash import assert_valid_history, faults_in_turn, killed_at_every_append, read_log
 
 pytestmark = pytest.mark.anyio
 
@@ -250,15 +248,7 @@ def test_sigkill_at_every_boundary_with_checkpoints_and_broken_responses(cp_env:
     )
     with FakeAnthropic(script) as fake:
         e = {**cp_env, **fake.env(), "CORRAL_KILL_AFTER_APPENDS": "1", "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
-        p = corral(["run", "CP-CRASH go"], e)
-        assert p.returncode == -signal.SIGKILL, p.stderr
-        sid = session_id(p.stdout)
-        for _ in range(60):
-            p = corral(["wake", sid], e)
-            if p.returncode == 0:
-                break
-            assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
-        assert p.returncode == 0, p.stdout + p.stderr
+        sid = killed_at_every_append(["run", "CP-CRASH go"], e, tries=60)
         assert fake.invalid == []
     log = read_log(cp_env, sid)
     assert_valid_history(log)
