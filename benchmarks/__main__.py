@@ -22,6 +22,7 @@ AREAS = [
     "postgres",
     "sandbox",
     "sandbox_scale",
+    "checkpoints_pg",
     "credentials",
     "flat",
     "harness",

@@ -87,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated servers to register (default: {','.join(SERVER_MODULES)})",
     )
     p.add_argument(
+        "--workspace-key",
+        metavar="KEY",
+        help="the key of this client's default sandbox, e.g. one per project: a restarted client (or another on "
+        "the same key) finds the same files (default: one default sandbox per CORRAL_HOME)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="with --http: say, per server, whether a client can connect, and if not why",
@@ -165,18 +171,19 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
 
 
-def auth_header_command(home: Path) -> str:
+def auth_header_command(home: Path, workspace_key: str | None = None) -> str:
     """A shell command printing `{"Authorization": "Bearer <token>"}` from the token file:
     Claude Code's `headersHelper`, run at connect time, so the token is never written down."""
-    return shlex.join(["env", f"CORRAL_HOME={home}", *corral_command(), "mcp-config", "auth-header"])
+    key = ["--workspace-key", workspace_key] if workspace_key else []
+    return shlex.join(["env", f"CORRAL_HOME={home}", *corral_command(), "mcp-config", "auth-header", *key])
 
 
-def http_entries(base: str, token: str, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+def http_entries(
+    base: str, token: str, names: Iterable[str], workspace_key: str | None = None
+) -> dict[str, dict[str, Any]]:
     """The servers at `base` (`corral up`) as HTTP entries carrying the bearer token."""
-    return {
-        PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": {"Authorization": f"Bearer {token}"}}
-        for n in names
-    }
+    headers = {"Authorization": f"Bearer {token}", **({WORKSPACE_HEADER: workspace_key} if workspace_key else {})}
+    return {PREFIX + n: {"type": "http", "url": f"{base}/{n}/mcp", "headers": dict(headers)} for n in names}
 
 
 def server_entries(
@@ -186,12 +193,16 @@ def server_entries(
     env: dict[str, str],
     names: Iterable[str] = SERVER_MODULES,
     base: str | None = None,
+    workspace_key: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`{"corral-session": {...}, ...}` in the shape Claude Desktop, Claude Code and most clients read."""
     entries: dict[str, dict[str, Any]] = {}
     if http:
-        return http_entries(base or settings.base_url(), load_or_create_token(settings.data_dir()), names)
+        token = load_or_create_token(settings.data_dir())
+        return http_entries(base or settings.base_url(), token, names, workspace_key)
     command = corral_command()
+    if workspace_key:
+        env = {**env, "CORRAL_SANDBOX_CLIENT_KEY": workspace_key}
     for name in names:
         entry: dict[str, Any] = {"command": command[0], "args": [*command[1:], "serve", name]}
         if env:
@@ -241,14 +252,17 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def claude_code_commands(entries: dict[str, dict[str, Any]], scope: str, home: Path) -> list[list[str]]:
+def claude_code_commands(
+    entries: dict[str, dict[str, Any]], scope: str, home: Path, workspace_key: str | None = None
+) -> list[list[str]]:
     """`claude mcp add-json` per server. `alwaysLoad`: Claude Code otherwise sends its first
     model request before a stdio server that takes a second to start has listed its tools,
     and the model's first call to one fails with "still connecting"."""
     commands = []
     for name, entry in entries.items():
         if entry.get("type") == "http":  # the token comes from the helper, never from argv or the config file
-            config: dict[str, Any] = {"type": "http", "url": entry["url"], "headersHelper": auth_header_command(home)}
+            helper = auth_header_command(home, workspace_key)
+            config: dict[str, Any] = {"type": "http", "url": entry["url"], "headersHelper": helper}
         else:
             config = {
                 "type": "stdio",
@@ -311,10 +325,26 @@ def _warn(message: str) -> None:
     print(f"corral: note: {message}", file=sys.stderr)
 
 
+WORKSPACE_HEADER = "X-Corral-Client"
+
+
+def _workspace_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key.strip() or len(key) > 200 or not key.isprintable():
+        raise InvalidArgument(
+            f"--workspace-key {key[:50]!r} is not a usable key",
+            hint="up to 200 printable characters, e.g. a project name",
+        )
+    return key
+
+
 def _main(args: argparse.Namespace) -> int:
     settings = UpSettings()
+    key = _workspace_key(args.workspace_key)
     if args.client == "auth-header":
-        print(json.dumps({"Authorization": f"Bearer {load_or_create_token(settings.data_dir())}"}))
+        headers = {"Authorization": f"Bearer {load_or_create_token(settings.data_dir())}"}
+        print(json.dumps({**headers, **({WORKSPACE_HEADER: key} if key else {})}))
         return 0
     if args.http and args.client == "claude-desktop":
         raise InvalidArgument(
@@ -323,7 +353,8 @@ def _main(args: argparse.Namespace) -> int:
         )
     env = passed_env(dict(os.environ), expands=args.client != "claude-desktop", warn=_warn)
     base = up_base_url(settings, args.port) if args.http else None
-    entries = server_entries(http=args.http, settings=settings, env=env, names=server_list(args.servers), base=base)
+    names = server_list(args.servers)
+    entries = server_entries(http=args.http, settings=settings, env=env, names=names, base=base, workspace_key=key)
     if args.check or (args.http and args.apply):
         if not args.http:
             raise InvalidArgument(
@@ -345,7 +376,7 @@ def _main(args: argparse.Namespace) -> int:
             _warn(
                 "project scope writes ./.mcp.json, which teams commit: it holds no secret, but its paths are this machine's"
             )
-        commands = claude_code_commands(entries, args.scope, settings.data_dir())
+        commands = claude_code_commands(entries, args.scope, settings.data_dir(), key)
         if args.apply:
             apply_claude_code(commands, args.scope)
         else:

@@ -16,6 +16,7 @@ import base64
 import builtins  # `Backend.list` shadows the type in the class body
 import posixpath
 from abc import ABC, abstractmethod
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,7 @@ __all__ = [
     "FileListing",
     "FileRead",
     "FileWritten",
+    "iso",
     "ListedSandbox",
     "Listing",
     "SandboxInfo",
@@ -306,6 +308,11 @@ class Backend(ABC):
         """Stop the sandbox's processes and make its files exactly `manifest`; returns the stat cache
         of what it wrote (so the next checkpoint reads nothing it restored)."""
         raise InvalidArgument(f"the {self.name} backend cannot restore checkpoints")
+
+
+def iso(ts: float) -> str:
+    """A time as tool results show it: ISO 8601, UTC, to the second."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def sha_state(actual: str | None, *, exists: bool) -> str:

@@ -45,7 +45,7 @@ from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import cgroups, hostfs, templates
+from . import cgroups, fastenter, hostfs, templates
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -148,6 +148,7 @@ class BubblewrapBackend(Backend):
         self.templates = templates.TemplateStore(config.templates) if config.templates else None
         self.cgroups = cgroups.detect() if config.cgroups else None
         self.limits_scope = "sandbox" if self.cgroups else "process"
+        self.enter = fastenter.build(self.root / ".enter") if config.fast_enter else None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -360,9 +361,9 @@ class BubblewrapBackend(Backend):
 
     def _check_setup(self, ref: SandboxRef, request: ExecRequest, code: int | None, out: int, err: str) -> None:
         """nsenter/setpriv failing to get the command going is not the command's result."""
-        if code != 1 or out or not err.startswith(("nsenter: ", "setpriv: ", "prlimit: ")):
+        if code != 1 or out or not err.startswith(("nsenter: ", "setpriv: ", "prlimit: ", "corral-enter: ")):
             return
-        if "change directory" in err:
+        if "change directory" in err or "working directory" in err:
             raise InvalidArgument(
                 f"cwd {_cwd(request.cwd)!r} does not exist in sandbox {ref.id}", hint="create it first, or omit cwd"
             )
@@ -388,16 +389,41 @@ class BubblewrapBackend(Backend):
         self, sandbox_id: str, init: Init, spec: SandboxSpec, request: ExecRequest, background: bool = False
     ) -> list[str]:
         """Join the sandbox, drop privileges, set exactly the sandbox's environment, bound, run."""
+        env = {**BASE_ENV, **spec.env, **request.env}
+        if self.enter is not None:
+            return self._enter_argv(sandbox_id, init, spec, request, env, background)
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
         host = _host_tool if spec.template is not None else _as_is  # a template has not our tools: run the host's
         argv += host(drop_caps(self.setpriv)[0]) + drop_caps(self.setpriv)[1:]
-        env = {**BASE_ENV, **spec.env, **request.env}
         argv += [*host(self.env), "-i", "--", *(f"{k}={v}" for k, v in env.items())]
         argv += [*host(self.prlimit), *_limits(spec, None if background else request.timeout_s), "--"]
         if background:  # its own process group, so kill_process signals it and what it started
             argv += host(self.setsid)
         return argv + [self._shell(spec), "-c", request.command]
+
+    def _enter_argv(
+        self,
+        sandbox_id: str,
+        init: Init,
+        spec: SandboxSpec,
+        request: ExecRequest,
+        env: dict[str, str],
+        background: bool,
+    ) -> list[str]:
+        """The same in one exec (`enter.c`): nothing of the host runs inside, templates need no host tools."""
+        argv = [self.enter or "", "-t", str(init.init.pid), "-w", _cwd(request.cwd), "-n"]
+        if self.uid is None:
+            argv.append("-o")
+        if background:
+            argv.append("-s")
+        for path in self.cgroups.procs_files(sandbox_id) if self.cgroups else []:
+            argv += ["-g", str(path)]
+        for limit in _limits(spec, None if background else request.timeout_s):
+            argv += ["-l", limit.removeprefix("--")]
+        for key, value in env.items():
+            argv += ["-e", f"{key}={value}"]
+        return argv + ["--", self._shell(spec), "-c", request.command]
 
     def _shell(self, spec: SandboxSpec) -> str:
         if spec.template is None:

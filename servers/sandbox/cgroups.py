@@ -55,6 +55,10 @@ class Cgroups:
         _write(cpu / "cpu.cfs_period_us", CFS_PERIOD_US)
         _write(cpu / "cpu.cfs_quota_us", max(1000, int(spec.cpus * CFS_PERIOD_US)))
 
+    def procs_files(self, sandbox_id: str) -> list[Path]:
+        """Where a process writes its pid to join the sandbox's groups."""
+        return [self.path(c, sandbox_id) / "cgroup.procs" for c in CONTROLLERS]
+
     def enter_argv(self, sandbox_id: str, *, init: bool = False) -> list[str]:
         """A prefix that puts what follows into the sandbox's groups before it runs; for the
         `init`, also out of the OOM killer's reach (it is tiny; losing it loses the sandbox)."""

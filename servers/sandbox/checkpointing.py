@@ -17,20 +17,38 @@ import asyncio
 import builtins
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.errors import CorralError, InvalidArgument, NotFound, Unavailable
 
+from .backend import Backend, Destroyed, SandboxInfo, iso
 from .checkpoints.manifest import Manifest, blobs_of, delta, encode
 from .checkpoints.store import CheckpointRecord, CheckpointStore, new_checkpoint_id
 from .checkpoints.tree import StatCache
+from .config import SandboxSettings
 from .registry import Record
 
-if TYPE_CHECKING:
-    from .service import SandboxService
+T = TypeVar("T")
+
+
+class Host(Protocol):
+    """What checkpointing needs of the sandbox service (`service.SandboxService`)."""
+
+    backend: Backend
+    settings: SandboxSettings
+
+    async def provision(self, *, template: str | None = None, label: str | None = None) -> SandboxInfo: ...
+
+    async def resolve(self, sandbox_id: str | None, client: str) -> Record: ...
+
+    async def destroy(self, sandbox_id: str) -> Destroyed: ...
+
+    async def _guard(self, record: Record, work: Awaitable[T]) -> T: ...
+
 
 __all__ = ["CheckpointInfo", "CheckpointList", "Checkpointer", "Restored"]
 
@@ -69,12 +87,6 @@ class Restored(_Model):
     notice: str | None = Field(None, description="what the caller should know (processes were stopped)")
 
 
-def _iso(ts: float) -> str:
-    from .service import iso
-
-    return iso(ts)
-
-
 def info(
     record: CheckpointRecord, duration_ms: int | None = None, skipped: builtins.list[str] | None = None
 ) -> CheckpointInfo:
@@ -84,7 +96,7 @@ def info(
         label=record.label,
         parent=record.parent,
         restored_from=record.restored_from,
-        created_at=_iso(record.created_at),
+        created_at=iso(record.created_at),
         files=record.files,
         files_changed=record.files_changed,
         bytes_added=record.bytes_added,
@@ -117,7 +129,7 @@ class _Capped:
 
 
 class Checkpointer:
-    def __init__(self, service: SandboxService, store: CheckpointStore) -> None:
+    def __init__(self, service: Host, store: CheckpointStore) -> None:
         self.service = service
         self.store = store
         self.backend = service.backend

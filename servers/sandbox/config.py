@@ -58,6 +58,7 @@ class BubblewrapConfig(_Model):
     cgroups: bool = Field(
         True, description="one cgroup per sandbox (memory, pids, cpu for all its processes) where the server can"
     )
+    fast_enter: bool = Field(True, description="enter sandboxes through corral-enter where a C compiler builds it")
     templates: Path | None = Field(
         None, description="where registered templates (root filesystems) live; None: no templates"
     )
@@ -158,16 +159,32 @@ class SandboxSettings(CoreSettings):
         description="bubblewrap: host paths (dirs, files, unix sockets) mounted into every sandbox, "
         "comma-separated HOST:SANDBOX[:rw], read-only unless :rw (e.g. the credential proxy's git socket)",
     )
+    sandbox_client_key: str = Field(
+        "",
+        max_length=200,
+        description="the default sandbox's key for clients that send none (a stdio server serves one client): "
+        "`corral mcp-config --workspace-key KEY` sets it per project; empty: one default sandbox per CORRAL_HOME",
+    )
+    sandbox_fast_enter: bool = Field(
+        True,
+        description="bubblewrap: build a small C helper (corral-enter, with the machine's `cc`) that enters a live "
+        "sandbox in one exec; without a compiler, or off, commands enter through nsenter, setpriv, env and prlimit",
+    )
     checkpoint_store: str = Field(
         "",
-        description="where checkpoints (workspace snapshots) live: empty for $CORRAL_HOME/checkpoints (this host), "
-        "postgresql://USER@HOST/DB to share them between hosts (a session moved to another host restores from it), "
-        "or 'off' for no checkpoints",
+        description="where checkpoints (workspace snapshots) live: empty for the session store's database when "
+        "CORRAL_SESSION_STORE is postgresql:// (every host sharing the log can restore them: a session moved to "
+        "another host continues with its files), else $CORRAL_HOME/sandboxes/checkpoints (this host); 'local' for "
+        "this host's even then, a directory, postgresql://USER@HOST/DB for another database, or 'off' for none",
+    )
+    session_store: str = Field(
+        "", description="the session log's store (see Session log): a postgresql:// one also holds the checkpoints"
     )
     checkpoint_max_mb: int = Field(
         10240,
         gt=0,
-        description="storage cap of the checkpoint store (blobs and manifests): past it, checkpoint refuses",
+        description="storage cap of the checkpoint store (blobs and manifests; a PostgreSQL store: its total over "
+        "every host): past it, checkpoint refuses",
     )
     checkpoint_max_files: int = Field(
         200_000, gt=0, description="most files (and dirs) one checkpoint captures: past it, checkpoint refuses"
@@ -205,6 +222,13 @@ class SandboxSettings(CoreSettings):
             network=network,
             ttl_s=self.sandbox_ttl_s,
         )
+
+    def checkpoint_store_url(self) -> str:
+        """The checkpoint store to open (`checkpoints.open_store`): the setting, else a PostgreSQL
+        session store's database, else this host's ('')."""
+        if self.checkpoint_store:
+            return self.checkpoint_store
+        return self.session_store if self.session_store.startswith(("postgresql://", "postgres://")) else ""
 
     def sandboxes_dir(self) -> Path:
         """Where the registry lives: always in the data dir."""

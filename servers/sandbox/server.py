@@ -47,6 +47,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         run_as_uid=settings.sandbox_run_as_uid,
         extra_binds=list(settings.sandbox_extra_binds),
         templates=settings.templates_dir(),
+        fast_enter=settings.sandbox_fast_enter,
     )
 
 
@@ -75,13 +76,14 @@ CLIENT_META_KEY = "corral/client"
 CHECKPOINT_META_KEY = "corral/checkpoint"
 
 
-def _client(ctx: Context) -> str:
+def _client(ctx: Context, fallback: str = "") -> str:
     """Whose default sandbox a call without `sandbox_id` uses.
 
     MCP 2026-07-28 is stateless: no connection object outlives a request. A client that
     wants its own default sends `_meta: {"corral/client": ID}` (or the `X-Corral-Client`
     header, or keeps an `Mcp-Session-Id`); everyone else shares the server's default
-    (stdio serves exactly one client anyway).
+    (stdio serves exactly one client anyway), or the key the operator set for it (`fallback`:
+    `CORRAL_SANDBOX_CLIENT_KEY`, the same default as that key sent by header).
     """
     meta: Mapping[str, Any] = ctx.request_context.meta or {}  # the SDK's TypedDict knows only its own keys
     client = meta.get(CLIENT_META_KEY)
@@ -91,7 +93,7 @@ def _client(ctx: Context) -> str:
     for header in ("x-corral-client", "mcp-session-id"):
         if headers.get(header):
             return f"{header}:{headers[header]}"
-    return "default"
+    return f"x-corral-client:{fallback}" if fallback else "default"
 
 
 def _checkpoint(ctx: Context) -> str | None:
@@ -102,7 +104,8 @@ def _checkpoint(ctx: Context) -> str | None:
 
 
 async def _resolve(service: SandboxService, ctx: Context, sandbox_id: str | None, *, create: bool = True) -> Any:
-    return await service.resolve(sandbox_id, _client(ctx), create=create, checkpoint=_checkpoint(ctx))
+    client = _client(ctx, service.settings.sandbox_client_key)
+    return await service.resolve(sandbox_id, client, create=create, checkpoint=_checkpoint(ctx))
 
 
 def build_server(
@@ -112,7 +115,7 @@ def build_server(
     backend = backend or make_backend(backend_config(settings))
     registry = Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db")
     store = checkpoints.open_store(
-        settings.checkpoint_store, settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
+        settings.checkpoint_store_url(), settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
     )
     service = SandboxService(backend, registry, settings, store)
 

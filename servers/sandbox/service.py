@@ -19,7 +19,6 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +37,7 @@ from .backend import (
     SandboxInfo,
     SandboxList,
     SandboxSpec,
+    iso,
     workspace_path,
 )  # fmt: skip
 from .checkpointing import Checkpointer
@@ -72,10 +72,6 @@ class Resources(BaseModel):
     idle_timeout_s: int | None = Field(
         None, gt=0, le=30 * 86400, description="reaped after this long unused; at most the server's limit"
     )
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check_env(env: dict[str, str] | None) -> dict[str, str]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg import sql
 
 from corral.errors import Conflict, NotFound, Unavailable
 from corral.servers.session import lineage, rules
@@ -230,20 +231,14 @@ class PostgresEventStore(EventStore):
 
     def _migrate(self) -> None:
         with self._pool.connection() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS corral_schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM corral_schema_version").fetchone()
-            current = row[0] or 0
-            if current > SCHEMA_VERSION:
-                raise Unavailable(
-                    f"the session database has schema version {current}, newer than this corral ({SCHEMA_VERSION})",
-                    hint="upgrade corral",
-                )
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                conn.execute(MIGRATIONS[version - 1])
-                if version == 3:
-                    self._fill_nodes(conn)
-                conn.execute("INSERT INTO corral_schema_version (version) VALUES (%s)", (version,))
+            migrate(
+                conn,
+                table="corral_schema_version",
+                lock=MIGRATION_LOCK,
+                migrations=MIGRATIONS,
+                what="the session database",
+                after=lambda version: self._fill_nodes(conn) if version == 3 else None,
+            )
 
     def close(self) -> None:
         self._pool.close()
@@ -469,6 +464,33 @@ class PostgresEventStore(EventStore):
                 (session_id, token),
             )
             return cur.rowcount == 1
+
+
+def migrate(
+    conn: psycopg.Connection,
+    *,
+    table: str,
+    lock: int,
+    migrations: list[str],
+    what: str,
+    after: Callable[[int], object] | None = None,
+) -> None:
+    """Apply the `migrations` not applied yet, in order, in the caller's transaction, one
+    migrator at a time (an advisory lock); `table` keeps the version. A schema newer than
+    this code is refused. `after(version)` runs right after each (a data backfill)."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)").format(sql.Identifier(table)))
+    row = conn.execute(sql.SQL("SELECT max(version) FROM {}").format(sql.Identifier(table))).fetchone()
+    current = (row[0] if row else None) or 0
+    if current > len(migrations):
+        raise Unavailable(
+            f"{what} has schema version {current}, newer than this corral ({len(migrations)})", hint="upgrade corral"
+        )
+    for version in range(current + 1, len(migrations) + 1):
+        conn.execute(migrations[version - 1])
+        if after is not None:
+            after(version)
+        conn.execute(sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(sql.Identifier(table)), (version,))
 
 
 def _one(row: tuple[Any, ...] | None) -> tuple[Any, ...]:

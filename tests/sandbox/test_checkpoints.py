@@ -237,3 +237,22 @@ async def test_apt_get_installs_a_package_that_a_checkpoint_keeps(
         assert kept["stdout"].startswith("hello from a package"), kept
     assert not os.path.exists("/usr/bin/corral-hello"), "the host is unchanged"
     assert not (templates_dir / "debian/rootfs/usr/bin/corral-hello").exists(), "and so is the template"
+
+
+async def test_a_checkpoint_never_follows_a_directory_swapped_for_a_symlink(bw: Harness) -> None:
+    """The scan runs while the sandbox does: a directory it keeps replacing with a symlink to
+    `/` (the host's root, seen from the server) must be captured as what it is at that
+    instant, never walked into."""
+    swap = "while true; do mkdir -p d/x; rm -rf d; ln -s / d; rm -f d; done"
+    async with bw.client() as c:
+        sid = (await call(c, "provision"))["sandbox_id"]
+        await call(c, "execute", sandbox_id=sid, command=swap, background=True)
+        taken = [(await call(c, "checkpoint", sandbox_id=sid))["checkpoint_id"] for _ in range(100)]
+        store = bw.service.checkpoints.store
+        seen = set()
+        for checkpoint_id in taken:
+            for path, entry in store.manifest(checkpoint_id).items():
+                if path.startswith("workspace/d"):
+                    seen.add(entry.type)
+                    assert path in ("workspace/d", "workspace/d/x"), f"walked out of the sandbox: {path}"
+    assert seen, "the race was never caught: the test checked nothing"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.anyio
 CORRAL = corral_exe()  # the `corral` of the Python running the tests, never one on PATH
 
 
-def _env(settings, **extra: str) -> dict[str, str]:
+def serve_env(settings, **extra: str) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "CORRAL_HOME": str(settings.home),
@@ -58,13 +58,13 @@ async def _drive_every_tool(c: Client) -> None:
 
 @pytest.mark.requires("bwrap")
 async def test_stdio_bubblewrap(settings) -> None:
-    params = StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=_env(settings))
+    params = StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=serve_env(settings))
     async with Client(params) as c:
         await _drive_every_tool(c)
 
 
 async def test_stdio_docker(settings, docker_image: str) -> None:
-    env = _env(settings, CORRAL_SANDBOX_BACKEND="docker", CORRAL_SANDBOX_IMAGE=docker_image)
+    env = serve_env(settings, CORRAL_SANDBOX_BACKEND="docker", CORRAL_SANDBOX_IMAGE=docker_image)
     async with Client(StdioServerParameters(command=CORRAL, args=["serve", "sandbox"], env=env)) as c:
         await _drive_every_tool(c)
         for s in (await call(c, "list_sandboxes"))["sandboxes"]:
@@ -80,7 +80,7 @@ def http_server(settings, request: pytest.FixtureRequest) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [CORRAL, "serve", "sandbox", "--http", f"127.0.0.1:{port}"],
-        env=_env(settings, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=serve_env(settings, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         wait_listening(port, proc)
@@ -105,7 +105,7 @@ async def test_streamable_http(http_server: tuple[str, Path]) -> None:
 def test_missing_bwrap_says_what_to_install(settings, tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"  # a PATH without bwrap
     bin_dir.mkdir()
-    env = {**_env(settings), "PATH": str(bin_dir)}
+    env = {**serve_env(settings), "PATH": str(bin_dir)}
     done = subprocess.run(
         [CORRAL, "serve", "sandbox"], env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
     )

@@ -14,7 +14,8 @@ __all__ = ["CheckpointRecord", "CheckpointStore", "open_store"]
 
 
 def open_store(url: str, home: Path, cap_bytes: int) -> CheckpointStore | None:
-    """The store `url` names: '' for `home/checkpoints`, 'off' for none, or `postgresql://...`."""
+    """The store `url` names: '' or 'local' for `home/checkpoints`, a directory, 'off' for none,
+    or `postgresql://...`."""
     if url == "off":
         return None
     if url.startswith(("postgresql://", "postgres://")):
@@ -28,4 +29,4 @@ def open_store(url: str, home: Path, cap_bytes: int) -> CheckpointStore | None:
         return PostgresCheckpointStore(url, cap_bytes, staging=home / "checkpoints-staging")
     from .local import LocalCheckpointStore
 
-    return LocalCheckpointStore(Path(url) if url else home / "checkpoints", cap_bytes)
+    return LocalCheckpointStore(Path(url) if url not in ("", "local") else home / "checkpoints", cap_bytes)

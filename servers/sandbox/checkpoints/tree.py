@@ -68,9 +68,7 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
     """The manifest of `areas` (name -> host dir); new content goes to `sink`."""
     out, previous = Scan(), previous or {}
     for area, root in areas.items():
-        if not root.is_dir():
-            continue
-        for rel, st in _walk(root):
+        for rel, st, parent in _walk(root):
             if len(out.manifest) >= max_files:
                 raise InvalidArgument(
                     f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
@@ -79,7 +77,7 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
             path = f"{area}/{rel}"
             key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
             seen = previous.get(path)
-            entry = seen[1] if seen is not None and seen[0] == key else _entry(root / rel, st, sink, out)
+            entry = seen[1] if seen is not None and seen[0] == key else _entry(parent, rel, st, sink, out)
             if entry is None:
                 continue
             if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
@@ -89,65 +87,90 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
     return out
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of everything under `root`, parents first; never through a symlink."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        try:
-            entries = list(os.scandir(root / rel if rel else root))
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # removed while we walked: it is simply not in this checkpoint
-        for item in entries:
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_DEPTH = 512
+
+
+def _walk(root: Path) -> Iterator[tuple[str, os.stat_result, int]]:
+    """(relative path, lstat, fd of its parent dir) of everything under `root`, parents first.
+
+    Every step is relative to an open directory and refuses symlinks (`O_NOFOLLOW`): the
+    sandbox's processes run while we walk, and one that swaps a directory for a symlink to
+    the host's /etc must find us reading its symlink, never the host's files."""
+    try:
+        top = os.open(root, DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    stack: list[tuple[str, int, Iterator[os.DirEntry[str]]]] = [("", top, os.scandir(top))]
+    try:
+        while stack:
+            rel, fd, entries = stack[-1]
+            item = next(entries, None)
+            if item is None:
+                stack.pop()
+                os.close(fd)
+                continue
             sub = f"{rel}/{item.name}" if rel else item.name
             try:
-                st = item.stat(follow_symlinks=False)
+                st = os.stat(item.name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            yield sub, st
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(sub)
+            yield sub, st, fd
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            if len(stack) >= MAX_DEPTH:
+                raise InvalidArgument(f"{sub[:200]}... is nested more than {MAX_DEPTH} directories deep: not captured")
+            try:
+                child = os.open(item.name, DIR_FLAGS, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                continue  # replaced meanwhile (ELOOP: by a symlink): what it was is not captured
+            stack.append((sub, child, os.scandir(child)))
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
 
 
-def _entry(path: Path, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+def _entry(parent: int, rel: str, st: os.stat_result, sink: BlobSink, out: Scan) -> Entry | None:
+    name = rel.rpartition("/")[2]
     mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
     if stat.S_ISDIR(st.st_mode):
         opaque = False
-        with contextlib.suppress(OSError):
-            opaque = os.getxattr(path, OPAQUE, follow_symlinks=False) == b"y"
+        with contextlib.suppress(OSError):  # through the open parent, not following the name
+            opaque = os.getxattr(f"/proc/self/fd/{parent}/{name}", OPAQUE, follow_symlinks=False) == b"y"
         return Entry("D" if opaque else "d", mode, 0, mtime)
     if stat.S_ISLNK(st.st_mode):
         try:
-            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(path)))
-        except FileNotFoundError:
+            return Entry("l", mode, 0, mtime, os.fsdecode(os.readlink(name, dir_fd=parent)))
+        except OSError:  # gone, or no longer a symlink: not in this checkpoint
             return None
     if stat.S_ISFIFO(st.st_mode):
         return Entry("p", mode, 0, mtime)
     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
         return Entry("w", 0, 0, 0)  # an overlay whiteout: a file of the lower layer was deleted
     if not stat.S_ISREG(st.st_mode):
-        out.skipped.append(f"{path.name}: a {'socket' if stat.S_ISSOCK(st.st_mode) else 'device node'} (not captured)")
+        kind = "socket" if stat.S_ISSOCK(st.st_mode) else "device node"
+        out.skipped.append(f"{rel}: a {kind} (not captured)")
         return None
-    return _file(path, sink, out)
+    return _file(parent, name, sink, out)
 
 
-def _file(path: Path, sink: BlobSink, out: Scan) -> Entry | None:
-    for _ in range(3):  # written meanwhile: read it again, so the entry and the bytes agree
+def _file(parent: int, name: str, sink: BlobSink, out: Scan) -> Entry | None:
+    for attempt in range(3):  # written meanwhile: read it again, so the entry and the bytes agree
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
         except OSError as err:
-            if err.errno == errno.ELOOP:  # replaced by a symlink meanwhile
+            if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):  # gone, or swapped for a link or a device
                 return None
             raise
         try:
             before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):  # swapped for a FIFO or device between lstat and open
+                return None
             digest, size, extents, data = _read(fd, before, sink)
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) or _ == 2:
+        if (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns) or attempt == 2:
             break
         if isinstance(data, Path):
             data.unlink(missing_ok=True)
