@@ -6,6 +6,9 @@ none, every call carries the log's latest default-sandbox checkpoint as `_meta`
 
 from __future__ import annotations
 
+import json
+import logging
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from tests.harness.conftest import settings_from
 from tests.harness.cpbox import calls
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.harness.test_crash import assert_valid_history, faults_in_turn, killed_at_every_append, read_log
+from tests.parts import TEST_IMAGE
 
 pytestmark = pytest.mark.anyio
 
@@ -267,3 +271,40 @@ def test_sigkill_at_every_boundary_with_checkpoints_and_broken_responses(cp_env:
             expected[ev.data["input"]["path"]] = latest  # each path is used by one call of the script
     sent = {c["args"]["path"]: c["checkpoint"] for c in calls(Path(cp_env["CPBOX_DIR"])) if c["tool"] != "checkpoint"}
     assert sent and all(expected[path] == checkpoint for path, checkpoint in sent.items()), (sent, expected)
+
+
+@pytest.mark.requires("docker")
+async def test_a_real_backend_without_checkpoints_is_asked_once(
+    real_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real sandbox server on Docker (no checkpoints there): the first call's checkpoint is
+    refused, said once, and no call after it asks again or fails for it."""
+    env = {
+        **real_env,
+        "CORRAL_SERVERS": "sandbox",
+        "CORRAL_SANDBOX_BACKEND": "docker",
+        "CORRAL_SANDBOX_IMAGE": TEST_IMAGE,
+    }
+    script = Script(
+        {
+            "CP-DOCKER": [
+                Turn([tool("sandbox__write_file", {"path": "a.txt", "content": "a"})]),
+                Turn([tool("sandbox__execute", {"command": "cat a.txt"})]),
+                Turn([text("done")]),
+            ]
+        }
+    )
+    caplog.set_level(logging.INFO, logger="corral.harness")
+    sid, _ = await run(env, script, "CP-DOCKER go")
+    log = read_log(env, sid)
+    try:
+        results = [e.data for e in log if e.type == "agent.tool_result"]
+        assert [r["is_error"] for r in results] == [False, False], results
+        assert json.loads(results[1]["content"][0]["text"])["stdout"] == "a"
+        assert not [e for e in log if e.type == "sandbox.checkpoint"]
+        said = [r.getMessage() for r in caplog.records if "no checkpoints" in r.getMessage()]
+        assert len(said) == 1 and "cannot take checkpoints" in said[0], said
+    finally:
+        names = [f"corral-{e.data['sandbox_id']}" for e in log if e.type == "sandbox.provisioned"]
+        if names:
+            subprocess.run(["docker", "rm", "-f", *names], capture_output=True, timeout=60)
