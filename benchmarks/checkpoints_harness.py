@@ -84,7 +84,7 @@ async def one_run(
             e.update(fake.env())
             out = await run_session(
                 settings_from(e), task="CKPT-BENCH go", session_id=None, view=NullView(), env=e, store=store
-            )  # type: ignore[arg-type]
+            )
         written = len(store.select(out.session_id, types=["sandbox.checkpoint"]))
     finally:
         store.close()
@@ -118,7 +118,9 @@ def main() -> int:
         PYTHONPATH=str(ROOT),
     )
     delays = (args.delay_ms, 0.0)
-    got = {(d, m): {"step": [], "phase": []} for d in delays for m in ("each-call", "off")}
+    got: dict[tuple[float, str], dict[str, list[float]]] = {
+        (d, m): {"step": [], "phase": []} for d in delays for m in ("each-call", "off")
+    }
     written = {m: 0 for m in ("each-call", "off")}
     try:
         for delay in delays:

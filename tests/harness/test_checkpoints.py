@@ -62,7 +62,7 @@ async def run(
                 session_id=session_id,
                 view=NullView(),
                 env=e,
-                store=store,  # type: ignore[arg-type]
+                store=store,
             )
         return out.session_id, store
     finally:
