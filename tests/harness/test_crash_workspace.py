@@ -107,7 +107,8 @@ def servers_of(home: str) -> list[int]:
 
 def kill_point(log: list[Event]) -> str:
     """Where a killed harness stopped: its last append of progress, named by type (and step)."""
-    last = [e for e in log if e.type not in ("session.status", "span.model_request", "sandbox.provisioned")][-1]
+    bookkeeping = ("session.status", "span.model_request", "sandbox.provisioned", "sandbox.checkpoint")
+    last = [e for e in log if e.type not in bookkeeping][-1]
     if last.type == "agent.tool_use":
         return f"tool_use {STEPS.index((last.data['name'], last.data['input']))}"
     if last.type == "agent.tool_result":
