@@ -4,7 +4,9 @@
 
 - MCP `execute true` in a live sandbox (stdio client -> `corral serve sandbox`) vs a bare
   `bwrap ... true` spawn of the same sandbox's recipe from Python (target: at or below);
-- provision + first execute p50/p99 (in-process service: the init starts on first use);
+- provision + first execute p50/p99 (in-process service: the init starts on first use), with
+  the default sandbox's writable system layer (as root) beside a read-only system
+  (`--only-layer` measures just these two);
 - background start -> first output line seen through `process_output`, p50;
 - host RSS of an idle live sandbox (outer bwrap + init + its sleep);
 - N live sandboxes each running a background HTTP server: how many answer from inside;
@@ -39,6 +41,7 @@ from corral.servers.sandbox.bubblewrap import SHELL, BubblewrapBackend, _limits
 from corral.servers.sandbox.config import SandboxSettings
 
 CPU: dict[str, float] = {}
+LAYER_CPU: list[list[float]] = [[], []]  # CPU ms of provision + first execute: with the layer, without
 
 
 def bare_bwrap_argv(backend: BubblewrapBackend, ref: SandboxRef, command: str = "true") -> list[str]:
@@ -128,6 +131,30 @@ async def first_execute(settings: SandboxSettings, n: int, template: str | None 
     return times
 
 
+async def first_execute_layer_vs_plain(settings: SandboxSettings, n: int) -> tuple[list[float], list[float]]:
+    """Provision + first execute with the writable system layer and with a read-only system,
+    interleaved (one of each in turn), so the machine's load weighs on both alike."""
+    plain_dir = settings.workspaces_dir().with_name(settings.workspaces_dir().name + "-ro")
+    home = settings.home.with_name(settings.home.name + "-ro")  # its own registry too
+    plain = settings.model_copy(update={"sandbox_system_layer": False, "sandbox_dir": plain_dir, "home": home})
+    services = [service_for(settings), service_for(plain)]
+    times: list[list[float]] = [[], []]
+    try:
+        for i in range(2 * (n + 5)):
+            service = services[i % 2]
+            cpu, start = cpu_ms(), time.perf_counter()
+            box = await service.provision()
+            result = await service.execute(service.registry.get(box.sandbox_id), "true")
+            if i >= 10:  # warm-up
+                times[i % 2].append((time.perf_counter() - start) * 1000)
+                LAYER_CPU[i % 2].append(cpu_ms() - cpu)
+            assert result.exit_code == 0, result
+            await service.destroy(box.sandbox_id)
+    finally:
+        shutil.rmtree(plain_dir, ignore_errors=True)
+    return times[0], times[1]
+
+
 async def background_first_line(env: dict[str, str], n: int) -> list[float]:
     async with Client(stdio_params(env)) as c:
         sid = (await c.call_tool("provision", {})).structured_content["sandbox_id"]
@@ -213,10 +240,34 @@ async def many_servers(env: dict[str, str], count: int) -> dict[str, float]:
     return {"ok": ok, "count": count, "start_all_s": started, "all_answered_s": wall}
 
 
+def add_layer_row(table: Table, first: list[float], plain: list[float]) -> None:
+    layered = "writable system layer" if os.geteuid() == 0 else "read-only system (not root: no layer)"
+    f50, f99, p50, p99 = (
+        statistics.median(first),
+        percentile(first, 99),
+        statistics.median(plain),
+        percentile(plain, 99),
+    )
+    table.add(
+        f"provision + first execute, {layered}: p50 / p99",
+        f"{f50:.1f} / {f99:.1f} ms",
+        f"read-only system {p50:.1f} / {p99:.1f} ms",
+        "<= 25 / 60",
+        f50 <= 25 and f99 <= 60,
+    )
+    on, off = (statistics.median(cpu) for cpu in LAYER_CPU)
+    table.add(
+        "  CPU of it (server + reaped children; not the machine's load)",
+        f"{on:.1f} ms",
+        f"read-only system {off:.1f} ms",
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100, help="samples per latency figure")
     parser.add_argument("--only-template", action="store_true", help="only the template figure and its baseline")
+    parser.add_argument("--only-layer", action="store_true", help="only provision + first execute, layer on and off")
     parser.add_argument(
         "--boxes",
         type=int,
@@ -236,8 +287,13 @@ async def main() -> None:
         "CORRAL_SANDBOX_DIR": str(sandbox_dir),
     }
     try:
+        first, plain = await first_execute_layer_vs_plain(settings, args.n)  # the layer is on as root
+        if args.only_layer:
+            table = Table("hands")
+            add_layer_row(table, first, plain)
+            table.save({"load_average": os.getloadavg()})
+            return
         userland = add_template(settings)
-        first = await first_execute(settings, args.n)
         templated = await first_execute(settings, args.n, template="bench")
         if not args.only_template:
             live, raw = await live_vs_bare(settings, env, args.n)
@@ -284,6 +340,7 @@ async def main() -> None:
         "<= 25 / 60",
         f50 <= 25 and f99 <= 60,
     )
+    add_layer_row(table, first, plain)
     b50 = statistics.median(bg)
     table.add(
         "background start -> first output line (MCP): p50",

@@ -5,8 +5,9 @@ Layout of a sandbox `<root>/<id>/`: `workspace/` (mounted at /workspace, the wor
 background processes: host side only, see `processes.py`).
 
 On first use a sandbox gets its init (`live.py`): one `bwrap` with new user, pid, ipc,
-uts, cgroup and (unless `network: full`) net namespaces; the host's system dirs mounted
-read-only, only a safe subset of /etc, no host environment (`--clearenv`). Every command
+uts, cgroup and (unless `network: full`) net namespaces; the host's system dirs (as root:
+the sandbox's own copy-on-write layer over them, `hostlayer.py`; else read-only), only a
+safe subset of /etc, no host environment (`--clearenv`). Every command
 then joins those namespaces (`nsenter`), drops all capabilities (`setpriv`), gets only the
 sandbox's environment (`env -i`: nothing the client sends ever reaches a host-side
 process) and runs under `prlimit` (address space, processes, file size, CPU time), as
@@ -45,7 +46,7 @@ from typing import Literal
 
 from corral.errors import Conflict, InvalidArgument, NotFound, SandboxLost, Unavailable
 
-from . import cgroups, fastenter, hostfs, templates
+from . import cgroups, fastenter, hostfs, hostlayer, templates
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -140,6 +141,11 @@ class BubblewrapBackend(Backend):
             _make_traversable(self.root, self.uid)
         self.etc = _snapshot_etc(self.root)
         self.system_args = _system_args(self.etc)
+        self.empty = _empty_file(self.root)
+        # As root: the default sandbox's writable system (None: a read-only one, see hostlayer.py).
+        # Its commands run the host's tools from /.corral/host/usr: that needs a merged-/usr host.
+        layer = config.system_layer and _LOADER.startswith("/usr/")
+        self.hostlayer = hostlayer.open_layer(self.uid if layer else None, self.root, self.etc)
         self._inits: dict[str, Init] = {}  # sandbox id -> its init, started or adopted by this process
         self._popens: dict[int, subprocess.Popen] = {}  # our children, kept until reaped
         self._starting: dict[str, asyncio.Lock] = {}
@@ -166,18 +172,23 @@ class BubblewrapBackend(Backend):
         if self.uid is not None:
             for path in (base, base / "workspace", base / "home", base / "tmp"):
                 os.chown(path, self.uid, self.uid)
-        if self._layered(spec) and self.uid is not None:  # the sandbox's own copy-on-write layer over its template
+        if self._layered(spec) and self.uid is not None:  # the sandbox's own copy-on-write system layer
             for sub in ("layer", "layer/upper", "layer/work", "rootfs"):
                 (base / sub).mkdir(mode=0o755 if sub != "layer" else 0o700)
             os.chown(base / "layer" / "upper", self.uid, self.uid)  # so its `/` is root's inside
-            if (self._rootfs(spec.template or "") / "etc" / "apt" / "apt.conf.d").is_dir():
+            if spec.template is not None and (self._rootfs(spec.template) / "etc/apt/apt.conf.d").is_dir():
                 _apt_as_root(base / "layer" / "upper", self.uid)
         # The init ends by itself at the sandbox's end of life, even if no server is left to reap it.
         return SandboxRef(id=sandbox_id, spec=spec, data={"ends_at": int(time.time() + spec.ttl_s) + 60})
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         await self._stop(ref.id)
-        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")  # before any rmtree: never delete through it
+        # Before any rmtree: never delete through a mount.
+        if not await asyncio.to_thread(hostlayer.unmount_under, self._dir(ref.id)):
+            raise Unavailable(
+                f"could not unmount the system layer of sandbox {ref.id}: its directory is kept",
+                hint=f"see /proc/self/mountinfo under {self._dir(ref.id)}, then destroy it again",
+            )
         self._starting.pop(ref.id, None)
         self._notices.pop(ref.id, None)
         if self.cgroups is not None:
@@ -240,6 +251,8 @@ class BubblewrapBackend(Backend):
                 self.cgroups.create(ref.id, ref.spec)
             if self._layered(ref.spec):
                 await asyncio.to_thread(self._mount_layer, ref)
+            elif os.path.ismount(self._dir(ref.id) / "rootfs"):  # its layer, from before the operator turned it off
+                await asyncio.to_thread(hostlayer.unmount_under, self._dir(ref.id) / "rootfs")
             init, proc = await start_init(
                 self._init_argv(ref), log=self._dir(ref.id) / "init.log", preexec_user=self._popen_user()
             )
@@ -258,9 +271,12 @@ class BubblewrapBackend(Backend):
         return self.templates.rootfs(template)
 
     def _layered(self, spec: SandboxSpec) -> bool:
-        """Whether the sandbox gets a writable system layer: an overlay the server (root) mounts
-        over a template whose files belong to the sandbox uid (uid 0 inside may change them all)."""
-        if spec.template is None or self.uid is None or self.templates is None:
+        """Whether the sandbox gets a writable system layer: overlays the server (root) mounts over
+        the host's system dirs id-mapped to the sandbox uid (`hostlayer.py`), or over a template
+        whose files belong to the sandbox uid (uid 0 inside may change them all)."""
+        if spec.template is None:
+            return self.hostlayer is not None
+        if self.uid is None or self.templates is None:
             return False
         return self.templates.get(spec.template).owner == self.uid
 
@@ -268,6 +284,9 @@ class BubblewrapBackend(Backend):
         """Template (lower, read-only, shared) + the sandbox's `layer/upper` -> `rootfs/`; again
         after a reboot (the upper dir, and with it every change, is kept)."""
         base = self._dir(ref.id)
+        if ref.spec.template is None and self.hostlayer is not None:
+            self.hostlayer.mount(base)
+            return
         if os.path.ismount(base / "rootfs"):
             return
         lower = self._rootfs(ref.spec.template or "").resolve()  # as `templates rm` finds it in mountinfo
@@ -288,13 +307,17 @@ class BubblewrapBackend(Backend):
         read-only) with the host's /usr beside it at /.corral/host/usr, for the tools that enter and
         bound each command."""
         spec = ref.spec
-        if spec.template is None:
-            return self.system_args
-        if self._layered(spec):
-            root = ["--bind", str(self._dir(ref.id) / "rootfs"), "/"]
-        else:
-            root = ["--ro-bind", str(self._rootfs(spec.template)), "/"]
-        return [*root, "--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
+        if not self._layered(spec):
+            if spec.template is None:
+                return self.system_args
+            return ["--ro-bind", str(self._rootfs(spec.template)), "/", *self._host_usr()]
+        # The sandbox may write all of its system but /etc/ld.so.preload: the loader would run what
+        # it names in the host tools that join the sandbox, before they drop their capabilities.
+        guard = ["--ro-bind", str(self.empty), "/etc/ld.so.preload"]
+        return ["--bind", str(self._dir(ref.id) / "rootfs"), "/", *self._host_usr(), *guard]
+
+    def _host_usr(self) -> list[str]:
+        return ["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/usr", HOST_USR]
 
     def _init_argv(self, ref: SandboxRef) -> list[str]:
         base, spec = str(self._dir(ref.id)), ref.spec
@@ -394,7 +417,10 @@ class BubblewrapBackend(Backend):
             return self._enter_argv(sandbox_id, init, spec, request, env, background)
         argv = self.cgroups.enter_argv(sandbox_id) if self.cgroups else []
         argv += enter_argv(self.nsenter, init.init.pid, _cwd(request.cwd), join_net=True, as_owner=self.uid is None)
-        host = _host_tool if spec.template is not None else _as_is  # a template has not our tools: run the host's
+        # A template has not our tools, a writable layer may have changed them: run the host's. Asked of
+        # the sandbox, not of the settings: an init a previous server started keeps the system it had.
+        layered = spec.template is not None or os.path.ismount(self._dir(sandbox_id) / "rootfs")
+        host = _host_tool if layered else _as_is
         argv += host(drop_caps(self.setpriv)[0]) + drop_caps(self.setpriv)[1:]
         argv += [*host(self.env), "-i", "--", *(f"{k}={v}" for k, v in env.items())]
         argv += [*host(self.prlimit), *_limits(spec, None if background else request.timeout_s), "--"]
@@ -605,7 +631,8 @@ class BubblewrapBackend(Backend):
         await self._stop(ref.id)
         (self._dir(ref.id) / "init.json").unlink(missing_ok=True)  # stopped on purpose: no "while away" notice
         self._notices.pop(ref.id, None)
-        await asyncio.to_thread(_unmount, self._dir(ref.id) / "rootfs")
+        if not await asyncio.to_thread(hostlayer.unmount_under, self._dir(ref.id) / "rootfs"):
+            raise Unavailable(f"could not unmount sandbox {ref.id}'s system layer to restore it; nothing was changed")
         areas = self._areas(ref)
 
         def work() -> tree.StatCache:
@@ -645,12 +672,15 @@ class BubblewrapBackend(Backend):
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
 
 
-def _unmount(path: Path) -> None:
-    if os.path.ismount(path) and _LIBC.umount2(os.fsencode(path), 0) != 0:
-        _LIBC.umount2(os.fsencode(path), MNT_DETACH)  # busy: detach it now, gone when free
+def _empty_file(root: Path) -> Path:
+    """An empty read-only file the sandbox uid can reach: what a sandbox's /etc/ld.so.preload shows."""
+    path = root / ".empty"
+    if not path.is_file() or path.stat().st_size:
+        path.unlink(missing_ok=True)
+        path.touch(mode=0o644)
+    return path
 
 
 # The sandbox's user namespace maps one uid (its root): apt cannot drop to `_apt` for downloads.

@@ -62,6 +62,11 @@ class BubblewrapConfig(_Model):
     templates: Path | None = Field(
         None, description="where registered templates (root filesystems) live; None: no templates"
     )
+    system_layer: bool = Field(
+        True,
+        description="as root: the default sandbox's system (/usr, /etc, ...) is a writable copy-on-write layer "
+        "over the host's (id-mapped mounts); else read-only",
+    )
 
 
 class DockerConfig(_Model):
@@ -153,6 +158,11 @@ class SandboxSettings(CoreSettings):
         None,
         description="bubblewrap: where `corral sandbox templates add` unpacks templates (root filesystems); "
         "default $CORRAL_HOME/templates, or /var/lib/corral/templates when run as root (the sandbox uid must traverse it)",
+    )
+    sandbox_system_layer: bool = Field(
+        True,
+        description="bubblewrap, when the server runs as root: give each default sandbox a writable copy-on-write "
+        "system (/usr, /etc, /var, ...) over the host's, discarded on destroy; false: a read-only system",
     )
     sandbox_extra_binds: Annotated[list[ExtraBind], NoDecode] = Field(
         default_factory=list,

@@ -31,6 +31,7 @@ from corral.errors import (
     Unavailable,
 )
 
+from . import docker_checkpoints as ckpt
 from .backend import (
     HASH_LIMIT,
     WORKDIR,
@@ -43,6 +44,8 @@ from .backend import (
     SandboxRef,
     SandboxSpec,
 )
+from .checkpoints.manifest import Manifest, check_path
+from .checkpoints.tree import BlobSink, BlobSource, Scan, StatCache, too_many_files
 from .config import DockerConfig
 from .process import run_bounded
 from .processes import ProcessInfo, ProcessOutput, Signal
@@ -158,6 +161,13 @@ class DockerBackend(Backend):
 
     async def provision(self, sandbox_id: str, spec: SandboxSpec) -> SandboxRef:
         name = self._name(sandbox_id)
+        code, out, err = await self._docker(*self._run_args(sandbox_id, spec, name), timeout_s=120)
+        if code != 0:
+            await self._docker("rm", "-f", name)
+            raise Unavailable(f"docker could not start the sandbox: {err.decode(errors='replace').strip()}")
+        return SandboxRef(id=sandbox_id, spec=spec, data={"container": out.decode().strip()})
+
+    def _run_args(self, sandbox_id: str, spec: SandboxSpec, name: str) -> list[str]:
         args = ["run", "-d", "--name", name, "--label", f"{self.config.label}={sandbox_id}", "--hostname", "sandbox"]
         args += ["--network", "none" if spec.network == "none" else "bridge"]
         args += ["--cpus", f"{spec.cpus:g}", "--memory", f"{spec.memory_mb}m", "--memory-swap", f"{spec.memory_mb}m"]
@@ -165,12 +175,7 @@ class DockerBackend(Backend):
         args += ["--security-opt", "no-new-privileges", "--workdir", WORKDIR]
         for key, value in spec.env.items():
             args += ["--env", f"{key}={value}"]
-        args += ["--entrypoint", "/bin/sh", spec.template or self.config.image, "-c", IDLE]
-        code, out, err = await self._docker(*args, timeout_s=120)
-        if code != 0:
-            await self._docker("rm", "-f", name)
-            raise Unavailable(f"docker could not start the sandbox: {err.decode(errors='replace').strip()}")
-        return SandboxRef(id=sandbox_id, spec=spec, data={"container": out.decode().strip()})
+        return args + ["--entrypoint", "/bin/sh", spec.template or self.config.image, "-c", IDLE]
 
     async def destroy(self, ref: SandboxRef, keep_workspace: bool = False) -> None:
         # keep_workspace has no meaning here: the workspace lives in the container.
@@ -347,6 +352,126 @@ class DockerBackend(Backend):
             return any(p.state == "running" for p in await self.list_processes(ref))
         except (SandboxLost, Unavailable):
             return False
+
+    # -- checkpoints: the container's writable layer (see docker_checkpoints.py) ---------------
+
+    async def _changes(self, ref: SandboxRef) -> builtins.list[ckpt.Change]:
+        code, out, err = await self._docker("diff", self._name(ref.id), timeout_s=300)
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"docker diff failed: {err.decode(errors='replace').strip()}")
+        changes = ckpt.parse_diff(out)
+        roots = ckpt.mangled(changes)
+        if roots:
+            started = self._exec(ref, ckpt.EACH, ckpt.FIND)
+            try:
+                _, listed, _ = await asyncio.to_thread(started.run, ckpt.nul_list(roots), 300)
+            finally:
+                started.close()
+            changes = ckpt.unmangle(changes, listed)
+        found = {c.path: c for c in reversed(changes) if ckpt.manifest_path(c.path) is not None}
+        return list(reversed(found.values()))  # once each: docker may list a deletion twice
+
+    def _exec(self, ref: SandboxRef, script: str, *args: str) -> ckpt.Started:
+        return ckpt.Started([self.config.docker, "exec", "-i", self._name(ref.id), "/bin/sh", "-c", script, *args])
+
+    async def _stats(
+        self, ref: SandboxRef, paths: builtins.list[str], started: ckpt.Started | None = None
+    ) -> builtins.list[ckpt.Stat | None]:
+        started = started or self._exec(ref, ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT)
+        try:
+            code, out, err = await asyncio.to_thread(started.run, ckpt.nul_list(paths), 300)
+        finally:
+            started.close()
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not stat the sandbox's files: {err.decode(errors='replace').strip()}")
+        return ckpt.parse_stats(out, len(paths))
+
+    async def snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache | None, max_files: int) -> Scan:
+        for attempt in range(3):  # a file that changed between stat and tar fails the stream: again
+            try:
+                return await self._snapshot(ref, sink, previous or {}, max_files)
+            except ckpt.StreamFailed:
+                if attempt == 2:
+                    raise
+                await self._lost_unless_running(ref)
+        raise AssertionError("unreachable")
+
+    async def _snapshot(self, ref: SandboxRef, sink: BlobSink, previous: StatCache, max_files: int) -> Scan:
+        # The stat and tar execs start now, their start-up overlapping `docker diff`; they wait for their lists.
+        stat_exec = self._exec(ref, ckpt.STAT_ALL, ckpt.STAT, ckpt.STAT_FORMAT)
+        tar_exec = self._exec(ref, ckpt.TAR_ALL)
+        try:
+            return await self._scan(ref, sink, previous, max_files, stat_exec, tar_exec)
+        finally:
+            stat_exec.close()
+            tar_exec.close()
+
+    async def _scan(
+        self,
+        ref: SandboxRef,
+        sink: BlobSink,
+        previous: StatCache,
+        max_files: int,
+        stat_exec: ckpt.Started,
+        tar_exec: ckpt.Started,
+    ) -> Scan:
+        changes = await self._changes(ref)
+        if len(changes) > max_files:
+            raise too_many_files(max_files)
+        stats = await self._stats(ref, [c.path for c in changes], stat_exec)
+        out = Scan()
+        unread = ckpt.classify(changes, stats, previous, out)
+        if unread:
+            await asyncio.to_thread(ckpt.read_files, tar_exec, unread, sink, previous, out)
+        return out
+
+    async def restore_files(self, ref: SandboxRef, manifest: Manifest, source: BlobSource) -> StatCache:
+        """Make the container exactly its image plus `manifest`.
+
+        Its processes are stopped by replacing the container with a new one of the same image
+        and spec (not `docker restart`, nor killing all but init): the new container holds
+        exactly the image, so whatever changed since the checkpoint (files added, image files
+        changed or deleted) is undone without reading the image. A container that changed
+        nothing (a sandbox just made for this restore) is kept, its processes killed. The new
+        container has a new id (`ref.data["container"]` only informs: everything finds it by name)."""
+        for path in manifest:
+            check_path(path)
+        ckpt.check_tree(manifest)
+        # What docker manages (/proc, /etc/hosts...) is never captured: a manifest naming it is not ours.
+        manifest = {p: e for p, e in manifest.items() if ckpt.manifest_path(ckpt.container_path(p)) == p}
+        if await self._changes(ref):
+            await self._replace_container(ref)
+        else:
+            await self._docker("exec", self._name(ref.id), "/bin/sh", "-c", "kill -9 -1 2>/dev/null; true")
+        name = self._name(ref.id)
+        code, _, err = await self._docker(
+            "exec", "-i", name, "/bin/sh", "-c", ckpt.EACH, ckpt.PREPARE, stdin=ckpt.preparations(manifest)
+        )
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not make way for the checkpoint's files: {err.decode(errors='replace').strip()}")
+        await asyncio.to_thread(ckpt.write_files, self.config.docker, name, manifest, source)
+        written = [p for p, e in manifest.items() if e.type != "w"]
+        stats = await self._stats(ref, [ckpt.container_path(p) for p in written])
+        cache = {p: (st.key, manifest[p]) for p, st in zip(written, stats, strict=True) if st is not None}
+        return cache | {p: (ckpt.WHITEOUT_KEY, e) for p, e in manifest.items() if e.type == "w"}
+
+    async def _replace_container(self, ref: SandboxRef) -> None:
+        """A new container of the same spec under the same name; the old one kept until it runs."""
+        name = self._name(ref.id)
+        old = f"{name}-replaced-{secrets.token_hex(4)}"
+        code, _, err = await self._docker("rename", name, old)
+        if code != 0:
+            await self._lost_unless_running(ref)
+            raise Unavailable(f"could not replace the sandbox's container: {err.decode(errors='replace').strip()}")
+        code, _, err = await self._docker(*self._run_args(ref.id, ref.spec, name), timeout_s=120)
+        if code != 0:
+            await self._docker("rm", "-f", name)
+            await self._docker("rename", old, name)
+            raise Unavailable(f"docker could not start the restored sandbox: {err.decode(errors='replace').strip()}")
+        await self._docker("rm", "-f", "-v", old)
 
 
 def _info(

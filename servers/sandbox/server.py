@@ -48,6 +48,7 @@ def backend_config(settings: SandboxSettings) -> BubblewrapConfig | DockerConfig
         extra_binds=list(settings.sandbox_extra_binds),
         templates=settings.templates_dir(),
         fast_enter=settings.sandbox_fast_enter,
+        system_layer=settings.sandbox_system_layer,
     )
 
 

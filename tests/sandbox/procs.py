@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from corral.servers.sandbox.hostlayer import unmount_under
+
 
 def bwrap_pids(sandbox_id: str, parent: int | None = None) -> list[int]:
     """Host pids of the outer bwrap processes running commands of `sandbox_id` (children of `parent` only, if given)."""
@@ -24,7 +26,7 @@ def bwrap_pids(sandbox_id: str, parent: int | None = None) -> list[int]:
 
 
 def kill_sandboxes_under(root: Path) -> None:
-    """End every live sandbox whose bwrap mounts something under `root` (the init and its holder)."""
+    """End every live sandbox whose bwrap mounts something under `root` (the init and its holder), and unmount their layers."""
     for pid in bwrap_pids(str(root.name)):
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -45,6 +47,8 @@ def kill_sandboxes_under(root: Path) -> None:
                 group.rmdir()
             except OSError:
                 pass
+    # Their system layers: unmounted before the caller deletes `root` (never delete through a mount).
+    unmount_under(root)
 
 
 def host_pids(marker: bytes) -> list[int]:

@@ -65,7 +65,8 @@ async def test_extra_bind_socket_reachable_without_network(settings, sandbox_roo
         h = Harness("bubblewrap", settings)
         async with h.client() as c:
             probe = "python3 -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('/run/corral/git.sock'); print(s.recv(99).decode())\""
-            r = await call(c, "execute", command=probe + "; touch /run/corral/x 2>/dev/null || echo read-only")
+            # The socket is the server's, bound read-only (the dir around it may be the sandbox's own layer).
+            r = await call(c, "execute", command=probe + "; touch /run/corral/git.sock 2>/dev/null || echo read-only")
             assert r["stdout"].splitlines() == ["via-socket", "read-only"], r
     finally:
         srv.close()

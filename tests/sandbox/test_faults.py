@@ -67,7 +67,9 @@ async def test_bwrap_process_killed(settings) -> None:
 async def test_bwrap_workspace_deleted(settings) -> None:
     h = Harness("bubblewrap", settings)
     async with h.client() as c:
-        await _kill_mid_command(h, c, lambda sid: shutil.rmtree(settings.sandbox_dir / sid))
+        # The workspace, not the whole dir: a live sandbox's system layer is mounted in it, and a
+        # delete from outside would walk the whole of /usr through it (into the layer, never the host).
+        await _kill_mid_command(h, c, lambda sid: shutil.rmtree(settings.sandbox_dir / sid / "workspace"))
 
 
 async def test_docker_container_killed(settings, docker_image: str) -> None:

@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+from tests.conftest import until
+
 from .conftest import Harness, call, fail
 from .procs import host_pids
 
@@ -153,7 +155,8 @@ async def test_destroy_leaves_no_process_behind(bw: Harness) -> None:
             sandbox_id=sid,
             command=f"for i in 1 2 3; do sleep {marker} >/dev/null 2>&1 & done",
         )
-        assert len(host_pids(f"sleep\0{marker}".encode())) == 3
+        # The shell returns as soon as it forked them: each may still be on its way to exec sleep.
+        await until(lambda: len(host_pids(f"sleep\0{marker}".encode())) == 3, "the three sleeps to run")
         await call(c, "destroy", sandbox_id=sid)
     assert host_pids(f"sleep\0{marker}".encode()) == [] and host_pids(sid.encode()) == []
     assert not (bw.settings.sandbox_dir / sid).exists()

@@ -31,7 +31,7 @@ from corral.errors import InvalidArgument, Unavailable
 
 from .manifest import Entry, Manifest
 
-__all__ = ["BlobSink", "BlobSource", "Scan", "StatCache", "empty", "prime", "restore", "scan"]
+__all__ = ["BlobSink", "BlobSource", "Scan", "StatCache", "empty", "prime", "restore", "scan", "too_many_files"]
 
 CHUNK = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory; larger ones through a staging file
@@ -70,10 +70,7 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
     for area, root in areas.items():
         for rel, st, parent in _walk(root):
             if len(out.manifest) >= max_files:
-                raise InvalidArgument(
-                    f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
-                    hint="delete what you do not need (build caches, node_modules), or raise CORRAL_CHECKPOINT_MAX_FILES",
-                )
+                raise too_many_files(max_files)
             path = f"{area}/{rel}"
             key = (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns)
             seen = previous.get(path)
@@ -85,6 +82,13 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
             out.manifest[path] = entry
             out.cache[path] = (key, entry)
     return out
+
+
+def too_many_files(max_files: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"the sandbox holds more than {max_files} files: too many to checkpoint; nothing was stored",
+        hint="delete what you do not need (build caches, node_modules), or raise CORRAL_CHECKPOINT_MAX_FILES",
+    )
 
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
