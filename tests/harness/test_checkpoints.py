@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from tests.harness.conftest import settings_from
 from tests.harness.cpbox import calls
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
 from tests.harness.test_crash import assert_valid_history, faults_in_turn, killed_at_every_append, read_log
-from tests.parts import TEST_IMAGE
 
 pytestmark = pytest.mark.anyio
 
@@ -273,21 +271,16 @@ def test_sigkill_at_every_boundary_with_checkpoints_and_broken_responses(cp_env:
     assert sent and all(expected[path] == checkpoint for path, checkpoint in sent.items()), (sent, expected)
 
 
-@pytest.mark.requires("docker")
-async def test_a_real_backend_without_checkpoints_is_asked_once(
+async def test_a_real_server_without_checkpoints_is_asked_once(
     real_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The real sandbox server on Docker (no checkpoints there): the first call's checkpoint is
-    refused, said once, and no call after it asks again or fails for it."""
-    env = {
-        **real_env,
-        "CORRAL_SERVERS": "sandbox",
-        "CORRAL_SANDBOX_BACKEND": "docker",
-        "CORRAL_SANDBOX_IMAGE": TEST_IMAGE,
-    }
+    """The real sandbox server with checkpoints turned off (as a backend without them answers:
+    refused): the first call's checkpoint is refused, said once, and no call after it asks again
+    or fails for it."""
+    env = {**real_env, "CORRAL_SERVERS": "sandbox", "CORRAL_CHECKPOINT_STORE": "off"}
     script = Script(
         {
-            "CP-DOCKER": [
+            "CP-NONE": [
                 Turn([tool("sandbox__write_file", {"path": "a.txt", "content": "a"})]),
                 Turn([tool("sandbox__execute", {"command": "cat a.txt"})]),
                 Turn([text("done")]),
@@ -295,16 +288,11 @@ async def test_a_real_backend_without_checkpoints_is_asked_once(
         }
     )
     caplog.set_level(logging.INFO, logger="corral.harness")
-    sid, _ = await run(env, script, "CP-DOCKER go")
+    sid, _ = await run(env, script, "CP-NONE go")
     log = read_log(env, sid)
-    try:
-        results = [e.data for e in log if e.type == "agent.tool_result"]
-        assert [r["is_error"] for r in results] == [False, False], results
-        assert json.loads(results[1]["content"][0]["text"])["stdout"] == "a"
-        assert not [e for e in log if e.type == "sandbox.checkpoint"]
-        said = [r.getMessage() for r in caplog.records if "no checkpoints" in r.getMessage()]
-        assert len(said) == 1 and "cannot take checkpoints" in said[0], said
-    finally:
-        names = [f"corral-{e.data['sandbox_id']}" for e in log if e.type == "sandbox.provisioned"]
-        if names:
-            subprocess.run(["docker", "rm", "-f", *names], capture_output=True, timeout=60)
+    results = [e.data for e in log if e.type == "agent.tool_result"]
+    assert [r["is_error"] for r in results] == [False, False], results
+    assert json.loads(results[1]["content"][0]["text"])["stdout"] == "a"
+    assert not [e for e in log if e.type == "sandbox.checkpoint"]
+    said = [r.getMessage() for r in caplog.records if "no checkpoints" in r.getMessage()]
+    assert len(said) == 1 and "checkpoints are off" in said[0], said
