@@ -27,6 +27,7 @@ AREAS = [
     "credentials",
     "flat",
     "harness",
+    "checkpoints_harness",
     "workers",
     "frontdoor",
     "tooldefs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from corral.servers.session import Event, EventStore
+from corral.servers.session.workspace import workspace_at, workspace_note
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("-n", "--lines", type=int, default=10, help="how many past events to show first")
     tail.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
     tail.set_defaults(func=_tail)
-    fork = verbs.add_parser("fork", help="branch a session at a position (copy-on-write)")
+    fork = verbs.add_parser(
+        "fork",
+        help="branch a session at a position (copy-on-write); its sandbox gets the files of the latest checkpoint before it",
+    )
     fork.add_argument("session_id")
     fork.add_argument("--at", type=int, required=True, help="the new session shares the events below this position")
     fork.set_defaults(func=_fork)
@@ -143,8 +148,11 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _fork(args: argparse.Namespace) -> int:
-    child = _store().fork(args.session_id, args.at)
+    """The child's id on stdout (for scripts); which workspace it gets on stderr."""
+    store = _store()
+    child = store.fork(args.session_id, args.at)
     print(child.session_id)
+    print(workspace_note(args.at, workspace_at(store, child.session_id, args.at)), file=sys.stderr)
     return 0
 
 
@@ -154,9 +162,9 @@ _MARKS = {"added": "+", "changed": "M", "deleted": "-"}
 
 
 def _checkpoint_at(store: EventStore, session_id: str, position: int) -> str | None:
-    """The workspace as of `position`: the last `sandbox.checkpoint` event at or before it."""
-    found = store.select(session_id, lt=position + 1, types=["sandbox.checkpoint"], desc=True, limit=1)
-    return found[0].data.get("checkpoint_id") if found else None
+    """The workspace as of `position`: the default sandbox's last `sandbox.checkpoint` at or before it."""
+    workspace = workspace_at(store, session_id, position + 1)
+    return workspace.checkpoint_id if workspace else None
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@
     step() = compact if near the budget -> query() the model (one write-ahead append)
              -> execute() its tool calls (one append per result)
 
+A result that waits for a checkpoint (`harness/checkpoints.py`) is appended with it; for the
+response's last call that wait overlaps the next model request (`respond_flushing`), whose
+response is appended only after the result.
+
 Only a whole response is ever written or acted on (`model.py` judges that); each failed
 attempt is one non-fatal `session.error` and the same request is sent again. What each
 stop_reason does:
@@ -23,7 +27,9 @@ Agent over the same log carries on (see `settle()`).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -51,6 +57,7 @@ from corral.harness.model import (
 )
 from corral.harness.tools import ToolDef, Toolset
 from corral.harness.view import NullView, View
+from corral.servers.session import Event
 
 INTERRUPTED = (
     "interrupted: the harness stopped while {name} was running, so its outcome is unknown: it may or may not "
@@ -72,6 +79,7 @@ class AgentConfig:
     max_turns: int = _default("max_turns")
     retries: int = _default("model_retries")
     retry_base_s: float = _default("retry_base_s")
+    checkpoints: str = _default("checkpoints")
 
     @classmethod
     def of(cls, settings: HarnessSettings) -> AgentConfig:
@@ -82,6 +90,7 @@ class AgentConfig:
             max_turns=settings.max_turns,
             retries=settings.model_retries,
             retry_base_s=settings.retry_base_s,
+            checkpoints=settings.checkpoints,
         )
 
 
@@ -94,6 +103,10 @@ class Agent:
     view: View = field(default_factory=NullView)
     system: str = ""
     _defs: list[ToolDef] | None = field(default=None, init=False)
+    # The last tool result of a response, waiting for its checkpoint (ToolOutcome.later): appended
+    # with it while the next model request runs (see `flush`).
+    _pending: tuple[list[Any], Callable[[], Awaitable[list[Any]]]] | None = field(default=None, init=False)
+    _flushed: anyio.Event | None = field(default=None, init=False)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -114,6 +127,7 @@ class Agent:
                     break
                 await self.step()
             else:
+                await self.flush()
                 self.log.append(
                     [
                         ev(
@@ -128,6 +142,7 @@ class Agent:
         except WriterLost:
             raise
         except CorralError as err:
+            await self.flush()  # a finished tool's result is kept even when the model failed after it
             self.log.append(
                 [
                     ev(E.ERROR, kind=err.kind, message=str(err), fatal=True, **_fault(err)),
@@ -139,9 +154,11 @@ class Agent:
         return self.last_text()
 
     async def step(self) -> None:
-        messages = build_messages(self.log.compaction, self.log.tail)
-        if self.over_budget(messages) and await self.compact():
-            messages = build_messages(self.log.compaction, self.log.tail)
+        messages = build_messages(self.log.compaction, [*self.log.tail, *self.pending_events()])
+        if self.over_budget(messages):
+            await self.flush()  # compaction reads the log: the pending result goes in first
+            if await self.compact():
+                messages = build_messages(self.log.compaction, self.log.tail)
         try:
             response = await self.query(messages)
         except ContextWindowExceeded as err:
@@ -155,7 +172,7 @@ class Agent:
 
     async def query(self, messages: list[dict[str, Any]]) -> ModelResponse:
         request = self.request(messages)
-        response = await self.retrying().respond(request, self.view.text)
+        response = await self.respond_flushing(request)
         self.view.response_done()
         if response.stop_reason == "refusal":  # nothing it started is acted on
             response.content = [b for b in response.content if b["type"] != "tool_use"]
@@ -177,34 +194,104 @@ class Agent:
         return response
 
     async def execute(self, uses: list[dict[str, Any]]) -> None:
-        for batch in _batches(uses):
+        batches = _batches(uses)
+        for i, batch in enumerate(batches):
             if len(batch) == 1:
-                await self.run_tool(batch[0])
+                # The last call's checkpoint may overlap the next model request; an earlier one's
+                # must be taken before the next call changes the sandbox again.
+                await self.run_tool(batch[0], defer=i == len(batches) - 1)
                 continue
             async with anyio.create_task_group() as tg:  # siblings (subagents) run in parallel
                 for use in batch:
                     tg.start_soon(self.run_tool, use)
 
-    async def run_tool(self, use: dict[str, Any]) -> None:
+    async def run_tool(self, use: dict[str, Any], defer: bool = False) -> None:
         self.view.tool_start(use["name"], use["input"])
         started = time.perf_counter()
         outcome = await self.tools.call(use["name"], use["input"], call_id=use["id"])
         duration = outcome.data.pop("duration_ms", round((time.perf_counter() - started) * 1000, 1))
         self.view.tool_end(use["name"], outcome, duration)
-        self.log.append(
-            [
-                ev(
-                    E.TOOL_RESULT,
-                    tool_use_id=use["id"],
-                    name=use["name"],
-                    content=[{"type": "text", "text": outcome.text or "(no output)"}],
-                    is_error=outcome.is_error,
-                    duration_ms=duration,
-                    **outcome.data,
-                ),
-                *outcome.events,
-            ]
-        )
+        written = [
+            ev(
+                E.TOOL_RESULT,
+                tool_use_id=use["id"],
+                name=use["name"],
+                content=[{"type": "text", "text": outcome.text or "(no output)"}],
+                is_error=outcome.is_error,
+                duration_ms=duration,
+                **outcome.data,
+            ),
+            *outcome.events,
+        ]
+        if outcome.later is None:
+            self.log.append(written)
+        elif defer:
+            self._pending = (written, outcome.later)
+        else:
+            self.log.append([*written, *await outcome.later()])
+
+    # -- a tool result that waits for its checkpoint ------------------------------------
+
+    def pending_events(self) -> list[Event]:
+        """The pending tool result as the events it will be (the next request already carries it)."""
+        if self._pending is None:
+            return []
+        now = datetime.now(UTC)
+        return [
+            Event(
+                session_id=self.log.session_id,
+                position=self.log.length + i,
+                event_id="",
+                type=e.type,
+                data=e.data,
+                created_at=now,
+            )
+            for i, e in enumerate(self._pending[0])
+        ]
+
+    async def flush(self) -> None:
+        """Append the pending tool result with the events it waited for, in ONE append; a caller
+        that finds it under way waits for it. Shielded: a failed model request does not lose it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            if self._flushed is not None:
+                await self._flushed.wait()
+            return
+        done = self._flushed = anyio.Event()
+        try:
+            with anyio.CancelScope(shield=True):
+                written, later = pending
+                self.log.append([*written, *await later()])
+        finally:
+            done.set()
+
+    async def respond_flushing(self, request: ModelRequest) -> ModelResponse:
+        """The model request, with the pending result's checkpoint taken and appended meanwhile:
+        the response is appended only after it (write-ahead order), so a step costs the longer
+        of the two, not their sum."""
+        if self._pending is None:
+            return await self.retrying().respond(request, self.view.text)
+        flush_failed: list[Exception] = []
+        response: ModelResponse | Exception
+
+        async def flush_in_background() -> None:
+            try:
+                await self.flush()
+            except Exception as err:  # raised below as itself, not inside an ExceptionGroup
+                flush_failed.append(err)
+                tg.cancel_scope.cancel()  # no use waiting for an answer the log cannot follow
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flush_in_background)
+            try:
+                response = await self.retrying().respond(request, self.view.text)
+            except Exception as err:  # raised once the (shielded) flush is done
+                response = err
+        if flush_failed:  # the log could not take the tool result: that comes first (WriterLost stops)
+            raise flush_failed[0]
+        if isinstance(response, Exception):
+            raise response
+        return response
 
     def over_budget(self, messages: list[dict[str, Any]]) -> bool:
         return (
@@ -261,6 +348,8 @@ class Agent:
                 )
 
     def needs_model(self) -> bool:
+        if self._pending is not None:
+            return True  # a tool result waits for its checkpoint: the model is next
         for e in reversed(self.log.tail):
             if e.type == E.SPAN and e.data.get("purpose") == "turn" and e.data.get("stop_reason") == "pause_turn":
                 return True  # the API paused a long turn: sending it back lets the model continue it
@@ -302,6 +391,7 @@ class Agent:
     async def record_retry(self, err: ModelUnavailable | ContextWindowExceeded, attempt: int, delay: float) -> None:
         """One failed attempt: shown as failed, recorded (never as a response), then retried."""
         self.view.attempt_failed(attempt, err.message, delay)
+        await self.flush()  # the tool result it answers comes first in the log
         self.log.append(
             [
                 ev(

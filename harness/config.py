@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -70,6 +70,11 @@ class HarnessSettings(SessionSettings):
     subagent_summary_chars: int = Field(2000, gt=0, description="longest summary a subagent returns to its parent")
     eager_sandbox: bool = Field(
         False, description="provision a sandbox before the first model call (the benchmark's baseline); default lazy"
+    )
+    checkpoints: Literal["each-call", "off"] = Field(
+        "each-call",
+        description="each-call: checkpoint the sandbox after every tool call that may change it and record "
+        "`sandbox.checkpoint` in the log, so a fork or a wake restores the files of its position; off: never",
     )
     kill_after_appends: int = Field(
         0, ge=0, description="TEST HOOK: SIGKILL the harness right after its Nth append (crash tests)"

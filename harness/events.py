@@ -18,6 +18,9 @@ log is its only memory.
     sandbox.provisioned   {sandbox_id, tool_use_id, via, backend?, isolation?, expires_at?}
                           the first result naming a sandbox (explicit or lazy); same append as it
     sandbox.lost          {sandbox_id, tool_use_id, message}    a call answered sandbox_lost
+    sandbox.checkpoint    {sandbox_id, checkpoint_id, at, tool_use_id, default}   the sandbox's files after a
+                          call that may change them (same append as its result); default: the caller's
+                          default sandbox, whose latest checkpoint a wake or a fork child restores
     span.model_request    {message_id?, purpose: turn|compaction, model, latency_ms, ttft_ms, attempts,
                            stop_reason, usage: {input_tokens, output_tokens, cache_read_input_tokens,
                            cache_creation_input_tokens}, cache_hit_rate}
@@ -64,6 +67,7 @@ ERROR = "session.error"
 SPAN = "span.model_request"
 SANDBOX_PROVISIONED = "sandbox.provisioned"
 SANDBOX_LOST = "sandbox.lost"
+SANDBOX_CHECKPOINT = "sandbox.checkpoint"
 EVENT_TYPES = (
     STATUS,
     TOOLS,
@@ -75,6 +79,7 @@ EVENT_TYPES = (
     COMPACTED,
     SANDBOX_PROVISIONED,
     SANDBOX_LOST,
+    SANDBOX_CHECKPOINT,
     SPAN,
     ERROR,
 )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.errors import CorralError, InvalidArgument
 from corral.harness import events as E
+from corral.harness.checkpoints import Checkpoints
 from corral.harness.events import SessionLog, ev
 from corral.harness.tools import ToolDef, ToolOutcome, cap
 
@@ -80,6 +81,7 @@ class Subagents:
     parent: SessionLog
     make_agent: Callable[[SessionLog, str], Agent]
     summary_chars: int = 2000
+    checkpoints: Checkpoints | None = None  # the default sandbox's checkpoints, shared with the child
 
     async def tools(self) -> list[ToolDef]:
         return [SPAWN]
@@ -100,13 +102,17 @@ class Subagents:
             self.parent.append([ev(E.SUBAGENT, tool_use_id=call_id, session_id=child.session_id, task=task)])
             first = task
         agent = self.make_agent(child, f"sub {child.session_id[-6:]}")
+        before = self.checkpoints.latest if self.checkpoints else None
         try:
             text = await agent.run(first, reason="subagent")
+            outcome = ToolOutcome(
+                cap(text or "(the subagent ended without a summary)", self.summary_chars),
+                data={"subagent": child.session_id},
+            )
         except CorralError as err:  # a failing child is the parent's tool error, not a crash
-            return ToolOutcome(
+            outcome = ToolOutcome(
                 f"subagent {child.session_id} failed: {err}", is_error=True, data={"subagent": child.session_id}
             )
-        return ToolOutcome(
-            cap(text or "(the subagent ended without a summary)", self.summary_chars),
-            data={"subagent": child.session_id},
-        )
+        if self.checkpoints:  # the child changed the shared default sandbox: the parent's log says so too
+            outcome.events.extend(self.checkpoints.carried(before, call_id))
+        return outcome

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -68,10 +69,12 @@ class MCPTools:
         connect_timeout_s: float = 60.0,
         errlog: TextIO | None = None,
         token: str = "",
-        meta: dict[str, Any] | None = None,
+        meta: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.name = name
-        self._meta = meta  # sent with every call: e.g. the session id, so the sandbox server binds this session's default sandbox
+        # Sent with every call: e.g. the session id, so the sandbox server binds this session's default
+        # sandbox, and the checkpoint the log says it is at. A callable is asked at each call.
+        self._meta = meta
         self.target = target
         self._tg = task_group
         self._env = env
@@ -169,7 +172,7 @@ class MCPTools:
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         try:
             client = await self.client()
-            result = await client.call_tool(name, args, meta=self._meta)
+            result = await client.call_tool(name, args, meta=self._meta() if callable(self._meta) else self._meta)
         except Unavailable as err:
             return ToolOutcome.error(err)
         except anyio.get_cancelled_exc_class():

@@ -20,6 +20,7 @@ import anyio
 from corral.errors import CorralError, Unavailable
 from corral.harness import events as E
 from corral.harness.agent import Agent, AgentConfig
+from corral.harness.checkpoints import Checkpointing, Checkpoints
 from corral.harness.config import HarnessSettings
 from corral.harness.events import KillAfterAppends, SessionLog, ev
 from corral.harness.local import Subagents, TodoTools
@@ -59,10 +60,19 @@ def open_harness_store(settings: HarnessSettings) -> EventStore:
 
 
 def mcp_toolsets(
-    settings: HarnessSettings, tg: anyio.abc.TaskGroup, env: dict[str, str], errlog: TextIO | None, log: SessionLog
+    settings: HarnessSettings,
+    tg: anyio.abc.TaskGroup,
+    env: dict[str, str],
+    errlog: TextIO | None,
+    log: SessionLog,
+    checkpoints: Checkpoints,
 ) -> list[Toolset]:
     out: list[Toolset] = []
     known = {e.data.get("sandbox_id") for e in log.tail if e.type == E.SANDBOX_PROVISIONED}
+
+    def meta() -> dict[str, str]:  # the session's hands follow it, at the state its log names
+        return {"corral/client": log.session_id, **checkpoints.meta()}
+
     for name, target in settings.server_targets().items():
         conn = MCPTools(
             name,
@@ -72,14 +82,17 @@ def mcp_toolsets(
             connect_timeout_s=settings.connect_timeout_s,
             errlog=errlog,
             token=settings.server_token,
-            meta={"corral/client": log.session_id},
-        )  # the session's hands follow it
-        toolset: Toolset = Prefixed(conn, name)
+            meta=meta,
+        )
+        # Each MCP call on its own clock: a checkpoint after a call never eats into the call's time.
+        timed = TimeLimited(conn, settings.tool_timeout_s)
+        # Any server listing a `checkpoint` tool is a sandbox server (Checkpointing asks its listing).
+        toolset: Toolset = Prefixed(Checkpointing(timed, checkpoints), name)
         if name == "sandbox":
             toolset = SandboxLifecycle(toolset, known)
         if name == "session":
             toolset = read_only(toolset)  # the model reads its log; only the harness writes it (one writer)
-        out.append(TimeLimited(toolset, settings.tool_timeout_s))
+        out.append(toolset)
     return out
 
 
@@ -156,7 +169,10 @@ async def _run(
     logs.mkdir(exist_ok=True)
     with open(logs / "servers.log", "a", encoding="utf-8") as errlog, _first_error():
         async with anyio.create_task_group() as tg:
-            connected = Router(mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog, log))
+            checkpoints = Checkpoints.load(store, log.session_id, enabled=config.checkpoints == "each-call")
+            connected = Router(
+                mcp_toolsets(settings, tg, dict(env if env is not None else os.environ), errlog, log, checkpoints)
+            )
             servers = CachedListing(connected, tools_cache(settings), tg, first_send)
 
             def make_child(child: SessionLog, label: str) -> Agent:
@@ -169,7 +185,9 @@ async def _run(
                     SUBAGENT_SYSTEM.format(session_id=child.session_id),
                 )
 
-            tools = Router([servers, TodoTools(), Subagents(log, make_child, settings.subagent_summary_chars)])
+            tools = Router(
+                [servers, TodoTools(), Subagents(log, make_child, settings.subagent_summary_chars, checkpoints)]
+            )
             agent = Agent(log, model, tools, config, view, SYSTEM.format(session_id=log.session_id))
             if log.tools is not None:  # the first request uses the recorded tools; the servers connect behind it
                 tg.start_soon(_connect_after, first_send, servers)

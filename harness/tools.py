@@ -9,6 +9,8 @@
      │    │                     model reads its session, never writes it)
      │    ├── TimeLimited       a per-call timeout becomes a `timeout` tool error
      │    ├── SandboxLifecycle  records sandbox.provisioned / sandbox.lost events
+     │    ├── Checkpointing     checkpoints a sandbox after a call that may change it and records
+     │    │                     sandbox.checkpoint (`harness/checkpoints.py`)
      │    └── CachedListing     answers tools() from the last run's saved listing
      └── Router          the union of toolsets, dispatching by name (a name offered twice is refused)
 
@@ -22,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -85,6 +87,9 @@ class ToolOutcome:
     events: list[Any] = field(default_factory=list)  # further NewEvents appended with the result (same append)
     kind: str | None = None  # an error's kind (`corral.errors.KINDS`), when it has one
     structured: dict[str, Any] | None = None  # the server's structured result, when it sent one
+    # Further events still being made (a checkpoint after the call): awaited before the result is
+    # appended, and never raising; the agent may overlap that wait with its next model request.
+    later: Callable[[], Awaitable[list[Any]]] | None = None
 
     @classmethod
     def error(cls, err: CorralError) -> ToolOutcome:
@@ -190,14 +195,15 @@ class SandboxLifecycle(Wrapper):
         sid = result.get("sandbox_id")
         if isinstance(sid, str) and sid not in self.known:
             self.known.add(sid)
-            outcome.events.append(
+            outcome.events.insert(  # first: before a checkpoint of the sandbox it names
+                0,
                 ev(
                     SANDBOX_PROVISIONED,
                     sandbox_id=sid,
                     tool_use_id=call_id,
                     via=name,
                     **{k: result[k] for k in ("backend", "isolation", "expires_at") if k in result},
-                )
+                ),
             )
         return outcome
 

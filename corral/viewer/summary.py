@@ -30,7 +30,7 @@ MAX_BLOCKS = 200  # content blocks read from one message
 
 @dataclass
 class Line:
-    kind: str  # css-ish class: user, model, tool, result, error, sandbox, status, usage, other
+    kind: str  # css-ish class: user, model, tool, result, error, sandbox, checkpoint, status, usage, other
     title: str  # short label, e.g. "tool execute"
     text: str  # the readable body (clipped)
     usage: dict[str, int] = field(default_factory=dict)
@@ -156,6 +156,14 @@ def _summarize(type_: str, data: Any) -> Line:
         return Line("error", f"attempt {d.get('attempt', '?')} failed", clip(_failed_attempt(d)), usage)
     if type_.endswith((".error", ".failed")):
         return Line("error", type_, clip(text_of(d)), usage)
+    if type_ == "sandbox.checkpoint":
+        other = " (a sandbox the model named)" if d.get("default") is False else ""
+        return Line(
+            "checkpoint",
+            "checkpoint",
+            clip(f"{d.get('checkpoint_id', '?')} of {d.get('sandbox_id', '?')}{other}"),
+            usage,
+        )
     if domain == "sandbox":
         sid = d.get("sandbox_id", "")
         rest = {k: v for k, v in d.items() if k != "sandbox_id"}

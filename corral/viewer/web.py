@@ -88,7 +88,16 @@ def _event_json(event: Any) -> dict[str, Any]:
         "title": line.title,
         "text": line.text,
         "usage": line.usage,
+        # a checkpoint's id: the page marks its row and gives it an anchor (#checkpoint-ID)
+        "checkpoint": _checkpoint_of(event),
     }
+
+
+def _checkpoint_of(event: Any) -> str | None:
+    if event.type != "sandbox.checkpoint" or not isinstance(event.data, dict):
+        return None
+    cid = event.data.get("checkpoint_id")
+    return cid if isinstance(cid, str) else None
 
 
 def _window(query: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from corral.errors import InvalidArgument
 from corral.servers.mcp_shell import serve, tool
 from corral.servers.session.store import Event, EventStore, SessionInfo
+from corral.servers.session.workspace import Workspace, workspace_at, workspace_note
 
 MAX_PAGE = 1000
 MAX_POSITION = 2**63 - 1  # positions are 64-bit integers in both stores (and `after + 1` must be one)
@@ -31,6 +32,14 @@ SessionId = Annotated[str, Field(description="the session's id (from create_sess
 
 class Created(BaseModel):
     session_id: str
+
+
+class Forked(BaseModel):
+    session_id: str
+    workspace: Workspace | None = Field(
+        description="the checkpoint the child's default sandbox is restored from; null: a fresh sandbox"
+    )
+    note: str = Field(description="the same, said for a person")
 
 
 class Emitted(BaseModel):
@@ -175,9 +184,12 @@ def build_server(store: EventStore, *, owns_store: bool = False) -> MCPServer:
     def fork(
         session_id: SessionId,
         at: Annotated[int, Field(description="the new session shares the events below this position (0..length)")],
-    ) -> Created:
-        """Branch a session: a new session sharing its first `at` events (copy-on-write)."""
-        return Created(session_id=store.fork(session_id, at).session_id)
+    ) -> Forked:
+        """Branch a session: a new session sharing its first `at` events (copy-on-write). Its sandbox
+        files are those of the latest checkpoint before `at` (restored at its first sandbox call), said in the result."""
+        child = store.fork(session_id, at).session_id
+        workspace = workspace_at(store, child, at)
+        return Forked(session_id=child, workspace=workspace, note=workspace_note(at, workspace))
 
     @tool(server, read_only=True)
     def get_session(session_id: SessionId) -> SessionInfo:

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import free_port
 from tests.credentials.upstream import Upstream
@@ -37,22 +32,9 @@ from tests.harness.fake_anthropic import (
 from tests.harness.scripts import PLAN
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
-from tests.sandbox.procs import bwrap_pids, kill_sandboxes_under
+from tests.sandbox.procs import bwrap_pids
 
 SECRET = "sk-acceptance-" + uuid.uuid4().hex
-
-
-@pytest.fixture
-def real_env(env: dict[str, str], needs_bwrap) -> Iterator[dict[str, str]]:
-    """The default servers (sandbox on bubblewrap, session, credentials) over stdio."""
-    base = Path(tempfile.gettempdir()) / "corral-test-sandboxes"  # the sandbox uid must traverse it (tmp_path is 0700)
-    base.mkdir(mode=0o711, exist_ok=True)
-    root = base / uuid.uuid4().hex[:12]
-    e = {k: v for k, v in env.items() if k not in ("CORRAL_SERVERS", "CORRAL_EXTRA_SERVERS")}
-    e.update(CORRAL_VAULT_BACKEND="encrypted-file", CORRAL_SANDBOX_DIR=str(root), CORRAL_SANDBOX_REAP_INTERVAL_S="3600")
-    yield e
-    kill_sandboxes_under(root)  # live sandboxes outlive their server by design: end them
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def add_credential(env: dict[str, str], port: int, *, allow_private: bool) -> None:
@@ -239,9 +221,14 @@ def test_a_sandbox_killed_mid_task_is_replaced_by_the_model(real_env: dict[str, 
     assert json.loads(execs[1]["content"][0]["text"])["stdout"].strip() == "recovered"
     assert [e.type for e in log if e.type.startswith("sandbox.")] == [
         "sandbox.provisioned",
-        "sandbox.lost",
+        "sandbox.checkpoint",
+        "sandbox.lost",  # no checkpoint of a lost sandbox
         "sandbox.provisioned",
+        "sandbox.checkpoint",
+        "sandbox.checkpoint",
     ]
+    # sandboxes the model provisioned itself are not its default: a fork would not restore them as such
+    assert [e.data["default"] for e in log if e.type == "sandbox.checkpoint"] == [False, False, False]
     assert max(fake.counts.values()) == 1
 
 

@@ -160,6 +160,20 @@ def assert_faults_recorded(env: dict[str, str], sid: str, fake: FakeAnthropic, k
     assert not [r for r in results if r["is_error"] and not r.get("interrupted")], results  # no partial input ever ran
 
 
+def killed_at_every_append(run: list[str], e: dict[str, str], tries: int) -> str:
+    """`corral run` then `corral wake` again and again, each SIGKILLed right after its one append
+    (CORRAL_KILL_AFTER_APPENDS=1 in `e`), until one completes; the session's id."""
+    p = corral(run, e)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    sid = session_id(p.stdout)
+    for _ in range(tries):
+        p = corral(["wake", sid], e)
+        if p.returncode == 0:
+            return sid
+        assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    raise AssertionError(f"no wake completed in {tries} tries: {p.stdout + p.stderr}")
+
+
 def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(
     env: dict[str, str], toolbox_dir: Path
 ) -> None:
@@ -167,15 +181,7 @@ def test_sigkill_at_every_boundary_of_a_task_whose_every_response_first_breaks(
     right after recording one; the wake retries it, and nothing is duplicated or lost."""
     with FakeAnthropic(faults_in_turn(multi_tool_task())) as fake:
         e = {**env, **fake.env(), "CORRAL_KILL_AFTER_APPENDS": "1", "CORRAL_MODEL_IDLE_TIMEOUT_S": "1"}
-        p = corral(["run", "CRASH-TASK go"], e)
-        assert p.returncode == -signal.SIGKILL, p.stderr
-        sid = session_id(p.stdout)
-        for _ in range(80):
-            p = corral(["wake", sid], e)
-            if p.returncode == 0:
-                break
-            assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
-        assert p.returncode == 0, p.stdout + p.stderr
+        sid = killed_at_every_append(["run", "CRASH-TASK go"], e, tries=80)
         assert_done(env, sid, toolbox_dir, fake, repeats_allowed=99)
         assert_faults_recorded(env, sid, fake)
         log = read_log(env, sid)

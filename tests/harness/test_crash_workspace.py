@@ -27,7 +27,7 @@ from corral.servers.session import Event
 from tests.conftest import bearer_client, free_port, wait_listening, wait_until
 from tests.harness.conftest import corral
 from tests.harness.fake_anthropic import FakeAnthropic, Script, Turn, text, tool
-from tests.harness.test_acceptance import corral_cmd, real_env, sandboxes  # noqa: F401 (a fixture)
+from tests.harness.test_acceptance import corral_cmd, sandboxes
 from tests.harness.test_cli import session_id
 from tests.harness.test_crash import assert_valid_history, read_log
 from tests.sandbox.procs import host_pids
@@ -107,7 +107,8 @@ def servers_of(home: str) -> list[int]:
 
 def kill_point(log: list[Event]) -> str:
     """Where a killed harness stopped: its last append of progress, named by type (and step)."""
-    last = [e for e in log if e.type not in ("session.status", "span.model_request", "sandbox.provisioned")][-1]
+    bookkeeping = ("session.status", "span.model_request", "sandbox.provisioned", "sandbox.checkpoint")
+    last = [e for e in log if e.type not in bookkeeping][-1]
     if last.type == "agent.tool_use":
         return f"tool_use {STEPS.index((last.data['name'], last.data['input']))}"
     if last.type == "agent.tool_result":
@@ -144,7 +145,7 @@ async def call(c: Client, tool: str, sid: str, **args: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["stdio", "http"])
-def deployment(request: pytest.FixtureRequest, real_env: dict[str, str]) -> Iterator[tuple[dict[str, str], Any]]:  # noqa: F811
+def deployment(request: pytest.FixtureRequest, real_env: dict[str, str]) -> Iterator[tuple[dict[str, str], Any]]:
     """The harness's environment, and how to reach the sandbox server after the task: a new stdio
     server (as the next `corral wake` would start) or the one HTTP server every harness used."""
     env = {**real_env, "CORRAL_SERVERS": "sandbox"}
