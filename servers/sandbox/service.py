@@ -238,7 +238,9 @@ class SandboxService:
                         "its processes were stopped"
                     )
                 return known
-            if saved is not None and self.checkpoints and create:  # a fork, a move to this host, a lost sandbox
+            # A fork, a move to this host, a lost sandbox: its log names a state, which exists, so even a
+            # read (which never makes an empty sandbox) gets it.
+            if saved is not None and self.checkpoints:
                 restored = await self.checkpoints.restore(saved.id, label="default")
                 self._defaults[client] = restored.sandbox_id
                 self.registry.bind(self.backend.name, client, restored.sandbox_id)

@@ -139,10 +139,14 @@ async def test_a_forked_caller_gets_its_default_sandbox_restored_from_its_checkp
         one = await c.call_tool("checkpoint", {}, meta=_meta("ses_parent"))
         ckpt = one.structured_content["checkpoint_id"]
         await _run(c, "echo step2 > f", _meta("ses_parent", ckpt))
-        # A child forked at the first step: no sandbox of its own yet, its log names `ckpt`.
+        # A child forked at the first step: no sandbox of its own yet, its log names `ckpt`. Even its
+        # first call being a read finds that state.
+        read = await c.call_tool("read_file", {"path": "f"}, meta=_meta("ses_child", ckpt))
+        assert read.structured_content["content"] == "step1\n", read.content[0].text
         child = await _run(c, "cat f", _meta("ses_child", ckpt))
         assert child["stdout"] == "step1\n" and child["sandbox_id"] != parent["sandbox_id"]
         assert ckpt in child["notice"] and "restored" in child["notice"]
+        assert child["sandbox_id"] == read.structured_content["sandbox_id"]
         again = await _run(c, "cat f", _meta("ses_child", ckpt))
         assert again["sandbox_id"] == child["sandbox_id"] and again["notice"] is None
         # A child whose log names no checkpoint starts fresh.

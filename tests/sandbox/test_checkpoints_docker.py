@@ -193,18 +193,12 @@ async def test_e2b_checkpoints_are_its_own_snapshots(settings: SandboxSettings) 
         assert (await call(c, "read_file", sandbox_id=new, path="notes.txt"))["content"] == "step one"
         assert (await call(c, "read_file", sandbox_id=sid, path="notes.txt"))["content"] == "step two"
         # A forked caller whose log names the checkpoint starts in that state, in a sandbox of its own.
-        forked = await c.call_tool(
-            "read_file",
-            {"path": "notes.txt"},
-            meta={"corral/client": "ses_child", "corral/checkpoint": one["checkpoint_id"]},
-        )
-        assert forked.is_error  # a read never provisions: the first write or execute does
-        made = await c.call_tool(
-            "execute",
-            {"command": "cat notes.txt"},
-            meta={"corral/client": "ses_child", "corral/checkpoint": one["checkpoint_id"]},
-        )
+        meta = {"corral/client": "ses_child", "corral/checkpoint": one["checkpoint_id"]}
+        forked = await c.call_tool("read_file", {"path": "notes.txt"}, meta=meta)
+        assert forked.structured_content["content"] == "step one", forked.content[0].text
+        made = await c.call_tool("execute", {"command": "cat notes.txt"}, meta=meta)
         assert made.structured_content["stdout"] == "step one", made.structured_content
+        assert made.structured_content["sandbox_id"] == forked.structured_content["sandbox_id"]
         snapshots = set(FakeCloud.snapshots)
         assert len(snapshots) == 1
         for box in (sid, new, made.structured_content["sandbox_id"]):
