@@ -121,13 +121,13 @@ def open_layer(uid: int | None, root: Path, etc: Path) -> HostLayer | None:
     try:
         layer = HostLayer(uid, _skeleton(root, etc))
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("sandboxes get a read-only system: id-mapped mounts are not available (%s)", err)
+        log.info("sandboxes get a read-only system: id-mapped mounts are not available (%s)", err)
         return None
     probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=root))
     try:
         layer.mount(probe)
     except Unavailable as err:
-        log.warning("sandboxes get a read-only system: %s", err.message)
+        log.info("sandboxes get a read-only system: %s", err.message)
         layer.close()
         return None
     finally:

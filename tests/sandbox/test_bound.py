@@ -81,6 +81,7 @@ async def test_a_restarted_stdio_client_reads_the_file_it_wrote(settings: Sandbo
         await call(c, "destroy", sandbox_id=wrote["sandbox_id"])
 
 
+@pytest.mark.requires("bwrap")
 async def test_a_workspace_key_gives_each_project_its_own_default(settings: SandboxSettings, tmp_path: Path) -> None:
     """`corral mcp-config --workspace-key KEY` puts CORRAL_SANDBOX_CLIENT_KEY in a stdio server's
     env: clients of one CORRAL_HOME but different projects get different default sandboxes, and a
