@@ -156,8 +156,6 @@ def _fork(args: argparse.Namespace) -> int:
     return 0
 
 
-# The sandbox's paths as a manifest names them (area/relative path) -> as the sandbox sees them.
-_AREA_ROOTS = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
 _MARKS = {"added": "+", "changed": "M", "deleted": "-"}
 
 
@@ -169,13 +167,11 @@ def _checkpoint_at(store: EventStore, session_id: str, position: int) -> str | N
 
 def _diff(args: argparse.Namespace) -> int:
     from corral.errors import InvalidArgument, NotFound
-    from corral.servers.sandbox import checkpoints
-    from corral.servers.sandbox.checkpoints.manifest import changes
+    from corral.servers.sandbox.checkpoints.manifest import changes, sandbox_path
     from corral.servers.sandbox.config import SandboxSettings
 
     events = _store()
-    settings = SandboxSettings()
-    kept = checkpoints.open_store(settings.checkpoint_store, settings.sandboxes_dir(), settings.checkpoint_max_mb << 20)
+    kept = SandboxSettings().open_checkpoints()
     if kept is None:
         raise InvalidArgument("checkpoints are off here (CORRAL_CHECKPOINT_STORE=off)")
     manifests = []
@@ -193,7 +189,6 @@ def _diff(args: argparse.Namespace) -> int:
             )
         manifests.append(kept.manifest(checkpoint_id) if checkpoint_id else {})
     for change in changes(*manifests):
-        area, _, rel = change.path.partition("/")
-        path = _AREA_ROOTS[area] + rel
+        path = sandbox_path(change.path)
         print(json.dumps({"path": path, "change": change.what}) if args.json else f"{_MARKS[change.what]} {path}")
     return 0

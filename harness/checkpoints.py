@@ -18,10 +18,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from corral.errors import SandboxLost
+from corral.errors import SandboxLost, Unavailable
 from corral.harness.events import SANDBOX_CHECKPOINT, ev
 from corral.harness.tools import ToolDef, ToolOutcome, Toolset, Wrapper
 from corral.servers.session import EventStore
+from corral.servers.session.workspace import latest_checkpoint
 
 __all__ = ["CHECKPOINT_META_KEY", "Checkpoints", "Checkpointing"]
 
@@ -30,9 +31,8 @@ log = logging.getLogger("corral.harness")
 CHECKPOINT_META_KEY = "corral/checkpoint"
 CHECKPOINT_TOOL = "checkpoint"
 NEVER_AFTER = {CHECKPOINT_TOOL, "destroy"}  # a checkpoint of a checkpoint, or of a sandbox just destroyed
-_PAGE = 100
 # How a server without checkpoints answers (a backend without them, e.g. E2B; or the store turned off).
-_UNSUPPORTED = re.compile(r"cannot take checkpoints|checkpoints are off|unsupported|not supported", re.IGNORECASE)
+_UNSUPPORTED = re.compile(r"cannot take checkpoints|checkpoints are off", re.IGNORECASE)
 
 
 @dataclass
@@ -70,16 +70,8 @@ class Checkpoints:
         includes the events it shares with its parent)."""
         if not enabled:
             return cls(enabled=False)
-        before: int | None = None
-        while True:
-            page = store.select(session_id, types=[SANDBOX_CHECKPOINT], lt=before, desc=True, limit=_PAGE)
-            for event in page:
-                data = event.data if isinstance(event.data, dict) else {}
-                if data.get("default", True) and isinstance(data.get("checkpoint_id"), str):
-                    return cls(last=dict(data))
-            if len(page) < _PAGE:
-                return cls()
-            before = page[-1].position
+        event = latest_checkpoint(store, session_id)
+        return cls(last=dict(event.data) if event else None)
 
     def meta(self) -> dict[str, Any]:
         """The `_meta` entries a call carries: nothing when off or before the first checkpoint."""
@@ -99,8 +91,8 @@ class Checkpointing(Wrapper):
 
     async def call(self, name: str, args: dict[str, Any], call_id: str = "") -> ToolOutcome:
         outcome = await self.inner.call(name, args, call_id)
-        if not self.state.enabled or self.unsupported or outcome.kind == SandboxLost.kind:
-            return outcome
+        if not self.state.enabled or self.unsupported or outcome.kind in (SandboxLost.kind, Unavailable.kind):
+            return outcome  # gone, or never reached: nothing changed that a checkpoint could catch
         tool = await self._changing_tool(name)
         if tool is None:
             return outcome

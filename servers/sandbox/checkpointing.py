@@ -217,7 +217,7 @@ class Checkpointer:
                 ) from err
             record = await self.service.resolve(made.sandbox_id, "")
         try:
-            await self._restore_into(record, saved)
+            await self.restore_into(record, saved)
         except CorralError:
             if not in_place:
                 await self.service.destroy(record.id)
@@ -249,11 +249,7 @@ class Checkpointer:
             raise NotFound(f"checkpoint {saved.id}'s snapshot is gone (its source was deleted)")
         return seen.native
 
-    async def rewind(self, record: Record, saved: CheckpointRecord) -> None:
-        """Put `record` (a caller's default sandbox) back to `saved`, which its log names."""
-        await self._restore_into(record, saved)
-
-    async def _restore_into(self, record: Record, saved: CheckpointRecord) -> None:
+    async def restore_into(self, record: Record, saved: CheckpointRecord) -> None:
         async with self._lock(record.id):
             manifest = await asyncio.to_thread(self.store.manifest, saved.id)
             if saved.template != record.ref.spec.template:
@@ -298,7 +294,9 @@ class Checkpointer:
         """Delete the checkpoints of sandboxes no longer running whose last one is older than
         `before`; returns the provider snapshots (e2b) they held, for the caller to delete."""
         stale = [s for s in self.store.idle_sandboxes(before) if s not in running]
-        natives = [c.native for s in stale for c in self.store.list(s) if c.native]
+        natives = (
+            [c.native for s in stale for c in self.store.list(s) if c.native] if self.backend.native_checkpoints else []
+        )
         gone = self.store.delete_sandboxes(stale) if stale else 0
         if gone or time.monotonic() - self._gc_at > 3600:  # also what a crash left: blobs of no checkpoint
             self.store.gc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -12,6 +12,9 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from corral.config import CoreSettings
 
 from .backend import SandboxSpec
+
+if TYPE_CHECKING:
+    from .checkpoints import CheckpointStore
 
 __all__ = ["BackendConfig", "BubblewrapConfig", "DockerConfig", "E2BConfig", "ExtraBind", "SandboxSettings"]
 
@@ -239,6 +242,12 @@ class SandboxSettings(CoreSettings):
         if self.checkpoint_store:
             return self.checkpoint_store
         return self.session_store if self.session_store.startswith(("postgresql://", "postgres://")) else ""
+
+    def open_checkpoints(self) -> CheckpointStore | None:
+        """The configured checkpoint store (None: off); the server and `corral sessions diff` open the same."""
+        from .checkpoints import open_store
+
+        return open_store(self.checkpoint_store_url(), self.sandboxes_dir(), self.checkpoint_max_mb << 20)
 
     def sandboxes_dir(self) -> Path:
         """Where the registry lives: always in the data dir."""

@@ -41,7 +41,7 @@ from typing import IO, Any, NamedTuple
 
 from corral.errors import InvalidArgument, Unavailable
 
-from .checkpoints.manifest import Entry, Manifest
+from .checkpoints.manifest import Entry, Manifest, differs, sandbox_path
 from .checkpoints.tree import CHUNK, SMALL, BlobSink, BlobSource, Scan, StatCache
 
 __all__ = [
@@ -75,7 +75,6 @@ __all__ = [
 # backend's own bookkeeping lives there: background process records, pid files).
 MANAGED = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/.dockerenv", "/tmp")
 AREA_ROOTS = (("/workspace", "workspace"), ("/root", "home"))
-_ROOT_OF = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
 
 # A batch of paths (as arguments) -> one line each, in order: the stat fields, or "-" for a
 # path gone meanwhile. One `stat` for the batch; one per path only when one is missing.
@@ -158,9 +157,7 @@ def manifest_path(path: str) -> str | None:
     return "system" + path
 
 
-def container_path(path: str) -> str:
-    area, _, rel = path.partition("/")
-    return _ROOT_OF[area] + rel
+container_path = sandbox_path
 
 
 def nul_list(paths: list[str]) -> bytes:
@@ -232,7 +229,7 @@ def classify(changes: list[Change], stats: list[Stat | None], previous: StatCach
 
 def keep(out: Scan, previous: StatCache, path: str, key: tuple[int, int, int, int], entry: Entry) -> None:
     seen = previous.get(path)
-    if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+    if differs(seen[1] if seen else None, entry):
         out.files_changed += 1
     out.manifest[path], out.cache[path] = entry, (key, entry)
 
@@ -271,7 +268,7 @@ def read_tar(stream: IO[bytes], stats: dict[str, Stat], sink: BlobSink, out: Sca
                 fileobj = tar.extractfile(member)
                 assert fileobj is not None
                 digest, size, extents, data = _take(fileobj, sink)
-                out.bytes_added += sink.put_blob(digest, data)
+                sink.put_blob(digest, data)
                 entry = Entry("f", member.mode & 0o7777, size, st.mtime_ns, digest, extents)
                 linked[path] = entry
             else:

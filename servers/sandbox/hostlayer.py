@@ -19,7 +19,6 @@ that is missing the sandbox keeps a read-only system (`open_layer` returns None)
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -225,11 +224,11 @@ def mounts_under(base: Path) -> list[str]:
     """Mountpoints at or under `base` in this mount namespace, deepest first."""
     prefix = os.fsdecode(os.path.realpath(base))
     found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].encode().decode("unicode_escape")  # \040 etc.
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
+    # Unreadable raises: "nothing is mounted" must never be a guess (a delete would go through a mount).
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")  # \040 etc.
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 

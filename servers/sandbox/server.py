@@ -12,7 +12,6 @@ from pydantic import Field
 from corral.errors import InvalidArgument, Unavailable
 from corral.servers.mcp_shell import serve, tool
 
-from . import checkpoints
 from .backend import Backend, Destroyed, FileListing, FileRead, FileWritten, SandboxInfo, SandboxList
 from .checkpointing import CheckpointInfo, CheckpointList, Restored
 from .config import BubblewrapConfig, DockerConfig, E2BConfig, SandboxSettings
@@ -115,9 +114,7 @@ def build_server(
     """The server and the service behind it; `backend` overrides the one `settings` names."""
     backend = backend or make_backend(backend_config(settings))
     registry = Registry(settings.sandboxes_dir() / f"registry-{backend.name}.db")
-    store = checkpoints.open_store(
-        settings.checkpoint_store_url(), settings.sandboxes_dir(), settings.checkpoint_max_mb << 20
-    )
+    store = settings.open_checkpoints()
     service = SandboxService(backend, registry, settings, store)
 
     @contextlib.asynccontextmanager

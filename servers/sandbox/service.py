@@ -222,33 +222,14 @@ class SandboxService:
         """The caller's default sandbox, provisioned on first need (nothing exists at connect time)."""
         async with self._lock_for(f"default:{client}"):  # two first calls at once make one sandbox
             known = self._defaults.get(client) or self.registry.bound(self.backend.name, client)
-            saved = self.checkpoints.known(checkpoint) if self.checkpoints and checkpoint else None
             if known and (record := self.registry.get(known)) and record.state == "running":
                 self._defaults[client] = known
-                native = self.backend.native_checkpoints  # a provider snapshot cannot roll a sandbox back
-                if (
-                    saved is not None
-                    and self.checkpoints
-                    and not native
-                    and not self.checkpoints.holds(known, saved.id)
-                ):
-                    await self.checkpoints.rewind(record, saved)
-                    self._notices[known] = (
-                        f"the workspace was put back to checkpoint {saved.id}, the state your session's log names; "
-                        "its processes were stopped"
-                    )
+                await self._catch_up(record, checkpoint)
                 return known
             # A fork, a move to this host, a lost sandbox: its log names a state, which exists, so even a
             # read (which never makes an empty sandbox) gets it.
-            if saved is not None and self.checkpoints:
-                restored = await self.checkpoints.restore(saved.id, label="default")
-                self._defaults[client] = restored.sandbox_id
-                self.registry.bind(self.backend.name, client, restored.sandbox_id)
-                self._notices[restored.sandbox_id] = (
-                    f"this sandbox was restored from checkpoint {saved.id}, the state your session's log names "
-                    "(files only: background processes are not part of a checkpoint)"
-                )
-                return restored.sandbox_id
+            if checkpoint and (restored := await self._restore_default(client, checkpoint)):
+                return restored
             if known:
                 self._forget_default(known)
                 if record is not None and record.reason != "destroyed by request":
@@ -266,6 +247,37 @@ class SandboxService:
             self._defaults[client] = created
             self.registry.bind(self.backend.name, client, created)
             return created
+
+    async def _catch_up(self, record: Record, checkpoint: str | None) -> None:
+        """Put a default sandbox that ran ahead of its caller's log back to the state the log names.
+        Asked on every call: the common case (it holds that state) is a comparison of ids."""
+        checkpoints = self.checkpoints
+        if checkpoint is None or checkpoints is None or self.backend.native_checkpoints:
+            return  # (a provider snapshot cannot roll a sandbox back)
+        if checkpoints.holds(record.id, checkpoint):
+            return
+        saved = await asyncio.to_thread(checkpoints.known, checkpoint)
+        if saved is None:  # not in this server's store: nothing to go back to
+            return
+        await checkpoints.restore_into(record, saved)
+        self._notices[record.id] = (
+            f"the workspace was put back to checkpoint {saved.id}, the state your session's log names; "
+            "its processes were stopped"
+        )
+
+    async def _restore_default(self, client: str, checkpoint: str) -> str | None:
+        """A new default sandbox in the state `checkpoint` names, if this server's store has it."""
+        checkpoints = self.checkpoints
+        if checkpoints is None or (saved := await asyncio.to_thread(checkpoints.known, checkpoint)) is None:
+            return None
+        restored = await checkpoints.restore(saved.id, label="default")
+        self._defaults[client] = restored.sandbox_id
+        self.registry.bind(self.backend.name, client, restored.sandbox_id)
+        self._notices[restored.sandbox_id] = (
+            f"this sandbox was restored from checkpoint {saved.id}, the state your session's log names "
+            "(files only: background processes are not part of a checkpoint)"
+        )
+        return restored.sandbox_id
 
     def _forget_default(self, sandbox_id: str) -> None:
         self._defaults = {c: s for c, s in self._defaults.items() if s != sandbox_id}
@@ -486,7 +498,12 @@ class SandboxService:
         if self.checkpoints is not None:
             running = {r.id for r in await asyncio.to_thread(self.registry.running, self.backend.name)}
             before = now - self.settings.checkpoint_retention_s
-            for snapshot in await asyncio.to_thread(self.checkpoints.prune, before, running):
+            try:
+                snapshots = await asyncio.to_thread(self.checkpoints.prune, before, running)
+            except CorralError as err:  # a store that is away must not stop the reaping below
+                log.warning("could not prune checkpoints: %s", err)
+                snapshots = []
+            for snapshot in snapshots:
                 try:
                     await self.backend.delete_native(snapshot)
                 except CorralError as err:  # kept at the provider; the operator sees which

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from corral.servers.session.store import EventStore
+from corral.servers.session.store import Event, EventStore
 
-__all__ = ["SANDBOX_CHECKPOINT", "Workspace", "workspace_at", "workspace_note"]
+__all__ = ["SANDBOX_CHECKPOINT", "Workspace", "latest_checkpoint", "workspace_at", "workspace_note"]
 
 # The harness's event type, named here too: the session library does not import the harness.
 SANDBOX_CHECKPOINT = "sandbox.checkpoint"
@@ -26,24 +26,31 @@ class Workspace(BaseModel):
     position: int = Field(description="the position of its sandbox.checkpoint event")
 
 
-def workspace_at(store: EventStore, session_id: str, at: int) -> Workspace | None:
-    """The default sandbox's latest checkpoint at a position < `at`, or None."""
-    before = at
+def latest_checkpoint(store: EventStore, session_id: str, before: int | None = None) -> Event | None:
+    """The default sandbox's latest `sandbox.checkpoint` event at a position < `before` (None: in
+    the whole log), or None. `default: false` is a sandbox the model named itself: not the default."""
     while True:
         page = store.select(session_id, types=[SANDBOX_CHECKPOINT], lt=before, desc=True, limit=_PAGE)
         for event in page:
             data = event.data if isinstance(event.data, dict) else {}
-            # `default: false` is a sandbox the model named itself: the child's default is not restored from it
             if isinstance(data.get("checkpoint_id"), str) and data.get("default", True) is not False:
-                sandbox = data.get("sandbox_id")
-                return Workspace(
-                    checkpoint_id=data["checkpoint_id"],
-                    sandbox_id=sandbox if isinstance(sandbox, str) else None,
-                    position=event.position,
-                )
+                return event
         if len(page) < _PAGE:
             return None
         before = page[-1].position
+
+
+def workspace_at(store: EventStore, session_id: str, at: int) -> Workspace | None:
+    """The default sandbox's latest checkpoint at a position < `at`, or None."""
+    event = latest_checkpoint(store, session_id, at)
+    if event is None:
+        return None
+    sandbox = event.data.get("sandbox_id")
+    return Workspace(
+        checkpoint_id=event.data["checkpoint_id"],
+        sandbox_id=sandbox if isinstance(sandbox, str) else None,
+        position=event.position,
+    )
 
 
 def workspace_note(at: int, workspace: Workspace | None) -> str:

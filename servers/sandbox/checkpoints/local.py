@@ -58,7 +58,9 @@ class LocalCheckpointStore(CheckpointStore):
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._write = threading.Lock()
+        # Bytes held, kept as a running total: `usage` is asked before every new blob.
         self._usage = sum(st.st_size for _, st in self._blob_files())
+        self._usage += self._db.execute("SELECT COALESCE(SUM(LENGTH(delta)), 0) FROM checkpoints").fetchone()[0]
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -122,6 +124,8 @@ class LocalCheckpointStore(CheckpointStore):
                 (record.id, record.sandbox_id, record.created_at, record.model_dump_json(), raw_delta),
             )
             db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)", [(record.id, d) for d in blobs])
+        with self._lock:
+            self._usage += len(raw_delta)
 
     def get(self, checkpoint_id: str) -> CheckpointRecord | None:
         row = self._db.execute("SELECT record FROM checkpoints WHERE id = ?", (checkpoint_id,)).fetchone()
@@ -147,14 +151,17 @@ class LocalCheckpointStore(CheckpointStore):
         return CheckpointRecord.model_validate_json(row[0]) if row else None
 
     def delete_sandboxes(self, sandbox_ids: builtins.list[str]) -> int:
-        gone = 0
+        gone = freed = 0
         with self._tx() as db:
             for sandbox_id in sandbox_ids:
-                ids = [r[0] for r in db.execute("SELECT id FROM checkpoints WHERE sandbox_id = ?", (sandbox_id,))]
-                db.executemany("DELETE FROM refs WHERE checkpoint_id = ?", [(i,) for i in ids])
+                rows = db.execute("SELECT id, LENGTH(delta) FROM checkpoints WHERE sandbox_id = ?", (sandbox_id,))
+                ids = [(i, size) for i, size in rows]
+                db.executemany("DELETE FROM refs WHERE checkpoint_id = ?", [(i,) for i, _ in ids])
                 gone += db.execute("DELETE FROM checkpoints WHERE sandbox_id = ?", (sandbox_id,)).rowcount
+                freed += sum(size for _, size in ids)
         with self._lock:
             self._manifests.clear()
+            self._usage -= freed
         return gone
 
     def idle_sandboxes(self, before: float) -> builtins.list[str]:
@@ -183,8 +190,7 @@ class LocalCheckpointStore(CheckpointStore):
                         yield item.name, item.stat(follow_symlinks=False)
 
     def usage(self) -> int:
-        deltas = self._db.execute("SELECT COALESCE(SUM(LENGTH(delta)), 0) FROM checkpoints").fetchone()[0]
-        return self._usage + int(deltas)
+        return self._usage
 
     def close(self) -> None:
         self._db.close()

@@ -37,7 +37,9 @@ __all__ = [
     "check_path",
     "decode",
     "delta",
+    "differs",
     "encode",
+    "sandbox_path",
 ]
 
 AREAS = ("workspace", "home", "system")
@@ -79,6 +81,15 @@ def check_path(path: str) -> str:
     return path
 
 
+_ROOTS = {"workspace": "/workspace/", "home": "/root/", "system": "/"}
+
+
+def sandbox_path(path: str) -> str:
+    """A manifest path (`area/relative`) as the sandbox sees it."""
+    area, _, rel = path.partition("/")
+    return _ROOTS[area] + rel
+
+
 def delta(old: Manifest | None, new: Manifest, *, full: bool) -> Delta:
     if full or old is None:
         return Delta(put=dict(new), delete=[], full=True)
@@ -101,6 +112,11 @@ def blobs_of(entries: Iterable[Entry]) -> set[str]:
     return {e.ref for e in entries if e.type == "f" and e.ref}
 
 
+def differs(before: Entry | None, after: Entry) -> bool:
+    """Whether an entry changed: a new time alone (`touch`) is not a change."""
+    return before is None or before._replace(mtime_ns=0) != after._replace(mtime_ns=0)
+
+
 def changes(old: Manifest, new: Manifest) -> list[Change]:
     """What differs between two manifests, by path (mtime alone is not a change)."""
     out = []
@@ -110,7 +126,7 @@ def changes(old: Manifest, new: Manifest) -> list[Change]:
             out.append(Change(path, "added"))
         elif after is None:
             out.append(Change(path, "deleted"))
-        elif before._replace(mtime_ns=0) != after._replace(mtime_ns=0):
+        elif differs(before, after):
             out.append(Change(path, "changed"))
     return out
 

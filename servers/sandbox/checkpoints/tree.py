@@ -31,7 +31,7 @@ from typing import Protocol
 
 from corral.errors import InvalidArgument, Unavailable
 
-from .manifest import Entry, Manifest
+from .manifest import Entry, Manifest, differs
 
 __all__ = ["BlobSink", "BlobSource", "Scan", "StatCache", "empty", "prime", "restore", "scan", "too_many_files"]
 
@@ -62,7 +62,6 @@ class Scan:
     manifest: Manifest = field(default_factory=dict)
     cache: StatCache = field(default_factory=dict)
     files_changed: int = 0
-    bytes_added: int = 0
     skipped: list[str] = field(default_factory=list)
 
 
@@ -96,7 +95,7 @@ def scan(areas: dict[str, Path], sink: BlobSink, previous: StatCache | None = No
             if entry is None:
                 continue
             seen = previous.get(path)
-            if seen is None or seen[1]._replace(mtime_ns=0) != entry._replace(mtime_ns=0):
+            if differs(seen[1] if seen else None, entry):
                 out.files_changed += 1
             out.manifest[path] = entry
             out.cache[path] = (key, entry)
@@ -224,7 +223,7 @@ def _file(dfd: int, base: str, sink: BlobSink, out: Scan) -> Entry | None:
             break
         if isinstance(data, Path):
             data.unlink(missing_ok=True)
-    out.bytes_added += sink.put_blob(digest, data)
+    sink.put_blob(digest, data)
     return Entry("f", stat.S_IMODE(before.st_mode), size, before.st_mtime_ns, digest, extents)
 
 
